@@ -1,12 +1,11 @@
 """Which computation a model runs: backend names, availability with reasons, and 'auto' resolution."""
 
 import functools
-import os
 import warnings
 
 import torch
 
-from .ops import shared_attention
+from .ops import shared_attention, triton_unavailable_reason
 
 BACKENDS = ("auto", "reference", "torch", "triton", "xformers")
 
@@ -17,29 +16,13 @@ def check_backend_name(backend: str) -> str:
     return backend
 
 
-@functools.lru_cache(maxsize=None)
-def _import_reason(module: str) -> str | None:
-    try:
-        __import__(module)
-    except Exception as exc:  # a broken install is as unusable as a missing one
-        return f"{module} cannot be imported ({type(exc).__name__}: {exc})"
-    return None
-
-
 def unavailable_reason(backend: str, device: torch.device) -> str | None:
-    """Why `backend` cannot run on `device`, or None when it can."""
-    if backend in ("reference", "torch"):
-        return None
-    reason = _import_reason(backend)
-    if reason:
-        return reason
+    """Why `backend` cannot run on `device`, or None when it can ('auto' always can: it falls back)."""
+    if backend == "triton":
+        return triton_unavailable_reason(device)
     if backend == "xformers":  # reserved name: the op has no xformers path yet (see README)
         return "the xformers attention path is not implemented yet; 'triton' and 'torch' are"
-    if device.type == "cuda":
-        return None
-    if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1" and device.type == "cpu":
-        return None
-    return f"the {backend} backend needs CUDA tensors (got {device.type}; Triton also runs on CPU with TRITON_INTERPRET=1)"
+    return None
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:

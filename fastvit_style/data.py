@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .imageio import list_images, load_image, normalization, normalize, require_pil, resize_pad
+from .imageio import list_images, load_image, normalization, normalize, read_rgb, require_pil, resize_pad
 
 # What decoding a damaged file raises: PIL's UnidentifiedImageError is an OSError ("truncated"
 # too), bad headers raise SyntaxError/ValueError, absurd sizes raise DecompressionBombError.
@@ -107,19 +107,19 @@ def compute_normalization(folder, input_size: int = 224) -> tuple[tuple[float, .
     std is the population std over all those pixels. Corrupt files are warned about and left out.
     Accumulated in float64: (mean, std), 3 floats each, for values in [0, 1].
     """
-    Image = require_pil()
+    require_pil()  # the install hint up front, before any file is listed
     total = np.zeros(3)
     total_sq = np.zeros(3)
     count = 0
     for path in list_images(folder):
         try:
-            x = load_image(path, input_size).double()
-            with Image.open(path) as im:
-                w, h = im.size
+            raw = read_rgb(path)  # decoded once: load_image's result and the original size, for the mask
+            x = resize_pad(raw, input_size).double()
         except _BAD_IMAGE_ERRORS as e:
             warnings.warn(f"skipping unreadable image {path!r} ({type(e).__name__}: {e})", stacklevel=2)
             continue
         # The image's own pixels: where a resized-and-padded all-ones image is non-zero.
+        h, w = raw.shape[-2:]
         inside = resize_pad(torch.ones(1, h, w, dtype=torch.float64), input_size)[0] > 0.5
         pixels = x[:, inside]
         total += pixels.sum(1).numpy()

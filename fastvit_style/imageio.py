@@ -55,15 +55,20 @@ def resize_pad(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.pad(x, (left, size - nw - left, top, size - nh - top))
 
 
+def read_rgb(path) -> torch.Tensor:
+    """An image file as RGB (3, h, w) float32 in [0, 1], at its own size."""
+    Image = require_pil()
+    with Image.open(os.fspath(path)) as im:
+        pixels = np.array(im.convert("RGB"))
+    return torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255)
+
+
 def load_image(path, size: int) -> torch.Tensor:
     """An image file as RGB (3, size, size) float32 in [0, 1], preprocessed as in training.
 
     The resize runs on float values, where torchvision resized the uint8 PIL image: pixels can differ
     by the uint8 rounding (at most 1/255)."""
-    Image = require_pil()
-    with Image.open(os.fspath(path)) as im:
-        pixels = np.array(im.convert("RGB"))
-    return resize_pad(torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255), size)
+    return resize_pad(read_rgb(path), size)
 
 
 def _stats(mean, std, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

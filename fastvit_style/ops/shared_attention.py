@@ -15,10 +15,13 @@ from torch import Tensor
 from ._torch_impl import shared_attention_torch
 
 BACKENDS = ("auto", "torch", "triton")
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
 _INDEX_DTYPES = (torch.int32, torch.int64)
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DTYPES = (*_TRITON_DTYPES, torch.float64)
+# Why triton cannot be imported, or None. A missing package is found without importing anything (and
+# without a failed import, which torch.compile cannot trace); a failed import is kept, since Python
+# would retry it on every call.
+_triton_error = None if importlib.util.find_spec("triton") else "the triton package is not installed"
 
 
 def shared_attention(
@@ -113,31 +116,51 @@ def _check_index_range(kv_index: Tensor, Skv: int) -> None:
 def _resolve_backend(backend: str, q: Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch" or (backend == "auto" and not (q.is_cuda and _HAS_TRITON)):
+    # 'auto' keeps CPU tensors on PyTorch: the Triton interpreter is a testing aid, far slower.
+    if backend == "torch" or (backend == "auto" and not q.is_cuda):
         return "torch"
-    if not _HAS_TRITON:
-        raise ValueError("backend='triton' needs the triton package, which is not installed")
-    from ..kernels import _common
-
-    d = q.shape[-1]
-    reason = None
-    if q.dtype not in _TRITON_DTYPES:
-        reason = f"dtype {q.dtype} unsupported by the Triton backend (fp32, fp16, bf16 only)"
-    elif not _common.MIN_HEAD_DIM <= d <= _common.MAX_HEAD_DIM:
-        lo, hi = _common.MIN_HEAD_DIM, _common.MAX_HEAD_DIM
-        reason = f"head dim d={d} unsupported by the Triton kernels (need {lo} <= d <= {hi})"
-    elif q.device.type == "cpu" and not _common.INTERPRET:
-        reason = (
-            "CPU tensors given to the Triton backend outside interpreter mode "
-            "(set TRITON_INTERPRET=1 before importing triton)"
-        )
-    elif q.device.type not in ("cpu", "cuda"):
-        reason = f"device {q.device.type} unsupported by the Triton backend"
+    reason = triton_unavailable_reason(q.device, q.dtype, q.shape[-1])
     if reason is None:
         return "triton"
     if backend == "auto":
         return "torch"
-    raise ValueError(reason)
+    raise ValueError(f"backend='triton' cannot run here: {reason}")
+
+
+def triton_unavailable_reason(
+    device: torch.device, dtype: torch.dtype | None = None, head_dim: int | None = None
+) -> str | None:
+    """Why the Triton path cannot run on `device` (and for `dtype` and `head_dim` when given), or None.
+
+    The one decision behind both the op's backend and the model's (`fastvit_style.backends`). It reads
+    only the device, dtype and shape, never tensor values, so it is safe inside torch.compile.
+    """
+    global _triton_error
+    if _triton_error is None:
+        try:
+            import triton  # noqa: F401  (once imported, a lookup that torch.compile traces)
+        except Exception as exc:  # a broken install is as unusable as a missing one
+            _triton_error = f"triton cannot be imported ({type(exc).__name__}: {exc})"
+    if _triton_error:
+        return _triton_error
+    from ..kernels import _common
+
+    if dtype is not None and dtype not in _TRITON_DTYPES:
+        return f"dtype {dtype} unsupported by the Triton backend (fp32, fp16, bf16 only)"
+    lo, hi = _common.MIN_HEAD_DIM, _common.MAX_HEAD_DIM
+    if head_dim is not None and not lo <= head_dim <= hi:
+        return f"head dim d={head_dim} unsupported by the Triton kernels (need {lo} <= d <= {hi})"
+    # The flag the kernels were defined under, not today's environment: triton reads it once.
+    if device.type == "cpu" and not _common.INTERPRET:
+        return (
+            "CPU tensors given to the Triton backend outside interpreter mode "
+            "(set TRITON_INTERPRET=1 before importing triton)"
+        )
+    if device.type not in ("cpu", "cuda"):
+        return (
+            f"device {device.type} unsupported by the Triton backend (CUDA, or CPU with TRITON_INTERPRET=1)"
+        )
+    return None
 
 
 @torch.library.custom_op("fastvit_style::shared_attention_fwd", mutates_args=())
