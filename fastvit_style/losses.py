@@ -2,13 +2,15 @@
 
 When the style batch is the content batch rolled, phi(x_s) = roll(phi(x)) and x_s_hat = roll(x_hat), so
 the identity and consistency losses are twice their content term and the style targets are rolls.
-The remaining VGG passes are batched: one without a graph (targets), one with (t and x_hat).
+The remaining VGG passes are batched: one without a graph (targets), one with (t and x_hat). The
+per-channel statistics run through `feature_stats` (fewer passes than the official ops, same numbers).
 """
 
 import torch
 import torch.nn.functional as F
 
-from .reference.losses import Loss, channel_mean_std, normalized
+from .feature_stats import channel_stats, normalized_mse
+from .reference.losses import Loss
 
 
 def compute_loss(vgg, x, x_style, x_stylized, x_recon, x_style_recon) -> Loss:
@@ -17,6 +19,7 @@ def compute_loss(vgg, x, x_style, x_stylized, x_recon, x_style_recon) -> Loss:
     rolled = x_style is None
     with torch.no_grad():
         targets = vgg(x if rolled else torch.cat([x, x_style]))
+    # split, not slicing: the backward of a split is one cat, that of each slice a zero-filled full map.
     outputs = vgg(torch.cat([x_stylized, x_recon] if rolled else [x_stylized, x_recon, x_style_recon]))
 
     identity = F.mse_loss(x_recon, x)
@@ -24,15 +27,19 @@ def compute_loss(vgg, x, x_style, x_stylized, x_recon, x_style_recon) -> Loss:
     anatomical = 0
     style = 0
     for tgt, out in zip(targets, outputs):
-        fx, ft, fr = tgt[:B], out[:B], out[B : 2 * B]
+        ft, fr, *fsr = out.split(B)
+        fx, *fs = tgt.split(B)
         consistency = consistency + F.mse_loss(fr, fx)
         if not rolled:
-            consistency = consistency + F.mse_loss(out[2 * B :], tgt[B:])
-        anatomical = anatomical + F.mse_loss(normalized(fx), normalized(ft))
-        mu_s, sd_s = channel_mean_std(fx if rolled else tgt[B:])
-        if rolled:
-            mu_s, sd_s = mu_s.roll(-1, 0), sd_s.roll(-1, 0)
-        mu_t, sd_t = channel_mean_std(ft)
+            consistency = consistency + F.mse_loss(fsr[0], fs[0])
+        with torch.no_grad():
+            normalized_x, mu_s, sd_s, _ = channel_stats(fx)
+            if rolled:
+                mu_s, sd_s = mu_s.roll(-1, 0), sd_s.roll(-1, 0)
+            else:
+                _, mu_s, sd_s, _ = channel_stats(fs[0])
+        anatomical_j, mu_t, sd_t = normalized_mse(ft, normalized_x)
+        anatomical = anatomical + anatomical_j
         style = style + F.mse_loss(mu_t, mu_s) + F.mse_loss(sd_t, sd_s)
     if rolled:
         identity, consistency = 2 * identity, 2 * consistency

@@ -42,7 +42,8 @@ class VGG19Features(nn.Module):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         feats = []
         for idx, _ in VGG19_CONVS:
-            x = F.relu(getattr(self, f"features_{idx}")(x))
+            # in place, as timm's VGG: the conv's backward does not read its output
+            x = F.relu(getattr(self, f"features_{idx}")(x), inplace=True)
             if idx in _STAGE_ENDS:
                 feats.append(x)
                 x = F.max_pool2d(x, kernel_size=2, stride=2)
