@@ -20,16 +20,25 @@ def project_kv(blk, kv_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return k, v
 
 
-def block_with_kv(blk, q_in: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index: torch.Tensor, attend):
+def project_q(blk, q_in: torch.Tensor) -> torch.Tensor:
+    """LN_in and the query projection of query tokens q_in (Sq, Tq, L) -> q (Sq, Tq, H, d)."""
+    Sq, Tq, L = q_in.shape
+    attn, ln_in = blk.attn, blk.norm_input
+    qn = F.layer_norm(q_in, (L,), ln_in.weight, ln_in.bias, ln_in.eps)
+    return F.linear(qn, attn.q_proj.weight, attn.q_proj.bias).view(Sq, Tq, attn.num_heads, L // attn.num_heads)
+
+
+def block_with_kv(blk, q_in: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index: torch.Tensor, attend, q=None):
     """f_i for query tokens q_in (Sq, Tq, L) against already projected k, v (Skv, Tk, H, d).
 
     kv_index: (Sq,) int32, the context sequence of each query sequence. attend(q, k, v, kv_index) is the
-    shared-attention op on (S, T, H, d) views. Returns (Sq, Tq, L) in the compute dtype.
+    shared-attention op on (S, T, H, d) views. q: `project_q(blk, q_in)` when the caller already has it
+    (query rows repeated over several contexts). Returns (Sq, Tq, L) in the compute dtype.
     """
     Sq, Tq, L = q_in.shape
     attn, ln_in, mlp = blk.attn, blk.norm_input, blk.mlp
-    qn = F.layer_norm(q_in, (L,), ln_in.weight, ln_in.bias, ln_in.eps)
-    q = F.linear(qn, attn.q_proj.weight, attn.q_proj.bias).view(Sq, Tq, attn.num_heads, L // attn.num_heads)
+    if q is None:
+        q = project_q(blk, q_in)
     o = attend(q, k, v, kv_index).reshape(Sq, Tq, L)
     u = q_in + F.linear(o, attn.out_proj.weight, attn.out_proj.bias)
     h = F.layer_norm(u, (L,), ln_in.weight, ln_in.bias, ln_in.eps)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .atomic import atomic_path
 from .backends import attention_for
-from .block import block_forward, block_with_kv, project_kv
+from .block import block_forward, block_with_kv, project_kv, project_q
 from .configs import ModelConfig
 from .weights import weight_fingerprint
 
@@ -267,7 +267,10 @@ def _stylize_pairs(model, x: torch.Tensor, bank: StyleBank, index: torch.Tensor,
             break
         Y = block_with_kv(blk, A, bank.k[i], bank.v[i], kv_index, attend)
         X = block_forward(blk, X, X, own[:n], attend)
-        A = block_forward(blk, X.repeat_interleave(K, dim=0), Y, own, attend)
+        # A' = f(X', Y): the query side (LN_in, q projection) is the image's, shared by its K pairs.
+        q = project_q(blk, X).repeat_interleave(K, dim=0)
+        k, v = project_kv(blk, Y)
+        A = block_with_kv(blk, X.repeat_interleave(K, dim=0), k, v, own, attend, q=q)
     return model.reconstruct_patches(enc.norm(Y)).unflatten(0, (n, K))
 
 
