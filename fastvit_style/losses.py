@@ -18,9 +18,9 @@ def compute_loss(vgg, x, x_style, x_stylized, x_recon, x_style_recon) -> Loss:
     B = x.shape[0]
     rolled = x_style is None
     with torch.no_grad():
-        targets = vgg(x if rolled else torch.cat([x, x_style]))
+        targets = vgg(x if rolled else torch.cat([x, x_style]), winograd=True)
     # split, not slicing: the backward of a split is one cat, that of each slice a zero-filled full map.
-    outputs = vgg(torch.cat([x_stylized, x_recon] if rolled else [x_stylized, x_recon, x_style_recon]))
+    outputs = vgg(torch.cat([x_stylized, x_recon] if rolled else [x_stylized, x_recon, x_style_recon]), winograd=True)
 
     identity = F.mse_loss(x_recon, x)
     consistency = 0

@@ -24,9 +24,11 @@ def test_compiled_eval_matches_eager(compiler, rolled):
 
 
 def test_compiled_training_step_matches_eager():
-    model = randomize_(StylizingViT("tiny", train=True, backend="torch", **CFG))
+    # float64: eager runs the deep VGG convs by Winograd, the compiled graph by direct convolution, and
+    # float32 gradients through 16 ReLU masks differ by more than 1e-5 between any two conv algorithms.
+    model = randomize_(StylizingViT("tiny", train=True, backend="torch", **CFG)).double()
     twin = copy.deepcopy(model)
-    x = images(2, 32, seed=3)
+    x = images(2, 32, seed=3, dtype=torch.float64)
 
     def step(m):
         loss, recon = m(x)
@@ -36,12 +38,12 @@ def test_compiled_training_step_matches_eager():
     compiled = torch.compile(twin, fullgraph=True, backend="aot_eager")
     terms, recon = step(compiled)
     terms_ref, recon_ref = step(model)
-    torch.testing.assert_close(terms, terms_ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(recon, recon_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(terms, terms_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(recon, recon_ref, rtol=1e-10, atol=1e-12)
     grads = [
         (p.grad, p_ref.grad)
         for p, p_ref in zip(twin.parameters(), model.parameters())
         if p_ref.grad is not None
     ]
     diff = torch.cat([(g - g_ref).flatten() for g, g_ref in grads]).norm()
-    assert diff <= 1e-5 * torch.cat([g_ref.flatten() for _, g_ref in grads]).norm()
+    assert diff <= 1e-10 * torch.cat([g_ref.flatten() for _, g_ref in grads]).norm()

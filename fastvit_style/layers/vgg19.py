@@ -2,6 +2,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .winograd import conv3x3
+
 # torchvision/timm VGG19 `features` indices of the 3x3 convs and their output channels; a max-pool
 # follows the last conv of each stage.
 VGG19_CONVS = (
@@ -39,11 +41,14 @@ class VGG19Features(nn.Module):
         # Frozen and always in eval mode, like the official loss network (it has no dropout/BN anyway).
         return super().train(False)
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor, winograd: bool = False) -> list[torch.Tensor]:
+        """winograd: run the deep 3x3 convs by Winograd's algorithm where it pays on CPU (`winograd.conv3x3`);
+        the reference losses leave it off, the fast ones turn it on."""
         feats = []
         for idx, _ in VGG19_CONVS:
-            # in place, as timm's VGG: the conv's backward does not read its output
-            x = F.relu(getattr(self, f"features_{idx}")(x), inplace=True)
+            conv = getattr(self, f"features_{idx}")
+            # ReLU in place, as timm's VGG: the conv's backward does not read its output
+            x = F.relu(conv3x3(x, conv) if winograd else conv(x), inplace=True)
             if idx in _STAGE_ENDS:
                 feats.append(x)
                 x = F.max_pool2d(x, kernel_size=2, stride=2)

@@ -1,0 +1,98 @@
+"""3x3 convolutions (stride 1, padding 1) by Winograd's F(2x2, 3x3): the frozen VGG19 of the losses on CPU.
+
+A 2x2 output tile costs 16 multiplies per channel pair instead of 36 (2.25x fewer), at the price of
+input and output transforms that only pay where the channel count is large: stages 3-5 of VGG19
+(>= 256 channels, 56 px and below), which hold three quarters of its FLOPs. The transforms' entries
+are 0, +-1 and +-1/2, so the rounding error stays that of a direct convolution (tests compare both
+with float64). The input gradient is the same convolution with the kernel flipped and its channels
+swapped, so the backward pass runs through Winograd too. CPU only: on CUDA cuDNN picks its own
+algorithms. The reference losses keep the direct convolution.
+"""
+
+import torch
+import torch.nn.functional as F
+
+_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))  # kernel transform, 4x3
+
+
+def transform_weight(weight: torch.Tensor) -> torch.Tensor:
+    """(Cout, Cin, 3, 3) -> U (16, Cin, Cout) = G w G^T per channel pair, tile position major."""
+    G = torch.tensor(_G, dtype=weight.dtype, device=weight.device)
+    u = torch.einsum("ax,oixy,by->abio", G, weight, G)
+    return u.reshape(16, weight.shape[1], weight.shape[0])
+
+
+def _rows(r0, r1, r2, r3):
+    """B^T applied along one tile axis: the four transformed rows of a 4-row tile."""
+    return r0 - r2, r1 + r2, r2 - r1, r1 - r3
+
+
+def winograd_conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """conv2d(x, w, bias, padding=1) for x (N, Cin, H, W) with even H, W and u = transform_weight(w).
+
+    Returns (N, Cout, H, W) in channels_last memory (the transforms work on (N, H, W, C) rows).
+    """
+    N, C, H, W = x.shape
+    th, tw = H // 2, W // 2
+    xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))  # (N, H+2, W+2, C)
+    v = x.new_empty(4, 4, N, th, tw, C)
+    for a, r in enumerate(_rows(*(xp[:, k : k + H : 2] for k in range(4)))):
+        for b, t in enumerate(_rows(*(r[:, :, k : k + W : 2] for k in range(4)))):
+            v[a, b] = t
+    m = torch.bmm(v.view(16, N * th * tw, C), u).view(4, 4, N, th, tw, -1)
+    # A plain channels_last tensor, not a permuted view: autograd lets callers modify it in place (ReLU).
+    out = torch.empty(N, u.shape[2], H, W, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    rows = out.permute(0, 2, 3, 1)
+    for a, s in enumerate((m[0] + m[1] + m[2], m[1] - m[2] - m[3])):  # A^T along rows, then columns
+        for b, t in enumerate((s[0] + s[1] + s[2], s[1] - s[2] - s[3])):
+            rows[:, a::2, b::2] = t if bias is None else t + bias
+    return out
+
+
+class _WinogradConv(torch.autograd.Function):
+    """Gradient to the input only: the weights are frozen."""
+
+    @staticmethod
+    def forward(ctx, x, u, u_flipped, bias):
+        ctx.save_for_backward(u_flipped)
+        return winograd_conv3x3(x, u, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (u_flipped,) = ctx.saved_tensors
+        return winograd_conv3x3(grad, u_flipped, None), None, None, None
+
+
+def _transforms(conv: torch.nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """U of the kernel and of its flipped, channel-swapped twin (the input gradient's), kept on the conv
+    (not in its state_dict) until its weight changes: a 512x512 transform costs as much as the saving."""
+    w = conv.weight
+    key = (w.data_ptr(), w._version, w.dtype, w.device)
+    cached = conv.__dict__.get("_winograd_transforms")
+    if cached is None or cached[0] != key:
+        cached = (key, transform_weight(w), transform_weight(w.flip(2, 3).transpose(0, 1)))
+        conv.__dict__["_winograd_transforms"] = cached
+    return cached[1], cached[2]
+
+
+def use_winograd(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
+    """Where F(2x2, 3x3) beats oneDNN on CPU (measured: 1.25x at 128->256 channels and 56 px, 1.7x
+    at 512 channels and 28 or 14 px; slower at 128 channels and 112 px): >= 256 output channels, even
+    sides, frozen weights, float32/float64 outside autocast, eager (compiled graphs pick their own)."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+        and conv.out_channels >= 256
+        and x.shape[2] % 2 == 0
+        and x.shape[3] % 2 == 0
+        and not conv.weight.requires_grad
+    )
+
+
+def conv3x3(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
+    """conv(x) for a frozen 3x3/stride 1/padding 1 conv, by Winograd where it pays (see use_winograd)."""
+    if use_winograd(x, conv):
+        return _WinogradConv.apply(x, *_transforms(conv), conv.bias)
+    return conv(x)

@@ -1,0 +1,72 @@
+"""Winograd F(2x2, 3x3) convolutions (the fast losses' VGG on CPU) against F.conv2d."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import TOLERANCE, assert_close_rel
+
+from fastvit_style.layers.vgg19 import VGG19Features
+from fastvit_style.layers.winograd import conv3x3, transform_weight, use_winograd, winograd_conv3x3
+
+
+def frozen_conv(cin, cout, dtype, seed=0):
+    torch.manual_seed(seed)
+    conv = torch.nn.Conv2d(cin, cout, 3, padding=1).to(dtype).requires_grad_(False)
+    with torch.no_grad():
+        conv.bias.normal_()
+    return conv
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(2, 5, 6, 8), (1, 3, 2, 2), (3, 4, 10, 4)])
+def test_forward_and_input_gradient_match_conv2d(shape, dtype):
+    N, C, H, W = shape
+    conv = frozen_conv(C, 7, dtype)
+    x = torch.randn(shape, dtype=torch.float64).relu().to(dtype)
+    g = torch.randn(N, 7, H, W, dtype=dtype)
+    outs = []
+    for fn in (lambda t: F.conv2d(t, conv.weight, conv.bias, padding=1),
+               lambda t: winograd_conv3x3(t, transform_weight(conv.weight), conv.bias)):  # fmt: skip
+        outs.append(fn(x))
+    assert_close_rel(outs[1], outs[0], TOLERANCE[dtype], "output")
+    # the input gradient: the same convolution with the kernel flipped and its channels swapped
+    flipped = conv.weight.flip(2, 3).transpose(0, 1)
+    xr = x.clone().requires_grad_()
+    F.conv2d(xr, conv.weight, conv.bias, padding=1).backward(g)
+    assert_close_rel(winograd_conv3x3(g, transform_weight(flipped), None), xr.grad, TOLERANCE[dtype], "d x")
+
+
+def test_autograd_path_and_cached_transforms():
+    conv = frozen_conv(4, 256, torch.float64)
+    x = torch.randn(1, 4, 4, 4, dtype=torch.float64, requires_grad=True)
+    assert use_winograd(x, conv)
+    assert torch.autograd.gradcheck(lambda t: conv3x3(t, conv), (x,), fast_mode=True)
+    first = conv.__dict__["_winograd_transforms"]
+    conv3x3(x, conv)
+    assert conv.__dict__["_winograd_transforms"] is first  # reused while the weight is unchanged
+    with torch.no_grad():
+        conv.weight.mul_(2)  # a new version: the transforms follow it
+    assert_close_rel(conv3x3(x, conv), F.conv2d(x, conv.weight, conv.bias, padding=1), 1e-12, "after update")
+    assert "_winograd_transforms" not in conv.state_dict()
+
+
+def test_direct_where_winograd_does_not_pay_or_apply():
+    conv = frozen_conv(4, 256, torch.float32)
+    assert not use_winograd(torch.randn(1, 4, 5, 6), conv)  # odd side
+    assert not use_winograd(torch.randn(1, 4, 6, 6), frozen_conv(4, 128, torch.float32))  # few channels
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not use_winograd(torch.randn(1, 4, 6, 6), conv)
+    assert not use_winograd(torch.randn(1, 4, 6, 6), conv.requires_grad_(True))  # weight gradients: conv2d
+
+
+def test_vgg_features_with_winograd_match_direct():
+    torch.manual_seed(0)
+    vgg = VGG19Features().double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    direct = vgg(x)
+    fast = vgg(x, winograd=True)
+    for j, (a, e) in enumerate(zip(fast, direct)):
+        assert_close_rel(a, e, 1e-12, f"level {j}")
+    g_direct = torch.autograd.grad(sum(f.square().sum() for f in direct), x)[0]
+    g_fast = torch.autograd.grad(sum(f.square().sum() for f in fast), x)[0]
+    assert_close_rel(g_fast, g_direct, 1e-12, "d x")
