@@ -2,43 +2,60 @@
 
 When the style batch is the content batch rolled, phi(x_s) = roll(phi(x)) and x_s_hat = roll(x_hat), so
 the identity and consistency losses are twice their content term and the style targets are rolls.
-The remaining VGG passes are batched: one without a graph (targets), one with (t and x_hat). The
-per-channel statistics run through `feature_stats` (fewer passes than the official ops, same numbers).
+The remaining VGG passes: x without a graph, t and x_hat with one. The per-channel statistics run through `feature_stats` (fewer passes than the official ops, same numbers).
 """
 
 import torch
 import torch.nn.functional as F
 
 from .feature_stats import channel_stats, normalized_mse
-from .reference.losses import Loss
+from .reference.losses import Loss, channel_mean_std, normalized
+
+
+# feature_stats is an eager-mode saving. Compiled graphs take the official ops, which inductor fuses
+# by itself: with feature_stats inside, inductor (torch 2.13, CPU) computed wrong gradients
+# (tests/test_compile.py, float64) where aot_eager and eager were exact.
+def _stats(feat):
+    if torch.compiler.is_compiling():
+        mean, std = channel_mean_std(feat)
+        return normalized(feat), mean, std
+    return channel_stats(feat)[:3]
+
+
+def _normalized_mse(feat, target):
+    if torch.compiler.is_compiling():
+        mean, std = channel_mean_std(feat)
+        return F.mse_loss(normalized(feat), target), mean, std
+    return normalized_mse(feat, target)
 
 
 def compute_loss(vgg, x, x_style, x_stylized, x_recon, x_style_recon) -> Loss:
     """Images (B, 3, H, W) in normalized space; x_style and x_style_recon None mean roll(x) and roll(x_recon)."""
-    B = x.shape[0]
     rolled = x_style is None
     with torch.no_grad():
-        targets = vgg(x if rolled else torch.cat([x, x_style]), winograd=True)
-    # split, not slicing: the backward of a split is one cat, that of each slice a zero-filled full map.
-    outputs = vgg(torch.cat([x_stylized, x_recon] if rolled else [x_stylized, x_recon, x_style_recon]), winograd=True)
+        targets = vgg(x, winograd=True)
+        styles = targets if rolled else vgg(x_style, winograd=True)
+    # One VGG call per image batch: slices of a batched call would cost a zero-filled map each in the
+    # backward, and torch.compile (inductor) got the gradients through split() outputs wrong.
+    stylized = vgg(x_stylized, winograd=True)
+    recons = vgg(x_recon, winograd=True)
+    style_recons = recons if rolled else vgg(x_style_recon, winograd=True)
 
     identity = F.mse_loss(x_recon, x)
     consistency = 0
     anatomical = 0
     style = 0
-    for tgt, out in zip(targets, outputs):
-        ft, fr, *fsr = out.split(B)
-        fx, *fs = tgt.split(B)
+    for fx, fs, ft, fr, fsr in zip(targets, styles, stylized, recons, style_recons):
         consistency = consistency + F.mse_loss(fr, fx)
         if not rolled:
-            consistency = consistency + F.mse_loss(fsr[0], fs[0])
+            consistency = consistency + F.mse_loss(fsr, fs)
         with torch.no_grad():
-            normalized_x, mu_s, sd_s, _ = channel_stats(fx)
+            normalized_x, mu_s, sd_s = _stats(fx)
             if rolled:
                 mu_s, sd_s = mu_s.roll(-1, 0), sd_s.roll(-1, 0)
             else:
-                _, mu_s, sd_s, _ = channel_stats(fs[0])
-        anatomical_j, mu_t, sd_t = normalized_mse(ft, normalized_x)
+                _, mu_s, sd_s = _stats(fs)
+        anatomical_j, mu_t, sd_t = _normalized_mse(ft, normalized_x)
         anatomical = anatomical + anatomical_j
         style = style + F.mse_loss(mu_t, mu_s) + F.mse_loss(sd_t, sd_s)
     if rolled:
