@@ -2,7 +2,8 @@
 
 When the style batch is the content batch rolled, phi(x_s) = roll(phi(x)) and x_s_hat = roll(x_hat), so
 the identity and consistency losses are twice their content term and the style targets are rolls.
-The remaining VGG passes: x without a graph, t and x_hat with one. The per-channel statistics run through `feature_stats` (fewer passes than the official ops, same numbers).
+The remaining VGG passes: x without a graph, t and x_hat with one. The per-channel statistics run
+through `feature_stats` (fewer passes than the official ops, same numbers).
 """
 
 import torch
@@ -24,8 +25,8 @@ def _stats(feat):
 
 def _normalized_mse(feat, target):
     if torch.compiler.is_compiling():
-        mean, std = channel_mean_std(feat)
-        return F.mse_loss(normalized(feat), target), mean, std
+        normalized_feat, mean, std = _stats(feat)
+        return F.mse_loss(normalized_feat, target), mean, std
     return normalized_mse(feat, target)
 
 
@@ -36,7 +37,7 @@ def compute_loss(vgg, x, x_style, x_stylized, x_recon, x_style_recon) -> Loss:
         targets = vgg(x, winograd=True)
         styles = targets if rolled else vgg(x_style, winograd=True)
     # One VGG call per image batch: slices of a batched call would cost a zero-filled map each in the
-    # backward, and torch.compile (inductor) got the gradients through split() outputs wrong.
+    # backward, and a split() its concatenation.
     stylized = vgg(x_stylized, winograd=True)
     recons = vgg(x_recon, winograd=True)
     style_recons = recons if rolled else vgg(x_style_recon, winograd=True)
