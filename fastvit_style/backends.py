@@ -5,7 +5,7 @@ import warnings
 
 import torch
 
-from .ops import shared_attention, triton_unavailable_reason
+from .ops import shared_attention, triton_unavailable_reason, xformers_unavailable_reason
 
 BACKENDS = ("auto", "reference", "torch", "triton", "xformers")
 
@@ -20,8 +20,8 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
     """Why `backend` cannot run on `device`, or None when it can ('auto' always can: it falls back)."""
     if backend == "triton":
         return triton_unavailable_reason(device)
-    if backend == "xformers":  # reserved name: the op has no xformers path yet (see README)
-        return "the xformers attention path is not implemented yet; 'triton' and 'torch' are"
+    if backend == "xformers":
+        return xformers_unavailable_reason(device)
     return None
 
 

@@ -115,16 +115,27 @@ def test_training_float32(backbone, batch, rolled):
 @pytest.mark.interpret
 @pytest.mark.parametrize("rolled", [False, True], ids=["explicit-style", "roll"])
 def test_triton_backend_through_interpreter(rolled):
-    """The model on backend='triton' (kernels run by the Triton interpreter on CPU), eval and training,
-    against float64; a small config keeps the interpreter's per-program cost affordable. Gradients are
-    checked at 1e-5 through the identity loss, which reaches every encoder weight through every
-    attention call without the ReLU-mask noise of the VGG terms (see test_training_float32)."""
+    """The model on backend='triton' (kernels run by the Triton interpreter on CPU)."""
+    check_small_model("triton", rolled)
+
+
+@pytest.mark.parametrize("rolled", [False, True], ids=["explicit-style", "roll"])
+def test_xformers_backend_wiring(rolled, fake_xformers):
+    """The model on backend='xformers', with the CPU stand-in of memory_efficient_attention."""
+    check_small_model("xformers", rolled)
+
+
+def check_small_model(backend, rolled):
+    """Eval and training on `backend` against float64; a small config keeps the Triton interpreter's
+    per-program cost affordable. Gradients are checked at 1e-5 through the identity loss, which
+    reaches every encoder weight through every attention call without the ReLU-mask noise of the VGG
+    terms (see test_training_float32)."""
     truth, model = make_pair("tiny", train=True, input_size=32, encoder_depth=2)
     x = images(2, size=32, seed=7)
     x_style = None if rolled else images(2, size=32, seed=8)
     x64 = (x.double(), None if rolled else x_style.double())
     loss_ref, recon_ref, grads_ref = loss_outputs(truth, "reference", *x64, weights=(1, 0, 0, 0))
-    loss, recon, grads = loss_outputs(model, "triton", x, x_style, weights=(1, 0, 0, 0))
+    loss, recon, grads = loss_outputs(model, backend, x, x_style, weights=(1, 0, 0, 0))
     for name, term, term_ref in zip(loss._fields, loss, loss_ref):
         assert_close_rel(term, term_ref, FP32, f"loss {name}")
     assert_close_rel(recon, recon_ref, FP32, "x_recon")
@@ -132,4 +143,4 @@ def test_triton_backend_through_interpreter(rolled):
     truth.training_mode = model.training_mode = False  # the same weights, eval forward
     with torch.no_grad():
         expected = run(truth, "reference", *x64)
-        assert_close_rel(run(model, "triton", x, x_style), expected, FP32, "eval output")
+        assert_close_rel(run(model, backend, x, x_style), expected, FP32, "eval output")

@@ -13,8 +13,9 @@ import torch
 from torch import Tensor
 
 from ._torch_impl import shared_attention_torch
+from ._xformers_impl import shared_attention_xformers, xformers_unavailable_reason
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "xformers")
 _INDEX_DTYPES = (torch.int32, torch.int64)
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DTYPES = (*_TRITON_DTYPES, torch.float64)
@@ -45,8 +46,9 @@ def shared_attention(
     Under autocast, q/k/v are first cast to the autocast dtype (as SDPA does).
 
     backend: "triton" (fused kernels; CUDA tensors, or CPU tensors with TRITON_INTERPRET=1),
-    "torch" (K/V gathered per query sequence, then SDPA), or "auto" (triton for CUDA tensors when
-    triton is installed and supports the dtype and d, else torch).
+    "torch" (K/V gathered per query sequence, then SDPA), "xformers" (K/V gathered, then xformers'
+    memory_efficient_attention; CUDA, when installed), or "auto" (triton for CUDA tensors when
+    triton is installed and supports the dtype and d, else torch; never xformers).
     check_index=False skips the eager range check of kv_index (a device sync): for callers that
     build the map themselves, like the model's schedule.
     Returns (Sq, Tq, H, d) in q's dtype; differentiable in q, k and v.
@@ -62,6 +64,8 @@ def shared_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if backend == "torch":
         return shared_attention_torch(q, k, v, kv_index, scale)
+    if backend == "xformers":
+        return shared_attention_xformers(q, k, v, kv_index, scale)
     return shared_attention_fwd_op(q, k, v, kv_index, scale)[0]
 
 
@@ -119,6 +123,11 @@ def _resolve_backend(backend: str, q: Tensor) -> str:
     # 'auto' keeps CPU tensors on PyTorch: the Triton interpreter is a testing aid, far slower.
     if backend == "torch" or (backend == "auto" and not q.is_cuda):
         return "torch"
+    if backend == "xformers":
+        reason = xformers_unavailable_reason(q.device, q.dtype)
+        if reason:
+            raise ValueError(f"backend='xformers' cannot run here: {reason}")
+        return backend
     reason = triton_unavailable_reason(q.device, q.dtype, q.shape[-1])
     if reason is None:
         return "triton"

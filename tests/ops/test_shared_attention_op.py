@@ -202,7 +202,7 @@ def _valid(**changes):
             r"kv_index values must lie in \[0, Skv=2\), got min 1 and max 2",
         ),
         (lambda t: {"kv_index": t["kv_index"] - 1}, r"kv_index values must lie in \[0, Skv=2\), got min -1"),
-        (lambda t: {"backend": "xformers"}, r"backend must be one of \('auto', 'torch', 'triton'\)"),
+        (lambda t: {"backend": "flash"}, r"backend must be one of \('auto', 'torch', 'triton', 'xformers'\)"),
     ],
     ids=[
         "not-tensor",
@@ -274,9 +274,26 @@ def test_triton_on_cpu_outside_interpreter(monkeypatch):
         shared_attention(**_valid(backend="triton"))
 
 
+def test_xformers_errors(monkeypatch, fake_xformers):
+    """backend='xformers' names what is missing: the package, CUDA tensors, a supported dtype."""
+    from fastvit_style.ops import _xformers_impl
+
+    inputs = _valid(backend="xformers")
+    double = {name: inputs[name].double() for name in ("q", "k", "v")}
+    with pytest.raises(ValueError, match="dtype torch.float64 unsupported by the xformers backend"):
+        shared_attention(**{**inputs, **double})
+    monkeypatch.setattr(_xformers_impl, "DEVICES", ("cuda",))
+    with pytest.raises(ValueError, match=r"backend='xformers' cannot run here: .* has no cpu kernels"):
+        shared_attention(**inputs)
+    monkeypatch.setitem(sys.modules, "xformers", None)  # makes the import fail as for a missing package
+    with pytest.raises(ValueError, match="the xformers package is not installed"):
+        shared_attention(**inputs)
+
+
 def test_import_does_not_import_triton():
-    """Triton is imported only when its backend runs (TRITON_INTERPRET must be set before that)."""
-    code = "import sys, fastvit_style, fastvit_style.ops; sys.exit('triton' in sys.modules)"
+    """Triton is imported only when its backend runs (TRITON_INTERPRET must be set before that);
+    xformers (slow to import, and often broken against another torch) only when its backend is asked for."""
+    code = "import sys, fastvit_style, fastvit_style.ops; sys.exit('triton' in sys.modules or 'xformers' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
