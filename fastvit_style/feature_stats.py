@@ -6,11 +6,31 @@ plain autograd ops that is about a dozen full passes over each feature map, forw
 each allocating a map-sized tensor. `normalized_mse` computes the same numbers with three map-sized
 tensors forward and two backward; its twin is `reference.losses` (`normalized`, `channel_mean_std`, mse),
 which tests compare it against.
+
+This is an eager-mode saving. Under torch.compile both entry points (`normalized_stats`,
+`normalized_mse`) run the twin's ops, which inductor fuses by itself: with these reductions over
+flattened VGG maps in the graph, inductor's layout optimization (channels_last for conv graphs; torch
+2.13, CPU) got the consistency loss's gradient wrong by 60% in float64, while eager, aot_eager and
+inductor with `torch._inductor.config.layout_optimization = False` were exact. tests/test_compile.py
+guards it.
 """
 
 import torch
+import torch.nn.functional as F
+
+from .reference.losses import channel_mean_std, normalized
 
 VAR_EPS = 1e-5  # the official clamp on the variance
+
+
+def normalized_stats(feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """feat (B, C, H, W) -> normalized (B, C, H, W), mean (B, C), std (B, C), for maps that need no
+    gradient (the losses' targets); float32 for half inputs, else feat's dtype."""
+    if torch.compiler.is_compiling():
+        mean, std = channel_mean_std(feat)
+        return normalized(feat), mean, std
+    y, mean, std, _ = channel_stats(feat)
+    return y.view(feat.shape), mean, std
 
 
 def channel_stats(feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -67,8 +87,11 @@ class _NormalizedMSE(torch.autograd.Function):
 def normalized_mse(feat: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """MSE(normalized(feat), target) and feat's per-channel mean and std.
 
-    feat: (B, C, H, W), differentiable; target: (B, C, H, W) or (B, C, H*W), an already normalized map
-    (no gradient). Returns (loss 0-d, mean (B, C), std (B, C)), float32 for half inputs, else feat's
-    dtype. Equal within rounding to F.mse_loss(normalized(feat), target) and channel_mean_std(feat).
+    feat: (B, C, H, W), differentiable; target: (B, C, H, W), an already normalized map (no gradient).
+    Returns (loss 0-d, mean (B, C), std (B, C)), float32 for half inputs, else feat's dtype. Equal
+    within rounding to F.mse_loss(normalized(feat), target) and channel_mean_std(feat).
     """
+    if torch.compiler.is_compiling():
+        mean, std = channel_mean_std(feat)
+        return F.mse_loss(normalized(feat), target), mean, std
     return _NormalizedMSE.apply(feat, target)

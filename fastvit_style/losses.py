@@ -3,31 +3,14 @@
 When the style batch is the content batch rolled, phi(x_s) = roll(phi(x)) and x_s_hat = roll(x_hat), so
 the identity and consistency losses are twice their content term and the style targets are rolls.
 The remaining VGG passes: x without a graph, t and x_hat with one. The per-channel statistics run
-through `feature_stats` (fewer passes than the official ops, same numbers).
+through `feature_stats` (fewer passes than the official ops in eager mode, same numbers).
 """
 
 import torch
 import torch.nn.functional as F
 
-from .feature_stats import channel_stats, normalized_mse
-from .reference.losses import Loss, channel_mean_std, normalized
-
-
-# feature_stats is an eager-mode saving. Compiled graphs take the official ops, which inductor fuses
-# by itself: with feature_stats inside, inductor (torch 2.13, CPU) computed wrong gradients
-# (tests/test_compile.py, float64) where aot_eager and eager were exact.
-def _stats(feat):
-    if torch.compiler.is_compiling():
-        mean, std = channel_mean_std(feat)
-        return normalized(feat), mean, std
-    return channel_stats(feat)[:3]
-
-
-def _normalized_mse(feat, target):
-    if torch.compiler.is_compiling():
-        normalized_feat, mean, std = _stats(feat)
-        return F.mse_loss(normalized_feat, target), mean, std
-    return normalized_mse(feat, target)
+from .feature_stats import normalized_mse, normalized_stats
+from .reference.losses import Loss
 
 
 def compute_loss(vgg, x, x_style, x_stylized, x_recon, x_style_recon) -> Loss:
@@ -51,12 +34,12 @@ def compute_loss(vgg, x, x_style, x_stylized, x_recon, x_style_recon) -> Loss:
         if not rolled:
             consistency = consistency + F.mse_loss(fsr, fs)
         with torch.no_grad():
-            normalized_x, mu_s, sd_s = _stats(fx)
+            normalized_x, mu_s, sd_s = normalized_stats(fx)
             if rolled:
                 mu_s, sd_s = mu_s.roll(-1, 0), sd_s.roll(-1, 0)
             else:
-                _, mu_s, sd_s = _stats(fs)
-        anatomical_j, mu_t, sd_t = _normalized_mse(ft, normalized_x)
+                _, mu_s, sd_s = normalized_stats(fs)
+        anatomical_j, mu_t, sd_t = normalized_mse(ft, normalized_x)
         anatomical = anatomical + anatomical_j
         style = style + F.mse_loss(mu_t, mu_s) + F.mse_loss(sd_t, sd_s)
     if rolled:

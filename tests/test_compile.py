@@ -36,7 +36,8 @@ def test_compiled_training_step_matches_eager(compiler):
         loss.total().backward()
         return torch.stack(list(loss)), recon
 
-    # inductor too: it once got the loss gradients wrong where aot_eager did not (see losses.py)
+    # inductor too: its layout optimization once got the loss gradients wrong where aot_eager did not
+    # (see feature_stats.py)
     compiled = torch.compile(twin, fullgraph=True, backend=compiler)
     terms, recon = step(compiled)
     terms_ref, recon_ref = step(model)

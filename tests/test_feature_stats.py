@@ -1,11 +1,12 @@
-"""feature_stats.normalized_mse (hand-written backward) against the official ops of reference.losses."""
+"""feature_stats (hand-written backward in eager mode, the official ops when compiled) against the
+official ops of reference.losses."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import TOLERANCE, assert_close_rel
 
-from fastvit_style.feature_stats import VAR_EPS, channel_stats, normalized_mse
+from fastvit_style.feature_stats import VAR_EPS, channel_stats, normalized_mse, normalized_stats
 from fastvit_style.reference.losses import channel_mean_std, normalized
 
 
@@ -75,3 +76,37 @@ def test_channel_stats_matches_official():
     assert_close_rel(mean, ref_mean, 1e-12, "mean")
     assert_close_rel(std, ref_std, 1e-12, "std")
     assert_close_rel(var, feat.flatten(2).var(dim=2, unbiased=False), 1e-12, "var")
+
+
+def test_normalized_stats_matches_official():
+    feat = feature_maps((2, 5, 6, 6), torch.float64)
+    y, mean, std = normalized_stats(feat)
+    assert y.shape == feat.shape
+    for name, a, e in zip(("normalized", "mean", "std"), (y, mean, std), (normalized(feat), *channel_mean_std(feat))):
+        assert_close_rel(a, e, 1e-12, name)
+
+
+def test_compiled_graphs_take_the_official_ops(monkeypatch):
+    """Under torch.compile both entry points trace the official ops (see the module's docstring): same
+    values and gradient as eager, and neither channel_stats nor the autograd Function in the graph."""
+    from fastvit_style import feature_stats
+
+    feat = feature_maps((2, 3, 5, 7), torch.float64)
+    target = normalized(feature_maps((2, 3, 5, 7), torch.float64, seed=1))
+
+    def terms(f):
+        loss, mean, std = normalized_mse(f, target)
+        y, mean_t, std_t = normalized_stats(f.detach())
+        return 3.0 * loss + mean.sum() + std.sum() + y.sum() + mean_t.sum() + std_t.sum()
+
+    def value_and_grad(fn):
+        f = feat.clone().requires_grad_()
+        value = fn(f)
+        value.backward()
+        return value, f.grad
+
+    value, grad = value_and_grad(terms)
+    monkeypatch.setattr(feature_stats, "channel_stats", None)  # the compiled path must not reach it
+    value_c, grad_c = value_and_grad(torch.compile(terms, backend="aot_eager", fullgraph=True))
+    assert_close_rel(value_c, value, 1e-12, "value")
+    assert_close_rel(grad_c, grad, 1e-12, "d feat")
