@@ -84,7 +84,9 @@ class _NormalizedMSE(torch.autograd.Function):
         return grad.view(ctx.feat_shape).to(ctx.feat_dtype), None
 
 
-def normalized_mse(feat: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def normalized_mse(
+    feat: torch.Tensor, target: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """MSE(normalized(feat), target) and feat's per-channel mean and std.
 
     feat: (B, C, H, W), differentiable; target: (B, C, H, W), an already normalized map (no gradient).

@@ -82,7 +82,9 @@ def test_normalized_stats_matches_official():
     feat = feature_maps((2, 5, 6, 6), torch.float64)
     y, mean, std = normalized_stats(feat)
     assert y.shape == feat.shape
-    for name, a, e in zip(("normalized", "mean", "std"), (y, mean, std), (normalized(feat), *channel_mean_std(feat))):
+    for name, a, e in zip(
+        ("normalized", "mean", "std"), (y, mean, std), (normalized(feat), *channel_mean_std(feat))
+    ):
         assert_close_rel(a, e, 1e-12, name)
 
 

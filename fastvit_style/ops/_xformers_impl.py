@@ -36,4 +36,6 @@ def shared_attention_xformers(
 
     # xformers reads each head's d values as one contiguous row; the projections' views already are.
     q = q if q.stride(-1) == 1 else q.contiguous()
-    return xops.memory_efficient_attention(q, k.index_select(0, kv_index), v.index_select(0, kv_index), scale=scale)
+    return xops.memory_efficient_attention(
+        q, k.index_select(0, kv_index), v.index_select(0, kv_index), scale=scale
+    )
