@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .feature_stats import normalized_mse, normalized_stats
-from .reference.losses import Loss
+from .reference.losses import Loss, channel_mean_std
 
 
 def compute_loss(vgg, x, x_style, x_stylized, x_recon, x_style_recon) -> Loss:
@@ -37,8 +37,8 @@ def compute_loss(vgg, x, x_style, x_stylized, x_recon, x_style_recon) -> Loss:
             normalized_x, mu_s, sd_s = normalized_stats(fx)
             if rolled:
                 mu_s, sd_s = mu_s.roll(-1, 0), sd_s.roll(-1, 0)
-            else:
-                _, mu_s, sd_s = normalized_stats(fs)
+            else:  # only the statistics: torch.var's one pass, no normalized map to build and drop
+                mu_s, sd_s = channel_mean_std(fs)
         anatomical_j, mu_t, sd_t = normalized_mse(ft, normalized_x)
         anatomical = anatomical + anatomical_j
         style = style + F.mse_loss(mu_t, mu_s) + F.mse_loss(sd_t, sd_s)
