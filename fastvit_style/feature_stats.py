@@ -27,10 +27,15 @@ def normalized_stats(feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
     """feat (B, C, H, W) -> normalized (B, C, H, W), mean (B, C), std (B, C), for maps that need no
     gradient (the losses' targets); float32 for half inputs, else feat's dtype."""
     if torch.compiler.is_compiling():
-        mean, std = channel_mean_std(feat)
-        return normalized(feat), mean, std
+        return _official_stats(feat)
     y, mean, std, _ = channel_stats(feat)
     return y.view(feat.shape), mean, std
+
+
+def _official_stats(feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The twin's ops, differentiable: what compiled graphs run (see the module docstring)."""
+    mean, std = channel_mean_std(feat)
+    return normalized(feat), mean, std
 
 
 def channel_stats(feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -94,6 +99,6 @@ def normalized_mse(
     within rounding to F.mse_loss(normalized(feat), target) and channel_mean_std(feat).
     """
     if torch.compiler.is_compiling():
-        mean, std = channel_mean_std(feat)
-        return F.mse_loss(normalized(feat), target), mean, std
+        y, mean, std = _official_stats(feat)
+        return F.mse_loss(y, target), mean, std
     return _NormalizedMSE.apply(feat, target)
