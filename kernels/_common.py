@@ -25,6 +25,9 @@ class Blocks(NamedTuple):
     block_n: int  # key rows per tile
     num_warps: int
     num_stages: int
+    # The partial last tile of the streamed axis runs only as wide as it needs (see `tail_width`);
+    # False runs it at full width, masked, as a plain loop would.
+    narrow_tail: bool = True
 
 
 def next_power_of_2(n: int) -> int:
@@ -59,6 +62,16 @@ def attention_blocks(kernel: str, tq: int, tk: int, head_dim: int, dtype: torch.
     if kernel == "bwd_dkdv":
         return _fit(Blocks(32, owned, warps, 2), tq, tk)
     return _fit(Blocks(owned, 32, warps, 2), tq, tk)
+
+
+def tail_width(length: int, block: int, narrow: bool = True) -> int:
+    """Width of the last, partial tile when `length` rows are streamed in `block`-row tiles: 0 when block
+    divides length; else the remainder rounded up to a power of two, at least 16 (the smallest tl.dot
+    side) and at most block; `block` itself when not narrow."""
+    rest = length % block
+    if rest == 0:
+        return 0
+    return min(block, max(16, next_power_of_2(rest))) if narrow else block
 
 
 def _fit(blocks: Blocks, tq: int, tk: int) -> Blocks:

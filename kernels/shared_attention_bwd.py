@@ -7,7 +7,11 @@ With P = softmax(S), S = scale * q k^T (per query sequence s and its K/V sequenc
     dq_s  = scale * dS_s k_j
 P is rebuilt from the forward's log-sum-exp. One program owns each dk/dv tile and loops over the
 query sequences that read its K/V sequence (the inverse map, CSR form), so the sums are
-deterministic; dq has its own kernel, one program per query tile.
+deterministic; dq has its own kernel, launched first, one program per query tile, which also
+stores delta for the dk/dv kernel (two launches in all) and streams the keys in full
+tiles without a mask and ends with one tile only as wide as the rest needs (`_common.tail_width`).
+The dk/dv kernel keeps one masked loop over query tiles (a narrow tail would save less there, 224
+to 208 streamed rows at T=197 with 32-row tiles; not tried on a GPU yet).
 """
 
 import math
@@ -17,36 +21,35 @@ import triton
 import triton.language as tl
 
 from . import _common
+from ._tiles import load_rows_t
 
 
 # Kernel signatures keep the four strides of each tensor on one line.
 # fmt: off
 @triton.jit
-def _shared_attention_bwd_delta_kernel(
-    O,  # (Sq, Tq, H, d), any strides
-    DO,  # (Sq, Tq, H, d), any strides (stride 0 after an expand)
-    DELTA,  # (Sq, H, Tq) fp32, contiguous
-    stride_os, stride_ot, stride_oh, stride_od,
-    stride_dos, stride_dot, stride_doh, stride_dod,
-    H, Tq,
+def _dq_tile(
+    b_q, b_do, b_lse, b_delta, b_dq,  # the owned query rows: q, dO [BLOCK_M, BLOCK_D], lse, delta, dq sum
+    m_m,  # [BLOCK_M] owned rows inside Tq
+    p_k, p_v,  # K, V of the mapped sequence and head at key 0
+    start_n, Tk, stride_kt, stride_kd, stride_vt, stride_vd, qk_scale,
     HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    MASK_N: tl.constexpr,  # the tile reaches past Tk
+    UPCAST: tl.constexpr,
 ):
-    """delta = rowsum(dO * O); grid (cdiv(Tq, BLOCK_M), Sq * H)."""
-    i_m = tl.program_id(0)
-    i_sh = tl.program_id(1)
-    i_s = (i_sh // H).to(tl.int64)
-    i_h = i_sh % H
-    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    o_d = tl.arange(0, BLOCK_D)
-    m_md = (o_m < Tq)[:, None] & (o_d < HEAD_DIM)[None, :]
-    p_o = O + i_s * stride_os + i_h * stride_oh + o_m[:, None] * stride_ot + o_d[None, :] * stride_od
-    p_do = DO + i_s * stride_dos + i_h * stride_doh + o_m[:, None] * stride_dot + o_d[None, :] * stride_dod
-    # [BLOCK_M, BLOCK_D]
-    b_o = tl.load(p_o, mask=m_md, other=0.0).to(tl.float32)
-    b_do = tl.load(p_do, mask=m_md, other=0.0).to(tl.float32)
-    tl.store(DELTA + i_sh.to(tl.int64) * Tq + o_m, tl.sum(b_o * b_do, 1), mask=o_m < Tq)
+    """Add keys [start_n, start_n + BLOCK_N) to b_dq (not yet scaled) and return it."""
+    # [BLOCK_D, BLOCK_N]
+    b_kt = load_rows_t(p_k, start_n, Tk, stride_kt, stride_kd, HEAD_DIM, BLOCK_N, BLOCK_D, MASK_N, UPCAST)
+    b_vt = load_rows_t(p_v, start_n, Tk, stride_vt, stride_vd, HEAD_DIM, BLOCK_N, BLOCK_D, MASK_N, UPCAST)
+    # [BLOCK_M, BLOCK_N]
+    b_p = tl.exp2(tl.dot(b_q, b_kt) * qk_scale - b_lse[:, None])
+    if MASK_N:
+        b_p = tl.where(m_m[:, None] & (start_n + tl.arange(0, BLOCK_N) < Tk)[None, :], b_p, 0.0)
+    else:
+        b_p = tl.where(m_m[:, None], b_p, 0.0)
+    b_ds = b_p * (tl.dot(b_do, b_vt) - b_delta[:, None])
+    return tl.dot(b_ds.to(b_kt.dtype), tl.trans(b_kt), b_dq)
 
 
 @triton.jit
@@ -144,14 +147,16 @@ def _shared_attention_bwd_dq_kernel(
     Q,  # (Sq, Tq, H, d), any strides
     K,  # (Skv, Tk, H, d), any strides
     V,  # (Skv, Tk, H, d), any strides
-    DO,  # (Sq, Tq, H, d), any strides
+    O,  # (Sq, Tq, H, d), any strides: the forward's output
+    DO,  # (Sq, Tq, H, d), any strides (stride 0 after an expand)
     LSE,  # (Sq, H, Tq) fp32, contiguous, base 2
-    DELTA,  # (Sq, H, Tq) fp32, contiguous
+    DELTA,  # (Sq, H, Tq) fp32, contiguous: written here, read by the dk/dv kernel launched after
     KV_INDEX,  # (Sq,) int32/int64
     DQ,  # (Sq, Tq, H, d), any strides
     stride_qs, stride_qt, stride_qh, stride_qd,
     stride_ks, stride_kt, stride_kh, stride_kd,
     stride_vs, stride_vt, stride_vh, stride_vd,
+    stride_os, stride_ot, stride_oh, stride_od,
     stride_dos, stride_dot, stride_doh, stride_dod,
     stride_dqs, stride_dqt, stride_dqh, stride_dqd,
     H, Tq, Tk, scale,
@@ -159,10 +164,12 @@ def _shared_attention_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    TAIL_N: tl.constexpr,  # width of the last, partial key tile (0: BLOCK_N divides Tk)
     BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """One program: BLOCK_M query rows of sequence s, head h; grid (cdiv(Tq, BLOCK_M), Sq * H)."""
+    """One program: BLOCK_M query rows of sequence s, head h; grid (cdiv(Tq, BLOCK_M), Sq * H).
+    Also stores delta of those rows for the dk/dv kernel."""
     i_m = tl.program_id(0)
     i_sh = tl.program_id(1)
     i_s = (i_sh // H).to(tl.int64)
@@ -170,7 +177,6 @@ def _shared_attention_bwd_dq_kernel(
     i_kv = tl.load(KV_INDEX + i_s).to(tl.int64)
 
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    o_n = tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, BLOCK_D)
     m_m = o_m < Tq
     m_d = o_d < HEAD_DIM
@@ -186,30 +192,67 @@ def _shared_attention_bwd_dq_kernel(
         b_do = b_do.to(tl.float32)
     # [BLOCK_M]
     b_lse = tl.load(LSE + i_sh.to(tl.int64) * Tq + o_m, mask=m_m, other=0.0)
-    b_delta = tl.load(DELTA + i_sh.to(tl.int64) * Tq + o_m, mask=m_m, other=0.0)
+    # delta = rowsum(dO * O) of the owned rows, here rather than in a launch of its own.
+    p_o = O + i_s * stride_os + i_h * stride_oh + o_m[:, None] * stride_ot + o_d[None, :] * stride_od
+    b_delta = tl.sum(tl.load(p_o, mask=m_md, other=0.0).to(tl.float32) * b_do.to(tl.float32), 1)
+    tl.store(DELTA + i_sh.to(tl.int64) * Tq + o_m, b_delta, mask=m_m)
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    p_kt = K + i_kv * stride_ks + i_h * stride_kh + o_d[:, None] * stride_kd + o_n[None, :] * stride_kt
-    p_vt = V + i_kv * stride_vs + i_h * stride_vh + o_d[:, None] * stride_vd + o_n[None, :] * stride_vt
-    for start_n in range(0, Tk, BLOCK_N):
-        m_n = start_n + o_n < Tk
-        # [BLOCK_D, BLOCK_N]
-        b_kt = tl.load(p_kt + start_n * stride_kt, mask=m_d[:, None] & m_n[None, :], other=0.0)
-        b_vt = tl.load(p_vt + start_n * stride_vt, mask=m_d[:, None] & m_n[None, :], other=0.0)
-        if UPCAST:
-            b_kt = b_kt.to(tl.float32)
-            b_vt = b_vt.to(tl.float32)
-        # [BLOCK_M, BLOCK_N]
-        b_p = tl.exp2(tl.dot(b_q, b_kt) * qk_scale - b_lse[:, None])
-        b_p = tl.where(m_m[:, None] & m_n[None, :], b_p, 0.0)
-        b_ds = b_p * (tl.dot(b_do, b_vt) - b_delta[:, None])
-        b_dq = tl.dot(b_ds.to(b_kt.dtype), tl.trans(b_kt), b_dq)
+    p_k = K + i_kv * stride_ks + i_h * stride_kh
+    p_v = V + i_kv * stride_vs + i_h * stride_vh
+    n_full = Tk - Tk % BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        b_dq = _dq_tile(
+            b_q, b_do, b_lse, b_delta, b_dq, m_m, p_k, p_v, start_n, Tk,
+            stride_kt, stride_kd, stride_vt, stride_vd, qk_scale,
+            HEAD_DIM, BLOCK_N, BLOCK_D, False, UPCAST,
+        )
+    if TAIL_N > 0:
+        b_dq = _dq_tile(
+            b_q, b_do, b_lse, b_delta, b_dq, m_m, p_k, p_v, n_full, Tk,
+            stride_kt, stride_kd, stride_vt, stride_vd, qk_scale,
+            HEAD_DIM, TAIL_N, BLOCK_D, True, UPCAST,
+        )
 
     p_dq = DQ + i_s * stride_dqs + i_h * stride_dqh + o_m[:, None] * stride_dqt + o_d[None, :] * stride_dqd
     tl.store(p_dq, (b_dq * scale).to(DQ.dtype.element_ty), mask=m_md)
 
 
 # fmt: on
+
+
+def kernel_configs(Tq: int, Tk: int, d: int, dtype: torch.dtype) -> dict:
+    """{"bwd_dq" | "bwd_dkdv": (kernel, meta)}: the kernels the launcher runs at these sizes and dtype,
+    in this order, and their compile-time arguments (constexprs, num_warps, num_stages). Also read by
+    ahead-of-time compiles (`fastvit_style.benchmark.gpu_compile`)."""
+    head = {"HEAD_DIM": d, "BLOCK_D": _common.block_d(d)}
+    dq = _common.attention_blocks("bwd_dq", Tq, Tk, d, dtype)
+    dkdv = _common.attention_blocks("bwd_dkdv", Tq, Tk, d, dtype)
+    return {
+        "bwd_dq": (
+            _shared_attention_bwd_dq_kernel,
+            {
+                **head,
+                "BLOCK_M": dq.block_m,
+                "BLOCK_N": dq.block_n,
+                "TAIL_N": _common.tail_width(Tk, dq.block_n, dq.narrow_tail),
+                "UPCAST": _common.UPCAST_TILES,
+                "num_warps": dq.num_warps,
+                "num_stages": dq.num_stages,
+            },
+        ),
+        "bwd_dkdv": (
+            _shared_attention_bwd_dkdv_kernel,
+            {
+                **head,
+                "BLOCK_M": dkdv.block_m,
+                "BLOCK_N": dkdv.block_n,
+                "UPCAST": _common.UPCAST_TILES,
+                "num_warps": dkdv.num_warps,
+                "num_stages": dkdv.num_stages,
+            },
+        ),
+    }
 
 
 def shared_attention_bwd(
@@ -252,31 +295,21 @@ def shared_attention_bwd(
 
     lse = lse.contiguous()
     delta = torch.empty((Sq, H, Tq), dtype=torch.float32, device=q.device)
-    D = _common.block_d(d)
+    kernels = kernel_configs(Tq, Tk, d, q.dtype)
     qk_scale = scale * math.log2(math.e)
-    common = {"HEAD_DIM": d, "BLOCK_D": D}
 
     # fmt: off
-    blocks = _common.attention_blocks("bwd_dq", Tq, Tk, d, q.dtype)
-    grid = (triton.cdiv(Tq, blocks.block_m), Sq * H)
-    _shared_attention_bwd_delta_kernel[grid](
-        out, do, delta, *out.stride(), *do.stride(), H, Tq,
-        BLOCK_M=blocks.block_m, num_warps=blocks.num_warps, **common,
+    kernel, meta = kernels["bwd_dq"]
+    kernel[(triton.cdiv(Tq, meta["BLOCK_M"]), Sq * H)](
+        q, k, v, out, do, lse, delta, kv_index, dq,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *do.stride(), *dq.stride(),
+        H, Tq, Tk, scale, qk_scale, **meta,
     )
-    _shared_attention_bwd_dq_kernel[grid](
-        q, k, v, do, lse, delta, kv_index, dq,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        H, Tq, Tk, scale, qk_scale,
-        BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, UPCAST=_common.UPCAST_TILES,
-        num_warps=blocks.num_warps, num_stages=blocks.num_stages, **common,
-    )
-    blocks = _common.attention_blocks("bwd_dkdv", Tq, Tk, d, q.dtype)
-    _shared_attention_bwd_dkdv_kernel[(triton.cdiv(Tk, blocks.block_n), Skv * H)](
+    kernel, meta = kernels["bwd_dkdv"]
+    kernel[(triton.cdiv(Tk, meta["BLOCK_N"]), Skv * H)](
         q, k, v, do, lse, delta, kv_offsets, kv_queries, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        H, Tq, Tk, scale, qk_scale,
-        BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, UPCAST=_common.UPCAST_TILES,
-        num_warps=blocks.num_warps, num_stages=blocks.num_stages, **common,
+        H, Tq, Tk, scale, qk_scale, **meta,
     )
     # fmt: on
     return dq, dk, dv

@@ -11,10 +11,49 @@ import triton
 import triton.language as tl
 
 from . import _common
+from ._tiles import load_rows_t
 
 
 # Kernel signatures keep the four strides of each tensor on one line.
 # fmt: off
+@triton.jit
+def _fwd_tile(
+    b_q, b_max, b_sum, b_acc,  # running state of the online softmax of BLOCK_M query rows
+    p_k, p_v,  # K, V of this (sequence, head) at key 0
+    start_n, Tk, stride_kt, stride_kd, stride_vt, stride_vd, qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    MASK_N: tl.constexpr,  # the tile reaches past Tk
+    UPCAST: tl.constexpr,
+):
+    """Fold keys [start_n, start_n + BLOCK_N) into (b_max, b_sum, b_acc) and return them."""
+    o_n = start_n + tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, BLOCK_D)
+    m_n = o_n < Tk
+    # [BLOCK_D, BLOCK_N]: K is read transposed so that q @ k^T is a plain dot.
+    b_kt = load_rows_t(p_k, start_n, Tk, stride_kt, stride_kd, HEAD_DIM, BLOCK_N, BLOCK_D, MASK_N, UPCAST)
+    # [BLOCK_N, BLOCK_D]
+    p_vn = p_v + o_n[:, None] * stride_vt + o_d[None, :] * stride_vd
+    m_d = (o_d < HEAD_DIM)[None, :]
+    if MASK_N:
+        b_v = tl.load(p_vn, mask=m_n[:, None] & m_d, other=0.0)
+    else:
+        b_v = tl.load(p_vn, mask=m_d, other=0.0)
+    if UPCAST:
+        b_v = b_v.to(tl.float32)
+    # [BLOCK_M, BLOCK_N]
+    b_s = tl.dot(b_q, b_kt) * qk_scale
+    if MASK_N:
+        b_s = tl.where(m_n[None, :], b_s, float("-inf"))
+    b_max_new = tl.maximum(b_max, tl.max(b_s, 1))
+    b_alpha = tl.exp2(b_max - b_max_new)
+    b_p = tl.exp2(b_s - b_max_new[:, None])
+    b_sum = b_sum * b_alpha + tl.sum(b_p, 1)
+    b_acc = tl.dot(b_p.to(b_v.dtype), b_v, b_acc * b_alpha[:, None])
+    return b_max_new, b_sum, b_acc
+
+
 @triton.jit
 def _shared_attention_fwd_kernel(
     Q,  # (Sq, Tq, H, d), any strides
@@ -32,6 +71,7 @@ def _shared_attention_fwd_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    TAIL_N: tl.constexpr,  # width of the last, partial key tile (0: BLOCK_N divides Tk)
     BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
@@ -43,7 +83,6 @@ def _shared_attention_fwd_kernel(
     i_kv = tl.load(KV_INDEX + i_s).to(tl.int64)
 
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    o_n = tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, BLOCK_D)
     m_m = o_m < Tq
     m_d = o_d < HEAD_DIM
@@ -53,32 +92,28 @@ def _shared_attention_fwd_kernel(
     b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)
     if UPCAST:
         b_q = b_q.to(tl.float32)
-    # K is read transposed so that q @ k^T is a plain dot.
-    p_kt = K + i_kv * stride_ks + i_h * stride_kh + o_d[:, None] * stride_kd + o_n[None, :] * stride_kt
-    p_v = V + i_kv * stride_vs + i_h * stride_vh + o_n[:, None] * stride_vt + o_d[None, :] * stride_vd
+    p_k = K + i_kv * stride_ks + i_h * stride_kh
+    p_v = V + i_kv * stride_vs + i_h * stride_vh
 
     # [BLOCK_M]
     b_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     b_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     # [BLOCK_M, BLOCK_D]
     b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, Tk, BLOCK_N):
-        m_n = start_n + o_n < Tk
-        # [BLOCK_D, BLOCK_N]
-        b_kt = tl.load(p_kt + start_n * stride_kt, mask=m_d[:, None] & m_n[None, :], other=0.0)
-        # [BLOCK_N, BLOCK_D]
-        b_v = tl.load(p_v + start_n * stride_vt, mask=m_n[:, None] & m_d[None, :], other=0.0)
-        if UPCAST:
-            b_kt = b_kt.to(tl.float32)
-            b_v = b_v.to(tl.float32)
-        # [BLOCK_M, BLOCK_N]; Tk >= 1 keeps at least one finite logit per row in the first tile.
-        b_s = tl.where(m_n[None, :], tl.dot(b_q, b_kt) * qk_scale, float("-inf"))
-        b_max_new = tl.maximum(b_max, tl.max(b_s, 1))
-        b_alpha = tl.exp2(b_max - b_max_new)
-        b_p = tl.exp2(b_s - b_max_new[:, None])
-        b_sum = b_sum * b_alpha + tl.sum(b_p, 1)
-        b_acc = tl.dot(b_p.to(b_v.dtype), b_v, b_acc * b_alpha[:, None])
-        b_max = b_max_new
+    # Full tiles without a key mask, then the rest of Tk in a tile only as wide as it needs (197 =
+    # 3 x 64 + 16 rather than 4 x 64: a fifth less matmul work at the released length). Whichever
+    # tile comes first holds at least one key, so every row's running max is finite after it.
+    n_full = Tk - Tk % BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        b_max, b_sum, b_acc = _fwd_tile(
+            b_q, b_max, b_sum, b_acc, p_k, p_v, start_n, Tk, stride_kt, stride_kd, stride_vt, stride_vd,
+            qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, False, UPCAST,
+        )
+    if TAIL_N > 0:
+        b_max, b_sum, b_acc = _fwd_tile(
+            b_q, b_max, b_sum, b_acc, p_k, p_v, n_full, Tk, stride_kt, stride_kd, stride_vt, stride_vd,
+            qk_scale, HEAD_DIM, TAIL_N, BLOCK_D, True, UPCAST,
+        )
 
     b_o = b_acc / b_sum[:, None]
     p_o = O + i_s * stride_os + i_h * stride_oh + o_m[:, None] * stride_ot + o_d[None, :] * stride_od
@@ -89,6 +124,24 @@ def _shared_attention_fwd_kernel(
 
 
 # fmt: on
+
+
+def kernel_configs(Tq: int, Tk: int, d: int, dtype: torch.dtype) -> dict:
+    """{"fwd": (kernel, meta)}: the kernel the launcher runs at these sizes and dtype, and its
+    compile-time arguments (constexprs, num_warps, num_stages). Also read by ahead-of-time compiles
+    (`fastvit_style.benchmark.gpu_compile`)."""
+    blocks = _common.attention_blocks("fwd", Tq, Tk, d, dtype)
+    meta = {
+        "HEAD_DIM": d,
+        "BLOCK_M": blocks.block_m,
+        "BLOCK_N": blocks.block_n,
+        "TAIL_N": _common.tail_width(Tk, blocks.block_n, blocks.narrow_tail),
+        "BLOCK_D": _common.block_d(d),
+        "UPCAST": _common.UPCAST_TILES,
+        "num_warps": blocks.num_warps,
+        "num_stages": blocks.num_stages,
+    }
+    return {"fwd": (_shared_attention_fwd_kernel, meta)}
 
 
 def shared_attention_fwd(
@@ -108,15 +161,13 @@ def shared_attention_fwd(
     lse = torch.empty((Sq, H, Tq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    blocks = _common.attention_blocks("fwd", Tq, Tk, d, q.dtype)
-    grid = (triton.cdiv(Tq, blocks.block_m), Sq * H)
+    kernel, meta = kernel_configs(Tq, Tk, d, q.dtype)["fwd"]
+    grid = (triton.cdiv(Tq, meta["BLOCK_M"]), Sq * H)
     # fmt: off
-    _shared_attention_fwd_kernel[grid](
+    kernel[grid](
         q, k, v, kv_index, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        H, Tq, Tk, scale * math.log2(math.e),
-        HEAD_DIM=d, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_D=_common.block_d(d),
-        UPCAST=_common.UPCAST_TILES, num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+        H, Tq, Tk, scale * math.log2(math.e), **meta,
     )
     # fmt: on
     return out, lse

@@ -136,11 +136,33 @@ def test_layouts(layout, device):
     check(3, 2, 20, 24, 2, 32, [1, 1, 0], torch.float32, device, layout)
 
 
+@pytest.mark.parametrize("narrow_tail", [True, False], ids=["narrow_tail", "full_tail"])
 @pytest.mark.parametrize("block_m, block_n", [(16, 16), (16, 32), (32, 16), (16, 64)], ids=lambda b: f"{b}")
-def test_forced_blocks(block_m, block_n, monkeypatch, device):
-    """Several tiles per sequence with a partial last one, on both sides and in every kernel."""
-    monkeypatch.setattr(_common, "attention_blocks", lambda *args: _common.Blocks(block_m, block_n, 4, 1))
-    check(3, 2, 37, 50, 2, 80, [1, 0, 1], torch.float32, device)
+def test_forced_blocks(block_m, block_n, narrow_tail, monkeypatch, device):
+    """Several tiles per sequence with a partial last one, on both sides and in every kernel; the
+    partial tile narrowed (at 32-row tiles, 37 = 32 + 5 and 40 = 32 + 8 end in a 16-row tile) or run
+    at full width."""
+    blocks = _common.Blocks(block_m, block_n, 4, 1, narrow_tail)
+    monkeypatch.setattr(_common, "attention_blocks", lambda *args: blocks)
+    check(3, 2, 37, 40, 2, 80, [1, 0, 1], torch.float32, device)
+
+
+@pytest.mark.parametrize(
+    "length, block, narrow, expected",
+    [
+        (197, 64, True, 16),
+        (197, 32, True, 16),
+        (196, 64, True, 16),
+        (128, 64, True, 0),
+        (50, 32, True, 32),
+        (7, 16, True, 16),
+        (37, 64, True, 64),
+        (197, 64, False, 64),
+        (192, 64, False, 0),
+    ],
+)
+def test_tail_width(length, block, narrow, expected):
+    assert _common.tail_width(length, block, narrow) == expected
 
 
 def test_stride0_grad(device):

@@ -1,0 +1,31 @@
+"""Triton helpers shared by the kernel files."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def load_rows_t(
+    p,  # one (sequence, head) of a (S, T, H, d) tensor, at row 0
+    start_n,
+    T,
+    stride_t,
+    stride_d,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    MASK_N: tl.constexpr,  # the tile reaches past T: mask its rows (zeros there)
+    UPCAST: tl.constexpr,  # widen to fp32 (the interpreter cannot do half-precision dots)
+):
+    """Rows [start_n, start_n + BLOCK_N) transposed: a [BLOCK_D, BLOCK_N] tile, columns past d zero."""
+    o_n = start_n + tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, BLOCK_D)
+    p_t = p + o_d[:, None] * stride_d + o_n[None, :] * stride_t
+    m_d = (o_d < HEAD_DIM)[:, None]
+    if MASK_N:
+        b_t = tl.load(p_t, mask=m_d & (o_n < T)[None, :], other=0.0)
+    else:
+        b_t = tl.load(p_t, mask=m_d, other=0.0)
+    if UPCAST:
+        b_t = b_t.to(tl.float32)
+    return b_t
