@@ -1,0 +1,152 @@
+"""Compile the Triton kernels for a GPU that is not there: does each compile, and what does ptxas make of it.
+
+    TRITON_INTERPRET=0 python -m fastvit_style.benchmark.gpu_compile [--arch 90] [--json]
+
+For each kernel the launchers run at the released shapes (T=197 keys, 197 and 196 query rows, d=64,
+and d=128), in bf16 and fp32, with the launchers' own compile-time arguments (`kernel_configs` of
+each kernel file): registers per thread, spill stack, tensor-core instructions (HGMMA on sm_90, HMMA
+before) and SASS length, read from the cubin with the cuobjdump and nvdisasm that ship with Triton.
+Needs no GPU and no driver, only Triton's NVIDIA backend; the interpreter must be off (it replaces the
+kernels by Python functions). Tensor arguments are assumed 16-byte aligned and last-dim strides 1,
+as Triton specializes them on a real launch; other strides divisible by 16, as in the models.
+"""
+
+import argparse
+import importlib
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+_SCALARS = {"H": "i32", "Tq": "i32", "Tk": "i32", "scale": "fp32", "qk_scale": "fp32"}
+_POINTERS = {"LSE": "*fp32", "DELTA": "*fp32", "KV_INDEX": "*i32", "KV_OFFSETS": "*i64", "KV_QUERIES": "*i64"}
+# (Tq, Tk, d): the encoder's layers, its last layer (CLS query row dropped), and the widest head.
+SHAPES = ((197, 197, 64), (196, 197, 64), (197, 197, 128))
+KERNEL_FILES = ("shared_attention_fwd", "shared_attention_bwd")  # modules of fastvit_style.kernels
+
+
+def _signature(fn, meta: dict, dtype: str) -> tuple[dict, dict, dict]:
+    """Triton signature, constexprs and divisibility attributes of a launch of `fn` with `meta`."""
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(inspect.signature(fn.fn).parameters):
+        if name in meta:
+            signature[name], constexprs[name] = "constexpr", meta[name]
+        elif name.startswith("stride_") and name.endswith("d"):
+            signature[name], constexprs[name] = "constexpr", 1
+        elif name.startswith("stride_"):
+            signature[name], attrs[(i,)] = "i32", [["tt.divisibility", 16]]
+        elif name in _SCALARS:
+            signature[name] = _SCALARS[name]
+        else:
+            signature[name], attrs[(i,)] = _POINTERS.get(name, f"*{dtype}"), [["tt.divisibility", 16]]
+    return signature, constexprs, attrs
+
+
+def _cuda_tool(name: str) -> str:
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    if not os.path.isfile(path):
+        raise RuntimeError(f"{path} not found: this triton install has no NVIDIA backend tools")
+    return path
+
+
+def _resources(cubin: bytes) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        usage = subprocess.run(
+            [_cuda_tool("cuobjdump"), "-res-usage", path], capture_output=True, text=True, check=True
+        )
+        sass = subprocess.run(
+            [_cuda_tool("nvdisasm"), path], capture_output=True, text=True, check=True
+        ).stdout
+        usage = usage.stdout
+    return {
+        "registers": int(re.search(r"REG:(\d+)", usage).group(1)),
+        "spill_stack_bytes": int(re.search(r"STACK:(\d+)", usage).group(1)),
+        "wgmma": len(re.findall(r"\bHGMMA\b", sass)),
+        "mma": len(re.findall(r"\bHMMA\b", sass)),
+        "sass_lines": sass.count("\n"),
+    }
+
+
+def compile_report(arch: int = 90, shapes=SHAPES, dtypes=tuple(_DTYPES)) -> list[dict]:
+    """One row per (kernel, dtype, shape): its compile-time arguments and ptxas' resources for sm_<arch>.
+
+    shapes: (Tq, Tk, d) triples; dtypes: names among "bf16", "fp32".
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from ..kernels import _common
+
+    if _common.INTERPRET:
+        raise RuntimeError(
+            "TRITON_INTERPRET is set: the kernels are Python functions, unset it to compile them"
+        )
+    modules = [importlib.import_module(f"fastvit_style.kernels.{m}") for m in KERNEL_FILES]
+    rows = []
+    for dtype_name in dtypes:
+        dtype = _DTYPES[dtype_name]
+        for Tq, Tk, d in shapes:
+            for module in modules:
+                for name, (fn, meta) in module.kernel_configs(Tq, Tk, d, dtype).items():
+                    constexprs = {k: v for k, v in meta.items() if k not in ("num_warps", "num_stages")}
+                    signature, constexprs, attrs = _signature(fn, constexprs, dtype_name)
+                    options = {k: meta[k] for k in ("num_warps", "num_stages") if k in meta}
+                    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+                    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+                    rows.append(
+                        {
+                            "kernel": name,
+                            "dtype": dtype_name,
+                            "Tq": Tq,
+                            "Tk": Tk,
+                            "d": d,
+                            "meta": meta,
+                            **_resources(compiled.asm["cubin"]),
+                        }
+                    )
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.add_argument("--quick", action="store_true", help=f"only the first shape, {SHAPES[0]}")
+    p.add_argument("--out", help="also write the rows, with the triton version and target, to this JSON file")
+    args = p.parse_args(argv)
+    rows = compile_report(args.arch, SHAPES[:1] if args.quick else SHAPES)
+    if args.out:
+        import triton
+
+        from ..atomic import write_json
+
+        write_json(args.out, {"target": f"cuda sm_{args.arch}", "triton": triton.__version__, "rows": rows})
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    for r in rows:
+        m = r["meta"]
+        tiles = "x".join(str(m[k]) for k in ("BLOCK_M", "BLOCK_N", "TAIL_N") if k in m)
+        print(
+            f"{r['kernel']:>10} {r['dtype']} Tq={r['Tq']} Tk={r['Tk']} d={r['d']} tiles {tiles:>9} "
+            f"warps {m['num_warps']}: {r['registers']:3d} registers, "
+            f"{r['spill_stack_bytes']:3d} B spill stack, "
+            f"{r['wgmma']} HGMMA, {r['mma']} HMMA, {r['sass_lines']} SASS lines"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
