@@ -66,10 +66,12 @@ print(\"TRITON_INTERPRET =\", os.environ.get(\"TRITON_INTERPRET\"), \"-> interpr
 step tests 150 python3 -m pytest tests -m gpu -q -p no:cacheprovider
 
 if [[ -f bench/sweep_shared_attention.py ]]; then
-    step sweep 170 python3 bench/sweep_shared_attention.py --out "$OUT" --budget 140
+    step sweep 170 python3 bench/sweep_shared_attention.py --out "$OUT" --budget 110 --tune-blocks
 else
     say "sweep: bench/sweep_shared_attention.py not found, skipped"
 fi
+
+step profile 60 python3 bench/profile_shared_attention.py
 
 # The benchmark stops starting variants at its --budget (the rows left are recorded as skipped) and
 # still writes its table, JSON and plot; 90 s are left after the budget for the variant in flight (a

@@ -344,14 +344,27 @@ def guarded(row, action):
     return row
 
 
-def block_sweep(args, results):
-    """Time the fused kernels under a few tile configs at B=32, H=12 (forward and backward separately)."""
+def block_sweep(args, results, over_budget):
+    """Time the fused kernels under a few tile configs at B=32, H=12 (forward and backward separately).
+
+    A fifth field False runs the partial last tile of the streamed side at full width (the default
+    narrows it: `_common.tail_width`), to measure what the narrow tail gives.
+    """
     from fastvit_style.kernels import _common
 
     default = _common.attention_blocks
-    fwd_configs = [(64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (32, 64, 4, 3)]
+    fwd_configs = [
+        (64, 64, 4, 3),
+        (64, 64, 4, 3, False),
+        (64, 32, 4, 3),
+        (128, 64, 8, 3),
+        (128, 32, 4, 3),
+        (32, 64, 4, 3),
+    ]
     bwd_configs = [  # (dkdv blocks, dq blocks)
         ((32, 64, 4, 2), (64, 32, 4, 2)),
+        ((32, 64, 4, 2), (64, 32, 4, 2, False)),
+        ((32, 64, 8, 2), (64, 32, 4, 2)),
         ((64, 64, 4, 2), (64, 64, 4, 2)),
         ((32, 128, 8, 2), (128, 32, 8, 2)),
         ((16, 64, 4, 2), (64, 16, 4, 2)),
@@ -368,6 +381,10 @@ def block_sweep(args, results):
             }
             _common.attention_blocks = lambda kernel, *rest, table=table: table[kernel]
             row = {"fwd_blocks": fwd, "dkdv_blocks": dkdv, "dq_blocks": dq}
+            if over_budget():
+                row["status"] = "skipped: time budget"
+                results.append(row)
+                continue
             results.append(guarded(row, lambda: run_method(p, fused, args)))
             print(f"  blocks fwd {fwd} dkdv {dkdv} dq {dq}: {_fmt(row)}")
     finally:
@@ -448,7 +465,7 @@ def main(argv=None):
 
     block_rows = []
     if args.tune_blocks:
-        block_sweep(args, block_rows)
+        block_sweep(args, block_rows, lambda: time.perf_counter() - start > args.budget + 30)
 
     os.makedirs(args.out, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
