@@ -38,6 +38,7 @@ def main(argv=None) -> int:
         print("no CUDA device: nothing to profile")
         return 1
     from fastvit_style.kernels import shared_attention_bwd, shared_attention_fwd
+
     from fastvit_style.ops.shared_attention import _inverse_kv_map, shared_attention_fwd_op
 
     B, H, T, d = args.batch, args.heads, 197, 64
@@ -63,7 +64,9 @@ def main(argv=None) -> int:
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | B={B} H={H} T={T} d={d} bf16")
     print(f"op through autograd, fwd+bwd: {per_call_ms(op):.3f} ms per call")
     print(f"launchers directly, fwd+bwd:  {per_call_ms(launchers):.3f} ms per call")
-    print(f"inverse map alone:            {per_call_ms(lambda: _inverse_kv_map(kv_index, 2 * B)):.3f} ms per call")
+    print(
+        f"inverse map alone:            {per_call_ms(lambda: _inverse_kv_map(kv_index, 2 * B)):.3f} ms per call"
+    )
 
     from torch.profiler import ProfilerActivity, profile
 

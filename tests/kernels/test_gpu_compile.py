@@ -26,6 +26,7 @@ def test_kernels_compile_for_sm90():
         text=True,
         env=env,
         timeout=600,
+        check=False,  # the assert below shows stderr
     )
     assert run.returncode == 0, run.stderr[-3000:]
     rows = json.loads(run.stdout)
