@@ -74,6 +74,24 @@ def tail_width(length: int, block: int, narrow: bool = True) -> int:
     return min(block, max(16, next_power_of_2(rest))) if narrow else block
 
 
+def launch_meta(blocks: Blocks, head_dim: int, streamed: int | None = None) -> dict:
+    """Compile-time arguments of an attention kernel launched with `blocks`: its constexprs and
+    num_warps/num_stages. streamed: the length of the axis the kernel streams in BLOCK_N tiles ending
+    in a TAIL_N tile, for kernels that take TAIL_N."""
+    meta = {
+        "HEAD_DIM": head_dim,
+        "BLOCK_M": blocks.block_m,
+        "BLOCK_N": blocks.block_n,
+        "BLOCK_D": block_d(head_dim),
+        "UPCAST": UPCAST_TILES,
+        "num_warps": blocks.num_warps,
+        "num_stages": blocks.num_stages,
+    }
+    if streamed is not None:
+        meta["TAIL_N"] = tail_width(streamed, blocks.block_n, blocks.narrow_tail)
+    return meta
+
+
 def _fit(blocks: Blocks, tq: int, tk: int) -> Blocks:
     """Shrink tiles to short sequences (down to 16, the smallest tl.dot side) so no tile is mostly padding."""
     return blocks._replace(

@@ -225,33 +225,11 @@ def kernel_configs(Tq: int, Tk: int, d: int, dtype: torch.dtype) -> dict:
     """{"bwd_dq" | "bwd_dkdv": (kernel, meta)}: the kernels the launcher runs at these sizes and dtype,
     in this order, and their compile-time arguments (constexprs, num_warps, num_stages). Also read by
     ahead-of-time compiles (`fastvit_style.benchmark.gpu_compile`)."""
-    head = {"HEAD_DIM": d, "BLOCK_D": _common.block_d(d)}
     dq = _common.attention_blocks("bwd_dq", Tq, Tk, d, dtype)
     dkdv = _common.attention_blocks("bwd_dkdv", Tq, Tk, d, dtype)
     return {
-        "bwd_dq": (
-            _shared_attention_bwd_dq_kernel,
-            {
-                **head,
-                "BLOCK_M": dq.block_m,
-                "BLOCK_N": dq.block_n,
-                "TAIL_N": _common.tail_width(Tk, dq.block_n, dq.narrow_tail),
-                "UPCAST": _common.UPCAST_TILES,
-                "num_warps": dq.num_warps,
-                "num_stages": dq.num_stages,
-            },
-        ),
-        "bwd_dkdv": (
-            _shared_attention_bwd_dkdv_kernel,
-            {
-                **head,
-                "BLOCK_M": dkdv.block_m,
-                "BLOCK_N": dkdv.block_n,
-                "UPCAST": _common.UPCAST_TILES,
-                "num_warps": dkdv.num_warps,
-                "num_stages": dkdv.num_stages,
-            },
-        ),
+        "bwd_dq": (_shared_attention_bwd_dq_kernel, _common.launch_meta(dq, d, streamed=Tk)),
+        "bwd_dkdv": (_shared_attention_bwd_dkdv_kernel, _common.launch_meta(dkdv, d)),
     }
 
 

@@ -131,16 +131,7 @@ def kernel_configs(Tq: int, Tk: int, d: int, dtype: torch.dtype) -> dict:
     compile-time arguments (constexprs, num_warps, num_stages). Also read by ahead-of-time compiles
     (`fastvit_style.benchmark.gpu_compile`)."""
     blocks = _common.attention_blocks("fwd", Tq, Tk, d, dtype)
-    meta = {
-        "HEAD_DIM": d,
-        "BLOCK_M": blocks.block_m,
-        "BLOCK_N": blocks.block_n,
-        "TAIL_N": _common.tail_width(Tk, blocks.block_n, blocks.narrow_tail),
-        "BLOCK_D": _common.block_d(d),
-        "UPCAST": _common.UPCAST_TILES,
-        "num_warps": blocks.num_warps,
-        "num_stages": blocks.num_stages,
-    }
+    meta = _common.launch_meta(blocks, d, streamed=Tk)
     return {"fwd": (_shared_attention_fwd_kernel, meta)}
 
 

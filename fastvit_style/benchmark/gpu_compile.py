@@ -64,11 +64,10 @@ def _resources(cubin: bytes) -> dict:
             f.write(cubin)
         usage = subprocess.run(
             [_cuda_tool("cuobjdump"), "-res-usage", path], capture_output=True, text=True, check=True
-        )
+        ).stdout
         sass = subprocess.run(
             [_cuda_tool("nvdisasm"), path], capture_output=True, text=True, check=True
         ).stdout
-        usage = usage.stdout
     return {
         "registers": int(re.search(r"REG:(\d+)", usage).group(1)),
         "spill_stack_bytes": int(re.search(r"STACK:(\d+)", usage).group(1)),
