@@ -8,8 +8,9 @@
 # (the commit is recorded in the JSON: the copy on the GPU machine has no .git to read it from)
 #
 # OUTDIR stays flat and small (a device call brings back at most 8 files): the bench JSON and PNG,
-# the sweep JSON, the micro-benchmark JSON and logs.tar.gz (one log per step). Every step has its own
-# timeout, cut to the time left, and a failing step does not stop the next one.
+# the two sweep JSONs (do_bench, CUDA graphs), the profile JSON, the micro-benchmark JSON and
+# logs.tar.gz (one log per step). Every step has its own timeout, cut to the time left, and a failing
+# step does not stop the next one.
 set -u
 OUT=${1:?usage: bash bench/gpu_check.sh OUTDIR}
 TOTAL=${GPU_CHECK_SECONDS:-540}  # the device tool stops a command at 600 s
@@ -67,11 +68,14 @@ step tests 150 python3 -m pytest tests -m gpu -q -p no:cacheprovider
 
 if [[ -f bench/sweep_shared_attention.py ]]; then
     step sweep 170 python3 bench/sweep_shared_attention.py --out "$OUT" --budget 110 --tune-blocks
+    # The same methods replayed from CUDA graphs at H=12: kernel time without host cost, next to the above.
+    step sweep-graphs 70 python3 bench/sweep_shared_attention.py --out "$OUT" --cuda-graphs --heads 12 \
+        --flex-heads --budget 40
 else
     say "sweep: bench/sweep_shared_attention.py not found, skipped"
 fi
 
-step profile 60 python3 bench/profile_shared_attention.py
+step profile 40 python3 bench/profile_shared_attention.py --out "$OUT"
 
 # The benchmark stops starting variants at its --budget (the rows left are recorded as skipped) and
 # still writes its table, JSON and plot; 90 s are left after the budget for the variant in flight (a

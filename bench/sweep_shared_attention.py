@@ -6,8 +6,10 @@
 Workload: the model's per-layer call in bf16, d=64, T=197: 3B query sequences [content; style;
 stylized] over 2B K/V sequences [content; style], kv_index = [0..B-1, B..2B-1, B..2B-1], for
 heads 3/6/12 (tiny/small/base) and B in 8/32/64/128. Methods:
-  fused            the Triton kernels through the custom op (as the compiled model calls them)
-  fused-api        the public eager function (input checks, one host sync for the kv_index range)
+  fused            the Triton kernels through the custom op and its autograd (the op compiled
+                   graphs call)
+  fused-api        the public function, as eager code calls it: input checks, one host sync per
+                   kv_index map for its range, then the kernels without the custom op's dispatch
   sdpa-dup-X       SDPA backend X with K/V already duplicated per query sequence
   sdpa-gather-X    as a user must run it: gather K/V by kv_index, SDPA, index_add of dK/dV
   xformers-dup / xformers-gather   memory_efficient_attention, the same two ways
@@ -16,7 +18,9 @@ Every method is checked against an fp32 evaluation before it is timed (errors re
 largest reference value; rows beyond 2e-2 / 5e-2 are marked WRONG); failures and OOM are
 recorded per row. Times are the median
 (p20, p80 kept) of triton.testing.do_bench; the forward is timed under no_grad, fwd+bwd is one
-forward and one backward. FLOPs: forward 4 Sq H Tq Tk d, backward 2.5x the forward (FA convention).
+forward and one backward. do_bench times each call as the host issues it, host cost included where
+the host is the slower side; --cuda-graphs replays every method from a CUDA graph instead (device
+time only), which tells a slow kernel from a slow launch path. FLOPs: forward 4 Sq H Tq Tk d, backward 2.5x the forward (FA convention).
 """
 
 import argparse
@@ -69,6 +73,12 @@ def parse_args(argv=None):
         "--tune-blocks",
         action="store_true",
         help="also time a few tile configs of the fused kernels at B=32, H=12",
+    )
+    p.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="time each method replayed from a CUDA graph (triton.testing.do_bench_cudagraph): device "
+        "time without the host's launch and dispatch cost, and without do_bench's L2 flush",
     )
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit (no GPU needed)")
     return p.parse_args(argv)
@@ -316,9 +326,14 @@ def run_method(p, builder, args):
         fn().backward(p.do)
 
     for key, step, backward in (("fwd", forward, False), ("fwd_bwd", forward_backward, True)):
-        median, p20, p80 = triton.testing.do_bench(
-            step, warmup=args.warmup, rep=args.rep, grad_to_none=list(leaves), quantiles=[0.5, 0.2, 0.8]
-        )
+        if args.cuda_graphs:
+            median, p20, p80 = triton.testing.do_bench_cudagraph(
+                step, rep=args.rep, grad_to_none=list(leaves), quantiles=[0.5, 0.2, 0.8]
+            )
+        else:
+            median, p20, p80 = triton.testing.do_bench(
+                step, warmup=args.warmup, rep=args.rep, grad_to_none=list(leaves), quantiles=[0.5, 0.2, 0.8]
+            )
         flops = attention_flops(p.Sq, p.H, T, T, D, backward)
         row.update(
             {
@@ -470,7 +485,8 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     device = env["device"].replace(" ", "_")
-    path = os.path.join(args.out, f"{stamp}_{device}_shared_attention.json")
+    kind = "shared_attention_graphs" if args.cuda_graphs else "shared_attention"
+    path = os.path.join(args.out, f"{stamp}_{device}_{kind}.json")
     write_json(path, {"env": env, "args": vars(args), "rows": rows, "block_sweep": block_rows})
     print_table(rows)
     print(f"\nwrote {path} in {time.perf_counter() - start:.0f} s")

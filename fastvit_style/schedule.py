@@ -41,6 +41,8 @@ def encode(enc, x: torch.Tensor, x_style: torch.Tensor | None, attend, keep_cont
         content = enc.embed(torch.cat([x, x_style]))
         self_index, style_index = torch.arange(2 * B, device=x.device, dtype=torch.int32), own + B
     A = content[:B]
+    # One map object for every layer: the attention op inverts each map once, not once per layer.
+    layer_index = torch.cat([self_index, style_index])
 
     depth = len(enc.blocks)
     for i, blk in enumerate(enc.blocks):
@@ -48,7 +50,7 @@ def encode(enc, x: torch.Tensor, x_style: torch.Tensor | None, attend, keep_cont
         if last and not keep_content:  # only Y^{D-1} is read: stylized queries against the style context
             ctx, q_in, index = content[-B:], A, nxt if rolled else own
         else:
-            ctx, q_in, index = content, torch.cat([content, A]), torch.cat([self_index, style_index])
+            ctx, q_in, index = content, torch.cat([content, A]), layer_index
         if last:
             q_in = q_in[:, 1:]
         out = block_forward(blk, q_in, ctx, index, attend)

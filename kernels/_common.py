@@ -1,5 +1,6 @@
 """Flags and heuristics shared by the Triton kernels: interpreter mode, supported dtypes, block sizes."""
 
+import functools
 import os
 from typing import NamedTuple
 
@@ -28,6 +29,11 @@ class Blocks(NamedTuple):
     # The partial last tile of the streamed axis runs only as wide as it needs (see `tail_width`);
     # False runs it at full width, masked, as a plain loop would.
     narrow_tail: bool = True
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints (triton.cdiv costs several microseconds of host time per call)."""
+    return -(-a // b)
 
 
 def next_power_of_2(n: int) -> int:
@@ -90,6 +96,26 @@ def launch_meta(blocks: Blocks, head_dim: int, streamed: int | None = None) -> d
     if streamed is not None:
         meta["TAIL_N"] = tail_width(streamed, blocks.block_n, blocks.narrow_tail)
     return meta
+
+
+def memoize_per_shape(kernel_configs):
+    """Decorate a kernel file's kernel_configs(Tq, Tk, d, dtype) to compute it once per shape, dtype and
+    block heuristic in force (tests and the sweep replace `attention_blocks`): launchers call it on
+    every launch, and building it costs more host time than the launch. Callers read the shared
+    result and never change it."""
+    cache = {}
+
+    @functools.wraps(kernel_configs)
+    def memoized(Tq: int, Tk: int, d: int, dtype: torch.dtype) -> dict:
+        key = (attention_blocks, Tq, Tk, d, dtype)
+        configs = cache.get(key)
+        if configs is None:
+            if len(cache) >= 256:  # a sweep makes a new heuristic per config: keep the cache bounded
+                cache.clear()
+            configs = cache[key] = kernel_configs(Tq, Tk, d, dtype)
+        return configs
+
+    return memoized
 
 
 def _fit(blocks: Blocks, tq: int, tk: int) -> Blocks:

@@ -221,6 +221,7 @@ def _shared_attention_bwd_dq_kernel(
 # fmt: on
 
 
+@_common.memoize_per_shape
 def kernel_configs(Tq: int, Tk: int, d: int, dtype: torch.dtype) -> dict:
     """{"bwd_dq" | "bwd_dkdv": (kernel, meta)}: the kernels the launcher runs at these sizes and dtype,
     in this order, and their compile-time arguments (constexprs, num_warps, num_stages). Also read by
@@ -278,13 +279,13 @@ def shared_attention_bwd(
 
     # fmt: off
     kernel, meta = kernels["bwd_dq"]
-    kernel[(triton.cdiv(Tq, meta["BLOCK_M"]), Sq * H)](
+    kernel[(_common.cdiv(Tq, meta["BLOCK_M"]), Sq * H)](
         q, k, v, out, do, lse, delta, kv_index, dq,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *do.stride(), *dq.stride(),
         H, Tq, Tk, scale, qk_scale, **meta,
     )
     kernel, meta = kernels["bwd_dkdv"]
-    kernel[(triton.cdiv(Tk, meta["BLOCK_N"]), Skv * H)](
+    kernel[(_common.cdiv(Tk, meta["BLOCK_N"]), Skv * H)](
         q, k, v, do, lse, delta, kv_offsets, kv_queries, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         H, Tq, Tk, scale, qk_scale, **meta,

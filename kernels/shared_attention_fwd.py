@@ -126,6 +126,7 @@ def _shared_attention_fwd_kernel(
 # fmt: on
 
 
+@_common.memoize_per_shape
 def kernel_configs(Tq: int, Tk: int, d: int, dtype: torch.dtype) -> dict:
     """{"fwd": (kernel, meta)}: the kernel the launcher runs at these sizes and dtype, and its
     compile-time arguments (constexprs, num_warps, num_stages). Also read by ahead-of-time compiles
@@ -153,7 +154,7 @@ def shared_attention_fwd(
     if out.numel() == 0:
         return out, lse
     kernel, meta = kernel_configs(Tq, Tk, d, q.dtype)["fwd"]
-    grid = (triton.cdiv(Tq, meta["BLOCK_M"]), Sq * H)
+    grid = (_common.cdiv(Tq, meta["BLOCK_M"]), Sq * H)
     # fmt: off
     kernel[grid](
         q, k, v, kv_index, out, lse,

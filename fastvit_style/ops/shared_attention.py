@@ -7,11 +7,12 @@ when the Triton backend runs.
 """
 
 import importlib.util
-import weakref
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from ._index_maps import cached_inverse_kv_map, check_index_range, inverse_kv_map
 from ._torch_impl import shared_attention_torch
 from ._xformers_impl import shared_attention_xformers, xformers_unavailable_reason
 
@@ -42,7 +43,8 @@ def shared_attention(
     int32/int64 on the same device, values in [0, Skv); several query sequences may share a K/V
     sequence and some K/V sequences may be unused. Tq may differ from Tk. scale defaults to d**-0.5.
     The range of kv_index is checked in eager mode only (one device sync per new or edited map),
-    never under torch.compile: there an out-of-range entry is undefined behaviour.
+    never under torch.compile or CUDA graph capture: there an out-of-range entry is undefined
+    behaviour.
     Under autocast, q/k/v are first cast to the autocast dtype (as SDPA does).
 
     backend: "triton" (fused kernels; CUDA tensors, or CPU tensors with TRITON_INTERPRET=1),
@@ -66,7 +68,7 @@ def shared_attention(
         return shared_attention_torch(q, k, v, kv_index, scale)
     if backend == "xformers":
         return shared_attention_xformers(q, k, v, kv_index, scale)
-    return shared_attention_fwd_op(q, k, v, kv_index, scale)[0]
+    return _triton_attention(q, k, v, kv_index, scale)
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, kv_index: Tensor, check_index: bool = True) -> None:
@@ -98,23 +100,7 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, kv_index: Tensor, check_index
         raise ValueError(f"k and v need at least one key (Tk >= 1) when Sq > 0, got Tk={Tk}")
     # Reading kv_index syncs the device and would break the graph: eager mode only.
     if check_index and Sq > 0 and not torch.compiler.is_compiling():
-        _check_index_range(kv_index, Skv)
-
-
-# The last kv_index found in range: (weak reference, version counter, Skv). Every layer of a model
-# call passes the same map, so one device sync per map is enough rather than one per call.
-_checked_index = (None, -1, -1)
-
-
-def _check_index_range(kv_index: Tensor, Skv: int) -> None:
-    global _checked_index
-    ref, version, checked_skv = _checked_index
-    if ref is not None and ref() is kv_index and version == kv_index._version and checked_skv == Skv:
-        return
-    lo, hi = torch.stack([kv_index.min(), kv_index.max()]).tolist()
-    if lo < 0 or hi >= Skv:
-        raise ValueError(f"kv_index values must lie in [0, Skv={Skv}), got min {lo} and max {hi}")
-    _checked_index = (weakref.ref(kv_index), kv_index._version, Skv)
+        check_index_range(kv_index, Skv)
 
 
 def _resolve_backend(backend: str, q: Tensor) -> str:
@@ -172,15 +158,36 @@ def triton_unavailable_reason(
     return None
 
 
+def _triton_forward(q: Tensor, k: Tensor, v: Tensor, kv_index: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    from ..kernels import shared_attention_fwd
+
+    return shared_attention_fwd(q, k, v, kv_index, scale)
+
+
+def _triton_backward(
+    do: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    kv_index: Tensor,
+    scale: float,
+    invert=inverse_kv_map,
+) -> tuple[Tensor, Tensor, Tensor]:
+    from ..kernels import shared_attention_bwd
+
+    kv_offsets, kv_queries = invert(kv_index, k.shape[0])
+    return shared_attention_bwd(do, q, k, v, out, lse, kv_index, kv_offsets, kv_queries, scale)
+
+
 @torch.library.custom_op("fastvit_style::shared_attention_fwd", mutates_args=())
 def shared_attention_fwd_op(
     q: Tensor, k: Tensor, v: Tensor, kv_index: Tensor, scale: float
 ) -> tuple[Tensor, Tensor]:
     """Triton forward. Returns out (Sq, Tq, H, d) contiguous in q's dtype and lse (Sq, H, Tq) fp32,
     the row log-sum-exp of the scaled logits in base 2 (log2(e) times the natural one)."""
-    from ..kernels import shared_attention_fwd
-
-    return shared_attention_fwd(q, k, v, kv_index, scale)
+    return _triton_forward(q, k, v, kv_index, scale)
 
 
 @shared_attention_fwd_op.register_fake
@@ -194,26 +201,12 @@ def shared_attention_bwd_op(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, kv_index: Tensor, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Triton backward. Returns dq (Sq, Tq, H, d) and dk, dv (Skv, Tk, H, d), contiguous, in q's dtype."""
-    from ..kernels import shared_attention_bwd
-
-    kv_offsets, kv_queries = _inverse_kv_map(kv_index, k.shape[0])
-    return shared_attention_bwd(do, q, k, v, out, lse, kv_index, kv_offsets, kv_queries, scale)
+    return _triton_backward(do, q, k, v, out, lse, kv_index, scale)
 
 
 @shared_attention_bwd_op.register_fake
 def _(do, q, k, v, out, lse, kv_index, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def _inverse_kv_map(kv_index: Tensor, num_kv: int) -> tuple[Tensor, Tensor]:
-    """kv_index (Sq,) inverted in CSR form, with shapes fixed by (Sq, Skv) alone.
-
-    Returns kv_offsets (Skv + 1,) int64 and kv_queries (Sq,) int64: the query sequences reading
-    K/V sequence j are kv_queries[kv_offsets[j]:kv_offsets[j + 1]], in increasing order.
-    """
-    kv_queries = torch.argsort(kv_index, stable=True)
-    bounds = torch.arange(num_kv + 1, dtype=kv_index.dtype, device=kv_index.device)
-    return torch.searchsorted(kv_index[kv_queries], bounds), kv_queries
 
 
 def _setup_context(ctx, inputs, output):
@@ -224,10 +217,52 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def _backward(ctx, dout, _dlse):
-    q, k, v, kv_index, out, lse = ctx.saved_tensors
-    dq, dk, dv = shared_attention_bwd_op(dout, q, k, v, out, lse, kv_index, ctx.scale)
-    return dq, dk, dv, None, None
+def _backward_through(backward_fn):
+    """The autograd formula, given the function that computes (dq, dk, dv)."""
+
+    def backward(ctx, dout, _dlse):
+        q, k, v, kv_index, out, lse = ctx.saved_tensors
+        dq, dk, dv = backward_fn(dout, q, k, v, out, lse, kv_index, ctx.scale)
+        return dq, dk, dv, None, None
+
+    return backward
 
 
-shared_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+shared_attention_fwd_op.register_autograd(
+    _backward_through(shared_attention_bwd_op), setup_context=_setup_context
+)
+
+
+def _eager_backward(do, q, k, v, out, lse, kv_index, scale):
+    if torch.is_grad_enabled():
+        # create_graph=True: through the custom op, whose missing formula makes a second backward
+        # raise, as on the compiled path, rather than return nothing.
+        return shared_attention_bwd_op(do, q, k, v, out, lse, kv_index, scale)
+    return _triton_backward(do, q, k, v, out, lse, kv_index, scale, invert=cached_inverse_kv_map)
+
+
+class _EagerTritonAttention(torch.autograd.Function):
+    """The custom ops' autograd without their dispatch, for eager calls on plain tensors.
+
+    torch.compile needs the custom ops, but in eager mode their dispatch (the op, its autograd
+    wrapper, the backward op) costs more host time than the three kernel launches it wraps; see
+    `bench/profile_shared_attention.py --host`. Both run the same launchers.
+    """
+
+    # forward(ctx, ...) rather than a separate setup_context: with one, every apply() binds its
+    # arguments through inspect.signature, tens of microseconds.
+    @staticmethod
+    def forward(ctx, q, k, v, kv_index, scale):
+        output = _triton_forward(q, k, v, kv_index, scale)
+        _setup_context(ctx, (q, k, v, kv_index, scale), output)
+        return output
+
+    backward = staticmethod(_backward_through(_eager_backward))
+
+
+def _triton_attention(q: Tensor, k: Tensor, v: Tensor, kv_index: Tensor, scale: float) -> Tensor:
+    # Anything tracing the call (dynamo, make_fx, fake or functional tensors) must see the custom op.
+    traced = torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+    if traced or any(type(t) is not Tensor for t in (q, k, v, kv_index)):
+        return shared_attention_fwd_op(q, k, v, kv_index, scale)[0]
+    return _EagerTritonAttention.apply(q, k, v, kv_index, scale)[0]

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fastvit_style.ops._torch_impl import shared_attention_torch
-from fastvit_style.ops.shared_attention import _inverse_kv_map
+from fastvit_style.ops._index_maps import inverse_kv_map
 
 LAYOUTS = ("projection", "contiguous", "transposed")
 
@@ -54,7 +54,7 @@ def reference(q, k, v, kv_index, do, scale):
 
 def run_kernels(q, k, v, kv_index, do, scale):
     out, lse = shared_attention_fwd(q, k, v, kv_index, scale)
-    kv_offsets, kv_queries = _inverse_kv_map(kv_index, k.shape[0])
+    kv_offsets, kv_queries = inverse_kv_map(kv_index, k.shape[0])
     return (out, lse, *shared_attention_bwd(do, q, k, v, out, lse, kv_index, kv_offsets, kv_queries, scale))
 
 
@@ -253,7 +253,7 @@ def test_launcher_errors(changes, message, device):
 def test_backward_launcher_errors(device):
     q, k, v, kv_index, do = make_inputs(2, 2, 5, 6, 2, 32, [1, 0], torch.float32, device)
     out, lse = shared_attention_fwd(q, k, v, kv_index, 0.2)
-    kv_offsets, kv_queries = _inverse_kv_map(kv_index, 2)
+    kv_offsets, kv_queries = inverse_kv_map(kv_index, 2)
     with pytest.raises(ValueError, match=r"lse must have shape \(2, 2, 5\), got \(2, 5, 2\)"):
         shared_attention_bwd(do, q, k, v, out, lse.transpose(1, 2), kv_index, kv_offsets, kv_queries, 0.2)
     with pytest.raises(ValueError, match=r"kv_offsets must have shape \(3,\)"):

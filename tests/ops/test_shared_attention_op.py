@@ -155,6 +155,98 @@ def test_compile_fullgraph(backend_device):
         assert rel_err(a, e) <= 1e-5
 
 
+@pytest.mark.parametrize(
+    "backend_device",
+    [
+        pytest.param(("triton", "cpu"), id="triton-cpu"),
+        pytest.param(("triton", "cuda"), id="triton-cuda", marks=pytest.mark.gpu),
+    ],
+    indirect=True,
+)
+def test_eager_path_skips_the_custom_ops_and_matches_them(backend_device, monkeypatch):
+    """Eager calls on plain tensors run the same launchers without the custom ops' dispatch (host
+    time); the numbers are those of the custom ops, bit for bit. A double backward raises, as it does
+    through the custom ops (never a silent None)."""
+    _, device = backend_device
+    q, k, v, kv_index = make_inputs(6, 4, 13, 14, 2, 32, [0, 1, 2, 3, 2, 3], device=device)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(device)
+    via_op = op_module.shared_attention_fwd_op(q, k, v, kv_index, 32**-0.5)[0]
+    expected = (via_op, *torch.autograd.grad(via_op, (q, k, v), do))
+
+    def no_custom_op(*args):
+        raise AssertionError("the eager path called the custom op")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(op_module, "shared_attention_fwd_op", no_custom_op)
+        patch.setattr(op_module, "shared_attention_bwd_op", no_custom_op)
+        out = shared_attention(q, k, v, kv_index, backend="triton")
+        for a, e in zip((out, *torch.autograd.grad(out, (q, k, v), do)), expected):
+            assert torch.equal(a, e)
+    for do_requires_grad in (False, True):
+        out = shared_attention(q, k, v, kv_index, backend="triton")
+        dq = torch.autograd.grad(out, q, do.requires_grad_(do_requires_grad), create_graph=True)[0]
+        with pytest.raises(RuntimeError, match="no autograd formula was registered"):
+            torch.autograd.grad(dq.sum(), q, allow_unused=True)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_reads_the_current_map():
+    """Eager calls captured in a CUDA graph: nothing derived from kv_index before the capture (range
+    check, inverse map) is reused, so a replay after the map is edited in place follows the new map."""
+    from fastvit_style.kernels import INTERPRET
+
+    if not torch.cuda.is_available() or INTERPRET:
+        pytest.skip("needs a CUDA device and TRITON_INTERPRET unset")
+    q, k, v, kv_index = make_inputs(4, 3, 20, 20, 2, 32, [0, 1, 2, 2], device="cuda")
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    do = torch.randn(q.shape, device="cuda")
+
+    def step():
+        out = shared_attention(q, k, v, kv_index, backend="triton")
+        return (out, *torch.autograd.grad(out, (q, k, v), do))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as torch.cuda.graph asks
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    kv_index.copy_(torch.tensor([2, 2, 0, 1], dtype=torch.int32))
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, e in zip(captured, step()):
+        assert torch.equal(a, e)
+
+
+def test_tracing_sees_the_custom_op():
+    """Under a dispatch mode (fake tensors here; make_fx and export alike) the call must be the custom
+    op, whose fake implementation gives the shapes: the eager path would launch on fake tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q, k, v = torch.empty(3, 9, 2, 32), torch.empty(2, 10, 2, 32), torch.empty(2, 10, 2, 32)
+        out = shared_attention(
+            q, k, v, torch.zeros(3, dtype=torch.int32), backend="triton", check_index=False
+        )
+    assert out.shape == (3, 9, 2, 32)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_inference_mode(backend):
+    """Inference tensors have no version counter: the once-per-map range check must not need one."""
+    q, k, v, kv_index = make_inputs(3, 2, 9, 9, 2, 32, [1, 0, 1])
+    expected = shared_attention(q, k, v, kv_index, backend=backend)
+    with torch.inference_mode():
+        inference_index = kv_index.clone()
+        out = shared_attention(q, k, v, inference_index, backend=backend)
+        with pytest.raises(ValueError, match=r"\[0, Skv=2\), got min 1 and max 2"):
+            shared_attention(q, k, v, inference_index + 1, backend=backend)
+    assert torch.equal(out, expected)
+
+
 def test_auto_backend_on_cpu_is_torch(monkeypatch):
     """'auto' never runs Triton on CPU tensors, interpreter or not; it also takes float64."""
     monkeypatch.setattr(op_module, "shared_attention_fwd_op", None)
