@@ -1,18 +1,24 @@
 #!/usr/bin/env bash
 # One call on a bare H100/H200 machine (torch and triton installed, nothing downloadable, this
-# package not installed): the GPU tests, the shared-attention sweep, the end-to-end benchmark and the
-# micro-benchmarks, in under 9 minutes in all. Run from anywhere:
+# package not installed), under 9 minutes. Run from anywhere:
 #
-#   FASTVIT_STYLE_GIT_COMMIT=<commit> bash bench/gpu_check.sh OUTDIR
+#   FASTVIT_STYLE_GIT_COMMIT=<commit> bash bench/gpu_check.sh OUTDIR [all|kernels|model]
 #
 # (the commit is recorded in the JSON: the copy on the GPU machine has no .git to read it from)
+#   all      (default) GPU tests, shared-attention sweep, host/device profile, end-to-end benchmark
+#            (what time is left), micro-benchmarks: everything once, when one call is all there is
+#   kernels  GPU tests, the sweep with tile configs, the sweep again replayed from CUDA graphs,
+#            the profile, micro-benchmarks
+#   model    the end-to-end benchmark of base with the whole call to itself: compiled variants
+#            included (the training targets of issue 5 compare against official bf16 + compile)
 #
 # OUTDIR stays flat and small (a device call brings back at most 8 files): the bench JSON and PNG,
-# the two sweep JSONs (do_bench, CUDA graphs), the profile JSON, the micro-benchmark JSON and
-# logs.tar.gz (one log per step). Every step has its own timeout, cut to the time left, and a failing
-# step does not stop the next one.
+# the sweep JSONs, the profile JSON, the micro-benchmark JSON and logs.tar.gz (one log per step).
+# Every step has its own timeout, cut to the time left, and a failing step does not stop the next one.
 set -u
-OUT=${1:?usage: bash bench/gpu_check.sh OUTDIR}
+OUT=${1:?usage: bash bench/gpu_check.sh OUTDIR [all|kernels|model]}
+PART=${2:-all}
+case $PART in all | kernels | model) ;; *) echo "part must be all, kernels or model, got $PART" >&2; exit 2 ;; esac
 TOTAL=${GPU_CHECK_SECONDS:-540}  # the device tool stops a command at 600 s
 START=$SECONDS
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
@@ -64,30 +70,40 @@ step env 60 bash -c 'nvidia-smi; python3 -m fastvit_style.info; python3 -c "
 import os, triton
 print(\"TRITON_INTERPRET =\", os.environ.get(\"TRITON_INTERPRET\"), \"-> interpreter on:\", triton.knobs.runtime.interpret)"'
 
-step tests 150 python3 -m pytest tests -m gpu -q -p no:cacheprovider
-
-if [[ -f bench/sweep_shared_attention.py ]]; then
+if [[ $PART != model ]]; then
+    step tests 150 python3 -m pytest tests -m gpu -q -p no:cacheprovider
     step sweep 170 python3 bench/sweep_shared_attention.py --out "$OUT" --budget 110 --tune-blocks
-    # The same methods replayed from CUDA graphs at H=12: kernel time without host cost, next to the above.
-    step sweep-graphs 70 python3 bench/sweep_shared_attention.py --out "$OUT" --cuda-graphs --heads 12 \
-        --flex-heads --budget 40
-else
-    say "sweep: bench/sweep_shared_attention.py not found, skipped"
 fi
-
-step profile 40 python3 bench/profile_shared_attention.py --out "$OUT"
+if [[ $PART == kernels ]]; then
+    # The same methods replayed from CUDA graphs: kernel time without host cost, next to the above.
+    step sweep-graphs 150 python3 bench/sweep_shared_attention.py --out "$OUT" --cuda-graphs --heads 3 12 \
+        --flex-heads --budget 100
+fi
+if [[ $PART != model ]]; then
+    step profile 40 python3 bench/profile_shared_attention.py --out "$OUT"
+fi
 
 # The benchmark stops starting variants at its --budget (the rows left are recorded as skipped) and
 # still writes its table, JSON and plot; 90 s are left after the budget for the variant in flight (a
 # compile takes about 60 s). Eager variants all run first (about 100 s on an H100), then the compiled
 # ones in this order: reference and Triton in bf16, stylize then train on base first.
-BENCH_CAP=$(($(left) - 30))
-step bench "$BENCH_CAP" python3 -m fastvit_style.cli bench --out "$OUT" --backbones base,tiny \
-    --workloads stylize,train,augment,tta --dtypes fp32,bf16 --compile-backends reference,triton \
-    --compile-dtypes bf16 --budget $((BENCH_CAP > 90 ? BENCH_CAP - 90 : 0))
+if [[ $PART == all ]]; then
+    BENCH_CAP=$(($(left) - 30))
+    step bench "$BENCH_CAP" python3 -m fastvit_style.cli bench --out "$OUT" --backbones base,tiny \
+        --workloads stylize,train,augment,tta --dtypes fp32,bf16 --compile-backends reference,triton \
+        --compile-dtypes bf16 --budget $((BENCH_CAP > 90 ? BENCH_CAP - 90 : 0))
+elif [[ $PART == model ]]; then
+    BENCH_CAP=$(left)
+    # Training first: its compiled variants are the ones the open targets need.
+    step bench "$BENCH_CAP" python3 -m fastvit_style.cli bench --out "$OUT" --backbones base \
+        --workloads train,stylize,tta,augment --dtypes fp32,bf16 --compile-backends reference,triton,torch \
+        --compile-dtypes bf16 --budget $((BENCH_CAP > 90 ? BENCH_CAP - 90 : 0))
+fi
 
-step microbench 40 python3 -m pytest bench -q -p no:cacheprovider --benchmark-only \
-    --benchmark-json "$OUT/microbench.json"
+if [[ $PART != model ]]; then
+    step microbench 40 python3 -m pytest bench -q -p no:cacheprovider --benchmark-only \
+        --benchmark-json "$OUT/microbench.json"
+fi
 
 say "done; files in $OUT:"
 ls -la "$OUT" | tee -a "$LOGS/gpu_check.log"
