@@ -8,7 +8,7 @@
 #   all      (default) GPU tests, shared-attention sweep, host/device profile, end-to-end benchmark
 #            (what time is left), micro-benchmarks: everything once, when one call is all there is
 #   kernels  GPU tests, the sweep with tile configs, the sweep again replayed from CUDA graphs,
-#            the profile, micro-benchmarks
+#            the profile, a torch.profiler table of one base bf16 training step, micro-benchmarks
 #   model    the end-to-end benchmark of base with the whole call to itself: compiled variants
 #            included (the training targets of issue 5 compare against official bf16 + compile)
 #
@@ -76,11 +76,15 @@ if [[ $PART != model ]]; then
 fi
 if [[ $PART == kernels ]]; then
     # The same methods replayed from CUDA graphs: kernel time without host cost, next to the above.
-    step sweep-graphs 150 python3 bench/sweep_shared_attention.py --out "$OUT" --cuda-graphs --heads 3 12 \
-        --flex-heads --budget 100
+    step sweep-graphs 100 python3 bench/sweep_shared_attention.py --out "$OUT" --cuda-graphs --heads 3 12 \
+        --flex-heads --budget 60
 fi
 if [[ $PART != model ]]; then
     step profile 40 python3 bench/profile_shared_attention.py --out "$OUT"
+fi
+if [[ $PART == kernels ]]; then
+    step train-profile 60 python3 bench/train_cpu.py --device cuda --backbone base --bf16 --batch 32 \
+        --steps 2 --profile
 fi
 
 # The benchmark stops starting variants at its --budget (the rows left are recorded as skipped) and

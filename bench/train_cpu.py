@@ -3,13 +3,16 @@
     python bench/train_cpu.py                                                  # tiny, 224 px, B=4, CPU
     python bench/train_cpu.py --input-size 64 --steps 3                        # quicker CPU check
     python bench/train_cpu.py --device cuda --backbone base --bf16 --batch 32 --out train.json
+    python bench/train_cpu.py --device cuda --backbone base --bf16 --batch 32 --profile   # where it goes
 
 One step = what the trainer runs per micro-batch and optimizer step (fastvit_style.train): forward
 with x_style = roll(x) and the 70/1/7/10 loss (under bf16 autocast with --bf16), backward, clip at
 1.0, AdamW. Both paths share the same process, weights and batch (random normalized images): "fast"
 is the default backend (the exact shortcuts of shared doc 3.6: VGG on 3 instead of 5 batches, no
 style stream), "reference" the official computation. The paths alternate step by step; times are
-the median of --steps steps after --warmup. CPU numbers are noisy on shared machines.
+the median of --steps steps after --warmup. CPU numbers are noisy on shared machines. --profile
+then runs two more fast steps under torch.profiler and prints its operators by self time on the
+device (by host time on CPU), and the largest kernels: what a faster training step would have to cut.
 """
 
 import argparse
@@ -34,6 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--out", default=None, help="JSON file for the results")
+    p.add_argument("--profile", action="store_true", help="then profile two fast steps (torch.profiler)")
     return p.parse_args(argv)
 
 
@@ -102,7 +106,27 @@ def main(argv=None) -> dict:
         from fastvit_style.atomic import write_json
 
         write_json(args.out, report)
+    if args.profile:
+        profile_steps(steppers["fast"], x, device)
     return report
+
+
+def profile_steps(stepper: Stepper, x: torch.Tensor, device: torch.device, steps: int = 2) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            stepper.step(x)
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    print(f"\n{steps} fast steps, operators by {sort}:")
+    print(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=60))
+    if cuda:
+        print(f"\n{steps} fast steps, operators by host time (the launch side):")
+        print(
+            prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60)
+        )
 
 
 if __name__ == "__main__":
