@@ -158,5 +158,7 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv
         raise ValueError(
             f"head dim d={d} unsupported by the Triton kernels (need {MIN_HEAD_DIM} <= d <= {MAX_HEAD_DIM})"
         )
-    if Sq > 0 and Tk < 1:
-        raise ValueError(f"k and v need at least one key (Tk >= 1) when Sq > 0, got Tk={Tk}")
+    if Sq > 0 and (Skv < 1 or Tk < 1):
+        raise ValueError(
+            f"k and v need at least one sequence and key (Skv, Tk >= 1) when Sq > 0, got Skv={Skv}, Tk={Tk}"
+        )

@@ -159,7 +159,7 @@ def _shared_attention_bwd_dq_kernel(
     stride_os, stride_ot, stride_oh, stride_od,
     stride_dos, stride_dot, stride_doh, stride_dod,
     stride_dqs, stride_dqt, stride_dqh, stride_dqd,
-    H, Tq, Tk, scale,
+    H, Skv, Tq, Tk, scale,
     qk_scale,  # scale * log2(e)
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -174,7 +174,8 @@ def _shared_attention_bwd_dq_kernel(
     i_sh = tl.program_id(1)
     i_s = (i_sh // H).to(tl.int64)
     i_h = i_sh % H
-    i_kv = tl.load(KV_INDEX + i_s).to(tl.int64)
+    # Clamped: an unchecked out-of-range map (compiled path) reads a wrong sequence, never outside K/V.
+    i_kv = tl.minimum(tl.maximum(tl.load(KV_INDEX + i_s).to(tl.int64), 0), Skv - 1)
 
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, BLOCK_D)
@@ -282,7 +283,7 @@ def shared_attention_bwd(
     kernel[(_common.cdiv(Tq, meta["BLOCK_M"]), Sq * H)](
         q, k, v, out, do, lse, delta, kv_index, dq,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *do.stride(), *dq.stride(),
-        H, Tq, Tk, scale, qk_scale, **meta,
+        H, Skv, Tq, Tk, scale, qk_scale, **meta,
     )
     kernel, meta = kernels["bwd_dkdv"]
     kernel[(_common.cdiv(Tk, meta["BLOCK_N"]), Skv * H)](

@@ -66,7 +66,7 @@ def _shared_attention_fwd_kernel(
     stride_ks, stride_kt, stride_kh, stride_kd,
     stride_vs, stride_vt, stride_vh, stride_vd,
     stride_os, stride_ot, stride_oh, stride_od,
-    H, Tq, Tk,
+    H, Skv, Tq, Tk,
     qk_scale,  # scale * log2(e): logits in base-2 units so the exponentials are exp2
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -80,7 +80,8 @@ def _shared_attention_fwd_kernel(
     i_sh = tl.program_id(1)
     i_s = (i_sh // H).to(tl.int64)
     i_h = i_sh % H
-    i_kv = tl.load(KV_INDEX + i_s).to(tl.int64)
+    # Clamped: an unchecked out-of-range map (compiled path) reads a wrong sequence, never outside K/V.
+    i_kv = tl.minimum(tl.maximum(tl.load(KV_INDEX + i_s).to(tl.int64), 0), Skv - 1)
 
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, BLOCK_D)
@@ -148,7 +149,7 @@ def shared_attention_fwd(
     """
     _common.check_attention_inputs(q, k, v, kv_index)
     Sq, Tq, H, d = q.shape
-    Tk = k.shape[1]
+    Skv, Tk = k.shape[:2]
     out = torch.empty((Sq, Tq, H, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((Sq, H, Tq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
@@ -159,7 +160,7 @@ def shared_attention_fwd(
     kernel[grid](
         q, k, v, kv_index, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        H, Tq, Tk, scale * math.log2(math.e), **meta,
+        H, Skv, Tq, Tk, scale * math.log2(math.e), **meta,
     )
     # fmt: on
     return out, lse

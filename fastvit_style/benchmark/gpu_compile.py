@@ -24,7 +24,7 @@ import tempfile
 import torch
 
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-_SCALARS = {"H": "i32", "Tq": "i32", "Tk": "i32", "scale": "fp32", "qk_scale": "fp32"}
+_SCALARS = {"H": "i32", "Skv": "i32", "Tq": "i32", "Tk": "i32", "scale": "fp32", "qk_scale": "fp32"}
 _POINTERS = {"LSE": "*fp32", "DELTA": "*fp32", "KV_INDEX": "*i32", "KV_OFFSETS": "*i64", "KV_QUERIES": "*i64"}
 # (Tq, Tk, d): the encoder's layers, its last layer (CLS query row dropped), and the widest head.
 SHAPES = ((197, 197, 64), (196, 197, 64), (197, 197, 128))

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from ._index_maps import cached_inverse_kv_map, check_index_range, inverse_kv_map
+from ._index_maps import check_index_range, inverse_kv_map, shared_inverse
 from ._torch_impl import shared_attention_torch
 from ._xformers_impl import shared_attention_xformers, xformers_unavailable_reason
 
@@ -43,8 +43,8 @@ def shared_attention(
     int32/int64 on the same device, values in [0, Skv); several query sequences may share a K/V
     sequence and some K/V sequences may be unused. Tq may differ from Tk. scale defaults to d**-0.5.
     The range of kv_index is checked in eager mode only (one device sync per new or edited map),
-    never under torch.compile or CUDA graph capture: there an out-of-range entry is undefined
-    behaviour.
+    never under torch.compile or CUDA graph capture: there the Triton kernels clamp an out-of-range
+    entry into range (a wrong result, never a read outside K/V), and the PyTorch path's gather fails.
     Under autocast, q/k/v are first cast to the autocast dtype (as SDPA does).
 
     backend: "triton" (fused kernels; CUDA tensors, or CPU tensors with TRITON_INTERPRET=1),
@@ -96,8 +96,10 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, kv_index: Tensor, check_index
     for name, t in (("k", k), ("v", v), ("kv_index", kv_index)):
         if t.device != q.device:
             raise ValueError(f"{name} must be on the same device as q ({q.device}), got {t.device}")
-    if Sq > 0 and Tk < 1:
-        raise ValueError(f"k and v need at least one key (Tk >= 1) when Sq > 0, got Tk={Tk}")
+    if Sq > 0 and (Skv < 1 or Tk < 1):
+        raise ValueError(
+            f"k and v need at least one sequence and key (Skv, Tk >= 1) when Sq > 0, got Skv={Skv}, Tk={Tk}"
+        )
     # Reading kv_index syncs the device and would break the graph: eager mode only.
     if check_index and Sq > 0 and not torch.compiler.is_compiling():
         check_index_range(kv_index, Skv)
@@ -173,11 +175,11 @@ def _triton_backward(
     lse: Tensor,
     kv_index: Tensor,
     scale: float,
-    invert=inverse_kv_map,
+    inverse: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     from ..kernels import shared_attention_bwd
 
-    kv_offsets, kv_queries = invert(kv_index, k.shape[0])
+    kv_offsets, kv_queries = inverse_kv_map(kv_index, k.shape[0]) if inverse is None else inverse
     return shared_attention_bwd(do, q, k, v, out, lse, kv_index, kv_offsets, kv_queries, scale)
 
 
@@ -217,28 +219,13 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def _backward_through(backward_fn):
-    """The autograd formula, given the function that computes (dq, dk, dv)."""
-
-    def backward(ctx, dout, _dlse):
-        q, k, v, kv_index, out, lse = ctx.saved_tensors
-        dq, dk, dv = backward_fn(dout, q, k, v, out, lse, kv_index, ctx.scale)
-        return dq, dk, dv, None, None
-
-    return backward
+def _backward(ctx, dout, _dlse):
+    q, k, v, kv_index, out, lse = ctx.saved_tensors
+    dq, dk, dv = shared_attention_bwd_op(dout, q, k, v, out, lse, kv_index, ctx.scale)
+    return dq, dk, dv, None, None
 
 
-shared_attention_fwd_op.register_autograd(
-    _backward_through(shared_attention_bwd_op), setup_context=_setup_context
-)
-
-
-def _eager_backward(do, q, k, v, out, lse, kv_index, scale):
-    if torch.is_grad_enabled():
-        # create_graph=True: through the custom op, whose missing formula makes a second backward
-        # raise, as on the compiled path, rather than return nothing.
-        return shared_attention_bwd_op(do, q, k, v, out, lse, kv_index, scale)
-    return _triton_backward(do, q, k, v, out, lse, kv_index, scale, invert=cached_inverse_kv_map)
+shared_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _EagerTritonAttention(torch.autograd.Function):
@@ -255,14 +242,30 @@ class _EagerTritonAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, kv_index, scale):
         output = _triton_forward(q, k, v, kv_index, scale)
         _setup_context(ctx, (q, k, v, kv_index, scale), output)
+        ctx.inverse = shared_inverse(kv_index, k.shape[0])  # one inversion for all layers reading the map
         return output
 
-    backward = staticmethod(_backward_through(_eager_backward))
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            # create_graph=True: the custom op, whose missing formula makes a second backward raise (as
+            # on the compiled path) rather than return nothing; compiled autograd: an op it can trace.
+            return _backward(ctx, dout, _dlse)
+        q, k, v, kv_index, out, lse = ctx.saved_tensors
+        inverse = ctx.inverse.get(kv_index)
+        dq, dk, dv = _triton_backward(dout, q, k, v, out, lse, kv_index, ctx.scale, inverse)
+        return dq, dk, dv, None, None
 
 
 def _triton_attention(q: Tensor, k: Tensor, v: Tensor, kv_index: Tensor, scale: float) -> Tensor:
-    # Anything tracing the call (dynamo, make_fx, fake or functional tensors) must see the custom op.
-    traced = torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+    # Anything tracing or transforming the call (dynamo, make_fx, fake or functional tensors, vmap and
+    # the other torch.func transforms, torch.jit.trace) must see the custom op.
+    traced = (
+        torch.compiler.is_compiling()
+        or _get_current_dispatch_mode() is not None
+        or torch._C._are_functorch_transforms_active()
+        or torch.jit.is_tracing()
+    )
     if traced or any(type(t) is not Tensor for t in (q, k, v, kv_index)):
         return shared_attention_fwd_op(q, k, v, kv_index, scale)[0]
     return _EagerTritonAttention.apply(q, k, v, kv_index, scale)[0]

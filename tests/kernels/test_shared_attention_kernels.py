@@ -239,9 +239,24 @@ def _valid(device, **changes):
             lambda t: {"q": t["q"][..., :8], "k": t["k"][..., :8], "v": t["v"][..., :8]},
             r"head dim d=8 unsupported",
         ),
-        (lambda t: {"k": t["k"][:, :0], "v": t["v"][:, :0]}, r"at least one key \(Tk >= 1\)"),
+        (
+            lambda t: {"k": t["k"][:, :0], "v": t["v"][:, :0]},
+            r"\(Skv, Tk >= 1\) when Sq > 0, got Skv=2, Tk=0",
+        ),
+        (lambda t: {"k": t["k"][:0], "v": t["v"][:0]}, r"\(Skv, Tk >= 1\) when Sq > 0, got Skv=0, Tk=6"),
     ],
-    ids=["q-3d", "k-dtype", "float64", "v-shape", "k-heads", "index-length", "index-dtype", "d8", "Tk0"],
+    ids=[
+        "q-3d",
+        "k-dtype",
+        "float64",
+        "v-shape",
+        "k-heads",
+        "index-length",
+        "index-dtype",
+        "d8",
+        "Tk0",
+        "Skv0",
+    ],
 )
 def test_launcher_errors(changes, message, device):
     inputs = _valid(device)
@@ -266,3 +281,15 @@ def test_cpu_outside_interpreter(monkeypatch):
     monkeypatch.setattr(_common, "INTERPRET", False)
     with pytest.raises(ValueError, match="CPU tensors given to the Triton backend outside interpreter mode"):
         shared_attention_fwd(scale=0.2, **_valid(torch.device("cpu")))
+
+
+def test_out_of_range_index_stays_in_memory(device):
+    """The launchers do not read kv_index (that would sync the device); an unchecked out-of-range entry,
+    possible on the compiled path, is clamped into [0, Skv) by the kernels: a wrong K/V sequence, never
+    a read outside K/V (which the interpreter would report, and the GPU as an illegal address)."""
+    q, k, v, kv_index, do = make_inputs(3, 2, 7, 9, 2, 32, [5, -3, 1], torch.float32, device)
+    clamped = torch.tensor([1, 0, 1], dtype=torch.int32, device=device)
+    out, lse, dq, dk, dv = run_kernels(q, k, v, kv_index, do, 0.2)
+    expected = reference(q, k, v, clamped, do, 0.2)
+    assert_matches((out, lse, dq), expected[:3], TOLERANCE[torch.float32])
+    assert torch.isfinite(dk).all() and torch.isfinite(dv).all()

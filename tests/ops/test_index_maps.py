@@ -1,10 +1,12 @@
-"""fastvit_style.ops._index_maps: the inverse of kv_index, and what is kept of it per map."""
+"""fastvit_style.ops._index_maps: the inverse of kv_index, the range check, and what is kept of them."""
+
+import gc
 
 import pytest
 import torch
 
-from fastvit_style.ops import _index_maps
-from fastvit_style.ops._index_maps import cached_inverse_kv_map, inverse_kv_map
+from fastvit_style.ops import _index_maps, shared_attention
+from fastvit_style.ops._index_maps import inverse_kv_map, shared_inverse
 
 
 @pytest.mark.parametrize(
@@ -26,46 +28,86 @@ def test_inverse_kv_map(kv_index, num_kv):
 def count_inversions(monkeypatch):
     """A list that grows by one per inverse actually computed."""
     calls = []
-    monkeypatch.setattr(_index_maps, "_inverses", _index_maps._PerMapCache(4))
-    monkeypatch.setattr(_index_maps, "inverse_kv_map", lambda *a: calls.append(1) or inverse_kv_map(*a))
+    real = _index_maps.inverse_kv_map
+    monkeypatch.setattr(_index_maps, "inverse_kv_map", lambda *a: calls.append(1) or real(*a))
     return calls
 
 
-def test_cached_once_per_map(count_inversions):
-    """The layers of a model pass two maps, alternately in the backward: each is inverted once."""
+def test_shared_while_held(count_inversions):
+    """Nodes of one graph reading the same map share one inversion; other maps, other Skv or an edited
+    map get their own."""
     layers, own = torch.tensor([0, 1, 1], dtype=torch.int32), torch.tensor([0, 1], dtype=torch.int32)
-    for _ in range(12):
-        assert cached_inverse_kv_map(layers, 2)[1].tolist() == [0, 1, 2]
-        assert cached_inverse_kv_map(own, 2)[1].tolist() == [0, 1]
+    held = [shared_inverse(layers, 2) for _ in range(12)] + [shared_inverse(own, 2) for _ in range(12)]
+    assert len({id(h) for h in held}) == 2
+    for h, index in zip(held, [layers] * 12 + [own] * 12):
+        h.get(index)
     assert len(count_inversions) == 2
-    cached_inverse_kv_map(layers, 3)  # another number of K/V sequences: another inverse
-    assert len(count_inversions) == 3
+    assert held[0].get(layers)[1].tolist() == [0, 1, 2]
+    assert shared_inverse(layers, 3) is not held[0]
+    layers[0] = 1  # in place: the version counter moves
+    assert shared_inverse(layers, 2) is not held[0]
+    assert shared_inverse(layers.clone(), 2) is not held[0]
 
 
-def test_cache_sees_edits_and_copies(count_inversions):
-    index = torch.tensor([0, 1, 1], dtype=torch.int32)
-    cached_inverse_kv_map(index, 2)
-    index[0] = 1  # in place: the version counter moves
-    offsets, queries = cached_inverse_kv_map(index, 2)
-    assert offsets.tolist() == [0, 0, 3] and queries.tolist() == [0, 1, 2]
-    cached_inverse_kv_map(index.clone(), 2)  # equal values, another tensor
-    assert len(count_inversions) == 3
+def test_dropped_with_the_graph(count_inversions):
+    """Once no autograd node holds it, the next forward inverts again: nothing outlives a training step,
+    so a map rewritten behind the version counter (`.data`) between steps is seen."""
+    index = torch.tensor([1, 0, 1], dtype=torch.int32)
+    first = shared_inverse(index, 2)
+    first.get(index)
+    del first
+    gc.collect()
+    index.data[0] = 0  # no version bump
+    assert shared_inverse(index, 2).get(index)[1].tolist() == [0, 1, 2]
+    assert len(count_inversions) == 2
 
 
-def test_nothing_kept_while_capturing_or_for_inference_tensors(count_inversions, monkeypatch):
+def test_nothing_shared_while_capturing_or_for_inference_tensors(count_inversions, monkeypatch):
     """A CUDA graph capture must record the inversion (a replay reads the map's current values), and
     inference tensors have no version counter to tell an edit."""
-    index = torch.tensor([1, 0], dtype=torch.int32)
     with torch.inference_mode():
-        inference_index = index.clone()
-        cached_inverse_kv_map(inference_index, 2)
-        cached_inverse_kv_map(inference_index, 2)
-    assert len(count_inversions) == 2
+        inference_index = torch.tensor([1, 0], dtype=torch.int32)
+    assert shared_inverse(inference_index, 2) is not shared_inverse(inference_index, 2)
+    index = torch.tensor([1, 0], dtype=torch.int32)
+    held = shared_inverse(index, 2)
+    held.get(index)
     monkeypatch.setattr(_index_maps, "_capturing", lambda t: True)
-    cached_inverse_kv_map(index, 2)
-    cached_inverse_kv_map(index, 2)
-    assert len(count_inversions) == 4
-    monkeypatch.setattr(_index_maps, "_capturing", lambda t: False)
-    cached_inverse_kv_map(index, 2)
-    cached_inverse_kv_map(index, 2)
-    assert len(count_inversions) == 5
+    assert shared_inverse(index, 2) is not held
+    held.get(index)
+    held.get(index)
+    assert len(count_inversions) == 3
+
+
+def test_eager_backward_of_a_model_inverts_each_map_once(count_inversions):
+    """Twelve layers over one map and their re-anchor calls over another: two inversions per backward,
+    and the next step inverts again."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(6, 5, 1, 16, generator=gen, requires_grad=True)
+    kv = torch.randn(4, 5, 1, 16, generator=gen, requires_grad=True)
+    layers, own = torch.tensor([0, 1, 2, 3, 2, 3], dtype=torch.int32), torch.arange(6, dtype=torch.int32)
+    for step in (1, 2):
+        x = q
+        for _ in range(12):
+            x = shared_attention(x, kv, kv, layers, backend="triton", check_index=False)
+            x = shared_attention(x, x, x, own, backend="triton", check_index=False)
+        x.sum().backward()
+        assert len(count_inversions) == 2 * step
+
+
+def test_range_check_once_per_map(monkeypatch):
+    """The eager range check (a device sync) runs again only for a new or edited map, and never during
+    a CUDA graph capture."""
+    calls = []
+    stack = torch.stack
+    monkeypatch.setattr(torch, "stack", lambda *a, **kw: calls.append(1) or stack(*a, **kw))
+    index = torch.tensor([1, 0], dtype=torch.int32)
+    _index_maps.check_index_range(index, 2)
+    _index_maps.check_index_range(index, 2)
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match=r"\[0, Skv=1\), got min 0 and max 1"):
+        _index_maps.check_index_range(index, 1)
+    index[0] = 2
+    with pytest.raises(ValueError, match=r"\[0, Skv=2\), got min 0 and max 2"):
+        _index_maps.check_index_range(index, 2)
+    monkeypatch.setattr(_index_maps, "_capturing", lambda t: True)
+    _index_maps.check_index_range(index, 2)

@@ -234,6 +234,39 @@ def test_tracing_sees_the_custom_op():
     assert out.shape == (3, 9, 2, 32)
 
 
+def test_transforms_and_tracers_see_the_custom_op():
+    """vmap (the custom op's loop fallback) and torch.jit.trace worked through the custom op: the
+    eager path must not take those calls."""
+    q, k, v, kv_index = make_inputs(2, 2, 9, 9, 1, 32, [1, 0])
+    q, k, v = (t.detach() for t in (q, k, v))
+    batched = torch.stack([q, q.flip(0)])
+
+    def attend(q):
+        return shared_attention(q, k, v, kv_index, backend="triton")
+
+    mapped = torch.func.vmap(attend)(batched)
+    for i in range(2):
+        assert rel_err(mapped[i], reference(batched[i], k, v, kv_index, torch.zeros_like(q))[0]) <= 1e-5
+    traced = torch.jit.trace(attend, (q,), check_trace=False)
+    assert "fastvit_style::shared_attention_fwd" in str(traced.graph)
+    assert torch.equal(traced(q.flip(0)), attend(q.flip(0)))
+
+
+def test_compiled_autograd_over_an_eager_forward():
+    """Compiled autograd traces the eager Function's backward: it must meet the custom op there."""
+    from torch._dynamo import compiled_autograd
+
+    q, k, v, kv_index = make_inputs(4, 3, 9, 9, 1, 32, [2, 0, 2, 1])
+    out = shared_attention(q, k, v, kv_index, backend="triton")
+    expected = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    out = shared_attention(q, k, v, kv_index, backend="triton")
+    torch._dynamo.reset()
+    with compiled_autograd._enable(torch.compile(backend="aot_eager", fullgraph=True)):
+        grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    for a, e in zip(grads, expected):
+        assert rel_err(a, e) <= 1e-6
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_inference_mode(backend):
     """Inference tensors have no version counter: the once-per-map range check must not need one."""
@@ -288,7 +321,11 @@ def _valid(**changes):
         (lambda t: {"kv_index": t["kv_index"][None]}, r"kv_index must have shape \(2,\)"),
         (lambda t: {"kv_index": t["kv_index"].float()}, r"kv_index must have an integer dtype"),
         (lambda t: {"kv_index": t["kv_index"].to("meta")}, r"kv_index must be on the same device as q"),
-        (lambda t: {"k": t["k"][:, :0], "v": t["v"][:, :0]}, r"at least one key \(Tk >= 1\) when Sq > 0"),
+        (
+            lambda t: {"k": t["k"][:, :0], "v": t["v"][:, :0]},
+            r"\(Skv, Tk >= 1\) when Sq > 0, got Skv=2, Tk=0",
+        ),
+        (lambda t: {"k": t["k"][:0], "v": t["v"][:0]}, r"\(Skv, Tk >= 1\) when Sq > 0, got Skv=0, Tk=6"),
         (
             lambda t: {"kv_index": t["kv_index"] + 1},
             r"kv_index values must lie in \[0, Skv=2\), got min 1 and max 2",
@@ -308,6 +345,7 @@ def _valid(**changes):
         "index-dtype",
         "index-device",
         "Tk0",
+        "Skv0",
         "index-too-large",
         "index-negative",
         "backend-name",
