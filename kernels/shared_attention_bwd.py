@@ -142,7 +142,8 @@ def _shared_attention_bwd_dkdv_kernel(
     tl.store(p_dv, b_dv.to(DV.dtype.element_ty), mask=m_nd)
 
 
-@triton.jit
+# Skv only bounds a clamp: specializing on its value would compile more variants for nothing.
+@triton.jit(do_not_specialize=["Skv"])
 def _shared_attention_bwd_dq_kernel(
     Q,  # (Sq, Tq, H, d), any strides
     K,  # (Skv, Tk, H, d), any strides

@@ -6,10 +6,11 @@ A model passes the same one or two maps to the attention of every layer, forward
   same version counter). Writes that bypass the version counter (`.data`, numpy or DLPack aliases)
   are not seen: such an edited map goes unchecked, like a map on the compiled path, and the kernels
   clamp indices so that it reads the wrong K/V sequence rather than outside memory.
-- The inverse map is shared by the autograd nodes that read the same map while their graph is
-  alive, and dropped with it: it is never reused across training steps, where a map could have been
-  rewritten behind the version counter (within one graph, that would break autograd's saved tensors
-  as well).
+- The inverse map is shared by the autograd nodes of one graph that read the same map: taken in
+  their forwards, computed by the first backward, dropped with the graph. A later forward never gets
+  one a backward has used, so nothing is reused across training steps, where a map could have been
+  rewritten behind the version counter (within one graph, that would break autograd's saved
+  tensors as well).
 Nothing is kept for inference tensors (they have no version counter) or while a CUDA graph is being
 captured (a replay must recompute from the map's values, not reuse a tensor computed before).
 """
@@ -93,6 +94,8 @@ def shared_inverse(kv_index: Tensor, num_kv: int) -> SharedInverse:
         return SharedInverse(kv_index, num_kv)
     key = (id(kv_index), kv_index._version, num_kv)
     shared = _live_inverses.get(key)
-    if shared is None or shared.map_ref() is not kv_index:
+    # One already used by a backward belongs to an earlier graph (a previous step's, still referenced
+    # through its loss): the map may have been rewritten since, behind the version counter.
+    if shared is None or shared.map_ref() is not kv_index or shared.inverse is not None:
         shared = _live_inverses[key] = SharedInverse(kv_index, num_kv)
     return shared

@@ -247,9 +247,10 @@ class _EagerTritonAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if torch.is_grad_enabled() or _traced(dout):
             # create_graph=True: the custom op, whose missing formula makes a second backward raise (as
-            # on the compiled path) rather than return nothing; compiled autograd: an op it can trace.
+            # on the compiled path) rather than return nothing; compiled autograd, make_fx, batched
+            # gradients (is_grads_batched, jacobian): an op they can trace or batch.
             return _backward(ctx, dout, _dlse)
         q, k, v, kv_index, out, lse = ctx.saved_tensors
         inverse = ctx.inverse.get(kv_index)
@@ -257,15 +258,23 @@ class _EagerTritonAttention(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
-def _triton_attention(q: Tensor, k: Tensor, v: Tensor, kv_index: Tensor, scale: float) -> Tensor:
-    # Anything tracing or transforming the call (dynamo, make_fx, fake or functional tensors, vmap and
-    # the other torch.func transforms, torch.jit.trace) must see the custom op.
-    traced = (
+def _traced(*tensors: Tensor) -> bool:
+    """Whether anything traces or transforms this call (dynamo, make_fx and other dispatch modes, vmap
+    and the other torch.func transforms, torch.jit.trace; fake, functional or batched tensors, which
+    have no storage): such calls must see the custom ops, not launches of their own."""
+    return (
         torch.compiler.is_compiling()
         or _get_current_dispatch_mode() is not None
         or torch._C._are_functorch_transforms_active()
         or torch.jit.is_tracing()
+        or any(type(t) not in _PLAIN_TENSORS or not torch._C._has_storage(t) for t in tensors)
     )
-    if traced or any(type(t) is not Tensor for t in (q, k, v, kv_index)):
+
+
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+
+
+def _triton_attention(q: Tensor, k: Tensor, v: Tensor, kv_index: Tensor, scale: float) -> Tensor:
+    if _traced(q, k, v, kv_index):
         return shared_attention_fwd_op(q, k, v, kv_index, scale)[0]
     return _EagerTritonAttention.apply(q, k, v, kv_index, scale)[0]

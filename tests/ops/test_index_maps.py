@@ -62,6 +62,20 @@ def test_dropped_with_the_graph(count_inversions):
     assert len(count_inversions) == 2
 
 
+def test_not_reused_by_a_later_step(count_inversions):
+    """The previous step's graph is often still referenced (through its loss) when the next forward
+    runs: a holder a backward has used is not handed out again, so a rewrite of the map behind the
+    version counter between steps is seen."""
+    index = torch.tensor([1, 0, 1], dtype=torch.int32)
+    previous = shared_inverse(index, 2)
+    previous.get(index)
+    index.data[0] = 0  # no version bump
+    current = shared_inverse(index, 2)
+    assert current is not previous
+    assert current.get(index)[1].tolist() == [0, 1, 2]
+    assert shared_inverse(index, 2) is not current
+
+
 def test_nothing_shared_while_capturing_or_for_inference_tensors(count_inversions, monkeypatch):
     """A CUDA graph capture must record the inversion (a replay reads the map's current values), and
     inference tensors have no version counter to tell an edit."""

@@ -252,6 +252,18 @@ def test_transforms_and_tracers_see_the_custom_op():
     assert torch.equal(traced(q.flip(0)), attend(q.flip(0)))
 
 
+def test_batched_gradients():
+    """is_grads_batched (the legacy vmap over the backward, as autograd.functional.jacobian uses) meets
+    batched gradients that have no storage: the eager backward must hand them to the custom op."""
+    q, k, v, kv_index = make_inputs(2, 2, 5, 5, 1, 16, [1, 1])
+    out = shared_attention(q, k, v, kv_index, backend="triton")
+    cotangents = torch.randn(3, *out.shape, generator=torch.Generator().manual_seed(3))
+    (batched,) = torch.autograd.grad(out, q, cotangents, is_grads_batched=True, retain_graph=True)
+    for i in range(3):
+        (expected,) = torch.autograd.grad(out, q, cotangents[i], retain_graph=True)
+        assert rel_err(batched[i], expected.double()) <= 1e-6
+
+
 def test_compiled_autograd_over_an_eager_forward():
     """Compiled autograd traces the eager Function's backward: it must meet the custom op there."""
     from torch._dynamo import compiled_autograd
