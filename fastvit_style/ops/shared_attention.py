@@ -53,7 +53,8 @@ def shared_attention(
     triton is installed and supports the dtype and d, else torch; never xformers).
     check_index=False skips the eager range check of kv_index (a device sync): for callers that
     build the map themselves, like the model's schedule.
-    Returns (Sq, Tq, H, d) in q's dtype; differentiable in q, k and v.
+    Returns (Sq, Tq, H, d) in q's dtype; differentiable in q, k and v (reverse mode: the Triton backend
+    refuses forward-mode AD, as PyTorch's SDPA does).
     """
     for name, t in (("q", q), ("k", k), ("v", v), ("kv_index", kv_index)):
         if not isinstance(t, Tensor):
@@ -274,7 +275,19 @@ def _traced(*tensors: Tensor) -> bool:
 _PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
 
 
+def _refuse_forward_ad() -> None:
+    # torch.func.jvp would carry a zero tangent through the custom op without a word: refuse, as SDPA does.
+    from torch._C._functorch import TransformType, get_interpreter_stack
+
+    if any(layer.key() == TransformType.Jvp for layer in get_interpreter_stack() or ()):
+        raise NotImplementedError(
+            "forward-mode AD (torch.func.jvp) is not implemented by the Triton backend of shared_attention"
+        )
+
+
 def _triton_attention(q: Tensor, k: Tensor, v: Tensor, kv_index: Tensor, scale: float) -> Tensor:
+    if torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling():
+        _refuse_forward_ad()
     if _traced(q, k, v, kv_index):
         return shared_attention_fwd_op(q, k, v, kv_index, scale)[0]
     return _EagerTritonAttention.apply(q, k, v, kv_index, scale)[0]

@@ -264,6 +264,19 @@ def test_batched_gradients():
         assert rel_err(batched[i], expected.double()) <= 1e-6
 
 
+def test_forward_mode_ad_is_refused():
+    """No forward-mode formula: torch.func.jvp and dual tensors raise (the custom op alone would carry a
+    zero tangent silently)."""
+    import torch.autograd.forward_ad as fwAD
+
+    q, k, v, kv_index = make_inputs(2, 2, 5, 5, 1, 16, [1, 0])
+    q, k, v = (t.detach() for t in (q, k, v))
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        torch.func.jvp(lambda q: shared_attention(q, k, v, kv_index, backend="triton"), (q,), (q,))
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="jvp"):
+        shared_attention(fwAD.make_dual(q, q), k, v, kv_index, backend="triton")
+
+
 def test_compiled_autograd_over_an_eager_forward():
     """Compiled autograd traces the eager Function's backward: it must meet the custom op there."""
     from torch._dynamo import compiled_autograd
