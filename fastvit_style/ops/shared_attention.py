@@ -230,7 +230,8 @@ shared_attention_fwd_op.register_autograd(_backward, setup_context=_setup_contex
 
 
 class _EagerTritonAttention(torch.autograd.Function):
-    """The custom ops' autograd without their dispatch, for eager calls on plain tensors.
+    """The custom ops' autograd without their dispatch, for eager calls on plain tensors that need a
+    derivative (the others run the launcher alone).
 
     torch.compile needs the custom ops, but in eager mode their dispatch (the op, its autograd
     wrapper, the backward op) costs more host time than the three kernel launches it wraps; see
@@ -290,4 +291,9 @@ def _triton_attention(q: Tensor, k: Tensor, v: Tensor, kv_index: Tensor, scale: 
         _refuse_forward_ad()
     if _traced(q, k, v, kv_index):
         return shared_attention_fwd_op(q, k, v, kv_index, scale)[0]
+    backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if not backward and torch.autograd.forward_ad._current_level < 0:
+        # No derivative can follow (eval, TTA): the launcher alone, without the Function's bookkeeping.
+        # Dual tensors (forward-mode AD) still go to the Function, which refuses them.
+        return _triton_forward(q, k, v, kv_index, scale)[0]
     return _EagerTritonAttention.apply(q, k, v, kv_index, scale)[0]

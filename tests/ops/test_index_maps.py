@@ -1,6 +1,7 @@
 """fastvit_style.ops._index_maps: the inverse of kv_index, the range check, and what is kept of them."""
 
 import gc
+import importlib
 
 import pytest
 import torch
@@ -125,3 +126,21 @@ def test_range_check_once_per_map(monkeypatch):
         _index_maps.check_index_range(index, 2)
     monkeypatch.setattr(_index_maps, "_capturing", lambda t: True)
     _index_maps.check_index_range(index, 2)
+
+
+def test_no_holder_without_a_backward(monkeypatch):
+    """Eval and TTA calls (no grad mode, or no input needing a gradient) run the launcher alone, with
+    the numbers of the autograd path, and skip the per-map lookup."""
+    op_module = importlib.import_module("fastvit_style.ops.shared_attention")
+    taken = []
+    monkeypatch.setattr(op_module, "shared_inverse", lambda *a: taken.append(1) or shared_inverse(*a))
+    q, kv = torch.randn(2, 5, 1, 16, requires_grad=True), torch.randn(2, 5, 1, 16)
+    index = torch.tensor([1, 0], dtype=torch.int32)
+    with torch.no_grad():
+        evaluated = shared_attention(q, kv, kv, index, backend="triton")
+    detached = shared_attention(q.detach(), kv, kv, index, backend="triton")
+    assert not taken
+    out = shared_attention(q, kv, kv, index, backend="triton")
+    out.sum().backward()
+    assert len(taken) == 1
+    assert torch.equal(evaluated, out) and torch.equal(detached, out)
