@@ -362,8 +362,9 @@ def guarded(row, action):
 def block_sweep(args, results, over_budget):
     """Time the fused kernels under a few tile configs at B=32, H=12 (forward and backward separately).
 
-    A fifth field False runs the partial last tile of the streamed side at full width (the default
-    narrows it: `_common.tail_width`), to measure what the narrow tail gives.
+    A fifth field False runs the partial last tile of the streamed side at full width, a sixth the
+    last program's partial tile of the owned side (`_common.tail_width`; `_common.attention_blocks`
+    says which the defaults narrow), to measure what the narrow tails give.
     """
     from fastvit_style.kernels import _common
 
@@ -371,19 +372,22 @@ def block_sweep(args, results, over_budget):
     fwd_configs = [
         (64, 64, 4, 3),
         (64, 64, 4, 3, False),
+        (64, 64, 4, 3, True, False),
         (64, 32, 4, 3),
         (128, 64, 8, 3),
         (128, 32, 4, 3),
         (32, 64, 4, 3),
     ]
-    bwd_configs = [  # (dkdv blocks, dq blocks)
-        ((32, 64, 4, 2), (64, 32, 4, 2)),
-        ((32, 64, 4, 2), (64, 32, 4, 2, False)),
-        ((32, 64, 8, 2), (64, 32, 4, 2)),
-        ((64, 64, 4, 2), (64, 64, 4, 2)),
-        ((32, 128, 8, 2), (128, 32, 8, 2)),
-        ((16, 64, 4, 2), (64, 16, 4, 2)),
-        ((32, 64, 4, 3), (64, 32, 4, 3)),
+    # (dkdv blocks, dq blocks); the first row is what `_common.attention_blocks` picks.
+    bwd_configs = [
+        ((32, 64, 4, 2, False), (64, 32, 4, 2, True, False)),  # the defaults
+        ((32, 64, 4, 2, True), (64, 32, 4, 2, True, True)),  # every tail narrow
+        ((32, 64, 4, 2, False, False), (64, 32, 4, 2, False, False)),  # every tail full width
+        ((32, 64, 8, 2, False), (64, 32, 4, 2, True, False)),
+        ((64, 64, 4, 2, False), (64, 64, 4, 2, True, False)),
+        ((32, 128, 8, 2, False), (128, 32, 8, 2, True, False)),
+        ((16, 64, 4, 2, False), (64, 16, 4, 2, True, False)),
+        ((32, 64, 4, 3, False), (64, 32, 4, 3, True, False)),
     ]
     p = Problem(32, 12)
     configs = [(c, bwd_configs[0]) for c in fwd_configs] + [(fwd_configs[0], c) for c in bwd_configs[1:]]

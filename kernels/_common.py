@@ -26,9 +26,12 @@ class Blocks(NamedTuple):
     block_n: int  # key rows per tile
     num_warps: int
     num_stages: int
-    # The partial last tile of the streamed axis runs only as wide as it needs (see `tail_width`);
-    # False runs it at full width, masked, as a plain loop would.
-    narrow_tail: bool = True
+    # A partial last tile runs only as wide as it needs (see `tail_width`): on the axis a program
+    # streams in a loop (the keys of the forward and dq kernels, the queries of dk/dv), and on the
+    # axis the programs own (the last program's query rows, or keys for dk/dv). False runs it at full
+    # width, masked, as a plain loop or grid would: the sweep times both.
+    narrow_streamed: bool = True
+    narrow_owned: bool = True
 
 
 def cdiv(a: int, b: int) -> int:
@@ -65,13 +68,17 @@ def attention_blocks(kernel: str, tq: int, tk: int, head_dim: int, dtype: torch.
     # The backward owns one side in fp32 accumulators and streams the other (tutorial pattern):
     # 32-row streamed tiles pad 197 to 224 rather than 256.
     owned = 32 if wide and fp32 else 64
+    # Narrow tails that cost registers stay off until a GPU sweep says the work they save pays
+    # (sm_90 compiles with triton 3.6, bf16, d = 64): a narrow streamed tail takes dk/dv from 183 to
+    # 191 registers and makes it spill at d = 128 and in fp32; a narrow last query tile takes dq from
+    # 92 to 124 (five programs per SM to four). The others cost no occupancy.
     if kernel == "bwd_dkdv":
-        return _fit(Blocks(32, owned, warps, 2), tq, tk)
-    return _fit(Blocks(owned, 32, warps, 2), tq, tk)
+        return _fit(Blocks(32, owned, warps, 2, narrow_streamed=False), tq, tk)
+    return _fit(Blocks(owned, 32, warps, 2, narrow_owned=False), tq, tk)
 
 
 def tail_width(length: int, block: int, narrow: bool = True) -> int:
-    """Width of the last, partial tile when `length` rows are streamed in `block`-row tiles: 0 when block
+    """Width of the last, partial tile when `length` rows are cut into `block`-row tiles: 0 when block
     divides length; else the remainder rounded up to a power of two, at least 16 (the smallest tl.dot
     side) and at most block; `block` itself when not narrow."""
     rest = length % block
@@ -80,22 +87,25 @@ def tail_width(length: int, block: int, narrow: bool = True) -> int:
     return min(block, max(16, next_power_of_2(rest))) if narrow else block
 
 
-def launch_meta(blocks: Blocks, head_dim: int, streamed: int | None = None) -> dict:
-    """Compile-time arguments of an attention kernel launched with `blocks`: its constexprs and
-    num_warps/num_stages. streamed: the length of the axis the kernel streams in BLOCK_N tiles ending
-    in a TAIL_N tile, for kernels that take TAIL_N."""
-    meta = {
+def launch_meta(blocks: Blocks, head_dim: int, tq: int, tk: int, owns_keys: bool = False) -> dict:
+    """Compile-time arguments of an attention kernel launched with `blocks` at query length tq and key
+    length tk: its constexprs (TAIL_M, TAIL_N: the widths of the last query and key tiles) and
+    num_warps/num_stages. owns_keys: the programs own key tiles and stream the queries (dk/dv);
+    otherwise they own query tiles and stream the keys."""
+    narrow_m, narrow_n = blocks.narrow_streamed, blocks.narrow_owned
+    if not owns_keys:
+        narrow_m, narrow_n = narrow_n, narrow_m
+    return {
         "HEAD_DIM": head_dim,
         "BLOCK_M": blocks.block_m,
         "BLOCK_N": blocks.block_n,
+        "TAIL_M": tail_width(tq, blocks.block_m, narrow_m),
+        "TAIL_N": tail_width(tk, blocks.block_n, narrow_n),
         "BLOCK_D": block_d(head_dim),
         "UPCAST": UPCAST_TILES,
         "num_warps": blocks.num_warps,
         "num_stages": blocks.num_stages,
     }
-    if streamed is not None:
-        meta["TAIL_N"] = tail_width(streamed, blocks.block_n, blocks.narrow_tail)
-    return meta
 
 
 def memoize_per_shape(kernel_configs):

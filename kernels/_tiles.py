@@ -29,3 +29,30 @@ def load_rows_t(
     if UPCAST:
         b_t = b_t.to(tl.float32)
     return b_t
+
+
+@triton.jit
+def load_rows(
+    p,  # one (sequence, head) of a (S, T, H, d) tensor, at row 0
+    start_n,
+    T,
+    stride_t,
+    stride_d,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    MASK_N: tl.constexpr,  # the tile may reach past T: mask its rows (zeros there)
+    UPCAST: tl.constexpr,  # widen to fp32 (the interpreter cannot do half-precision dots)
+):
+    """Rows [start_n, start_n + BLOCK_N) as a [BLOCK_N, BLOCK_D] tile, columns past d zero."""
+    o_n = start_n + tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, BLOCK_D)
+    p_n = p + o_n[:, None] * stride_t + o_d[None, :] * stride_d
+    m_d = (o_d < HEAD_DIM)[None, :]
+    if MASK_N:
+        b = tl.load(p_n, mask=(o_n < T)[:, None] & m_d, other=0.0)
+    else:
+        b = tl.load(p_n, mask=m_d, other=0.0)
+    if UPCAST:
+        b = b.to(tl.float32)
+    return b

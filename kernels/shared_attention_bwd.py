@@ -8,10 +8,9 @@ With P = softmax(S), S = scale * q k^T (per query sequence s and its K/V sequenc
 P is rebuilt from the forward's log-sum-exp. One program owns each dk/dv tile and loops over the
 query sequences that read its K/V sequence (the inverse map, CSR form), so the sums are
 deterministic; dq has its own kernel, launched first, one program per query tile, which also
-stores delta for the dk/dv kernel (two launches in all) and streams the keys in full
-tiles without a mask and ends with one tile only as wide as the rest needs (`_common.tail_width`).
-The dk/dv kernel keeps one masked loop over query tiles (a narrow tail would save less there, 224
-to 208 streamed rows at T=197 with 32-row tiles; not tried on a GPU yet).
+stores delta for the dk/dv kernel (two launches in all). Both kernels stream the other side in
+full tiles without a mask and end with one tile only as wide as the rest needs, and the last
+program of a sequence owns a tile only as wide as its rows need (`_common.tail_width`).
 """
 
 import math
@@ -21,7 +20,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._tiles import load_rows_t
+from ._tiles import load_rows, load_rows_t
 
 
 # Kernel signatures keep the four strides of each tensor on one line.
@@ -53,6 +52,160 @@ def _dq_tile(
 
 
 @triton.jit
+def _dq_rows(
+    p_q, p_k, p_v, p_o, p_do, p_dq,  # this (sequence, head) of Q, K, V, O, dO and dQ at row 0
+    p_lse, p_delta,  # its Tq log-sum-exps and deltas
+    start_m, Tq, Tk, scale, qk_scale,
+    stride_qt, stride_qd, stride_kt, stride_kd, stride_vt, stride_vd,
+    stride_ot, stride_od, stride_dot, stride_dod, stride_dqt, stride_dqd,
+    HEAD_DIM: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    TAIL_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Store dq and delta of query rows [start_m, start_m + ROWS)."""
+    o_m = start_m + tl.arange(0, ROWS)
+    m_m = o_m < Tq
+    # [ROWS, BLOCK_D]
+    b_q = load_rows(p_q, start_m, Tq, stride_qt, stride_qd, HEAD_DIM, ROWS, BLOCK_D, True, UPCAST)
+    b_do = load_rows(p_do, start_m, Tq, stride_dot, stride_dod, HEAD_DIM, ROWS, BLOCK_D, True, UPCAST)
+    # [ROWS]
+    b_lse = tl.load(p_lse + o_m, mask=m_m, other=0.0)
+    # delta = rowsum(dO * O) of the owned rows, here rather than in a launch of its own.
+    b_o = load_rows(p_o, start_m, Tq, stride_ot, stride_od, HEAD_DIM, ROWS, BLOCK_D, True, UPCAST)
+    b_delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1)
+    tl.store(p_delta + o_m, b_delta, mask=m_m)
+    b_dq = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+
+    n_full = Tk - Tk % BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        b_dq = _dq_tile(
+            b_q, b_do, b_lse, b_delta, b_dq, m_m, p_k, p_v, start_n, Tk,
+            stride_kt, stride_kd, stride_vt, stride_vd, qk_scale,
+            HEAD_DIM, BLOCK_N, BLOCK_D, False, UPCAST,
+        )
+    if TAIL_N > 0:
+        b_dq = _dq_tile(
+            b_q, b_do, b_lse, b_delta, b_dq, m_m, p_k, p_v, n_full, Tk,
+            stride_kt, stride_kd, stride_vt, stride_vd, qk_scale,
+            HEAD_DIM, TAIL_N, BLOCK_D, True, UPCAST,
+        )
+    o_d = tl.arange(0, BLOCK_D)
+    p_dqm = p_dq + o_m[:, None] * stride_dqt + o_d[None, :] * stride_dqd
+    tl.store(p_dqm, (b_dq * scale).to(p_dq.dtype.element_ty), mask=m_m[:, None] & (o_d < HEAD_DIM)[None, :])
+
+
+@triton.jit
+def _dkdv_tile(
+    b_k, b_v, b_dk, b_dv,  # the owned keys: k, v [COLS, BLOCK_D], dk (not yet scaled) and dv sums
+    m_n,  # [COLS] owned keys inside Tk
+    p_q, p_do,  # one (query sequence, head) of Q and dO at row 0
+    p_lse, p_delta,  # its Tq log-sum-exps and deltas
+    start_m, Tq, stride_qt, stride_qd, stride_dot, stride_dod, qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    MASK_M: tl.constexpr,  # the tile reaches past Tq
+    UPCAST: tl.constexpr,
+):
+    """Add query rows [start_m, start_m + BLOCK_M) to b_dk and b_dv and return them.
+
+    Works on transposed score tiles [COLS, BLOCK_M] so that dk/dv come out of plain dots.
+    """
+    o_m = start_m + tl.arange(0, BLOCK_M)
+    m_m = o_m < Tq
+    # [BLOCK_D, BLOCK_M]
+    b_qt = load_rows_t(p_q, start_m, Tq, stride_qt, stride_qd, HEAD_DIM, BLOCK_M, BLOCK_D, MASK_M, UPCAST)
+    # [BLOCK_M, BLOCK_D]
+    b_do = load_rows(p_do, start_m, Tq, stride_dot, stride_dod, HEAD_DIM, BLOCK_M, BLOCK_D, MASK_M, UPCAST)
+    # [BLOCK_M]
+    if MASK_M:
+        b_lse = tl.load(p_lse + o_m, mask=m_m, other=0.0)
+        b_delta = tl.load(p_delta + o_m, mask=m_m, other=0.0)
+    else:
+        b_lse = tl.load(p_lse + o_m)
+        b_delta = tl.load(p_delta + o_m)
+    # [COLS, BLOCK_M]; padded keys and queries are zeroed so that no overflow of exp2 on padding
+    # can reach a stored element.
+    b_pt = tl.exp2(tl.dot(b_k, b_qt) * qk_scale - b_lse[None, :])
+    if MASK_M:
+        b_pt = tl.where(m_n[:, None] & m_m[None, :], b_pt, 0.0)
+    else:
+        b_pt = tl.where(m_n[:, None], b_pt, 0.0)
+    b_dv = tl.dot(b_pt.to(b_do.dtype), b_do, b_dv)
+    b_dpt = tl.dot(b_v, tl.trans(b_do))
+    b_dst = b_pt * (b_dpt - b_delta[None, :])
+    b_dk = tl.dot(b_dst.to(b_qt.dtype), tl.trans(b_qt), b_dk)
+    return b_dk, b_dv
+
+
+@triton.jit
+def _dkdv_cols(
+    Q, DO, LSE, DELTA, KV_QUERIES,  # as in the kernel
+    p_k, p_v, p_dk, p_dv,  # this (K/V sequence, head) of K, V, dK and dV at key 0
+    q_start, q_end,  # its query sequences are KV_QUERIES[q_start:q_end]
+    i_h, H, start_n, Tq, Tk, scale, qk_scale,
+    stride_qs, stride_qt, stride_qh, stride_qd, stride_kt, stride_kd, stride_vt, stride_vd,
+    stride_dos, stride_dot, stride_doh, stride_dod, stride_dkt, stride_dkd, stride_dvt, stride_dvd,
+    HEAD_DIM: tl.constexpr,
+    COLS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    TAIL_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Store dk and dv of keys [start_n, start_n + COLS)."""
+    o_n = start_n + tl.arange(0, COLS)
+    m_n = o_n < Tk
+    # [COLS, BLOCK_D]
+    b_k = load_rows(p_k, start_n, Tk, stride_kt, stride_kd, HEAD_DIM, COLS, BLOCK_D, True, UPCAST)
+    b_v = load_rows(p_v, start_n, Tk, stride_vt, stride_vd, HEAD_DIM, COLS, BLOCK_D, True, UPCAST)
+    b_dk = tl.zeros([COLS, BLOCK_D], dtype=tl.float32)
+    b_dv = tl.zeros([COLS, BLOCK_D], dtype=tl.float32)
+
+    # An unused K/V sequence has an empty range and stores zeros.
+    m_full = Tq - Tq % BLOCK_M
+    for i_q in range(q_start, q_end):
+        i_s = tl.load(KV_QUERIES + i_q).to(tl.int64)
+        p_q = Q + i_s * stride_qs + i_h * stride_qh
+        p_do = DO + i_s * stride_dos + i_h * stride_doh
+        p_lse = LSE + (i_s * H + i_h) * Tq
+        p_delta = DELTA + (i_s * H + i_h) * Tq
+        if TAIL_M == BLOCK_M:
+            # A last tile as wide as the others: one masked loop. A loop and a separate last tile
+            # cost registers here (dk/dv spilled at d = 128 on sm_90 with triton 3.6).
+            for start_m in range(0, Tq, BLOCK_M):
+                b_dk, b_dv = _dkdv_tile(
+                    b_k, b_v, b_dk, b_dv, m_n, p_q, p_do, p_lse, p_delta, start_m, Tq,
+                    stride_qt, stride_qd, stride_dot, stride_dod, qk_scale,
+                    HEAD_DIM, BLOCK_M, BLOCK_D, True, UPCAST,
+                )
+        else:
+            # Full query tiles without a mask, then the rest in a tile only as wide as it needs.
+            for start_m in range(0, m_full, BLOCK_M):
+                b_dk, b_dv = _dkdv_tile(
+                    b_k, b_v, b_dk, b_dv, m_n, p_q, p_do, p_lse, p_delta, start_m, Tq,
+                    stride_qt, stride_qd, stride_dot, stride_dod, qk_scale,
+                    HEAD_DIM, BLOCK_M, BLOCK_D, False, UPCAST,
+                )
+            if TAIL_M > 0:
+                b_dk, b_dv = _dkdv_tile(
+                    b_k, b_v, b_dk, b_dv, m_n, p_q, p_do, p_lse, p_delta, m_full, Tq,
+                    stride_qt, stride_qd, stride_dot, stride_dod, qk_scale,
+                    HEAD_DIM, TAIL_M, BLOCK_D, True, UPCAST,
+                )
+
+    o_d = tl.arange(0, BLOCK_D)
+    m_nd = m_n[:, None] & (o_d < HEAD_DIM)[None, :]
+    p_dkn = p_dk + o_n[:, None] * stride_dkt + o_d[None, :] * stride_dkd
+    p_dvn = p_dv + o_n[:, None] * stride_dvt + o_d[None, :] * stride_dvd
+    tl.store(p_dkn, (b_dk * scale).to(p_dk.dtype.element_ty), mask=m_nd)
+    tl.store(p_dvn, b_dv.to(p_dv.dtype.element_ty), mask=m_nd)
+
+
+@triton.jit
 def _shared_attention_bwd_dkdv_kernel(
     Q,  # (Sq, Tq, H, d), any strides
     K,  # (Skv, Tk, H, d), any strides
@@ -75,71 +228,47 @@ def _shared_attention_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    TAIL_M: tl.constexpr,  # width of the last, partial query tile (0: BLOCK_M divides Tq)
+    TAIL_N: tl.constexpr,  # keys of the last program when Tk leaves a partial tile (0: none)
     BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """One program: BLOCK_N keys of K/V sequence j, head h; grid (cdiv(Tk, BLOCK_N), Skv * H).
-
-    Works on transposed score tiles [BLOCK_N, BLOCK_M] so that dk/dv come out of plain dots.
-    """
+    """One program: BLOCK_N keys of K/V sequence j, head h (TAIL_N for the last partial tile);
+    grid (cdiv(Tk, BLOCK_N), Skv * H)."""
     i_n = tl.program_id(0)
     i_jh = tl.program_id(1)
     i_j = (i_jh // H).to(tl.int64)
     i_h = i_jh % H
-
-    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    o_m = tl.arange(0, BLOCK_M)
-    o_d = tl.arange(0, BLOCK_D)
-    m_n = o_n < Tk
-    m_d = o_d < HEAD_DIM
-    m_nd = m_n[:, None] & m_d[None, :]
-
-    p_k = K + i_j * stride_ks + i_h * stride_kh + o_n[:, None] * stride_kt + o_d[None, :] * stride_kd
-    p_v = V + i_j * stride_vs + i_h * stride_vh + o_n[:, None] * stride_vt + o_d[None, :] * stride_vd
-    # [BLOCK_N, BLOCK_D]
-    b_k = tl.load(p_k, mask=m_nd, other=0.0)
-    b_v = tl.load(p_v, mask=m_nd, other=0.0)
-    if UPCAST:
-        b_k = b_k.to(tl.float32)
-        b_v = b_v.to(tl.float32)
-    b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    b_dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-
-    # An unused K/V sequence has an empty range and stores zeros.
+    p_k = K + i_j * stride_ks + i_h * stride_kh
+    p_v = V + i_j * stride_vs + i_h * stride_vh
+    p_dk = DK + i_j * stride_dks + i_h * stride_dkh
+    p_dv = DV + i_j * stride_dvs + i_h * stride_dvh
     q_start = tl.load(KV_OFFSETS + i_j)
     q_end = tl.load(KV_OFFSETS + i_j + 1)
-    for i_q in range(q_start, q_end):
-        i_s = tl.load(KV_QUERIES + i_q).to(tl.int64)
-        p_qt = Q + i_s * stride_qs + i_h * stride_qh + o_d[:, None] * stride_qd + o_m[None, :] * stride_qt
-        p_do = (
-            DO + i_s * stride_dos + i_h * stride_doh + o_m[:, None] * stride_dot + o_d[None, :] * stride_dod
+    start_n = i_n * BLOCK_N
+    # A narrow last tile is compiled as a branch of its own: block shapes are compile-time constants.
+    if TAIL_N > 0 and TAIL_N < BLOCK_N:
+        if start_n + BLOCK_N > Tk:
+            _dkdv_cols(
+                Q, DO, LSE, DELTA, KV_QUERIES, p_k, p_v, p_dk, p_dv, q_start, q_end, i_h, H, start_n, Tq, Tk,
+                scale, qk_scale, stride_qs, stride_qt, stride_qh, stride_qd, stride_kt, stride_kd, stride_vt,
+                stride_vd, stride_dos, stride_dot, stride_doh, stride_dod, stride_dkt, stride_dkd, stride_dvt,
+                stride_dvd, HEAD_DIM, TAIL_N, BLOCK_M, TAIL_M, BLOCK_D, UPCAST,
+            )
+        else:
+            _dkdv_cols(
+                Q, DO, LSE, DELTA, KV_QUERIES, p_k, p_v, p_dk, p_dv, q_start, q_end, i_h, H, start_n, Tq, Tk,
+                scale, qk_scale, stride_qs, stride_qt, stride_qh, stride_qd, stride_kt, stride_kd, stride_vt,
+                stride_vd, stride_dos, stride_dot, stride_doh, stride_dod, stride_dkt, stride_dkd, stride_dvt,
+                stride_dvd, HEAD_DIM, BLOCK_N, BLOCK_M, TAIL_M, BLOCK_D, UPCAST,
+            )
+    else:
+        _dkdv_cols(
+            Q, DO, LSE, DELTA, KV_QUERIES, p_k, p_v, p_dk, p_dv, q_start, q_end, i_h, H, start_n, Tq, Tk,
+            scale, qk_scale, stride_qs, stride_qt, stride_qh, stride_qd, stride_kt, stride_kd, stride_vt,
+            stride_vd, stride_dos, stride_dot, stride_doh, stride_dod, stride_dkt, stride_dkd, stride_dvt,
+            stride_dvd, HEAD_DIM, BLOCK_N, BLOCK_M, TAIL_M, BLOCK_D, UPCAST,
         )
-        p_row = (i_s * H + i_h) * Tq + o_m
-        for start_m in range(0, Tq, BLOCK_M):
-            m_m = start_m + o_m < Tq
-            # [BLOCK_D, BLOCK_M]
-            b_qt = tl.load(p_qt + start_m * stride_qt, mask=m_d[:, None] & m_m[None, :], other=0.0)
-            # [BLOCK_M, BLOCK_D]
-            b_do = tl.load(p_do + start_m * stride_dot, mask=m_m[:, None] & m_d[None, :], other=0.0)
-            if UPCAST:
-                b_qt = b_qt.to(tl.float32)
-                b_do = b_do.to(tl.float32)
-            # [BLOCK_M]
-            b_lse = tl.load(LSE + p_row + start_m, mask=m_m, other=0.0)
-            b_delta = tl.load(DELTA + p_row + start_m, mask=m_m, other=0.0)
-            # [BLOCK_N, BLOCK_M]; padded rows and columns are zeroed so that no overflow of
-            # exp2 on padding can reach a stored element.
-            b_pt = tl.exp2(tl.dot(b_k, b_qt) * qk_scale - b_lse[None, :])
-            b_pt = tl.where(m_n[:, None] & m_m[None, :], b_pt, 0.0)
-            b_dv = tl.dot(b_pt.to(b_do.dtype), b_do, b_dv)
-            b_dpt = tl.dot(b_v, tl.trans(b_do))
-            b_dst = b_pt * (b_dpt - b_delta[None, :])
-            b_dk = tl.dot(b_dst.to(b_qt.dtype), tl.trans(b_qt), b_dk)
-
-    p_dk = DK + i_j * stride_dks + i_h * stride_dkh + o_n[:, None] * stride_dkt + o_d[None, :] * stride_dkd
-    p_dv = DV + i_j * stride_dvs + i_h * stride_dvh + o_n[:, None] * stride_dvt + o_d[None, :] * stride_dvd
-    tl.store(p_dk, (b_dk * scale).to(DK.dtype.element_ty), mask=m_nd)
-    tl.store(p_dv, b_dv.to(DV.dtype.element_ty), mask=m_nd)
 
 
 # Skv only bounds a clamp: specializing on its value would compile more variants for nothing.
@@ -165,59 +294,51 @@ def _shared_attention_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    TAIL_M: tl.constexpr,  # rows of the last program when Tq leaves a partial tile (0: none)
     TAIL_N: tl.constexpr,  # width of the last, partial key tile (0: BLOCK_N divides Tk)
     BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """One program: BLOCK_M query rows of sequence s, head h; grid (cdiv(Tq, BLOCK_M), Sq * H).
-    Also stores delta of those rows for the dk/dv kernel."""
+    """One program: BLOCK_M query rows of sequence s, head h (TAIL_M for the last partial tile);
+    grid (cdiv(Tq, BLOCK_M), Sq * H). Also stores delta of those rows for the dk/dv kernel."""
     i_m = tl.program_id(0)
     i_sh = tl.program_id(1)
     i_s = (i_sh // H).to(tl.int64)
     i_h = i_sh % H
     # Clamped: an unchecked out-of-range map (compiled path) reads a wrong sequence, never outside K/V.
     i_kv = tl.minimum(tl.maximum(tl.load(KV_INDEX + i_s).to(tl.int64), 0), Skv - 1)
-
-    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    o_d = tl.arange(0, BLOCK_D)
-    m_m = o_m < Tq
-    m_d = o_d < HEAD_DIM
-    m_md = m_m[:, None] & m_d[None, :]
-
-    p_q = Q + i_s * stride_qs + i_h * stride_qh + o_m[:, None] * stride_qt + o_d[None, :] * stride_qd
-    p_do = DO + i_s * stride_dos + i_h * stride_doh + o_m[:, None] * stride_dot + o_d[None, :] * stride_dod
-    # [BLOCK_M, BLOCK_D]
-    b_q = tl.load(p_q, mask=m_md, other=0.0)
-    b_do = tl.load(p_do, mask=m_md, other=0.0)
-    if UPCAST:
-        b_q = b_q.to(tl.float32)
-        b_do = b_do.to(tl.float32)
-    # [BLOCK_M]
-    b_lse = tl.load(LSE + i_sh.to(tl.int64) * Tq + o_m, mask=m_m, other=0.0)
-    # delta = rowsum(dO * O) of the owned rows, here rather than in a launch of its own.
-    p_o = O + i_s * stride_os + i_h * stride_oh + o_m[:, None] * stride_ot + o_d[None, :] * stride_od
-    b_delta = tl.sum(tl.load(p_o, mask=m_md, other=0.0).to(tl.float32) * b_do.to(tl.float32), 1)
-    tl.store(DELTA + i_sh.to(tl.int64) * Tq + o_m, b_delta, mask=m_m)
-    b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-
+    p_q = Q + i_s * stride_qs + i_h * stride_qh
     p_k = K + i_kv * stride_ks + i_h * stride_kh
     p_v = V + i_kv * stride_vs + i_h * stride_vh
-    n_full = Tk - Tk % BLOCK_N
-    for start_n in range(0, n_full, BLOCK_N):
-        b_dq = _dq_tile(
-            b_q, b_do, b_lse, b_delta, b_dq, m_m, p_k, p_v, start_n, Tk,
-            stride_kt, stride_kd, stride_vt, stride_vd, qk_scale,
-            HEAD_DIM, BLOCK_N, BLOCK_D, False, UPCAST,
+    p_o = O + i_s * stride_os + i_h * stride_oh
+    p_do = DO + i_s * stride_dos + i_h * stride_doh
+    p_dq = DQ + i_s * stride_dqs + i_h * stride_dqh
+    p_lse = LSE + i_sh.to(tl.int64) * Tq
+    p_delta = DELTA + i_sh.to(tl.int64) * Tq
+    start_m = i_m * BLOCK_M
+    # A narrow last tile is compiled as a branch of its own: block shapes are compile-time constants.
+    if TAIL_M > 0 and TAIL_M < BLOCK_M:
+        if start_m + BLOCK_M > Tq:
+            _dq_rows(
+                p_q, p_k, p_v, p_o, p_do, p_dq, p_lse, p_delta, start_m, Tq, Tk, scale, qk_scale,
+                stride_qt, stride_qd, stride_kt, stride_kd, stride_vt, stride_vd, stride_ot, stride_od,
+                stride_dot, stride_dod, stride_dqt, stride_dqd,
+                HEAD_DIM, TAIL_M, BLOCK_N, TAIL_N, BLOCK_D, UPCAST,
+            )
+        else:
+            _dq_rows(
+                p_q, p_k, p_v, p_o, p_do, p_dq, p_lse, p_delta, start_m, Tq, Tk, scale, qk_scale,
+                stride_qt, stride_qd, stride_kt, stride_kd, stride_vt, stride_vd, stride_ot, stride_od,
+                stride_dot, stride_dod, stride_dqt, stride_dqd,
+                HEAD_DIM, BLOCK_M, BLOCK_N, TAIL_N, BLOCK_D, UPCAST,
+            )
+    else:
+        _dq_rows(
+            p_q, p_k, p_v, p_o, p_do, p_dq, p_lse, p_delta, start_m, Tq, Tk, scale, qk_scale,
+            stride_qt, stride_qd, stride_kt, stride_kd, stride_vt, stride_vd, stride_ot, stride_od,
+            stride_dot, stride_dod, stride_dqt, stride_dqd,
+            HEAD_DIM, BLOCK_M, BLOCK_N, TAIL_N, BLOCK_D, UPCAST,
         )
-    if TAIL_N > 0:
-        b_dq = _dq_tile(
-            b_q, b_do, b_lse, b_delta, b_dq, m_m, p_k, p_v, n_full, Tk,
-            stride_kt, stride_kd, stride_vt, stride_vd, qk_scale,
-            HEAD_DIM, TAIL_N, BLOCK_D, True, UPCAST,
-        )
-
-    p_dq = DQ + i_s * stride_dqs + i_h * stride_dqh + o_m[:, None] * stride_dqt + o_d[None, :] * stride_dqd
-    tl.store(p_dq, (b_dq * scale).to(DQ.dtype.element_ty), mask=m_md)
 
 
 # fmt: on
@@ -231,8 +352,8 @@ def kernel_configs(Tq: int, Tk: int, d: int, dtype: torch.dtype) -> dict:
     dq = _common.attention_blocks("bwd_dq", Tq, Tk, d, dtype)
     dkdv = _common.attention_blocks("bwd_dkdv", Tq, Tk, d, dtype)
     return {
-        "bwd_dq": (_shared_attention_bwd_dq_kernel, _common.launch_meta(dq, d, streamed=Tk)),
-        "bwd_dkdv": (_shared_attention_bwd_dkdv_kernel, _common.launch_meta(dkdv, d)),
+        "bwd_dq": (_shared_attention_bwd_dq_kernel, _common.launch_meta(dq, d, Tq, Tk)),
+        "bwd_dkdv": (_shared_attention_bwd_dkdv_kernel, _common.launch_meta(dkdv, d, Tq, Tk, owns_keys=True)),
     }
 
 

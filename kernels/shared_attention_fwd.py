@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._tiles import load_rows_t
+from ._tiles import load_rows, load_rows_t
 
 
 # Kernel signatures keep the four strides of each tensor on one line.
@@ -28,20 +28,11 @@ def _fwd_tile(
     UPCAST: tl.constexpr,
 ):
     """Fold keys [start_n, start_n + BLOCK_N) into (b_max, b_sum, b_acc) and return them."""
-    o_n = start_n + tl.arange(0, BLOCK_N)
-    o_d = tl.arange(0, BLOCK_D)
-    m_n = o_n < Tk
+    m_n = start_n + tl.arange(0, BLOCK_N) < Tk
     # [BLOCK_D, BLOCK_N]: K is read transposed so that q @ k^T is a plain dot.
     b_kt = load_rows_t(p_k, start_n, Tk, stride_kt, stride_kd, HEAD_DIM, BLOCK_N, BLOCK_D, MASK_N, UPCAST)
     # [BLOCK_N, BLOCK_D]
-    p_vn = p_v + o_n[:, None] * stride_vt + o_d[None, :] * stride_vd
-    m_d = (o_d < HEAD_DIM)[None, :]
-    if MASK_N:
-        b_v = tl.load(p_vn, mask=m_n[:, None] & m_d, other=0.0)
-    else:
-        b_v = tl.load(p_vn, mask=m_d, other=0.0)
-    if UPCAST:
-        b_v = b_v.to(tl.float32)
+    b_v = load_rows(p_v, start_n, Tk, stride_vt, stride_vd, HEAD_DIM, BLOCK_N, BLOCK_D, MASK_N, UPCAST)
     # [BLOCK_M, BLOCK_N]
     b_s = tl.dot(b_q, b_kt) * qk_scale
     if MASK_N:
@@ -52,6 +43,55 @@ def _fwd_tile(
     b_sum = b_sum * b_alpha + tl.sum(b_p, 1)
     b_acc = tl.dot(b_p.to(b_v.dtype), b_v, b_acc * b_alpha[:, None])
     return b_max_new, b_sum, b_acc
+
+
+@triton.jit
+def _fwd_rows(
+    p_q, p_k, p_v, p_o,  # this (sequence, head) of Q, K, V and O at row 0
+    p_lse,  # its Tq log-sum-exps
+    start_m, Tq, Tk,
+    stride_qt, stride_qd, stride_kt, stride_kd, stride_vt, stride_vd, stride_ot, stride_od,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    TAIL_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Store the output and log-sum-exp of query rows [start_m, start_m + ROWS)."""
+    # [ROWS, BLOCK_D]
+    b_q = load_rows(p_q, start_m, Tq, stride_qt, stride_qd, HEAD_DIM, ROWS, BLOCK_D, True, UPCAST)
+    # [ROWS]
+    b_max = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    b_sum = tl.zeros([ROWS], dtype=tl.float32)
+    # [ROWS, BLOCK_D]
+    b_acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    # Full tiles without a key mask, then the rest of Tk in a tile only as wide as it needs (197 =
+    # 3 x 64 + 16 rather than 4 x 64: a fifth less matmul work at the released length). Whichever
+    # tile comes first holds at least one key, so every row's running max is finite after it.
+    n_full = Tk - Tk % BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        b_max, b_sum, b_acc = _fwd_tile(
+            b_q, b_max, b_sum, b_acc, p_k, p_v, start_n, Tk, stride_kt, stride_kd, stride_vt, stride_vd,
+            qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, False, UPCAST,
+        )
+    if TAIL_N > 0:
+        b_max, b_sum, b_acc = _fwd_tile(
+            b_q, b_max, b_sum, b_acc, p_k, p_v, n_full, Tk, stride_kt, stride_kd, stride_vt, stride_vd,
+            qk_scale, HEAD_DIM, TAIL_N, BLOCK_D, True, UPCAST,
+        )
+
+    b_o = b_acc / b_sum[:, None]
+    o_m = start_m + tl.arange(0, ROWS)
+    o_d = tl.arange(0, BLOCK_D)
+    m_m = o_m < Tq
+    m_md = m_m[:, None] & (o_d < HEAD_DIM)[None, :]
+    p_om = p_o + o_m[:, None] * stride_ot + o_d[None, :] * stride_od
+    tl.store(p_om, b_o.to(p_o.dtype.element_ty), mask=m_md)
+    # Kept in base 2 (log2 sum_j 2^(qk_scale q.k_j) = log2(e) * natural lse), the units the backward
+    # rebuilds P in: a round trip through the natural log would cost an ulp of the largest logit.
+    tl.store(p_lse + o_m, b_max + tl.log2(b_sum), mask=m_m)
 
 
 # Skv only bounds a clamp: specializing on its value would compile more variants for nothing.
@@ -72,57 +112,46 @@ def _shared_attention_fwd_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    TAIL_M: tl.constexpr,  # rows of the last program when Tq leaves a partial tile (0: none)
     TAIL_N: tl.constexpr,  # width of the last, partial key tile (0: BLOCK_N divides Tk)
     BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """One program: BLOCK_M query rows of sequence s, head h; grid (cdiv(Tq, BLOCK_M), Sq * H)."""
+    """One program: BLOCK_M query rows of sequence s, head h (TAIL_M for the last partial tile);
+    grid (cdiv(Tq, BLOCK_M), Sq * H)."""
     i_m = tl.program_id(0)
     i_sh = tl.program_id(1)
     i_s = (i_sh // H).to(tl.int64)
     i_h = i_sh % H
     # Clamped: an unchecked out-of-range map (compiled path) reads a wrong sequence, never outside K/V.
     i_kv = tl.minimum(tl.maximum(tl.load(KV_INDEX + i_s).to(tl.int64), 0), Skv - 1)
-
-    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    o_d = tl.arange(0, BLOCK_D)
-    m_m = o_m < Tq
-    m_d = o_d < HEAD_DIM
-
-    p_q = Q + i_s * stride_qs + i_h * stride_qh + o_m[:, None] * stride_qt + o_d[None, :] * stride_qd
-    # [BLOCK_M, BLOCK_D]
-    b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)
-    if UPCAST:
-        b_q = b_q.to(tl.float32)
+    p_q = Q + i_s * stride_qs + i_h * stride_qh
     p_k = K + i_kv * stride_ks + i_h * stride_kh
     p_v = V + i_kv * stride_vs + i_h * stride_vh
-
-    # [BLOCK_M]
-    b_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    b_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    # [BLOCK_M, BLOCK_D]
-    b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    # Full tiles without a key mask, then the rest of Tk in a tile only as wide as it needs (197 =
-    # 3 x 64 + 16 rather than 4 x 64: a fifth less matmul work at the released length). Whichever
-    # tile comes first holds at least one key, so every row's running max is finite after it.
-    n_full = Tk - Tk % BLOCK_N
-    for start_n in range(0, n_full, BLOCK_N):
-        b_max, b_sum, b_acc = _fwd_tile(
-            b_q, b_max, b_sum, b_acc, p_k, p_v, start_n, Tk, stride_kt, stride_kd, stride_vt, stride_vd,
-            qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, False, UPCAST,
+    p_o = O + i_s * stride_os + i_h * stride_oh
+    p_lse = LSE + i_sh.to(tl.int64) * Tq
+    start_m = i_m * BLOCK_M
+    # A narrow last tile (197 = 3 x 64 + 16 rather than 4 x 64) is compiled as a branch of its own:
+    # block shapes are compile-time constants.
+    if TAIL_M > 0 and TAIL_M < BLOCK_M:
+        if start_m + BLOCK_M > Tq:
+            _fwd_rows(
+                p_q, p_k, p_v, p_o, p_lse, start_m, Tq, Tk, stride_qt, stride_qd, stride_kt, stride_kd,
+                stride_vt, stride_vd, stride_ot, stride_od, qk_scale,
+                HEAD_DIM, TAIL_M, BLOCK_N, TAIL_N, BLOCK_D, UPCAST,
+            )
+        else:
+            _fwd_rows(
+                p_q, p_k, p_v, p_o, p_lse, start_m, Tq, Tk, stride_qt, stride_qd, stride_kt, stride_kd,
+                stride_vt, stride_vd, stride_ot, stride_od, qk_scale,
+                HEAD_DIM, BLOCK_M, BLOCK_N, TAIL_N, BLOCK_D, UPCAST,
+            )
+    else:
+        _fwd_rows(
+            p_q, p_k, p_v, p_o, p_lse, start_m, Tq, Tk, stride_qt, stride_qd, stride_kt, stride_kd,
+            stride_vt, stride_vd, stride_ot, stride_od, qk_scale,
+            HEAD_DIM, BLOCK_M, BLOCK_N, TAIL_N, BLOCK_D, UPCAST,
         )
-    if TAIL_N > 0:
-        b_max, b_sum, b_acc = _fwd_tile(
-            b_q, b_max, b_sum, b_acc, p_k, p_v, n_full, Tk, stride_kt, stride_kd, stride_vt, stride_vd,
-            qk_scale, HEAD_DIM, TAIL_N, BLOCK_D, True, UPCAST,
-        )
-
-    b_o = b_acc / b_sum[:, None]
-    p_o = O + i_s * stride_os + i_h * stride_oh + o_m[:, None] * stride_ot + o_d[None, :] * stride_od
-    tl.store(p_o, b_o.to(O.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
-    # Kept in base 2 (log2 sum_j 2^(qk_scale q.k_j) = log2(e) * natural lse), the units the backward
-    # rebuilds P in: a round trip through the natural log would cost an ulp of the largest logit.
-    tl.store(LSE + i_sh.to(tl.int64) * Tq + o_m, b_max + tl.log2(b_sum), mask=m_m)
 
 
 # fmt: on
@@ -134,7 +163,7 @@ def kernel_configs(Tq: int, Tk: int, d: int, dtype: torch.dtype) -> dict:
     compile-time arguments (constexprs, num_warps, num_stages). Also read by ahead-of-time compiles
     (`fastvit_style.benchmark.gpu_compile`)."""
     blocks = _common.attention_blocks("fwd", Tq, Tk, d, dtype)
-    meta = _common.launch_meta(blocks, d, streamed=Tk)
+    meta = _common.launch_meta(blocks, d, Tq, Tk)
     return {"fwd": (_shared_attention_fwd_kernel, meta)}
 
 

@@ -137,9 +137,9 @@ def main(argv=None) -> int:
         return 0
     for r in rows:
         m = r["meta"]
-        tiles = "x".join(str(m[k]) for k in ("BLOCK_M", "BLOCK_N", "TAIL_N") if k in m)
+        tiles = "x".join(str(m[k]) for k in ("BLOCK_M", "BLOCK_N", "TAIL_M", "TAIL_N"))
         print(
-            f"{r['kernel']:>10} {r['dtype']} Tq={r['Tq']} Tk={r['Tk']} d={r['d']} tiles {tiles:>9} "
+            f"{r['kernel']:>10} {r['dtype']} Tq={r['Tq']} Tk={r['Tk']} d={r['d']} tiles {tiles:>12} "
             f"warps {m['num_warps']}: {r['registers']:3d} registers, "
             f"{r['spill_stack_bytes']:3d} B spill stack, "
             f"{r['wgmma']} HGMMA, {r['mma']} HMMA, {r['sass_lines']} SASS lines"

@@ -136,13 +136,17 @@ def test_layouts(layout, device):
     check(3, 2, 20, 24, 2, 32, [1, 1, 0], torch.float32, device, layout)
 
 
-@pytest.mark.parametrize("narrow_tail", [True, False], ids=["narrow_tail", "full_tail"])
+@pytest.mark.parametrize(
+    "narrow_streamed, narrow_owned",
+    [(True, True), (False, True), (True, False), (False, False)],
+    ids=["narrow", "full_streamed", "full_owned", "full"],
+)
 @pytest.mark.parametrize("block_m, block_n", [(16, 16), (16, 32), (32, 16), (16, 64)], ids=lambda b: f"{b}")
-def test_forced_blocks(block_m, block_n, narrow_tail, monkeypatch, device):
+def test_forced_blocks(block_m, block_n, narrow_streamed, narrow_owned, monkeypatch, device):
     """Several tiles per sequence with a partial last one, on both sides and in every kernel; the
-    partial tile narrowed (at 32-row tiles, 37 = 32 + 5 and 40 = 32 + 8 end in a 16-row tile) or run
-    at full width."""
-    blocks = _common.Blocks(block_m, block_n, 4, 1, narrow_tail)
+    partial tiles narrowed (at 32-row tiles, 37 = 32 + 5 and 40 = 32 + 8 end in a 16-row tile) or run
+    at full width, on the streamed side and the owned side (the last program's rows)."""
+    blocks = _common.Blocks(block_m, block_n, 4, 1, narrow_streamed, narrow_owned)
     monkeypatch.setattr(_common, "attention_blocks", lambda *args: blocks)
     check(3, 2, 37, 40, 2, 80, [1, 0, 1], torch.float32, device)
 
@@ -163,6 +167,15 @@ def test_forced_blocks(block_m, block_n, narrow_tail, monkeypatch, device):
 )
 def test_tail_width(length, block, narrow, expected):
     assert _common.tail_width(length, block, narrow) == expected
+
+
+@pytest.mark.parametrize("owns_keys", [False, True])
+def test_launch_meta_tails(owns_keys):
+    """The owned and streamed flags reach the right axis: queries are owned unless owns_keys (dk/dv)."""
+    blocks = _common.Blocks(64, 32, 4, 2, narrow_streamed=False, narrow_owned=True)
+    meta = _common.launch_meta(blocks, 64, 197, 197, owns_keys=owns_keys)
+    # 197 = 3 x 64 + 5 (queries) = 6 x 32 + 5 (keys): a narrow tail is 16 wide, a full one a block.
+    assert (meta["TAIL_M"], meta["TAIL_N"]) == ((64, 16) if owns_keys else (16, 32))
 
 
 def test_stride0_grad(device):
