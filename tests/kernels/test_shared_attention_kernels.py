@@ -127,6 +127,11 @@ def test_released_length_bf16(device):
     check(3, 2, 196, 197, 1, 64, [0, 1, 1], torch.bfloat16, device)
 
 
+def test_tail_wider_than_16(device):
+    """84 = 64 + 20: the last tile of each side (owned and streamed) is 32 wide, not the usual 16."""
+    check(3, 2, 84, 84, 1, 32, [1, 0, 1], torch.float32, device)
+
+
 def test_fp16(device):
     check(3, 2, 33, 33, 2, 64, [1, 0, 0], torch.float16, device)
 
