@@ -359,53 +359,64 @@ def guarded(row, action):
     return row
 
 
-def block_sweep(args, results, over_budget):
-    """Time the fused kernels under a few tile configs at B=32, H=12 (forward and backward separately).
+def block_configs():
+    """(fwd, dkdv, dq) Blocks to time: what `_common.attention_blocks` picks at this workload, then one
+    change at a time (each narrow tail flipped; every tail narrow, every tail full width; other tile
+    shapes with the default tails). A fifth Blocks field is narrow_streamed (the partial last tile of
+    the streamed side runs only as wide as it needs, `_common.tail_width`), a sixth narrow_owned (the
+    same for the last program's tile of the owned side)."""
+    from fastvit_style.kernels._common import Blocks, attention_blocks
 
-    A fifth field False runs the partial last tile of the streamed side at full width, a sixth the
-    last program's partial tile of the owned side (`_common.tail_width`; `_common.attention_blocks`
-    says which the defaults narrow), to measure what the narrow tails give.
-    """
+    fwd0, dkdv0, dq0 = (attention_blocks(k, T, T, D, torch.bfloat16) for k in ("fwd", "bwd_dkdv", "bwd_dq"))
+
+    def tails(b, streamed, owned):
+        return b._replace(narrow_streamed=streamed, narrow_owned=owned)
+
+    fwd_configs = [
+        fwd0,
+        fwd0._replace(narrow_streamed=not fwd0.narrow_streamed),
+        fwd0._replace(narrow_owned=not fwd0.narrow_owned),
+        *(
+            Blocks(*shape, *fwd0[4:])
+            for shape in ((64, 32, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (32, 64, 4, 3))
+        ),
+    ]
+    bwd_shapes = (  # (dkdv, dq)
+        ((32, 64, 8, 2), (64, 32, 4, 2)),
+        ((64, 64, 4, 2), (64, 64, 4, 2)),
+        ((32, 128, 8, 2), (128, 32, 8, 2)),
+        ((16, 64, 4, 2), (64, 16, 4, 2)),
+        ((32, 64, 4, 3), (64, 32, 4, 3)),
+    )
+    bwd_configs = [
+        (tails(dkdv0, True, True), tails(dq0, True, True)),
+        (tails(dkdv0, False, False), tails(dq0, False, False)),
+        *((Blocks(*kv, *dkdv0[4:]), Blocks(*q, *dq0[4:])) for kv, q in bwd_shapes),
+    ]
+    return [(f, dkdv0, dq0) for f in fwd_configs] + [(fwd0, kv, q) for kv, q in bwd_configs]
+
+
+def block_sweep(args, results, over_budget):
+    """Time the fused kernels under the tile configs of `block_configs` at B=32, H=12 (forward and
+    backward separately)."""
     from fastvit_style.kernels import _common
 
     default = _common.attention_blocks
-    fwd_configs = [
-        (64, 64, 4, 3),
-        (64, 64, 4, 3, False),
-        (64, 64, 4, 3, True, False),
-        (64, 32, 4, 3),
-        (128, 64, 8, 3),
-        (128, 32, 4, 3),
-        (32, 64, 4, 3),
-    ]
-    # (dkdv blocks, dq blocks); the first row is what `_common.attention_blocks` picks.
-    bwd_configs = [
-        ((32, 64, 4, 2, False), (64, 32, 4, 2, True, False)),  # the defaults
-        ((32, 64, 4, 2, True), (64, 32, 4, 2, True, True)),  # every tail narrow
-        ((32, 64, 4, 2, False, False), (64, 32, 4, 2, False, False)),  # every tail full width
-        ((32, 64, 8, 2, False), (64, 32, 4, 2, True, False)),
-        ((64, 64, 4, 2, False), (64, 64, 4, 2, True, False)),
-        ((32, 128, 8, 2, False), (128, 32, 8, 2, True, False)),
-        ((16, 64, 4, 2, False), (64, 16, 4, 2, True, False)),
-        ((32, 64, 4, 3, False), (64, 32, 4, 3, True, False)),
-    ]
+    configs = block_configs()
     p = Problem(32, 12)
-    configs = [(c, bwd_configs[0]) for c in fwd_configs] + [(fwd_configs[0], c) for c in bwd_configs[1:]]
     try:
-        for fwd, (dkdv, dq) in configs:
-            table = {
-                "fwd": _common.Blocks(*fwd),
-                "bwd_dkdv": _common.Blocks(*dkdv),
-                "bwd_dq": _common.Blocks(*dq),
-            }
+        for fwd, dkdv, dq in configs:
+            table = {"fwd": fwd, "bwd_dkdv": dkdv, "bwd_dq": dq}
             _common.attention_blocks = lambda kernel, *rest, table=table: table[kernel]
-            row = {"fwd_blocks": fwd, "dkdv_blocks": dkdv, "dq_blocks": dq}
+            row = {"fwd_blocks": tuple(fwd), "dkdv_blocks": tuple(dkdv), "dq_blocks": tuple(dq)}
             if over_budget():
                 row["status"] = "skipped: time budget"
                 results.append(row)
                 continue
             results.append(guarded(row, lambda: run_method(p, fused, args)))
-            print(f"  blocks fwd {fwd} dkdv {dkdv} dq {dq}: {_fmt(row)}")
+            print(
+                f"  blocks fwd {row['fwd_blocks']} dkdv {row['dkdv_blocks']} dq {row['dq_blocks']}: {_fmt(row)}"
+            )
     finally:
         _common.attention_blocks = default
 

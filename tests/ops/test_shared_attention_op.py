@@ -452,8 +452,11 @@ def test_import_does_not_import_triton():
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
-def test_benchmark_dry_run():
-    """bench/sweep_shared_attention.py parses its arguments and counts FLOPs without a GPU."""
+def test_benchmark_dry_run(monkeypatch):
+    """bench/sweep_shared_attention.py parses its arguments, counts FLOPs and lists its tile configs
+    without a GPU."""
+    from fastvit_style.kernels import _common
+
     path = Path(__file__).parents[2] / "bench" / "sweep_shared_attention.py"
     spec = importlib.util.spec_from_file_location("sweep_shared_attention", path)
     sweep = importlib.util.module_from_spec(spec)
@@ -465,3 +468,11 @@ def test_benchmark_dry_run():
     args = sweep.parse_args(["--dry-run", "--heads", "12", "--batches", "8", "32"])
     assert sweep.plan(args) == [(8, 12), (32, 12)]
     assert sweep.main(["--dry-run", "--heads", "3", "--batches", "8"]) == 0
+    # The block rows start at the GPU defaults and never time one config twice.
+    monkeypatch.setattr(_common, "INTERPRET", False)
+    configs = sweep.block_configs()
+    defaults = tuple(
+        _common.attention_blocks(k, 197, 197, 64, torch.bfloat16) for k in ("fwd", "bwd_dkdv", "bwd_dq")
+    )
+    assert configs[0] == defaults
+    assert len(set(configs)) == len(configs) == 14
