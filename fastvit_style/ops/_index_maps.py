@@ -10,7 +10,8 @@ A model passes the same one or two maps to the attention of every layer, forward
   their forwards, computed by the first backward, dropped with the graph. A later forward never gets
   one a backward has used, so nothing is reused across training steps, where a map could have been
   rewritten behind the version counter (within one graph, that would break autograd's saved
-  tensors as well).
+  tensors as well). A backward on another CUDA stream than the one that computed it (a model whose
+  layers run on several streams) computes its own: nothing orders the first stream's work before it.
 Nothing is kept for inference tensors (they have no version counter) or while a CUDA graph is being
 captured (a replay must recompute from the map's values, not reuse a tensor computed before).
 """
@@ -23,6 +24,11 @@ from torch import Tensor
 
 def _capturing(t: Tensor) -> bool:
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _stream(t: Tensor):
+    """The stream that work on t's device is queued on now; None on CPU."""
+    return torch.cuda.current_stream(t.device) if t.is_cuda else None
 
 
 def _cacheable(t: Tensor) -> bool:
@@ -69,17 +75,20 @@ def inverse_kv_map(kv_index: Tensor, num_kv: int) -> tuple[Tensor, Tensor]:
 class SharedInverse:
     """The inverse of one map, computed by the first backward that needs it; autograd nodes keep it."""
 
-    __slots__ = ("__weakref__", "inverse", "map_ref", "num_kv")
+    __slots__ = ("__weakref__", "inverse", "map_ref", "num_kv", "stream")
 
     def __init__(self, kv_index: Tensor, num_kv: int):
-        self.map_ref, self.num_kv, self.inverse = weakref.ref(kv_index), num_kv, None
+        self.map_ref, self.num_kv, self.inverse, self.stream = weakref.ref(kv_index), num_kv, None, None
 
     def get(self, kv_index: Tensor) -> tuple[Tensor, Tensor]:
         """The inverse of kv_index: the saved map of the node asking, with the values seen in forward."""
         if _capturing(kv_index):
             return inverse_kv_map(kv_index, self.num_kv)
+        stream = _stream(kv_index)
         if self.inverse is None:
-            self.inverse = inverse_kv_map(kv_index, self.num_kv)
+            self.inverse, self.stream = inverse_kv_map(kv_index, self.num_kv), stream
+        elif stream != self.stream:
+            return inverse_kv_map(kv_index, self.num_kv)
         return self.inverse
 
 

@@ -93,6 +93,46 @@ def test_nothing_shared_while_capturing_or_for_inference_tensors(count_inversion
     assert len(count_inversions) == 3
 
 
+def test_not_shared_across_streams(count_inversions, monkeypatch):
+    """A backward on another stream than the one that inverted the map inverts it again (nothing orders
+    the first stream's sort before its read); the first stream keeps the shared one."""
+    index = torch.tensor([1, 0, 1], dtype=torch.int32)
+    held = shared_inverse(index, 2)
+    monkeypatch.setattr(_index_maps, "_stream", lambda t: "first")
+    first = held.get(index)
+    monkeypatch.setattr(_index_maps, "_stream", lambda t: "second")
+    assert held.get(index) is not first
+    assert held.get(index)[1].tolist() == [1, 0, 2]
+    monkeypatch.setattr(_index_maps, "_stream", lambda t: "first")
+    assert held.get(index) is first
+    assert len(count_inversions) == 3
+
+
+@pytest.mark.gpu
+def test_backward_on_two_streams():
+    """Layers whose forwards ran on two CUDA streams (autograd runs each backward on its forward's
+    stream) give the gradients of a single-stream run."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(6, 197, 2, 64, device="cuda", generator=gen, requires_grad=True)
+    kv = torch.randn(4, 197, 2, 64, device="cuda", generator=gen, requires_grad=True)
+    index = torch.tensor([0, 1, 2, 3, 2, 3], dtype=torch.int32, device="cuda")
+    side = torch.cuda.Stream()
+
+    def run(streams):
+        x = q
+        for stream in streams:
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                x = shared_attention(x, kv, kv, index, backend="triton")
+            torch.cuda.current_stream().wait_stream(stream)
+        return torch.autograd.grad(x.square().sum(), (q, kv))
+
+    main = torch.cuda.current_stream()
+    expected = run([main] * 4)
+    for got, want in zip(run([main, side, main, side]), expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_eager_backward_of_a_model_inverts_each_map_once(count_inversions):
     """Twelve layers over one map and their re-anchor calls over another: two inversions per backward,
     and the next step inverts again."""
