@@ -5,12 +5,17 @@
 #   FASTVIT_STYLE_GIT_COMMIT=<commit> bash bench/gpu_check.sh OUTDIR [all|kernels|model]
 #
 # (the commit is recorded in the JSON: the copy on the GPU machine has no .git to read it from)
-#   all      (default) GPU tests, shared-attention sweep, host/device profile, end-to-end benchmark
-#            (what time is left), micro-benchmarks: everything once, when one call is all there is
+#   all      (default) what the open issues ask of a GPU, for a session whose device time allows
+#            one call (15 min with the machine's start): GPU tests, the shared-attention sweep with
+#            tile configs, the end-to-end benchmark of base (training first, compiled official and
+#            Triton in bf16), then the host/device profile and micro-benchmarks if time is left
 #   kernels  GPU tests, the sweep with tile configs, the sweep again replayed from CUDA graphs,
 #            the profile, a torch.profiler table of one base bf16 training step, micro-benchmarks
 #   model    the end-to-end benchmark of base with the whole call to itself: compiled variants
 #            included (the training targets of issue 5 compare against official bf16 + compile)
+#
+# Wheels in .whl/ (carried: `run(carry=[".whl"])`; xformers for the sweep's and the benchmark's
+# xformers rows, see bench/README.md) are installed into a temporary folder first.
 #
 # OUTDIR stays flat and small (a device call brings back at most 8 files): the bench JSON and PNG,
 # the sweep JSONs, the profile JSON, the micro-benchmark JSON and logs.tar.gz (one log per step).
@@ -64,25 +69,34 @@ else
     cp -a . "$COPY" && ln -sfn ../kernels "$COPY/fastvit_style/kernels" && cd "$COPY"
     importable && say "package: importable from $COPY" || say "package: fastvit_style.kernels NOT importable"
 fi
-export PYTHONPATH=$PWD
+SITE=
+if compgen -G ".whl/*.whl" >/dev/null; then
+    SITE=$(mktemp -d)
+    if python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/*.whl >"$LOGS/wheels.log" 2>&1; then
+        say "wheels: installed $(ls .whl | tr '\n' ' ')"
+    else
+        say "wheels: install failed (see wheels.log)"
+    fi
+fi
+export PYTHONPATH=$PWD${SITE:+:$SITE}
 
 step env 60 bash -c 'nvidia-smi; python3 -m fastvit_style.info; python3 -c "
 import os, triton
 print(\"TRITON_INTERPRET =\", os.environ.get(\"TRITON_INTERPRET\"), \"-> interpreter on:\", triton.knobs.runtime.interpret)"'
 
-if [[ $PART != model ]]; then
+if [[ $PART == all ]]; then
+    step tests 120 python3 -m pytest tests -m gpu -q -p no:cacheprovider
+    # H = 12 first: the rows the targets are read from, should the budget cut the sweep short.
+    step sweep 150 python3 bench/sweep_shared_attention.py --out "$OUT" --heads 12 6 3 --budget 85 --tune-blocks
+elif [[ $PART == kernels ]]; then
     step tests 150 python3 -m pytest tests -m gpu -q -p no:cacheprovider
     step sweep 170 python3 bench/sweep_shared_attention.py --out "$OUT" --budget 110 --tune-blocks
-fi
-if [[ $PART == kernels ]]; then
     # The same methods replayed from CUDA graphs: kernel time without host cost, next to the above.
     step sweep-graphs 100 python3 bench/sweep_shared_attention.py --out "$OUT" --cuda-graphs --heads 3 12 \
         --flex-heads --budget 60
 fi
-if [[ $PART != model ]]; then
-    step profile 40 python3 bench/profile_shared_attention.py --out "$OUT"
-fi
 if [[ $PART == kernels ]]; then
+    step profile 40 python3 bench/profile_shared_attention.py --out "$OUT"
     step train-profile 60 python3 bench/train_cpu.py --device cuda --backbone base --bf16 --batch 32 \
         --steps 2 --profile
 fi
@@ -90,12 +104,15 @@ fi
 # The benchmark stops starting variants at its --budget (the rows left are recorded as skipped) and
 # still writes its table, JSON and plot; 90 s are left after the budget for the variant in flight (a
 # compile takes about 60 s). Eager variants all run first (about 100 s on an H100), then the compiled
-# ones in this order: reference and Triton in bf16, stylize then train on base first.
+# ones, in the order of --workloads (training first: the open targets of issue 5 are training-step
+# ones, against the official computation in fp32 and under bf16 autocast + compile).
 if [[ $PART == all ]]; then
-    BENCH_CAP=$(($(left) - 30))
-    step bench "$BENCH_CAP" python3 -m fastvit_style.cli bench --out "$OUT" --backbones base,tiny \
-        --workloads stylize,train,augment,tta --dtypes fp32,bf16 --compile-backends reference,triton \
-        --compile-dtypes bf16 --budget $((BENCH_CAP > 90 ? BENCH_CAP - 90 : 0))
+    BENCH_CAP=$(($(left) - 45))  # the profile gets the rest
+    # Issue 5's GPU workloads at one batch size each; TTA and augmentation were measured in session 1.
+    step bench "$BENCH_CAP" python3 -m fastvit_style.cli bench --out "$OUT" --backbones base \
+        --workloads train,stylize,stylize-roll --batch-sizes 32 --dtypes bf16 \
+        --compile-backends reference,triton --compile-dtypes bf16 --budget $((BENCH_CAP > 90 ? BENCH_CAP - 90 : 0))
+    step profile 40 python3 bench/profile_shared_attention.py --out "$OUT"
 elif [[ $PART == model ]]; then
     BENCH_CAP=$(left)
     # Training first: its compiled variants are the ones the open targets need.
