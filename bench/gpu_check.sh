@@ -84,47 +84,52 @@ step env 60 bash -c 'nvidia-smi; python3 -m fastvit_style.info; python3 -c "
 import os, triton
 print(\"TRITON_INTERPRET =\", os.environ.get(\"TRITON_INTERPRET\"), \"-> interpreter on:\", triton.knobs.runtime.interpret)"'
 
-if [[ $PART == all ]]; then
-    step tests 120 python3 -m pytest tests -m gpu -q -p no:cacheprovider
+tests() { step tests "$1" python3 -m pytest tests -m gpu -q -p no:cacheprovider; }
+microbench() {
+    step microbench 40 python3 -m pytest bench -q -p no:cacheprovider --benchmark-only \
+        --benchmark-json "$OUT/microbench.json"
+}
+profile() { step profile 40 python3 bench/profile_shared_attention.py --out "$OUT"; }
+# bench CAP ARGS...: the end-to-end benchmark of base. It stops starting variants at its --budget
+# (the rows left are recorded as skipped) and still writes its table, JSON and plot; 90 s are left
+# after the budget for the variant in flight (a compile takes about 60 s). Eager variants all run
+# first (about 100 s on an H100 for four workloads at their default batch sizes), then the compiled
+# ones, in the order of --workloads: training first, since the open targets of issue 5 are
+# training-step ones, against the official computation in fp32 and under bf16 autocast + compile.
+bench() {
+    local cap=$1
+    shift
+    step bench "$cap" python3 -m fastvit_style.cli bench --out "$OUT" --backbones base \
+        --compile-dtypes bf16 --budget $((cap > 90 ? cap - 90 : 0)) "$@"
+}
+
+case $PART in
+all)
+    tests 120
     # H = 12 first: the rows the targets are read from, should the budget cut the sweep short.
     step sweep 150 python3 bench/sweep_shared_attention.py --out "$OUT" --heads 12 6 3 --budget 85 --tune-blocks
-elif [[ $PART == kernels ]]; then
-    step tests 150 python3 -m pytest tests -m gpu -q -p no:cacheprovider
+    # Issue 5's GPU workloads at one batch size; TTA and augmentation were measured in session 1.
+    bench $(($(left) - 75)) --workloads train,stylize,stylize-roll --batch-sizes 32 --dtypes bf16 \
+        --compile-backends reference,triton
+    microbench
+    profile
+    ;;
+kernels)
+    tests 150
     step sweep 170 python3 bench/sweep_shared_attention.py --out "$OUT" --budget 110 --tune-blocks
     # The same methods replayed from CUDA graphs: kernel time without host cost, next to the above.
     step sweep-graphs 100 python3 bench/sweep_shared_attention.py --out "$OUT" --cuda-graphs --heads 3 12 \
         --flex-heads --budget 60
-fi
-if [[ $PART == kernels ]]; then
-    step profile 40 python3 bench/profile_shared_attention.py --out "$OUT"
+    profile
     step train-profile 60 python3 bench/train_cpu.py --device cuda --backbone base --bf16 --batch 32 \
         --steps 2 --profile
-fi
-
-# The benchmark stops starting variants at its --budget (the rows left are recorded as skipped) and
-# still writes its table, JSON and plot; 90 s are left after the budget for the variant in flight (a
-# compile takes about 60 s). Eager variants all run first (about 100 s on an H100), then the compiled
-# ones, in the order of --workloads (training first: the open targets of issue 5 are training-step
-# ones, against the official computation in fp32 and under bf16 autocast + compile).
-if [[ $PART == all ]]; then
-    BENCH_CAP=$(($(left) - 45))  # the profile gets the rest
-    # Issue 5's GPU workloads at one batch size each; TTA and augmentation were measured in session 1.
-    step bench "$BENCH_CAP" python3 -m fastvit_style.cli bench --out "$OUT" --backbones base \
-        --workloads train,stylize,stylize-roll --batch-sizes 32 --dtypes bf16 \
-        --compile-backends reference,triton --compile-dtypes bf16 --budget $((BENCH_CAP > 90 ? BENCH_CAP - 90 : 0))
-    step profile 40 python3 bench/profile_shared_attention.py --out "$OUT"
-elif [[ $PART == model ]]; then
-    BENCH_CAP=$(left)
-    # Training first: its compiled variants are the ones the open targets need.
-    step bench "$BENCH_CAP" python3 -m fastvit_style.cli bench --out "$OUT" --backbones base \
-        --workloads train,stylize,tta,augment --dtypes fp32,bf16 --compile-backends reference,triton,torch \
-        --compile-dtypes bf16 --budget $((BENCH_CAP > 90 ? BENCH_CAP - 90 : 0))
-fi
-
-if [[ $PART != model ]]; then
-    step microbench 40 python3 -m pytest bench -q -p no:cacheprovider --benchmark-only \
-        --benchmark-json "$OUT/microbench.json"
-fi
+    microbench
+    ;;
+model)
+    bench "$(left)" --workloads train,stylize,tta,augment --dtypes fp32,bf16 \
+        --compile-backends reference,triton,torch
+    ;;
+esac
 
 say "done; files in $OUT:"
 ls -la "$OUT" | tee -a "$LOGS/gpu_check.log"

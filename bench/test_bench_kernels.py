@@ -1,4 +1,5 @@
-"""Micro-benchmarks on the GPU: the shared-attention op per backend and one model forward.
+"""Micro-benchmarks on the GPU: the shared-attention op per backend, one model forward, and the
+training losses' VGG19 on NCHW against channels-last maps.
 
     pytest bench/ --benchmark-only [--benchmark-json OUT.json]
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from fastvit_style import StylizingViT
+from fastvit_style.layers import vgg19
 from fastvit_style.ops import shared_attention
 
 T, D, B = 197, 64, 32
@@ -58,3 +60,26 @@ def test_model_stylize_bf16(cuda_benchmark, backend):
             return model(x, x_style)
 
     cuda_benchmark(stylize)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
+def test_vgg_losses_layout(cuda_benchmark, monkeypatch, channels_last):
+    """What the fast losses' VGG19 passes of one base training step cost (x without a graph, the
+    stylized and reconstructed batches with one; bf16 autocast) in either memory layout."""
+    monkeypatch.setattr(vgg19, "use_channels_last", lambda x: channels_last and x.is_cuda)
+    vgg = vgg19.VGG19Features().cuda()
+    x, x_stylized, x_recon = torch.randn(3, B, 3, 224, 224, device="cuda")
+    x_stylized.requires_grad_(True)
+    x_recon.requires_grad_(True)
+
+    def losses():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.no_grad():
+                targets = vgg(x, fast=True)
+            total = sum(
+                (a.float() - t.float()).square().mean() + (b.float() - t.float()).square().mean()
+                for a, b, t in zip(vgg(x_stylized, fast=True), vgg(x_recon, fast=True), targets)
+            )
+        torch.autograd.grad(total, (x_stylized, x_recon))
+
+    cuda_benchmark(losses)

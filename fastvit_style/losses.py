@@ -17,13 +17,13 @@ def compute_loss(vgg, x, x_style, x_stylized, x_recon, x_style_recon) -> Loss:
     """Images (B, 3, H, W) in normalized space; x_style and x_style_recon None mean roll(x) and roll(x_recon)."""
     rolled = x_style is None
     with torch.no_grad():
-        targets = vgg(x, winograd=True)
-        styles = targets if rolled else vgg(x_style, winograd=True)
+        targets = vgg(x, fast=True)
+        styles = targets if rolled else vgg(x_style, fast=True)
     # One VGG call per image batch: slices of a batched call would cost a zero-filled map each in the
     # backward, and a split() its concatenation.
-    stylized = vgg(x_stylized, winograd=True)
-    recons = vgg(x_recon, winograd=True)
-    style_recons = recons if rolled else vgg(x_style_recon, winograd=True)
+    stylized = vgg(x_stylized, fast=True)
+    recons = vgg(x_recon, fast=True)
+    style_recons = recons if rolled else vgg(x_style_recon, fast=True)
 
     identity = F.mse_loss(x_recon, x)
     consistency = 0

@@ -64,7 +64,7 @@ def test_vgg_features_with_winograd_match_direct():
     vgg = VGG19Features().double()
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64, requires_grad=True)
     direct = vgg(x)
-    fast = vgg(x, winograd=True)
+    fast = vgg(x, fast=True)
     for j, (a, e) in enumerate(zip(fast, direct)):
         assert_close_rel(a, e, 1e-12, f"level {j}")
     g_direct = torch.autograd.grad(sum(f.square().sum() for f in direct), x)[0]

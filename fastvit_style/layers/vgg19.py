@@ -16,6 +16,14 @@ VGG19_CONVS = (
 _STAGE_ENDS = (2, 7, 16, 25, 34)
 
 
+def use_channels_last(x: torch.Tensor) -> bool:
+    """Run the frozen VGG19 on channels-last (NHWC) maps: on CUDA, where cuDNN's tensor-core
+    convolutions read and write NHWC and would otherwise transpose the NCHW maps around each of the
+    16 convolutions (the early maps are the largest tensors of a training step). Compiled graphs
+    choose their own layouts (inductor's layout optimization)."""
+    return x.is_cuda and not torch.compiler.is_compiling()
+
+
 class VGG19Features(nn.Module):
     """timm `vgg19(features_only=True)` as the official loss uses it: a frozen perceptual network.
 
@@ -41,14 +49,18 @@ class VGG19Features(nn.Module):
         # Frozen and always in eval mode, like the official loss network (it has no dropout/BN anyway).
         return super().train(False)
 
-    def forward(self, x: torch.Tensor, winograd: bool = False) -> list[torch.Tensor]:
-        """winograd: run the deep 3x3 convs by Winograd's algorithm where it pays on CPU (`winograd.conv3x3`);
-        the reference losses leave it off, the fast ones turn it on."""
+    def forward(self, x: torch.Tensor, fast: bool = False) -> list[torch.Tensor]:
+        """fast: the fast losses' way for the device, same numbers up to rounding: on CPU the deep 3x3
+        convs by Winograd's algorithm where it pays (`winograd.conv3x3`), on CUDA channels-last maps
+        (`use_channels_last`). The reference losses leave it off. The maps keep x's memory format
+        otherwise; channels-last ones are NCHW tensors all the same, with other strides."""
+        if fast and use_channels_last(x):
+            x = x.contiguous(memory_format=torch.channels_last)
         feats = []
         for idx, _ in VGG19_CONVS:
             conv = getattr(self, f"features_{idx}")
             # ReLU in place, as timm's VGG: the conv's backward does not read its output
-            x = F.relu(conv3x3(x, conv) if winograd else conv(x), inplace=True)
+            x = F.relu(conv3x3(x, conv) if fast else conv(x), inplace=True)
             if idx in _STAGE_ENDS:
                 feats.append(x)
                 x = F.max_pool2d(x, kernel_size=2, stride=2)
