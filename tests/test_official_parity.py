@@ -51,15 +51,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TOLERANCE, assert_close_rel, images
+from helpers import (
+    GRAD_FP32_NOISE,
+    LOSS_FIELDS,
+    TOLERANCE,
+    assert_close_rel,
+    global_grad_error,
+    images,
+    train_outputs,
+)
 
 from fastvit_style import StylizingViT
 
 FP32 = TOLERANCE[torch.float32]
 FP64_EXACT = 1e-9
 BACKENDS = ["reference", "torch"]
-LOSS_FIELDS = ("identity", "consistency", "anatomical", "style")
-LOSS_WEIGHTS = (70.0, 1.0, 7.0, 10.0)  # identity, consistency, anatomical, style (shared doc 3.3)
 GOLDEN = Path(__file__).parent / "data" / "official_golden_reduced.safetensors"
 TRAIN_SIZE = 64
 
@@ -174,33 +180,6 @@ def test_eval_output(official, backbone):
                 assert_close_rel(ours(*args), expected[name], FP32, f"{backbone} {backend} {name}")
 
 
-def train_outputs(model, x, x_style):
-    """(four loss terms, x_recon, grads of the 70/1/7/10-weighted loss, grads of the identity term alone)
-    of a train=True model; grads are {name: float64 tensor} over the trainable parameters."""
-    model.zero_grad(set_to_none=True)
-    loss, x_recon = model(x, x_style)
-    terms = [getattr(loss, f) for f in LOSS_FIELDS]  # official: dataclass; ours: NamedTuple, same fields
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
-
-    def grads_of(value, **kw):
-        gs = torch.autograd.grad(value, params, allow_unused=True, **kw)
-        return {
-            n: (g if g is not None else torch.zeros_like(p)).detach().double() for (n, p), g in zip(named, gs)
-        }
-
-    identity = grads_of(LOSS_WEIGHTS[0] * terms[0], retain_graph=True)
-    total = grads_of(sum(w * t for w, t in zip(LOSS_WEIGHTS, terms)))
-    return [t.detach().double() for t in terms], x_recon.detach().double(), total, identity
-
-
-def global_grad_error(grads: dict, truth: dict) -> float:
-    assert list(grads) == list(truth)
-    diff = torch.cat([(grads[n] - truth[n]).flatten() for n in truth])
-    return (diff.norm() / torch.cat([g.flatten() for g in truth.values()]).norm()).item()
-
-
-GRAD_FP32_NOISE = 2e-2
 # The explicit-style path does not depend on the size; small runs the roll shortcut (3.6) only.
 TRAIN_CASES = [("tiny", 2, False), ("tiny", 3, True), ("small", 3, True)]
 
