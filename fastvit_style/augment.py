@@ -31,15 +31,30 @@ class StyleAugment:
             raise ValueError(
                 f"references must be a non-empty (R, C, H, W) batch, got {tuple(references.shape)}"
             )
+        if getattr(stylizer, "training_mode", False):
+            raise ValueError(
+                "StyleAugment needs a stylizer built with train=False (a train=True model returns its "
+                "losses, not images): create_model(backbone, weights=...) or StylizingViT(..., train=False)"
+            )
+        config = getattr(stylizer, "config", None)
+        if references is not None and config is not None:
+            expected = (config.in_channel, config.input_size, config.input_size)
+            if tuple(references.shape[1:]) != expected:
+                raise ValueError(
+                    f"references must have shape (R, {', '.join(map(str, expected))}) (images resized and "
+                    f"normalized as the stylizer's inputs), got {tuple(references.shape)}"
+                )
         self.stylizer = stylizer
         self.p = p
         self.references = references
         self.generator = generator
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        B = x.shape[0]
-        if x.dim() != 4 or B == 0:
+        if x.dim() != 4 or x.shape[0] == 0:
             raise ValueError(f"x must be a non-empty (B, C, H, W) batch, got {tuple(x.shape)}")
+        if hasattr(self.stylizer, "_check_inputs"):  # the whole batch, before a subset is drawn
+            self.stylizer._check_inputs(x, None)
+        B = x.shape[0]
         n = max(1, int(self.p * B))
         idx = torch.randperm(B, generator=self.generator)[:n].to(x.device)
         x_sel = x[idx]

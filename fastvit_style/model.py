@@ -79,11 +79,13 @@ class StylizingViT(nn.Module):
         img = m.reshape(B, g, g, P, P, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, g * P, g * P)
         return self.post_process_conv(img)
 
-    def _check_inputs(self, x, x_style) -> None:
+    def _check_inputs(self, x, x_style, names: tuple[str, str] = ("x", "x_style")) -> None:
+        """ValueError/TypeError naming the argument (`names`: what the caller calls x and x_style)
+        unless both are (B, C, S, S) image batches of the model's dtype and device."""
         cfg = self.config
         C, S = cfg.in_channel, cfg.input_size
         param = self.encoder.pos_embed
-        for name, t in (("x", x), ("x_style", x_style)):
+        for name, t in zip(names, (x, x_style)):
             if t is None:
                 continue
             if not isinstance(t, torch.Tensor):
@@ -104,18 +106,24 @@ class StylizingViT(nn.Module):
                 raise ValueError(f"{name} is on {t.device} but the model is on {param.device}")
         if x_style is not None and x_style.shape != x.shape:
             raise ValueError(
-                f"x_style must have the same shape as x (one style image per content image), "
-                f"got x {tuple(x.shape)} and x_style {tuple(x_style.shape)}"
+                f"{names[1]} must have the same shape as {names[0]} (one style image per content image), "
+                f"got {names[0]} {tuple(x.shape)} and {names[1]} {tuple(x_style.shape)}"
             )
 
 
 def create_model(
-    backbone: str = "base", train: bool = False, weights: str | None = None, pretrained: bool | str = False, **kwargs
+    backbone: str = "base",
+    train: bool = False,
+    weights: str | None = None,
+    pretrained: bool | str = False,
+    **kwargs,
 ) -> StylizingViT:
     """Official factory: `weights` (or a string `pretrained`) is a dataset id, a local file or a hub repo id;
     pretrained=True means the camelyon17wilds checkpoint."""
     model = StylizingViT(backbone, train=train, **kwargs)
-    source = weights or (pretrained if isinstance(pretrained, str) else DEFAULT_DATASET if pretrained else None)
+    source = weights or (
+        pretrained if isinstance(pretrained, str) else DEFAULT_DATASET if pretrained else None
+    )
     if source:
         from .weights import load_pretrained_weights
 

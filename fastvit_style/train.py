@@ -64,6 +64,7 @@ from .atomic import write_json
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .configs import LOSS_WEIGHTS
 from .data import ImageFolderDataset, collate_images, micro_batches
+from .devices import resolve_device
 from .imageio import denormalize, normalization
 from .model import StylizingViT
 from .weights import clean_state_dict, load_state_dict, load_vgg_weights, read_state_dict, save_state_dict
@@ -105,6 +106,8 @@ class TrainConfig:
     workers: int = 4
     max_steps: int | None = None  # stop once the run (resumed parts included) made this many steps
     checkpoint_every: int = 500  # optimizer steps between mid-epoch checkpoints (0: epoch ends only)
+    overwrite: bool = False  # replace the run already in `out` (else an error, unless resuming)
+    random_vgg: bool = False  # allow a randomly initialized VGG19 (smoke runs): the losses are meaningless
 
     def __post_init__(self):
         for name in ("betas", "loss_weights", "mean", "std"):  # argparse/JSON give lists
@@ -121,7 +124,21 @@ class TrainConfig:
 # What a resumed run may change: where things are and how fast they run. The rest (the math) comes
 # from the checkpoint, so `--resume` needs no other option repeated.
 RUNTIME_FIELDS = ("data", "val_data", "out", "resume", "max_steps", "workers", "compile", "backend",
-                  "device", "checkpoint_every")  # fmt: skip
+                  "device", "checkpoint_every", "overwrite", "random_vgg")  # fmt: skip
+# What a run writes in `out`.
+RUN_FILES = ("config.json", "last.pt", "last.safetensors", "best.safetensors", "metrics.jsonl")
+
+
+def check_out(cfg: TrainConfig) -> None:
+    """Before any work: a new run never silently replaces another run's files."""
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise ValueError(f"--out {cfg.out!r} exists and is not a folder")
+    existing = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.out, f))]
+    if existing and not cfg.resume and not cfg.overwrite:
+        raise ValueError(
+            f"--out {cfg.out!r} already holds a run ({', '.join(existing)}): pass --resume "
+            f"{os.path.join(cfg.out, 'last.pt')!r} to continue it, --overwrite to replace it, or another --out"
+        )
 
 
 def resumed_config(cfg: TrainConfig, saved: dict) -> TrainConfig:
@@ -167,10 +184,7 @@ def train(cfg: TrainConfig, on_step=None) -> StylizingViT:
     anatomical, style) as floats. For logging, or for tests that interrupt a run.
     """
     rank, world, local_rank = _dist_env()
-    if cfg.device:
-        device = torch.device(cfg.device)
-    else:
-        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(cfg.device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     own_group = world > 1 and not dist.is_initialized()
@@ -185,6 +199,7 @@ def train(cfg: TrainConfig, on_step=None) -> StylizingViT:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, rank: int, world: int, device: torch.device):
+        check_out(cfg)
         saved = load_checkpoint(cfg.resume) if cfg.resume else None
         if saved:
             cfg = resumed_config(cfg, saved["config"])
@@ -243,6 +258,10 @@ class Trainer:
             )  # fmt: skip
         if rank == 0:
             os.makedirs(cfg.out, exist_ok=True)
+            if cfg.overwrite and not saved:  # the old run's epochs and best model are not this run's
+                for name in ("metrics.jsonl", "best.safetensors"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(os.path.join(cfg.out, name))
             write_json(os.path.join(cfg.out, "config.json"), dataclasses.asdict(cfg))
 
     # ------------------------------------------------------------------------------------------- setup
@@ -260,11 +279,13 @@ class Trainer:
         if cfg.vgg_weights:
             load_vgg_weights(model, cfg.vgg_weights)
             vgg_source = cfg.vgg_weights
-        if vgg_source is None and self.rank == 0:
-            msg = ("NO VGG19 WEIGHTS: the perceptual losses run through a randomly initialized VGG19, so "
-                   "training optimizes a meaningless objective. Pass --vgg-weights with timm's vgg19.tv_in1k "
-                   "or torchvision's vgg19 ImageNet file (or --init-weights with an official checkpoint).")  # fmt: skip
-            warnings.warn(msg, stacklevel=3)
+        if vgg_source is None and not cfg.random_vgg:
+            raise ValueError(
+                "no VGG19 weights: the perceptual losses would run through a randomly initialized VGG19 and "
+                "training would optimize a meaningless objective. Pass --vgg-weights with timm's "
+                "vgg19.tv_in1k or torchvision's vgg19 ImageNet file, --init-weights with an official "
+                "checkpoint (it carries the VGG19), or --random-vgg for a smoke run"
+            )
 
     def _freeze_unused(self) -> None:
         """requires_grad=False on optimized parameters that a backward leaves without gradient."""
@@ -334,8 +355,10 @@ class Trainer:
             bar.set_postfix(loss=f"{mean[0]:.4g}", **{k[:4]: f"{v:.3g}" for k, v in zip(LOSS_NAMES, mean[1:])},
                             img_s=f"{rate:.1f}")  # fmt: skip
             terms = []
-            stop = self._reached_max_steps()
-            if stop or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and group_end < n):
+            # A stop at the epoch's last step ends the epoch as usual (validation, metrics, checkpoint).
+            stop = self._reached_max_steps() and group_end < n
+            periodic = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
+            if group_end < n and (stop or periodic):
                 self._save_checkpoint()
             if on_step is not None:
                 on_step(info)
@@ -466,6 +489,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--vgg-weights", default=None, help="ImageNet VGG19 file (timm vgg19.tv_in1k or torchvision)"
     )
     p.add_argument("--init-weights", default=None, help="start from these Stylizing ViT weights")
+    p.add_argument(
+        "--random-vgg",
+        action="store_true",
+        help="allow a randomly initialized VGG19 when no VGG weights are given (smoke runs only)",
+    )
     p.add_argument("--resume", default=None, metavar="PATH", help="continue from a last.pt checkpoint")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--workers", type=int, default=d.workers, help="DataLoader worker processes")
@@ -477,6 +505,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between mid-epoch checkpoints"
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in --out (its metrics.jsonl and best.safetensors are deleted)",
     )
 
 

@@ -74,7 +74,7 @@ class StyleBank:
         """
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        model._check_inputs(refs, None)
+        model._check_inputs(refs, None, names=("refs", ""))
         enc, cfg = model.encoder, model.config
         attend = attention_for(model.backend, refs.device)
         shape = (cfg.depth, refs.shape[0], cfg.num_tokens, cfg.num_heads, cfg.head_dim)

@@ -208,6 +208,8 @@ def load_pretrained_weights(model: nn.Module, backbone: str, dataset: str, map_l
     source = os.fspath(dataset)
     if os.path.isfile(source):
         return load_state_dict(model, source, strict=True)
+    if os.path.isdir(source):  # before the repo-id fallback, which a folder's name can match
+        raise IsADirectoryError(f"{source!r} is a folder, not a weight file (.safetensors, .pth, .pt)")
     if source in configs.DATASET_IDS or source in configs.DATASET_ALIASES:
         repo = configs.hub_repo_id(backbone, source)
     elif _REPO_ID.match(source) and not source.lower().endswith((SAFETENSORS_SUFFIX, *TORCH_SUFFIXES)):

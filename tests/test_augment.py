@@ -10,6 +10,7 @@ from fastvit_style.augment import StyleAugment
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+
 @pytest.fixture(scope="module")
 def stylizer(one_thread):
     torch.manual_seed(0)
@@ -60,3 +61,15 @@ def test_runs_without_graph_and_in_the_callers_autocast(stylizer):
 def test_bad_p_is_refused(stylizer, p):
     with pytest.raises(ValueError, match=r"p .* must be in \(0, 1\]"):
         StyleAugment(stylizer, p=p)
+
+
+def test_bad_inputs_name_what_the_user_passed(stylizer):
+    """The caller's batch and references are checked as given, not the subset drawn from them."""
+    with pytest.raises(ValueError, match=r"x must have shape \(B, 3, 32, 32\).*got \(4, 3, 48, 48\)"):
+        StyleAugment(stylizer)(torch.randn(4, 3, 48, 48))
+    with pytest.raises(
+        ValueError, match=r"references must have shape \(R, 3, 32, 32\).*got \(2, 3, 16, 16\)"
+    ):
+        StyleAugment(stylizer, references=torch.randn(2, 3, 16, 16))
+    with pytest.raises(ValueError, match="train=False"):
+        StyleAugment(StylizingViT("tiny", train=True, input_size=32, encoder_depth=1))

@@ -20,7 +20,13 @@ from fastvit_style.weights import load_state_dict, save_state_dict
 
 Image = pytest.importorskip("PIL.Image")
 
-TINY = {"backbone": "tiny", "model_kwargs": {"encoder_depth": 2}, "input_size": 32, "workers": 0}
+TINY = {
+    "backbone": "tiny",
+    "model_kwargs": {"encoder_depth": 2},
+    "input_size": 32,
+    "workers": 0,
+    "random_vgg": True,
+}
 TINY_ARGS = [
     "--backbone",
     "tiny",
@@ -30,8 +36,9 @@ TINY_ARGS = [
     "32",
     "--workers",
     "0",
+    "--random-vgg",
 ]
-pytestmark = [pytest.mark.filterwarnings("ignore:NO VGG19 WEIGHTS"), pytest.mark.usefixtures("one_thread")]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_images(folder, n: int, size: int = 32):
@@ -45,7 +52,9 @@ def write_images(folder, n: int, size: int = 32):
     return folder
 
 
-def test_one_epoch_through_the_cli_lowers_the_loss_and_exports_official_weights(tmp_path, monkeypatch):
+def test_one_epoch_through_the_cli_lowers_the_loss_and_exports_official_weights(
+    tmp_path, monkeypatch, capsys
+):
     data = write_images(tmp_path / "data", 8)
     # Start from a train=False export whose key biases are non-zero, to see that AdamW decays them.
     init = StylizingViT("tiny", input_size=32, encoder_depth=2)
@@ -61,8 +70,10 @@ def test_one_epoch_through_the_cli_lowers_the_loss_and_exports_official_weights(
     val = write_images(tmp_path / "val", 2)
     argv = ["train", "--data", str(data), "--val-data", str(val), "--out", str(tmp_path / "out"), *TINY_ARGS,
             "--epochs", "1", "--batch-size", "2", "--accumulate", "1", "--init-weights", str(tmp_path / "init.safetensors")]  # fmt: skip
-    with pytest.warns(UserWarning, match="NO VGG19 WEIGHTS"):
-        assert cli.main(argv) == 0
+    # The train=False export carries no VGG19: without --random-vgg that is an error, before any work.
+    assert cli.main([a for a in argv if a != "--random-vgg"]) == 2
+    assert "no VGG19 weights" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert cli.main(argv) == 0
     assert len(losses) == 4 and all(map(math.isfinite, losses)) and losses[-1] < losses[0], losses
 
     out = tmp_path / "out"
@@ -192,8 +203,42 @@ def test_cosine_schedule_and_psnr_formula():
 
 @pytest.mark.parametrize(
     "kwargs,match",
-    [(dict(max_steps=0), "max_steps must be at least 1"), (dict(model_kwargs={"input_size": 32}), "--input-size")],
+    [
+        (dict(max_steps=0), "max_steps must be at least 1"),
+        (dict(model_kwargs={"input_size": 32}), "--input-size"),
+    ],
 )
 def test_bad_train_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(data="data", out="out", **kwargs)
+
+
+def test_a_new_run_never_replaces_another_runs_files(tmp_path):
+    """Without --resume or --overwrite an --out that holds a run is refused before any work; with
+    --overwrite the old run's epochs and best model go."""
+    data = write_images(tmp_path / "data", 2)
+    config = TrainConfig(data=str(data), val_data=str(data), out=str(tmp_path / "out"), epochs=1,
+                         batch_size=1, accumulate=1, **TINY)  # fmt: skip
+    train(config)
+    before = {name: (tmp_path / "out" / name).read_bytes() for name in ("last.pt", "metrics.jsonl")}
+    with pytest.raises(ValueError, match=r"already holds a run \(config.json, last.pt.*--overwrite"):
+        train(dataclasses.replace(config, seed=5))
+    assert before == {name: (tmp_path / "out" / name).read_bytes() for name in before}
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(ValueError, match="exists and is not a folder"):
+        train(dataclasses.replace(config, out=str(tmp_path / "file")))
+    train(dataclasses.replace(config, seed=5, overwrite=True))
+    assert len((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) == 1
+    assert load_checkpoint(tmp_path / "out" / "last.pt")["config"]["seed"] == 5
+
+
+def test_max_steps_at_an_epochs_last_step_still_ends_the_epoch(tmp_path):
+    """Validation, metrics.jsonl and best.safetensors of an epoch that max_steps stops at its last step."""
+    data = write_images(tmp_path / "data", 4)
+    train(TrainConfig(data=str(data), val_data=str(data), out=str(tmp_path / "out"), epochs=3,
+                      batch_size=2, accumulate=1, max_steps=2, **TINY))  # fmt: skip
+    lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and "val_loss" in lines[0]
+    assert (tmp_path / "out" / "best.safetensors").exists()
+    state = load_checkpoint(tmp_path / "out" / "last.pt")
+    assert (state["epoch"], state["batch"], state["step"]) == (1, 0, 2)

@@ -40,6 +40,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+
 @pytest.fixture(scope="module")
 def setup():
     """(float64 reference model, float32 model, reference images (R, 3, S, S), bank of the float32 model)."""
@@ -198,8 +199,10 @@ def test_bad_images(setup):
     _, model, _, bank = setup
     with pytest.raises(ValueError, match="shape"):
         stylize(model, images(1, 16), bank)
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ValueError, match=r"refs must have shape"):
         StyleBank.from_images(model, images(1, 16))
+    with pytest.raises(ValueError, match="refs is an empty batch"):
+        StyleBank.from_images(model, images(0, SIZE))
 
 
 # ------------------------------------------------------------------------------------ TTAClassifier
@@ -340,7 +343,9 @@ def folders(setup, tmp_path):
 
 def run_stylize(tmp, base, out: str, *extra: str) -> int:
     content, styles = str(tmp / "content"), str(tmp / "styles")
-    return cli_main(["stylize", *base, "--content", content, "--styles", styles, "--out", str(tmp / out), *extra])
+    return cli_main(
+        ["stylize", *base, "--content", content, "--styles", styles, "--out", str(tmp / out), *extra]
+    )
 
 
 @needs_pil
@@ -412,6 +417,43 @@ def test_cli_tta(folders, monkeypatch):
             p = [float(v) for v in r[2:]]
             assert abs(sum(p) - 1) < 1e-5 and int(r[1]) == int(np.argmax(p))
     assert len(os.listdir(tmp / "views")) == 2 * 2
+
+
+@needs_pil
+def test_cli_user_errors_are_one_line(folders, capsys):
+    """A user's mistake gives one `error:` line and exit status 2 (SystemExit from argparse and the
+    apps' own checks, which run before any work), never a traceback."""
+    tmp, base = folders
+
+    def fails_with(argv, message):
+        try:
+            status = cli_main(argv)
+        except SystemExit as e:
+            status, text = 2, str(e.code) + capsys.readouterr().err
+        else:
+            text = capsys.readouterr().err
+        assert status == 2 and message in text, (status, text)
+        assert "Traceback" not in text
+
+    (tmp / "corrupt.safetensors").write_bytes(b"not a weight file")
+    (tmp / "file").write_text("mine")
+    torch.save(toy_classifier(2).state_dict(), tmp / "state_dict.pth")
+    stylize_args = ["stylize", *base, "--content", str(tmp / "content"), "--styles", str(tmp / "styles")]
+    fails_with([*stylize_args[:-2], "--styles", str(tmp / "nope"), "--out", str(tmp / "o")], "nope")
+    fails_with([*stylize_args, "--out", str(tmp / "file")], "exists and is not a folder")
+    fails_with([*stylize_args, "--out", str(tmp / "o"), "--batch-size", "0"], "must be at least 1")
+    corrupt = [a if a != base[1] else str(tmp / "corrupt.safetensors") for a in stylize_args]
+    fails_with([*corrupt, "--out", str(tmp / "o")], "corrupt.safetensors")
+    if not torch.cuda.is_available():
+        on_cuda = [a if a != "cpu" else "cuda" for a in stylize_args]
+        fails_with([*on_cuda, "--out", str(tmp / "o")], "device 'cuda'")
+    tta_args = ["tta", *base, "--refs", str(tmp / "styles"), "--images", str(tmp / "content"), "--k", "2"]
+    fails_with([*tta_args, "--classifier", "x:y", "--out", str(tmp)], "is a folder")
+    fails_with(
+        [*tta_args, "--classifier", str(tmp / "state_dict.pth"), "--out", str(tmp / "p.csv")],
+        "module:callable",
+    )
+    assert not (tmp / "o").exists() and (tmp / "file").read_text() == "mine"
 
 
 def test_cli_without_pil(folders, monkeypatch, capsys):

@@ -375,6 +375,14 @@ def test_missing_local_file_is_not_a_repo(no_hub, tmp_path):
         W.load_pretrained_weights(make(), "tiny", str(tmp_path / "gone.safetensors"))
 
 
+def test_a_folder_is_not_a_repo(no_hub, tmp_path, monkeypatch):
+    """A relative folder name also matches the repo-id pattern: the folder wins."""
+    (tmp_path / "imgs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(IsADirectoryError, match="'imgs' is a folder, not a weight file"):
+        W.load_pretrained_weights(make(), "tiny", "imgs")
+
+
 # ---------------------------------------------------------------------------------------- atomic writes
 
 

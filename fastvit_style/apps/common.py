@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -9,6 +10,7 @@ import sys
 import torch
 
 from ..configs import DEFAULT_DATASET
+from ..devices import resolve_device
 from ..imageio import list_images, normalization, require_pil
 
 
@@ -24,7 +26,9 @@ def add_model_arguments(parser) -> None:
         help="StylizingViT keyword overrides for a custom model, e.g. '{\"encoder_depth\": 6}'",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    parser.add_argument("--batch-size", type=int, default=8, help="images loaded and stylized at a time")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=8, help="images loaded and stylized at a time"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random reference draws (--k)")
     norm = parser.add_mutually_exclusive_group()
     norm.add_argument(
@@ -37,7 +41,20 @@ def add_model_arguments(parser) -> None:
 
 
 def device(args) -> torch.device:
-    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return resolve_device(args.device)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def check_output_folder(path: str, flag: str) -> None:
+    """Before any work: an output folder must be a folder or not exist yet."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise SystemExit(f"error: {flag} {path!r} exists and is not a folder")
 
 
 def load_stylizer(args):

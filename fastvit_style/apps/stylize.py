@@ -11,7 +11,15 @@ import torch
 
 from ..imageio import denormalize, load_batch, save_png
 from ..tta import StyleBank, select_refs, stylize
-from .common import add_model_arguments, find_images, load_stylizer, mean_std, output_names, progress
+from .common import (
+    add_model_arguments,
+    check_output_folder,
+    find_images,
+    load_stylizer,
+    mean_std,
+    output_names,
+    progress,
+)
 
 
 def add_arguments(parser) -> None:
@@ -25,6 +33,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    check_output_folder(args.out, "--out")
     contents, styles = find_images(("content", args.content), ("style", args.styles))
     if args.k is not None and not 1 <= args.k <= len(styles):
         raise SystemExit(

@@ -17,7 +17,16 @@ import torch.nn as nn
 from ..atomic import atomic_path
 from ..imageio import denormalize, load_batch, save_png
 from ..tta import REDUCTIONS, StyleBank, TTAClassifier
-from .common import add_model_arguments, device, find_images, load_stylizer, mean_std, output_names, progress
+from .common import (
+    add_model_arguments,
+    check_output_folder,
+    device,
+    find_images,
+    load_stylizer,
+    mean_std,
+    output_names,
+    progress,
+)
 
 
 def add_arguments(parser) -> None:
@@ -42,7 +51,13 @@ def load_classifier(spec: str, dev: torch.device) -> nn.Module:
     if os.path.isfile(spec) and spec.endswith(".pt2"):  # torch.export archive
         return torch.export.load(spec).module().to(dev)
     if os.path.isfile(spec):
-        return torch.jit.load(spec, map_location=dev).eval()
+        try:
+            return torch.jit.load(spec, map_location=dev).eval()
+        except RuntimeError as e:
+            raise SystemExit(
+                f"error: --classifier {spec!r} is not a TorchScript file ({str(e).splitlines()[0]}); a "
+                "state_dict needs its module: pass module:callable returning the loaded classifier"
+            ) from None
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise SystemExit(f"error: --classifier {spec!r} is neither a file nor module:callable")
@@ -58,6 +73,10 @@ def load_classifier(spec: str, dev: torch.device) -> nn.Module:
 
 
 def run(args) -> int:
+    if os.path.isdir(args.out):
+        raise SystemExit(f"error: --out {args.out!r} is a folder; it names the CSV file to write")
+    if args.save_stylized:
+        check_output_folder(args.save_stylized, "--save-stylized")
     images, refs = find_images(("input", args.images), ("reference", args.refs))
     if not 0 <= args.k <= len(refs):
         raise SystemExit(
