@@ -16,6 +16,7 @@ def atomic_path(path):
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, _mode_for(path))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -27,6 +28,16 @@ def atomic_path(path):
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _mode_for(path: str) -> int:
+    """The permissions the file at `path` has, or a new file's under the umask: writers such as
+    safetensors create their file 0600, which the rename would otherwise carry onto `path`."""
+    with contextlib.suppress(FileNotFoundError):
+        return os.stat(path).st_mode & 0o7777
+    umask = os.umask(0o22)  # reading the umask means setting it: restored at once
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def write_json(path, obj, indent: int = 1) -> None:

@@ -48,8 +48,10 @@ class ModelConfig:
         L, C, P = self.embed_dim, self.in_channel, self.patch_size
         if L % self.num_heads:
             raise ValueError(f"embed_dim {L} is not divisible by num_heads {self.num_heads}")
-        if self.input_size % P:
-            raise ValueError(f"input_size {self.input_size} is not divisible by patch_size {P}")
+        if self.input_size < P or self.input_size % P:
+            raise ValueError(
+                f"input_size must be a positive multiple of patch_size {P}, got {self.input_size}"
+            )
         if L % 2 or (L // 2) % (C * P):
             raise ValueError(
                 f"embed_dim {L} is unsupported with patch_size {P} and {C} channels: the reconstruction "
@@ -100,7 +102,9 @@ def make_config(backbone: str = "base", **kwargs) -> ModelConfig:
             fields[key] = value
         elif key in _FIXED_KWARGS:
             if not _is_official_default(key, value):
-                raise ValueError(f"{key}={value!r} is not supported: only the official default is implemented")
+                raise ValueError(
+                    f"{key}={value!r} is not supported: only the official default is implemented"
+                )
         else:
             raise TypeError(f"unexpected keyword argument {key!r}")
     config = ModelConfig(**fields)

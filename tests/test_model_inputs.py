@@ -24,8 +24,9 @@ def test_bad_constructor_arguments():
         StylizingViT("tiny", backend="cuda", **SMALL)
     with pytest.raises(TypeError, match="unexpected keyword argument 'colour'"):
         StylizingViT("tiny", colour=3)
-    with pytest.raises(ValueError, match="not divisible by patch_size"):
-        StylizingViT("tiny", input_size=40)
+    for size in (40, 0, -16):
+        with pytest.raises(ValueError, match=f"positive multiple of patch_size 16, got {size}"):
+            StylizingViT("tiny", input_size=size)
     with pytest.raises(ValueError, match="bottleneck_drop=0.1 is not supported"):
         StylizingViT("tiny", bottleneck_drop=0.1, **SMALL)
 

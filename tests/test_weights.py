@@ -406,6 +406,22 @@ def test_interrupted_save_keeps_old_file(tmp_path, monkeypatch, suffix, writer):
     assert os.listdir(tmp_path) == [path.name]  # no temp file left behind
 
 
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_saved_files_get_the_usual_permissions(tmp_path, suffix):
+    """A new file gets the umask's permissions (safetensors writes its file 0600), a replaced one keeps
+    its own."""
+    umask = os.umask(0o22)
+    try:
+        path = tmp_path / f"w{suffix}"
+        W.save_state_dict(make(seed=11), path)
+        assert path.stat().st_mode & 0o777 == 0o644
+        path.chmod(0o600)
+        W.save_state_dict(make(seed=12), path)
+        assert path.stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(umask)
+
+
 def test_save_rejects_unknown_suffix(tmp_path):
     with pytest.raises(ValueError, match=".safetensors or .pth"):
         W.save_state_dict(make(), tmp_path / "w.onnx")
