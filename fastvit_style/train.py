@@ -129,16 +129,18 @@ RUNTIME_FIELDS = ("data", "val_data", "out", "resume", "max_steps", "workers", "
 RUN_FILES = ("config.json", "last.pt", "last.safetensors", "best.safetensors", "metrics.jsonl")
 
 
-def check_out(cfg: TrainConfig) -> None:
-    """Before any work: a new run never silently replaces another run's files."""
+def out_problem(cfg: TrainConfig) -> str | None:
+    """Why `cfg.out` cannot take a new run (a new run never silently replaces another run's files), or
+    None."""
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
-        raise ValueError(f"--out {cfg.out!r} exists and is not a folder")
+        return f"--out {cfg.out!r} exists and is not a folder"
     existing = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.out, f))]
     if existing and not cfg.resume and not cfg.overwrite:
-        raise ValueError(
+        return (
             f"--out {cfg.out!r} already holds a run ({', '.join(existing)}): pass --resume "
             f"{os.path.join(cfg.out, 'last.pt')!r} to continue it, --overwrite to replace it, or another --out"
         )
+    return None
 
 
 def resumed_config(cfg: TrainConfig, saved: dict) -> TrainConfig:
@@ -199,7 +201,13 @@ def train(cfg: TrainConfig, on_step=None) -> StylizingViT:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, rank: int, world: int, device: torch.device):
-        check_out(cfg)
+        # Rank 0 decides, before any rank writes, and every rank raises: a rank that checked after rank 0
+        # wrote config.json would refuse alone and leave the others waiting in a collective.
+        problem = [out_problem(cfg) if rank == 0 else None]
+        if world > 1:
+            dist.broadcast_object_list(problem, src=0)
+        if problem[0]:
+            raise ValueError(problem[0])
         saved = load_checkpoint(cfg.resume) if cfg.resume else None
         if saved:
             cfg = resumed_config(cfg, saved["config"])
