@@ -35,9 +35,17 @@ def _mode_for(path: str) -> int:
     safetensors create their file 0600, which the rename would otherwise carry onto `path`."""
     with contextlib.suppress(FileNotFoundError):
         return os.stat(path).st_mode & 0o7777
-    umask = os.umask(0o22)  # reading the umask means setting it: restored at once
+    return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process's umask. Linux reports it; elsewhere reading it means setting it for a moment, which
+    could give a file another thread creates just then the wrong permissions."""
+    with contextlib.suppress(OSError, ValueError, StopIteration), open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    umask = os.umask(0o22)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
 
 
 def write_json(path, obj, indent: int = 1) -> None:

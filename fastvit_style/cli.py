@@ -18,10 +18,12 @@ COMMANDS = {
 }
 
 
-# What a user's input raises (a missing or unreadable file, a bad value, a weight file that does not
-# fit, a classifier module that does not import): one line on stderr and exit status 2, not a
-# traceback. FASTVIT_STYLE_TRACEBACK=1 shows the traceback.
-USER_ERRORS = (ValueError, OSError, ImportError, RuntimeError)
+def _user_error(exc: BaseException) -> bool:
+    """What a user's input raises: a missing or unreadable file (OSError), a bad value (ValueError),
+    weights that do not fit (WeightsError). Anything else is a bug and keeps its traceback."""
+    from .weights import WeightsError  # imports torch: only once a command has run
+
+    return isinstance(exc, (ValueError, OSError, WeightsError))
 
 
 def main(argv=None) -> int:
@@ -37,11 +39,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args._run(args) or 0
-    except USER_ERRORS as exc:
-        if os.environ.get("FASTVIT_STYLE_TRACEBACK"):
+    except Exception as exc:
+        # One line, as the commands' own checks print (SystemExit("error: ...")), with the same status 1;
+        # argparse's usage errors exit 2. FASTVIT_STYLE_TRACEBACK=1 shows the traceback.
+        if not _user_error(exc) or os.environ.get("FASTVIT_STYLE_TRACEBACK", "0") not in ("", "0"):
             raise
-        print(f"fastvit-style {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

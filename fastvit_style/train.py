@@ -125,8 +125,9 @@ class TrainConfig:
 # from the checkpoint, so `--resume` needs no other option repeated.
 RUNTIME_FIELDS = ("data", "val_data", "out", "resume", "max_steps", "workers", "compile", "backend",
                   "device", "checkpoint_every", "overwrite", "random_vgg")  # fmt: skip
-# What a run writes in `out`.
-RUN_FILES = ("config.json", "last.pt", "last.safetensors", "best.safetensors", "metrics.jsonl")
+# What a run leaves in `out` besides config.json (which a run that dies before its first checkpoint
+# leaves alone, and which the next run rewrites).
+RUN_FILES = ("last.pt", "last.safetensors", "best.safetensors", "metrics.jsonl")
 
 
 def out_problem(cfg: TrainConfig) -> str | None:
@@ -136,9 +137,11 @@ def out_problem(cfg: TrainConfig) -> str | None:
         return f"--out {cfg.out!r} exists and is not a folder"
     existing = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.out, f))]
     if existing and not cfg.resume and not cfg.overwrite:
+        last = os.path.join(cfg.out, "last.pt")
+        resume = f"pass --resume {last!r} to continue it, " if os.path.exists(last) else ""
         return (
-            f"--out {cfg.out!r} already holds a run ({', '.join(existing)}): pass --resume "
-            f"{os.path.join(cfg.out, 'last.pt')!r} to continue it, --overwrite to replace it, or another --out"
+            f"--out {cfg.out!r} already holds a run ({', '.join(existing)}): {resume}--overwrite to replace it, "
+            "or another --out"
         )
     return None
 
@@ -266,8 +269,8 @@ class Trainer:
             )  # fmt: skip
         if rank == 0:
             os.makedirs(cfg.out, exist_ok=True)
-            if cfg.overwrite and not saved:  # the old run's epochs and best model are not this run's
-                for name in ("metrics.jsonl", "best.safetensors"):
+            if cfg.overwrite and not saved:  # nothing of the old run may pass for this one's
+                for name in RUN_FILES:
                     with contextlib.suppress(FileNotFoundError):
                         os.remove(os.path.join(cfg.out, name))
             write_json(os.path.join(cfg.out, "config.json"), dataclasses.asdict(cfg))
@@ -517,7 +520,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace the run already in --out (its metrics.jsonl and best.safetensors are deleted)",
+        help="replace the run already in --out (its checkpoints, weights and metrics are deleted)",
     )
 
 

@@ -30,6 +30,11 @@ _CONVERT_HINT = (
 )
 
 
+class WeightsError(RuntimeError):
+    """Weights that do not fit the model (missing or unexpected keys, shapes, dtypes) or cannot be
+    fetched: a RuntimeError, as torch's load_state_dict raises, that callers can tell from a crash."""
+
+
 # ----------------------------------------------------------------------------------------------- reading
 
 
@@ -157,7 +162,8 @@ def load_state_dict(model: nn.Module, sd_or_path, strict: bool = True) -> nn.Mod
     """Load a state dict or weight file into `model`, checking first so errors name the problem.
 
     Tensors are copied into the existing parameters (cast to the model's dtype and device).
-    Raises RuntimeError on missing/unexpected keys (strict), any shape mismatch, or a non-float tensor.
+    Raises WeightsError (a RuntimeError) on missing/unexpected keys (strict), any shape mismatch, or a
+    non-float tensor.
     """
     sd = sd_or_path if isinstance(sd_or_path, Mapping) else read_state_dict(sd_or_path)
     sd = clean_state_dict(sd, model)
@@ -177,19 +183,19 @@ def load_state_dict(model: nn.Module, sd_or_path, strict: bool = True) -> nn.Mod
         if unexpected:
             lines.append(f"{len(unexpected)} unexpected keys: {_first(unexpected)}")
         lines.append(looks)
-        raise RuntimeError("cannot load weights: " + "; ".join(lines))
+        raise WeightsError("cannot load weights: " + "; ".join(lines))
     wrong = [
         f"{k} {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
         for k, v in expected.items()
         if k in sd and sd[k].shape != v.shape
     ]
     if wrong:
-        raise RuntimeError(
+        raise WeightsError(
             f"cannot load weights: {len(wrong)} shape mismatches ({_first(wrong, 3)}); " + looks
         )
     not_float = [f"{k} ({sd[k].dtype})" for k in expected if k in sd and not sd[k].is_floating_point()]
     if not_float:
-        raise RuntimeError(f"cannot load weights: non-floating-point tensors {_first(not_float)}")
+        raise WeightsError(f"cannot load weights: non-floating-point tensors {_first(not_float)}")
     model.load_state_dict(sd, strict=strict)
     return model
 
@@ -208,10 +214,10 @@ def load_pretrained_weights(model: nn.Module, backbone: str, dataset: str, map_l
     source = os.fspath(dataset)
     if os.path.isfile(source):
         return load_state_dict(model, source, strict=True)
-    if os.path.isdir(source):  # before the repo-id fallback, which a folder's name can match
-        raise IsADirectoryError(f"{source!r} is a folder, not a weight file (.safetensors, .pth, .pt)")
     if source in configs.DATASET_IDS or source in configs.DATASET_ALIASES:
         repo = configs.hub_repo_id(backbone, source)
+    elif os.path.isdir(source):  # before the repo-id fallback, which a folder's name can match
+        raise IsADirectoryError(f"{source!r} is a folder, not a weight file (.safetensors, .pth, .pt)")
     elif _REPO_ID.match(source) and not source.lower().endswith((SAFETENSORS_SUFFIX, *TORCH_SUFFIXES)):
         repo = source  # the official fallback: any other string is a repo id
     else:
@@ -223,8 +229,8 @@ def load_pretrained_weights(model: nn.Module, backbone: str, dataset: str, map_l
 
 
 def _download(repo: str, backbone: str) -> str:
-    def fail(reason: str) -> RuntimeError:
-        return RuntimeError(
+    def fail(reason: str) -> WeightsError:
+        return WeightsError(
             f"cannot fetch weights from Hugging Face repo '{repo}': {reason}. Download model.safetensors "
             f"from https://huggingface.co/{repo} and pass its local path instead, e.g. "
             f"create_model('{backbone}', weights='/path/to/model.safetensors')"
@@ -265,11 +271,11 @@ def load_vgg_weights(vgg_module_or_model: nn.Module, sd_or_path) -> nn.Module:
     problems = [f"{len(missing)} convs missing: {_first(missing)}"] if missing else []
     problems += [f"{len(extra)} unexpected feature tensors: {_first(extra)}"] if extra else []
     if problems:
-        raise RuntimeError("not a plain VGG19 file (vgg19, not vgg19_bn): " + "; ".join(problems))
+        raise WeightsError("not a plain VGG19 file (vgg19, not vgg19_bn): " + "; ".join(problems))
     wrong = [f"{k} {tuple(mapped[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
              if mapped[k].shape != v.shape]  # fmt: skip
     if wrong:
-        raise RuntimeError(f"VGG19 shape mismatches: {_first(wrong, 3)}")
+        raise WeightsError(f"VGG19 shape mismatches: {_first(wrong, 3)}")
     target.load_state_dict(mapped, strict=True)
     return vgg_module_or_model
 

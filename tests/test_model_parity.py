@@ -11,13 +11,18 @@ from helpers import (
     assert_close_rel,
     global_grad_error,
     images,
+    linear_functional,
+    param_grads,
     randomize_,
     stylized_outputs,
     train_outputs,
 )
 
 from fastvit_style import StylizingViT
+from fastvit_style import model as fast_model
 from fastvit_style.layers import vgg19
+from fastvit_style.reference import model as reference_model
+from fastvit_style.reference.losses import Loss
 
 FP32 = TOLERANCE[torch.float32]
 CPU_BACKENDS = ["reference", "torch"]
@@ -107,6 +112,23 @@ def test_training_float64_channels_last_vgg(rolled, monkeypatch):
     assert_exact(outputs(fast, "torch", x, x_style), outputs(truth, "reference", x, x_style))
 
 
+def training_stylized_grads(model, backend, x, x_style):
+    """Gradients of a linear functional of the training forward's x_stylized, which only the VGG terms
+    read: the losses are stubbed out (no VGG), the stylized stream's backward is what runs."""
+    stylized = []
+
+    def capture(vgg, x, x_style, x_stylized, *recons):
+        stylized.append(x_stylized)
+        return Loss(*(x_stylized.sum() * 0,) * 4)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fast_model, "compute_loss", capture)
+        patch.setattr(reference_model, "compute_loss", capture)
+        model.backend = backend
+        model(x, x_style)
+    return param_grads(model, linear_functional(stylized[0]))
+
+
 def check_float32(truth, model, backend, x, x_style):
     """Training and eval of a float32 model on `backend` against its float64 twin `truth` on the
     reference: losses, x_recon, the eval output and the well-conditioned gradients within 1e-5, the
@@ -118,6 +140,9 @@ def check_float32(truth, model, backend, x, x_style):
         assert_close_rel(term, term_ref, FP32, f"{backend} loss {name}")
     assert_close_rel(recon, recon_ref, FP32, f"{backend} x_recon")
     assert global_grad_error(identity, identity_ref) <= FP32, f"{backend}: identity-term gradient"
+    stylized_ref = training_stylized_grads(truth, "reference", *x64)
+    stylized = training_stylized_grads(model, backend, x, x_style)
+    assert global_grad_error(stylized, stylized_ref) <= FP32, f"{backend}: training x_stylized gradient"
     err = global_grad_error(total, total_ref)
     assert err <= GRAD_FP32_NOISE, f"{backend}: gradient of the objective, error {err:.3e}"
     truth.training_mode = model.training_mode = False  # the same weights, eval forward

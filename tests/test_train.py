@@ -71,7 +71,7 @@ def test_one_epoch_through_the_cli_lowers_the_loss_and_exports_official_weights(
     argv = ["train", "--data", str(data), "--val-data", str(val), "--out", str(tmp_path / "out"), *TINY_ARGS,
             "--epochs", "1", "--batch-size", "2", "--accumulate", "1", "--init-weights", str(tmp_path / "init.safetensors")]  # fmt: skip
     # The train=False export carries no VGG19: without --random-vgg that is an error, before any work.
-    assert cli.main([a for a in argv if a != "--random-vgg"]) == 2
+    assert cli.main([a for a in argv if a != "--random-vgg"]) == 1
     assert "no VGG19 weights" in capsys.readouterr().err and not (tmp_path / "out").exists()
     assert cli.main(argv) == 0
     assert len(losses) == 4 and all(map(math.isfinite, losses)) and losses[-1] < losses[0], losses
@@ -215,21 +215,30 @@ def test_bad_train_config(kwargs, match):
 
 def test_a_new_run_never_replaces_another_runs_files(tmp_path):
     """Without --resume or --overwrite an --out that holds a run is refused before any work; with
-    --overwrite the old run's epochs and best model go."""
+    --overwrite nothing of the old run is left to pass for the new one's."""
     data = write_images(tmp_path / "data", 2)
-    config = TrainConfig(data=str(data), val_data=str(data), out=str(tmp_path / "out"), epochs=1,
-                         batch_size=1, accumulate=1, **TINY)  # fmt: skip
+    out = tmp_path / "out"
+    config = TrainConfig(data=str(data), val_data=str(data), out=str(out), epochs=1, batch_size=1, accumulate=1,
+                         **TINY)  # fmt: skip
     train(config)
-    before = {name: (tmp_path / "out" / name).read_bytes() for name in ("last.pt", "metrics.jsonl")}
-    with pytest.raises(ValueError, match=r"already holds a run \(config.json, last.pt.*--overwrite"):
+    before = {name: (out / name).read_bytes() for name in ("last.pt", "metrics.jsonl", "config.json")}
+    with pytest.raises(ValueError, match=r"already holds a run \(last.pt, .*--resume .*last.pt.*--overwrite"):
         train(dataclasses.replace(config, seed=5))
-    assert before == {name: (tmp_path / "out" / name).read_bytes() for name in before}
+    assert before == {name: (out / name).read_bytes() for name in before}
     (tmp_path / "file").write_text("mine")
     with pytest.raises(ValueError, match="exists and is not a folder"):
         train(dataclasses.replace(config, out=str(tmp_path / "file")))
-    train(dataclasses.replace(config, seed=5, overwrite=True))
-    assert len((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) == 1
-    assert load_checkpoint(tmp_path / "out" / "last.pt")["config"]["seed"] == 5
+
+    def dies_at_first_step(info):
+        assert set(os.listdir(out)) == {"config.json"}  # the old run's files went before any work
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(dataclasses.replace(config, seed=5, overwrite=True, max_steps=2), on_step=dies_at_first_step)
+    # What a run that died before its first checkpoint leaves is no run to protect.
+    train(dataclasses.replace(config, seed=6))
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    assert load_checkpoint(out / "last.pt")["config"]["seed"] == 6
 
 
 def test_max_steps_at_an_epochs_last_step_still_ends_the_epoch(tmp_path):

@@ -420,20 +420,21 @@ def test_cli_tta(folders, monkeypatch):
 
 
 @needs_pil
-def test_cli_user_errors_are_one_line(folders, capsys):
-    """A user's mistake gives one `error:` line and exit status 2 (SystemExit from argparse and the
-    apps' own checks, which run before any work), never a traceback."""
+def test_cli_user_errors_are_one_line(folders, capsys, monkeypatch):
+    """A user's mistake gives one `error:` line and exit status 1 (2 for argparse's usage errors), and
+    the commands' own checks run before any work; a bug keeps its traceback."""
     tmp, base = folders
 
-    def fails_with(argv, message):
+    def fails_with(argv, message, expected_status=1):
         try:
             status = cli_main(argv)
-        except SystemExit as e:
-            status, text = 2, str(e.code) + capsys.readouterr().err
+        except SystemExit as e:  # the commands' checks and argparse: what the interpreter would print
+            status = e.code if isinstance(e.code, int) else 1
+            text = ("" if isinstance(e.code, int) else str(e.code)) + capsys.readouterr().err
         else:
             text = capsys.readouterr().err
-        assert status == 2 and message in text, (status, text)
-        assert "Traceback" not in text
+        assert status == expected_status and message in text, (status, text)
+        assert text.startswith(("error: ", "usage: ")) and "Traceback" not in text, text
 
     (tmp / "corrupt.safetensors").write_bytes(b"not a weight file")
     (tmp / "file").write_text("mine")
@@ -441,9 +442,11 @@ def test_cli_user_errors_are_one_line(folders, capsys):
     stylize_args = ["stylize", *base, "--content", str(tmp / "content"), "--styles", str(tmp / "styles")]
     fails_with([*stylize_args[:-2], "--styles", str(tmp / "nope"), "--out", str(tmp / "o")], "nope")
     fails_with([*stylize_args, "--out", str(tmp / "file")], "exists and is not a folder")
-    fails_with([*stylize_args, "--out", str(tmp / "o"), "--batch-size", "0"], "must be at least 1")
+    fails_with([*stylize_args, "--out", str(tmp / "o"), "--batch-size", "0"], "must be at least 1", 2)
     corrupt = [a if a != base[1] else str(tmp / "corrupt.safetensors") for a in stylize_args]
     fails_with([*corrupt, "--out", str(tmp / "o")], "corrupt.safetensors")
+    wrong = [a if a != "tiny" else "small" for a in stylize_args]  # weights that do not fit: WeightsError
+    fails_with([*wrong, "--out", str(tmp / "o")], "cannot load weights")
     if not torch.cuda.is_available():
         on_cuda = [a if a != "cpu" else "cuda" for a in stylize_args]
         fails_with([*on_cuda, "--out", str(tmp / "o")], "device 'cuda'")
@@ -453,7 +456,14 @@ def test_cli_user_errors_are_one_line(folders, capsys):
         [*tta_args, "--classifier", str(tmp / "state_dict.pth"), "--out", str(tmp / "p.csv")],
         "module:callable",
     )
+    fails_with(
+        [*tta_args, "--classifier", "no_such_module:make", "--out", str(tmp / "p.csv")], "cannot import"
+    )
     assert not (tmp / "o").exists() and (tmp / "file").read_text() == "mine"
+    # A crash is not a user error: its traceback stays.
+    monkeypatch.setattr("fastvit_style.apps.stylize.stylize", lambda *a, **kw: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        cli_main([*stylize_args, "--out", str(tmp / "o2")])
 
 
 def test_cli_without_pil(folders, monkeypatch, capsys):

@@ -381,6 +381,9 @@ def test_a_folder_is_not_a_repo(no_hub, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(IsADirectoryError, match="'imgs' is a folder, not a weight file"):
         W.load_pretrained_weights(make(), "tiny", "imgs")
+    (tmp_path / "camelyon17wilds").mkdir()  # a data folder named after its dataset: the id still wins
+    with pytest.raises(W.WeightsError, match="huggingface_hub is not installed"):
+        W.load_pretrained_weights(make(), "tiny", "camelyon17wilds")
 
 
 # ---------------------------------------------------------------------------------------- atomic writes

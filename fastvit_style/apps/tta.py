@@ -63,7 +63,10 @@ def load_classifier(spec: str, dev: torch.device) -> nn.Module:
         raise SystemExit(f"error: --classifier {spec!r} is neither a file nor module:callable")
     if os.getcwd() not in sys.path:  # console scripts do not put the current folder on the path
         sys.path.insert(0, os.getcwd())
-    factory = importlib.import_module(module_name)
+    try:
+        factory = importlib.import_module(module_name)
+    except ImportError as e:
+        raise SystemExit(f"error: --classifier {spec!r}: cannot import {module_name!r} ({e})") from None
     for part in attr.split("."):
         factory = getattr(factory, part)
     classifier = factory()
