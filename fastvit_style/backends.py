@@ -10,9 +10,24 @@ from .ops import shared_attention, triton_unavailable_reason, xformers_unavailab
 BACKENDS = ("auto", "reference", "torch", "triton", "xformers")
 
 
-def check_backend_name(backend: str) -> str:
+def check_backend(backend: str, head_dim: int | None = None) -> str:
+    """`backend`, once it could run on some device of this installation for heads of `head_dim`;
+    ValueError saying why not otherwise (a package missing or broken, a head size the kernels lack).
+
+    The device is checked at each forward (`resolve_backend`): a model is usually built on the CPU and
+    moved to the GPU afterwards, so a construction-time device check would refuse the common case.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    # CUDA is where both fused backends run: a reason given for it holds for every device.
+    if backend == "triton":
+        reason = triton_unavailable_reason(torch.device("cuda"), head_dim=head_dim)
+    elif backend == "xformers":
+        reason = xformers_unavailable_reason(torch.device("cuda"))
+    else:
+        reason = None
+    if reason:
+        raise ValueError(f"backend={backend!r} cannot run this model here: {reason}")
     return backend
 
 

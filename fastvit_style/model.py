@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from . import reference, schedule
-from .backends import attention_for, check_backend_name
+from .backends import attention_for, check_backend
 from .configs import DEFAULT_DATASET, make_config
 from .layers import Mlp, VGG19Features, ViTEncoder
 from .losses import compute_loss
@@ -29,7 +29,7 @@ class StylizingViT(nn.Module):
         self.config = cfg = make_config(backbone, **kwargs)
         self.backbone = backbone
         self.training_mode = train
-        self.backend = check_backend_name(backend)
+        self.backend = check_backend(backend, cfg.head_dim)
         self.encoder = ViTEncoder(cfg)
         if train:
             self.vgg_encoder = VGG19Features()

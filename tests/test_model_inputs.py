@@ -1,5 +1,7 @@
 """Construction and forward reject bad input with a message that says what was expected."""
 
+import sys
+
 import pytest
 import torch
 
@@ -70,6 +72,17 @@ def test_triton_backend_on_cpu_without_interpreter(monkeypatch):
     # The model states the op's own reason: one check decides for both.
     with pytest.raises(ValueError, match="'triton' cannot run here: CPU tensors .* outside interpreter"):
         m(torch.randn(1, 3, 32, 32))
+
+
+def test_a_backend_that_cannot_run_anywhere_fails_at_construction(monkeypatch):
+    """What no device could change is refused when the model is built, not at its first forward."""
+    monkeypatch.setitem(sys.modules, "xformers", None)  # import xformers fails as if not installed
+    with pytest.raises(ValueError, match="'xformers' cannot run this model here: the xformers package"):
+        StylizingViT("tiny", backend="xformers", **SMALL)
+    with pytest.raises(ValueError, match="'triton' cannot run this model here: head dim d=8 unsupported"):
+        StylizingViT("mine", encoder_embed_dim=192, encoder_num_heads=24, backend="triton", **SMALL)
+    # 'auto' falls back per call, so a head size the kernels lack is no error for it.
+    StylizingViT("mine", encoder_embed_dim=192, encoder_num_heads=24, backend="auto", **SMALL)
 
 
 def test_train_and_eval_modes_do_not_change_numbers(model):
