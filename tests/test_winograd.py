@@ -37,7 +37,7 @@ def test_forward_and_input_gradient_match_conv2d(shape, dtype):
 
 
 def test_autograd_path_and_cached_transforms():
-    conv = frozen_conv(4, 256, torch.float64)
+    conv = frozen_conv(4, 512, torch.float64)
     x = torch.randn(1, 4, 4, 4, dtype=torch.float64, requires_grad=True)
     assert use_winograd(x, conv)
     assert torch.autograd.gradcheck(lambda t: conv3x3(t, conv), (x,), fast_mode=True)
@@ -51,9 +51,10 @@ def test_autograd_path_and_cached_transforms():
 
 
 def test_direct_where_winograd_does_not_pay_or_apply():
-    conv = frozen_conv(4, 256, torch.float32)
+    conv = frozen_conv(4, 512, torch.float32)
+    assert use_winograd(torch.randn(1, 4, 6, 6), conv)
     assert not use_winograd(torch.randn(1, 4, 5, 6), conv)  # odd side
-    assert not use_winograd(torch.randn(1, 4, 6, 6), frozen_conv(4, 128, torch.float32))  # few channels
+    assert not use_winograd(torch.randn(1, 4, 6, 6), frozen_conv(4, 256, torch.float32))  # few channels
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not use_winograd(torch.randn(1, 4, 6, 6), conv)
     assert not use_winograd(torch.randn(1, 4, 6, 6), conv.requires_grad_(True))  # weight gradients: conv2d
@@ -65,6 +66,7 @@ def test_vgg_features_with_winograd_match_direct():
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64, requires_grad=True)
     direct = vgg(x)
     fast = vgg(x, fast=True)
+    assert all(f.is_contiguous(memory_format=torch.channels_last) for f in fast)  # oneDNN's own layout
     for j, (a, e) in enumerate(zip(fast, direct)):
         assert_close_rel(a, e, 1e-12, f"level {j}")
     g_direct = torch.autograd.grad(sum(f.square().sum() for f in direct), x)[0]

@@ -1,5 +1,3 @@
-import math
-
 import torch
 import torch.nn as nn
 
@@ -36,7 +34,8 @@ class ViTEncoder(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_tokens, L))
         self.patch_embed = PatchEmbed(config.patch_size, config.in_channel, L)
         self.blocks = nn.ModuleList(
-            CrossAttentionBlock(L, config.num_heads, config.mlp_ratio, config.qkv_bias) for _ in range(config.depth)
+            CrossAttentionBlock(L, config.num_heads, config.mlp_ratio, config.qkv_bias)
+            for _ in range(config.depth)
         )
         self.norm = nn.LayerNorm(L, eps=LAYERNORM_EPS)
         self.grid = config.grid

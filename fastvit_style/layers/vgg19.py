@@ -17,11 +17,15 @@ _STAGE_ENDS = (2, 7, 16, 25, 34)
 
 
 def use_channels_last(x: torch.Tensor) -> bool:
-    """Run the frozen VGG19 on channels-last (NHWC) maps: on CUDA, where cuDNN's tensor-core
-    convolutions read and write NHWC and would otherwise transpose the NCHW maps around each of the
-    16 convolutions (the early maps are the largest tensors of a training step). Compiled graphs
+    """Run the frozen VGG19 on channels-last (NHWC) maps. On CUDA, cuDNN's tensor-core convolutions
+    read and write NHWC and would otherwise transpose the NCHW maps around each of the 16
+    convolutions (the early maps are the largest tensors of a training step). On CPU, oneDNN
+    convolves NHWC maps in place of reordering NCHW ones to its blocked layout and back at every
+    call: measured on 2 AVX-512 cores (2026-11-29, 4 images, forward + input gradient), 1.3x-2.1x
+    faster for stages 1 and 2 (81 -> 38 ms at 3 -> 64 channels and 224 px, 248 -> 166 at 64 -> 64),
+    the same from 56 px down; the whole training step of tiny at 224 px 6% faster. Compiled graphs
     choose their own layouts (inductor's layout optimization)."""
-    return x.is_cuda and not torch.compiler.is_compiling()
+    return not torch.compiler.is_compiling()
 
 
 class VGG19Features(nn.Module):
@@ -50,9 +54,9 @@ class VGG19Features(nn.Module):
         return super().train(False)
 
     def forward(self, x: torch.Tensor, fast: bool = False) -> list[torch.Tensor]:
-        """fast: the fast losses' way for the device, same numbers up to rounding: on CPU the deep 3x3
-        convs by Winograd's algorithm where it pays (`winograd.conv3x3`), on CUDA channels-last maps
-        (`use_channels_last`). The reference losses leave it off. The maps keep x's memory format
+        """fast: the fast losses' way, same numbers up to rounding: channels-last maps
+        (`use_channels_last`), and on CPU the deep 3x3 convs by Winograd's algorithm where it pays
+        (`winograd.conv3x3`). The reference losses leave it off. The maps keep x's memory format
         otherwise; channels-last ones are NCHW tensors all the same, with other strides."""
         if fast and use_channels_last(x):
             x = x.contiguous(memory_format=torch.channels_last)

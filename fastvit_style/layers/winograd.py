@@ -1,8 +1,8 @@
 """3x3 convolutions (stride 1, padding 1) by Winograd's F(2x2, 3x3): the frozen VGG19 of the losses on CPU.
 
 A 2x2 output tile costs 16 multiplies per channel pair instead of 36 (2.25x fewer), at the price of
-input and output transforms that only pay where the channel count is large: stages 3-5 of VGG19
-(>= 256 channels, 56 px and below), which hold three quarters of its FLOPs. The transforms' entries
+input and output transforms that only pay where the channel count is large: stages 4-5 of VGG19
+(512 output channels, 28 and 14 px), which hold two fifths of its FLOPs. The transforms' entries
 are 0, +-1 and +-1/2, so the rounding error stays that of a direct convolution (tests compare both
 with float64). The input gradient is the same convolution with the kernel flipped and its channels
 swapped, so the backward pass runs through Winograd too. CPU only: on CUDA cuDNN picks its own
@@ -22,9 +22,14 @@ def transform_weight(weight: torch.Tensor) -> torch.Tensor:
     return u.reshape(16, weight.shape[1], weight.shape[0])
 
 
-def _rows(r0, r1, r2, r3):
-    """B^T applied along one tile axis: the four transformed rows of a 4-row tile."""
-    return r0 - r2, r1 + r2, r2 - r1, r1 - r3
+def _rows_into(r0, r1, r2, r3, out: torch.Tensor) -> torch.Tensor:
+    """B^T applied along one tile axis: the four transformed rows of a 4-row tile, written into
+    out[0..3] (out= spares a fresh tensor and a copy per row: 300 of each per VGG pass)."""
+    torch.sub(r0, r2, out=out[0])
+    torch.add(r1, r2, out=out[1])
+    torch.sub(r2, r1, out=out[2])
+    torch.sub(r1, r3, out=out[3])
+    return out
 
 
 def winograd_conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -35,18 +40,34 @@ def winograd_conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None
     N, C, H, W = x.shape
     th, tw = H // 2, W // 2
     xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))  # (N, H+2, W+2, C)
+    rows = _rows_into(*(xp[:, k : k + H : 2] for k in range(4)), out=x.new_empty(4, N, th, W + 2, C))
     v = x.new_empty(4, 4, N, th, tw, C)
-    for a, r in enumerate(_rows(*(xp[:, k : k + H : 2] for k in range(4)))):
-        for b, t in enumerate(_rows(*(r[:, :, k : k + W : 2] for k in range(4)))):
-            v[a, b] = t
+    for a in range(4):
+        _rows_into(*(rows[a][:, :, k : k + W : 2] for k in range(4)), out=v[a])
     m = torch.bmm(v.view(16, N * th * tw, C), u).view(4, 4, N, th, tw, -1)
+    Cout = u.shape[2]
     # A plain channels_last tensor, not a permuted view: autograd lets callers modify it in place (ReLU).
-    out = torch.empty(N, u.shape[2], H, W, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-    rows = out.permute(0, 2, 3, 1)
-    for a, s in enumerate((m[0] + m[1] + m[2], m[1] - m[2] - m[3])):  # A^T along rows, then columns
-        for b, t in enumerate((s[0] + s[1] + s[2], s[1] - s[2] - s[3])):
-            rows[:, a::2, b::2] = t if bias is None else t + bias
+    out = torch.empty(N, Cout, H, W, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    out_rows = out.permute(0, 2, 3, 1)
+    # A^T along rows, then along columns, each sum left to right; the last one lands in its strided
+    # place in out, with the bias.
+    s = m.new_empty(2, 4, N, th, tw, Cout)
+    torch.add(m[0], m[1], out=s[0]).add_(m[2])
+    torch.sub(m[1], m[2], out=s[1]).sub_(m[3])
+    t = m.new_empty(N, th, tw, Cout)
+    for a in range(2):
+        torch.add(s[a, 0], s[a, 1], out=t).add_(s[a, 2])
+        _place(t, bias, out_rows[:, a::2, 0::2])
+        torch.sub(s[a, 1], s[a, 2], out=t).sub_(s[a, 3])
+        _place(t, bias, out_rows[:, a::2, 1::2])
     return out
+
+
+def _place(t: torch.Tensor, bias: torch.Tensor | None, dest: torch.Tensor) -> None:
+    if bias is None:
+        dest.copy_(t)
+    else:
+        torch.add(t, bias, out=dest)
 
 
 class _WinogradConv(torch.autograd.Function):
@@ -76,15 +97,23 @@ def _transforms(conv: torch.nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def use_winograd(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
-    """Where F(2x2, 3x3) beats oneDNN on CPU (measured: 1.25x at 128->256 channels and 56 px, 1.7x
-    at 512 channels and 28 or 14 px; slower at 128 channels and 112 px): >= 256 output channels, even
-    sides, frozen weights, float32/float64 outside autocast, eager (compiled graphs pick their own)."""
+    """Where F(2x2, 3x3) beats oneDNN on CPU: >= 512 output channels, even sides, frozen weights,
+    float32/float64 outside autocast, eager (compiled graphs pick their own).
+
+    The saving grows with in x out channels, the transforms' memory passes with in + out. Measured
+    (2 cores, 12 images, forward, oneDNN direct -> Winograd, ms):
+    - the first development VM (2026-11-23, 35-40 GFLOP/s per core): 1.25x faster at 128->256
+      channels and 56 px, 1.7x at 512 -> 512 at 28 and 14 px, slower at 128 channels and 112 px;
+    - an AMD EPYC VM with AVX-512 (2026-11-29), whose direct convolutions run 2.5x faster: 125 -> 212 at
+      128->256 and 56 px, 232 -> 305 at 256->256 and 56 px (slower), 98 -> 81 at 256->512 and 28 px,
+      190 -> 140-185 at 512->512 and 28 px, 46 -> 33 at 512->512 and 14 px.
+    512 output channels is where it wins on both."""
     return (
         x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.float64)
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
-        and conv.out_channels >= 256
+        and conv.out_channels >= 512
         and x.shape[2] % 2 == 0
         and x.shape[3] % 2 == 0
         and not conv.weight.requires_grad
