@@ -26,8 +26,24 @@ def describe_device(device: torch.device) -> dict:
     return {
         "type": device.type,
         "name": platform.processor() or platform.machine(),
+        # CPU ratios move with the machine (Winograd against oneDNN flipped between two VMs of ours):
+        # the model and the vector ISA torch dispatches to say which machine a file came from.
+        "model": _cpu_model(),
+        "capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
     }
+
+
+def _cpu_model() -> str:
+    """The processor's marketing name ('model name' of /proc/cpuinfo on Linux), else what platform says."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def git_commit() -> dict:
