@@ -41,6 +41,7 @@ def test_autograd_path_and_cached_transforms():
     x = torch.randn(1, 4, 4, 4, dtype=torch.float64, requires_grad=True)
     assert use_winograd(x, conv)
     assert torch.autograd.gradcheck(lambda t: conv3x3(t, conv), (x,), fast_mode=True)
+    assert torch.autograd.gradgradcheck(lambda t: conv3x3(t, conv), (x,), fast_mode=True)  # create_graph
     first = conv.__dict__["_winograd_transforms"]
     conv3x3(x, conv)
     assert conv.__dict__["_winograd_transforms"] is first  # reused while the weight is unchanged

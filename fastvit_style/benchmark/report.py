@@ -23,15 +23,12 @@ def describe_device(device: torch.device) -> dict:
             "memory_bytes": props.total_memory, "multiprocessors": props.multi_processor_count,
             "cuda": torch.version.cuda,
         }  # fmt: skip
-    return {
-        "type": device.type,
-        "name": platform.processor() or platform.machine(),
+    described = {"type": device.type, "name": platform.processor() or platform.machine()}
+    if device.type == "cpu":
         # CPU ratios move with the machine (Winograd against oneDNN flipped between two VMs of ours):
         # the model and the vector ISA torch dispatches to say which machine a file came from.
-        "model": _cpu_model(),
-        "capability": torch.backends.cpu.get_cpu_capability(),
-        "threads": torch.get_num_threads(),
-    }
+        described.update(model=_cpu_model(), vector_isa=torch.backends.cpu.get_cpu_capability())
+    return {**described, "threads": torch.get_num_threads()}
 
 
 def _cpu_model() -> str:

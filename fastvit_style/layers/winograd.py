@@ -24,7 +24,7 @@ def transform_weight(weight: torch.Tensor) -> torch.Tensor:
 
 def _rows_into(r0, r1, r2, r3, out: torch.Tensor) -> torch.Tensor:
     """B^T applied along one tile axis: the four transformed rows of a 4-row tile, written into
-    out[0..3] (out= spares a fresh tensor and a copy per row: 300 of each per VGG pass)."""
+    out[0..3] (out= spares a fresh tensor and a copy per row: 20 of each per convolution)."""
     torch.sub(r0, r2, out=out[0])
     torch.add(r1, r2, out=out[1])
     torch.sub(r2, r1, out=out[2])
@@ -35,7 +35,8 @@ def _rows_into(r0, r1, r2, r3, out: torch.Tensor) -> torch.Tensor:
 def winograd_conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """conv2d(x, w, bias, padding=1) for x (N, Cin, H, W) with even H, W and u = transform_weight(w).
 
-    Returns (N, Cout, H, W) in channels_last memory (the transforms work on (N, H, W, C) rows).
+    Returns (N, Cout, H, W) in channels_last memory (the transforms work on (N, H, W, C) rows). Not
+    differentiable itself (its transforms write with out=): `conv3x3` gives it a backward.
     """
     N, C, H, W = x.shape
     th, tw = H // 2, W // 2
@@ -64,6 +65,7 @@ def winograd_conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None
 
 
 def _place(t: torch.Tensor, bias: torch.Tensor | None, dest: torch.Tensor) -> None:
+    """dest = t + bias in one pass (dest: a strided view of the output's rows)."""
     if bias is None:
         dest.copy_(t)
     else:
@@ -75,13 +77,16 @@ class _WinogradConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, u, u_flipped, bias):
-        ctx.save_for_backward(u_flipped)
+        ctx.save_for_backward(u, u_flipped)
         return winograd_conv3x3(x, u, bias)
 
     @staticmethod
     def backward(ctx, grad):
-        (u_flipped,) = ctx.saved_tensors
-        return winograd_conv3x3(grad, u_flipped, None), None, None, None
+        u, u_flipped = ctx.saved_tensors
+        # The input gradient is the convolution with the flipped kernel, linear in grad: through this
+        # Function again (kernels swapped), so that create_graph=True records it. winograd_conv3x3
+        # itself writes with out=, which autograd cannot record.
+        return _WinogradConv.apply(grad, u_flipped, u, None), None, None, None
 
 
 def _transforms(conv: torch.nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor]:
