@@ -112,7 +112,7 @@ def use_winograd(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
     - an AMD EPYC VM with AVX-512 (2026-11-29), whose direct convolutions run 2.5x faster: 125 -> 212 at
       128->256 and 56 px, 232 -> 305 at 256->256 and 56 px (slower), 98 -> 81 at 256->512 and 28 px,
       190 -> 140-185 at 512->512 and 28 px, 46 -> 33 at 512->512 and 14 px.
-    512 output channels is where it wins on both."""
+    512 output channels is where it wins on both. `bench/vgg_cpu.py` times every layer three ways."""
     return (
         x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.float64)
