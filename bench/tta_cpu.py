@@ -90,6 +90,7 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         bank = StyleBank.from_images(model, refs)
         bank_build = time.perf_counter() - t0
+
     def k_forwards():  # the naive TTA loop: one official forward per reference, over the B images
         model.backend = "reference"
         with torch.no_grad():

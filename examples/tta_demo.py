@@ -14,7 +14,7 @@ import argparse
 
 import numpy as np
 import torch
-import torch.nn as nn
+from torch import nn
 
 from fastvit_style import StylizingViT, create_model
 from fastvit_style.imageio import denormalize, normalization, normalize, resize_pad, save_png

@@ -4,8 +4,8 @@ Not Apple's FastViT (timm's `fastvit_*` models): the name is "fast Stylizing ViT
 """
 
 from ._version import __version__
-from .configs import ModelConfig
 from .augment import StyleAugment
+from .configs import ModelConfig
 from .model import StylizingViT, create_model
 from .reference.losses import Loss
 from .tta import StyleBank, TTAClassifier

@@ -68,6 +68,6 @@ def attention_for(backend: str, device: torch.device):
     return functools.partial(shared_attention, backend=op_backend, check_index=False)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _warn_fallback(reason: str) -> None:
     warnings.warn(f"backend='auto' falls back to the PyTorch path: {reason}", stacklevel=3)

@@ -15,7 +15,11 @@ def project_kv(blk, kv_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     H = attn.num_heads
     cn = F.layer_norm(kv_in, (L,), ln_ctx.weight, ln_ctx.bias, ln_ctx.eps)
     w_kv = torch.cat([attn.k_proj.weight, attn.v_proj.weight])
-    b_kv = None if attn.v_proj.bias is None else torch.cat([torch.zeros_like(attn.v_proj.bias), attn.v_proj.bias])
+    b_kv = (
+        None
+        if attn.v_proj.bias is None
+        else torch.cat([torch.zeros_like(attn.v_proj.bias), attn.v_proj.bias])
+    )
     k, v = F.linear(cn, w_kv, b_kv).view(Skv, Tk, 2, H, L // H).unbind(2)
     return k, v
 
@@ -25,10 +29,14 @@ def project_q(blk, q_in: torch.Tensor) -> torch.Tensor:
     Sq, Tq, L = q_in.shape
     attn, ln_in = blk.attn, blk.norm_input
     qn = F.layer_norm(q_in, (L,), ln_in.weight, ln_in.bias, ln_in.eps)
-    return F.linear(qn, attn.q_proj.weight, attn.q_proj.bias).view(Sq, Tq, attn.num_heads, L // attn.num_heads)
+    return F.linear(qn, attn.q_proj.weight, attn.q_proj.bias).view(
+        Sq, Tq, attn.num_heads, L // attn.num_heads
+    )
 
 
-def block_with_kv(blk, q_in: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index: torch.Tensor, attend, q=None):
+def block_with_kv(
+    blk, q_in: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index: torch.Tensor, attend, q=None
+):
     """f_i for query tokens q_in (Sq, Tq, L) against already projected k, v (Skv, Tk, H, d).
 
     kv_index: (Sq,) int32, the context sequence of each query sequence. attend(q, k, v, kv_index) is the
@@ -49,7 +57,9 @@ def block_with_kv(blk, q_in: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_
     return u + F.linear(hidden, mlp.fc2.weight, mlp.fc2.bias)
 
 
-def block_forward(blk, q_in: torch.Tensor, kv_in: torch.Tensor, kv_index: torch.Tensor, attend) -> torch.Tensor:
+def block_forward(
+    blk, q_in: torch.Tensor, kv_in: torch.Tensor, kv_index: torch.Tensor, attend
+) -> torch.Tensor:
     """f_i for Sq query sequences at once, each attending to the context sequence kv_index[s].
 
     q_in: (Sq, Tq, L); kv_in: (Skv, Tk, L). LN_ctx and the K/V projections run once per context

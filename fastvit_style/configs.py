@@ -61,11 +61,11 @@ class ModelConfig:
             )
 
 
-_TINY = dict(embed_dim=192, depth=12, num_heads=3)
-_SMALL = dict(embed_dim=384, depth=12, num_heads=6)
-_BASE = dict(embed_dim=768, depth=12, num_heads=12)
-_LARGE = dict(embed_dim=1024, depth=24, num_heads=16)
-_HUGE = dict(embed_dim=1280, depth=32, num_heads=16, patch_size=14)
+_TINY = {"embed_dim": 192, "depth": 12, "num_heads": 3}
+_SMALL = {"embed_dim": 384, "depth": 12, "num_heads": 6}
+_BASE = {"embed_dim": 768, "depth": 12, "num_heads": 12}
+_LARGE = {"embed_dim": 1024, "depth": 24, "num_heads": 16}
+_HUGE = {"embed_dim": 1280, "depth": 32, "num_heads": 16, "patch_size": 14}
 
 BACKBONES: dict[str, dict] = {
     "tiny": _TINY, "vit_tiny": _TINY, "vit_tiny_patch16_224": _TINY,
@@ -113,7 +113,7 @@ def make_config(backbone: str = "base", **kwargs) -> ModelConfig:
 
 
 def _is_official_default(key: str, value) -> bool:
-    import torch.nn as nn
+    from torch import nn
 
     if key == "bottleneck_drop":
         return value == 0

@@ -17,8 +17,8 @@ import os
 import weakref
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from .atomic import atomic_path
 from .backends import attention_for

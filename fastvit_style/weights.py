@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from . import configs
 from .atomic import atomic_path

@@ -7,8 +7,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
 sys.path.insert(0, os.path.dirname(__file__))
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 
 @pytest.fixture(autouse=True)

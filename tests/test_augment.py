@@ -7,7 +7,6 @@ from helpers import images, randomize_
 from fastvit_style import StylizingViT
 from fastvit_style.augment import StyleAugment
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

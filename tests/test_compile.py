@@ -9,7 +9,7 @@ from helpers import images, randomize_
 
 from fastvit_style import StylizingViT
 
-CFG = dict(input_size=32, encoder_depth=2)
+CFG = {"input_size": 32, "encoder_depth": 2}
 # fullgraph=True is what proves there is no graph break; inductor's CPU code generation costs minutes
 # on 2 cores, so only one case runs it and the others stop at AOT autograd (same captured graphs).
 CASES = [("inductor", True), ("aot_eager", False)]

@@ -7,7 +7,7 @@ import torch
 
 from fastvit_style import StylizingViT, create_model
 
-SMALL = dict(input_size=32, encoder_depth=1)
+SMALL = {"input_size": 32, "encoder_depth": 1}
 
 
 @pytest.fixture(scope="module")

@@ -204,8 +204,8 @@ def test_cosine_schedule_and_psnr_formula():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(max_steps=0), "max_steps must be at least 1"),
-        (dict(model_kwargs={"input_size": 32}), "--input-size"),
+        ({"max_steps": 0}, "max_steps must be at least 1"),
+        ({"model_kwargs": {"input_size": 32}}, "--input-size"),
     ],
 )
 def test_bad_train_config(kwargs, match):

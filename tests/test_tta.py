@@ -12,8 +12,8 @@ import zlib
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 from helpers import TOLERANCE, assert_close_rel, images, randomize_
+from torch import nn
 
 from fastvit_style import StylizingViT, reference
 from fastvit_style import tta as tta_mod

@@ -12,7 +12,7 @@ import os
 import sys
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from ..atomic import atomic_path
 from ..imageio import denormalize, load_batch, save_png

@@ -6,4 +6,4 @@ from .mlp import Mlp
 from .patch_embed import PatchEmbed
 from .vgg19 import VGG19Features
 
-__all__ = ["Attention", "CrossAttentionBlock", "Mlp", "PatchEmbed", "ViTEncoder", "VGG19Features"]
+__all__ = ["Attention", "CrossAttentionBlock", "Mlp", "PatchEmbed", "VGG19Features", "ViTEncoder"]

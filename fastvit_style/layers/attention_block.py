@@ -1,4 +1,4 @@
-import torch.nn as nn
+from torch import nn
 
 from ..configs import LAYERNORM_EPS
 from .mlp import Mlp

@@ -1,5 +1,5 @@
 import torch
-import torch.nn as nn
+from torch import nn
 
 from ..configs import LAYERNORM_EPS, ModelConfig
 from .attention_block import CrossAttentionBlock

@@ -31,8 +31,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from helpers import images
-from test_official_parity import randomize_official_
+from helpers import images  # noqa: E402  (from tests/, put on the path just above)
+from test_official_parity import randomize_official_  # noqa: E402
 
 BACKBONE = "golden_custom"
 KWARGS = {"encoder_embed_dim": 96, "encoder_depth": 2, "encoder_num_heads": 2, "input_size": 48}

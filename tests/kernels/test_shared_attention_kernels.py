@@ -15,8 +15,8 @@ from helpers import TOLERANCE
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastvit_style.ops._torch_impl import shared_attention_torch
 from fastvit_style.ops._index_maps import inverse_kv_map
+from fastvit_style.ops._torch_impl import shared_attention_torch
 
 LAYOUTS = ("projection", "contiguous", "transposed")
 

@@ -4,8 +4,8 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 BACKEND_DEVICES = [
     pytest.param(("torch", "cpu"), id="torch-cpu"),
