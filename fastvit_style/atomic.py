@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import re
 import uuid
 
 
@@ -11,6 +12,7 @@ def atomic_path(path):
     `path` (os.replace, atomic on POSIX and Windows), otherwise removed. Any earlier file stays intact."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
+    # Hidden (image listings skip it); `remove_temporaries` knows this pattern.
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
     try:
         yield tmp
@@ -28,6 +30,21 @@ def atomic_path(path):
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def remove_temporaries(folder, names) -> list[str]:
+    """Delete what `atomic_path` left in `folder` for the files `names` when its process was killed
+    mid-write (a kill runs no cleanup; a checkpoint's temporary is as large as the checkpoint). Only
+    names of atomic_path's pattern, `.<name>.<12 hex digits>.tmp`, go. Returns the paths removed."""
+    folder = os.fspath(folder)
+    pattern = re.compile(rf"\.(?:{'|'.join(map(re.escape, names))})\.[0-9a-f]{{12}}\.tmp")
+    removed = []
+    for entry in sorted(os.listdir(folder)):
+        if pattern.fullmatch(entry):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, entry))
+                removed.append(os.path.join(folder, entry))
+    return removed
 
 
 def _mode_for(path: str) -> int:

@@ -61,8 +61,17 @@ def save_checkpoint(state: dict, path) -> str:
 
 
 def load_checkpoint(path) -> dict:
-    """Read a checkpoint written by `save_checkpoint` onto the CPU, with weights_only=True."""
-    state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    """Read a checkpoint written by `save_checkpoint` onto the CPU, with weights_only=True. ValueError for
+    a file that is not one (another format, truncated, corrupt); OSError for one that cannot be read."""
+    path = os.fspath(path)
+    not_one = f"{path!r} is not a fastvit_style training checkpoint (format {FORMAT})"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as e:  # torch.load's unpickling, zip and weights_only errors
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"{not_one}: torch.load fails ({type(e).__name__}: {first[:200]})") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{os.fspath(path)!r} is not a fastvit_style training checkpoint (format {FORMAT})")
+        raise ValueError(not_one)
     return state

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass
+
+_POSITIVE_INTS = ("patch_size", "embed_dim", "depth", "num_heads", "in_channel",
+                  "post_process_conv_kernel_size")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -45,10 +49,19 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise ValueError for configurations the official code crashes on inside forward."""
+        for name in _POSITIVE_INTS + ("post_process_conv_padding",):
+            value, least = getattr(self, name), int(name in _POSITIVE_INTS)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+        for name in ("mlp_ratio", "bottleneck_mlp_ratio"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
         L, C, P = self.embed_dim, self.in_channel, self.patch_size
         if L % self.num_heads:
             raise ValueError(f"embed_dim {L} is not divisible by num_heads {self.num_heads}")
-        if self.input_size < P or self.input_size % P:
+        size = self.input_size
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < P or size % P:
             raise ValueError(
                 f"input_size must be a positive multiple of patch_size {P}, got {self.input_size}"
             )

@@ -20,7 +20,8 @@ from torch.utils.data import Dataset
 from .imageio import list_images, load_image, normalization, normalize, read_rgb, require_pil, resize_pad
 
 # What decoding a damaged file raises: PIL's UnidentifiedImageError is an OSError ("truncated"
-# too), bad headers raise SyntaxError/ValueError, absurd sizes raise DecompressionBombError.
+# too), bad headers raise SyntaxError/ValueError; read_rgb turns the rest (an absurd size's
+# DecompressionBombError among them) into ValueError.
 _BAD_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError)
 
 
@@ -64,6 +65,11 @@ class ImageFolderDataset(Dataset):
         return int(self._bad.sum())
 
     @property
+    def unreadable(self) -> torch.Tensor:
+        """(len,) bool: the files this process and its workers found corrupt so far."""
+        return self._bad
+
+    @property
     def skipped_paths(self) -> list[str]:
         return [self.paths[i] for i in self._bad.nonzero().flatten().tolist()]
 
@@ -77,7 +83,14 @@ def collate_images(items: list[torch.Tensor | None]) -> torch.Tensor:
 
 
 def micro_batches(
-    n: int, batch_size: int, epoch: int, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True
+    n: int,
+    batch_size: int,
+    epoch: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    shuffle: bool = True,
+    pad: bool = True,
 ) -> list[list[int]]:
     """This rank's micro-batches of one epoch, as lists of dataset indices.
 
@@ -86,7 +99,8 @@ def micro_batches(
     micro-batches r, r+W, r+2W, ...: W ranks see exactly the micro-batches that one process with
     W-fold accumulation sees, and each micro-batch is one roll group. When the count is not a multiple
     of W, the first micro-batches are repeated (wrapping around, as DistributedSampler does per sample)
-    so that every rank runs the same number of micro-steps. The order is a pure function of
+    so that every rank runs the same number of micro-steps; pad=False leaves them out (validation,
+    which has no collective per micro-batch and must count each image once). The order is a pure function of
     (seed, epoch), so a resumed run needs no sampler state: it drops the micro-batches already done.
     """
     if shuffle:
@@ -94,7 +108,8 @@ def micro_batches(
     else:
         order = list(range(n))
     batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
-    batches += [batches[i % len(batches)] for i in range(-len(batches) % world_size)]
+    if pad:
+        batches += [batches[i % len(batches)] for i in range(-len(batches) % world_size)]
     return batches[rank::world_size]
 
 

@@ -13,6 +13,8 @@ def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:
         device = torch.device(name)
     except RuntimeError as e:
         raise ValueError(f"device {name!r} is not a device name (cpu, cuda, cuda:1, ...): {e}") from None
+    if device.type == "meta":
+        raise ValueError(f"device {name!r} holds no data (shapes only): use cpu or cuda")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             build = "has no CUDA" if torch.version.cuda is None else "sees no GPU"

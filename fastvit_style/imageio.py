@@ -31,16 +31,26 @@ def require_pil():
 
 
 def list_images(folder) -> list[str]:
-    """Image files under `folder`, recursively (png/jpg/jpeg/tif/tiff/bmp, any case), sorted by path."""
+    """Image files under `folder`, recursively (png/jpg/jpeg/tif/tiff/bmp, any case), sorted by path.
+
+    Linked folders are followed (as torchvision's ImageFolder does), each real folder once: a link
+    cycle ends, and two links to one folder do not list its images twice. Hidden files are left out."""
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"image folder {folder!r} does not exist or is not a folder")
-    found = [
-        os.path.join(root, name)
-        for root, _, names in os.walk(folder)
-        for name in names
-        if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith(".")
-    ]
+    found, seen = [], set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs.clear()
+            continue
+        seen.add(real)
+        dirs.sort()  # which link reaches a folder first, and so names its images, must not vary by machine
+        found += [
+            os.path.join(root, name)
+            for name in names
+            if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith(".")
+        ]
     return sorted(found)
 
 
@@ -56,11 +66,46 @@ def resize_pad(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def read_rgb(path) -> torch.Tensor:
-    """An image file as RGB (3, h, w) float32 in [0, 1], at its own size."""
+    """An image file as RGB (3, h, w) float32 in [0, 1], at its own size.
+
+    8-bit images (and every mode Pillow converts to RGB) are divided by 255. Wide greys, which Pillow's
+    convert("RGB") would clip to 0..255 (a 16-bit scan turns black and white), are scaled instead:
+    16- and 32-bit integer greys by 65535 (ValueError for values outside 0..65535), float greys taken
+    as they are (ValueError unless all lie in [0, 1]); the grey is repeated on the 3 channels.
+    """
     Image = require_pil()
-    with Image.open(os.fspath(path)) as im:
-        pixels = np.array(im.convert("RGB"))
+    path = os.fspath(path)
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+            wide = mode in ("I", "F") or mode.startswith("I;16")
+            pixels = np.array(im if wide else im.convert("RGB"))
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError):  # most damaged files; no memory
+        raise
+    except Exception as e:  # DecompressionBombError (an absurd size) and odder failures on damaged files
+        raise ValueError(f"cannot decode image {path!r} ({type(e).__name__}: {e})") from e
+    if wide:
+        return _wide_grey(pixels, mode, path).expand(3, -1, -1).contiguous()
     return torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255)
+
+
+def _wide_grey(pixels: np.ndarray, mode: str, path: str) -> torch.Tensor:
+    """(h, w) integer or float pixels of a Pillow 'I;16*', 'I' or 'F' image -> (1, h, w) float32 in [0, 1]."""
+    values = pixels.astype(np.float64)
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if mode == "F":
+        if not (np.isfinite(values).all() and 0 <= lo and hi <= 1):
+            raise ValueError(
+                f"{path}: float image with values in [{lo:g}, {hi:g}]: expected intensities in [0, 1] "
+                "(rescale it, or save it as 8- or 16-bit)"
+            )
+    else:
+        if lo < 0 or hi > 65535:
+            raise ValueError(
+                f"{path}: {mode} image with values in [{lo:g}, {hi:g}]: expected 16-bit intensities in 0..65535"
+            )
+        values /= 65535
+    return torch.from_numpy(values.astype(np.float32))[None]
 
 
 def load_image(path, size: int) -> torch.Tensor:

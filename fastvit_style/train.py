@@ -10,15 +10,18 @@ The official recipe (shared doc 3.3, 3.4), with its gradient-accumulation defect
 * gradient-norm clipping at 1.0 before every optimizer step; fp32 unless --bf16 (autocast).
 * Accumulation. The official loop calls zero_grad at the start of every micro-step, and accelerate
   lets it act on the 2nd micro-step of each pair, so every update uses only every second micro-batch
-  (its gradient halved). Here each of the A micro-batches of a step adds grad(loss)/A and the update
-  uses their mean; the last step of an epoch averages the micro-batches that are left.
+  (its gradient halved). Here the update uses the mean gradient over the step's images: micro-batch i,
+  with b_i readable images and mean loss l_i, adds grad(l_i) * b_i / N, N the readable images of the
+  step's micro-batches on every rank. With equal micro-batches that is their mean; a short last
+  micro-batch of an epoch, or one that lost corrupt images, counts by its images.
 
 Data: `data.micro_batches` fixes each epoch's micro-batches from (seed, epoch). Under
 `torchrun --nproc_per_node N` (DistributedDataParallel; nccl on CUDA, gloo on CPU) rank r takes
 micro-batches r, r+N, ..., so N ranks with A-fold accumulation compute what one process with N*A-fold
 accumulation does (DDP averages over ranks, accumulation over micro-steps: both are means). A
 micro-batch whose images were all corrupt runs the mean-colour image with weight 0: it adds nothing,
-but every rank still joins the gradient all-reduce.
+but every rank still joins the gradient all-reduce. A dataset whose every file is unreadable stops the
+run at the end of its first epoch, with an error.
 
 Unused parameters. The fast path never uses `attn.k_proj.bias` (a key bias shifts each query's
 logits by a constant, so its true gradient is exactly 0) and leaves its `.grad` None. AdamW skips
@@ -32,12 +35,15 @@ Outputs in --out: `last.pt` (the full training state, every --checkpoint-every s
 end; `--resume last.pt` continues with the very next step: on CPU it reproduces an uninterrupted run
 bit for bit; on CUDA up to non-deterministic kernels), `last.safetensors` and `best.safetensors`
 (official-format weights, VGG keys included as in the official files; best = lowest validation loss),
-`metrics.jsonl` (one line per epoch). The training state holds model, AdamW state, position (epoch,
+`metrics.jsonl` (one line per epoch). A run whose VGG19 is random (--random-vgg) exports no VGG keys:
+they would pass for the ImageNet VGG19 (`--init-weights` of such a file asks for VGG weights, as a
+train=False export does). The training state holds model, AdamW state, position (epoch,
 micro-batch, step), best val loss, RNG states and the config; the lr and the data order are functions
 of the epoch (and seed), so they need no state of their own. No GradScaler: the only reduced
 precision offered is bf16, which needs none.
 Validation (each epoch, if --val-data): total loss and PSNR (shared doc 6) on denormalized images,
-each the mean over micro-batches; under DDP the val micro-batches are sharded like the training ones.
+each the mean over micro-batches; under DDP the val micro-batches are sharded like the training ones,
+without the padding repeats (each counts once, whatever the number of processes).
 """
 
 from __future__ import annotations
@@ -60,9 +66,9 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .atomic import write_json
+from .atomic import remove_temporaries, write_json
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .configs import LOSS_WEIGHTS
+from .configs import LOSS_WEIGHTS, make_config
 from .data import ImageFolderDataset, collate_images, micro_batches
 from .devices import resolve_device
 from .imageio import denormalize, normalization
@@ -106,8 +112,10 @@ class TrainConfig:
     workers: int = 4
     max_steps: int | None = None  # stop once the run (resumed parts included) made this many steps
     checkpoint_every: int = 500  # optimizer steps between mid-epoch checkpoints (0: epoch ends only)
-    overwrite: bool = False  # replace the run already in `out` (else an error, unless resuming)
-    random_vgg: bool = False  # allow a randomly initialized VGG19 (smoke runs): the losses are meaningless
+    overwrite: bool = False  # replace the run already in `out` (else an error, unless resuming it)
+    # The VGG19 is randomly initialized (smoke runs: the losses are meaningless). Asked for by --random-vgg
+    # and kept only when no VGG weights are given; a resumed run takes it from its checkpoint.
+    random_vgg: bool = False
 
     def __post_init__(self):
         for name in ("betas", "loss_weights", "mean", "std"):  # argparse/JSON give lists
@@ -117,14 +125,24 @@ class TrainConfig:
             raise ValueError("batch_size, accumulate and epochs must be at least 1")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be at least 1 (or None for no limit), got {self.max_steps}")
-        if "input_size" in (self.model_kwargs or {}):
+        if self.checkpoint_every < 0 or self.workers < 0:
+            raise ValueError(
+                f"checkpoint_every and workers must be at least 0, got {self.checkpoint_every} and {self.workers}"
+            )
+        if not isinstance(self.model_kwargs, dict):
+            raise ValueError(f"model_kwargs must be a dict (a JSON object), got {self.model_kwargs!r}")
+        if "input_size" in self.model_kwargs:
             raise ValueError("give the image side with --input-size, not inside --model-kwargs")
+        try:  # the architecture, checked before any file is read or written
+            make_config(self.backbone, input_size=self.input_size, **self.model_kwargs)
+        except TypeError as e:
+            raise ValueError(f"model_kwargs {self.model_kwargs!r}: {e}") from None
 
 
 # What a resumed run may change: where things are and how fast they run. The rest (the math) comes
 # from the checkpoint, so `--resume` needs no other option repeated.
 RUNTIME_FIELDS = ("data", "val_data", "out", "resume", "max_steps", "workers", "compile", "backend",
-                  "device", "checkpoint_every", "overwrite", "random_vgg")  # fmt: skip
+                  "device", "checkpoint_every", "overwrite")  # fmt: skip
 # What a run leaves in `out` besides config.json (which a run that dies before its first checkpoint
 # leaves alone, and which the next run rewrites).
 RUN_FILES = ("last.pt", "last.safetensors", "best.safetensors", "metrics.jsonl")
@@ -135,15 +153,30 @@ def out_problem(cfg: TrainConfig) -> str | None:
     None."""
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         return f"--out {cfg.out!r} exists and is not a folder"
+    if cfg.resume and not os.path.isfile(cfg.resume):
+        return f"--resume {cfg.resume!r} does not exist or is not a file"
     existing = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.out, f))]
-    if existing and not cfg.resume and not cfg.overwrite:
-        last = os.path.join(cfg.out, "last.pt")
-        resume = f"pass --resume {last!r} to continue it, " if os.path.exists(last) else ""
+    if not existing or cfg.overwrite or resumes_in_place(cfg):
+        return None
+    if cfg.resume:
         return (
-            f"--out {cfg.out!r} already holds a run ({', '.join(existing)}): {resume}--overwrite to replace it, "
-            "or another --out"
+            f"--out {cfg.out!r} holds a run ({', '.join(existing)}) whose last.pt is not the --resume checkpoint "
+            f"{cfg.resume!r}: --overwrite to replace that run, or another --out"
         )
-    return None
+    last = os.path.join(cfg.out, "last.pt")
+    resume = f"pass --resume {last!r} to continue it, " if os.path.exists(last) else ""
+    return (
+        f"--out {cfg.out!r} already holds a run ({', '.join(existing)}): {resume}--overwrite to replace it, "
+        "or another --out"
+    )
+
+
+def resumes_in_place(cfg: TrainConfig) -> bool:
+    """Whether --resume names the checkpoint of the run in --out itself (that run continues there)."""
+    try:
+        return bool(cfg.resume) and os.path.samefile(cfg.resume, os.path.join(cfg.out, "last.pt"))
+    except OSError:  # either file missing
+        return False
 
 
 def resumed_config(cfg: TrainConfig, saved: dict) -> TrainConfig:
@@ -214,6 +247,8 @@ class Trainer:
         saved = load_checkpoint(cfg.resume) if cfg.resume else None
         if saved:
             cfg = resumed_config(cfg, saved["config"])
+            if cfg.random_vgg and cfg.vgg_weights:  # a checkpoint from before random_vgg recorded the fact
+                cfg = dataclasses.replace(cfg, random_vgg=False)
         mean, std = normalization(cfg.dataset, cfg.mean, cfg.std)
         cfg = dataclasses.replace(cfg, mean=mean, std=std)  # the constants used, recorded in checkpoints
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
@@ -230,6 +265,7 @@ class Trainer:
         )
         if not saved:
             self._init_weights(model)
+            cfg = self.cfg
         self.model = model.to(device)
         # The official optimizer gets encoder, bottleneck and post_process_conv: all but the VGG.
         self.params = [p for n, p in model.named_parameters() if not n.startswith("vgg_encoder.")]
@@ -249,6 +285,11 @@ class Trainer:
                 saved[k] for k in ("epoch", "batch", "step", "best_val")
             )
             set_rng_state(saved["rng"])
+            if saved.get("train_images", len(self.train_set)) != len(self.train_set):
+                warnings.warn(
+                    f"{cfg.resume!r} was trained on {saved['train_images']} images, --data {cfg.data!r} now holds "
+                    f"{len(self.train_set)}: the data order of the resumed run differs from an uninterrupted one"
+                )
             if saved["world_size"] != world:
                 # The position counts this rank's micro-batches, and the global batch is world * A * b.
                 if self.batch:
@@ -269,10 +310,11 @@ class Trainer:
             )  # fmt: skip
         if rank == 0:
             os.makedirs(cfg.out, exist_ok=True)
-            if cfg.overwrite and not saved:  # nothing of the old run may pass for this one's
+            if cfg.overwrite and not resumes_in_place(cfg):  # nothing of the old run may pass for this one's
                 for name in RUN_FILES:
                     with contextlib.suppress(FileNotFoundError):
                         os.remove(os.path.join(cfg.out, name))
+            remove_temporaries(cfg.out, (*RUN_FILES, "config.json"))  # of a run killed mid-write
             write_json(os.path.join(cfg.out, "config.json"), dataclasses.asdict(cfg))
 
     # ------------------------------------------------------------------------------------------- setup
@@ -290,7 +332,9 @@ class Trainer:
         if cfg.vgg_weights:
             load_vgg_weights(model, cfg.vgg_weights)
             vgg_source = cfg.vgg_weights
-        if vgg_source is None and not cfg.random_vgg:
+        if vgg_source is not None:
+            self.cfg = dataclasses.replace(cfg, random_vgg=False)  # recorded as it is: real weights
+        elif not cfg.random_vgg:
             raise ValueError(
                 "no VGG19 weights: the perceptual losses would run through a randomly initialized VGG19 and "
                 "training would optimize a meaningless objective. Pass --vgg-weights with timm's "
@@ -340,27 +384,34 @@ class Trainer:
         bar = tqdm(total=n, initial=self.batch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
                    disable=self.rank != 0, dynamic_ncols=True)  # fmt: skip
         terms, images, t0 = [], 0, time.perf_counter()
-        for i, x in enumerate(
-            self._loader(self.train_set, batches[self.batch :], cfg.seed + epoch), self.batch
-        ):
-            group_start = i - i % A
+        loader = iter(self._loader(self.train_set, batches[self.batch :], cfg.seed + epoch))
+        for group_start in range(self.batch, n, A):  # a run stops and resumes at step ends only
             group_end = min(group_start + A, n)
-            last = i + 1 == group_end
-            # Gradients are all-reduced once per step, on its last micro-batch.
-            sync = self.forward.no_sync() if self.world > 1 and not last else contextlib.nullcontext()
-            with sync:
-                term = self._micro_step(x.to(self.device, non_blocking=True), 1 / (group_end - group_start))
-            if term is not None:
-                terms.append(term)
-                images += x.shape[0]
-            bar.update(1)
-            if not last:
-                continue
+            # The step's micro-batches are all loaded first (A of them in host memory) for their image count.
+            group = [next(loader) for _ in range(group_start, group_end)]
+            step_images = self._count_images(group)
+            for j, x in enumerate(group):
+                # Gradients are all-reduced once per step, on its last micro-batch.
+                last = j + 1 == len(group)
+                sync = self.forward.no_sync() if self.world > 1 and not last else contextlib.nullcontext()
+                # DDP averages over ranks: the world factor makes that a mean over the step's images.
+                weight = x.shape[0] * self.world / step_images if step_images else 0.0
+                with sync:
+                    term = self._micro_step(x.to(self.device, non_blocking=True), weight)
+                if term is not None:
+                    terms.append(term * x.shape[0])
+                    images += x.shape[0]
+                bar.update(1)
             torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=False)
             self.step, self.batch = self.step + 1, group_end
-            mean = torch.stack(terms).mean(0).tolist() if terms else [float("nan")] * 5
+            # This rank's losses, over its images, as the step weighs them.
+            mean = (
+                (torch.stack(terms).sum(0) / sum(x.shape[0] for x in group)).tolist()
+                if terms
+                else [float("nan")] * 5
+            )
             info = dict(step=self.step, epoch=epoch, lr=lr, **dict(zip(("loss", *LOSS_NAMES), mean)))
             rate = images * self.world / (time.perf_counter() - t0)
             bar.set_postfix(loss=f"{mean[0]:.4g}", **{k[:4]: f"{v:.3g}" for k, v in zip(LOSS_NAMES, mean[1:])},
@@ -375,15 +426,25 @@ class Trainer:
                 on_step(info)
             if stop:
                 bar.close()
+                self._require_readable(self.train_set, "--data")
                 if self.rank == 0:
-                    save_state_dict(self.model, os.path.join(cfg.out, "last.safetensors"))
+                    self._export("last.safetensors")
                 return False
         bar.close()
         return True
 
+    def _count_images(self, group: list[torch.Tensor]) -> int:
+        """The readable images of one step's micro-batches (each (b_i, 3, S, S)), summed over ranks."""
+        count = sum(x.shape[0] for x in group)
+        if self.world > 1:
+            total = torch.tensor(count, dtype=torch.int64, device=self.device)
+            dist.all_reduce(total)
+            count = int(total)
+        return count
+
     def _micro_step(self, x: torch.Tensor, scale: float) -> torch.Tensor | None:
-        """Forward and backward of one micro-batch x (b, 3, S, S), loss scaled by `scale` (1/group
-        size). Returns the unscaled (total, identity, consistency, anatomical, style) as a float32 (5,)
+        """Forward and backward of one micro-batch x (b, 3, S, S), its mean loss scaled by `scale` (b times
+        the world size over the step's images: module docstring). Returns the unscaled (total, identity, consistency, anatomical, style) as a float32 (5,)
         CPU tensor, or None when x is empty."""
         cfg = self.cfg
         empty = x.shape[0] == 0
@@ -402,7 +463,7 @@ class Trainer:
         """{'val_loss', 'val_psnr'}: means over this run's validation micro-batches (all ranks)."""
         cfg = self.cfg
         batches = micro_batches(
-            len(self.val_set), cfg.batch_size, 0, cfg.seed, self.rank, self.world, shuffle=False
+            len(self.val_set), cfg.batch_size, 0, cfg.seed, self.rank, self.world, shuffle=False, pad=False
         )
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, psnr, micro-batches
         for x in self._loader(self.val_set, batches, cfg.seed):
@@ -421,8 +482,10 @@ class Trainer:
     def _end_epoch(self) -> None:
         cfg = self.cfg
         metrics = {"epoch": self.epoch, "step": self.step, "lr": cosine_lr(cfg.lr, self.epoch, cfg.epochs)}
+        self._require_readable(self.train_set, "--data")
         if self.val_set is not None:
             metrics.update(self.validate())
+            self._require_readable(self.val_set, "--val-data")
         self.epoch, self.batch = self.epoch + 1, 0
         improved = "val_loss" in metrics and (self.best_val is None or metrics["val_loss"] < self.best_val)
         if improved:
@@ -431,8 +494,8 @@ class Trainer:
         if self.rank != 0:
             return
         if improved:
-            save_state_dict(self.model, os.path.join(cfg.out, "best.safetensors"))
-        save_state_dict(self.model, os.path.join(cfg.out, "last.safetensors"))
+            self._export("best.safetensors")
+        self._export("last.safetensors")
         # The epoch's line goes out before the checkpoint that marks the epoch done: a crash in between
         # repeats the line on resume rather than losing it.
         with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
@@ -440,6 +503,24 @@ class Trainer:
         self._save_checkpoint()
         tqdm.write(" ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()),
                    file=sys.stderr)  # fmt: skip
+
+    def _export(self, name: str) -> None:
+        """Official-format weights to --out/name; without the VGG19 when it is random (module docstring)."""
+        sd = self.model.state_dict()
+        if self.cfg.random_vgg:
+            sd = {k: v for k, v in sd.items() if not k.startswith("vgg_encoder.")}
+        save_state_dict(sd, os.path.join(self.cfg.out, name))
+
+    def _require_readable(self, dataset: ImageFolderDataset, flag: str) -> None:
+        """ValueError once every file of `dataset` was found corrupt, by any rank: nothing to learn from."""
+        bad = dataset.unreadable.to(self.device, torch.uint8)
+        if self.world > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bool(bad.all()):
+            raise ValueError(
+                f"every image under {flag} {dataset.root!r} is unreadable ({len(dataset)} files; see the "
+                "warnings above)"
+            )
 
     def _reached_max_steps(self) -> bool:
         return self.cfg.max_steps is not None and self.step >= self.cfg.max_steps
@@ -455,6 +536,7 @@ class Trainer:
             "step": self.step,
             "best_val": self.best_val,
             "world_size": self.world,
+            "train_images": len(self.train_set),
             "rng": rng_state(),
             "config": dataclasses.asdict(self.cfg),
         }
@@ -535,11 +617,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m fastvit_style.train", description=__doc__.split("\n\n")[0]
-    )
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """`python -m fastvit_style.train ...` (what torchrun starts): `fastvit-style train ...`, whose user
+    errors print one line."""
+    from .cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -123,6 +123,15 @@ class StyleBank:
         bank._checked = self._checked  # same config and fingerprint: the verified models carry over
         return bank
 
+    def __getstate__(self) -> dict:
+        # The verified models are weak references, which pickle cannot store (torch.save of a bank or
+        # of a TTAClassifier, DataLoader workers): a copy checks its models again.
+        return {k: v for k, v in self.__dict__.items() if k != "_checked"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._checked = weakref.WeakSet()
+
     # ------------------------------------------------------------------------------------------- checks
 
     def check(self, model) -> None:

@@ -1,5 +1,6 @@
 """Training data: corrupt files skipped and counted, normalization constants, micro-batch sharding."""
 
+import os
 import warnings
 
 import numpy as np
@@ -86,3 +87,63 @@ def test_micro_batches_ranks_see_what_one_accumulating_process_sees():
     assert ranks[0] == one[0::2] and ranks[1] == one[1::2] + one[:1]
     assert micro_batches(5, 2, epoch=0, seed=0, shuffle=False) == [[0, 1], [2, 3], [4]]
     assert micro_batches(1, 2, epoch=0, seed=0, rank=3, world_size=4) == [[0]]
+
+
+def test_validation_micro_batches_are_sharded_without_repeats():
+    ranks = [
+        micro_batches(5, 2, epoch=0, seed=0, rank=r, world_size=2, shuffle=False, pad=False) for r in range(2)
+    ]
+    assert ranks == [[[0, 1], [4]], [[2, 3]]]  # each image once, whatever the number of processes
+
+
+def test_wide_greys_are_scaled_not_clipped(tmp_path):
+    """16-bit and float greys (microscopy, medical scans), which Pillow's convert('RGB') would clip to 0/1."""
+    from fastvit_style.imageio import read_rgb
+
+    ramp = np.linspace(0, 65535, 256).astype(np.uint16).reshape(16, 16)
+    Image.fromarray(ramp).save(tmp_path / "ramp16.png")
+    Image.fromarray(ramp.astype(np.int32)).save(tmp_path / "ramp32.tif")
+    Image.fromarray(ramp.astype(np.float32) / 65535).save(tmp_path / "ramp.tif")
+    expected = torch.from_numpy(ramp.astype(np.float32) / 65535).expand(3, 16, 16)
+    for name in ("ramp16.png", "ramp32.tif", "ramp.tif"):
+        torch.testing.assert_close(read_rgb(tmp_path / name), expected, rtol=0, atol=1e-7, msg=name)
+    Image.fromarray(np.full((4, 4), 2.5, np.float32)).save(tmp_path / "hdr.tif")
+    with pytest.raises(
+        ValueError, match=r"hdr.tif: float image with values in \[2.5, 2.5\]: expected .*\[0, 1\]"
+    ):
+        read_rgb(tmp_path / "hdr.tif")
+    Image.fromarray(np.full((4, 4), 70000, np.int32)).save(tmp_path / "big.tif")
+    with pytest.raises(ValueError, match="expected 16-bit intensities"):
+        read_rgb(tmp_path / "big.tif")
+
+
+def test_an_absurdly_large_image_is_a_bad_file_not_a_crash(tmp_path, monkeypatch):
+    """Pillow's DecompressionBombError is no OSError: read_rgb makes it the ValueError of a bad file, which
+    the dataset skips (and the commands report in one line)."""
+    from fastvit_style.imageio import read_rgb
+
+    solid(tmp_path / "a.png", (1, 2, 3))
+    solid(tmp_path / "huge.png", (1, 2, 3), (64, 64))
+    monkeypatch.setattr(
+        Image, "MAX_IMAGE_PIXELS", 1500
+    )  # 64 x 64 is then over twice the limit, 32 x 32 not over it
+    with pytest.raises(ValueError, match="cannot decode image .*huge.png.*DecompressionBombError"):
+        read_rgb(tmp_path / "huge.png")
+    ds = ImageFolderDataset(tmp_path, input_size=32)
+    with pytest.warns(UserWarning, match="skipping unreadable image .*huge.png"):
+        assert ds[1] is None
+    assert ds[0] is not None
+
+
+def test_linked_folders_are_followed_once(tmp_path):
+    from fastvit_style.imageio import list_images
+
+    (tmp_path / "data" / "own").mkdir(parents=True)
+    (tmp_path / "site").mkdir()
+    solid(tmp_path / "site" / "x.png", (1, 2, 3))
+    solid(tmp_path / "data" / "own" / "y.png", (1, 2, 3))
+    (tmp_path / "data" / "a_site").symlink_to(tmp_path / "site")
+    (tmp_path / "data" / "b_site").symlink_to(tmp_path / "site")  # the same folder again
+    (tmp_path / "site" / "loop").symlink_to(tmp_path / "data")  # a cycle
+    found = [os.path.relpath(p, tmp_path / "data") for p in list_images(tmp_path / "data")]
+    assert found == [os.path.join("a_site", "x.png"), os.path.join("own", "y.png")]

@@ -26,9 +26,21 @@ def test_bad_constructor_arguments():
         StylizingViT("tiny", backend="cuda", **SMALL)
     with pytest.raises(TypeError, match="unexpected keyword argument 'colour'"):
         StylizingViT("tiny", colour=3)
-    for size in (40, 0, -16):
+    for size in (40, 0, -16, "224"):
         with pytest.raises(ValueError, match=f"positive multiple of patch_size 16, got {size}"):
             StylizingViT("tiny", input_size=size)
+    # What the official code would fail on deep inside construction or forward (a ZeroDivisionError, an
+    # UnboundLocalError), refused by name.
+    for kwargs, match in [
+        ({"encoder_depth": 0}, "depth must be an integer >= 1, got 0"),
+        ({"encoder_depth": "6"}, "depth must be an integer >= 1, got '6'"),
+        ({"encoder_patch_size": 0}, "patch_size must be an integer >= 1, got 0"),
+        ({"encoder_num_heads": 2.0}, "num_heads must be an integer >= 1, got 2.0"),
+        ({"encoder_mlp_ratio": 0}, "mlp_ratio must be a positive number, got 0"),
+        ({"post_process_conv_padding": -1}, "post_process_conv_padding must be an integer >= 0, got -1"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            StylizingViT("tiny", **kwargs)
     with pytest.raises(ValueError, match="bottleneck_drop=0.1 is not supported"):
         StylizingViT("tiny", bottleneck_drop=0.1, **SMALL)
 

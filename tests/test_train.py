@@ -62,18 +62,22 @@ def test_one_epoch_through_the_cli_lowers_the_loss_and_exports_official_weights(
         for blk in init.encoder.blocks:
             blk.attn.k_proj.bias.normal_()
     save_state_dict(init, tmp_path / "init.safetensors")
+    # A VGG19 file in timm's key names (random values: what the trainer checks is where they go).
+    vgg = StylizingViT("tiny", train=True, input_size=32, encoder_depth=2).vgg_encoder.state_dict()
+    save_state_dict({k.replace("features_", "features."): v for k, v in vgg.items()}, tmp_path / "vgg19.pth")
     losses = []
     real_train = train_module.train
     monkeypatch.setattr(
         train_module, "train", lambda cfg: real_train(cfg, on_step=lambda i: losses.append(i["loss"]))
     )
     val = write_images(tmp_path / "val", 2)
-    argv = ["train", "--data", str(data), "--val-data", str(val), "--out", str(tmp_path / "out"), *TINY_ARGS,
+    argv = ["train", "--data", str(data), "--val-data", str(val), "--out", str(tmp_path / "out"), *TINY_ARGS[:-1],
             "--epochs", "1", "--batch-size", "2", "--accumulate", "1", "--init-weights", str(tmp_path / "init.safetensors")]  # fmt: skip
-    # The train=False export carries no VGG19: without --random-vgg that is an error, before any work.
-    assert cli.main([a for a in argv if a != "--random-vgg"]) == 1
+    # The train=False export carries no VGG19: without --vgg-weights (or --random-vgg) that is an error,
+    # before any work.
+    assert cli.main(argv) == 1
     assert "no VGG19 weights" in capsys.readouterr().err and not (tmp_path / "out").exists()
-    assert cli.main(argv) == 0
+    assert cli.main([*argv, "--vgg-weights", str(tmp_path / "vgg19.pth")]) == 0
     assert len(losses) == 4 and all(map(math.isfinite, losses)) and losses[-1] < losses[0], losses
 
     out = tmp_path / "out"
@@ -81,7 +85,8 @@ def test_one_epoch_through_the_cli_lowers_the_loss_and_exports_official_weights(
         os.listdir(out)
     )
     sd = load_file(out / "best.safetensors")
-    assert any(k.startswith("vgg_encoder.") for k in sd)  # as in the official files
+    for key, value in vgg.items():  # the VGG19 the run used, as in the official files
+        assert torch.equal(sd[f"vgg_encoder.{key}"], value)
     trained = load_state_dict(
         StylizingViT("tiny", train=True, input_size=32, encoder_depth=2), sd, strict=True
     )
@@ -112,7 +117,9 @@ def test_two_ranks_with_torchrun_equal_one_process_accumulating_their_micro_batc
     torch.manual_seed(TrainConfig.seed)  # the trainer's seed: the initial weights
     start = StylizingViT("tiny", train=True, input_size=32, encoder_depth=2).state_dict()
     moved = 0
-    for key, value in single.state_dict().items():
+    trained = {k: v for k, v in single.state_dict().items() if not k.startswith("vgg_encoder.")}
+    assert set(ddp) == set(trained)  # a random VGG19 is not exported
+    for key, value in trained.items():
         torch.testing.assert_close(ddp[key], value, rtol=0, atol=1e-6, msg=key)
         moved += not torch.equal(value, start[key])
     assert moved > 10  # the comparison is not between two untrained models
@@ -157,7 +164,8 @@ def test_resuming_mid_epoch_with_another_number_of_processes_is_refused(tmp_path
     assert (state["batch"], state["world_size"]) == (1, 1)
     save_checkpoint({**state, "world_size": 2}, tmp_path / "two.pt")
     with pytest.raises(ValueError, match="mid-epoch by 2 process"):
-        Trainer(dataclasses.replace(config, resume=str(tmp_path / "two.pt")), 0, 1, torch.device("cpu"))
+        Trainer(dataclasses.replace(config, out=str(tmp_path / "new"), resume=str(tmp_path / "two.pt")), 0, 1,
+                torch.device("cpu"))  # fmt: skip
 
 
 def test_an_interrupted_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, monkeypatch):
@@ -206,6 +214,11 @@ def test_cosine_schedule_and_psnr_formula():
     [
         ({"max_steps": 0}, "max_steps must be at least 1"),
         ({"model_kwargs": {"input_size": 32}}, "--input-size"),
+        ({"checkpoint_every": -1}, "checkpoint_every and workers must be at least 0"),
+        ({"workers": -1}, "checkpoint_every and workers must be at least 0"),
+        ({"model_kwargs": [1]}, "model_kwargs must be a dict"),
+        ({"model_kwargs": {"colour": 1}}, "unexpected keyword argument 'colour'"),
+        ({"model_kwargs": {"encoder_depth": 0}}, "depth must be an integer >= 1"),
     ],
 )
 def test_bad_train_config(kwargs, match):
@@ -251,3 +264,100 @@ def test_max_steps_at_an_epochs_last_step_still_ends_the_epoch(tmp_path):
     assert (tmp_path / "out" / "best.safetensors").exists()
     state = load_checkpoint(tmp_path / "out" / "last.pt")
     assert (state["epoch"], state["batch"], state["step"]) == (1, 0, 2)
+
+
+def test_resume_never_writes_over_another_run_and_a_random_vgg_stays_random(tmp_path):
+    """--resume into an --out holding another run is refused (--overwrite replaces it, with what a killed
+    write left there); the run's random VGG19 comes from its checkpoint and is never exported."""
+    data = write_images(tmp_path / "data", 2)
+    config = TrainConfig(
+        data=str(data), out=str(tmp_path / "a"), epochs=2, batch_size=1, accumulate=1, **TINY
+    )
+    train(dataclasses.replace(config, max_steps=1))
+    train(dataclasses.replace(config, out=str(tmp_path / "b"), seed=5))
+    b_files = {name: (tmp_path / "b" / name).read_bytes() for name in ("last.pt", "metrics.jsonl")}
+    from_a = dataclasses.replace(config, out=str(tmp_path / "b"), resume=str(tmp_path / "a" / "last.pt"))
+    with pytest.raises(
+        ValueError, match=r"holds a run \(last.pt.*whose last.pt is not the --resume checkpoint .*a/last.pt"
+    ):
+        train(from_a)
+    assert b_files == {name: (tmp_path / "b" / name).read_bytes() for name in b_files}
+    with pytest.raises(ValueError, match="--resume .*lats.pt' does not exist"):
+        train(dataclasses.replace(config, resume=str(tmp_path / "a" / "lats.pt")))
+
+    stale = tmp_path / "b" / ".last.pt.0123456789ab.tmp"  # what a kill during a checkpoint write leaves
+    stale.write_bytes(b"half a checkpoint")
+    (tmp_path / "b" / "notes.txt").write_text("mine")
+    train(dataclasses.replace(from_a, overwrite=True, random_vgg=False))  # random_vgg: the checkpoint's
+    assert not stale.exists() and (tmp_path / "b" / "notes.txt").read_text() == "mine"
+    state = load_checkpoint(tmp_path / "b" / "last.pt")
+    assert (
+        state["step"] == 4 and state["config"]["seed"] == TrainConfig.seed and state["config"]["random_vgg"]
+    )
+    assert len((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()) == 2  # a's 2 epochs, none of b's
+
+    assert not any(k.startswith("vgg_encoder.") for k in load_file(tmp_path / "b" / "last.safetensors"))
+    init = dataclasses.replace(config, out=str(tmp_path / "c"), random_vgg=False,
+                               init_weights=str(tmp_path / "b" / "last.safetensors"))  # fmt: skip
+    with pytest.raises(ValueError, match="no VGG19 weights"):
+        train(init)
+
+
+def test_a_step_averages_over_its_images_not_its_micro_batches(tmp_path, monkeypatch):
+    """The weight of each micro-batch's mean loss is its share of the step's readable images: a short last
+    micro-batch counts less, an all-corrupt one counts nothing and takes nothing from the others."""
+
+    def step_weights(data, batch_size, accumulate):
+        trainer = Trainer(TrainConfig(data=str(data), out=str(tmp_path / "out"), epochs=1, batch_size=batch_size,
+                                      accumulate=accumulate, max_steps=1, overwrite=True, **TINY), 0, 1,
+                          torch.device("cpu"))  # fmt: skip
+        seen, micro_step = [], trainer._micro_step
+
+        def recording(x, scale):
+            seen.append((x.shape[0], scale))
+            return micro_step(x, scale)
+
+        monkeypatch.setattr(trainer, "_micro_step", recording)
+        trainer.fit()
+        return seen
+
+    assert step_weights(write_images(tmp_path / "three", 3), 2, 2) == [(2, 2 / 3), (1, 1 / 3)]
+    data = write_images(tmp_path / "corrupt", 2)
+    (data / "2.png").write_bytes(b"not an image")
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        seen = step_weights(data, 1, 3)
+    assert sorted(seen) == [(0, 0.0), (1, 0.5), (1, 0.5)]
+
+
+def test_a_dataset_of_unreadable_files_stops_the_run(tmp_path):
+    (tmp_path / "junk").mkdir()
+    for name in ("a.png", "b.jpg"):
+        (tmp_path / "junk" / name).write_bytes(b"not an image")
+    config = TrainConfig(
+        data=str(tmp_path / "junk"), out=str(tmp_path / "out"), epochs=3, batch_size=1, **TINY
+    )
+    with (
+        pytest.warns(UserWarning),
+        pytest.raises(ValueError, match=r"every image under --data .*junk.* \(2 files"),
+    ):
+        train(config)
+    assert not (tmp_path / "out" / "last.pt").exists()
+
+
+def test_a_file_that_is_no_checkpoint_is_refused_by_name(tmp_path):
+    for content in (b"PK\x03\x04 garbage", b"\x89PNG not a checkpoint"):
+        (tmp_path / "x.pt").write_bytes(content)
+        with pytest.raises(
+            ValueError, match=r"x.pt' is not a fastvit_style training checkpoint.*torch.load fails"
+        ):
+            load_checkpoint(tmp_path / "x.pt")
+
+
+def test_resuming_on_a_dataset_of_another_size_warns(tmp_path):
+    data = write_images(tmp_path / "data", 2)
+    config = TrainConfig(data=str(data), out=str(tmp_path / "out"), epochs=2, batch_size=1, accumulate=1,
+                         max_steps=1, **TINY)  # fmt: skip
+    train(config)
+    write_images(tmp_path / "data", 3)
+    with pytest.warns(UserWarning, match="trained on 2 images, --data .* now holds 3"):
+        train(dataclasses.replace(config, resume=str(tmp_path / "out" / "last.pt"), max_steps=2))

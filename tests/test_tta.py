@@ -5,6 +5,7 @@ import copy
 import csv
 import importlib.util
 import os
+import shutil
 import struct
 import sys
 import zlib
@@ -420,6 +421,7 @@ def test_cli_tta(folders, monkeypatch):
 
 
 @needs_pil
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
 def test_cli_user_errors_are_one_line(folders, capsys, monkeypatch):
     """A user's mistake gives one `error:` line and exit status 1 (2 for argparse's usage errors), and
     the commands' own checks run before any work; a bug keeps its traceback."""
@@ -450,6 +452,13 @@ def test_cli_user_errors_are_one_line(folders, capsys, monkeypatch):
     if not torch.cuda.is_available():
         on_cuda = [a if a != "cpu" else "cuda" for a in stylize_args]
         fails_with([*on_cuda, "--out", str(tmp / "o")], "device 'cuda'")
+    on_meta = [a if a != "cpu" else "meta" for a in stylize_args]
+    fails_with([*on_meta, "--out", str(tmp / "o")], "device 'meta' holds no data")
+    kwargs_at = stylize_args.index("--model-kwargs") + 1
+    for kwargs, message in [("[1]", "must be a JSON object"), ('{"colour": 1}', "unexpected keyword argument"),
+                            ('{"encoder_depth": "x"}', "depth must be an integer")]:  # fmt: skip
+        bad_kwargs = [*stylize_args[:kwargs_at], kwargs, *stylize_args[kwargs_at + 1 :]]
+        fails_with([*bad_kwargs, "--out", str(tmp / "o")], message)
     tta_args = ["tta", *base, "--refs", str(tmp / "styles"), "--images", str(tmp / "content"), "--k", "2"]
     fails_with([*tta_args, "--classifier", "x:y", "--out", str(tmp)], "is a folder")
     fails_with(
@@ -458,6 +467,17 @@ def test_cli_user_errors_are_one_line(folders, capsys, monkeypatch):
     )
     fails_with(
         [*tta_args, "--classifier", "no_such_module:make", "--out", str(tmp / "p.csv")], "cannot import"
+    )
+    monkeypatch.chdir(tmp)
+    (tmp / "clfmod.py").write_text("LIMIT = 3\n")
+    fails_with(
+        [*tta_args, "--classifier", "clfmod:make", "--out", str(tmp / "p.csv")], "has no attribute 'make'"
+    )
+    fails_with([*tta_args, "--classifier", "clfmod:LIMIT", "--out", str(tmp / "p.csv")], "not a callable")
+    (tmp / "bad.pt2").write_bytes(b"not an archive")
+    fails_with(
+        [*tta_args, "--classifier", str(tmp / "bad.pt2"), "--out", str(tmp / "p.csv")],
+        "not a readable torch.export archive",
     )
     assert not (tmp / "o").exists() and (tmp / "file").read_text() == "mine"
     # A crash is not a user error: its traceback stays.
@@ -492,3 +512,61 @@ def test_demo_runs(tmp_path):
     demo.main(["--small", "--out", str(out)])
     pixels = decode_png(out.read_bytes())
     assert pixels.shape == (3 * (64 + 4), 4 * (64 + 4), 3)
+
+
+@needs_pil
+def test_cli_outputs_never_overwrite_each_other_nor_become_inputs(folders, capsys):
+    """Two (content, style) pairs that would share an output name are refused before any work; a run that
+    writes inside an input folder does not read its outputs back as inputs the next time."""
+    tmp, base = folders
+    gen = torch.Generator().manual_seed(1)
+    for path in ("c/a.png", "c/a__b.png", "s/c.png", "s/b__c.png"):
+        save_png(torch.rand(3, 8, 8, generator=gen), tmp / path)
+    argv = [
+        "stylize",
+        *base,
+        "--content",
+        str(tmp / "c"),
+        "--styles",
+        str(tmp / "s"),
+        "--out",
+        str(tmp / "o"),
+    ]
+    with pytest.raises(SystemExit, match=r"a.png'.* with style .*b__c.png' and content .*a__b.png'.* "
+                       r"with style .*c.png' would both be written to a__b__c.png"):  # fmt: skip
+        cli_main(argv)
+    assert not (tmp / "o").exists()
+    for path in ("c2/a.png", "c2/a_.png", "s2/b.png", "s2/_b.png"):  # the clash that crosses the separator
+        save_png(torch.rand(3, 8, 8, generator=gen), tmp / path)
+    with pytest.raises(SystemExit, match="would both be written to a___b.png"):
+        cli_main(
+            [*argv[:-6], "--content", str(tmp / "c2"), "--styles", str(tmp / "s2"), "--out", str(tmp / "o")]
+        )
+
+    expected = [f"img{c}__img{s}.png" for c in range(2) for s in range(3)]
+    for _ in range(2):
+        assert run_stylize(tmp, base, "content/stylized") == 0
+    assert sorted(os.listdir(tmp / "content" / "stylized")) == expected
+    with pytest.raises(SystemExit, match="--out .* is the content folder"):
+        run_stylize(tmp, base, "content")
+    shutil.rmtree(tmp / "content" / "stylized")
+    assert run_stylize(tmp, base, ".") == 0  # above the inputs: its outputs lie in no input folder
+    assert sorted(p for p in os.listdir(tmp) if p.endswith(".png")) == expected
+
+
+def test_bank_pickles(setup):
+    """torch.save of a bank or of a TTAClassifier holding one (whole-module checkpoints, DataLoader
+    workers): the copy checks its model again, and gives the same numbers."""
+    import io
+
+    _, model, _, bank = setup
+    buffer = io.BytesIO()
+    torch.save(TTAClassifier(toy_classifier(2), model, bank, k=2), buffer)
+    buffer.seek(0)
+    copy_ = torch.load(buffer, weights_only=False)
+    assert torch.equal(copy_.bank.k, bank.k) and copy_.bank.fingerprint == bank.fingerprint
+    x = images(2, SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            stylize(copy_.stylizer, x, copy_.bank), stylize(model, x, bank), rtol=0, atol=0
+        )

@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from ..configs import DEFAULT_DATASET
+from ..configs import DEFAULT_DATASET, make_config
 from ..devices import resolve_device
 from ..imageio import list_images, normalization, require_pil
 
@@ -65,18 +65,37 @@ def load_stylizer(args):
         kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
     except json.JSONDecodeError as e:
         raise SystemExit(f"error: --model-kwargs is not valid JSON ({e})") from None
-    model = create_model(args.backbone, weights=args.weights, **kwargs).to(device(args)).eval()
-    return model.requires_grad_(False)
+    if not isinstance(kwargs, dict):
+        raise SystemExit(f"error: --model-kwargs must be a JSON object, got {args.model_kwargs!r}")
+    try:  # an unknown keyword (a bad value is a ValueError, a one-line error as it is)
+        make_config(args.backbone, **kwargs)
+    except TypeError as e:
+        raise SystemExit(f"error: --model-kwargs {args.model_kwargs!r}: {e}") from None
+    model = create_model(args.backbone, weights=args.weights, **kwargs)
+    return model.to(device(args)).eval().requires_grad_(False)
 
 
-def find_images(*named_folders: tuple[str, str]) -> list[list[str]]:
+def find_images(*named_folders: tuple[str, str], output: tuple[str, str] | None = None) -> list[list[str]]:
     """The images under each (what, folder) pair; exits with a message when Pillow is missing or a folder
-    holds no image."""
+    holds no image. `output` (flag, folder): where the run writes images. Inside an input folder it is
+    left out of that folder's images (else the next run would read this one's outputs as inputs); the
+    input folder itself is refused as the output folder, for the same reason."""
     try:
         require_pil()
     except ImportError as e:
         raise SystemExit(f"error: {e}") from None
     found = [list_images(folder) for _, folder in named_folders]
+    if output is not None:
+        flag, out = output[0], os.path.realpath(output[1])
+        for i, (what, folder) in enumerate(named_folders):
+            real = os.path.realpath(folder)
+            if out == real:
+                raise SystemExit(
+                    f"error: {flag} {output[1]!r} is the {what} folder: the outputs would be read as {what} "
+                    "images next time; give another folder or a subfolder"
+                )
+            if out.startswith(os.path.join(real, "")):
+                found[i] = [p for p in found[i] if not os.path.realpath(p).startswith(os.path.join(out, ""))]
     for (what, folder), paths in zip(named_folders, found):
         if not paths:
             raise SystemExit(f"error: no {what} images (png/jpg/jpeg/tif/tiff/bmp) under {folder!r}")
@@ -101,6 +120,31 @@ def output_names(paths: list[str], root: str) -> list[str]:
             )
         seen[name] = path
     return names
+
+
+def pair_names(contents: list[str], content_root: str, styles: list[str], style_root: str):
+    """Output stems of the content and style images, such that every `<content>__<style>` is unique.
+
+    Pairs (shorter, s1) and (shorter + t, s2) collide when `__` + s1 == t + `__` + s2, which needs t to
+    be `_` or to start with `__` (`a` + `b__c` and `a__b` + `c`; `a` + `_b` and `a_` + `b`): found from
+    the content names that extend another, so a run refuses before one output overwrites another.
+    """
+    content_names, style_names = output_names(contents, content_root), output_names(styles, style_root)
+    content_of, style_of = dict(zip(content_names, contents)), dict(zip(style_names, styles))
+    for longer in content_names:
+        for cut in range(1, len(longer)):
+            shorter, t = longer[:cut], longer[cut:]
+            if shorter not in content_of or not (t == "_" or t.startswith("__")):
+                continue
+            for style in style_names:
+                clash = (t + "__" + style)[2:]
+                if clash in style_of:
+                    raise SystemExit(
+                        f"error: content {content_of[shorter]!r} with style {style_of[clash]!r} and content "
+                        f"{content_of[longer]!r} with style {style_of[style]!r} would both be written to "
+                        f"{longer}__{style}.png: rename one"
+                    )
+    return content_names, style_names
 
 
 def progress(iterable, total: int, desc: str):

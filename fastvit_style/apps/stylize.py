@@ -1,6 +1,7 @@
 """`fastvit-style stylize`: every content image stylized by every style image (or --k random ones).
 
-Outputs OUT/<content>__<style>.png, denormalized and clamped to [0, 1]. The style references are
+Outputs OUT/<content>__<style>.png, denormalized and clamped to [0, 1]; a run whose pairs would
+share a name is refused before any work, and images under OUT are never read as inputs. The style references are
 encoded once into a StyleBank (about 2 * depth * 197 * width * 4 bytes each: 3.6 MiB for tiny,
 14.5 MiB for base), and each content image's stream is shared by its references.
 """
@@ -17,7 +18,7 @@ from .common import (
     find_images,
     load_stylizer,
     mean_std,
-    output_names,
+    pair_names,
     progress,
 )
 
@@ -34,7 +35,10 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     check_output_folder(args.out, "--out")
-    contents, styles = find_images(("content", args.content), ("style", args.styles))
+    contents, styles = find_images(
+        ("content", args.content), ("style", args.styles), output=("--out", args.out)
+    )
+    content_names, style_names = pair_names(contents, args.content, styles, args.styles)
     if args.k is not None and not 1 <= args.k <= len(styles):
         raise SystemExit(
             f"error: --k must lie in 1..{len(styles)} (the number of style images), got {args.k}"
@@ -42,7 +46,6 @@ def run(args) -> int:
     model = load_stylizer(args)
     mean, std = mean_std(args)
     size, dev = model.config.input_size, model.encoder.pos_embed.device
-    content_names, style_names = output_names(contents, args.content), output_names(styles, args.styles)
     generator = torch.Generator().manual_seed(args.seed)
     with torch.no_grad():
         bank = StyleBank.from_images(

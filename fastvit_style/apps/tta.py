@@ -24,7 +24,7 @@ from .common import (
     find_images,
     load_stylizer,
     mean_std,
-    output_names,
+    pair_names,
     progress,
 )
 
@@ -49,7 +49,14 @@ def add_arguments(parser) -> None:
 
 def load_classifier(spec: str, dev: torch.device) -> nn.Module:
     if os.path.isfile(spec) and spec.endswith(".pt2"):  # torch.export archive
-        return torch.export.load(spec).module().to(dev)
+        try:
+            exported = torch.export.load(spec)
+        except Exception as e:  # zipfile, pickle or version errors: all mean the archive cannot be used
+            first = str(e).splitlines()[0] if str(e) else ""
+            raise SystemExit(
+                f"error: --classifier {spec!r} is not a readable torch.export archive ({type(e).__name__}: {first})"
+            ) from None
+        return exported.module().to(dev)
     if os.path.isfile(spec):
         try:
             return torch.jit.load(spec, map_location=dev).eval()
@@ -68,7 +75,11 @@ def load_classifier(spec: str, dev: torch.device) -> nn.Module:
     except ImportError as e:
         raise SystemExit(f"error: --classifier {spec!r}: cannot import {module_name!r} ({e})") from None
     for part in attr.split("."):
+        if not hasattr(factory, part):
+            raise SystemExit(f"error: --classifier {spec!r}: {module_name!r} has no attribute {attr!r}")
         factory = getattr(factory, part)
+    if not callable(factory):
+        raise SystemExit(f"error: --classifier {spec!r} names a {type(factory).__name__}, not a callable")
     classifier = factory()
     if not isinstance(classifier, nn.Module):
         raise SystemExit(f"error: {spec} returned a {type(classifier).__name__}, not an nn.Module")
@@ -80,16 +91,21 @@ def run(args) -> int:
         raise SystemExit(f"error: --out {args.out!r} is a folder; it names the CSV file to write")
     if args.save_stylized:
         check_output_folder(args.save_stylized, "--save-stylized")
-    images, refs = find_images(("input", args.images), ("reference", args.refs))
+    images, refs = find_images(
+        ("input", args.images),
+        ("reference", args.refs),
+        output=("--save-stylized", args.save_stylized) if args.save_stylized else None,
+    )
+    if args.save_stylized:
+        names, ref_names = pair_names(images, args.images, refs, args.refs)
     if not 0 <= args.k <= len(refs):
         raise SystemExit(
             f"error: --k must lie in 0..{len(refs)} (the number of reference images), got {args.k}"
         )
+    classifier = load_classifier(args.classifier, device(args))  # before the stylizer: it fails faster
     model = load_stylizer(args)
-    classifier = load_classifier(args.classifier, device(args))
     mean, std = mean_std(args)
     size, dev = model.config.input_size, model.encoder.pos_embed.device
-    names, ref_names = output_names(images, args.images), output_names(refs, args.refs)
     generator = torch.Generator().manual_seed(args.seed)
     rows = []
     with torch.no_grad():
