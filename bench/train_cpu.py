@@ -60,7 +60,7 @@ class Stepper:
         total.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=False)
+        self.optimizer.zero_grad()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t0

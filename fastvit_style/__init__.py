@@ -9,6 +9,7 @@ from .configs import ModelConfig
 from .model import StylizingViT, create_model
 from .reference.losses import Loss
 from .tta import StyleBank, TTAClassifier
+from .util import resize_image
 
 
 def __getattr__(name):
@@ -34,5 +35,6 @@ __all__ = [
     "__version__",
     "create_model",
     "load_pretrained_weights",
+    "resize_image",
     "shared_attention",
 ]

@@ -25,6 +25,8 @@ class StyleAugment:
     """
 
     def __init__(self, stylizer, p: float = 0.33, references: torch.Tensor | None = None, generator=None):
+        if references is not None and not isinstance(references, torch.Tensor):
+            raise TypeError(f"references must be a torch.Tensor, got {type(references).__name__}")
         if not 0 < p <= 1:
             raise ValueError(f"p is the fraction of each batch to stylize and must be in (0, 1], got {p}")
         if references is not None and (references.dim() != 4 or references.shape[0] == 0):
@@ -50,6 +52,8 @@ class StyleAugment:
         self.generator = generator
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4 or x.shape[0] == 0:
             raise ValueError(f"x must be a non-empty (B, C, H, W) batch, got {tuple(x.shape)}")
         if hasattr(self.stylizer, "_check_inputs"):  # the whole batch, before a subset is drawn

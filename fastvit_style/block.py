@@ -8,18 +8,16 @@ def project_kv(blk, kv_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """LN_ctx and the K/V projections of context tokens kv_in (Skv, Tk, L) -> k, v (Skv, Tk, H, d) views.
 
     The k_proj bias is left out: it adds q.b_k, constant along the key axis, which softmax cancels
-    (shared doc 1.3). It stays in the state_dict.
+    (shared doc 1.3). It stays in the state_dict, and in the graph with weight 0: its gradient is an
+    exact zero tensor, as the official one is up to rounding, not None, which DDP's reducer would wait
+    for and AdamW would not decay.
     """
     Skv, Tk, L = kv_in.shape
     attn, ln_ctx = blk.attn, blk.norm_context
     H = attn.num_heads
     cn = F.layer_norm(kv_in, (L,), ln_ctx.weight, ln_ctx.bias, ln_ctx.eps)
     w_kv = torch.cat([attn.k_proj.weight, attn.v_proj.weight])
-    b_kv = (
-        None
-        if attn.v_proj.bias is None
-        else torch.cat([torch.zeros_like(attn.v_proj.bias), attn.v_proj.bias])
-    )
+    b_kv = None if attn.v_proj.bias is None else torch.cat([attn.k_proj.bias * 0, attn.v_proj.bias])
     k, v = F.linear(cn, w_kv, b_kv).view(Skv, Tk, 2, H, L // H).unbind(2)
     return k, v
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import numbers
 from dataclasses import asdict, dataclass
 
@@ -26,6 +27,9 @@ class ModelConfig:
     post_process_conv_kernel_size: int = 5
     post_process_conv_padding: int = 2
     post_process_conv_bias: bool = False
+    norm_eps: float = (
+        1e-6  # of every LayerNorm (official `encoder_norm_layer`: partial(nn.LayerNorm, eps=1e-6))
+    )
 
     @property
     def head_dim(self) -> int:
@@ -53,7 +57,7 @@ class ModelConfig:
             value, least = getattr(self, name), int(name in _POSITIVE_INTS)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
                 raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
-        for name in ("mlp_ratio", "bottleneck_mlp_ratio"):
+        for name in ("mlp_ratio", "bottleneck_mlp_ratio", "norm_eps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
@@ -101,8 +105,8 @@ _MODEL_KWARGS = (
     "input_size", "in_channel", "bottleneck_mlp_ratio", "bottleneck_bias",
     "post_process_conv_kernel_size", "post_process_conv_padding", "post_process_conv_bias",
 )  # fmt: skip
-# Official kwargs that only accept their default here (the layers are fixed: GELU, LayerNorm, no dropout).
-_FIXED_KWARGS = ("bottleneck_drop", "bottleneck_act_layer", "encoder_norm_layer")
+# Official kwargs that only accept their default here (the layers are fixed: GELU, no dropout).
+_FIXED_KWARGS = ("bottleneck_drop", "bottleneck_act_layer")
 
 
 def make_config(backbone: str = "base", **kwargs) -> ModelConfig:
@@ -113,6 +117,8 @@ def make_config(backbone: str = "base", **kwargs) -> ModelConfig:
             fields[_ENCODER_KWARGS[key]] = value
         elif key in _MODEL_KWARGS:
             fields[key] = value
+        elif key == "encoder_norm_layer":
+            fields["norm_eps"] = _layernorm_eps(value)
         elif key in _FIXED_KWARGS:
             if not _is_official_default(key, value):
                 raise ValueError(
@@ -130,9 +136,31 @@ def _is_official_default(key: str, value) -> bool:
 
     if key == "bottleneck_drop":
         return value == 0
-    if key == "bottleneck_act_layer":
-        return value is nn.GELU
-    return value is nn.LayerNorm or getattr(value, "func", None) is nn.LayerNorm  # encoder_norm_layer
+    return value is nn.GELU  # bottleneck_act_layer
+
+
+def _layernorm_eps(norm_layer) -> float:
+    """The eps of an official `encoder_norm_layer`: "nn.LayerNorm" (which the official code reads as its
+    default, partial(nn.LayerNorm, eps=1e-6)), nn.LayerNorm itself (torch's eps, 1e-5) or a partial of it
+    that sets nothing but eps (and the affine defaults). Other norm layers are not implemented."""
+    from torch import nn
+
+    if isinstance(norm_layer, str) and norm_layer == "nn.LayerNorm":
+        return 1e-6
+    if norm_layer is nn.LayerNorm:
+        return 1e-5
+    if (
+        isinstance(norm_layer, functools.partial)
+        and norm_layer.func is nn.LayerNorm
+        and not norm_layer.args
+        and all(norm_layer.keywords.get(k, True) is True for k in ("elementwise_affine", "bias"))
+        and set(norm_layer.keywords) <= {"eps", "elementwise_affine", "bias"}
+    ):
+        return norm_layer.keywords.get("eps", 1e-5)
+    raise ValueError(
+        f"encoder_norm_layer={norm_layer!r} is not supported: only nn.LayerNorm with affine weights, "
+        "as a class, a functools.partial setting eps, or 'nn.LayerNorm'"
+    )
 
 
 # Dataset ids of the official checkpoints (shared doc 2.3); the bare names are aliases.
@@ -167,4 +195,3 @@ NORMALIZATION: dict[str, tuple[tuple[float, float, float], tuple[float, float, f
 
 # Official loss weights (PretrainingConfiguration): identity, consistency, anatomical, style.
 LOSS_WEIGHTS = (70.0, 1.0, 7.0, 10.0)
-LAYERNORM_EPS = 1e-6

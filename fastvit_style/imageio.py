@@ -54,15 +54,18 @@ def list_images(folder) -> list[str]:
     return sorted(found)
 
 
-def resize_pad(x: torch.Tensor, size: int) -> torch.Tensor:
-    """(C, h, w) float -> (C, size, size): the longer side to `size`, the other to int(size*short/long)
-    (bilinear, antialiased), centred on zeros (the extra pixel of an odd margin goes right/bottom)."""
+def resize_pad(x: torch.Tensor, size: int, fill: float = 0.0) -> torch.Tensor:
+    """(..., C, h, w) float -> (..., C, size, size): the longer side to `size`, the other to
+    int(size*short/long) (bilinear, antialiased), centred on `fill` (the extra pixel of an odd margin
+    goes right/bottom)."""
     h, w = x.shape[-2:]
     nh, nw = (size, max(1, int(size * w / h))) if h >= w else (max(1, int(size * h / w)), size)
     if (nh, nw) != (h, w):
-        x = F.interpolate(x[None], size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]
+        flat = x.reshape(-1, *x.shape[-3:])
+        resized = F.interpolate(flat, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+        x = resized.reshape(*x.shape[:-2], nh, nw)
     top, left = (size - nh) // 2, (size - nw) // 2
-    return F.pad(x, (left, size - nw - left, top, size - nh - top))
+    return F.pad(x, (left, size - nw - left, top, size - nh - top), value=fill)
 
 
 def read_rgb(path) -> torch.Tensor:

@@ -10,7 +10,9 @@ from .backends import attention_for, check_backend
 from .configs import DEFAULT_DATASET, make_config
 from .layers import Mlp, VGG19Features, ViTEncoder
 from .losses import compute_loss
+from .reference.losses import Loss
 from .tta import stylize
+from .util import unpatchify_image
 
 
 class StylizingViT(nn.Module):
@@ -59,6 +61,37 @@ class StylizingViT(nn.Module):
             z_all = torch.cat([streams.z_t, streams.z, streams.z_s])
             x_stylized, x_recon, x_style_recon = self.reconstruct_patches(z_all).split(B)
         return compute_loss(self.vgg_encoder, x, x_style, x_stylized, x_recon, x_style_recon), x_recon
+
+    # The official model's attributes and helper methods, for code written against it.
+    @property
+    def in_channel(self) -> int:
+        return self.config.in_channel
+
+    @property
+    def patch_size(self) -> int:
+        return self.config.patch_size
+
+    @property
+    def embed_dim(self) -> int:
+        return self.config.embed_dim
+
+    def reconstruct_image(
+        self, Z_a: torch.Tensor, Z_s: torch.Tensor, remove_cls: bool = True
+    ) -> torch.Tensor:
+        """The official head after the bottleneck: anatomy Z_a and style Z_s, each (B, T, L/2) (CLS row
+        first unless remove_cls=False: (B, N, L/2)), multiplied per patch -> image (B, C, H, W)."""
+        if remove_cls:
+            Z_a, Z_s = Z_a[:, 1:], Z_s[:, 1:]
+        B, N = Z_a.shape[:2]
+        C, P = self.in_channel, self.patch_size
+        patches = Z_a.reshape(B, N, C, P, -1) @ Z_s.reshape(B, N, C, -1, P)
+        return self.post_process_conv(unpatchify_image(patches, P, C))
+
+    def compute_loss(self, x, x_style, x_stylized, x_recon, x_style_recon) -> Loss:
+        """The official four loss terms of a training forward's images (a model built with train=True)."""
+        if not self.training_mode:
+            raise ValueError("compute_loss needs the VGG19 of a model built with train=True")
+        return compute_loss(self.vgg_encoder, x, x_style, x_stylized, x_recon, x_style_recon)
 
     def stylize(self, x: torch.Tensor, bank, refs=None, k=None, generator=None) -> torch.Tensor:
         """Each image of x (B, C, H, W) stylized with K references of a `StyleBank` -> (B, K, C, H, W).
@@ -121,9 +154,13 @@ def create_model(
     """Official factory: `weights` (or a string `pretrained`) is a dataset id, a local file or a hub repo id;
     pretrained=True means the camelyon17wilds checkpoint."""
     model = StylizingViT(backbone, train=train, **kwargs)
-    source = weights or (
-        pretrained if isinstance(pretrained, str) else DEFAULT_DATASET if pretrained else None
-    )
+    # The official precedence, to the letter: weights="" loads nothing, nor does a truthy non-bool pretrained.
+    if weights is not None:
+        source = weights
+    elif isinstance(pretrained, str):
+        source = pretrained
+    else:
+        source = DEFAULT_DATASET if pretrained is True else None
     if source:
         from .weights import load_pretrained_weights
 

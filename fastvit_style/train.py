@@ -23,13 +23,8 @@ micro-batch whose images were all corrupt runs the mean-colour image with weight
 but every rank still joins the gradient all-reduce. A dataset whose every file is unreadable stops the
 run at the end of its first epoch, with an error.
 
-Unused parameters. The fast path never uses `attn.k_proj.bias` (a key bias shifts each query's
-logits by a constant, so its true gradient is exactly 0) and leaves its `.grad` None. AdamW skips
-parameters whose grad is None, but the official AdamW decays them, so every optimized parameter gets a
-zero-filled `.grad` once and `zero_grad(set_to_none=False)` keeps it: decoupled weight decay then
-shrinks them as officially. Under DDP (find_unused_parameters=False, no per-step graph search) a
-probe backward finds the parameters that get no gradient and sets requires_grad=False on them, so the
-reducer does not wait for them; they stay in the optimizer with their zero gradient.
+Every optimized parameter gets a gradient, `attn.k_proj.bias` an exact zero one (`block.project_kv`):
+AdamW decays it as officially, and DDP needs no search for unused parameters.
 
 Outputs in --out: `last.pt` (the full training state, every --checkpoint-every steps and at each epoch
 end; `--resume last.pt` continues with the very next step: on CPU it reproduces an uninterrupted run
@@ -272,10 +267,6 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             self.params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
         )
-        if world > 1:
-            self._freeze_unused()
-        for p in self.params:  # zero-filled, never None: AdamW decays every parameter (module docstring)
-            p.grad = torch.zeros_like(p)
 
         self.epoch, self.batch, self.step, self.best_val = 0, 0, 0, None
         if saved:
@@ -342,16 +333,6 @@ class Trainer:
                 "checkpoint (it carries the VGG19), or --random-vgg for a smoke run"
             )
 
-    def _freeze_unused(self) -> None:
-        """requires_grad=False on optimized parameters that a backward leaves without gradient."""
-        S = self.cfg.input_size
-        loss, _ = self.model(torch.zeros(2, 3, S, S, device=self.device))
-        loss.total().backward()
-        for p in self.params:
-            if p.grad is None:
-                p.requires_grad_(False)
-        self.optimizer.zero_grad(set_to_none=True)
-
     # ------------------------------------------------------------------------------------------ training
 
     def fit(self, on_step=None) -> StylizingViT:
@@ -404,7 +385,7 @@ class Trainer:
                 bar.update(1)
             torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_norm)
             self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=False)
+            self.optimizer.zero_grad()
             self.step, self.batch = self.step + 1, group_end
             # This rank's losses, over its images, as the step weighs them.
             mean = (

@@ -35,6 +35,16 @@ class WeightsError(RuntimeError):
     fetched: a RuntimeError, as torch's load_state_dict raises, that callers can tell from a crash."""
 
 
+class WeightsNotFetched(WeightsError, ValueError):
+    """Weights that cannot be fetched from the hub: also a ValueError, which the official
+    load_pretrained_weights raises there (callers may catch it to fall back)."""
+
+
+class WeightsNotFound(FileNotFoundError, ValueError):
+    """A `weights` that names no file, dataset id or repo id: also a ValueError, as officially (the
+    official code tries such a string as a repo id and raises ValueError when its download fails)."""
+
+
 # ----------------------------------------------------------------------------------------------- reading
 
 
@@ -217,11 +227,11 @@ def load_pretrained_weights(model: nn.Module, backbone: str, dataset: str, map_l
     if source in configs.DATASET_IDS or source in configs.DATASET_ALIASES:
         repo = configs.hub_repo_id(backbone, source)
     elif os.path.isdir(source):  # before the repo-id fallback, which a folder's name can match
-        raise IsADirectoryError(f"{source!r} is a folder, not a weight file (.safetensors, .pth, .pt)")
+        raise WeightsNotFound(f"{source!r} is a folder, not a weight file (.safetensors, .pth, .pt)")
     elif _REPO_ID.match(source) and not source.lower().endswith((SAFETENSORS_SUFFIX, *TORCH_SUFFIXES)):
         repo = source  # the official fallback: any other string is a repo id
     else:
-        raise FileNotFoundError(
+        raise WeightsNotFound(
             f"{source!r} is not an existing weight file, a dataset id ({', '.join(configs.DATASET_IDS)}) "
             f"or a Hugging Face repo id"
         )
@@ -230,7 +240,7 @@ def load_pretrained_weights(model: nn.Module, backbone: str, dataset: str, map_l
 
 def _download(repo: str, backbone: str) -> str:
     def fail(reason: str) -> WeightsError:
-        return WeightsError(
+        return WeightsNotFetched(
             f"cannot fetch weights from Hugging Face repo '{repo}': {reason}. Download model.safetensors "
             f"from https://huggingface.co/{repo} and pass its local path instead, e.g. "
             f"create_model('{backbone}', weights='/path/to/model.safetensors')"

@@ -164,6 +164,8 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv
     check_tensor("k", k, (Skv, Tk, H, d), (q.dtype,), q.device)
     check_tensor("v", v, (Skv, Tk, H, d), (q.dtype,), q.device)
     check_tensor("kv_index", kv_index, (Sq,), INDEX_DTYPES, q.device)
+    if Sq > 1 and kv_index.stride(0) != 1:  # the kernels read entry s at kv_index + s
+        raise ValueError(f"kv_index must be contiguous (stride 1), got stride {kv_index.stride(0)}")
     if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
         raise ValueError(
             f"head dim d={d} unsupported by the Triton kernels (need {MIN_HEAD_DIM} <= d <= {MAX_HEAD_DIM})"

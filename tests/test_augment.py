@@ -72,3 +72,7 @@ def test_bad_inputs_name_what_the_user_passed(stylizer):
         StyleAugment(stylizer, references=torch.randn(2, 3, 16, 16))
     with pytest.raises(ValueError, match="train=False"):
         StyleAugment(StylizingViT("tiny", train=True, input_size=32, encoder_depth=1))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor, got list"):
+        StyleAugment(stylizer)([torch.randn(3, 32, 32)])
+    with pytest.raises(TypeError, match="references must be a torch.Tensor, got list"):
+        StyleAugment(stylizer, references=[torch.randn(3, 32, 32)])

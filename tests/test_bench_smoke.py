@@ -2,6 +2,8 @@
 
 import glob
 import json
+import os
+import re
 
 import pytest
 import torch
@@ -106,3 +108,56 @@ def test_plan():
         ("train", 4, True),
     ]
     assert plan_size(cfg) == 3 * 3 + 2 * 2
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--dtypes", "fp16"], "--dtypes must be a comma list of fp32, bf16"),
+        (["--repeats", "0"], "--repeats must be at least 1"),
+        (["--warmup", "-1"], "--warmup must be at least 0"),
+        (["--batch-sizes", "2,0"], "--batch-sizes must all be at least 1"),
+        (["--tta-k", "0"], "--tta-k must be at least 1"),
+        (["--augment-p", "1.5"], r"--augment-p must be in \(0, 1\]"),
+        (["--threads", "-1"], "--threads must be at least 1"),
+        (["--budget", "-5"], "--budget must be at least 0 seconds"),
+        (["--backbones", "tiyn"], "unknown backbone 'tiyn'"),
+        (["--model-kwargs", "[1]"], "--model-kwargs must be a JSON object"),
+        (["--model-kwargs", '{"colour": 1}'], "unexpected keyword argument 'colour'"),
+        (["--device", "tpu"], "device 'tpu' is not a device name"),
+    ],
+)
+def test_option_values_no_variant_could_run_with_are_refused_first(tmp_path, capsys, option, message):
+    assert (
+        main(["bench", "--device", "cpu", "--workloads", "stylize", *option, "--out", str(tmp_path / "o")])
+        == 1
+    )
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and re.search(message, err), err
+    assert not (tmp_path / "o").exists()
+
+
+def test_runs_started_in_the_same_second_keep_their_own_files(tmp_path, monkeypatch):
+    import datetime
+    import types
+
+    from fastvit_style.benchmark import report
+
+    class Frozen(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 11, 29, 12, 0, 0)
+
+    monkeypatch.setattr(
+        report, "datetime", types.SimpleNamespace(datetime=Frozen)
+    )  # this module's clock only
+    device = {"name": "Some CPU", "type": "cpu"}
+    stems = []
+    for _ in range(3):
+        stems.append(report.output_stem(str(tmp_path), device))
+        (tmp_path / (os.path.basename(stems[-1]) + ".json")).write_text("{}")
+    assert [os.path.basename(s) for s in stems] == [
+        "20261129-120000_Some-CPU_bench",
+        "20261129-120000_Some-CPU_bench-2",
+        "20261129-120000_Some-CPU_bench-3",
+    ]

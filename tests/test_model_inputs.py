@@ -1,5 +1,6 @@
 """Construction and forward reject bad input with a message that says what was expected."""
 
+import functools
 import sys
 
 import pytest
@@ -43,6 +44,26 @@ def test_bad_constructor_arguments():
             StylizingViT("tiny", **kwargs)
     with pytest.raises(ValueError, match="bottleneck_drop=0.1 is not supported"):
         StylizingViT("tiny", bottleneck_drop=0.1, **SMALL)
+    for norm_layer in (torch.nn.BatchNorm1d, functools.partial(torch.nn.LayerNorm, bias=False)):
+        with pytest.raises(ValueError, match="encoder_norm_layer=.* is not supported"):
+            StylizingViT("tiny", encoder_norm_layer=norm_layer, **SMALL)
+
+
+@pytest.mark.parametrize(
+    "norm_layer, eps",
+    [
+        (None, 1e-6),
+        ("nn.LayerNorm", 1e-6),  # the official code reads the string as its default
+        (torch.nn.LayerNorm, 1e-5),
+        (functools.partial(torch.nn.LayerNorm, eps=1e-6), 1e-6),
+        (functools.partial(torch.nn.LayerNorm, eps=1e-3, elementwise_affine=True), 1e-3),
+    ],
+)
+def test_encoder_norm_layer_sets_every_layernorm_eps(norm_layer, eps):
+    kwargs = {} if norm_layer is None else {"encoder_norm_layer": norm_layer}
+    model = StylizingViT("tiny", **kwargs, **SMALL)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == 3 and {m.eps for m in norms} == {eps} and model.config.norm_eps == eps
 
 
 @pytest.mark.parametrize(

@@ -46,6 +46,7 @@ Gradient criterion (training), measured with the official package (small, B=3, x
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from pathlib import Path
 
@@ -218,3 +219,79 @@ def test_training(official, backbone, batch, rolled):
         assert_close_rel(recon, recon_64, FP64_EXACT, f"{what} {backend} float64 x_recon")
         err64 = global_grad_error(grads, grads_64)
         assert err64 <= FP64_EXACT, f"{what} {backend}: float64 grad error {err64:.3e}"
+
+
+@pytest.mark.parametrize(
+    "norm_layer",
+    [torch.nn.LayerNorm, "nn.LayerNorm", functools.partial(torch.nn.LayerNorm, eps=1e-3)],
+    ids=["class", "string", "partial-1e-3"],
+)
+def test_encoder_norm_layer_sets_the_layernorm_eps(official, norm_layer):
+    """The official `encoder_norm_layer` in its three forms: nn.LayerNorm (eps 1e-5), the string (the
+    official default, eps 1e-6) and a partial; the eps must reach every LayerNorm, as officially."""
+    kw = {"input_size": 32, "encoder_depth": 2, "encoder_norm_layer": norm_layer}
+    theirs = build_official(official, "tiny", train=False, **kw).eval()
+    ours = StylizingViT("tiny", backend="torch", **kw)
+    ours.load_state_dict(theirs.state_dict())
+    x, x_style = images(2, 32, seed=1), images(2, 32, seed=2)
+    with torch.no_grad():
+        assert_close_rel(ours.eval()(x, x_style), theirs(x, x_style), FP32, "encoder_norm_layer")
+
+
+def test_official_surface_beyond_forward(official):
+    """What code written against the official model reaches besides forward: the encoder and block
+    forwards, the encoder getters, the model's attributes, reconstruct_image and compute_loss, and the
+    official utilities (resize_image on uint8, float and PIL input)."""
+    import numpy as np
+    from PIL import Image
+    from stylizing_vit import util as official_util
+
+    from fastvit_style import resize_image, util
+
+    kw = {"input_size": 32, "encoder_depth": 2}
+    theirs = build_official(official, "tiny", train=True, **kw).eval()
+    ours = ours_from_state(theirs.state_dict(), "tiny", True, "torch", **kw).eval()
+    x, x_style = images(2, 32, seed=1), images(2, 32, seed=2)
+    with torch.no_grad():
+        for a, b in zip(ours.encoder(x, x_style), theirs.encoder(x, x_style)):
+            assert_close_rel(a, b, FP32, "encoder forward")
+        tokens, context = torch.randn(2, 5, 192), torch.randn(2, 5, 192)
+        block, their_block = ours.encoder.blocks[1], theirs.encoder.blocks[1]
+        assert_close_rel(block(tokens, context), their_block(tokens, context), FP32, "block forward")
+        assert torch.equal(block(tokens), their_block(tokens))  # Y=None: X as it is
+        z_a, z_s = torch.randn(2, 5, 96), torch.randn(2, 5, 96)
+        for remove_cls in (True, False):
+            rows = slice(None) if remove_cls else slice(1, None)
+            assert_close_rel(
+                ours.reconstruct_image(z_a[:, rows], z_s[:, rows], remove_cls),
+                theirs.reconstruct_image(z_a[:, rows], z_s[:, rows], remove_cls),
+                FP32,
+                "reconstruct_image",
+            )
+        imgs = [images(2, 32, seed=s) for s in range(5)]
+        loss, their_loss = ours.compute_loss(*imgs), theirs.compute_loss(*imgs)
+        for name in LOSS_FIELDS:
+            assert_close_rel(getattr(loss, name), getattr(their_loss, name), FP32, f"compute_loss {name}")
+    for name in ("get_input_size", "get_patch_size", "get_in_channel", "get_embed_dim"):
+        assert getattr(ours.encoder, name)() == getattr(theirs.encoder, name)()
+    assert (ours.in_channel, ours.patch_size, ours.embed_dim) == (
+        theirs.in_channel,
+        theirs.patch_size,
+        theirs.embed_dim,
+    )
+
+    patches = official_util.patchify_image(x, 3, 16)
+    assert torch.equal(util.patchify_image(x, 3, 16), patches)
+    assert torch.equal(util.unpatchify_image(patches, 16, 3), official_util.unpatchify_image(patches, 16, 3))
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    assert torch.equal(util.normalize_image(x, mean, std), official_util.normalize_image(x, mean, std))
+    assert torch.equal(
+        util.denormalize_image(x[0], mean, std), official_util.denormalize_image(x[0], mean, std)
+    )
+    wide = torch.rand(3, 20, 50)
+    assert_close_rel(resize_image(wide, 32), official_util.resize_image(wide, 32), 1e-5, "resize float")
+    pixels = torch.randint(0, 256, (3, 50, 20), dtype=torch.uint8)
+    ours_u8, theirs_u8 = resize_image(pixels, 32, fill=7), official_util.resize_image(pixels, 32, fill=7)
+    assert ours_u8.dtype == theirs_u8.dtype and (ours_u8.int() - theirs_u8.int()).abs().max() <= 1
+    pil = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 30, 3), dtype=np.uint8))
+    assert (resize_image(pil, 32).int() - official_util.resize_image(pil, 32).int()).abs().max() <= 1

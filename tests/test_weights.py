@@ -373,13 +373,30 @@ def test_hub_download_success_loads_file(monkeypatch, tmp_path):
 def test_missing_local_file_is_not_a_repo(no_hub, tmp_path):
     with pytest.raises(FileNotFoundError, match="not an existing weight file"):
         W.load_pretrained_weights(make(), "tiny", str(tmp_path / "gone.safetensors"))
+    # What the official code raises for weights it cannot find or fetch: `except ValueError` still works.
+    with pytest.raises(ValueError, match="not an existing weight file"):
+        W.load_pretrained_weights(make(), "tiny", str(tmp_path / "gone.safetensors"))
+    with pytest.raises(ValueError, match="huggingface_hub is not installed"):
+        W.load_pretrained_weights(make(), "tiny", "camelyon17wilds")
+
+
+def test_create_model_chooses_weights_as_officially(no_hub):
+    """weights is not None wins, even "" (nothing loaded); then a string pretrained; pretrained=True
+    means camelyon17wilds (here: no hub, so an error says it tried)."""
+    from fastvit_style import create_model
+
+    kwargs = {"input_size": 32, "encoder_depth": 1}
+    create_model("tiny", weights="", pretrained=True, **kwargs)
+    create_model("tiny", pretrained=1, **kwargs)  # officially `pretrained is True` only
+    with pytest.raises(ValueError, match="camelyon17wilds"):
+        create_model("tiny", pretrained=True, **kwargs)
 
 
 def test_a_folder_is_not_a_repo(no_hub, tmp_path, monkeypatch):
     """A relative folder name also matches the repo-id pattern: the folder wins."""
     (tmp_path / "imgs").mkdir()
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(IsADirectoryError, match="'imgs' is a folder, not a weight file"):
+    with pytest.raises(ValueError, match="'imgs' is a folder, not a weight file"):
         W.load_pretrained_weights(make(), "tiny", "imgs")
     (tmp_path / "camelyon17wilds").mkdir()  # a data folder named after its dataset: the id still wins
     with pytest.raises(W.WeightsError, match="huggingface_hub is not installed"):

@@ -10,8 +10,10 @@ import sys
 import torch
 
 from ..backends import unavailable_reason
+from ..configs import BACKBONES, make_config
+from ..devices import resolve_device
 from . import report
-from .runner import FAST_BACKENDS, WORKLOADS, BenchConfig, plan_size, run_benchmark
+from .runner import DTYPES, FAST_BACKENDS, WORKLOADS, BenchConfig, plan_size, run_benchmark
 
 # Batch sizes per workload when --batch-sizes is not given. For augment the batch is the classifier's
 # (64 in the paper: 21 images stylized at p=0.33); for tta it is test images, each with K references.
@@ -67,15 +69,50 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default="bench/results", help="folder for the JSON file and the PNG plot")
 
 
+def _check_values(args) -> None:
+    """ValueError for option values no variant could run with (each would otherwise fail or mislead)."""
+    problems = [
+        f"{flag} must be {what}, got {value}"
+        for flag, value, ok, what in (
+            ("--repeats", args.repeats, lambda n: n >= 1, "at least 1"),
+            ("--warmup", args.warmup, lambda n: n >= 0, "at least 0"),
+            ("--threads", args.threads, lambda n: n >= 1, "at least 1"),
+            ("--budget", args.budget, lambda s: s >= 0, "at least 0 seconds"),
+            ("--tta-k", args.tta_k, lambda n: n >= 1, "at least 1"),
+            ("--augment-p", args.augment_p, lambda p: 0 < p <= 1, "in (0, 1]"),
+        )
+        if value is not None and not ok(value)
+    ]
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
 def config_from_args(args) -> BenchConfig:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    _check_values(args)
+    device = resolve_device(args.device)
     cuda = device.type == "cuda"
     workloads = _csv(args.workloads)
     unknown = set(workloads) - set(WORKLOADS)
-    if unknown:
-        raise SystemExit(f"unknown workloads {sorted(unknown)}: choose from {', '.join(WORKLOADS)}")
+    if unknown or not workloads:
+        raise SystemExit(f"unknown or no workloads {sorted(unknown)}: choose from {', '.join(WORKLOADS)}")
+    dtypes = _csv(args.dtypes or ("fp32,bf16" if cuda else "fp32"))
+    if not dtypes or not set(dtypes) <= set(DTYPES):
+        raise ValueError(f"--dtypes must be a comma list of {', '.join(DTYPES)}, got {args.dtypes!r}")
+    backbones = _csv(args.backbones or ("base" if cuda else "tiny"))
+    model_kwargs = json.loads(args.model_kwargs)
+    if not isinstance(model_kwargs, dict):
+        raise ValueError(f"--model-kwargs must be a JSON object, got {args.model_kwargs!r}")
+    for backbone in backbones:
+        if backbone not in BACKBONES:  # make_config would take a typo for a custom ViT
+            raise ValueError(f"unknown backbone {backbone!r}: choose from {', '.join(BACKBONES)}")
+        try:
+            make_config(backbone, **model_kwargs)
+        except TypeError as e:
+            raise ValueError(f"--model-kwargs {args.model_kwargs!r}: {e}") from None
     if args.batch_sizes:
         batches = {w: [int(b) for b in _csv(args.batch_sizes)] for w in workloads}
+        if not all(b >= 1 for b in batches[workloads[0]]):
+            raise ValueError(f"--batch-sizes must all be at least 1, got {args.batch_sizes!r}")
     else:
         table = QUICK_BATCHES if args.quick else DEFAULT_BATCHES[device.type]
         batches = {w: table[w] for w in workloads}
@@ -84,14 +121,13 @@ def config_from_args(args) -> BenchConfig:
     else:  # the interpreter would time numpy, not the kernels: Triton on CPU only when asked for
         fast = [b for b in FAST_BACKENDS if unavailable_reason(b, device) is None and (cuda or b != "triton")]
         backends = ["reference", *fast]
-    dtypes = _csv(args.dtypes or ("fp32,bf16" if cuda else "fp32"))
     compile_ = (cuda and not args.quick) if args.compile is None else args.compile
     default_repeats, default_warmup = (
         ((5, 1) if args.quick else (10, 2)) if cuda else ((2, 0) if args.quick else (3, 0))
     )
     return BenchConfig(
         device=str(device),
-        backbones=tuple(_csv(args.backbones or ("base" if cuda else "tiny"))),
+        backbones=tuple(backbones),
         workloads=tuple(workloads),
         batch_sizes=batches,
         dtypes=tuple(dtypes),
@@ -102,7 +138,7 @@ def config_from_args(args) -> BenchConfig:
         warmup=default_warmup if args.warmup is None else args.warmup,
         interleave=not cuda if args.interleave is None else args.interleave,
         budget_s=args.budget,
-        model_kwargs=json.loads(args.model_kwargs),
+        model_kwargs=model_kwargs,
         tta_k=args.tta_k,
         augment_p=args.augment_p,
         seed=args.seed,
@@ -129,9 +165,9 @@ def _progress(total: int):
 
 
 def run(args) -> int:
+    cfg = config_from_args(args)
     if args.threads:  # on a shared machine, fewer threads than cores avoid oversubscription stalls
         torch.set_num_threads(args.threads)
-    cfg = config_from_args(args)
     os.makedirs(args.out, exist_ok=True)
     env = report.environment()
     stem = report.output_stem(args.out, report.describe_device(torch.device(cfg.device)))

@@ -73,10 +73,17 @@ def environment() -> dict:
 
 
 def output_stem(out_dir: str, device: dict, kind: str = "bench") -> str:
-    """OUT/<date-time>_<device>_<kind>: files of one run sort together and say where they came from."""
+    """OUT/<date-time>_<device>_<kind>: files of one run sort together and say where they came from. A
+    stem some file in OUT already starts with (a run started the same second) gets a suffix -2, -3, ..."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     slug = re.sub(r"[^A-Za-z0-9]+", "-", device["name"]).strip("-") or device["type"]
-    return os.path.join(out_dir, f"{stamp}_{slug}_{kind}")
+    base = f"{stamp}_{slug}_{kind}"
+    taken = {os.path.splitext(name)[0] for name in os.listdir(out_dir)} if os.path.isdir(out_dir) else set()
+    name, n = base, 1
+    while name in taken:
+        n += 1
+        name = f"{base}-{n}"
+    return os.path.join(out_dir, name)
 
 
 def write_json(path: str, run: dict, env: dict) -> None:

@@ -28,6 +28,7 @@ FAST_BACKENDS = ("torch", "triton", "xformers")
 # Parity: relative error allowed against the official computation in fp32 (eager, reference backend).
 # Outputs: max |err| / max |ref|. On CUDA the fp32 paths have TF32 in them (cuDNN convolutions by
 # default, Triton's fp32 dot), hence the looser floor there.
+DTYPES = ("fp32", "bf16")  # bf16: torch.autocast, the weights stay fp32
 TOLERANCE = {("fp32", "cpu"): 1e-4, ("fp32", "cuda"): 2e-3, ("bf16", "cpu"): 5e-2, ("bf16", "cuda"): 5e-2}
 # Parameter gradients ("grads" outputs): relative L2 norm over all of them. The official losses divide
 # VGG features by per-channel stds clamped at sqrt(1e-5), which amplifies rounding: on CPU with random

@@ -1,6 +1,7 @@
+import torch
 from torch import nn
 
-from ..configs import LAYERNORM_EPS
+from ..reference.attention import cross_attention_block
 from .mlp import Mlp
 
 
@@ -21,12 +22,20 @@ class CrossAttentionBlock(nn.Module):
 
     Only two LayerNorms: `norm_input` normalises the queries and, again, the MLP input;
     `norm_context` normalises the keys/values. The math lives in `reference.attention` (the
-    specification) and `fast_block` (the batched fast path); this class only holds parameters.
+    specification) and `block` (the batched fast path); the model's forward never calls this module
+    (so its hooks do not fire there), but a direct call computes the official block.
     """
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True):
+    def __init__(
+        self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, norm_eps: float = 1e-6
+    ):
         super().__init__()
-        self.norm_input = nn.LayerNorm(dim, eps=LAYERNORM_EPS)
-        self.norm_context = nn.LayerNorm(dim, eps=LAYERNORM_EPS)
+        self.norm_input = nn.LayerNorm(dim, eps=norm_eps)
+        self.norm_context = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads, qkv_bias)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, X: torch.Tensor, Y: torch.Tensor | None = None) -> torch.Tensor:
+        """The official block call: X (B, T, L) queries, Y (B, T, L) keys/values; with Y None, X as it is
+        (the official quirk)."""
+        return X if Y is None else cross_attention_block(self, X, Y)

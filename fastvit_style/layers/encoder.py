@@ -1,7 +1,8 @@
 import torch
 from torch import nn
 
-from ..configs import LAYERNORM_EPS, ModelConfig
+from ..configs import ModelConfig
+from ..reference.model import encode
 from .attention_block import CrossAttentionBlock
 from .patch_embed import PatchEmbed
 
@@ -25,19 +26,24 @@ def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
 
 
 class ViTEncoder(nn.Module):
-    """The official `ViT` parameters: cls_token, learned pos_embed (CLS slot included), blocks, final norm."""
+    """The official `ViT` parameters: cls_token, learned pos_embed (CLS slot included), blocks, final norm.
+
+    The model's forward runs them on the fast schedule (`schedule.encode`), not through this module's
+    forward, which computes the official one (for code that calls the encoder itself).
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
+        self.config = config
         L = config.embed_dim
         self.cls_token = nn.Parameter(torch.zeros(1, 1, L))
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_tokens, L))
         self.patch_embed = PatchEmbed(config.patch_size, config.in_channel, L)
         self.blocks = nn.ModuleList(
-            CrossAttentionBlock(L, config.num_heads, config.mlp_ratio, config.qkv_bias)
+            CrossAttentionBlock(L, config.num_heads, config.mlp_ratio, config.qkv_bias, config.norm_eps)
             for _ in range(config.depth)
         )
-        self.norm = nn.LayerNorm(L, eps=LAYERNORM_EPS)
+        self.norm = nn.LayerNorm(L, eps=config.norm_eps)
         self.grid = config.grid
         self.initialize_weights()
 
@@ -56,6 +62,23 @@ class ViTEncoder(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+
+    def forward(self, X: torch.Tensor, X_style: torch.Tensor):
+        """The official encoder forward: final-normed content, style and stylized tokens, each (B, T, L)."""
+        return encode(self, X, X_style)
+
+    # The official encoder's getters.
+    def get_input_size(self) -> int:
+        return self.config.input_size
+
+    def get_patch_size(self) -> int:
+        return self.config.patch_size
+
+    def get_in_channel(self) -> int:
+        return self.config.in_channel
+
+    def get_embed_dim(self) -> int:
+        return self.config.embed_dim
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) images -> (B, T, L) tokens: patches, CLS prepended, position embedding added."""

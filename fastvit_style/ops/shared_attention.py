@@ -7,6 +7,7 @@ when the Triton backend runs.
 """
 
 import importlib.util
+import math
 
 import torch
 from torch import Tensor
@@ -64,7 +65,7 @@ def shared_attention(
         q, k, v = (t.to(dtype) if t.dtype in _TRITON_DTYPES else t for t in (q, k, v))
     _check_inputs(q, k, v, kv_index, check_index)
     backend = _resolve_backend(backend, q)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else _finite_scale(scale)
     if backend == "torch":
         return shared_attention_torch(q, k, v, kv_index, scale)
     if backend == "xformers":
@@ -72,10 +73,22 @@ def shared_attention(
     return _triton_attention(q, k, v, kv_index, scale)
 
 
+def _finite_scale(scale) -> float:
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or not math.isfinite(value):
+        raise ValueError(f"scale must be a finite real number (or None for d**-0.5), got {scale!r}")
+    return value
+
+
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, kv_index: Tensor, check_index: bool = True) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D (S, T, H, d), got shape {tuple(t.shape)}")
+    if q.shape[-1] < 1:
+        raise ValueError(f"the head dim d of q, k and v must be at least 1, got shape {tuple(q.shape)}")
     if q.dtype not in _DTYPES:
         raise ValueError(f"q must have dtype in {_DTYPES}, got {q.dtype}")
     if k.dtype != q.dtype or v.dtype != q.dtype:
@@ -287,6 +300,9 @@ def _refuse_forward_ad() -> None:
 
 
 def _triton_attention(q: Tensor, k: Tensor, v: Tensor, kv_index: Tensor, scale: float) -> Tensor:
+    # The kernels read the map as a plain array (a strided or expanded one would be misread); a
+    # contiguous map is returned as it is, so the per-map caches of the model's layers still hit.
+    kv_index = kv_index.contiguous()
     if torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling():
         _refuse_forward_ad()
     if _traced(q, k, v, kv_index):

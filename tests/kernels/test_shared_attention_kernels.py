@@ -254,6 +254,10 @@ def _valid(device, **changes):
         (lambda t: {"kv_index": t["kv_index"][:1]}, r"kv_index must have shape \(2,\), got \(1,\)"),
         (lambda t: {"kv_index": t["kv_index"].float()}, r"kv_index must have dtype"),
         (
+            lambda t: {"kv_index": t["kv_index"].repeat_interleave(2)[::2]},
+            r"kv_index must be contiguous \(stride 1\), got stride 2",
+        ),
+        (
             lambda t: {"q": t["q"][..., :8], "k": t["k"][..., :8], "v": t["v"][..., :8]},
             r"head dim d=8 unsupported",
         ),
@@ -271,6 +275,7 @@ def _valid(device, **changes):
         "k-heads",
         "index-length",
         "index-dtype",
+        "index-strided",
         "d8",
         "Tk0",
         "Skv0",

@@ -357,6 +357,13 @@ def _valid(**changes):
         ),
         (lambda t: {"kv_index": t["kv_index"] - 1}, r"kv_index values must lie in \[0, Skv=2\), got min -1"),
         (lambda t: {"backend": "flash"}, r"backend must be one of \('auto', 'torch', 'triton', 'xformers'\)"),
+        (lambda t: {"scale": float("nan")}, r"scale must be a finite real number .*got nan"),
+        (lambda t: {"scale": float("-inf")}, r"scale must be a finite real number .*got -inf"),
+        (lambda t: {"scale": [0.5]}, r"scale must be a finite real number .*got \[0.5\]"),
+        (
+            lambda t: {"q": t["q"][..., :0], "k": t["k"][..., :0], "v": t["v"][..., :0]},
+            r"head dim d of q, k and v must be at least 1",
+        ),
     ],
     ids=[
         "not-tensor",
@@ -374,6 +381,10 @@ def _valid(**changes):
         "index-too-large",
         "index-negative",
         "backend-name",
+        "scale-nan",
+        "scale-inf",
+        "scale-list",
+        "d0",
     ],
 )
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -382,6 +393,25 @@ def test_errors(changes, message, backend):
     inputs.update(changes(inputs))
     with pytest.raises(ValueError, match=message):
         shared_attention(**inputs)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_strided_and_expanded_maps(backend):
+    """A map is its values, whatever its strides: the kernels get a contiguous copy (they read it as an
+    array), and the backward inverts the same values the forward read."""
+    q, k, v, _ = make_inputs(3, 3, 9, 9, 1, 16, [0, 0, 0])
+    do = torch.randn(3, 9, 1, 16)
+    maps = [
+        torch.tensor([2, 9, 0, 9, 1, 9], dtype=torch.int32)[::2],
+        torch.tensor([0, 1, 1, 1])[:1].expand(3),
+    ]
+    for kv_index in maps:
+        out = shared_attention(q, k, v, kv_index, backend=backend)
+        grads = torch.autograd.grad(out, (q, k, v), do)
+        expected, expected_grads = reference(q, k, v, kv_index.contiguous(), do)
+        assert rel_err(out, expected) < 1e-5
+        for name, g, e in zip("qkv", grads, expected_grads):
+            assert rel_err(g, e) < 1e-5, name
 
 
 def test_index_range_checked_once_per_map(monkeypatch):

@@ -1,0 +1,78 @@
+"""What code written against the official package reaches besides forward and state_dict: every
+parameter's gradient, the submodules' own forwards and getters, the model's helper methods and the
+official utilities. tests/test_official_parity.py compares the same against the official package."""
+
+import numpy as np
+import pytest
+import torch
+from helpers import TOLERANCE, assert_close_rel, images, randomize_
+
+from fastvit_style import StylizingViT, reference, resize_image, util
+
+FP32 = TOLERANCE[torch.float32]
+KW = {"input_size": 32, "encoder_depth": 2}
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_every_parameter_gets_a_gradient(train):
+    """k_proj.bias too (an exact zero, as softmax cancels it): DDP without find_unused_parameters and
+    AdamW's weight decay treat a None gradient as an unused parameter, the official model has none."""
+    model = randomize_(StylizingViT("tiny", train=train, **KW))
+    out = model(images(3, 32))
+    (out[0].total() if train else out.square().mean()).backward()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert [n for n, p in trainable if p.grad is None] == []
+    for blk in model.encoder.blocks:
+        assert torch.equal(blk.attn.k_proj.bias.grad, torch.zeros_like(blk.attn.k_proj.bias))
+
+
+def test_submodule_forwards_compute_the_official_calls():
+    model = randomize_(StylizingViT("tiny", **KW))
+    x, x_style = images(2, 32, seed=1), images(2, 32, seed=2)
+    with torch.no_grad():
+        _, _, z_t = model.encoder(x, x_style)
+        assert_close_rel(model.reconstruct_patches(z_t[:, 1:]), model(x, x_style), FP32, "encoder forward")
+        tokens, context = torch.randn(2, 5, 192), torch.randn(2, 5, 192)
+        block = model.encoder.blocks[0]
+        assert torch.equal(block(tokens, context), reference.cross_attention_block(block, tokens, context))
+        assert block(tokens) is tokens  # the official block returns X when Y is None
+        u = model.bottleneck(z_t)
+        image = model.reconstruct_image(*u.chunk(2, dim=-1))
+        assert_close_rel(image, model(x, x_style), FP32, "reconstruct_image")
+    getters = [
+        getattr(model.encoder, f"get_{n}")() for n in ("input_size", "patch_size", "in_channel", "embed_dim")
+    ]
+    assert getters == [32, 16, 3, 192] and (model.in_channel, model.patch_size, model.embed_dim) == (
+        3,
+        16,
+        192,
+    )
+    with pytest.raises(ValueError, match="train=True"):
+        model.compute_loss(*(images(1, 32),) * 5)
+
+
+def test_utilities():
+    x = torch.randn(2, 3, 32, 32)
+    patches = util.patchify_image(x, 3, 16)
+    assert patches.shape == (2, 4, 768) and torch.equal(util.unpatchify_image(patches, 16, 3), x)
+    torch.testing.assert_close(patches[0, 1, :3], x[0, :, 0, 16])  # patch (0, 1), pixel (0, 0), channels last
+    with pytest.raises(ValueError, match="square"):
+        util.patchify_image(x[..., :30], 3, 16)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    torch.testing.assert_close(util.denormalize_image(util.normalize_image(x, mean, std), mean, std), x)
+
+    wide = torch.rand(2, 3, 10, 20)
+    out = resize_image(wide, 8, fill=0.5)  # longer side 20 -> 8, the other 4, centred on 0.5
+    assert out.shape == (2, 3, 8, 8) and torch.equal(out[..., :2, :], torch.full((2, 3, 2, 8), 0.5))
+    square = torch.rand(3, 8, 8)
+    assert resize_image(square, 8) is square
+    pixels = torch.randint(0, 256, (3, 12, 6), dtype=torch.uint8)
+    assert resize_image(pixels, 8).dtype == torch.uint8
+    from PIL import Image
+
+    pil = Image.fromarray(pixels.permute(1, 2, 0).numpy())
+    assert torch.equal(resize_image(pil, 8), resize_image(pixels, 8))
+    grey = Image.fromarray(np.zeros((6, 6), np.uint8))
+    assert resize_image(grey, 8).shape == (1, 8, 8)
