@@ -156,7 +156,7 @@ def _layernorm_eps(norm_layer) -> float:
         and all(norm_layer.keywords.get(k, True) is True for k in ("elementwise_affine", "bias"))
         and set(norm_layer.keywords) <= {"eps", "elementwise_affine", "bias"}
     ):
-        return norm_layer.keywords.get("eps", 1e-5)
+        return float(norm_layer.keywords.get("eps", 1e-5))
     raise ValueError(
         f"encoder_norm_layer={norm_layer!r} is not supported: only nn.LayerNorm with affine weights, "
         "as a class, a functools.partial setting eps, or 'nn.LayerNorm'"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .imageio import denormalize, normalize, resize_pad
+from .imageio import resize_pad
 
 
 def resize_image(inpt, size: int, fill: float = 0) -> torch.Tensor:
@@ -24,21 +24,34 @@ def resize_image(inpt, size: int, fill: float = 0) -> torch.Tensor:
         raise ValueError(f"resize_image needs a (..., C, H, W) image, got shape {tuple(inpt.shape)}")
     if tuple(inpt.shape[-2:]) == (size, size):
         return inpt
-    out = resize_pad(inpt if inpt.is_floating_point() else inpt.float(), size, fill)
-    if inpt.is_floating_point():
-        return out
+    exact = inpt.dtype in (torch.float32, torch.float64)  # CPU antialiasing knows no half precision
+    out = resize_pad(inpt if exact else inpt.float(), size, fill)
+    if exact or inpt.is_floating_point():
+        return out.to(inpt.dtype)
+    if inpt.dtype == torch.bool:
+        return out > 0.5
     info = torch.iinfo(inpt.dtype)
     return out.round_().clamp_(info.min, info.max).to(inpt.dtype)
 
 
+def _channel_stats(image: torch.Tensor, mean, std) -> tuple[torch.Tensor, torch.Tensor]:
+    # float32 constants, as officially: an integer image promotes to float32, a float64 one stays float64.
+    def col(values):
+        return torch.tensor(values, dtype=torch.float32, device=image.device).view(-1, 1, 1)
+
+    return col(mean), col(std)
+
+
 def normalize_image(image: torch.Tensor, mean, std) -> torch.Tensor:
-    """(C, H, W) or (B, C, H, W) -> (image - mean) / std per channel."""
-    return normalize(image, mean, std)
+    """(C, H, W) or (B, C, H, W), any dtype -> (image - mean) / std per channel, at least float32."""
+    m, s = _channel_stats(image, mean, std)
+    return (image - m) / s
 
 
 def denormalize_image(image: torch.Tensor, mean, std) -> torch.Tensor:
-    """(C, H, W) or (B, C, H, W) -> image * std + mean per channel."""
-    return denormalize(image, mean, std)
+    """(C, H, W) or (B, C, H, W), any dtype -> image * std + mean per channel, at least float32."""
+    m, s = _channel_stats(image, mean, std)
+    return image * s + m
 
 
 def patchify_image(X: torch.Tensor, in_channel: int, patch_size: int) -> torch.Tensor:

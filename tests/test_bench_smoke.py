@@ -125,6 +125,8 @@ def test_plan():
         (["--model-kwargs", "[1]"], "--model-kwargs must be a JSON object"),
         (["--model-kwargs", '{"colour": 1}'], "unexpected keyword argument 'colour'"),
         (["--device", "tpu"], "device 'tpu' is not a device name"),
+        (["--device", "mps"], "the benchmark runs on cpu or cuda devices"),
+        (["--backbones", ","], "--backbones names no backbone"),
     ],
 )
 def test_option_values_no_variant_could_run_with_are_refused_first(tmp_path, capsys, option, message):
@@ -153,9 +155,8 @@ def test_runs_started_in_the_same_second_keep_their_own_files(tmp_path, monkeypa
     )  # this module's clock only
     device = {"name": "Some CPU", "type": "cpu"}
     stems = []
-    for _ in range(3):
+    for _ in range(3):  # each claims its stem by creating its JSON file at once
         stems.append(report.output_stem(str(tmp_path), device))
-        (tmp_path / (os.path.basename(stems[-1]) + ".json")).write_text("{}")
     assert [os.path.basename(s) for s in stems] == [
         "20261129-120000_Some-CPU_bench",
         "20261129-120000_Some-CPU_bench-2",

@@ -3,6 +3,7 @@
 import functools
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -57,6 +58,7 @@ def test_bad_constructor_arguments():
         (torch.nn.LayerNorm, 1e-5),
         (functools.partial(torch.nn.LayerNorm, eps=1e-6), 1e-6),
         (functools.partial(torch.nn.LayerNorm, eps=1e-3, elementwise_affine=True), 1e-3),
+        (functools.partial(torch.nn.LayerNorm, eps=np.float32(0.5)), 0.5),  # stored as a float (JSON)
     ],
 )
 def test_encoder_norm_layer_sets_every_layernorm_eps(norm_layer, eps):
@@ -64,6 +66,7 @@ def test_encoder_norm_layer_sets_every_layernorm_eps(norm_layer, eps):
     model = StylizingViT("tiny", **kwargs, **SMALL)
     norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
     assert len(norms) == 3 and {m.eps for m in norms} == {eps} and model.config.norm_eps == eps
+    assert type(model.config.norm_eps) is float
 
 
 @pytest.mark.parametrize(

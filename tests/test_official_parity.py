@@ -288,8 +288,15 @@ def test_official_surface_beyond_forward(official):
     assert torch.equal(
         util.denormalize_image(x[0], mean, std), official_util.denormalize_image(x[0], mean, std)
     )
+    u8 = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    assert torch.equal(util.normalize_image(u8, mean, std), official_util.normalize_image(u8, mean, std))
+    assert torch.equal(util.denormalize_image(u8, mean, std), official_util.denormalize_image(u8, mean, std))
     wide = torch.rand(3, 20, 50)
     assert_close_rel(resize_image(wide, 32), official_util.resize_image(wide, 32), 1e-5, "resize float")
+    half = wide.half()
+    assert_close_rel(
+        resize_image(half, 32).float(), official_util.resize_image(half, 32).float(), 1e-3, "fp16"
+    )
     pixels = torch.randint(0, 256, (3, 50, 20), dtype=torch.uint8)
     ours_u8, theirs_u8 = resize_image(pixels, 32, fill=7), official_util.resize_image(pixels, 32, fill=7)
     assert ours_u8.dtype == theirs_u8.dtype and (ours_u8.int() - theirs_u8.int()).abs().max() <= 1

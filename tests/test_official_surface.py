@@ -62,12 +62,17 @@ def test_utilities():
         util.patchify_image(x[..., :30], 3, 16)
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
     torch.testing.assert_close(util.denormalize_image(util.normalize_image(x, mean, std), mean, std), x)
+    u8 = torch.tensor([100, 50, 200], dtype=torch.uint8).view(3, 1, 1)  # constants in float32, as officially
+    expected = (u8.float() - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    assert torch.equal(util.normalize_image(u8, mean, std), expected)
 
     wide = torch.rand(2, 3, 10, 20)
     out = resize_image(wide, 8, fill=0.5)  # longer side 20 -> 8, the other 4, centred on 0.5
     assert out.shape == (2, 3, 8, 8) and torch.equal(out[..., :2, :], torch.full((2, 3, 2, 8), 0.5))
     square = torch.rand(3, 8, 8)
     assert resize_image(square, 8) is square
+    for dtype in (torch.float16, torch.bfloat16, torch.bool):  # resized in float32, returned as given
+        assert resize_image(torch.ones(3, 12, 6, dtype=dtype), 8).dtype == dtype
     pixels = torch.randint(0, 256, (3, 12, 6), dtype=torch.uint8)
     assert resize_image(pixels, 8).dtype == torch.uint8
     from PIL import Image

@@ -90,6 +90,8 @@ def _check_values(args) -> None:
 def config_from_args(args) -> BenchConfig:
     _check_values(args)
     device = resolve_device(args.device)
+    if device.type not in DEFAULT_BATCHES:
+        raise ValueError(f"the benchmark runs on cpu or cuda devices, got {args.device!r}")
     cuda = device.type == "cuda"
     workloads = _csv(args.workloads)
     unknown = set(workloads) - set(WORKLOADS)
@@ -102,9 +104,15 @@ def config_from_args(args) -> BenchConfig:
     model_kwargs = json.loads(args.model_kwargs)
     if not isinstance(model_kwargs, dict):
         raise ValueError(f"--model-kwargs must be a JSON object, got {args.model_kwargs!r}")
+    if not backbones:
+        raise ValueError(f"--backbones names no backbone: {args.backbones!r}")
+    custom = any(key.startswith("encoder_") for key in model_kwargs)
     for backbone in backbones:
-        if backbone not in BACKBONES:  # make_config would take a typo for a custom ViT
-            raise ValueError(f"unknown backbone {backbone!r}: choose from {', '.join(BACKBONES)}")
+        if backbone not in BACKBONES and not custom:  # make_config would take a typo for a custom ViT
+            raise ValueError(
+                f"unknown backbone {backbone!r}: choose from {', '.join(BACKBONES)}, or name a custom ViT "
+                "and give its encoder_* sizes in --model-kwargs"
+            )
         try:
             make_config(backbone, **model_kwargs)
         except TypeError as e:

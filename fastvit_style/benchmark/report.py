@@ -73,17 +73,24 @@ def environment() -> dict:
 
 
 def output_stem(out_dir: str, device: dict, kind: str = "bench") -> str:
-    """OUT/<date-time>_<device>_<kind>: files of one run sort together and say where they came from. A
-    stem some file in OUT already starts with (a run started the same second) gets a suffix -2, -3, ..."""
+    """OUT/<date-time>_<device>_<kind>: files of one run sort together and say where they came from.
+
+    The stem is claimed by creating <stem>.json (an empty JSON object until the run writes it), so
+    that runs started in the same second on alike devices get -2, -3, ... rather than one file."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     slug = re.sub(r"[^A-Za-z0-9]+", "-", device["name"]).strip("-") or device["type"]
-    base = f"{stamp}_{slug}_{kind}"
-    taken = {os.path.splitext(name)[0] for name in os.listdir(out_dir)} if os.path.isdir(out_dir) else set()
-    name, n = base, 1
-    while name in taken:
-        n += 1
-        name = f"{base}-{n}"
-    return os.path.join(out_dir, name)
+    os.makedirs(out_dir, exist_ok=True)
+    n = 1
+    while True:
+        stem = os.path.join(out_dir, f"{stamp}_{slug}_{kind}" + ("" if n == 1 else f"-{n}"))
+        try:
+            fd = os.open(stem + ".json", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            n += 1
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write("{}")
+        return stem
 
 
 def write_json(path: str, run: dict, env: dict) -> None:
