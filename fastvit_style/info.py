@@ -2,6 +2,7 @@
 
 import os
 import platform
+import sys
 
 import torch
 
@@ -38,5 +39,7 @@ def run(args=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    run()
+if __name__ == "__main__":  # `python -m fastvit_style.info`: the `fastvit-style info` command, --help included
+    from .cli import main
+
+    sys.exit(main(["info", *sys.argv[1:]]))

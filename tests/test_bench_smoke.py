@@ -162,3 +162,14 @@ def test_runs_started_in_the_same_second_keep_their_own_files(tmp_path, monkeypa
         "20261129-120000_Some-CPU_bench-2",
         "20261129-120000_Some-CPU_bench-3",
     ]
+
+
+def test_a_backend_that_cannot_be_loaded_is_unavailable():
+    """A 'module:factory' that does not import or resolve gives `unavailable` rows with the reason; the
+    run goes on, as for a backend whose package is missing."""
+    from fastvit_style.benchmark.runner import get_backend
+
+    cpu = torch.device("cpu")
+    assert "ModuleNotFoundError" in get_backend("no_such_module_xyz:make").unavailable(cpu)
+    assert "AttributeError" in get_backend("json:no_such_factory").unavailable(cpu)
+    assert get_backend("json:loads").unavailable(cpu) is None

@@ -2,8 +2,8 @@
 
 Outputs OUT/<content>__<style>.png, denormalized and clamped to [0, 1]; a run whose pairs would
 share a name is refused before any work, and images under OUT are never read as inputs. The style references are
-encoded once into a StyleBank (about 2 * depth * 197 * width * 4 bytes each: 3.6 MiB for tiny,
-14.5 MiB for base), and each content image's stream is shared by its references.
+encoded once into a StyleBank (about 2 * depth * 197 * width * 4 bytes each: 3.5 MiB for tiny,
+13.9 MiB for base), and each content image's stream is shared by its references.
 """
 
 import os

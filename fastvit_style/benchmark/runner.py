@@ -60,13 +60,17 @@ def _no_tf32():
 @dataclass(frozen=True)
 class Backend:
     """factory(model) returns what the workloads call in place of the StylizingViT (same forward).
-    official: run the workloads the official way (explicit-roll augment, K forwards for TTA)."""
+    official: run the workloads the official way (explicit-roll augment, K forwards for TTA).
+    error: why a 'module:factory' backend could not be loaded (its rows are then `unavailable`)."""
 
     name: str
-    factory: Callable
+    factory: Callable | None
     official: bool = False
+    error: str | None = None
 
     def unavailable(self, device: torch.device) -> str | None:
+        if self.error:
+            return self.error
         return unavailable_reason(self.name, device) if self.name in BACKENDS else None
 
 
@@ -94,7 +98,10 @@ def get_backend(name: str) -> Backend:
         return _builtin(name)
     if ":" in name:
         module, attr = name.split(":", 1)
-        return Backend(name, getattr(importlib.import_module(module), attr))
+        try:
+            return Backend(name, getattr(importlib.import_module(module), attr))
+        except (ImportError, AttributeError) as e:
+            return Backend(name, None, error=f"cannot load {name!r} ({type(e).__name__}: {e})")
     raise ValueError(
         f"unknown backend {name!r}: use one of {BACKENDS[1:]}, a registered name, or 'module:factory'"
     )
