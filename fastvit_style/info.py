@@ -39,7 +39,8 @@ def run(args=None) -> int:
     return 0
 
 
-if __name__ == "__main__":  # `python -m fastvit_style.info`: the `fastvit-style info` command, --help included
+# `python -m fastvit_style.info`: the `fastvit-style info` command, --help included.
+if __name__ == "__main__":
     from .cli import main
 
     sys.exit(main(["info", *sys.argv[1:]]))

@@ -418,6 +418,10 @@ def test_cli_tta(folders, monkeypatch):
             p = [float(v) for v in r[2:]]
             assert abs(sum(p) - 1) < 1e-5 and int(r[1]) == int(np.argmax(p))
     assert len(os.listdir(tmp / "views")) == 2 * 2
+    # Without --k: 8 references per image, or all of them when there are fewer (3 here).
+    no_k = ["tta", *base, "--refs", str(tmp / "styles"), "--images", str(tmp / "content"), "--classifier",
+            "toyclf:make", "--out", str(tmp / "all.csv"), "--save-stylized", str(tmp / "all_views")]  # fmt: skip
+    assert cli_main(no_k) == 0 and len(os.listdir(tmp / "all_views")) == 2 * 3
 
 
 @needs_pil

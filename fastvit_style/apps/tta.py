@@ -41,7 +41,12 @@ def add_arguments(parser) -> None:
         help="TorchScript file, .pt2 export, or module:callable returning an nn.Module",
     )
     parser.add_argument("--out", required=True, help="CSV file of predictions")
-    parser.add_argument("--k", type=int, default=8, help="random references per image; 0: all (default: 8)")
+    parser.add_argument(
+        "--k",
+        type=int,
+        default=None,
+        help="random references per image; 0: all (default: 8, or all when fewer)",
+    )
     parser.add_argument("--reduce", choices=REDUCTIONS, default="mean_prob", help="how views are combined")
     parser.add_argument("--no-original", action="store_true", help="classify stylized views only")
     parser.add_argument("--save-stylized", metavar="DIR", help="also write the stylized views as PNG")
@@ -98,6 +103,8 @@ def run(args) -> int:
     )
     if args.save_stylized:
         names, ref_names = pair_names(images, args.images, refs, args.refs)
+    if args.k is None:
+        args.k = min(8, len(refs))
     if not 0 <= args.k <= len(refs):
         raise SystemExit(
             f"error: --k must lie in 0..{len(refs)} (the number of reference images), got {args.k}"
