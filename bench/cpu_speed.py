@@ -11,7 +11,6 @@ backward, AdamW) at B=4 >= 1.9x.
 """
 
 import argparse
-import os
 import sys
 
 import torch
@@ -62,7 +61,6 @@ def main(argv=None) -> int:
         )
         print(f"{what:<28} B={batch}: {shown:>14}  target >= {target}x: {'PASS' if passed else 'MISS'}")
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
         path = report.output_stem(args.out, run["device"], "cpu_speed") + ".json"
         report.write_json(path, run, report.environment())
         print(f"JSON: {path}")

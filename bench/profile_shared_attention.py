@@ -116,7 +116,6 @@ def main(argv=None) -> int:
     for name, us in rows.items():
         print(f"  {name:10s} {us:8.1f} us per call")
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
         path = (
             output_stem(args.out, describe_device(dev), "host_profile" if args.host else "profile") + ".json"
         )

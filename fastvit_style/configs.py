@@ -131,6 +131,16 @@ def make_config(backbone: str = "base", **kwargs) -> ModelConfig:
     return config
 
 
+def check_model_kwargs(name: str, backbone: str, kwargs: dict, **fixed) -> None:
+    """ValueError naming `name` (the option that gave `kwargs`) unless make_config(backbone, **fixed,
+    **kwargs) succeeds: an unknown keyword (a TypeError there, as Python raises for the constructor)
+    becomes a ValueError, a bad value is one already."""
+    try:
+        make_config(backbone, **fixed, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"{name} {kwargs!r}: {e}") from None
+
+
 def _is_official_default(key: str, value) -> bool:
     from torch import nn
 

@@ -119,22 +119,23 @@ def load_image(path, size: int) -> torch.Tensor:
     return resize_pad(read_rgb(path), size)
 
 
-def _stats(mean, std, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _stats(mean, std, like: torch.Tensor, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
     def col(v):
-        return torch.as_tensor(v, dtype=like.dtype, device=like.device).view(-1, 1, 1)
+        return torch.as_tensor(v, dtype=dtype or like.dtype, device=like.device).view(-1, 1, 1)
 
     return col(mean), col(std)
 
 
-def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
-    """(..., C, H, W) in [0, 1] -> (x - mean) / std per channel."""
-    m, s = _stats(mean, std, x)
+def normalize(x: torch.Tensor, mean, std, constants_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(..., C, H, W) in [0, 1] -> (x - mean) / std per channel. The constants take x's dtype unless
+    `constants_dtype` is given (then the result is of the promoted dtype)."""
+    m, s = _stats(mean, std, x, constants_dtype)
     return (x - m) / s
 
 
-def denormalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+def denormalize(x: torch.Tensor, mean, std, constants_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Inverse of `normalize`: (..., C, H, W) -> x * std + mean (not clamped)."""
-    m, s = _stats(mean, std, x)
+    m, s = _stats(mean, std, x, constants_dtype)
     return x * s + m
 
 

@@ -102,15 +102,10 @@ class StylizingViT(nn.Module):
         return stylize(self, x, bank, refs=refs, k=k, generator=generator)
 
     def reconstruct_patches(self, z: torch.Tensor) -> torch.Tensor:
-        """Head of shared doc 1.5 on final-normed patch rows z (B, N, L) -> image (B, C, H, W)."""
-        cfg = self.config
-        B, N, L = z.shape
-        C, P, K, g = cfg.in_channel, cfg.patch_size, cfg.rank, cfg.grid
-        u = self.bottleneck(z)
-        m = u[..., : L // 2].reshape(B, N, C, P, K) @ u[..., L // 2 :].reshape(B, N, C, K, P)
-        # The official unpatchify reinterprets each patch's (C, P, P) buffer as (P, P, C): keep it.
-        img = m.reshape(B, g, g, P, P, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, g * P, g * P)
-        return self.post_process_conv(img)
+        """Head of shared doc 1.5 on final-normed patch rows z (B, N, L) -> image (B, C, H, W): the
+        bottleneck, then anatomy (first half) times style (second half) per patch."""
+        anatomy, style = self.bottleneck(z).chunk(2, dim=-1)
+        return self.reconstruct_image(anatomy, style, remove_cls=False)
 
     def _check_inputs(self, x, x_style, names: tuple[str, str] = ("x", "x_style")) -> None:
         """ValueError/TypeError naming the argument (`names`: what the caller calls x and x_style)

@@ -63,7 +63,7 @@ from tqdm import tqdm
 
 from .atomic import remove_temporaries, write_json
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .configs import LOSS_WEIGHTS, make_config
+from .configs import LOSS_WEIGHTS, check_model_kwargs
 from .data import ImageFolderDataset, collate_images, micro_batches
 from .devices import resolve_device
 from .imageio import denormalize, normalization
@@ -128,10 +128,8 @@ class TrainConfig:
             raise ValueError(f"model_kwargs must be a dict (a JSON object), got {self.model_kwargs!r}")
         if "input_size" in self.model_kwargs:
             raise ValueError("give the image side with --input-size, not inside --model-kwargs")
-        try:  # the architecture, checked before any file is read or written
-            make_config(self.backbone, input_size=self.input_size, **self.model_kwargs)
-        except TypeError as e:
-            raise ValueError(f"model_kwargs {self.model_kwargs!r}: {e}") from None
+        # The architecture, checked before any file is read or written.
+        check_model_kwargs("model_kwargs", self.backbone, self.model_kwargs, input_size=self.input_size)
 
 
 # What a resumed run may change: where things are and how fast they run. The rest (the math) comes

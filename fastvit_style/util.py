@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .imageio import resize_pad
+from .imageio import denormalize, normalize, resize_pad
 
 
 def resize_image(inpt, size: int, fill: float = 0) -> torch.Tensor:
@@ -34,24 +34,15 @@ def resize_image(inpt, size: int, fill: float = 0) -> torch.Tensor:
     return out.round_().clamp_(info.min, info.max).to(inpt.dtype)
 
 
-def _channel_stats(image: torch.Tensor, mean, std) -> tuple[torch.Tensor, torch.Tensor]:
-    # float32 constants, as officially: an integer image promotes to float32, a float64 one stays float64.
-    def col(values):
-        return torch.tensor(values, dtype=torch.float32, device=image.device).view(-1, 1, 1)
-
-    return col(mean), col(std)
-
-
+# float32 constants, as officially: an integer image promotes to float32, a float64 one stays float64.
 def normalize_image(image: torch.Tensor, mean, std) -> torch.Tensor:
     """(C, H, W) or (B, C, H, W), any dtype -> (image - mean) / std per channel, at least float32."""
-    m, s = _channel_stats(image, mean, std)
-    return (image - m) / s
+    return normalize(image, mean, std, constants_dtype=torch.float32)
 
 
 def denormalize_image(image: torch.Tensor, mean, std) -> torch.Tensor:
     """(C, H, W) or (B, C, H, W), any dtype -> image * std + mean per channel, at least float32."""
-    m, s = _channel_stats(image, mean, std)
-    return image * s + m
+    return denormalize(image, mean, std, constants_dtype=torch.float32)
 
 
 def patchify_image(X: torch.Tensor, in_channel: int, patch_size: int) -> torch.Tensor:

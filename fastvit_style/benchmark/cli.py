@@ -10,7 +10,7 @@ import sys
 import torch
 
 from ..backends import unavailable_reason
-from ..configs import BACKBONES, make_config
+from ..configs import BACKBONES, check_model_kwargs
 from ..devices import resolve_device
 from . import report
 from .runner import DTYPES, FAST_BACKENDS, WORKLOADS, BenchConfig, plan_size, run_benchmark
@@ -113,10 +113,7 @@ def config_from_args(args) -> BenchConfig:
                 f"unknown backbone {backbone!r}: choose from {', '.join(BACKBONES)}, or name a custom ViT "
                 "and give its encoder_* sizes in --model-kwargs"
             )
-        try:
-            make_config(backbone, **model_kwargs)
-        except TypeError as e:
-            raise ValueError(f"--model-kwargs {args.model_kwargs!r}: {e}") from None
+        check_model_kwargs("--model-kwargs", backbone, model_kwargs)
     if args.batch_sizes:
         batches = {w: [int(b) for b in _csv(args.batch_sizes)] for w in workloads}
         if not all(b >= 1 for b in batches[workloads[0]]):
@@ -176,7 +173,6 @@ def run(args) -> int:
     cfg = config_from_args(args)
     if args.threads:  # on a shared machine, fewer threads than cores avoid oversubscription stalls
         torch.set_num_threads(args.threads)
-    os.makedirs(args.out, exist_ok=True)
     env = report.environment()
     stem = report.output_stem(args.out, report.describe_device(torch.device(cfg.device)))
     json_path, png_path = stem + ".json", stem + ".png"
