@@ -105,7 +105,7 @@ bench() {
 
 case $PART in
 all)
-    tests 120
+    tests 140
     # H = 12 first: the rows the targets are read from, should the budget cut the sweep short.
     step sweep 150 python3 bench/sweep_shared_attention.py --out "$OUT" --heads 12 6 3 --budget 85 --tune-blocks
     # Issue 5's GPU workloads at one batch size; TTA and augmentation were measured in session 1.

@@ -10,6 +10,8 @@ heads 3/6/12 (tiny/small/base) and B in 8/32/64/128. Methods:
                    graphs call)
   fused-api        the public function, as eager code calls it: input checks, one host sync per
                    kv_index map for its range, then the kernels without the custom op's dispatch
+  fused-1launch    as fused, with the backward forced to one launch (`shared_attention_bwd_fused`,
+                   off by default: `_common.ONE_LAUNCH_BACKWARD_MIN_PROGRAMS`)
   sdpa-dup-X       SDPA backend X with K/V already duplicated per query sequence
   sdpa-gather-X    as a user must run it: gather K/V by kv_index, SDPA, index_add of dK/dV
   xformers-dup / xformers-gather   memory_efficient_attention, the same two ways
@@ -24,6 +26,7 @@ time only), which tells a slow kernel from a slow launch path. FLOPs: forward 4 
 """
 
 import argparse
+import contextlib
 import datetime
 import os
 import platform
@@ -276,9 +279,27 @@ def flex(p):
     return fn, (q, k, v), lambda: (q.grad, k.grad, v.grad)
 
 
+@contextlib.contextmanager
+def one_launch_backward(min_programs):
+    """`_common.ONE_LAUNCH_BACKWARD_MIN_PROGRAMS` set to min_programs for the block (0: always)."""
+    from fastvit_style.kernels import _common
+
+    default = _common.ONE_LAUNCH_BACKWARD_MIN_PROGRAMS
+    _common.ONE_LAUNCH_BACKWARD_MIN_PROGRAMS = min_programs
+    try:
+        yield
+    finally:
+        _common.ONE_LAUNCH_BACKWARD_MIN_PROGRAMS = default
+
+
 def methods(args, B, H):
     """(name, builder, reason to skip or None) for one size, in table order; flex runs in a second phase."""
-    rows = [("fused", lambda p: fused(p), None), ("fused-api", lambda p: fused(p, api=True), None)]
+    rows = [
+        ("fused", lambda p: fused(p), None),
+        ("fused-api", lambda p: fused(p, api=True), None),
+        # Forward and backward run inside the timed calls: run_size sets the backward for the whole row.
+        ("fused-1launch", lambda p: fused(p), None),
+    ]
     for kind, builder in (("dup", sdpa_dup), ("gather", sdpa_gather)):
         for name in SDPA_BACKENDS:
             skip = (
@@ -396,27 +417,48 @@ def block_configs():
     return [(f, dkdv0, dq0) for f in fwd_configs] + [(fwd0, kv, q) for kv, q in bwd_configs]
 
 
+def one_launch_block_configs():
+    """Blocks of the one-launch backward to time (block_m: streamed query rows, block_n: the widest key
+    part; at T=197 only 128 gives at most three parts): `_common.attention_blocks`' pick, then other
+    row counts, warps and stages (sm_90 compiles spill 120-850 bytes across these)."""
+    from fastvit_style.kernels._common import Blocks, attention_blocks
+
+    default = attention_blocks("bwd_fused", T, T, D, torch.bfloat16)
+    others = ((32, 128, 8, 2, False), (32, 128, 8, 2, True), (16, 128, 8, 3), (16, 128, 4, 2))
+    return [default, *(Blocks(*shape) for shape in others if Blocks(*shape) != default)]
+
+
 def block_sweep(args, results, over_budget):
-    """Time the fused kernels under the tile configs of `block_configs` at B=32, H=12 (forward and
-    backward separately)."""
+    """Time the fused kernels under the tile configs of `block_configs` (two-launch backward) and
+    `one_launch_block_configs` (one-launch backward) at B=32, H=12 (forward and backward separately)."""
     from fastvit_style.kernels import _common
 
     default = _common.attention_blocks
-    configs = block_configs()
+    fwd0, dkdv0, dq0 = (default(k, T, T, D, torch.bfloat16) for k in ("fwd", "bwd_dkdv", "bwd_dq"))
+    configs = [(*c, None, None) for c in block_configs()]
+    configs += [(fwd0, dkdv0, dq0, b, 0) for b in one_launch_block_configs()]
     p = Problem(32, 12)
     try:
-        for fwd, dkdv, dq in configs:
-            table = {"fwd": fwd, "bwd_dkdv": dkdv, "bwd_dq": dq}
+        for fwd, dkdv, dq, one, min_programs in configs:
+            table = {"fwd": fwd, "bwd_dkdv": dkdv, "bwd_dq": dq, "bwd_fused": one}
             _common.attention_blocks = lambda kernel, *rest, table=table: table[kernel]
-            row = {"fwd_blocks": tuple(fwd), "dkdv_blocks": tuple(dkdv), "dq_blocks": tuple(dq)}
+            row = {"fwd_blocks": tuple(fwd)}
+            if one is None:
+                row.update(dkdv_blocks=tuple(dkdv), dq_blocks=tuple(dq))
+            else:
+                row["one_launch_blocks"] = tuple(one)
             if over_budget():
                 row["status"] = "skipped: time budget"
                 results.append(row)
                 continue
-            results.append(guarded(row, lambda: run_method(p, fused, args)))
-            print(
-                f"  blocks fwd {row['fwd_blocks']} dkdv {row['dkdv_blocks']} dq {row['dq_blocks']}: {_fmt(row)}"
+            with one_launch_backward(min_programs):
+                results.append(guarded(row, lambda: run_method(p, fused, args)))
+            bwd = (
+                f"1-launch {row['one_launch_blocks']}"
+                if one
+                else f"dkdv {row['dkdv_blocks']} dq {row['dq_blocks']}"
             )
+            print(f"  blocks fwd {row['fwd_blocks']} {bwd}: {_fmt(row)}")
     finally:
         _common.attention_blocks = default
 
@@ -482,7 +524,8 @@ def main(argv=None):
             if skip:
                 row["status"] = f"skipped: {skip}"
             else:
-                guarded(row, lambda builder=builder: run_method(problem, builder, args))
+                with one_launch_backward(0) if name == "fused-1launch" else contextlib.nullcontext():
+                    guarded(row, lambda builder=builder: run_method(problem, builder, args))
             rows.append(row)
             print(f"B={B:4d} H={H:3d} {name:22s} {_fmt(row)}", flush=True)
         torch.cuda.empty_cache()

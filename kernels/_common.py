@@ -18,6 +18,12 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 # One K/V head row of BLOCK_D <= 128 lanes; tl.dot needs at least 16 along the reduction.
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 
+# The backward runs as one launch (`shared_attention_bwd_fused`: 5 matmuls per tile instead of 7, but
+# one program per K/V sequence and head) when it has at least this many programs (Skv * H) and the
+# kernel applies at the shape and dtype; None: never. Off until a GPU sweep has timed it against the
+# two launches (bench/sweep_shared_attention.py, method fused-1launch); tests set it to 0.
+ONE_LAUNCH_BACKWARD_MIN_PROGRAMS: int | None = None
+
 
 class Blocks(NamedTuple):
     """Tile shape and launch parameters of one attention kernel."""
@@ -49,13 +55,14 @@ def block_d(head_dim: int) -> int:
 
 
 def attention_blocks(kernel: str, tq: int, tk: int, head_dim: int, dtype: torch.dtype) -> Blocks:
-    """Blocks for `kernel` in {"fwd", "bwd_dkdv", "bwd_dq"} at query length tq, key length tk.
+    """Blocks for `kernel` in {"fwd", "bwd_dkdv", "bwd_dq", "bwd_fused"} at query length tq, key length tk
+    (for bwd_fused, block_n is the widest key part).
 
     Tests monkeypatch this to drive other tile shapes through the interpreter.
     """
     if INTERPRET:
         # The interpreter runs programs one by one in numpy: few, large tiles are fastest.
-        return _fit(Blocks(64, 64, 4, 1), tq, tk)
+        return _fit(Blocks(64, 128 if kernel == "bwd_fused" else 64, 4, 1), tq, tk)
     wide = head_dim > 64  # BLOCK_D = 128
     fp32 = dtype == torch.float32
     # Twice the registers per tile: more warps share them.
@@ -65,6 +72,11 @@ def attention_blocks(kernel: str, tq: int, tk: int, head_dim: int, dtype: torch.
     if kernel == "fwd":
         # T=197 gives 4 query tiles of 64 per (sequence, head): enough programs at every batch size.
         return _fit(Blocks(64, 32 if fp32 else 64, warps, 2 if fp32 else 3), tq, tk)
+    if kernel == "bwd_fused":
+        # The dk/dv sums of all keys fill the registers (104 per thread at T = 197, d = 64, 8 warps):
+        # 16 streamed query rows spill least on sm_90 (88 bytes with triton 3.6; 176 at 32 rows, more
+        # at 4 or 16 warps, with one pipeline stage, or with the key tiles held in registers).
+        return _fit(Blocks(16, 128, 8, 2), tq, tk)
     # The backward owns one side in fp32 accumulators and streams the other (tutorial pattern):
     # 32-row streamed tiles pad 197 to 224 rather than 256.
     owned = 32 if wide and fp32 else 64

@@ -21,6 +21,8 @@ import triton.language as tl
 
 from . import _common
 from ._tiles import load_rows, load_rows_t
+from .shared_attention_bwd_fused import kernel_configs as fused_kernel_configs
+from .shared_attention_bwd_fused import launch_fused
 
 
 # Kernel signatures keep the four strides of each tensor on one line.
@@ -376,6 +378,7 @@ def shared_attention_bwd(
     kv_offsets (Skv + 1,) int64 and kv_queries (Sq,) int64, the query ids of K/V sequence j being
     kv_queries[kv_offsets[j]:kv_offsets[j + 1]].
     Returns dq (Sq, Tq, H, d) and dk, dv (Skv, Tk, H, d), contiguous, in q's dtype.
+    Two launches (dq, then dk/dv), or one where `_common.ONE_LAUNCH_BACKWARD_MIN_PROGRAMS` says so.
     """
     _common.check_attention_inputs(q, k, v, kv_index)
     Sq, Tq, H, d = q.shape
@@ -396,6 +399,12 @@ def shared_attention_bwd(
         return dq, dk.zero_(), dv.zero_()
 
     lse = lse.contiguous()
+    one_launch = _common.ONE_LAUNCH_BACKWARD_MIN_PROGRAMS
+    if one_launch is not None and Skv * H >= one_launch:
+        fused = fused_kernel_configs(Tq, Tk, d, q.dtype).get("bwd_fused")
+        if fused is not None:
+            launch_fused(do, q, k, v, out, lse, kv_offsets, kv_queries, dq, dk, dv, scale, fused[1])
+            return dq, dk, dv
     delta = torch.empty((Sq, H, Tq), dtype=torch.float32, device=q.device)
     kernels = kernel_configs(Tq, Tk, d, q.dtype)
     qk_scale = scale * math.log2(math.e)

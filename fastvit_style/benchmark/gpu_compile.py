@@ -28,7 +28,11 @@ _SCALARS = {"H": "i32", "Skv": "i32", "Tq": "i32", "Tk": "i32", "scale": "fp32",
 _POINTERS = {"LSE": "*fp32", "DELTA": "*fp32", "KV_INDEX": "*i32", "KV_OFFSETS": "*i64", "KV_QUERIES": "*i64"}
 # (Tq, Tk, d): the encoder's layers, its last layer (CLS query row dropped), and the widest head.
 SHAPES = ((197, 197, 64), (196, 197, 64), (197, 197, 128))
-KERNEL_FILES = ("shared_attention_fwd", "shared_attention_bwd")  # modules of fastvit_style.kernels
+KERNEL_FILES = (
+    "shared_attention_fwd",
+    "shared_attention_bwd",
+    "shared_attention_bwd_fused",
+)  # modules of fastvit_style.kernels
 
 
 def _signature(fn, meta: dict, dtype: str) -> tuple[dict, dict, dict]:
@@ -137,7 +141,12 @@ def main(argv=None) -> int:
         return 0
     for r in rows:
         m = r["meta"]
-        tiles = "x".join(str(m[k]) for k in ("BLOCK_M", "BLOCK_N", "TAIL_M", "TAIL_N"))
+        if "W0" in m:  # the one-launch backward: query rows x last query tile, then the key parts
+            tiles = f"{m['BLOCK_M']}x{m['TAIL_M']}, keys " + "+".join(
+                str(m[w]) for w in ("W0", "W1", "W2") if m[w]
+            )
+        else:
+            tiles = "x".join(str(m[k]) for k in ("BLOCK_M", "BLOCK_N", "TAIL_M", "TAIL_N"))
         print(
             f"{r['kernel']:>10} {r['dtype']} Tq={r['Tq']} Tk={r['Tk']} d={r['d']} tiles {tiles:>12} "
             f"warps {m['num_warps']}: {r['registers']:3d} registers, "

@@ -31,6 +31,8 @@ def test_kernels_compile_for_sm90():
     assert run.returncode == 0, run.stderr[-3000:]
     rows = json.loads(run.stdout)
     kernels = {"fwd", "bwd_dq", "bwd_dkdv"}
-    assert {(r["kernel"], r["dtype"]) for r in rows} == {(k, t) for k in kernels for t in ("bf16", "fp32")}
+    expected = {(k, t) for k in kernels for t in ("bf16", "fp32")}
+    # The one-launch backward applies to half precision at d <= 64 only (its registers).
+    assert {(r["kernel"], r["dtype"]) for r in rows} == expected | {("bwd_fused", "bf16")}
     for r in rows:  # every kernel runs its dots on tensor cores (fp32 as TF32)
         assert r["registers"] > 0 and r["wgmma"] + r["mma"] > 0, r

@@ -6,11 +6,17 @@ with TRITON_F32_DEFAULT=ieee so that fp32 is held to the fp32 tolerance. Outputs
 (conftest), so an element no program writes fails.
 """
 
+import importlib
 import math
 
 import pytest
 import torch
-from fastvit_style.kernels import _common, shared_attention_bwd, shared_attention_fwd
+from fastvit_style.kernels import (
+    _common,
+    shared_attention_bwd,
+    shared_attention_bwd_fused,
+    shared_attention_fwd,
+)
 from helpers import TOLERANCE
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -19,6 +25,16 @@ from fastvit_style.ops._index_maps import inverse_kv_map
 from fastvit_style.ops._torch_impl import shared_attention_torch
 
 LAYOUTS = ("projection", "contiguous", "transposed")
+_DEFAULT_BLOCKS = _common.attention_blocks
+
+
+@pytest.fixture(params=["two_launches", "one_launch"])
+def backward(request, monkeypatch):
+    """The backward as two launches (dq, then dk/dv) or as one (`shared_attention_bwd_fused`, where it
+    applies: on a GPU not in fp32 nor at d > 64, which then run the two launches again)."""
+    one_launch = 0 if request.param == "one_launch" else None
+    monkeypatch.setattr(_common, "ONE_LAUNCH_BACKWARD_MIN_PROGRAMS", one_launch)
+    return request.param
 
 
 def make_inputs(Sq, Skv, Tq, Tk, H, d, kv_index, dtype, device, layout="projection", seed=0):
@@ -78,6 +94,12 @@ def assert_matches(actual, expected, tols):
 
 
 def check(Sq, Skv, Tq, Tk, H, d, kv_index, dtype, device, layout="projection", scale=None, seed=0):
+    if (
+        device.type == "cuda"
+        and _common.ONE_LAUNCH_BACKWARD_MIN_PROGRAMS == 0
+        and not shared_attention_bwd_fused.kernel_configs(Tq, Tk, d, dtype)
+    ):
+        pytest.skip("the one-launch backward does not apply on a GPU in fp32 or at d > 64 (two launches do)")
     q, k, v, kv_index, do = make_inputs(Sq, Skv, Tq, Tk, H, d, kv_index, dtype, device, layout, seed)
     scale = d**-0.5 if scale is None else scale
     actual = run_kernels(q, k, v, kv_index, do, scale)
@@ -114,30 +136,30 @@ T197 = [
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("Skv, kv_index, Tq, Tk, H, d", CASES)
-def test_matches_reference(Skv, kv_index, Tq, Tk, H, d, dtype, device):
+def test_matches_reference(Skv, kv_index, Tq, Tk, H, d, dtype, device, backward):
     check(len(kv_index), Skv, Tq, Tk, H, d, kv_index, dtype, device)
 
 
 @pytest.mark.parametrize("Skv, kv_index, Tq, Tk, H, d", T197)
-def test_released_length(Skv, kv_index, Tq, Tk, H, d, device):
+def test_released_length(Skv, kv_index, Tq, Tk, H, d, device, backward):
     check(len(kv_index), Skv, Tq, Tk, H, d, kv_index, torch.float32, device)
 
 
-def test_released_length_bf16(device):
+def test_released_length_bf16(device, backward):
     check(3, 2, 196, 197, 1, 64, [0, 1, 1], torch.bfloat16, device)
 
 
-def test_tail_wider_than_16(device):
+def test_tail_wider_than_16(device, backward):
     """84 = 64 + 20: the last tile of each side (owned and streamed) is 32 wide, not the usual 16."""
     check(3, 2, 84, 84, 1, 32, [1, 0, 1], torch.float32, device)
 
 
-def test_fp16(device):
+def test_fp16(device, backward):
     check(3, 2, 33, 33, 2, 64, [1, 0, 0], torch.float16, device)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_layouts(layout, device):
+def test_layouts(layout, device, backward):
     check(3, 2, 20, 24, 2, 32, [1, 1, 0], torch.float32, device, layout)
 
 
@@ -183,14 +205,14 @@ def test_launch_meta_tails(owns_keys):
     assert (meta["TAIL_M"], meta["TAIL_N"]) == ((64, 16) if owns_keys else (16, 32))
 
 
-def test_stride0_grad(device):
+def test_stride0_grad(device, backward):
     """dO of out.sum() is an expand with all strides 0."""
     q, k, v, kv_index, _ = make_inputs(2, 2, 9, 9, 2, 32, [1, 1], torch.float32, device)
     do = torch.ones((), device=device).expand(q.shape)
     assert_matches(run_kernels(q, k, v, kv_index, do, 0.2), reference(q, k, v, kv_index, do, 0.2), 1e-5)
 
 
-def test_huge_logits(device):
+def test_huge_logits(device, backward):
     """Logits near 1e4 (q scaled by 1e4): the forward stays finite and exact. The softmax is then
     one-hot, so the true dq and dk vanish; what the kernels give instead is rounding (P rebuilt in
     the backward carries an ulp of the logit), judged against the size dq and dk have when the
@@ -206,7 +228,7 @@ def test_huge_logits(device):
     assert (dk - expected[3]).abs().max() <= 1e-5 * size * q.abs().max()
 
 
-def test_backward_deterministic(device):
+def test_backward_deterministic(device, backward):
     q, k, v, kv_index, do = make_inputs(6, 2, 40, 40, 2, 64, [0, 1, 1, 0, 1, 1], torch.bfloat16, device)
     first, second = run_kernels(q, k, v, kv_index, do, 0.125), run_kernels(q, k, v, kv_index, do, 0.125)
     for a, b in zip(first, second):
@@ -214,7 +236,7 @@ def test_backward_deterministic(device):
 
 
 @pytest.mark.parametrize("Sq, Skv, Tq, Tk", [(0, 0, 5, 5), (0, 2, 5, 5), (2, 2, 0, 5)], ids=str)
-def test_empty(Sq, Skv, Tq, Tk, device):
+def test_empty(Sq, Skv, Tq, Tk, device, backward):
     """No query sequence (or no query row): empty outputs, and K/V that nothing reads get zero grads."""
     q, k, v, kv_index, do = make_inputs(Sq, Skv, Tq, Tk, 2, 32, [0] * Sq, torch.float32, device)
     out, lse, dq, dk, dv = run_kernels(q, k, v, kv_index, do, 0.2)
@@ -233,8 +255,12 @@ def test_property(data, monkeypatch, device):
     dtype = data.draw(st.sampled_from([torch.float32, torch.bfloat16]), "dtype")
     layout = data.draw(st.sampled_from(LAYOUTS), "layout")
     blocks = data.draw(st.sampled_from([None, (16, 16), (16, 32), (32, 16)]), "blocks")
-    if blocks is not None:
-        monkeypatch.setattr(_common, "attention_blocks", lambda *args: _common.Blocks(*blocks, 4, 1))
+    # The one-launch backward on CPU only: on a GPU every drawn shape would be a compile of its own.
+    one_launch = device.type == "cpu" and data.draw(st.booleans(), "one_launch")
+    # Set for every example: the monkeypatch fixture undoes its changes after the test, not between examples.
+    monkeypatch.setattr(_common, "ONE_LAUNCH_BACKWARD_MIN_PROGRAMS", 0 if one_launch else None)
+    heuristic = _DEFAULT_BLOCKS if blocks is None else lambda *args: _common.Blocks(*blocks, 4, 1)
+    monkeypatch.setattr(_common, "attention_blocks", heuristic)
     check(Sq, Skv, Tq, Tk, H, d, kv_index, dtype, device, layout, seed=data.draw(st.integers(0, 99), "seed"))
 
 
@@ -306,13 +332,66 @@ def test_cpu_outside_interpreter(monkeypatch):
         shared_attention_fwd(scale=0.2, **_valid(torch.device("cpu")))
 
 
-def test_out_of_range_index_stays_in_memory(device):
+def test_out_of_range_index_stays_in_memory(device, backward):
     """The launchers do not read kv_index (that would sync the device); an unchecked out-of-range entry,
-    possible on the compiled path, is clamped into [0, Skv) by the kernels: a wrong K/V sequence, never
-    a read outside K/V (which the interpreter would report, and the GPU as an illegal address)."""
+    possible on the compiled path, is clamped into [0, Skv) by the kernels and the inverse map: a wrong
+    K/V sequence, never a read outside K/V (which the interpreter would report, and the GPU as an
+    illegal address), nor a dq row left unwritten."""
     q, k, v, kv_index, do = make_inputs(3, 2, 7, 9, 2, 32, [5, -3, 1], torch.float32, device)
     clamped = torch.tensor([1, 0, 1], dtype=torch.int32, device=device)
-    out, lse, dq, dk, dv = run_kernels(q, k, v, kv_index, do, 0.2)
     expected = reference(q, k, v, clamped, do, 0.2)
-    assert_matches((out, lse, dq), expected[:3], TOLERANCE[torch.float32])
-    assert torch.isfinite(dk).all() and torch.isfinite(dv).all()
+    assert_matches(run_kernels(q, k, v, kv_index, do, 0.2), expected, TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("min_programs, launches", [(None, 2), (0, 1), (4, 1), (5, 2)])
+def test_one_launch_dispatch(min_programs, launches, monkeypatch):
+    """The backward is one launch from ONE_LAUNCH_BACKWARD_MIN_PROGRAMS programs (Skv * H) on."""
+    # The module, not the launcher of the same name that the package exports.
+    bwd_module = importlib.import_module("fastvit_style.kernels.shared_attention_bwd")
+    monkeypatch.setattr(_common, "ONE_LAUNCH_BACKWARD_MIN_PROGRAMS", min_programs)
+    calls = []
+    real = bwd_module.launch_fused
+    monkeypatch.setattr(bwd_module, "launch_fused", lambda *args: calls.append(1) or real(*args))
+    check(3, 2, 9, 9, 2, 32, [1, 0, 1], torch.float32, torch.device("cpu"))  # 2 x 2 programs
+    assert len(calls) == (1 if launches == 1 else 0)
+
+
+@pytest.mark.parametrize(
+    "block_m, widest, narrow",
+    [(16, 16, False), (32, 16, True), (32, 32, False), (16, 128, True), (64, 64, True)],
+    ids=str,
+)
+def test_one_launch_forced_blocks(block_m, widest, narrow, monkeypatch, device):
+    """The one-launch backward with several query tiles (37 = 32 + 5: a narrow 16-row last tile, or a
+    full masked one) and keys in one to three parts (40 = 16 + 16 + 16, 32 + 16, 64)."""
+    monkeypatch.setattr(_common, "ONE_LAUNCH_BACKWARD_MIN_PROGRAMS", 0)
+    default = _common.attention_blocks
+    fused = _common.Blocks(block_m, widest, 4, 1, narrow_streamed=narrow)
+    monkeypatch.setattr(
+        _common,
+        "attention_blocks",
+        lambda kernel, *args: fused if kernel == "bwd_fused" else default(kernel, *args),
+    )
+    check(3, 2, 37, 40, 2, 64, [1, 0, 1], torch.float32, device)
+
+
+@pytest.mark.parametrize(
+    "tk, widest, parts",
+    [
+        (1, 128, (16, 0, 0)),
+        (16, 128, (16, 0, 0)),
+        (20, 128, (16, 16, 0)),
+        (100, 128, (64, 32, 16)),
+        (128, 128, (128, 0, 0)),
+        (196, 128, (128, 64, 16)),
+        (197, 128, (128, 64, 16)),
+        (250, 128, (128, 64, 64)),
+        (256, 128, (128, 128, 0)),
+        (257, 128, None),
+        (197, 64, None),
+        (40, 16, (16, 16, 16)),
+    ],
+)
+def test_key_parts(tk, widest, parts):
+    """Up to three power-of-two parts, all full but the last, padding 197 keys to 208 (not 256)."""
+    assert shared_attention_bwd_fused.key_parts(tk, widest) == parts

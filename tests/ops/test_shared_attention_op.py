@@ -6,6 +6,7 @@ The Triton backend runs on CPU through the interpreter (TRITON_INTERPRET=1, set 
 
 import importlib
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -124,9 +125,14 @@ def test_autocast(backend_device):
     ],
     indirect=True,
 )
-def test_opcheck(backend_device):
-    """Schema, fake tensors, autograd registration and AOT dispatch of both custom ops (Triton backend)."""
+@pytest.mark.parametrize("one_launch", [None, 0], ids=["bwd_two_launches", "bwd_one_launch"])
+def test_opcheck(backend_device, one_launch, monkeypatch):
+    """Schema, fake tensors, autograd registration and AOT dispatch of both custom ops (Triton backend),
+    with either backward."""
+    from fastvit_style.kernels import _common
+
     _, device = backend_device
+    monkeypatch.setattr(_common, "ONE_LAUNCH_BACKWARD_MIN_PROGRAMS", one_launch)
     q, k, v, kv_index = make_inputs(3, 2, 10, 12, 2, 32, [1, 0, 1], device=device)
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
     torch.library.opcheck(op_module.shared_attention_fwd_op, (q, k, v, kv_index, 0.2))
@@ -506,3 +512,68 @@ def test_benchmark_dry_run(monkeypatch):
     )
     assert configs[0] == defaults
     assert len(set(configs)) == len(configs) == 14
+    one_launch = sweep.one_launch_block_configs()
+    assert one_launch[0] == _common.attention_blocks("bwd_fused", 197, 197, 64, torch.bfloat16)
+    assert len(set(one_launch)) == len(one_launch) == 5
+    # Every config covers T = 197 keys in at most three parts (or the sweep would time the two launches).
+    from fastvit_style.kernels.shared_attention_bwd_fused import key_parts
+
+    assert all(key_parts(197, b.block_n) for b in one_launch)
+    assert [m[0] for m in sweep.methods(sweep.parse_args([]), 8, 3)][:3] == [
+        "fused",
+        "fused-api",
+        "fused-1launch",
+    ]
+
+
+def test_sweep_bookkeeping_without_gpu(monkeypatch, tmp_path):
+    """bench/sweep_shared_attention.py's main, with timing stubbed out: every method and tile row
+    runs under the backward it names (one launch for fused-1launch and the one-launch tile rows, two
+    otherwise, the default restored after), and the JSON is written. A GPU session runs this script
+    once; a slip here would lose its rows."""
+    from fastvit_style.kernels import _common
+
+    path = Path(__file__).parents[2] / "bench" / "sweep_shared_attention.py"
+    spec = importlib.util.spec_from_file_location("sweep_shared_attention", path)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    seen = []
+
+    def fake_run_method(problem, builder, args):
+        blocks = _common.attention_blocks("bwd_fused", 197, 197, 64, torch.bfloat16)
+        seen.append((_common.ONE_LAUNCH_BACKWARD_MIN_PROGRAMS, blocks))
+        return {
+            **{f"{k}_{f}": 1.0 for k in ("fwd", "fwd_bwd") for f in ("ms", "ms_p20", "ms_p80", "tflops")},
+            "err_out": 0.0,
+            "err_grad": 0.0,
+            "matches_reference": True,
+        }
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(
+        sweep, "environment", lambda: {"device": "fake GPU", "xformers": "-", "torch": "-", "triton": "-"}
+    )
+    monkeypatch.setattr(sweep, "Problem", lambda B, H: object())
+    monkeypatch.setattr(sweep, "run_method", fake_run_method)
+    monkeypatch.setattr(_common, "ONE_LAUNCH_BACKWARD_MIN_PROGRAMS", 1234)
+    argv = ["--out", str(tmp_path), "--heads", "3", "--batches", "8", "--flex-heads", "--tune-blocks"]
+    assert sweep.main(argv) == 0
+    assert _common.ONE_LAUNCH_BACKWARD_MIN_PROGRAMS == 1234
+    (written,) = tmp_path.glob("*_fake_GPU_shared_attention.json")
+    data = json.loads(written.read_text())
+    methods = {r["method"]: r["status"] for r in data["rows"]}
+    assert methods["fused"] == methods["fused-1launch"] == "ok"
+    # Method rows: fused, fused-api, fused-1launch, then the other methods (xformers skipped here).
+    ran = [r["method"] for r in data["rows"] if r["status"] == "ok"]
+    assert [knob for knob, _ in seen[: len(ran)]] == [0 if m == "fused-1launch" else 1234 for m in ran]
+    # Tile rows: the two-launch configs, then the one-launch ones under their own blocks.
+    tiles = seen[len(ran) :]
+    configs, one_launch = sweep.block_configs(), sweep.one_launch_block_configs()
+    assert [knob for knob, _ in tiles] == [None] * len(configs) + [0] * len(one_launch)
+    assert [tuple(b) for _, b in tiles[len(configs) :]] == [tuple(b) for b in one_launch]
+    assert [r.get("one_launch_blocks") for r in data["block_sweep"][len(configs) :]] == [
+        list(b) for b in one_launch
+    ]
+    assert all(r["status"] == "ok" for r in data["block_sweep"])
