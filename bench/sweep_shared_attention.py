@@ -424,7 +424,7 @@ def one_launch_block_configs():
     from fastvit_style.kernels._common import Blocks, attention_blocks
 
     default = attention_blocks("bwd_fused", T, T, D, torch.bfloat16)
-    others = ((32, 128, 8, 2, False), (32, 128, 8, 2, True), (16, 128, 8, 3), (16, 128, 4, 2))
+    others = ((32, 128, 8, 2), (16, 128, 8, 3), (16, 128, 4, 2))
     return [default, *(Blocks(*shape) for shape in others if Blocks(*shape) != default)]
 
 

@@ -56,7 +56,7 @@ def block_d(head_dim: int) -> int:
 
 def attention_blocks(kernel: str, tq: int, tk: int, head_dim: int, dtype: torch.dtype) -> Blocks:
     """Blocks for `kernel` in {"fwd", "bwd_dkdv", "bwd_dq", "bwd_fused"} at query length tq, key length tk
-    (for bwd_fused, block_n is the widest key part).
+    (for bwd_fused, block_n is the widest key part, and the tails are never narrow).
 
     Tests monkeypatch this to drive other tile shapes through the interpreter.
     """

@@ -141,10 +141,9 @@ def main(argv=None) -> int:
         return 0
     for r in rows:
         m = r["meta"]
-        if "W0" in m:  # the one-launch backward: query rows x last query tile, then the key parts
-            tiles = f"{m['BLOCK_M']}x{m['TAIL_M']}, keys " + "+".join(
-                str(m[w]) for w in ("W0", "W1", "W2") if m[w]
-            )
+        if "W0" in m:  # the one-launch backward: query rows, then the key parts
+            parts = "+".join(str(m[w]) for w in ("W0", "W1", "W2") if m[w])
+            tiles = f"{m['BLOCK_M']} rows, keys {parts}"
         else:
             tiles = "x".join(str(m[k]) for k in ("BLOCK_M", "BLOCK_N", "TAIL_M", "TAIL_N"))
         print(

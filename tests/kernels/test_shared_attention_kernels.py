@@ -356,17 +356,14 @@ def test_one_launch_dispatch(min_programs, launches, monkeypatch):
     assert len(calls) == (1 if launches == 1 else 0)
 
 
-@pytest.mark.parametrize(
-    "block_m, widest, narrow",
-    [(16, 16, False), (32, 16, True), (32, 32, False), (16, 128, True), (64, 64, True)],
-    ids=str,
-)
-def test_one_launch_forced_blocks(block_m, widest, narrow, monkeypatch, device):
-    """The one-launch backward with several query tiles (37 = 32 + 5: a narrow 16-row last tile, or a
-    full masked one) and keys in one to three parts (40 = 16 + 16 + 16, 32 + 16, 64)."""
+@pytest.mark.parametrize("block_m, widest", [(16, 16), (32, 16), (32, 32), (16, 128), (64, 64)], ids=str)
+def test_one_launch_forced_blocks(block_m, widest, monkeypatch, device):
+    """The one-launch backward with several query tiles, the last one partial (37 = 2 x 16 + 5 =
+    32 + 5), or one partial tile (64 > 37), and keys in one to three parts (40 = 16 + 16 + 16,
+    32 + 16, 64)."""
     monkeypatch.setattr(_common, "ONE_LAUNCH_BACKWARD_MIN_PROGRAMS", 0)
     default = _common.attention_blocks
-    fused = _common.Blocks(block_m, widest, 4, 1, narrow_streamed=narrow)
+    fused = _common.Blocks(block_m, widest, 4, 1)
     monkeypatch.setattr(
         _common,
         "attention_blocks",
