@@ -545,10 +545,33 @@ def main(argv=None):
     device = env["device"].replace(" ", "_")
     kind = "shared_attention_graphs" if args.cuda_graphs else "shared_attention"
     path = os.path.join(args.out, f"{stamp}_{device}_{kind}.json")
-    write_json(path, {"env": env, "args": vars(args), "rows": rows, "block_sweep": block_rows})
+    threshold = one_launch_threshold(rows)
+    record = {"env": env, "args": vars(args), "rows": rows, "block_sweep": block_rows}
+    write_json(path, {**record, "one_launch_min_programs": threshold})
     print_table(rows)
+    print(f"\none-launch backward faster from Skv * H = {threshold['min_programs']}: {threshold['evidence']}")
     print(f"\nwrote {path} in {time.perf_counter() - start:.0f} s")
     return 0
+
+
+def one_launch_threshold(rows):
+    """What the rows say `_common.ONE_LAUNCH_BACKWARD_MIN_PROGRAMS` should be: the smallest Skv * H
+    from which fused-1launch's forward+backward beat fused's (two launches, while that is the default)
+    at every measured size, None when they never do. Returns {"min_programs", "evidence"}."""
+    times = {}
+    for r in rows:
+        if r["method"] in ("fused", "fused-1launch") and r["status"] == "ok" and r["matches_reference"]:
+            times.setdefault((r["Skv"] * r["H"], r["B"], r["H"]), {})[r["method"]] = r["fwd_bwd_ms"]
+    paired = sorted((key, t["fused-1launch"] / t["fused"]) for key, t in times.items() if len(t) == 2)
+    if not paired:
+        return {"min_programs": None, "evidence": "no size with both methods measured"}
+    threshold = None
+    for (programs, _, _), ratio in reversed(paired):  # from the largest size down, while it wins
+        if ratio >= 1:
+            break
+        threshold = programs
+    evidence = ", ".join(f"B={b} H={h}: {ratio:.2f}x the time" for (_, b, h), ratio in paired)
+    return {"min_programs": threshold, "evidence": evidence}
 
 
 def print_table(rows):

@@ -577,3 +577,41 @@ def test_sweep_bookkeeping_without_gpu(monkeypatch, tmp_path):
         list(b) for b in one_launch
     ]
     assert all(r["status"] == "ok" for r in data["block_sweep"])
+
+
+def test_sweep_one_launch_threshold():
+    """The sweep's suggestion for ONE_LAUNCH_BACKWARD_MIN_PROGRAMS: the smallest Skv * H from which
+    the one-launch backward wins at every larger measured size (ties and wrong rows do not count)."""
+    path = Path(__file__).parents[2] / "bench" / "sweep_shared_attention.py"
+    spec = importlib.util.spec_from_file_location("sweep_shared_attention", path)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+
+    def rows(times):  # {(B, H): (two launches, one launch)} -> sweep rows; Skv = 2B
+        return [
+            {
+                "B": B,
+                "H": H,
+                "Skv": 2 * B,
+                "method": m,
+                "status": "ok",
+                "matches_reference": True,
+                "fwd_bwd_ms": t,
+            }
+            for (B, H), pair in times.items()
+            for m, t in zip(("fused", "fused-1launch"), pair)
+        ]
+
+    # Skv * H: 48 (B=8, H=3), 192 (B=32, H=3), 768 (B=32, H=12), 3072 (B=128, H=12).
+    sizes = {(8, 3): (1.0, 2.0), (32, 3): (1.0, 0.9), (32, 12): (1.0, 1.1), (128, 12): (1.0, 0.8)}
+    assert sweep.one_launch_threshold(rows(sizes))["min_programs"] == 3072
+    sizes[(32, 12)] = (1.0, 0.95)
+    assert sweep.one_launch_threshold(rows(sizes))["min_programs"] == 192
+    sizes[(128, 12)] = (1.0, 1.0)
+    assert sweep.one_launch_threshold(rows(sizes))["min_programs"] is None
+    wrong = rows({(8, 3): (1.0, 0.5)})
+    wrong[1]["matches_reference"] = False
+    assert sweep.one_launch_threshold(wrong) == {
+        "min_programs": None,
+        "evidence": "no size with both methods measured",
+    }
