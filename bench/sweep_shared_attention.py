@@ -33,6 +33,8 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -292,28 +294,38 @@ def one_launch_backward(min_programs):
         _common.ONE_LAUNCH_BACKWARD_MIN_PROGRAMS = default
 
 
+class Method(NamedTuple):
+    """One row kind of the table: `build(problem)` gives (forward callable, leaves, gradients);
+    `skip` a reason not to run it; `setting()` a context the whole row runs in (forward and backward
+    both run inside the timed calls)."""
+
+    name: str
+    build: Callable
+    skip: str | None = None
+    setting: Callable = contextlib.nullcontext
+
+
 def methods(args, B, H):
-    """(name, builder, reason to skip or None) for one size, in table order; flex runs in a second phase."""
+    """The Methods for one size, in table order; flex runs in a second phase."""
     rows = [
-        ("fused", lambda p: fused(p), None),
-        ("fused-api", lambda p: fused(p, api=True), None),
-        # Forward and backward run inside the timed calls: run_size sets the backward for the whole row.
-        ("fused-1launch", lambda p: fused(p), None),
+        Method("fused", fused),
+        Method("fused-api", lambda p: fused(p, api=True)),
+        Method("fused-1launch", fused, setting=lambda: one_launch_backward(0)),
     ]
     for kind, builder in (("dup", sdpa_dup), ("gather", sdpa_gather)):
         for name in SDPA_BACKENDS:
             skip = (
                 f"math backend skipped beyond B={MATH_MAX_B}" if name == "math" and B > MATH_MAX_B else None
             )
-            rows.append((f"sdpa-{kind}-{name}", lambda p, b=builder, n=name: b(p, n), skip))
+            rows.append(Method(f"sdpa-{kind}-{name}", lambda p, b=builder, n=name: b(p, n), skip))
     try:
         import xformers.ops  # noqa: F401
 
         xf_skip = None
     except Exception as exc:  # a broken install is as unusable as a missing one
         xf_skip = f"not installed ({type(exc).__name__}: {exc})"[:200]
-    rows.append(("xformers-dup", lambda p: xformers_attention(p, gather=False), xf_skip))
-    rows.append(("xformers-gather", lambda p: xformers_attention(p, gather=True), xf_skip))
+    rows.append(Method("xformers-dup", lambda p: xformers_attention(p, gather=False), xf_skip))
+    rows.append(Method("xformers-gather", lambda p: xformers_attention(p, gather=True), xf_skip))
     return rows
 
 
@@ -453,11 +465,10 @@ def block_sweep(args, results, over_budget):
                 continue
             with one_launch_backward(min_programs):
                 results.append(guarded(row, lambda: run_method(p, fused, args)))
-            bwd = (
-                f"1-launch {row['one_launch_blocks']}"
-                if one
-                else f"dkdv {row['dkdv_blocks']} dq {row['dq_blocks']}"
-            )
+            if one is None:
+                bwd = f"dkdv {row['dkdv_blocks']} dq {row['dq_blocks']}"
+            else:
+                bwd = f"1-launch {row['one_launch_blocks']}"
             print(f"  blocks fwd {row['fwd_blocks']} {bwd}: {_fmt(row)}")
     finally:
         _common.attention_blocks = default
@@ -506,7 +517,7 @@ def main(argv=None):
             problem = Problem(B, H)
         except torch.cuda.OutOfMemoryError:
             problem = None
-        for name, builder, skip in entries:
+        for name, builder, skip, setting in entries:
             row = {
                 "B": B,
                 "H": H,
@@ -524,7 +535,7 @@ def main(argv=None):
             if skip:
                 row["status"] = f"skipped: {skip}"
             else:
-                with one_launch_backward(0) if name == "fused-1launch" else contextlib.nullcontext():
+                with setting():
                     guarded(row, lambda builder=builder: run_method(problem, builder, args))
             rows.append(row)
             print(f"B={B:4d} H={H:3d} {name:22s} {_fmt(row)}", flush=True)
@@ -534,7 +545,7 @@ def main(argv=None):
         run_size(B, H, methods(args, B, H))
     for B, H in plan(args):
         if H in args.flex_heads:
-            run_size(B, H, [("flex", flex, None)])
+            run_size(B, H, [Method("flex", flex)])
 
     block_rows = []
     if args.tune_blocks:

@@ -21,7 +21,10 @@ MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 # The backward runs as one launch (`shared_attention_bwd_fused`: 5 matmuls per tile instead of 7, but
 # one program per K/V sequence and head) when it has at least this many programs (Skv * H) and the
 # kernel applies at the shape and dtype; None: never. Off until a GPU sweep has timed it against the
-# two launches (bench/sweep_shared_attention.py, method fused-1launch); tests set it to 0.
+# two launches (bench/sweep_shared_attention.py, method fused-1launch); tests set it to 0. A program
+# works through every query sequence that reads its K/V sequence, one after another, and the launcher
+# cannot count those without a device sync: the model's training maps have at most 3 per K/V sequence
+# (the sweep's, 2); a map sending many queries to one K/V sequence would serialize them.
 ONE_LAUNCH_BACKWARD_MIN_PROGRAMS: int | None = None
 
 

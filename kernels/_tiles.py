@@ -56,3 +56,22 @@ def load_rows(
     if UPCAST:
         b = b.to(tl.float32)
     return b
+
+
+@triton.jit
+def store_rows(
+    p,  # one (sequence, head) of a (S, T, H, d) tensor, at row 0
+    b,  # [BLOCK_N, BLOCK_D] tile, cast to p's dtype
+    start_n,
+    T,
+    stride_t,
+    stride_d,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Store b as rows [start_n, start_n + BLOCK_N), those inside T and d only."""
+    o_n = start_n + tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, BLOCK_D)
+    p_n = p + o_n[:, None] * stride_t + o_d[None, :] * stride_d
+    tl.store(p_n, b.to(p.dtype.element_ty), mask=(o_n < T)[:, None] & (o_d < HEAD_DIM)[None, :])

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._tiles import load_rows, load_rows_t
+from ._tiles import load_rows, load_rows_t, store_rows
 from .shared_attention_bwd_fused import kernel_configs as fused_kernel_configs
 from .shared_attention_bwd_fused import launch_fused
 
@@ -94,9 +94,7 @@ def _dq_rows(
             stride_kt, stride_kd, stride_vt, stride_vd, qk_scale,
             HEAD_DIM, TAIL_N, BLOCK_D, True, UPCAST,
         )
-    o_d = tl.arange(0, BLOCK_D)
-    p_dqm = p_dq + o_m[:, None] * stride_dqt + o_d[None, :] * stride_dqd
-    tl.store(p_dqm, (b_dq * scale).to(p_dq.dtype.element_ty), mask=m_m[:, None] & (o_d < HEAD_DIM)[None, :])
+    store_rows(p_dq, b_dq * scale, start_m, Tq, stride_dqt, stride_dqd, HEAD_DIM, ROWS, BLOCK_D)
 
 
 @triton.jit
@@ -199,12 +197,8 @@ def _dkdv_cols(
                     HEAD_DIM, TAIL_M, BLOCK_D, True, UPCAST,
                 )
 
-    o_d = tl.arange(0, BLOCK_D)
-    m_nd = m_n[:, None] & (o_d < HEAD_DIM)[None, :]
-    p_dkn = p_dk + o_n[:, None] * stride_dkt + o_d[None, :] * stride_dkd
-    p_dvn = p_dv + o_n[:, None] * stride_dvt + o_d[None, :] * stride_dvd
-    tl.store(p_dkn, (b_dk * scale).to(p_dk.dtype.element_ty), mask=m_nd)
-    tl.store(p_dvn, b_dv.to(p_dv.dtype.element_ty), mask=m_nd)
+    store_rows(p_dk, b_dk * scale, start_n, Tk, stride_dkt, stride_dkd, HEAD_DIM, COLS, BLOCK_D)
+    store_rows(p_dv, b_dv, start_n, Tk, stride_dvt, stride_dvd, HEAD_DIM, COLS, BLOCK_D)
 
 
 @triton.jit

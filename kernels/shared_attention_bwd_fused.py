@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._tiles import load_rows, load_rows_t
+from ._tiles import load_rows, load_rows_t, store_rows
 
 # Keys a program can own: dk and dv of 256 keys at d = 64 are 128 KB of fp32 accumulators.
 MAX_KEYS = 256
@@ -66,16 +66,6 @@ def _key_part(
     b_dk = tl.dot(b_dst, b_q, b_dk)
     b_dqt = tl.dot(tl.trans(b_k), b_dst, b_dqt)
     return b_dk, b_dv, b_dqt
-
-
-@triton.jit
-def _store_rows(p, b, start_n, T, stride_t, stride_d, HEAD_DIM: tl.constexpr, W: tl.constexpr,
-                BLOCK_D: tl.constexpr):
-    """Store b [W, BLOCK_D] as rows [start_n, start_n + W) of one (sequence, head), inside T and d."""
-    o_n = start_n + tl.arange(0, W)
-    o_d = tl.arange(0, BLOCK_D)
-    m = (o_n < T)[:, None] & (o_d < HEAD_DIM)[None, :]
-    tl.store(p + o_n[:, None] * stride_t + o_d[None, :] * stride_d, b.to(p.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -210,14 +200,14 @@ def _shared_attention_bwd_fused_kernel(
 
     p_dk = DK + i_j * stride_dks + i_h * stride_dkh
     p_dv = DV + i_j * stride_dvs + i_h * stride_dvh
-    _store_rows(p_dk, b_dk0 * scale, 0, Tk, stride_dkt, stride_dkd, HEAD_DIM, W0, BLOCK_D)
-    _store_rows(p_dv, b_dv0, 0, Tk, stride_dvt, stride_dvd, HEAD_DIM, W0, BLOCK_D)
+    store_rows(p_dk, b_dk0 * scale, 0, Tk, stride_dkt, stride_dkd, HEAD_DIM, W0, BLOCK_D)
+    store_rows(p_dv, b_dv0, 0, Tk, stride_dvt, stride_dvd, HEAD_DIM, W0, BLOCK_D)
     if W1 > 0:
-        _store_rows(p_dk, b_dk1 * scale, W0, Tk, stride_dkt, stride_dkd, HEAD_DIM, W1, BLOCK_D)
-        _store_rows(p_dv, b_dv1, W0, Tk, stride_dvt, stride_dvd, HEAD_DIM, W1, BLOCK_D)
+        store_rows(p_dk, b_dk1 * scale, W0, Tk, stride_dkt, stride_dkd, HEAD_DIM, W1, BLOCK_D)
+        store_rows(p_dv, b_dv1, W0, Tk, stride_dvt, stride_dvd, HEAD_DIM, W1, BLOCK_D)
     if W2 > 0:
-        _store_rows(p_dk, b_dk2 * scale, W0 + W1, Tk, stride_dkt, stride_dkd, HEAD_DIM, W2, BLOCK_D)
-        _store_rows(p_dv, b_dv2, W0 + W1, Tk, stride_dvt, stride_dvd, HEAD_DIM, W2, BLOCK_D)
+        store_rows(p_dk, b_dk2 * scale, W0 + W1, Tk, stride_dkt, stride_dkd, HEAD_DIM, W2, BLOCK_D)
+        store_rows(p_dv, b_dv2, W0 + W1, Tk, stride_dvt, stride_dvd, HEAD_DIM, W2, BLOCK_D)
 
 
 # fmt: on
@@ -270,7 +260,8 @@ def kernel_configs(Tq: int, Tk: int, d: int, dtype: torch.dtype) -> dict:
 
 
 def launch_fused(do, q, k, v, out, lse, kv_offsets, kv_queries, dq, dk, dv, scale, meta) -> None:
-    """Fill dq, dk, dv; arguments checked and allocated by `shared_attention_bwd`."""
+    """Fill dq (Sq, Tq, H, d) and dk, dv (Skv, Tk, H, d), any strides, in q's dtype; the other
+    arguments as for `shared_attention_bwd`, which checks and allocates them; meta from kernel_configs."""
     H = q.shape[2]
     # fmt: off
     _shared_attention_bwd_fused_kernel[(k.shape[0] * H,)](

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._tiles import load_rows, load_rows_t
+from ._tiles import load_rows, load_rows_t, store_rows
 
 
 # Kernel signatures keep the four strides of each tensor on one line.
@@ -82,13 +82,9 @@ def _fwd_rows(
             qk_scale, HEAD_DIM, TAIL_N, BLOCK_D, True, UPCAST,
         )
 
-    b_o = b_acc / b_sum[:, None]
+    store_rows(p_o, b_acc / b_sum[:, None], start_m, Tq, stride_ot, stride_od, HEAD_DIM, ROWS, BLOCK_D)
     o_m = start_m + tl.arange(0, ROWS)
-    o_d = tl.arange(0, BLOCK_D)
     m_m = o_m < Tq
-    m_md = m_m[:, None] & (o_d < HEAD_DIM)[None, :]
-    p_om = p_o + o_m[:, None] * stride_ot + o_d[None, :] * stride_od
-    tl.store(p_om, b_o.to(p_o.dtype.element_ty), mask=m_md)
     # Kept in base 2 (log2 sum_j 2^(qk_scale q.k_j) = log2(e) * natural lse), the units the backward
     # rebuilds P in: a round trip through the natural log would cost an ulp of the largest logit.
     tl.store(p_lse + o_m, b_max + tl.log2(b_sum), mask=m_m)

@@ -66,12 +66,11 @@ def inverse_kv_map(kv_index: Tensor, num_kv: int) -> tuple[Tensor, Tensor]:
 
     Returns kv_offsets (Skv + 1,) int64 and kv_queries (Sq,) int64: the query sequences reading
     K/V sequence j are kv_queries[kv_offsets[j]:kv_offsets[j + 1]], in increasing order. No device sync.
+    Entries outside [0, Skv) count as reading the nearest end, as the kernels read them (an unchecked
+    map on the compiled path): every query sequence reads some K/V sequence, or the one-launch backward
+    would leave its dq unwritten. Skv = 0 needs Sq = 0.
     """
-    # Clamped as the kernels clamp it: an unchecked out-of-range entry (compiled path) reads a wrong
-    # K/V sequence in the forward, and its query sequence must still be some K/V sequence's reader,
-    # or the one-launch backward would leave its dq unwritten.
-    if num_kv > 0:
-        kv_index = kv_index.clamp(0, num_kv - 1)
+    kv_index = kv_index.clamp(0, max(num_kv - 1, 0))
     sorted_index, kv_queries = torch.sort(kv_index, stable=True)
     bounds = torch.arange(num_kv + 1, dtype=kv_index.dtype, device=kv_index.device)
     return torch.searchsorted(sorted_index, bounds), kv_queries

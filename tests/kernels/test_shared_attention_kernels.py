@@ -344,7 +344,7 @@ def test_out_of_range_index_stays_in_memory(device, backward):
 
 
 @pytest.mark.parametrize("min_programs, launches", [(None, 2), (0, 1), (4, 1), (5, 2)])
-def test_one_launch_dispatch(min_programs, launches, monkeypatch):
+def test_one_launch_dispatch(min_programs, launches, monkeypatch, device):
     """The backward is one launch from ONE_LAUNCH_BACKWARD_MIN_PROGRAMS programs (Skv * H) on."""
     # The module, not the launcher of the same name that the package exports.
     bwd_module = importlib.import_module("fastvit_style.kernels.shared_attention_bwd")
@@ -352,7 +352,8 @@ def test_one_launch_dispatch(min_programs, launches, monkeypatch):
     calls = []
     real = bwd_module.launch_fused
     monkeypatch.setattr(bwd_module, "launch_fused", lambda *args: calls.append(1) or real(*args))
-    check(3, 2, 9, 9, 2, 32, [1, 0, 1], torch.float32, torch.device("cpu"))  # 2 x 2 programs
+    # 2 x 2 programs; bf16 at d = 32, where the kernel applies on a GPU too.
+    check(3, 2, 9, 9, 2, 32, [1, 0, 1], torch.bfloat16, device)
     assert len(calls) == (1 if launches == 1 else 0)
 
 
