@@ -23,8 +23,8 @@ MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 # kernel applies at the shape and dtype; None: never. Off until a GPU sweep has timed it against the
 # two launches (bench/sweep_shared_attention.py, method fused-1launch); tests set it to 0. A program
 # works through every query sequence that reads its K/V sequence, one after another, and the launcher
-# cannot count those without a device sync: the model's training maps have at most 3 per K/V sequence
-# (the sweep's, 2); a map sending many queries to one K/V sequence would serialize them.
+# cannot count those without a device sync: the model's maps have at most 2 per K/V sequence (its
+# self and stylized queries), but a map sending many queries to one K/V sequence would serialize them.
 ONE_LAUNCH_BACKWARD_MIN_PROGRAMS: int | None = None
 
 
