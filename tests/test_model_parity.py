@@ -166,9 +166,14 @@ def test_training_float32(backbone, batch, rolled):
 
 
 @pytest.mark.interpret
+@pytest.mark.parametrize("one_launch", [None, 0], ids=["bwd_two_launches", "bwd_one_launch"])
 @pytest.mark.parametrize("rolled", [False, True], ids=["explicit-style", "roll"])
-def test_triton_backend_through_interpreter(rolled):
-    """The model on backend='triton' (kernels run by the Triton interpreter on CPU)."""
+def test_triton_backend_through_interpreter(rolled, one_launch, monkeypatch):
+    """The model on backend='triton' (kernels run by the Triton interpreter on CPU), with either
+    attention backward (`_common.ONE_LAUNCH_BACKWARD_MIN_PROGRAMS`)."""
+    from fastvit_style.kernels import _common
+
+    monkeypatch.setattr(_common, "ONE_LAUNCH_BACKWARD_MIN_PROGRAMS", one_launch)
     check_small_model("triton", rolled)
 
 
