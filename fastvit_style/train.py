@@ -368,7 +368,8 @@ class Trainer:
             group_end = min(group_start + A, n)
             # The step's micro-batches are all loaded first (A of them in host memory) for their image count.
             group = [next(loader) for _ in range(group_start, group_end)]
-            step_images = self._count_images(group)
+            rank_images = sum(x.shape[0] for x in group)
+            step_images = self._sum_over_ranks(rank_images)
             for j, x in enumerate(group):
                 # Gradients are all-reduced once per step, on its last micro-batch.
                 last = j + 1 == len(group)
@@ -386,11 +387,7 @@ class Trainer:
             self.optimizer.zero_grad()
             self.step, self.batch = self.step + 1, group_end
             # This rank's losses, over its images, as the step weighs them.
-            mean = (
-                (torch.stack(terms).sum(0) / sum(x.shape[0] for x in group)).tolist()
-                if terms
-                else [float("nan")] * 5
-            )
+            mean = (torch.stack(terms).sum(0) / rank_images).tolist() if terms else [float("nan")] * 5
             info = dict(step=self.step, epoch=epoch, lr=lr, **dict(zip(("loss", *LOSS_NAMES), mean)))
             rate = images * self.world / (time.perf_counter() - t0)
             bar.set_postfix(loss=f"{mean[0]:.4g}", **{k[:4]: f"{v:.3g}" for k, v in zip(LOSS_NAMES, mean[1:])},
@@ -412,9 +409,8 @@ class Trainer:
         bar.close()
         return True
 
-    def _count_images(self, group: list[torch.Tensor]) -> int:
-        """The readable images of one step's micro-batches (each (b_i, 3, S, S)), summed over ranks."""
-        count = sum(x.shape[0] for x in group)
+    def _sum_over_ranks(self, count: int) -> int:
+        """count (this rank's readable images of a step) summed over the ranks."""
         if self.world > 1:
             total = torch.tensor(count, dtype=torch.int64, device=self.device)
             dist.all_reduce(total)
@@ -423,8 +419,8 @@ class Trainer:
 
     def _micro_step(self, x: torch.Tensor, scale: float) -> torch.Tensor | None:
         """Forward and backward of one micro-batch x (b, 3, S, S), its mean loss scaled by `scale` (b times
-        the world size over the step's images: module docstring). Returns the unscaled (total, identity, consistency, anatomical, style) as a float32 (5,)
-        CPU tensor, or None when x is empty."""
+        the world size over the step's images: module docstring). Returns the unscaled (total, identity,
+        consistency, anatomical, style) as a float32 (5,) CPU tensor, or None when x is empty."""
         cfg = self.cfg
         empty = x.shape[0] == 0
         if empty:  # every image was corrupt: weight 0, but the backward (and DDP's all-reduce) still runs

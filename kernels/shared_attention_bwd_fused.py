@@ -119,10 +119,7 @@ def _query_tile(
             W0 + W1, Tk, stride_kt, stride_kd, stride_vt, stride_vd, qk_scale,
             HEAD_DIM, W2, BLOCK_D, MASK_LAST, MASK_M, UPCAST,
         )
-    # dq^T stored through transposed strides.
-    o_d = tl.arange(0, BLOCK_D)
-    p_dqt = p_dq + o_d[:, None] * stride_dqd + o_m[None, :] * stride_dqt
-    tl.store(p_dqt, (b_dqt * scale).to(p_dq.dtype.element_ty), mask=(o_d < HEAD_DIM)[:, None] & m_m[None, :])
+    store_rows(p_dq, tl.trans(b_dqt * scale), start_m, Tq, stride_dqt, stride_dqd, HEAD_DIM, ROWS, BLOCK_D)
     return b_dk0, b_dv0, b_dk1, b_dv1, b_dk2, b_dv2
 
 
