@@ -5,6 +5,27 @@ import triton.language as tl
 
 
 @triton.jit
+def program_tile(
+    T,  # length of the axis the programs own (queries, or keys for dk/dv)
+    H,
+    BLOCK: tl.constexpr,  # rows a program owns
+    HEADS_OUTER: tl.constexpr,  # the grid of `_common.launch_grid`
+):
+    """(tile, sequence as int64, head) of this program on a `_common.launch_grid` grid."""
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(T, BLOCK)
+    i_tile = pid % n_tiles
+    if HEADS_OUTER:
+        i_s = pid // n_tiles
+        i_h = tl.program_id(1)
+    else:
+        i_sh = pid // n_tiles
+        i_s = i_sh // H
+        i_h = i_sh % H
+    return i_tile, i_s.to(tl.int64), i_h
+
+
+@triton.jit
 def load_rows_t(
     p,  # one (sequence, head) of a (S, T, H, d) tensor, at row 0
     start_n,

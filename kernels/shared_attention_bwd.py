@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._tiles import load_rows, load_rows_t, store_rows
+from ._tiles import load_rows, load_rows_t, program_tile, store_rows
 from .shared_attention_bwd_fused import kernel_configs as fused_kernel_configs
 from .shared_attention_bwd_fused import launch_fused
 
@@ -228,13 +228,11 @@ def _shared_attention_bwd_dkdv_kernel(
     TAIL_N: tl.constexpr,  # keys of the last program when Tk leaves a partial tile (0: none)
     BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr,
+    HEADS_OUTER: tl.constexpr,  # program order, see `_common.launch_grid`
 ):
     """One program: BLOCK_N keys of K/V sequence j, head h (TAIL_N for the last partial tile);
-    grid (cdiv(Tk, BLOCK_N), Skv * H)."""
-    i_n = tl.program_id(0)
-    i_jh = tl.program_id(1)
-    i_j = (i_jh // H).to(tl.int64)
-    i_h = i_jh % H
+    grid `_common.launch_grid(HEADS_OUTER, Tk, BLOCK_N, Skv, H)`."""
+    i_n, i_j, i_h = program_tile(Tk, H, BLOCK_N, HEADS_OUTER)
     p_k = K + i_j * stride_ks + i_h * stride_kh
     p_v = V + i_j * stride_vs + i_h * stride_vh
     p_dk = DK + i_j * stride_dks + i_h * stride_dkh
@@ -294,13 +292,12 @@ def _shared_attention_bwd_dq_kernel(
     TAIL_N: tl.constexpr,  # width of the last, partial key tile (0: BLOCK_N divides Tk)
     BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr,
+    HEADS_OUTER: tl.constexpr,  # program order, see `_common.launch_grid`
 ):
     """One program: BLOCK_M query rows of sequence s, head h (TAIL_M for the last partial tile);
-    grid (cdiv(Tq, BLOCK_M), Sq * H). Also stores delta of those rows for the dk/dv kernel."""
-    i_m = tl.program_id(0)
-    i_sh = tl.program_id(1)
-    i_s = (i_sh // H).to(tl.int64)
-    i_h = i_sh % H
+    grid `_common.launch_grid(HEADS_OUTER, Tq, BLOCK_M, Sq, H)`. Also stores delta of those rows for
+    the dk/dv kernel."""
+    i_m, i_s, i_h = program_tile(Tq, H, BLOCK_M, HEADS_OUTER)
     # Clamped: an unchecked out-of-range map (compiled path) reads a wrong sequence, never outside K/V.
     i_kv = tl.minimum(tl.maximum(tl.load(KV_INDEX + i_s).to(tl.int64), 0), Skv - 1)
     p_q = Q + i_s * stride_qs + i_h * stride_qh
@@ -309,8 +306,8 @@ def _shared_attention_bwd_dq_kernel(
     p_o = O + i_s * stride_os + i_h * stride_oh
     p_do = DO + i_s * stride_dos + i_h * stride_doh
     p_dq = DQ + i_s * stride_dqs + i_h * stride_dqh
-    p_lse = LSE + i_sh.to(tl.int64) * Tq
-    p_delta = DELTA + i_sh.to(tl.int64) * Tq
+    p_lse = LSE + (i_s * H + i_h) * Tq
+    p_delta = DELTA + (i_s * H + i_h) * Tq
     start_m = i_m * BLOCK_M
     # A narrow last tile is compiled as a branch of its own: block shapes are compile-time constants.
     if TAIL_M > 0 and TAIL_M < BLOCK_M:
@@ -405,13 +402,13 @@ def shared_attention_bwd(
 
     # fmt: off
     kernel, meta = kernels["bwd_dq"]
-    kernel[(_common.cdiv(Tq, meta["BLOCK_M"]), Sq * H)](
+    kernel[_common.launch_grid(meta["HEADS_OUTER"], Tq, meta["BLOCK_M"], Sq, H)](
         q, k, v, out, do, lse, delta, kv_index, dq,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *do.stride(), *dq.stride(),
         H, Skv, Tq, Tk, scale, qk_scale, **meta,
     )
     kernel, meta = kernels["bwd_dkdv"]
-    kernel[(_common.cdiv(Tk, meta["BLOCK_N"]), Skv * H)](
+    kernel[_common.launch_grid(meta["HEADS_OUTER"], Tk, meta["BLOCK_N"], Skv, H)](
         q, k, v, do, lse, delta, kv_offsets, kv_queries, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         H, Tq, Tk, scale, qk_scale, **meta,

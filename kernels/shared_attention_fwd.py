@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._tiles import load_rows, load_rows_t, store_rows
+from ._tiles import load_rows, load_rows_t, program_tile, store_rows
 
 
 # Kernel signatures keep the four strides of each tensor on one line.
@@ -112,20 +112,18 @@ def _shared_attention_fwd_kernel(
     TAIL_N: tl.constexpr,  # width of the last, partial key tile (0: BLOCK_N divides Tk)
     BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr,
+    HEADS_OUTER: tl.constexpr,  # program order, see `_common.launch_grid`
 ):
     """One program: BLOCK_M query rows of sequence s, head h (TAIL_M for the last partial tile);
-    grid (cdiv(Tq, BLOCK_M), Sq * H)."""
-    i_m = tl.program_id(0)
-    i_sh = tl.program_id(1)
-    i_s = (i_sh // H).to(tl.int64)
-    i_h = i_sh % H
+    grid `_common.launch_grid(HEADS_OUTER, Tq, BLOCK_M, Sq, H)`."""
+    i_m, i_s, i_h = program_tile(Tq, H, BLOCK_M, HEADS_OUTER)
     # Clamped: an unchecked out-of-range map (compiled path) reads a wrong sequence, never outside K/V.
     i_kv = tl.minimum(tl.maximum(tl.load(KV_INDEX + i_s).to(tl.int64), 0), Skv - 1)
     p_q = Q + i_s * stride_qs + i_h * stride_qh
     p_k = K + i_kv * stride_ks + i_h * stride_kh
     p_v = V + i_kv * stride_vs + i_h * stride_vh
     p_o = O + i_s * stride_os + i_h * stride_oh
-    p_lse = LSE + i_sh.to(tl.int64) * Tq
+    p_lse = LSE + (i_s * H + i_h) * Tq
     start_m = i_m * BLOCK_M
     # A narrow last tile (197 = 3 x 64 + 16 rather than 4 x 64) is compiled as a branch of its own:
     # block shapes are compile-time constants.
@@ -181,7 +179,7 @@ def shared_attention_fwd(
     if out.numel() == 0:
         return out, lse
     kernel, meta = kernel_configs(Tq, Tk, d, q.dtype)["fwd"]
-    grid = (_common.cdiv(Tq, meta["BLOCK_M"]), Sq * H)
+    grid = _common.launch_grid(meta["HEADS_OUTER"], Tq, meta["BLOCK_M"], Sq, H)
     # fmt: off
     kernel[grid](
         q, k, v, kv_index, out, lse,

@@ -178,6 +178,34 @@ def test_forced_blocks(block_m, block_n, narrow_streamed, narrow_owned, monkeypa
     check(3, 2, 37, 40, 2, 80, [1, 0, 1], torch.float32, device)
 
 
+@pytest.mark.parametrize("heads_outer", [True, False], ids=["heads_outer", "heads_inner"])
+def test_program_order(heads_outer, monkeypatch, device, backward):
+    """Both program orders of `_common.launch_grid`, with several tiles, sequences and heads, so that
+    a wrong (tile, sequence, head) decomposition in any kernel reads or writes the wrong rows."""
+    blocks = _common.Blocks(16, 16, 4, 1, heads_outer=heads_outer)
+    monkeypatch.setattr(_common, "attention_blocks", lambda *args: blocks)
+    check(4, 3, 37, 40, 3, 32, [1, 0, 2, 1], torch.float32, device)
+
+
+def test_launch_grid():
+    """Sequences go on the grid's first axis (limit 2**31 - 1), never on an axis limited to 65535."""
+    assert _common.launch_grid(True, 197, 64, 5462, 12) == (4 * 5462, 12)
+    assert _common.launch_grid(False, 197, 64, 5462, 12) == (4 * 5462 * 12,)
+    assert _common.launch_grid(False, 1, 16, 1, 70000) == (70000,)
+    with pytest.raises(ValueError, match="too many programs for a CUDA grid: 1 on the first axis and 70000"):
+        _common.launch_grid(True, 1, 16, 1, 70000)
+    with pytest.raises(ValueError, match="too many programs for a CUDA grid"):
+        _common.launch_grid(True, 197, 16, 2**28, 1)
+
+
+def test_many_sequences(device):
+    """Sq * H and Skv * H above 65535 (CUDA's limit on a grid's second axis): 5462 sequences at 12 heads."""
+    if device.type == "cpu":
+        pytest.skip("65544 programs per kernel: minutes in the interpreter")
+    S = 5462
+    check(S, S, 16, 16, 12, 16, [(s + 1) % S for s in range(S)], torch.float32, device)
+
+
 @pytest.mark.parametrize(
     "length, block, narrow, expected",
     [

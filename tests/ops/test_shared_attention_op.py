@@ -511,7 +511,7 @@ def test_benchmark_dry_run(monkeypatch):
         _common.attention_blocks(k, 197, 197, 64, torch.bfloat16) for k in ("fwd", "bwd_dkdv", "bwd_dq")
     )
     assert configs[0] == defaults
-    assert len(set(configs)) == len(configs) == 14
+    assert len(set(configs)) == len(configs) == 16
     one_launch = sweep.one_launch_block_configs()
     assert one_launch[0] == _common.attention_blocks("bwd_fused", 197, 197, 64, torch.bfloat16)
     assert len(set(one_launch)) == len(one_launch) == 4
