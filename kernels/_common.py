@@ -185,6 +185,29 @@ def check_tensor(name: str, t: torch.Tensor, shape: tuple, dtypes: tuple, device
         raise ValueError(f"{name} must be on {device} like q, got {t.device}")
 
 
+def int32_addressable(name: str, t: torch.Tensor) -> torch.Tensor:
+    """t (S, T, H, d), or a contiguous copy of it where the kernels' offsets would overflow.
+
+    The kernels address a sequence's rows, heads and lanes with 32-bit products (index x stride; the
+    sequence offset is 64-bit): a sequence-minor layout of over 2**31 elements, such as a (T, S, H, d)
+    tensor viewed as (S, T, H, d), would wrap them around. ValueError when even one contiguous
+    sequence is too large.
+    """
+
+    def fits(x):
+        return all((n - 1) * s < 2**31 for n, s in zip(x.shape[1:], x.stride()[1:]))
+
+    if fits(t):
+        return t
+    t = t.contiguous()
+    if not fits(t):
+        raise ValueError(
+            f"{name}: one sequence of {tuple(t.shape[1:])} (T, H, d) holds too many elements for the "
+            f"Triton kernels' 32-bit offsets (at most 2**31 per sequence)"
+        )
+    return t
+
+
 def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index: torch.Tensor) -> None:
     """The launchers' checks on q (Sq, Tq, H, d), k/v (Skv, Tk, H, d) and kv_index (Sq,).
 

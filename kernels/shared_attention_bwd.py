@@ -379,6 +379,9 @@ def shared_attention_bwd(
     _common.check_tensor("lse", lse, (Sq, H, Tq), (torch.float32,), q.device)
     _common.check_tensor("kv_offsets", kv_offsets, (Skv + 1,), (torch.int64,), q.device)
     _common.check_tensor("kv_queries", kv_queries, (Sq,), (torch.int64,), q.device)
+    do, q, k, v, out = (
+        _common.int32_addressable(n, t) for n, t in (("do", do), ("q", q), ("k", k), ("v", v), ("out", out))
+    )
 
     dq = torch.empty((Sq, Tq, H, d), dtype=q.dtype, device=q.device)
     dk = torch.empty((Skv, Tk, H, d), dtype=q.dtype, device=q.device)

@@ -172,6 +172,7 @@ def shared_attention_fwd(
     each row of scaled logits in base 2 (log2(e) times the natural one).
     """
     _common.check_attention_inputs(q, k, v, kv_index)
+    q, k, v = (_common.int32_addressable(n, t) for n, t in (("q", q), ("k", k), ("v", v)))
     Sq, Tq, H, d = q.shape
     Skv, Tk = k.shape[:2]
     out = torch.empty((Sq, Tq, H, d), dtype=q.dtype, device=q.device)

@@ -206,6 +206,42 @@ def test_many_sequences(device):
     check(S, S, 16, 16, 12, 16, [(s + 1) % S for s in range(S)], torch.float32, device)
 
 
+def test_int32_addressable():
+    """A layout whose offsets within a sequence pass 2**31 is copied contiguous; a small one is kept;
+    a sequence too large even contiguous is refused. (Meta tensors: nothing is allocated.)"""
+    small = torch.empty(4, 197, 12, 64, device="meta")
+    assert _common.int32_addressable("q", small) is small
+    # (T, S, H, d) memory viewed as (S, T, H, d): the row stride is S * H * d.
+    big = torch.empty(197, 684_785, 1, 16, device="meta").transpose(0, 1)
+    copy = _common.int32_addressable("q", big)
+    assert copy.shape == big.shape and copy.is_contiguous()
+    with pytest.raises(
+        ValueError, match=r"q: one sequence of \(197, 2048, 5400\) \(T, H, d\) holds too many"
+    ):
+        _common.int32_addressable("q", torch.empty(1, 197, 2048, 5400, device="meta"))
+
+
+def test_offsets_past_int32(device):
+    """q and dO laid out (T, S, H, d) with T * S * H * d > 2**31 (4.3 GB in bf16): the kernels see a
+    contiguous copy, so the results equal those of contiguous inputs (32-bit row offsets would wrap)."""
+    if device.type == "cpu":
+        pytest.skip("2**31 elements per tensor: too much for the interpreter")
+    S, T, H, d = 684_785, 197, 1, 16  # 196 rows x S * H * d elements >= 2**31
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device=device, dtype=torch.bfloat16)
+
+    q, do = (randn(T, S, H, d).transpose(0, 1) for _ in range(2))
+    assert (T - 1) * q.stride(1) >= 2**31
+    k, v = randn(64, T, H, d), randn(64, T, H, d)
+    kv_index = torch.arange(S, device=device, dtype=torch.int32) % 64
+    strided = run_kernels(q, k, v, kv_index, do, 0.25)
+    contiguous = run_kernels(q.contiguous(), k, v, kv_index, do.contiguous(), 0.25)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), strided, contiguous):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize(
     "length, block, narrow, expected",
     [
