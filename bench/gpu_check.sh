@@ -105,7 +105,7 @@ bench() {
 
 case $PART in
 all)
-    tests 140
+    tests 155
     # H = 12 first: the rows the targets are read from, should the budget cut the sweep short.
     step sweep 150 python3 bench/sweep_shared_attention.py --out "$OUT" --heads 12 6 3 --budget 85 --tune-blocks
     # Issue 5's GPU workloads at one batch size; TTA and augmentation were measured in session 1.
@@ -115,7 +115,7 @@ all)
     profile
     ;;
 kernels)
-    tests 150
+    tests 165
     step sweep 170 python3 bench/sweep_shared_attention.py --out "$OUT" --budget 110 --tune-blocks
     # The same methods replayed from CUDA graphs: kernel time without host cost, next to the above.
     step sweep-graphs 100 python3 bench/sweep_shared_attention.py --out "$OUT" --cuda-graphs --heads 3 12 \
