@@ -44,9 +44,11 @@ class Blocks(NamedTuple):
     # Program order (see `launch_grid`): every program of one head before the next head, rather than
     # the heads of one sequence side by side (FlashAttention's order). In the model's maps the query
     # sequences that read one K/V sequence are B apart (self and stylized queries), so their programs
-    # then run about 4B programs apart and the later reader finds the keys and values in L2 (one
-    # head's K/V at B = 128, T = 197, d = 64 in bf16: 6.4 MB; H100 L2: 50 MB) instead of reading them
-    # from DRAM again: a quarter less forward traffic. Unmeasured until a GPU sweep times both.
+    # then run about 4B programs apart and the later reader should find the keys and values in L2
+    # instead of reading them from DRAM again: a quarter less forward traffic for a K/V sequence with
+    # two readers (a sixth over the explicit-style map). What passes through L2 in between, one head's
+    # K/V, q and out, is about 100 KB x B at T = 197, d = 64 in bf16 (13 MB at B = 128; 155 MB at 12
+    # heads in the other order), within the H100's 50 MB up to B of about 500. Unmeasured until a GPU sweep times both.
     heads_outer: bool = True
 
 
@@ -114,7 +116,8 @@ def launch_grid(heads_outer: bool, length: int, block: int, sequences: int, head
     `sequences` sequences of `length` rows, for one of `heads` heads; `_tiles.program_tile` reads it.
 
     Tiles and sequences share the first axis, whose limit is 2**31 - 1: CUDA's other axes stop at
-    65535, which Sq * H passes from Sq = 5462 at 12 heads (a large TTA batch).
+    65535, which Sq * H passes from Sq = 5462 at 12 heads (a stylize call with explicit styles on
+    1,821 images).
     """
     programs = cdiv(length, block) * sequences * (1 if heads_outer else heads)
     if programs >= 2**31 or (heads_outer and heads > 65535):
@@ -190,22 +193,19 @@ def int32_addressable(name: str, t: torch.Tensor) -> torch.Tensor:
 
     The kernels address a sequence's rows, heads and lanes with 32-bit products (index x stride; the
     sequence offset is 64-bit): a sequence-minor layout of over 2**31 elements, such as a (T, S, H, d)
-    tensor viewed as (S, T, H, d), would wrap them around. ValueError when even one contiguous
-    sequence is too large.
+    tensor viewed as (S, T, H, d), would wrap them around. ValueError when one contiguous sequence,
+    the layout of the outputs, is too large for them.
     """
-
-    def fits(x):
-        return all((n - 1) * s < 2**31 for n, s in zip(x.shape[1:], x.stride()[1:]))
-
-    if fits(t):
-        return t
-    t = t.contiguous()
-    if not fits(t):
+    _, T, H, d = t.shape
+    if (T - 1) * H * d >= 2**31:
         raise ValueError(
-            f"{name}: one sequence of {tuple(t.shape[1:])} (T, H, d) holds too many elements for the "
-            f"Triton kernels' 32-bit offsets (at most 2**31 per sequence)"
+            f"{name}: one sequence of {(T, H, d)} (T, H, d) holds too many elements for the Triton "
+            f"kernels' 32-bit offsets (at most 2**31 per sequence)"
         )
-    return t
+    _, st, sh, sd = t.stride()
+    if (T - 1) * st < 2**31 and (H - 1) * sh < 2**31 and (d - 1) * sd < 2**31:
+        return t
+    return t.contiguous()
 
 
 def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index: torch.Tensor) -> None:

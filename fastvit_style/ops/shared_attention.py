@@ -25,6 +25,11 @@ _DTYPES = (*_TRITON_DTYPES, torch.float64)
 # without a failed import, which torch.compile cannot trace); a failed import is kept, since Python
 # would retry it on every call.
 _triton_error = None if importlib.util.find_spec("triton") else "the triton package is not installed"
+# The CUDA kernels behind the torch path (SDPA's flash and memory-efficient) and xformers put the query
+# sequences on a grid axis that stops at 65535 (pytorch#146704, xformers#845): larger calls run in
+# chunks of sequences there (the Triton kernels have no such limit).
+_MAX_SEQUENCES_PER_CALL = 65535
+_CHUNKED_DEVICES = ("cuda",)
 
 
 def shared_attention(
@@ -67,10 +72,21 @@ def shared_attention(
     backend = _resolve_backend(backend, q)
     scale = q.shape[-1] ** -0.5 if scale is None else _finite_scale(scale)
     if backend == "torch":
-        return shared_attention_torch(q, k, v, kv_index, scale)
+        return _in_sequence_chunks(shared_attention_torch, q, k, v, kv_index, scale)
     if backend == "xformers":
-        return shared_attention_xformers(q, k, v, kv_index, scale)
+        return _in_sequence_chunks(shared_attention_xformers, q, k, v, kv_index, scale)
     return _triton_attention(q, k, v, kv_index, scale)
+
+
+def _in_sequence_chunks(attention, q: Tensor, k: Tensor, v: Tensor, kv_index: Tensor, scale: float) -> Tensor:
+    """attention(q, k, v, kv_index, scale), over at most _MAX_SEQUENCES_PER_CALL query sequences a call
+    on the devices whose kernels need it."""
+    n = _MAX_SEQUENCES_PER_CALL
+    if q.device.type not in _CHUNKED_DEVICES or q.shape[0] <= n:
+        return attention(q, k, v, kv_index, scale)
+    return torch.cat(
+        [attention(q[i : i + n], k, v, kv_index[i : i + n], scale) for i in range(0, q.shape[0], n)]
+    )
 
 
 def _finite_scale(scale) -> float:

@@ -187,7 +187,8 @@ def test_program_order(heads_outer, monkeypatch, device, backward):
     time budget (bench/gpu_check.sh)."""
     if device.type == "cuda":
         pytest.skip("index arithmetic: checked on the interpreter, and by the sweep on a GPU")
-    blocks = _common.Blocks(16, 16, 4, 1, heads_outer=heads_outer)
+    # 37 = 32 + 5 queries, 40 = 32 + 8 keys: narrow 16-row last tiles on both sides.
+    blocks = _common.Blocks(32, 32, 4, 1, heads_outer=heads_outer)
     monkeypatch.setattr(_common, "attention_blocks", lambda *args: blocks)
     check(4, 3, 37, 40, 3, 32, [1, 0, 2, 1], torch.float32, device)
 
@@ -224,6 +225,20 @@ def test_int32_addressable():
         ValueError, match=r"q: one sequence of \(197, 2048, 5400\) \(T, H, d\) holds too many"
     ):
         _common.int32_addressable("q", torch.empty(1, 197, 2048, 5400, device="meta"))
+    # Expanded (stride 0) rows are addressable, but the outputs, contiguous, would not be.
+    with pytest.raises(ValueError, match=r"do: one sequence of \(2097154, 16, 64\)"):
+        _common.int32_addressable("do", torch.empty(1, 1, 16, 64, device="meta").expand(1, 2**21 + 2, 16, 64))
+
+
+def test_launchers_check_every_input_layout(monkeypatch):
+    """Every tensor a launcher passes to a kernel with the caller's strides goes through
+    int32_addressable (the one-launch backward is called after the check)."""
+    seen = []
+    real = _common.int32_addressable
+    monkeypatch.setattr(_common, "int32_addressable", lambda name, t: seen.append(name) or real(name, t))
+    q, k, v, kv_index, do = make_inputs(2, 2, 5, 6, 1, 32, [1, 0], torch.float32, torch.device("cpu"))
+    run_kernels(q, k, v, kv_index, do, 0.2)
+    assert seen == ["q", "k", "v", "do", "q", "k", "v", "out"]
 
 
 def test_offsets_past_int32(device):
@@ -237,12 +252,15 @@ def test_offsets_past_int32(device):
     def randn(*shape):
         return torch.randn(*shape, generator=gen, device=device, dtype=torch.bfloat16)
 
+    if torch.cuda.mem_get_info(device)[0] < 32 * 2**30:
+        pytest.skip("needs about 28 GB of free GPU memory")
     q, do = (randn(T, S, H, d).transpose(0, 1) for _ in range(2))
     assert (T - 1) * q.stride(1) >= 2**31
     k, v = randn(64, T, H, d), randn(64, T, H, d)
     kv_index = torch.arange(S, device=device, dtype=torch.int32) % 64
     strided = run_kernels(q, k, v, kv_index, do, 0.25)
-    contiguous = run_kernels(q.contiguous(), k, v, kv_index, do.contiguous(), 0.25)
+    q, do = q.contiguous(), do.contiguous()  # the strided inputs are freed
+    contiguous = run_kernels(q, k, v, kv_index, do, 0.25)
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), strided, contiguous):
         assert torch.equal(a, b), name
 

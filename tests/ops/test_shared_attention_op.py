@@ -420,6 +420,34 @@ def test_strided_and_expanded_maps(backend):
             assert rel_err(g, e) < 1e-5, name
 
 
+@pytest.mark.parametrize("backend", ["torch", "xformers"])
+def test_sequence_chunks(backend, monkeypatch, request):
+    """Where the library kernels cap the sequences of one call (65535 on CUDA), the torch and xformers
+    paths run in chunks of sequences: same output and gradients as one call (here chunks of 2 on CPU)."""
+    # The module, not the function of the same name that the package exports.
+    module = importlib.import_module("fastvit_style.ops.shared_attention")
+    if backend == "xformers":
+        request.getfixturevalue("fake_xformers")
+    q, k, v, kv_index = make_inputs(5, 3, 9, 11, 2, 16, [2, 0, 2, 1, 0], dtype=torch.float64)
+    do = torch.randn(5, 9, 2, 16, dtype=torch.float64)
+    calls = []
+    monkeypatch.setattr(module, "_MAX_SEQUENCES_PER_CALL", 2)
+    monkeypatch.setattr(module, "_CHUNKED_DEVICES", ("cpu",))
+    real = module.shared_attention_torch if backend == "torch" else module.shared_attention_xformers
+    spy = lambda q, *args: calls.append(q.shape[0]) or real(q, *args)
+    monkeypatch.setattr(module, f"shared_attention_{backend}", spy)
+    if backend == "xformers":  # the xformers backend refuses float64
+        q, k, v, do = (t.detach().float().requires_grad_() for t in (q, k, v, do))
+    out = shared_attention(q, k, v, kv_index, backend=backend)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    assert calls == [2, 2, 1]
+    expected, expected_grads = reference(q, k, v, kv_index, do)
+    tol = 1e-12 if backend == "torch" else 1e-5
+    assert rel_err(out, expected) < tol
+    for name, g, e in zip("qkv", grads, expected_grads):
+        assert rel_err(g, e) < tol, name
+
+
 def test_index_range_checked_once_per_map(monkeypatch):
     """The eager range check (a device sync) runs again only for a new map or one edited in place."""
     q, k, v, kv_index = make_inputs(2, 2, 5, 5, 1, 32, [1, 0])
