@@ -1,5 +1,6 @@
 """Flags and heuristics shared by the Triton kernels: interpreter mode, supported dtypes, block sizes."""
 
+import contextlib
 import functools
 import os
 from typing import NamedTuple
@@ -186,6 +187,13 @@ def check_tensor(name: str, t: torch.Tensor, shape: tuple, dtypes: tuple, device
         raise ValueError(f"{name} must have dtype in {dtypes}, got {t.dtype}")
     if t.device != device:
         raise ValueError(f"{name} must be on {device} like q, got {t.device}")
+
+
+def on_device(t: torch.Tensor):
+    """Context for launching on t's GPU. Triton launches on the current CUDA device, not on the one its
+    arguments live on: a model moved to cuda:1 without torch.cuda.set_device would hand kernels on
+    cuda:0 pointers they cannot read."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def int32_addressable(name: str, t: torch.Tensor) -> torch.Tensor:

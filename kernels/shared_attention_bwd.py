@@ -393,12 +393,23 @@ def shared_attention_bwd(
         return dq, dk.zero_(), dv.zero_()
 
     lse = lse.contiguous()
+    with _common.on_device(q):
+        _launch(do, q, k, v, out, lse, kv_index, kv_offsets, kv_queries, dq, dk, dv, scale)
+    return dq, dk, dv
+
+
+def _launch(do, q, k, v, out, lse, kv_index, kv_offsets, kv_queries, dq, dk, dv, scale) -> None:
+    """Fill dq, dk, dv: the one-launch kernel where `_common.ONE_LAUNCH_BACKWARD_MIN_PROGRAMS` says so
+    and it applies, else the dq and dk/dv kernels; the arguments as `shared_attention_bwd` checked and
+    allocated them."""
+    Sq, Tq, H, d = q.shape
+    Skv, Tk = k.shape[:2]
     one_launch = _common.ONE_LAUNCH_BACKWARD_MIN_PROGRAMS
     if one_launch is not None and Skv * H >= one_launch:
         fused = fused_kernel_configs(Tq, Tk, d, q.dtype).get("bwd_fused")
         if fused is not None:
             launch_fused(do, q, k, v, out, lse, kv_offsets, kv_queries, dq, dk, dv, scale, fused[1])
-            return dq, dk, dv
+            return
     delta = torch.empty((Sq, H, Tq), dtype=torch.float32, device=q.device)
     kernels = kernel_configs(Tq, Tk, d, q.dtype)
     qk_scale = scale * math.log2(math.e)
@@ -417,4 +428,3 @@ def shared_attention_bwd(
         H, Tq, Tk, scale, qk_scale, **meta,
     )
     # fmt: on
-    return dq, dk, dv

@@ -182,10 +182,11 @@ def shared_attention_fwd(
     kernel, meta = kernel_configs(Tq, Tk, d, q.dtype)["fwd"]
     grid = _common.launch_grid(meta["HEADS_OUTER"], Tq, meta["BLOCK_M"], Sq, H)
     # fmt: off
-    kernel[grid](
-        q, k, v, kv_index, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        H, Skv, Tq, Tk, scale * math.log2(math.e), **meta,
-    )
+    with _common.on_device(q):
+        kernel[grid](
+            q, k, v, kv_index, out, lse,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            H, Skv, Tq, Tk, scale * math.log2(math.e), **meta,
+        )
     # fmt: on
     return out, lse

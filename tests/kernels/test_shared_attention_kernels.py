@@ -6,6 +6,7 @@ with TRITON_F32_DEFAULT=ieee so that fp32 is held to the fp32 tolerance. Outputs
 (conftest), so an element no program writes fails.
 """
 
+import contextlib
 import importlib
 import math
 
@@ -191,6 +192,28 @@ def test_program_order(heads_outer, monkeypatch, device, backward):
     blocks = _common.Blocks(32, 32, 4, 1, heads_outer=heads_outer)
     monkeypatch.setattr(_common, "attention_blocks", lambda *args: blocks)
     check(4, 3, 37, 40, 3, 32, [1, 0, 2, 1], torch.float32, device)
+
+
+def test_launch_device():
+    """The launchers launch on q's GPU, whatever the current CUDA device (Triton uses the current one)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    assert isinstance(_common.on_device(torch.empty(1)), contextlib.nullcontext)
+    with FakeTensorMode():  # a cuda:1 tensor without a GPU
+        q = torch.empty(1, device="cuda:1")
+    guard = _common.on_device(q)
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+
+
+def test_second_gpu(device):
+    """Inputs on cuda:1 while cuda:0 is the current device: same results as on cuda:0."""
+    if device.type == "cpu" or torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    inputs = make_inputs(3, 2, 20, 20, 2, 32, [1, 0, 1], torch.bfloat16, torch.device("cuda:1"))
+    on_second = run_kernels(*inputs, 0.2)
+    on_first = run_kernels(*(t.to("cuda:0") for t in inputs), 0.2)
+    for a, b in zip(on_second, on_first):
+        assert a.device == torch.device("cuda:1") and torch.equal(a.cpu(), b.cpu())
 
 
 def test_launch_grid():
