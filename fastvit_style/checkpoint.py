@@ -21,13 +21,18 @@ from .atomic import atomic_path
 FORMAT = "fastvit_style.train/1"
 
 
-def rng_state() -> dict:
-    """The states of torch (CPU and every CUDA device), numpy and Python's `random`."""
+def rng_state(device: torch.device | None = None) -> dict:
+    """The states of torch (CPU, and the training `device` when it is a GPU), numpy and Python's `random`.
+
+    One CUDA state, the training device's: a list of every visible GPU's could not be restored where
+    fewer are visible (a run resumed on a smaller node, or under CUDA_VISIBLE_DEVICES).
+    """
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     version, internal, gauss_next = random.getstate()
+    on_gpu = device is not None and device.type == "cuda"
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": [torch.cuda.get_rng_state(device)] if on_gpu else [],
         "numpy": {
             "kind": kind,
             "keys": torch.from_numpy(keys.astype(np.int64)),  # uint32 arrays are not weights_only-loadable
@@ -39,11 +44,17 @@ def rng_state() -> dict:
     }
 
 
-def set_rng_state(state: dict) -> None:
-    """Restore what `rng_state` captured (CUDA states only where CUDA is available)."""
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
+    """Restore what `rng_state` captured; its CUDA state goes to the training `device` when that is a GPU.
+
+    Checkpoints of earlier versions hold every visible GPU's state: the one of the device's index is
+    taken where it exists, else the first.
+    """
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state["cuda"]
+    if cuda and device is not None and device.type == "cuda":
+        index = torch.cuda.current_device() if device.index is None else device.index
+        torch.cuda.set_rng_state(cuda[index] if len(cuda) > 1 and index < len(cuda) else cuda[0], device)
     n = state["numpy"]
     np.random.set_state(
         (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])

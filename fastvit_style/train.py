@@ -273,7 +273,7 @@ class Trainer:
             self.epoch, self.batch, self.step, self.best_val = (
                 saved[k] for k in ("epoch", "batch", "step", "best_val")
             )
-            set_rng_state(saved["rng"])
+            set_rng_state(saved["rng"], device)
             if saved.get("train_images", len(self.train_set)) != len(self.train_set):
                 warnings.warn(
                     f"{cfg.resume!r} was trained on {saved['train_images']} images, --data {cfg.data!r} now holds "
@@ -420,7 +420,8 @@ class Trainer:
     def _micro_step(self, x: torch.Tensor, scale: float) -> torch.Tensor | None:
         """Forward and backward of one micro-batch x (b, 3, S, S), its mean loss scaled by `scale` (b times
         the world size over the step's images: module docstring). Returns the unscaled (total, identity,
-        consistency, anatomical, style) as a float32 (5,) CPU tensor, or None when x is empty."""
+        consistency, anatomical, style) as a float32 (5,) tensor on the training device, or None when x is
+        empty."""
         cfg = self.cfg
         empty = x.shape[0] == 0
         if empty:  # every image was corrupt: weight 0, but the backward (and DDP's all-reduce) still runs
@@ -512,7 +513,7 @@ class Trainer:
             "best_val": self.best_val,
             "world_size": self.world,
             "train_images": len(self.train_set),
-            "rng": rng_state(),
+            "rng": rng_state(self.device),
             "config": dataclasses.asdict(self.cfg),
         }
         save_checkpoint(state, os.path.join(self.cfg.out, "last.pt"))

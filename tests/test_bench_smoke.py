@@ -173,3 +173,24 @@ def test_a_backend_that_cannot_be_loaded_is_unavailable():
     assert "ModuleNotFoundError" in get_backend("no_such_module_xyz:make").unavailable(cpu)
     assert "AttributeError" in get_backend("json:no_such_factory").unavailable(cpu)
     assert get_backend("json:loads").unavailable(cpu) is None
+
+
+def test_a_cuda_benchmark_runs_with_its_gpu_current(monkeypatch):
+    """CUDA events, synchronize and the peak-memory counters act on the current device, so the whole
+    run happens with the benchmarked GPU current (with --device cuda:1 they would time cuda:0)."""
+    import contextlib
+
+    from fastvit_style.benchmark import runner
+
+    current = []
+
+    @contextlib.contextmanager
+    def fake_device(device):
+        current.append(torch.device(device))
+        yield
+        current.append(None)
+
+    monkeypatch.setattr(torch.cuda, "device", fake_device)
+    monkeypatch.setattr(runner, "_run", lambda cfg, device, on_result: list(current))
+    assert run_benchmark(BenchConfig(device="cuda:1")) == [torch.device("cuda:1")]
+    assert current[-1] is None and run_benchmark(BenchConfig(device="cpu")) == [torch.device("cuda:1"), None]

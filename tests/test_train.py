@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import fastvit_style.train as train_module
 from fastvit_style import StylizingViT, cli
-from fastvit_style.checkpoint import load_checkpoint, save_checkpoint
+from fastvit_style.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from fastvit_style.train import TrainConfig, Trainer, cosine_lr, psnr, train
 from fastvit_style.weights import load_state_dict, save_state_dict
 
@@ -342,6 +342,25 @@ def test_a_dataset_of_unreadable_files_stops_the_run(tmp_path):
     ):
         train(config)
     assert not (tmp_path / "out" / "last.pt").exists()
+
+
+def test_a_checkpoint_holds_the_training_gpus_rng_state_only(monkeypatch):
+    """One CUDA state, the training device's, restored to the training device: a list of every visible
+    GPU's could not be restored where fewer are visible (torch.cuda.set_rng_state_all raises there).
+    Earlier checkpoints' lists give the state of the device's index where there is one, else the first.
+    (CUDA calls stubbed: no GPU here.)"""
+    restored = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: torch.tensor([device.index]))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: restored.append((s.item(), device)))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("every GPU's state read"))
+    gpu1 = torch.device("cuda:1")
+    state = rng_state(gpu1)
+    assert [s.item() for s in state["cuda"]] == [1] and rng_state(torch.device("cpu"))["cuda"] == []
+    set_rng_state(state, torch.device("cuda:0"))  # resumed on another GPU, or with fewer visible
+    set_rng_state({**state, "cuda": [torch.tensor([7]), torch.tensor([8])]}, gpu1)  # earlier format
+    set_rng_state({**state, "cuda": [torch.tensor([7]), torch.tensor([8])]}, torch.device("cuda:5"))
+    set_rng_state(state, torch.device("cpu"))
+    assert restored == [(1, torch.device("cuda:0")), (8, gpu1), (7, torch.device("cuda:5"))]
 
 
 def test_a_file_that_is_no_checkpoint_is_refused_by_name(tmp_path):

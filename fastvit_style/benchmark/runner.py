@@ -185,9 +185,16 @@ def run_benchmark(cfg: BenchConfig, on_result: Callable[[dict, dict], None] | No
 
     All eager variants run first, then the compiled ones (minutes of compilation each on a GPU), so
     that a --budget cuts the slowest-to-warm-up variants first."""
+    device = torch.device(cfg.device)
+    # CUDA events, synchronize and the peak-memory counters act on the current device: make it the
+    # benchmarked one (with --device cuda:1 they would time and measure cuda:0).
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        return _run(cfg, device, on_result)
+
+
+def _run(cfg: BenchConfig, device: torch.device, on_result) -> dict:
     from .report import describe_device
 
-    device = torch.device(cfg.device)
     peak = flops.bf16_matmul_flops(device)
     run = {
         "device": {**describe_device(device), "bf16_matmul_flops": peak},
