@@ -49,7 +49,8 @@ class Blocks(NamedTuple):
     # instead of reading them from DRAM again: a quarter less forward traffic for a K/V sequence with
     # two readers (a sixth over the explicit-style map). What passes through L2 in between, one head's
     # K/V, q and out, is about 100 KB x B at T = 197, d = 64 in bf16 (13 MB at B = 128; 155 MB at 12
-    # heads in the other order), within the H100's 50 MB up to B of about 500. Unmeasured until a GPU sweep times both.
+    # heads in the other order), within the H100's 50 MB up to B of about 500. Unmeasured until a GPU
+    # sweep times both orders.
     heads_outer: bool = True
 
 
