@@ -27,9 +27,8 @@ class ModelConfig:
     post_process_conv_kernel_size: int = 5
     post_process_conv_padding: int = 2
     post_process_conv_bias: bool = False
-    norm_eps: float = (
-        1e-6  # of every LayerNorm (official `encoder_norm_layer`: partial(nn.LayerNorm, eps=1e-6))
-    )
+    # Of every LayerNorm (official `encoder_norm_layer`: partial(nn.LayerNorm, eps=1e-6)).
+    norm_eps: float = 1e-6
 
     @property
     def head_dim(self) -> int:
