@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from .devices import to_device_async
+
 
 class StyleAugment:
     """augment(x) -> (x_out, idx) for a batch x (B, C, H, W) in the stylizer's normalized space.
@@ -60,13 +62,15 @@ class StyleAugment:
             self.stylizer._check_inputs(x, None)
         B = x.shape[0]
         n = max(1, int(self.p * B))
-        idx = torch.randperm(B, generator=self.generator)[:n].to(x.device)
+        # Drawn on the host (a CPU generator, as officially), sent without a sync.
+        idx = to_device_async(torch.randperm(B, generator=self.generator)[:n], x.device)
         x_sel = x[idx]
         if self.references is None:
             style = None  # the model's own roll(x_sel, -1), which skips the style stream (exact)
         else:
             pick = torch.randint(self.references.shape[0], (n,), generator=self.generator)
-            style = self.references[pick].to(device=x.device, dtype=x.dtype)
+            style = self.references[to_device_async(pick, self.references.device)]
+            style = to_device_async(style, x.device).to(x.dtype)
         with torch.no_grad():
             stylized = self.stylizer(x_sel, style)
         out = x.detach().clone()

@@ -1,4 +1,5 @@
-"""The one place where a device named by the user (`--device`, `TrainConfig.device`) is checked."""
+"""Devices: the one place where a device named by the user (`--device`, `TrainConfig.device`) is
+checked, and where small host tensors reach a GPU without making the host wait for it."""
 
 import torch
 
@@ -24,3 +25,17 @@ def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:
         if device.index >= torch.cuda.device_count():
             raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) here")
     return device
+
+
+def to_device_async(t: torch.Tensor, device) -> torch.Tensor:
+    """t (any shape and dtype) on `device`; a CPU tensor reaches a CUDA device without a sync.
+
+    A plain `.to("cuda")` from pageable memory synchronizes the stream: the host waits for every queued
+    kernel, which empties the GPU's queue once per call (augmentation's draws, TTA's reference
+    indices). From pinned memory the copy is queued on the current stream like a kernel, and the
+    caching host allocator keeps the pinned buffer until the copy has run; t itself may change at once.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)

@@ -24,6 +24,7 @@ from .atomic import atomic_path
 from .backends import attention_for
 from .block import block_forward, block_with_kv, project_kv, project_q
 from .configs import ModelConfig
+from .devices import to_device_async
 from .weights import weight_fingerprint
 
 _BANK_TAG = "fastvit_style.StyleBank"  # safetensors metadata "kind": tells a bank from a weight file
@@ -221,7 +222,7 @@ def select_refs(num_refs: int, batch: int, refs=None, k: int | None = None, gene
             )
         if refs.dtype.is_floating_point or refs.dtype.is_complex or refs.dtype == torch.bool:
             raise ValueError(f"refs must hold integer bank indices, got dtype {refs.dtype}")
-        lo, hi = refs.min().item(), refs.max().item()
+        lo, hi = torch.stack([refs.min(), refs.max()]).tolist()  # on a GPU: one sync, on the user's refs
         if lo < 0 or hi >= num_refs:
             raise ValueError(
                 f"refs must lie in [0, {num_refs}) (the bank has {num_refs} references), got min {lo} and max {hi}"
@@ -243,11 +244,21 @@ def stylize(model, x: torch.Tensor, bank: StyleBank, refs=None, k=None, generato
     (image, reference) pairs are in flight at once (one image's K pairs when K exceeds it, split into
     chunk_size slices that each rerun its content stream). Honours the ambient grad mode and autocast.
     """
+    _check_stylize(model, x, bank, chunk_size)
+    return _stylize(model, x, bank, select_refs(len(bank), x.shape[0], refs, k, generator), chunk_size)
+
+
+def _check_stylize(model, x: torch.Tensor, bank: StyleBank, chunk_size) -> None:
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     model._check_inputs(x, None)
     bank.verify(model)
-    index = select_refs(len(bank), x.shape[0], refs, k, generator).to(x.device)
+
+
+def _stylize(model, x: torch.Tensor, bank: StyleBank, index: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """`stylize` after its checks, with index (B, K) bank indices known to be in range, on any device
+    (checking drawn indices again would cost a sync where they were drawn on the GPU)."""
+    index = to_device_async(index, x.device)
     B, K = index.shape
     attend = attention_for(model.backend, x.device)
     per, kc = max(1, chunk_size // K), min(K, chunk_size)
@@ -328,9 +339,10 @@ class TTAClassifier(nn.Module):
     def make_views(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, C, H, W) -> views (B, V, C, H, W) in x's dtype (original first when included) and the
         bank indices used, (B, K) int64."""
+        _check_stylize(self.stylizer, x, self.bank, self.chunk_size)
         refs = select_refs(len(self.bank), x.shape[0], k=self.k, generator=self.generator)
         with torch.no_grad():
-            stylized = stylize(self.stylizer, x, self.bank, refs=refs, chunk_size=self.chunk_size).to(x.dtype)
+            stylized = _stylize(self.stylizer, x, self.bank, refs, self.chunk_size).to(x.dtype)
         views = torch.cat([x.unsqueeze(1), stylized], dim=1) if self.include_original else stylized
         return views, refs
 
