@@ -34,8 +34,9 @@ def to_device_async(t: torch.Tensor, device) -> torch.Tensor:
     kernel, which empties the GPU's queue once per call (augmentation's draws, TTA's reference
     indices). From pinned memory the copy is queued on the current stream like a kernel, and the
     caching host allocator keeps the pinned buffer until the copy has run; t itself may change at once.
+    A traced call (torch.compile) takes the plain copy, which the compiled graph schedules itself.
     """
     device = torch.device(device)
-    if device.type != "cuda" or t.device.type != "cpu":
+    if device.type != "cuda" or t.device.type != "cpu" or torch.compiler.is_compiling():
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
