@@ -48,6 +48,12 @@ def stylizer(**kw):
     return randomize_(StylizingViT("tiny", backend="triton", **CFG, **kw)).cuda().eval().requires_grad_(False)
 
 
+def test_the_watch_catches_a_blocking_copy():
+    """What the paths below no longer do: a copy from pageable host memory waits for the GPU."""
+    with pytest.raises(RuntimeError, match="synchroniz"), no_host_sync():
+        torch.arange(6).to("cuda")
+
+
 def test_copies_a_host_tensor_without_a_sync():
     t = torch.arange(6)
     out = watched(lambda: to_device_async(t, "cuda"))
