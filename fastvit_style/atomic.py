@@ -9,11 +9,12 @@ import uuid
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path in `path`'s folder; when the block succeeds it is fsynced and renamed onto
-    `path` (os.replace, atomic on POSIX and Windows), otherwise removed. Any earlier file stays intact."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
+    `path` (os.replace, atomic on POSIX and Windows), otherwise removed. Any earlier file stays intact.
+    A symbolic link at `path` is written through: its target gets the new file, the link stays."""
+    path = os.path.realpath(path)
+    directory = os.path.dirname(path)
     # Hidden (image listings skip it); `remove_temporaries` knows this pattern.
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
+    tmp = os.path.join(directory, f".{_stem(os.path.basename(path))}.{uuid.uuid4().hex[:12]}.tmp")
     try:
         yield tmp
         with open(tmp, "rb+") as f:
@@ -37,7 +38,8 @@ def remove_temporaries(folder, names) -> list[str]:
     mid-write (a kill runs no cleanup; a checkpoint's temporary is as large as the checkpoint). Only
     names of atomic_path's pattern, `.<name>.<12 hex digits>.tmp`, go. Returns the paths removed."""
     folder = os.fspath(folder)
-    pattern = re.compile(rf"\.(?:{'|'.join(map(re.escape, names))})\.[0-9a-f]{{12}}\.tmp")
+    stems = (re.escape(_stem(name)) for name in names)
+    pattern = re.compile(rf"\.(?:{'|'.join(stems)})\.[0-9a-f]{{12}}\.tmp")
     removed = []
     for entry in sorted(os.listdir(folder)):
         if pattern.fullmatch(entry):
@@ -45,6 +47,16 @@ def remove_temporaries(folder, names) -> list[str]:
                 os.remove(os.path.join(folder, entry))
                 removed.append(os.path.join(folder, entry))
     return removed
+
+
+# The temporary adds 18 bytes to a name: a valid long output name (up to the common 255-byte limit)
+# must not fail for its temporary's.
+_STEM_BYTES = 255 - 18
+
+
+def _stem(name: str) -> str:
+    """`name` as its temporary's stem: cut to _STEM_BYTES bytes."""
+    return name.encode(errors="surrogateescape")[:_STEM_BYTES].decode(errors="surrogateescape")
 
 
 def _mode_for(path: str) -> int:

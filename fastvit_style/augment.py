@@ -35,6 +35,13 @@ class StyleAugment:
             raise ValueError(
                 f"references must be a non-empty (R, C, H, W) batch, got {tuple(references.shape)}"
             )
+        if generator is not None and (
+            not isinstance(generator, torch.Generator) or generator.device.type != "cpu"
+        ):
+            raise TypeError(
+                "generator must be a CPU torch.Generator or None (the draws are made on the host, as "
+                f"officially), got {generator!r:.60}"
+            )
         if getattr(stylizer, "training_mode", False):
             raise ValueError(
                 "StyleAugment needs a stylizer built with train=False (a train=True model returns its "

@@ -16,6 +16,8 @@ def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:
         raise ValueError(f"device {name!r} is not a device name (cpu, cuda, cuda:1, ...): {e}") from None
     if device.type == "meta":
         raise ValueError(f"device {name!r} holds no data (shapes only): use cpu or cuda")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r}: only cpu and cuda devices are supported")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             build = "has no CUDA" if torch.version.cuda is None else "sees no GPU"
@@ -39,4 +41,6 @@ def to_device_async(t: torch.Tensor, device) -> torch.Tensor:
     device = torch.device(device)
     if device.type != "cuda" or t.device.type != "cpu" or torch.compiler.is_compiling():
         return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
+    # pin_memory() returns a pinned t itself: the queued copy would then read memory its owner may change.
+    staged = t.clone().pin_memory() if t.is_pinned() else t.pin_memory()
+    return staged.to(device, non_blocking=True)

@@ -6,6 +6,7 @@ needs nothing beyond zlib, so outputs can be written where Pillow is missing.
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 import zlib
@@ -83,8 +84,12 @@ def read_rgb(path) -> torch.Tensor:
             mode = im.mode
             wide = mode in ("I", "F") or mode.startswith("I;16")
             pixels = np.array(im if wide else im.convert("RGB"))
-    except (OSError, SyntaxError, ValueError, EOFError, MemoryError):  # most damaged files; no memory
+    except MemoryError:
         raise
+    except OSError as e:  # most damaged files; Pillow's message ("image file is truncated") names none
+        if e.filename is not None:  # the OS's own errors (missing file, permission) name it already
+            raise
+        raise OSError(f"cannot decode image {path!r} ({e})") from e
     except Exception as e:  # DecompressionBombError (an absurd size) and odder failures on damaged files
         raise ValueError(f"cannot decode image {path!r} ({type(e).__name__}: {e})") from e
     if wide:
@@ -149,8 +154,13 @@ def normalization(dataset: str | None = None, mean=None, std=None) -> tuple[tupl
     if (mean is None) != (std is None):
         raise ValueError("give both mean and std, or neither")
     if mean is not None:
-        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise ValueError(f"mean and std need 3 values each (std > 0), got {mean} and {std}")
+        if (
+            len(mean) != 3
+            or len(std) != 3
+            or not all(math.isfinite(v) for v in (*mean, *std))
+            or min(std) <= 0
+        ):
+            raise ValueError(f"mean and std need 3 finite values each (std > 0), got {mean} and {std}")
         return tuple(mean), tuple(std)
     key = (dataset or DEFAULT_DATASET).replace("-", "_")
     if key not in NORMALIZATION:

@@ -93,13 +93,16 @@ class StylizingViT(nn.Module):
             raise ValueError("compute_loss needs the VGG19 of a model built with train=True")
         return compute_loss(self.vgg_encoder, x, x_style, x_stylized, x_recon, x_style_recon)
 
-    def stylize(self, x: torch.Tensor, bank, refs=None, k=None, generator=None) -> torch.Tensor:
+    def stylize(
+        self, x: torch.Tensor, bank, refs=None, k=None, generator=None, chunk_size: int = 64
+    ) -> torch.Tensor:
         """Each image of x (B, C, H, W) stylized with K references of a `StyleBank` -> (B, K, C, H, W).
 
         refs: (B, K) bank indices per image; k: draw K per image with `generator`; default: all of them.
-        The content stream runs once per image and the bank's cached style K/V are reused (see tta.py).
+        The content stream runs once per image and the bank's cached style K/V are reused (see tta.py);
+        at most about chunk_size (image, reference) pairs are in flight at once.
         """
-        return stylize(self, x, bank, refs=refs, k=k, generator=generator)
+        return stylize(self, x, bank, refs=refs, k=k, generator=generator, chunk_size=chunk_size)
 
     def reconstruct_patches(self, z: torch.Tensor) -> torch.Tensor:
         """Head of shared doc 1.5 on final-normed patch rows z (B, N, L) -> image (B, C, H, W): the

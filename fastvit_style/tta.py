@@ -35,6 +35,22 @@ def _model_dtype(model) -> torch.dtype:
     return model.encoder.pos_embed.dtype
 
 
+def _describe(obj) -> str:
+    return f"a {obj.dtype} tensor" if isinstance(obj, torch.Tensor) else f"{type(obj).__name__} {obj!r:.60}"
+
+
+def _check_bank(bank) -> None:
+    if not isinstance(bank, StyleBank):
+        raise TypeError(
+            f"bank must be a StyleBank (StyleBank.from_images(model, refs)), got {_describe(bank)}"
+        )
+
+
+def _check_generator(generator) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {_describe(generator)}")
+
+
 class StyleBank:
     """Per-layer keys/values of the style streams of R reference images, all a stylization needs from them.
 
@@ -50,6 +66,9 @@ class StyleBank:
     """
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, config: dict, fingerprint: str):
+        for name, t in (("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                raise TypeError(f"bank {name} must be a floating-point torch.Tensor, got {_describe(t)}")
         cfg = ModelConfig(**config)
         R = k.shape[1] if k.dim() == 5 else 0
         for name, t in (("k", k), ("v", v)):
@@ -116,7 +135,10 @@ class StyleBank:
         return self.k.dtype
 
     def to(self, device=None, dtype=None) -> StyleBank:
-        """A bank on `device` / in `dtype` (self when nothing changes)."""
+        """A bank on `device` / in `dtype` (self when nothing changes); `bank.to(torch.bfloat16)` works
+        too, as for a tensor."""
+        if isinstance(device, torch.dtype):
+            device, dtype = None, device
         k, v = self.k.to(device=device, dtype=dtype), self.v.to(device=device, dtype=dtype)
         if k is self.k and v is self.v:
             return self
@@ -149,7 +171,8 @@ class StyleBank:
         if fingerprint != self.fingerprint:
             raise ValueError(
                 f"the style bank was built with other weights (fingerprints differ: bank {self.fingerprint}, "
-                f"model {fingerprint}); rebuild it with StyleBank.from_images(model, refs)"
+                f"model {fingerprint}; they cover the weights' dtype too, {_model_dtype(model)} in the model); "
+                "rebuild it with StyleBank.from_images(model, refs)"
             )
         self._checked.add(model)
 
@@ -175,6 +198,8 @@ class StyleBank:
         import safetensors.torch
 
         path = os.fspath(path)
+        if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise ValueError(f"cannot save the style bank to {path!r}: its folder does not exist")
         tensors = {"k": self.k.detach().to("cpu").contiguous(), "v": self.v.detach().to("cpu").contiguous()}
         meta = {
             "format": "pt",
@@ -202,7 +227,15 @@ class StyleBank:
                 k, v = f.get_tensor("k"), f.get_tensor("v")
         except SafetensorError as e:
             raise ValueError(f"{path!r} is truncated or corrupt, or not a safetensors file ({e})") from e
-        bank = cls(k, v, json.loads(meta["config"]), meta["fingerprint"])
+        try:
+            config, fingerprint = json.loads(meta["config"]), meta["fingerprint"]
+        except (KeyError, ValueError) as e:
+            raise ValueError(
+                f"{path!r} is a StyleBank file with damaged metadata ({type(e).__name__}: {e})"
+            ) from e
+        if not isinstance(config, dict):
+            raise ValueError(f"{path!r} is a StyleBank file with damaged metadata (config is not an object)")
+        bank = cls(k, v, config, fingerprint)
         if model is not None:
             bank.check(model)
             bank = bank.to(model.encoder.pos_embed.device)
@@ -230,6 +263,7 @@ def select_refs(num_refs: int, batch: int, refs=None, k: int | None = None, gene
         return refs.long()
     if k is None:
         return torch.arange(num_refs).expand(batch, num_refs)
+    _check_generator(generator)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_refs:
         raise ValueError(f"k must be an int in 1..{num_refs} (the bank size), got {k!r}")
     device = generator.device if generator is not None else "cpu"
@@ -249,6 +283,7 @@ def stylize(model, x: torch.Tensor, bank: StyleBank, refs=None, k=None, generato
 
 
 def _check_stylize(model, x: torch.Tensor, bank: StyleBank, chunk_size) -> None:
+    _check_bank(bank)
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     model._check_inputs(x, None)
@@ -320,6 +355,8 @@ class TTAClassifier(nn.Module):
         super().__init__()
         if reduce not in REDUCTIONS:
             raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
+        _check_bank(bank)
+        _check_generator(generator)
         if k is not None:
             select_refs(len(bank), 1, k=k)  # validates k against the bank size
         self.classifier, self.stylizer, self.bank = classifier, stylizer, bank
@@ -349,6 +386,13 @@ class TTAClassifier(nn.Module):
     def classify(self, views: torch.Tensor) -> torch.Tensor:
         """views (B, V, C, H, W) -> per-view class probabilities (B, V, num_classes), float32."""
         logits = self.classifier(views.flatten(0, 1))
+        n = views.shape[0] * views.shape[1]
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else None
+        if shape is None or len(shape) != 2 or shape[0] != n or shape[1] < 1:
+            got = shape if shape is not None else _describe(logits)
+            raise ValueError(
+                f"the classifier must return logits of shape ({n}, num_classes) for {n} images, got {got}"
+            )
         return logits.float().softmax(dim=-1).unflatten(0, views.shape[:2])
 
     def aggregate(self, view_probs: torch.Tensor) -> torch.Tensor:

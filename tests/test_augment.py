@@ -56,6 +56,11 @@ def test_runs_without_graph_and_in_the_callers_autocast(stylizer):
     assert expected.dtype == torch.bfloat16 and torch.equal(out[idx], expected.float())
 
 
+def test_a_generator_that_is_not_a_cpu_generator_is_refused(stylizer):
+    with pytest.raises(TypeError, match="generator must be a CPU torch.Generator"):
+        StyleAugment(stylizer, generator=0)
+
+
 @pytest.mark.parametrize("p", [0, -0.1, 1.5])
 def test_bad_p_is_refused(stylizer, p):
     with pytest.raises(ValueError, match=r"p .* must be in \(0, 1\]"):

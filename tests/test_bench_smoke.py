@@ -125,7 +125,7 @@ def test_plan():
         (["--model-kwargs", "[1]"], "--model-kwargs must be a JSON object"),
         (["--model-kwargs", '{"colour": 1}'], "unexpected keyword argument 'colour'"),
         (["--device", "tpu"], "device 'tpu' is not a device name"),
-        (["--device", "mps"], "the benchmark runs on cpu or cuda devices"),
+        (["--device", "mps"], "only cpu and cuda devices are supported"),
         (["--backbones", ","], "--backbones names no backbone"),
     ],
 )

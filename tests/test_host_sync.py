@@ -59,6 +59,11 @@ def test_copies_a_host_tensor_without_a_sync():
     out = watched(lambda: to_device_async(t, "cuda"))
     t.zero_()  # the copy was taken from pinned memory: t may change at once
     assert out.device.type == "cuda" and torch.equal(out.cpu(), torch.arange(6))
+    pinned = torch.arange(6).pin_memory()  # pin_memory() would return it as it is
+    torch.cuda._sleep(10**8)  # keeps the queue busy: a copy still reading `pinned` would see the change
+    out = to_device_async(pinned, "cuda")
+    pinned.zero_()
+    assert torch.equal(out.cpu(), torch.arange(6))
 
 
 @pytest.mark.parametrize("explicit_style", [False, True])

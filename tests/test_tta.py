@@ -90,7 +90,9 @@ def test_model_method_and_default_chunks(setup):
     x = images(2, SIZE, seed=3)
     with torch.no_grad():
         out = model.stylize(x, bank, refs=torch.tensor([[0, 5], [5, 5]]))
+        one_pair_at_a_time = model.stylize(x, bank, refs=torch.tensor([[0, 5], [5, 5]]), chunk_size=1)
     assert_close_rel(out, naive(truth, x, refs, torch.tensor([[0, 5], [5, 5]])), FP32, "model.stylize")
+    assert_close_rel(one_pair_at_a_time, out, FP32, "model.stylize, chunk_size=1")
 
 
 def test_random_draws(setup):
@@ -206,6 +208,29 @@ def test_bad_images(setup):
         StyleBank.from_images(model, images(0, SIZE))
 
 
+def test_wrong_types_and_damaged_banks(setup, tmp_path):
+    _, model, _, bank = setup
+    x = images(1, SIZE)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        stylize(model, x, bank, k=2, generator=0)
+    with pytest.raises(TypeError, match="bank must be a StyleBank"):
+        stylize(model, x, bank.k)
+    with pytest.raises(TypeError, match="bank k must be a floating-point torch.Tensor"):
+        StyleBank([1], bank.v, bank.config, bank.fingerprint)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        TTAClassifier(toy_classifier(), model, bank, generator=0)
+    with pytest.raises(ValueError, match="its folder does not exist"):
+        bank.save(tmp_path / "missing" / "b.safetensors")
+    import safetensors.torch
+
+    damaged = str(tmp_path / "damaged.safetensors")
+    safetensors.torch.save_file({"k": bank.k, "v": bank.v}, damaged, metadata={"kind": tta_mod._BANK_TAG})
+    with pytest.raises(ValueError, match="damaged metadata"):
+        StyleBank.load(damaged)
+    half = bank.to(torch.float16)  # a dtype first, as for a tensor
+    assert half.dtype == torch.float16 and half.device == bank.device
+
+
 # ------------------------------------------------------------------------------------ TTAClassifier
 
 
@@ -234,6 +259,19 @@ def test_tta_mean_prob(setup, include_original):
         if include_original:
             expected = torch.cat([clf(x).softmax(-1)[:, None], expected], 1)
     torch.testing.assert_close(views, expected)
+
+
+@pytest.mark.parametrize("output", ["tuple", "scalar", "rows"])
+def test_a_classifier_without_per_view_logits_is_named(setup, output):
+    _, model, _, bank = setup
+
+    class Odd(nn.Module):
+        def forward(self, x):
+            logits = x.flatten(1)[:, :4]
+            return {"tuple": (logits, x), "scalar": logits.sum(), "rows": logits[:1]}[output]
+
+    with pytest.raises(ValueError, match=r"logits of shape \(6, num_classes\) for 6 images"):
+        TTAClassifier(Odd(), model, bank, k=2)(images(2, SIZE))
 
 
 def test_tta_vote_and_all_refs(setup):
@@ -310,6 +348,11 @@ def test_png_and_preprocessing(tmp_path):
     assert normalization(mean=[0.5] * 3, std=[0.2] * 3) == ((0.5,) * 3, (0.2,) * 3)
     with pytest.raises(ValueError, match="no normalization constants"):
         normalization("imagenet")
+    for bad in (float("nan"), float("inf")):  # NaN slips through `std <= 0`: all-NaN inputs, silently
+        with pytest.raises(ValueError, match="3 finite values each"):
+            normalization(mean=[0.5] * 3, std=[bad, 1, 1])
+        with pytest.raises(ValueError, match="3 finite values each"):
+            normalization(mean=[bad, 0, 0], std=[1] * 3)
     for name in ("b/c.JPG", "a.png", "b/d.txt", "e.tiff"):
         os.makedirs(tmp_path / "imgs" / os.path.dirname(name), exist_ok=True)
         (tmp_path / "imgs" / name).write_bytes(b"")
@@ -425,6 +468,29 @@ def test_cli_tta(folders, monkeypatch):
 
 
 @needs_pil
+def test_cli_tta_keeps_file_names_that_are_not_utf8(folders, monkeypatch):
+    """A file name in another encoding (bytes that are not UTF-8) is written to the CSV as its bytes; the
+    CSV is UTF-8 whatever the locale."""
+    tmp, base = folders
+    latin1 = os.fsdecode(b"caf\xe9.png")
+    shutil.copy(tmp / "content" / "img0.png", tmp / "styles" / latin1)
+    (tmp / "toyclf.py").write_text(
+        "import torch.nn as nn\ndef make():\n    return nn.Sequential(nn.Flatten(), nn.LazyLinear(2))\n"
+    )
+    monkeypatch.chdir(tmp)
+    argv = ["tta", *base, "--refs", str(tmp / "content"), "--images", str(tmp / "styles"), "--k", "1",
+            "--classifier", "toyclf:make", "--out", str(tmp / "p.csv")]  # fmt: skip
+    assert cli_main(argv) == 0
+    lines = (tmp / "p.csv").read_bytes().splitlines()
+    assert lines[0].startswith(b"path,pred,") and [line.split(b",")[0] for line in lines[1:]] == [
+        b"caf\xe9.png",
+        b"img0.png",
+        b"img1.png",
+        b"img2.png",
+    ]
+
+
+@needs_pil
 @pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
 def test_cli_user_errors_are_one_line(folders, capsys, monkeypatch):
     """A user's mistake gives one `error:` line and exit status 1 (2 for argparse's usage errors), and
@@ -482,6 +548,24 @@ def test_cli_user_errors_are_one_line(folders, capsys, monkeypatch):
     fails_with(
         [*tta_args, "--classifier", str(tmp / "bad.pt2"), "--out", str(tmp / "p.csv")],
         "not a readable torch.export archive",
+    )
+    tta_clf = [*tta_args, "--classifier", "clfmod:LIMIT"]
+    fails_with([*tta_clf, "--out", str(tmp / "file")], "is not a predictions CSV of this command")
+    fails_with([*tta_clf, "--out", str(tmp / "file" / "p.csv")], "is a file, not a folder")
+    fails_with([*tta_clf, "--out", str(tmp / "new") + os.sep], "is a folder")
+    fails_with([*tta_clf, "--out", str(tmp / "v"), "--save-stylized", str(tmp / "v")], "name the same path")
+    on_mps = [a if a != "cpu" else "mps" for a in stylize_args]
+    fails_with([*on_mps, "--out", str(tmp / "o")], "only cpu and cuda devices are supported")
+    shutil.copytree(tmp / "content", tmp / "damaged")
+    png = (tmp / "damaged" / "img1.png").read_bytes()
+    (tmp / "damaged" / "img1.png").write_bytes(png[: len(png) // 2])
+    damaged = [a if a != str(tmp / "content") else str(tmp / "damaged") for a in stylize_args]
+    # Found mid-run (images are read batch by batch), after the progress bar: the one error line names it.
+    assert cli_main([*damaged, "--out", str(tmp / "o_damaged"), "--batch-size", "1"]) == 1
+    text = capsys.readouterr().err
+    assert (
+        f"\nerror: cannot decode image {str(tmp / 'damaged' / 'img1.png')!r}" in text
+        and "Traceback" not in text
     )
     assert not (tmp / "o").exists() and (tmp / "file").read_text() == "mine"
     # A crash is not a user error: its traceback stays.
@@ -554,6 +638,11 @@ def test_cli_outputs_never_overwrite_each_other_nor_become_inputs(folders, capsy
     with pytest.raises(SystemExit, match="--out .* is the content folder"):
         run_stylize(tmp, base, "content")
     shutil.rmtree(tmp / "content" / "stylized")
+    os.symlink(tmp / "linked_out", tmp / "content" / "more")  # the output folder, reached through a link
+    for _ in range(2):
+        assert run_stylize(tmp, base, "linked_out") == 0
+    assert sorted(os.listdir(tmp / "linked_out")) == expected
+    os.remove(tmp / "content" / "more")
     assert run_stylize(tmp, base, ".") == 0  # above the inputs: its outputs lie in no input folder
     assert sorted(p for p in os.listdir(tmp) if p.endswith(".png")) == expected
 

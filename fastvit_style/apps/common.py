@@ -74,9 +74,10 @@ def load_stylizer(args):
 
 def find_images(*named_folders: tuple[str, str], output: tuple[str, str] | None = None) -> list[list[str]]:
     """The images under each (what, folder) pair; exits with a message when Pillow is missing or a folder
-    holds no image. `output` (flag, folder): where the run writes images. Inside an input folder it is
-    left out of that folder's images (else the next run would read this one's outputs as inputs); the
-    input folder itself is refused as the output folder, for the same reason."""
+    holds no image. `output` (flag, folder): where the run writes images, flat. What an input folder
+    reaches of it (as a subfolder, or through a linked folder) is left out of that folder's images, else
+    the next run would read this one's outputs as inputs; the input folder itself is refused as the
+    output folder, for the same reason."""
     try:
         require_pil()
     except ImportError as e:
@@ -91,8 +92,14 @@ def find_images(*named_folders: tuple[str, str], output: tuple[str, str] | None 
                     f"error: {flag} {output[1]!r} is the {what} folder: the outputs would be read as {what} "
                     "images next time; give another folder or a subfolder"
                 )
-            if out.startswith(os.path.join(real, "")):
-                found[i] = [p for p in found[i] if not os.path.realpath(p).startswith(os.path.join(out, ""))]
+            # An input folder below the output folder (`--out .`) is read, except for the outputs' own files.
+            below_out = real.startswith(os.path.join(out, ""))
+
+            def is_output(p, below_out=below_out):
+                p = os.path.realpath(p)
+                return os.path.dirname(p) == out or (not below_out and p.startswith(os.path.join(out, "")))
+
+            found[i] = [p for p in found[i] if not is_output(p)]
     for (what, folder), paths in zip(named_folders, found):
         if not paths:
             raise SystemExit(f"error: no {what} images (png/jpg/jpeg/tif/tiff/bmp) under {folder!r}")

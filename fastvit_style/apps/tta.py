@@ -91,11 +91,35 @@ def load_classifier(spec: str, dev: torch.device) -> nn.Module:
     return classifier.to(dev).eval()
 
 
+_HEADER = ["path", "pred"]  # the CSV's first columns: how a file this command wrote is recognised
+
+
+def check_csv_path(path: str) -> None:
+    """Before any work: --out must name a file that can be written, and only a CSV of this command may
+    be replaced (not an input image, the weights or anything else a mistyped path could hit)."""
+    if path.endswith((os.sep, "/")) or os.path.isdir(path):
+        raise SystemExit(f"error: --out {path!r} is a folder; it names the CSV file to write")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):  # the nearest folder that exists: the rest is created at the end
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise SystemExit(f"error: --out {path!r}: {parent!r} is a file, not a folder")
+    if os.path.exists(path):
+        with open(path, newline="", encoding="utf-8", errors="replace") as f:
+            first = next(csv.reader(f), [])
+        if first[:2] != _HEADER:
+            raise SystemExit(
+                f"error: --out {path!r} exists and is not a predictions CSV of this command: "
+                "remove it or choose another --out"
+            )
+
+
 def run(args) -> int:
-    if os.path.isdir(args.out):
-        raise SystemExit(f"error: --out {args.out!r} is a folder; it names the CSV file to write")
+    check_csv_path(args.out)
     if args.save_stylized:
         check_output_folder(args.save_stylized, "--save-stylized")
+        if os.path.realpath(args.save_stylized) == os.path.realpath(args.out):
+            raise SystemExit("error: --save-stylized and --out name the same path: one folder, one CSV file")
     images, refs = find_images(
         ("input", args.images),
         ("reference", args.refs),
@@ -145,9 +169,13 @@ def run(args) -> int:
                         )
     num_classes = len(rows[0]) - 2
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with atomic_path(args.out) as tmp, open(tmp, "w", newline="") as f:
+    # UTF-8 whatever the locale; a file name that is not (undecodable bytes) is written as its bytes.
+    with (
+        atomic_path(args.out) as tmp,
+        open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f,
+    ):
         writer = csv.writer(f)
-        writer.writerow(["path", "pred"] + [f"p{c}" for c in range(num_classes)])
+        writer.writerow(_HEADER + [f"p{c}" for c in range(num_classes)])
         writer.writerows([r[:2] + [f"{p:.6g}" for p in r[2:]] for r in rows])
     print(f"wrote predictions for {len(rows)} images to {args.out}")
     return 0
