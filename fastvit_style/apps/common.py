@@ -29,7 +29,7 @@ def add_model_arguments(parser) -> None:
     parser.add_argument(
         "--batch-size", type=positive_int, default=8, help="images loaded and stylized at a time"
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random reference draws (--k)")
+    parser.add_argument("--seed", type=seed_int, default=0, help="seed of the random reference draws (--k)")
     norm = parser.add_mutually_exclusive_group()
     norm.add_argument(
         "--dataset",
@@ -48,6 +48,14 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def seed_int(text: str) -> int:
+    """An integer torch.Generator.manual_seed accepts: -2**63 .. 2**64 - 1."""
+    value = int(text)
+    if not -(2**63) <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must lie in -2**63 .. 2**64-1, got {value}")
     return value
 
 
