@@ -71,9 +71,10 @@ def save_checkpoint(state: dict, path) -> str:
     return path
 
 
-def load_checkpoint(path) -> dict:
+def load_checkpoint(path, required: tuple[str, ...] = ()) -> dict:
     """Read a checkpoint written by `save_checkpoint` onto the CPU, with weights_only=True. ValueError for
-    a file that is not one (another format, truncated, corrupt); OSError for one that cannot be read."""
+    a file that is not one (another format, truncated, corrupt) or lacks a key of `required`; OSError for
+    one that cannot be read."""
     path = os.fspath(path)
     not_one = f"{path!r} is not a fastvit_style training checkpoint (format {FORMAT})"
     try:
@@ -85,4 +86,7 @@ def load_checkpoint(path) -> dict:
         raise ValueError(f"{not_one}: torch.load fails ({type(e).__name__}: {first[:200]})") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(not_one)
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise ValueError(f"{path!r} is in the format {FORMAT} but has no {', '.join(map(repr, missing))}")
     return state

@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass
 
 _POSITIVE_INTS = ("patch_size", "embed_dim", "depth", "num_heads", "in_channel",
                   "post_process_conv_kernel_size")  # fmt: skip
+# Officially passed on as nn.Linear/nn.Conv2d `bias`, which only tests truth: a JSON "false" would mean True.
+_BOOLS = ("qkv_bias", "bottleneck_bias", "post_process_conv_bias")
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,10 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
+        for name in _BOOLS:
+            value = getattr(self, name)
+            if not (isinstance(value, numbers.Integral) and value in (0, 1)):  # 0 and 1 as officially
+                raise ValueError(f"{name} must be True or False, got {value!r}")
         L, C, P = self.embed_dim, self.in_channel, self.patch_size
         if L % self.num_heads:
             raise ValueError(f"embed_dim {L} is not divisible by num_heads {self.num_heads}")
@@ -130,12 +136,12 @@ def make_config(backbone: str = "base", **kwargs) -> ModelConfig:
     return config
 
 
-def check_model_kwargs(name: str, backbone: str, kwargs: dict, **fixed) -> None:
-    """ValueError naming `name` (the option that gave `kwargs`) unless make_config(backbone, **fixed,
-    **kwargs) succeeds: an unknown keyword (a TypeError there, as Python raises for the constructor)
-    becomes a ValueError, a bad value is one already."""
+def check_model_kwargs(name: str, backbone: str, kwargs: dict, **fixed) -> ModelConfig:
+    """make_config(backbone, **fixed, **kwargs), or a ValueError naming `name` (the option that gave
+    `kwargs`): an unknown keyword (a TypeError there, as Python raises for the constructor) becomes a
+    ValueError, a bad value is one already."""
     try:
-        make_config(backbone, **fixed, **kwargs)
+        return make_config(backbone, **fixed, **kwargs)
     except TypeError as e:
         raise ValueError(f"{name} {kwargs!r}: {e}") from None
 

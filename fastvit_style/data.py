@@ -66,8 +66,17 @@ class ImageFolderDataset(Dataset):
 
     @property
     def unreadable(self) -> torch.Tensor:
-        """(len,) bool: the files this process and its workers found corrupt so far."""
+        """(len,) bool: the files found corrupt so far, by this process and its workers (or `mark_unreadable`)."""
         return self._bad
+
+    def mark_unreadable(self, flags: torch.Tensor) -> None:
+        """Also skip the files set in `flags` ((len,) bool, any device): found corrupt by another process,
+        or by the run a checkpoint resumes. In place, so that DataLoader workers see them."""
+        if flags.shape != self._bad.shape:
+            raise ValueError(
+                f"flags must have shape ({len(self)},) for {self.root!r}, got {tuple(flags.shape)}"
+            )
+        self._bad |= flags.to("cpu", torch.bool)
 
     @property
     def skipped_paths(self) -> list[str]:

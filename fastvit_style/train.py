@@ -20,8 +20,11 @@ Data: `data.micro_batches` fixes each epoch's micro-batches from (seed, epoch). 
 micro-batches r, r+N, ..., so N ranks with A-fold accumulation compute what one process with N*A-fold
 accumulation does (DDP averages over ranks, accumulation over micro-steps: both are means). A
 micro-batch whose images were all corrupt runs the mean-colour image with weight 0: it adds nothing,
-but every rank still joins the gradient all-reduce. A dataset whose every file is unreadable stops the
-run at the end of its first epoch, with an error.
+but every rank still joins the gradient all-reduce. A step without one readable image on any rank
+counts as a step but changes nothing: no clipping, no optimizer step (AdamW's moments, weight decay and
+step count stay as they were). A dataset whose every file is unreadable stops the run at the end of its
+first epoch, with an error. The files found corrupt (by any rank) are kept in the checkpoints, so a
+resumed run skips them too and `skipped_images` in metrics.jsonl counts them.
 
 Every optimized parameter gets a gradient, `attn.k_proj.bias` an exact zero one (`block.project_kv`):
 AdamW decays it as officially, and DDP needs no search for unused parameters.
@@ -33,9 +36,9 @@ bit for bit; on CUDA up to non-deterministic kernels), `last.safetensors` and `b
 `metrics.jsonl` (one line per epoch). A run whose VGG19 is random (--random-vgg) exports no VGG keys:
 they would pass for the ImageNet VGG19 (`--init-weights` of such a file asks for VGG weights, as a
 train=False export does). The training state holds model, AdamW state, position (epoch,
-micro-batch, step), best val loss, RNG states and the config; the lr and the data order are functions
-of the epoch (and seed), so they need no state of their own. No GradScaler: the only reduced
-precision offered is bf16, which needs none.
+micro-batch, step), best val loss, RNG states, the corrupt files found and the config; the lr and the
+data order are functions of the epoch (and seed), so they need no state of their own. No GradScaler:
+the only reduced precision offered is bf16, which needs none.
 Validation (each epoch, if --val-data): total loss and PSNR (shared doc 6) on denormalized images,
 each the mean over micro-batches; under DDP the val micro-batches are sharded like the training ones,
 without the padding repeats (each counts once, whatever the number of processes).
@@ -48,6 +51,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import numbers
 import os
 import random
 import sys
@@ -62,7 +66,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .atomic import remove_temporaries, write_json
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import FORMAT, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .configs import LOSS_WEIGHTS, check_model_kwargs
 from .data import ImageFolderDataset, collate_images, micro_batches
 from .devices import resolve_device
@@ -118,6 +122,13 @@ class TrainConfig:
                 setattr(self, name, tuple(getattr(self, name)))
         if self.batch_size < 1 or self.accumulate < 1 or self.epochs < 1:
             raise ValueError("batch_size, accumulate and epochs must be at least 1")
+        # Epoch e seeds torch generators with seed + e (data order, loader workers): all in torch's range.
+        seed, hi = self.seed, 2**64 - self.epochs
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -(2**63) <= seed <= hi:
+            raise ValueError(
+                f"--seed must be an integer from -2**63 to 2**64 - epochs ({hi}): epoch e seeds torch with "
+                f"seed + e, got {seed!r}"
+            )
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be at least 1 (or None for no limit), got {self.max_steps}")
         if self.checkpoint_every < 0 or self.workers < 0:
@@ -129,7 +140,21 @@ class TrainConfig:
         if "input_size" in self.model_kwargs:
             raise ValueError("give the image side with --input-size, not inside --model-kwargs")
         # The architecture, checked before any file is read or written.
-        check_model_kwargs("model_kwargs", self.backbone, self.model_kwargs, input_size=self.input_size)
+        model = check_model_kwargs(
+            "model_kwargs", self.backbone, self.model_kwargs, input_size=self.input_size
+        )
+        if model.in_channel != 3:
+            raise ValueError(
+                f"model_kwargs in_channel={model.in_channel} cannot be trained here: the images are read as "
+                "RGB and the VGG19 loss network takes 3 channels"
+            )
+        k, p = model.post_process_conv_kernel_size, model.post_process_conv_padding
+        if k != 2 * p + 1:  # a stride-1 conv keeps the size only then; the losses compare x_recon with x
+            raise ValueError(
+                f"model_kwargs post_process_conv_kernel_size={k} with post_process_conv_padding={p} makes "
+                f"the reconstruction {self.input_size + 2 * p - k + 1} px wide, not input_size "
+                f"{self.input_size}: training needs kernel_size = 2 * padding + 1"
+            )
 
 
 # What a resumed run may change: where things are and how fast they run. The rest (the math) comes
@@ -139,6 +164,10 @@ RUNTIME_FIELDS = ("data", "val_data", "out", "resume", "max_steps", "workers", "
 # What a run leaves in `out` besides config.json (which a run that dies before its first checkpoint
 # leaves alone, and which the next run rewrites).
 RUN_FILES = ("last.pt", "last.safetensors", "best.safetensors", "metrics.jsonl")
+# Keys every version's config.json has held: a JSON object with them is a run's, which a new run may replace.
+RUN_CONFIG_KEYS = ("data", "out", "epochs", "batch_size", "seed")
+# What every version's last.pt has held (train_images and the corrupt-file flags came later: optional).
+CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "batch", "step", "best_val", "world_size", "rng", "config")
 
 
 def out_problem(cfg: TrainConfig) -> str | None:
@@ -148,6 +177,12 @@ def out_problem(cfg: TrainConfig) -> str | None:
         return f"--out {cfg.out!r} exists and is not a folder"
     if cfg.resume and not os.path.isfile(cfg.resume):
         return f"--resume {cfg.resume!r} does not exist or is not a file"
+    config = os.path.join(cfg.out, "config.json")
+    if os.path.lexists(config) and not _is_run_config(config):  # --overwrite replaces runs, nothing else
+        return (
+            f"--out {cfg.out!r} holds a config.json that no run wrote, which a run would replace (with "
+            "--overwrite too): move that file, or choose another --out"
+        )
     existing = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.out, f))]
     if not existing or cfg.overwrite or resumes_in_place(cfg):
         return None
@@ -164,6 +199,16 @@ def out_problem(cfg: TrainConfig) -> str | None:
     )
 
 
+def _is_run_config(path: str) -> bool:
+    """Whether the file at `path` is a config.json a run wrote: a JSON object with RUN_CONFIG_KEYS."""
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, ValueError):  # a folder, unreadable, not JSON (a UnicodeDecodeError is a ValueError)
+        return False
+    return isinstance(config, dict) and all(k in config for k in RUN_CONFIG_KEYS)
+
+
 def resumes_in_place(cfg: TrainConfig) -> bool:
     """Whether --resume names the checkpoint of the run in --out itself (that run continues there)."""
     try:
@@ -173,8 +218,15 @@ def resumes_in_place(cfg: TrainConfig) -> bool:
 
 
 def resumed_config(cfg: TrainConfig, saved: dict) -> TrainConfig:
-    """The checkpoint's config with `cfg`'s runtime fields; warns about other values of cfg it ignores."""
-    merged = TrainConfig(**saved)
+    """The checkpoint's config with `cfg`'s runtime fields; warns about other values of cfg it ignores.
+    ValueError naming --resume for a saved config this version cannot use (unknown or missing fields, bad
+    values)."""
+    try:
+        merged = TrainConfig(**saved)
+    except (TypeError, ValueError) as e:  # TypeError: not a dict, an unknown or a missing field
+        raise ValueError(
+            f"--resume {cfg.resume!r} holds a training config this version cannot use: {e}"
+        ) from None
     default = TrainConfig(data="", out="")
     ignored = []
     for f in dataclasses.fields(TrainConfig):
@@ -186,6 +238,16 @@ def resumed_config(cfg: TrainConfig, saved: dict) -> TrainConfig:
     if ignored:
         warnings.warn("resuming with the checkpoint's settings; ignored: " + ", ".join(ignored), stacklevel=3)
     return merged
+
+
+def _has_random_vgg(state: dict) -> bool:
+    """Whether `state` (a weight file as read) is a training checkpoint whose VGG19 was, or may have been,
+    random: its config says random_vgg, or predates that field and names no --vgg-weights (runs then
+    went on with a random VGG19 after a warning, and one from --init-weights cannot be told apart)."""
+    config = state.get("config")
+    if state.get("format") != FORMAT or not isinstance(config, dict) or config.get("vgg_weights"):
+        return False
+    return bool(config.get("random_vgg", True))
 
 
 def cosine_lr(base_lr: float, epoch: int, epochs: int) -> float:
@@ -237,7 +299,7 @@ class Trainer:
             dist.broadcast_object_list(problem, src=0)
         if problem[0]:
             raise ValueError(problem[0])
-        saved = load_checkpoint(cfg.resume) if cfg.resume else None
+        saved = load_checkpoint(cfg.resume, required=CHECKPOINT_KEYS) if cfg.resume else None
         if saved:
             cfg = resumed_config(cfg, saved["config"])
             if cfg.random_vgg and cfg.vgg_weights:  # a checkpoint from before random_vgg recorded the fact
@@ -274,6 +336,11 @@ class Trainer:
                 saved[k] for k in ("epoch", "batch", "step", "best_val")
             )
             set_rng_state(saved["rng"], device)
+            for dataset, key in ((self.train_set, "train_unreadable"), (self.val_set, "val_unreadable")):
+                flags = saved.get(key)
+                # Flags of a folder that now holds another number of files would mark the wrong ones.
+                if dataset is not None and isinstance(flags, torch.Tensor) and flags.shape == (len(dataset),):
+                    dataset.mark_unreadable(flags)
             if saved.get("train_images", len(self.train_set)) != len(self.train_set):
                 warnings.warn(
                     f"{cfg.resume!r} was trained on {saved['train_images']} images, --data {cfg.data!r} now holds "
@@ -310,9 +377,15 @@ class Trainer:
 
     def _init_weights(self, model: StylizingViT) -> None:
         cfg = self.cfg
-        vgg_source = None
+        vgg_source, random_note = None, ""
         if cfg.init_weights:
-            sd = clean_state_dict(read_state_dict(cfg.init_weights), model)
+            state = read_state_dict(cfg.init_weights)
+            sd = clean_state_dict(state, model)
+            if _has_random_vgg(state):  # never pass a random VGG19 off as the ImageNet one
+                sd = {k: v for k, v in sd.items() if not k.startswith("vgg_encoder.")}
+                random_note = (
+                    f" (--init-weights {cfg.init_weights!r} is a --random-vgg run's: its VGG19 is random)"
+                )
             if any(k.startswith("vgg_encoder.") for k in sd):
                 vgg_source = cfg.init_weights  # the official files carry the ImageNet VGG19
             else:  # a train=False export: keep the model's VGG, check every other key strictly
@@ -325,10 +398,10 @@ class Trainer:
             self.cfg = dataclasses.replace(cfg, random_vgg=False)  # recorded as it is: real weights
         elif not cfg.random_vgg:
             raise ValueError(
-                "no VGG19 weights: the perceptual losses would run through a randomly initialized VGG19 and "
-                "training would optimize a meaningless objective. Pass --vgg-weights with timm's "
-                "vgg19.tv_in1k or torchvision's vgg19 ImageNet file, --init-weights with an official "
-                "checkpoint (it carries the VGG19), or --random-vgg for a smoke run"
+                f"no VGG19 weights{random_note}: the perceptual losses would run through a randomly "
+                "initialized VGG19 and training would optimize a meaningless objective. Pass --vgg-weights "
+                "with timm's vgg19.tv_in1k or torchvision's vgg19 ImageNet file, --init-weights with an "
+                "official checkpoint (it carries the VGG19), or --random-vgg for a smoke run"
             )
 
     # ------------------------------------------------------------------------------------------ training
@@ -382,8 +455,9 @@ class Trainer:
                     terms.append(term * x.shape[0])
                     images += x.shape[0]
                 bar.update(1)
-            torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_norm)
-            self.optimizer.step()
+            if step_images:  # summed over the ranks: every rank skips alike (module docstring)
+                torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_norm)
+                self.optimizer.step()
             self.optimizer.zero_grad()
             self.step, self.batch = self.step + 1, group_end
             # This rank's losses, over its images, as the step weighs them.
@@ -397,6 +471,7 @@ class Trainer:
             stop = self._reached_max_steps() and group_end < n
             periodic = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
             if group_end < n and (stop or periodic):
+                self._share_unreadable(self.train_set)  # every rank's findings into the checkpoint
                 self._save_checkpoint()
             if on_step is not None:
                 on_step(info)
@@ -487,12 +562,18 @@ class Trainer:
             sd = {k: v for k, v in sd.items() if not k.startswith("vgg_encoder.")}
         save_state_dict(sd, os.path.join(self.cfg.out, name))
 
-    def _require_readable(self, dataset: ImageFolderDataset, flag: str) -> None:
-        """ValueError once every file of `dataset` was found corrupt, by any rank: nothing to learn from."""
-        bad = dataset.unreadable.to(self.device, torch.uint8)
+    def _share_unreadable(self, dataset: ImageFolderDataset) -> None:
+        """Give every rank's `dataset` the files any rank found corrupt (a collective: all ranks call it)."""
         if self.world > 1:
+            bad = dataset.unreadable.to(self.device, torch.uint8)
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bool(bad.all()):
+            dataset.mark_unreadable(bad.bool())
+
+    def _require_readable(self, dataset: ImageFolderDataset, flag: str) -> None:
+        """ValueError once every file of `dataset` was found corrupt, by any rank: nothing to learn from.
+        Shares the findings first (`_share_unreadable`), so `dataset.skipped` counts every rank's."""
+        self._share_unreadable(dataset)
+        if bool(dataset.unreadable.all()):
             raise ValueError(
                 f"every image under {flag} {dataset.root!r} is unreadable ({len(dataset)} files; see the "
                 "warnings above)"
@@ -513,6 +594,9 @@ class Trainer:
             "best_val": self.best_val,
             "world_size": self.world,
             "train_images": len(self.train_set),
+            # Every rank's findings (shared before each save); the files stay skipped when the run resumes.
+            "train_unreadable": self.train_set.unreadable.clone(),
+            "val_unreadable": self.val_set.unreadable.clone() if self.val_set is not None else None,
             "rng": rng_state(self.device),
             "config": dataclasses.asdict(self.cfg),
         }

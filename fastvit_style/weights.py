@@ -1,8 +1,9 @@
 """The one place where weight files are read and written (shared doc 2.2, 2.3).
 
-Reading never unpickles arbitrary objects: `.safetensors` through safetensors, everything else only
-through `torch.load(weights_only=True)`. Writing is atomic. Files use the official key names, so the
-official package loads what we save and we load what it saved.
+Reading never unpickles arbitrary objects: safetensors files through safetensors, everything else only
+through `torch.load(weights_only=True)`; the file's first bytes tell the two apart, its name only where
+they do not (a safetensors file named .pth is read as safetensors). Writing is atomic. Files use the
+official key names, so the official package loads what we save and we load what it saved.
 """
 
 from __future__ import annotations
@@ -56,11 +57,13 @@ def read_state_dict(path) -> dict:
         what = "is a directory, not a weight file" if os.path.isdir(path) else "does not exist"
         raise FileNotFoundError(f"weight file {path!r} {what}")
     suffix = os.path.splitext(path)[1].lower()
-    if suffix == SAFETENSORS_SUFFIX:
+    # What the bytes are decides before the name does: a safetensors file named .pth is still one.
+    kind = _sniff(path)
+    if kind == "safetensors" or (kind is None and suffix == SAFETENSORS_SUFFIX):
         sd = _read_safetensors(path)
-    elif suffix in TORCH_SUFFIXES:
+    elif kind == "torch" or suffix in TORCH_SUFFIXES:
         sd = _read_torch(path)
-    else:  # unknown extension: the two formats we accept, safest first
+    else:  # unknown extension and unrecognized start (e.g. a truncated header): try both, safest first
         try:
             sd = _read_safetensors(path)
         except ValueError as st_err:
@@ -89,20 +92,50 @@ def _read_safetensors(path: str) -> dict:
         raise ValueError(f"{path!r} is truncated or corrupt: safetensors could not read it ({e})") from e
 
 
+def _sniff(path: str) -> str | None:
+    """'safetensors', 'torch' or None from the first bytes of the file at `path`. safetensors: an 8-byte
+    little-endian header length that fits the file, then '{'; torch: a zip archive (torch.save) or a
+    pickle of protocol 2 to 5 (legacy torch.save, pickle.dump)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if (
+        len(head) == 9
+        and head[8:] == b"{"
+        and 8 + int.from_bytes(head[:8], "little") <= os.path.getsize(path)
+    ):
+        return "safetensors"
+    if head.startswith(b"PK\x03\x04") or (
+        head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+    ):
+        return "torch"
+    return None
+
+
 def _read_torch(path: str):
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # The weights-only unpickler met something other than tensors and containers: code could run
-        # (a `__reduce__` payload) if we unpickled it, so we never do. A damaged pickle also lands here.
-        raise ValueError(
-            f"{path!r} was refused for safety: it contains Python objects other than tensors, which "
-            f"torch.load(weights_only=True) does not allow ({_short_reason(e)}); it may also be corrupt. "
-            + _CONVERT_HINT
-        ) from e
+        with open(path, "rb") as f:  # a file, not a name: torch >= 2.13 reads any *.safetensors name as one
+            return torch.load(f, map_location="cpu", weights_only=True)
     except (PermissionError, MemoryError):
         raise
-    except Exception as e:  # zip/EOF/struct errors: the bytes are damaged, not dangerous
+    except Exception as e:
+        torch_file = _sniff(path) == "torch"
+        # The weights-only unpickler met something other than tensors and containers in a pickle (a
+        # torch file, or any pickle naming a global): code could run (a `__reduce__` payload) if we
+        # unpickled it, so we never do. A damaged pickle also lands here.
+        if isinstance(e, pickle.UnpicklingError) and (torch_file or "GLOBAL" in str(e)):
+            raise ValueError(
+                f"{path!r} was refused for safety: it contains Python objects other than tensors, which "
+                f"torch.load(weights_only=True) does not allow ({_short_reason(e)}); it may also be corrupt. "
+                + _CONVERT_HINT
+            ) from e
+        if not torch_file and os.path.getsize(path):  # an empty file is most likely a truncated write
+            with open(path, "rb") as f:
+                head = f.read(8)
+            raise ValueError(
+                f"{path!r} is not a weight file: it starts with {head!r}, neither a torch file (a zip "
+                "archive or a pickle) nor safetensors (an 8-byte header length, then '{')"
+            ) from e
+        # zip/EOF/struct errors: the bytes are damaged, not dangerous
         raise ValueError(
             f"{path!r} is truncated or corrupt: torch.load could not read it ({type(e).__name__}: {e})"
         ) from e
@@ -157,10 +190,12 @@ def describe_backbone(sd: Mapping) -> str:
     ref = sd.get("encoder.pos_embed", sd.get("encoder.cls_token"))
     if ref is None:
         return "no Stylizing ViT encoder (no encoder.pos_embed)"
+    if not isinstance(ref, torch.Tensor) or ref.dim() == 0:  # any file may hold anything under this name
+        return "no Stylizing ViT encoder (encoder.pos_embed is not a (1, N, L) tensor)"
     width = ref.shape[-1]
     blocks = {m.group(1) for k in sd if (m := re.match(r"encoder\.blocks\.(\d+)\.", k))}
     proj = sd.get("encoder.patch_embed.proj.weight")
-    patch = f", patch {proj.shape[-1]}" if proj is not None else ""
+    patch = f", patch {proj.shape[-1]}" if isinstance(proj, torch.Tensor) and proj.dim() else ""
     return f"{_WIDTH_NAMES.get(width, 'custom')} (embed_dim {width}, depth {len(blocks)}{patch})"
 
 
@@ -178,7 +213,10 @@ def load_state_dict(model: nn.Module, sd_or_path, strict: bool = True) -> nn.Mod
     sd = sd_or_path if isinstance(sd_or_path, Mapping) else read_state_dict(sd_or_path)
     sd = clean_state_dict(sd, model)
     expected = model.state_dict()
-    looks = f"the weights look like {describe_backbone(sd)}, the model is {describe_backbone(expected)}"
+
+    def looks() -> str:  # only for an error: a loadable file need not describe well
+        return f"the weights look like {describe_backbone(sd)}, the model is {describe_backbone(expected)}"
+
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
     if strict and (missing or unexpected):
@@ -192,7 +230,7 @@ def load_state_dict(model: nn.Module, sd_or_path, strict: bool = True) -> nn.Mod
                 )
         if unexpected:
             lines.append(f"{len(unexpected)} unexpected keys: {_first(unexpected)}")
-        lines.append(looks)
+        lines.append(looks())
         raise WeightsError("cannot load weights: " + "; ".join(lines))
     wrong = [
         f"{k} {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
@@ -201,7 +239,7 @@ def load_state_dict(model: nn.Module, sd_or_path, strict: bool = True) -> nn.Mod
     ]
     if wrong:
         raise WeightsError(
-            f"cannot load weights: {len(wrong)} shape mismatches ({_first(wrong, 3)}); " + looks
+            f"cannot load weights: {len(wrong)} shape mismatches ({_first(wrong, 3)}); " + looks()
         )
     not_float = [f"{k} ({sd[k].dtype})" for k in expected if k in sd and not sd[k].is_floating_point()]
     if not_float:

@@ -2,8 +2,10 @@
 against one accumulating process, kill-and-resume, interrupted checkpoint writes, the formulas."""
 
 import dataclasses
+import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -14,8 +16,9 @@ from safetensors.torch import load_file
 
 import fastvit_style.train as train_module
 from fastvit_style import StylizingViT, cli
-from fastvit_style.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from fastvit_style.train import TrainConfig, Trainer, cosine_lr, psnr, train
+from fastvit_style.checkpoint import FORMAT, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from fastvit_style.data import micro_batches
+from fastvit_style.train import TrainConfig, Trainer, _has_random_vgg, cosine_lr, psnr, train
 from fastvit_style.weights import load_state_dict, save_state_dict
 
 Image = pytest.importorskip("PIL.Image")
@@ -104,15 +107,23 @@ def test_one_epoch_through_the_cli_lowers_the_loss_and_exports_official_weights(
 
 
 def test_two_ranks_with_torchrun_equal_one_process_accumulating_their_micro_batches(tmp_path):
+    """Also with a corrupt file that rank 1 reads: skipped_images counts every rank's findings."""
     data = write_images(tmp_path / "data", 8)
+    corrupt = micro_batches(8, 2, 0, TrainConfig.seed, rank=1, world_size=2)[0][0]
+    (data / f"{corrupt}.png").write_bytes(b"not an image")  # sorted paths: index i is i.png
     common = ["--data", str(data), *TINY_ARGS, "--epochs", "1", "--batch-size", "2", "--max-steps", "2"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "fastvit_style.train", *common, "--accumulate", "1", "--out", str(tmp_path / "ddp")]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    single = train(TrainConfig(data=str(data), out=str(tmp_path / "one"), epochs=1, batch_size=2, accumulate=2,
-                               max_steps=2, **TINY))  # fmt: skip
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        single = train(TrainConfig(data=str(data), out=str(tmp_path / "one"), epochs=1, batch_size=2,
+                                   accumulate=2, max_steps=2, **TINY))  # fmt: skip
+    for out in ("ddp", "one"):
+        assert '"skipped_images": 1' in (tmp_path / out / "metrics.jsonl").read_text(), out
+        flags = load_checkpoint(tmp_path / out / "last.pt")["train_unreadable"]
+        assert flags.nonzero().flatten().tolist() == [corrupt], out
     ddp = load_file(tmp_path / "ddp" / "last.safetensors")
     torch.manual_seed(TrainConfig.seed)  # the trainer's seed: the initial weights
     start = StylizingViT("tiny", train=True, input_size=32, encoder_depth=2).state_dict()
@@ -219,11 +230,49 @@ def test_cosine_schedule_and_psnr_formula():
         ({"model_kwargs": [1]}, "model_kwargs must be a dict"),
         ({"model_kwargs": {"colour": 1}}, "unexpected keyword argument 'colour'"),
         ({"model_kwargs": {"encoder_depth": 0}}, "depth must be an integer >= 1"),
+        # What the trainer cannot use although the model builds: RGB data, x_recon compared with x.
+        ({"model_kwargs": {"in_channel": 1}}, "in_channel=1 cannot be trained here: .* RGB"),
+        (
+            {"model_kwargs": {"post_process_conv_kernel_size": 4}},
+            "kernel_size=4 with .*padding=2 makes the reconstruction 225 px wide, not input_size 224: .*"
+            + re.escape("kernel_size = 2 * padding + 1"),
+        ),
+        ({"model_kwargs": {"post_process_conv_padding": 5}}, "reconstruction 230 px wide"),
+        # Officially only their truth counts: a JSON "false" would silently mean True.
+        ({"model_kwargs": {"encoder_qkv_bias": "false"}}, "qkv_bias must be True or False, got 'false'"),
+        ({"model_kwargs": {"bottleneck_bias": 2}}, "bottleneck_bias must be True or False, got 2"),
+        ({"model_kwargs": {"post_process_conv_bias": None}}, "post_process_conv_bias must be True or False"),
+        # Epoch e seeds torch with seed + e, which must stay within [-2**63, 2**64).
+        (
+            {"seed": 2**64 - 1, "epochs": 2},
+            re.escape("--seed must be an integer from -2**63 to 2**64 - epochs (18446744073709551614)"),
+        ),
+        ({"seed": 2**64}, "--seed must be an integer"),
+        ({"seed": -(2**63) - 1}, "--seed must be an integer"),
+        ({"seed": 1.0}, "--seed must be an integer"),
+        ({"seed": True}, "--seed must be an integer"),
     ],
 )
 def test_bad_train_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(data="data", out="out", **kwargs)
+
+
+def test_the_extreme_seeds_run_and_bad_ones_stop_the_cli_before_any_file(tmp_path, capsys):
+    data = write_images(tmp_path / "data", 1)
+    # Accepted: the smallest seed, and a post-process conv other than the official one that keeps the size.
+    TrainConfig(data="data", out="out", seed=-(2**63), model_kwargs={"post_process_conv_kernel_size": 3,
+                "post_process_conv_padding": 1})  # fmt: skip
+    # The largest seed a 2-epoch run takes: its last epoch seeds torch with 2**64 - 1.
+    train(
+        TrainConfig(data=str(data), out=str(tmp_path / "big"), seed=2**64 - 2, epochs=2, batch_size=1, **TINY)
+    )
+    assert load_checkpoint(tmp_path / "big" / "last.pt")["epoch"] == 2
+    argv = ["train", "--data", str(data), "--out", str(tmp_path / "out"), *TINY_ARGS]
+    for extra, match in [(["--seed", str(2**64)], "--seed must be an integer"),
+                         (["--model-kwargs", '{"in_channel": 1}'], "in_channel=1 cannot be trained")]:  # fmt: skip
+        assert cli.main([*argv, *extra]) == 1
+        assert match in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 def test_a_new_run_never_replaces_another_runs_files(tmp_path):
@@ -252,6 +301,26 @@ def test_a_new_run_never_replaces_another_runs_files(tmp_path):
     train(dataclasses.replace(config, seed=6))
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
     assert load_checkpoint(out / "last.pt")["config"]["seed"] == 6
+
+
+def test_a_config_json_no_run_wrote_is_never_replaced(tmp_path):
+    """A user's own config.json in --out is refused, --overwrite or not, before anything is written; a
+    run's (of any version: it has data, out, epochs, batch_size, seed) is a run's to replace."""
+    data = write_images(tmp_path / "data", 1)
+    out = tmp_path / "out"
+    out.mkdir()
+    config = TrainConfig(data=str(data), out=str(out), **TINY)
+    for mine in (b'{"lr": 0.1, "notes": "my settings"}', b"\x89PNG not even JSON", b"[1, 2]"):
+        (out / "config.json").write_bytes(mine)
+        for overwrite in (False, True):
+            with pytest.raises(ValueError, match="holds a config.json that no run wrote.*move that file, or "
+                               "choose another --out"):  # fmt: skip
+                Trainer(dataclasses.replace(config, overwrite=overwrite), 0, 1, torch.device("cpu"))
+            assert (out / "config.json").read_bytes() == mine and os.listdir(out) == ["config.json"]
+    old = {"data": "d", "out": str(out), "epochs": 3, "batch_size": 8, "seed": 1, "a_later_field": 0}
+    (out / "config.json").write_text(json.dumps(old))
+    Trainer(config, 0, 1, torch.device("cpu"))
+    assert json.loads((out / "config.json").read_text())["epochs"] == config.epochs
 
 
 def test_max_steps_at_an_epochs_last_step_still_ends_the_epoch(tmp_path):
@@ -301,6 +370,30 @@ def test_resume_never_writes_over_another_run_and_a_random_vgg_stays_random(tmp_
                                init_weights=str(tmp_path / "b" / "last.safetensors"))  # fmt: skip
     with pytest.raises(ValueError, match="no VGG19 weights"):
         train(init)
+    # Its last.pt holds the random VGG19 under the official key names: still not the ImageNet one.
+    init = dataclasses.replace(init, init_weights=str(tmp_path / "b" / "last.pt"))
+    with pytest.raises(
+        ValueError, match=r"no VGG19 weights \(--init-weights .*last.pt' is a --random-vgg run's"
+    ):
+        train(init)
+    # Another seed: a VGG19 equal to b's would be loaded, not drawn alike.
+    trainer = Trainer(dataclasses.replace(init, random_vgg=True, seed=7), 0, 1, torch.device("cpu"))
+    assert trainer.cfg.random_vgg  # recorded as it is: its own exports carry no VGG keys either
+    b = load_checkpoint(tmp_path / "b" / "last.pt")["model"]
+    assert torch.equal(trainer.model.encoder.pos_embed, b["encoder.pos_embed"])
+    assert not torch.equal(trainer.model.vgg_encoder.features_0.weight, b["vgg_encoder.features_0.weight"])
+
+
+def test_which_checkpoints_hold_a_random_vgg():
+    """Before random_vgg was recorded, a run without --vgg-weights went on with a random VGG19 (after a
+    warning), and one from --init-weights cannot be told apart: neither counts as real."""
+    ckpt = {"format": FORMAT, "model": {}}
+    assert _has_random_vgg({**ckpt, "config": {"random_vgg": True}})
+    assert not _has_random_vgg({**ckpt, "config": {"random_vgg": False}})
+    assert _has_random_vgg({**ckpt, "config": {"vgg_weights": None, "init_weights": "official.safetensors"}})
+    assert not _has_random_vgg({**ckpt, "config": {"vgg_weights": "vgg19.pth", "random_vgg": True}})
+    assert not _has_random_vgg({"model": {}, "config": {"random_vgg": True}})  # not our checkpoint
+    assert not _has_random_vgg({"encoder.pos_embed": torch.zeros(1)})
 
 
 def test_a_step_averages_over_its_images_not_its_micro_batches(tmp_path, monkeypatch):
@@ -327,6 +420,65 @@ def test_a_step_averages_over_its_images_not_its_micro_batches(tmp_path, monkeyp
     with pytest.warns(UserWarning, match="skipping unreadable image"):
         seen = step_weights(data, 1, 3)
     assert sorted(seen) == [(0, 0.0), (1, 0.5), (1, 0.5)]
+
+
+def test_a_step_without_a_readable_image_changes_nothing(tmp_path):
+    """No clip, no AdamW step (no momentum, no weight decay, no step count) where no rank had an image;
+    the step still counts."""
+    data = write_images(tmp_path / "data", 3)
+    for i in (1, 2):
+        (data / f"{i}.png").write_bytes(b"not an image")
+    trainer = Trainer(TrainConfig(data=str(data), out=str(tmp_path / "out"), epochs=1, batch_size=1, accumulate=1,
+                                  **TINY), 0, 1, torch.device("cpu"))  # fmt: skip
+    snapshots = [[p.detach().clone() for p in trainer.params]]
+    empty = []
+
+    def on_step(info):
+        snapshots.append([p.detach().clone() for p in trainer.params])
+        empty.append(math.isnan(info["loss"]))
+
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        trainer.fit(on_step)
+    assert trainer.step == 3 and sorted(empty) == [False, True, True]
+    for before, after, skipped in zip(snapshots, snapshots[1:], empty):
+        assert all(torch.equal(a, b) for a, b in zip(before, after)) == skipped
+    assert {int(s["step"]) for s in trainer.optimizer.state.values()} == {1}
+
+
+def test_skipped_images_survive_a_resume(tmp_path):
+    """The corrupt files found before a checkpoint are in it: a resumed run skips and counts them (a
+    checkpoint without them, of an earlier version, still resumes)."""
+    data = write_images(tmp_path / "data", 4)
+    first = micro_batches(4, 1, 0, TrainConfig.seed)[0][0]
+    (data / f"{first}.png").write_bytes(b"not an image")  # read by step 1
+    config = TrainConfig(data=str(data), out=str(tmp_path / "out"), epochs=1, batch_size=1, accumulate=1,
+                         max_steps=1, **TINY)  # fmt: skip
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        train(config)
+    state = load_checkpoint(tmp_path / "out" / "last.pt")
+    assert state["train_unreadable"].nonzero().tolist() == [[first]] and state["val_unreadable"] is None
+    train(dataclasses.replace(config, resume=str(tmp_path / "out" / "last.pt"), max_steps=None))
+    assert '"skipped_images": 1' in (tmp_path / "out" / "metrics.jsonl").read_text()
+
+    save_checkpoint({k: v for k, v in state.items() if not k.endswith("_unreadable")}, tmp_path / "old.pt")
+    train(
+        dataclasses.replace(config, out=str(tmp_path / "b"), resume=str(tmp_path / "old.pt"), max_steps=None)
+    )
+    assert '"skipped_images": 0' in (tmp_path / "b" / "metrics.jsonl").read_text()  # found before: unknown
+
+
+def test_a_dataset_of_unreadable_files_resumed_mid_epoch_stops_at_that_epochs_end(tmp_path):
+    (tmp_path / "junk").mkdir()
+    for i in range(3):
+        (tmp_path / "junk" / f"{i}.png").write_bytes(b"not an image")
+    config = TrainConfig(data=str(tmp_path / "junk"), out=str(tmp_path / "out"), epochs=3, batch_size=1,
+                         accumulate=1, max_steps=1, **TINY)  # fmt: skip
+    with pytest.warns(UserWarning):
+        train(config)  # one file of three seen: no verdict yet
+    resumed = dataclasses.replace(config, resume=str(tmp_path / "out" / "last.pt"), max_steps=None)
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="every image under --data"):
+        train(resumed)
+    assert load_checkpoint(tmp_path / "out" / "last.pt")["epoch"] == 0
 
 
 def test_a_dataset_of_unreadable_files_stops_the_run(tmp_path):
@@ -370,6 +522,28 @@ def test_a_file_that_is_no_checkpoint_is_refused_by_name(tmp_path):
             ValueError, match=r"x.pt' is not a fastvit_style training checkpoint.*torch.load fails"
         ):
             load_checkpoint(tmp_path / "x.pt")
+
+
+def test_a_checkpoint_with_other_contents_is_refused_by_name(tmp_path):
+    """A last.pt in our format but without a key every version wrote, or with a config this version cannot
+    use (a later version's field, a missing one, a bad value): a ValueError naming it, before any write."""
+    data = write_images(tmp_path / "data", 1)
+    config = TrainConfig(data=str(data), out=str(tmp_path / "out"), batch_size=1, max_steps=1, **TINY)
+    train(config)
+    state = load_checkpoint(tmp_path / "out" / "last.pt")
+    saved = state["config"]
+    for name, changed, match in [
+        ("noopt.pt", {k: v for k, v in state.items() if k != "optimizer"}, "in the format .* but has no 'optimizer'"),
+        ("later.pt", {**state, "config": {**saved, "colour": 1}}, "unexpected keyword argument 'colour'"),
+        ("nodata.pt", {**state, "config": {k: v for k, v in saved.items() if k != "data"}}, "argument: 'data'"),
+        ("badval.pt", {**state, "config": {**saved, "epochs": 0}}, "epochs must be at least 1"),
+        ("notdict.pt", {**state, "config": [1]}, "cannot use"),
+    ]:  # fmt: skip
+        save_checkpoint(changed, tmp_path / name)
+        resume = dataclasses.replace(config, out=str(tmp_path / "new"), resume=str(tmp_path / name))
+        with pytest.raises(ValueError, match=f"{name}.*{match}"):
+            Trainer(resume, 0, 1, torch.device("cpu"))
+        assert not (tmp_path / "new").exists()
 
 
 def test_resuming_on_a_dataset_of_another_size_warns(tmp_path):

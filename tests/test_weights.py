@@ -142,6 +142,41 @@ def test_evil_pickle_refused(tmp_path, how, suffix):
     assert not marker.exists()
 
 
+def test_a_protocol_0_pickle_naming_a_global_is_refused(tmp_path):
+    """No torch file starts like this text pickle, but it names a global: refused as such, never run."""
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    path.write_bytes(f"cos\nsystem\n(S'touch {marker}'\ntR.".encode())
+    with pytest.raises(ValueError, match="refused for safety"):
+        W.read_state_dict(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        pytest.param("photo.pth", b"\x89PNG\r\n\x1a\n" + bytes(range(200)), id="png-named-pth"),
+        pytest.param("w.pt", bytes((i * 97 + 13) % 256 for i in range(1000)), id="random-bytes"),
+        pytest.param("notes.ckpt", b"hello world\n", id="text"),
+        pytest.param("w.weights", b"\x89PNG\r\n\x1a\n" + bytes(200), id="png-unknown-suffix"),
+    ],
+)
+def test_a_file_that_is_no_weight_file_says_so(tmp_path, name, content):
+    """Not 'refused for safety' (it holds no Python objects): not a torch or safetensors file at all."""
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match="not a weight file") as err:
+        W.read_state_dict(tmp_path / name)
+    assert "refused for safety" not in str(err.value) and str(tmp_path / name) in str(err.value)
+
+
+@pytest.mark.parametrize("written, named", [(".safetensors", ".pth"), (".pth", ".safetensors")])
+def test_the_bytes_decide_the_format_not_the_name(tmp_path, written, named):
+    src = make(seed=3)
+    W.save_state_dict(src, tmp_path / f"w{written}")
+    os.replace(tmp_path / f"w{written}", tmp_path / f"w{named}")
+    assert_same_state(W.load_state_dict(make(), tmp_path / f"w{named}"), src)
+
+
 def test_plain_checkpoint_with_metadata_is_accepted(tmp_path):
     sd = make(seed=5).state_dict()
     torch.save({"state_dict": sd, "epoch": 7, "best_val_loss": 0.5}, tmp_path / "ckpt.ckpt")
@@ -249,6 +284,22 @@ def test_wrong_depth_message():
     expected = r"look like tiny \(embed_dim 192, depth 3.*model is tiny \(embed_dim 192, depth 2"
     with pytest.raises(RuntimeError, match=expected):
         W.load_state_dict(make(depth=2), make(depth=3).state_dict())
+
+
+def test_a_0d_pos_embed_is_a_shape_mismatch_not_a_crash(tmp_path):
+    """Anything may sit under the official names: the description of the weights copes (and is only built
+    for an error)."""
+    sd = dict(make().state_dict())
+    sd["encoder.pos_embed"] = torch.tensor(1.0)
+    path = W.save_state_dict(sd, tmp_path / "w.safetensors")
+    with pytest.raises(
+        RuntimeError, match="1 shape mismatches .*encoder.pos_embed.*not a \\(1, N, L\\) tensor"
+    ):
+        W.load_state_dict(make(), path)
+    sd["encoder.patch_embed.proj.weight"] = torch.tensor(1.0)
+    assert "not a (1, N, L) tensor" in W.describe_backbone(sd)
+    del sd["encoder.pos_embed"]
+    assert "embed_dim 192, depth 2)" in W.describe_backbone(sd)  # from encoder.cls_token; no patch size
 
 
 def test_integer_tensor_refused():
