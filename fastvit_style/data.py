@@ -34,6 +34,8 @@ class ImageFolderDataset(Dataset):
     """
 
     def __init__(self, root, input_size: int = 224, mean=None, std=None, dataset: str | None = None):
+        if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 1:
+            raise ValueError(f"input_size must be a positive int (the image side), got {input_size!r}")
         self.root = os.fspath(root)
         self.paths = list_images(self.root)
         if not self.paths:

@@ -60,6 +60,9 @@ def test_items_are_normalized_with_padding_at_minus_mean_over_std(tmp_path):
     m, s = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
     assert torch.allclose(x[:, 8:24], ((torch.tensor([1.0, 0, 1]).view(3, 1, 1) - m) / s).expand(3, 16, 32))
     assert torch.allclose(x[:, :8], (-m / s).expand(3, 8, 32))
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="input_size must be a positive int"):
+            ImageFolderDataset(tmp_path, input_size=bad)
 
 
 def test_compute_normalization_on_constant_colour_images_excludes_padding(tmp_path):
