@@ -15,6 +15,7 @@ import sys
 
 import torch
 
+from fastvit_style.apps.common import positive_int
 from fastvit_style.benchmark import BenchConfig, report, run_benchmark
 
 # (workload, batch, target speedup, what it is)
@@ -27,8 +28,8 @@ TARGETS = (
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--repeats", type=int, default=3, help="timed calls of each path, interleaved")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed calls of each path, interleaved")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", help="also write the JSON file into this folder")
     args = p.parse_args(argv)
     if args.threads:

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from fastvit_style.atomic import write_json
+from fastvit_style.benchmark.report import output_stem
 
 D, T = 64, 197
 SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
@@ -515,7 +516,22 @@ def main(argv=None):
     start = time.perf_counter()
     env = environment()
     print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | xformers {env['xformers']}")
-    rows = []
+    rows, block_rows = [], []
+    # Named (and claimed) first, rewritten after every row: a run killed by its caller's timeout keeps
+    # the rows it timed.
+    kind = "shared_attention_graphs" if args.cuda_graphs else "shared_attention"
+    path = output_stem(args.out, {"name": env["device"], "type": "cuda"}, kind) + ".json"
+
+    def save():
+        threshold = one_launch_threshold(rows)
+        run = {
+            "args": vars(args),
+            "rows": rows,
+            "block_sweep": block_rows,
+            "one_launch_min_programs": threshold,
+        }
+        write_json(path, {"env": env, **run})
+        return threshold
 
     def over_budget():
         return time.perf_counter() - start > args.budget
@@ -546,6 +562,7 @@ def main(argv=None):
                 with setting():
                     guarded(row, lambda builder=builder: run_method(problem, builder, args))
             rows.append(row)
+            save()
             print(f"B={B:4d} H={H:3d} {name:22s} {_fmt(row)}", flush=True)
         torch.cuda.empty_cache()
 
@@ -555,26 +572,9 @@ def main(argv=None):
         if H in args.flex_heads:
             run_size(B, H, [Method("flex", flex)])
 
-    block_rows = []
     if args.tune_blocks:
         block_sweep(args, block_rows, lambda: time.perf_counter() - start > args.budget + 30)
-
-    os.makedirs(args.out, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    device = env["device"].replace(" ", "_")
-    kind = "shared_attention_graphs" if args.cuda_graphs else "shared_attention"
-    path = os.path.join(args.out, f"{stamp}_{device}_{kind}.json")
-    threshold = one_launch_threshold(rows)
-    write_json(
-        path,
-        {
-            "env": env,
-            "args": vars(args),
-            "rows": rows,
-            "block_sweep": block_rows,
-            "one_launch_min_programs": threshold,
-        },
-    )
+    threshold = save()
     print_table(rows)
     print(f"\none-launch backward faster from Skv * H = {threshold['min_programs']}: {threshold['evidence']}")
     print(f"\nwrote {path} in {time.perf_counter() - start:.0f} s")

@@ -23,6 +23,8 @@ import time
 import torch
 
 from fastvit_style import StylizingViT
+from fastvit_style.apps.common import non_negative_int, positive_int
+from fastvit_style.benchmark.report import check_output_file
 
 
 def parse_args(argv=None):
@@ -33,12 +35,15 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=4, help="micro-batch B (one roll group)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (the official run is fp32)")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per path")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--steps", type=positive_int, default=3, help="timed steps per path")
+    p.add_argument("--warmup", type=non_negative_int, default=1)
+    p.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--out", default=None, help="JSON file for the results")
     p.add_argument("--profile", action="store_true", help="then profile two fast steps (torch.profiler)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.out:
+        check_output_file(args.out, ("results", "fast_over_reference"))
+    return args
 
 
 class Stepper:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastvit_style import StylizingViT, create_model
+from fastvit_style.apps.common import positive_int
 from fastvit_style.augment import StyleAugment
 from fastvit_style.imageio import normalization, normalize
 
@@ -54,8 +55,8 @@ def main(argv=None) -> float:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--weights", default=None, help="official Stylizing ViT weights (then images are 224 px)")
     p.add_argument("--backbone", default="tiny")
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--steps", type=positive_int, default=40)
+    p.add_argument("--batch", type=positive_int, default=16)
     p.add_argument("--p", type=float, default=0.33, help="fraction of each batch restyled")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)

@@ -90,6 +90,37 @@ def test_bf16_is_judged_against_the_official_bf16_error():
     assert bf16["rel_err"] <= max(bf16["tolerance"], 2 * bf16["official_own_err"]["out"])
 
 
+def test_the_official_fp32_baseline_runs_whatever_the_dtypes():
+    """Every ratio is taken against it: a bf16-only run still times it."""
+    cfg = BenchConfig(dtypes=("bf16",), backends=("reference", "torch"), compile_backends=("reference",),
+                      compile_dtypes=("bf16",))  # fmt: skip
+    eager, compiled = plan_variants(cfg)
+    assert [(v.backend.name, v.dtype) for v in eager] == [("reference", "fp32"), ("torch", "bf16")]
+    assert [(v.backend.name, v.dtype) for v in compiled] == [("reference", "bf16")]
+
+
+@pytest.mark.parametrize("seed", [0, 2])  # seeds whose bf16 draw equals the baseline's (B = 2)
+def test_an_augment_draw_equal_to_the_baselines_is_judged_like_any_other(seed):
+    cfg = BenchConfig(workloads=("augment",), batch_sizes={"augment": [2]}, dtypes=("fp32", "bf16"),
+                      repeats=1, model_kwargs=TOY, seed=seed)  # fmt: skip
+    assert {r["status"] for r in run_benchmark(cfg)["results"]} == {"ok"}
+
+
+@pytest.mark.parametrize("interleave", [False, True])
+def test_interleaved_compiled_variants_share_one_reset(monkeypatch, interleave):
+    """Interleaved, every compiled variant is prepared before any is timed: a reset per variant would drop
+    the others' compiled code, to be recompiled inside their timed calls."""
+    resets = []
+    monkeypatch.setattr(torch, "compile", lambda f, **kw: f)  # the bookkeeping, not inductor
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
+    cfg = BenchConfig(workloads=("stylize",), batch_sizes={"stylize": [2]}, dtypes=("fp32", "bf16"),
+                      compile_backends=("reference", "torch"), repeats=1, interleave=interleave,
+                      model_kwargs=TOY)  # fmt: skip
+    rows = run_benchmark(cfg)["results"]
+    assert sum(r["compile"] for r in rows) == 3 and {r["status"] for r in rows} == {"ok"}
+    assert len(resets) == (1 if interleave else 3)
+
+
 def test_plan():
     cfg = BenchConfig(workloads=("stylize", "train"), batch_sizes={"stylize": [2, 8], "train": [4]},
                       dtypes=("fp32", "bf16"), backends=("reference", "torch"),
@@ -127,6 +158,13 @@ def test_plan():
         (["--device", "tpu"], "device 'tpu' is not a device name"),
         (["--device", "mps"], "only cpu and cuda devices are supported"),
         (["--backbones", ","], "--backbones names no backbone"),
+        (["--backends", ","], "--backends names no backend"),
+        (["--backends", "reference,foo"], "unknown backend 'foo'"),
+        (["--batch-sizes", "2,x"], "--batch-sizes must all be at least 1"),
+        (["--model-kwargs", "{bad"], "--model-kwargs is not valid JSON"),
+        (["--workloads", "foo"], "--workloads: unknown or none"),
+        (["--compile", "--compile-backends", "bogus"], r"--compile-backends \['bogus'\] are not timed"),
+        (["--compile", "--compile-dtypes", "bf16"], r"--compile-dtypes \['bf16'\] are not timed"),
     ],
 )
 def test_option_values_no_variant_could_run_with_are_refused_first(tmp_path, capsys, option, message):
@@ -194,3 +232,19 @@ def test_a_cuda_benchmark_runs_with_its_gpu_current(monkeypatch):
     monkeypatch.setattr(runner, "_run", lambda cfg, device, on_result: list(current))
     assert run_benchmark(BenchConfig(device="cuda:1")) == [torch.device("cuda:1")]
     assert current[-1] is None and run_benchmark(BenchConfig(device="cpu")) == [torch.device("cuda:1"), None]
+
+
+def test_a_script_replaces_only_its_own_json(tmp_path):
+    from fastvit_style.benchmark.report import check_output_file
+
+    check_output_file(str(tmp_path / "new.json"), ("rows",))
+    (tmp_path / "own.json").write_text('{"rows": [], "target": "x"}')
+    check_output_file(str(tmp_path / "own.json"), ("rows",))
+    (tmp_path / "mine.json").write_text('{"notes": 1}')
+    for path, message in [
+        (tmp_path, "is a folder"),
+        (tmp_path / "mine.json", "was not written by this tool"),
+    ]:
+        with pytest.raises(SystemExit, match=message):
+            check_output_file(str(path), ("rows",))
+    assert (tmp_path / "mine.json").read_text() == '{"notes": 1}'

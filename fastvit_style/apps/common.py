@@ -51,6 +51,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
 def seed_int(text: str) -> int:
     """An integer torch.Generator.manual_seed accepts: -2**63 .. 2**64 - 1."""
     value = int(text)

@@ -13,7 +13,7 @@ from ..backends import unavailable_reason
 from ..configs import BACKBONES, check_model_kwargs
 from ..devices import resolve_device
 from . import report
-from .runner import DTYPES, FAST_BACKENDS, WORKLOADS, BenchConfig, plan_size, run_benchmark
+from .runner import DTYPES, FAST_BACKENDS, WORKLOADS, BenchConfig, get_backend, plan_size, run_benchmark
 
 # Batch sizes per workload when --batch-sizes is not given. For augment the batch is the classifier's
 # (64 in the paper: 21 images stylized at p=0.33); for tta it is test images, each with K references.
@@ -94,12 +94,17 @@ def config_from_args(args) -> BenchConfig:
     workloads = _csv(args.workloads)
     unknown = set(workloads) - set(WORKLOADS)
     if unknown or not workloads:
-        raise SystemExit(f"unknown or no workloads {sorted(unknown)}: choose from {', '.join(WORKLOADS)}")
+        raise ValueError(
+            f"--workloads: unknown or none {sorted(unknown)}: choose from {', '.join(WORKLOADS)}"
+        )
     dtypes = _csv(args.dtypes or ("fp32,bf16" if cuda else "fp32"))
     if not dtypes or not set(dtypes) <= set(DTYPES):
         raise ValueError(f"--dtypes must be a comma list of {', '.join(DTYPES)}, got {args.dtypes!r}")
     backbones = _csv(args.backbones or ("base" if cuda else "tiny"))
-    model_kwargs = json.loads(args.model_kwargs)
+    try:
+        model_kwargs = json.loads(args.model_kwargs)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--model-kwargs is not valid JSON ({e})") from None
     if not isinstance(model_kwargs, dict):
         raise ValueError(f"--model-kwargs must be a JSON object, got {args.model_kwargs!r}")
     if not backbones:
@@ -113,18 +118,34 @@ def config_from_args(args) -> BenchConfig:
             )
         check_model_kwargs("--model-kwargs", backbone, model_kwargs)
     if args.batch_sizes:
-        batches = {w: [int(b) for b in _csv(args.batch_sizes)] for w in workloads}
-        if not all(b >= 1 for b in batches[workloads[0]]):
+        sizes = _csv(args.batch_sizes)
+        if not sizes or not all(b.isdigit() and int(b) >= 1 for b in sizes):
             raise ValueError(f"--batch-sizes must all be at least 1, got {args.batch_sizes!r}")
+        batches = {w: [int(b) for b in sizes] for w in workloads}
     else:
         table = QUICK_BATCHES if args.quick else DEFAULT_BATCHES[device.type]
         batches = {w: table[w] for w in workloads}
     if args.backends:
         backends = _csv(args.backends)
+        if not backends:
+            raise ValueError(f"--backends names no backend: {args.backends!r}")
+        for name in backends:
+            get_backend(name)  # ValueError for an unknown name, before any file is made
     else:  # the interpreter would time numpy, not the kernels: Triton on CPU only when asked for
         fast = [b for b in FAST_BACKENDS if unavailable_reason(b, device) is None and (cuda or b != "triton")]
         backends = ["reference", *fast]
     compile_ = (cuda and not args.quick) if args.compile is None else args.compile
+    compile_backends = _csv(args.compile_backends or ",".join(backends)) if compile_ else []
+    compile_dtypes = _csv(args.compile_dtypes or ("bf16" if "bf16" in dtypes else ",".join(dtypes)))
+    # Names outside the timed sets would compile nothing, silently.
+    for flag, names, timed in (
+        ("--compile-backends", compile_backends, backends),
+        ("--compile-dtypes", compile_dtypes if compile_ else [], dtypes),
+    ):
+        if not set(names) <= set(timed):
+            raise ValueError(
+                f"{flag} {sorted(set(names) - set(timed))} are not timed: choose from {', '.join(timed)}"
+            )
     default_repeats, default_warmup = (
         ((5, 1) if args.quick else (10, 2)) if cuda else ((2, 0) if args.quick else (3, 0))
     )
@@ -135,8 +156,8 @@ def config_from_args(args) -> BenchConfig:
         batch_sizes=batches,
         dtypes=tuple(dtypes),
         backends=tuple(backends),
-        compile_backends=tuple(_csv(args.compile_backends or ",".join(backends))) if compile_ else (),
-        compile_dtypes=tuple(_csv(args.compile_dtypes or ("bf16" if "bf16" in dtypes else ",".join(dtypes)))),
+        compile_backends=tuple(compile_backends),
+        compile_dtypes=tuple(compile_dtypes),
         repeats=default_repeats if args.repeats is None else args.repeats,
         warmup=default_warmup if args.warmup is None else args.warmup,
         interleave=not cuda if args.interleave is None else args.interleave,

@@ -93,6 +93,27 @@ def output_stem(out_dir: str, device: dict, kind: str = "bench") -> str:
         return stem
 
 
+def check_output_file(path: str, keys: tuple[str, ...]) -> None:
+    """Before a run that writes its JSON to `path`: SystemExit unless `path` is a new file, or a JSON
+    object holding `keys` (the same tool's output, which the run replaces). Never a folder or a file
+    the user made."""
+    import json
+
+    if path.endswith((os.sep, "/")) or os.path.isdir(path):
+        raise SystemExit(f"error: --out {path!r} is a folder; it names the JSON file to write")
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        old = None
+    if not (isinstance(old, dict) and all(k in old for k in keys)):
+        raise SystemExit(
+            f"error: --out {path!r} exists and was not written by this tool: remove it or choose another"
+        )
+
+
 def write_json(path: str, run: dict, env: dict) -> None:
     """Atomic, so that a run killed mid-write leaves the previous complete file."""
     atomic.write_json(path, {"env": env, **run})

@@ -144,13 +144,15 @@ class BenchConfig:
 
 
 def plan_variants(cfg: BenchConfig) -> tuple[list[Variant], list[Variant]]:
-    """(eager, compiled) variants. The official computation runs in fp32 eager (the baseline) and,
-    compiled, in bf16: the strongest version of the official code."""
+    """(eager, compiled) variants. The official computation runs in fp32 eager (the baseline, also
+    when `dtypes` has no fp32) and, compiled, in bf16: the strongest version of the official code."""
     eager, compiled = [], []
     for name in cfg.backends:
         backend = get_backend(name)
+        if backend.official:  # the baseline of every ratio, whatever `dtypes` holds
+            eager.append(Variant(backend, "fp32", False))
         for dtype in cfg.dtypes:
-            if not backend.official or dtype == "fp32":
+            if not backend.official:
                 eager.append(Variant(backend, dtype, False))
             if (
                 name in cfg.compile_backends
@@ -185,6 +187,10 @@ def run_benchmark(cfg: BenchConfig, on_result: Callable[[dict, dict], None] | No
 
     All eager variants run first, then the compiled ones (minutes of compilation each on a GPU), so
     that a --budget cuts the slowest-to-warm-up variants first."""
+    if cfg.repeats < 1 or cfg.warmup < 0:  # no timed call: no median to report
+        raise ValueError(
+            f"repeats must be at least 1 and warmup at least 0, got {cfg.repeats} and {cfg.warmup}"
+        )
     device = torch.device(cfg.device)
     # CUDA events, synchronize and the peak-memory counters act on the current device: make it the
     # benchmarked one (with --device cuda:1 they would time and measure cuda:0).
@@ -307,6 +313,14 @@ class _Case:
     def run(self, variants: list[Variant], deadline: float):
         """Yields each row when it is final (with interleaved timing, the timed ones at the end)."""
         rows = [self._row(v) for v in variants]
+        if self.cfg.interleave and any(v.compile for v in variants):
+            # Every compiled variant of the case is prepared before any is timed: one reset for them all
+            # (one per variant would drop the others' compiled code, recompiled inside timed calls),
+            # and room for each one's guards on the shared code objects.
+            torch._dynamo.reset()
+            torch._dynamo.config.recompile_limit = max(
+                torch._dynamo.config.recompile_limit, 2 * len(variants)
+            )
         self.variants += variants
         self.rows += rows
         pending = []
@@ -348,7 +362,7 @@ class _Case:
     def _prepare(self, v: Variant, row: dict):
         """Build the variant's step, warm it up and check its first output; the step if it passed."""
         w = self.workload
-        if v.compile:
+        if v.compile and not self.cfg.interleave:
             torch._dynamo.reset()  # fresh caches: every variant compiles its own model object
         amp = self._amp(v.dtype)
         try:
@@ -359,7 +373,7 @@ class _Case:
             out, first_s, warm_s = timing.warm_up(step, self.call, self.cfg.warmup)
             row.update(first_call_s=first_s, warmup_s=warm_s, reason="")
             if v.baseline:  # the official computation's own first output is the reference
-                self.expected_cache.setdefault((w.parity_key(out), "fp32"), out)
+                self.expected_cache.setdefault((w.parity_key(out), "fp32"), w.compared(out))
             errors = compare(out, self._expected(out, "fp32"))
             grad_limit = GRAD_TOLERANCE[(v.dtype, self.device.type)]
             limits = {k: grad_limit if k == "grads" else row["tolerance"] for k in errors}

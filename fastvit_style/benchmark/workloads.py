@@ -42,6 +42,10 @@ class Workload:
     def parity_key(self, out: dict):
         """Outputs with equal keys share one reference output; only augment's depends on its draw."""
 
+    def compared(self, out: dict) -> dict:
+        """The outputs of a step that are checked against the reference's (all of them here)."""
+        return out
+
     def expected(self, ref_model, inputs: dict, out: dict, amp=contextlib.nullcontext) -> dict:
         """The official output for these inputs (ref_model: fp32 weights, reference backend, never
         stepped), computed eagerly under `amp`."""
@@ -124,7 +128,10 @@ class Augment(Workload):
     def expected(self, ref_model, inputs, out, amp=contextlib.nullcontext):
         # The reference styles the same images the candidate picked (its draw is its own).
         idx = torch.as_tensor(out["idx"], device=inputs["x"].device)
-        return {"out": self._apply(ref_model, inputs["x"], idx, amp)["out"]}
+        return self.compared(self._apply(ref_model, inputs["x"], idx, amp))
+
+    def compared(self, out):
+        return {"out": out["out"]}  # the draw is the candidate's own: it picks the reference, not a result
 
     def flops_per_image(self, count, batch):
         return count("stylize") * self.n(batch) / batch

@@ -589,7 +589,7 @@ def test_sweep_bookkeeping_without_gpu(monkeypatch, tmp_path):
     argv = ["--out", str(tmp_path), "--heads", "3", "--batches", "8", "--flex-heads", "--tune-blocks"]
     assert sweep.main(argv) == 0
     assert _common.ONE_LAUNCH_BACKWARD_MIN_PROGRAMS == 1234
-    (written,) = tmp_path.glob("*_fake_GPU_shared_attention.json")
+    (written,) = tmp_path.glob("*_fake-GPU_shared_attention.json")
     data = json.loads(written.read_text())
     methods = {r["method"]: r["status"] for r in data["rows"]}
     assert methods["fused"] == methods["fused-1launch"] == "ok"
