@@ -130,11 +130,26 @@ def launch_grid(heads_outer: bool, length: int, block: int, sequences: int, head
     return (programs, heads) if heads_outer else (programs,)
 
 
-def launch_meta(blocks: Blocks, head_dim: int, tq: int, tk: int, owns_keys: bool = False) -> dict:
+def dot_precision(dtype: torch.dtype) -> str:
+    """The input_precision of the kernels' tl.dot for inputs of `dtype` (their DOT constexpr).
+
+    fp32: what torch's own fp32 matmuls on CUDA do, exact ("ieee") unless TF32 is allowed
+    (`torch.backends.cuda.matmul.allow_tf32`, or `torch.set_float32_matmul_precision("high")`): the
+    official attention is a torch matmul, so an fp32 model gives its numbers unless the user opts into
+    TF32 the usual way (Triton's own default would be TF32 always). Half-precision dots are exact
+    either way; they keep Triton's default, "tf32"."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def launch_meta(
+    blocks: Blocks, head_dim: int, tq: int, tk: int, dtype: torch.dtype, owns_keys: bool = False
+) -> dict:
     """Compile-time arguments of an attention kernel launched with `blocks` at query length tq and key
-    length tk: its constexprs (TAIL_M, TAIL_N: the widths of the last query and key tiles) and
-    num_warps/num_stages. owns_keys: the programs own key tiles and stream the queries (dk/dv);
-    otherwise they own query tiles and stream the keys."""
+    length tk on inputs of `dtype`: its constexprs (TAIL_M, TAIL_N: the widths of the last query and
+    key tiles; DOT: `dot_precision`) and num_warps/num_stages. owns_keys: the programs own key tiles and
+    stream the queries (dk/dv); otherwise they own query tiles and stream the keys."""
     narrow_m, narrow_n = blocks.narrow_streamed, blocks.narrow_owned
     if not owns_keys:
         narrow_m, narrow_n = narrow_n, narrow_m
@@ -146,6 +161,7 @@ def launch_meta(blocks: Blocks, head_dim: int, tq: int, tk: int, owns_keys: bool
         "TAIL_N": tail_width(tk, blocks.block_n, narrow_n),
         "BLOCK_D": block_d(head_dim),
         "UPCAST": UPCAST_TILES,
+        "DOT": dot_precision(dtype),
         "HEADS_OUTER": blocks.heads_outer,
         "num_warps": blocks.num_warps,
         "num_stages": blocks.num_stages,
@@ -153,15 +169,15 @@ def launch_meta(blocks: Blocks, head_dim: int, tq: int, tk: int, owns_keys: bool
 
 
 def memoize_per_shape(kernel_configs):
-    """Decorate a kernel file's kernel_configs(Tq, Tk, d, dtype) to compute it once per shape, dtype and
-    block heuristic in force (tests and the sweep replace `attention_blocks`): launchers call it on
-    every launch, and building it costs more host time than the launch. Callers read the shared
-    result and never change it."""
+    """Decorate a kernel file's kernel_configs(Tq, Tk, d, dtype) to compute it once per shape, dtype,
+    block heuristic in force (tests and the sweep replace `attention_blocks`) and dot precision (torch's
+    TF32 setting may change between calls): launchers call it on every launch, and building it costs
+    more host time than the launch. Callers read the shared result and never change it."""
     cache = {}
 
     @functools.wraps(kernel_configs)
     def memoized(Tq: int, Tk: int, d: int, dtype: torch.dtype) -> dict:
-        key = (attention_blocks, Tq, Tk, d, dtype)
+        key = (attention_blocks, Tq, Tk, d, dtype, dot_precision(dtype))
         configs = cache.get(key)
         if configs is None:
             if len(cache) >= 256:  # a sweep makes a new heuristic per config: keep the cache bounded

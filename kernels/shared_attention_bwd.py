@@ -38,19 +38,20 @@ def _dq_tile(
     BLOCK_D: tl.constexpr,
     MASK_N: tl.constexpr,  # the tile reaches past Tk
     UPCAST: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     """Add keys [start_n, start_n + BLOCK_N) to b_dq (not yet scaled) and return it."""
     # [BLOCK_D, BLOCK_N]
     b_kt = load_rows_t(p_k, start_n, Tk, stride_kt, stride_kd, HEAD_DIM, BLOCK_N, BLOCK_D, MASK_N, UPCAST)
     b_vt = load_rows_t(p_v, start_n, Tk, stride_vt, stride_vd, HEAD_DIM, BLOCK_N, BLOCK_D, MASK_N, UPCAST)
     # [BLOCK_M, BLOCK_N]
-    b_p = tl.exp2(tl.dot(b_q, b_kt) * qk_scale - b_lse[:, None])
+    b_p = tl.exp2(tl.dot(b_q, b_kt, input_precision=DOT) * qk_scale - b_lse[:, None])
     if MASK_N:
         b_p = tl.where(m_m[:, None] & (start_n + tl.arange(0, BLOCK_N) < Tk)[None, :], b_p, 0.0)
     else:
         b_p = tl.where(m_m[:, None], b_p, 0.0)
-    b_ds = b_p * (tl.dot(b_do, b_vt) - b_delta[:, None])
-    return tl.dot(b_ds.to(b_kt.dtype), tl.trans(b_kt), b_dq)
+    b_ds = b_p * (tl.dot(b_do, b_vt, input_precision=DOT) - b_delta[:, None])
+    return tl.dot(b_ds.to(b_kt.dtype), tl.trans(b_kt), b_dq, input_precision=DOT)
 
 
 @triton.jit
@@ -66,6 +67,7 @@ def _dq_rows(
     TAIL_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     """Store dq and delta of query rows [start_m, start_m + ROWS)."""
     o_m = start_m + tl.arange(0, ROWS)
@@ -86,13 +88,13 @@ def _dq_rows(
         b_dq = _dq_tile(
             b_q, b_do, b_lse, b_delta, b_dq, m_m, p_k, p_v, start_n, Tk,
             stride_kt, stride_kd, stride_vt, stride_vd, qk_scale,
-            HEAD_DIM, BLOCK_N, BLOCK_D, False, UPCAST,
+            HEAD_DIM, BLOCK_N, BLOCK_D, False, UPCAST, DOT,
         )
     if TAIL_N > 0:
         b_dq = _dq_tile(
             b_q, b_do, b_lse, b_delta, b_dq, m_m, p_k, p_v, n_full, Tk,
             stride_kt, stride_kd, stride_vt, stride_vd, qk_scale,
-            HEAD_DIM, TAIL_N, BLOCK_D, True, UPCAST,
+            HEAD_DIM, TAIL_N, BLOCK_D, True, UPCAST, DOT,
         )
     store_rows(p_dq, b_dq * scale, start_m, Tq, stride_dqt, stride_dqd, HEAD_DIM, ROWS, BLOCK_D)
 
@@ -109,6 +111,7 @@ def _dkdv_tile(
     BLOCK_D: tl.constexpr,
     MASK_M: tl.constexpr,  # the tile reaches past Tq
     UPCAST: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     """Add query rows [start_m, start_m + BLOCK_M) to b_dk and b_dv and return them.
 
@@ -129,15 +132,15 @@ def _dkdv_tile(
         b_delta = tl.load(p_delta + o_m)
     # [COLS, BLOCK_M]; padded keys and queries are zeroed so that no overflow of exp2 on padding
     # can reach a stored element.
-    b_pt = tl.exp2(tl.dot(b_k, b_qt) * qk_scale - b_lse[None, :])
+    b_pt = tl.exp2(tl.dot(b_k, b_qt, input_precision=DOT) * qk_scale - b_lse[None, :])
     if MASK_M:
         b_pt = tl.where(m_n[:, None] & m_m[None, :], b_pt, 0.0)
     else:
         b_pt = tl.where(m_n[:, None], b_pt, 0.0)
-    b_dv = tl.dot(b_pt.to(b_do.dtype), b_do, b_dv)
-    b_dpt = tl.dot(b_v, tl.trans(b_do))
+    b_dv = tl.dot(b_pt.to(b_do.dtype), b_do, b_dv, input_precision=DOT)
+    b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT)
     b_dst = b_pt * (b_dpt - b_delta[None, :])
-    b_dk = tl.dot(b_dst.to(b_qt.dtype), tl.trans(b_qt), b_dk)
+    b_dk = tl.dot(b_dst.to(b_qt.dtype), tl.trans(b_qt), b_dk, input_precision=DOT)
     return b_dk, b_dv
 
 
@@ -155,6 +158,7 @@ def _dkdv_cols(
     TAIL_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     """Store dk and dv of keys [start_n, start_n + COLS)."""
     o_n = start_n + tl.arange(0, COLS)
@@ -180,7 +184,7 @@ def _dkdv_cols(
                 b_dk, b_dv = _dkdv_tile(
                     b_k, b_v, b_dk, b_dv, m_n, p_q, p_do, p_lse, p_delta, start_m, Tq,
                     stride_qt, stride_qd, stride_dot, stride_dod, qk_scale,
-                    HEAD_DIM, BLOCK_M, BLOCK_D, True, UPCAST,
+                    HEAD_DIM, BLOCK_M, BLOCK_D, True, UPCAST, DOT,
                 )
         else:
             # Full query tiles without a mask, then the rest in a tile only as wide as it needs.
@@ -188,13 +192,13 @@ def _dkdv_cols(
                 b_dk, b_dv = _dkdv_tile(
                     b_k, b_v, b_dk, b_dv, m_n, p_q, p_do, p_lse, p_delta, start_m, Tq,
                     stride_qt, stride_qd, stride_dot, stride_dod, qk_scale,
-                    HEAD_DIM, BLOCK_M, BLOCK_D, False, UPCAST,
+                    HEAD_DIM, BLOCK_M, BLOCK_D, False, UPCAST, DOT,
                 )
             if TAIL_M > 0:
                 b_dk, b_dv = _dkdv_tile(
                     b_k, b_v, b_dk, b_dv, m_n, p_q, p_do, p_lse, p_delta, m_full, Tq,
                     stride_qt, stride_qd, stride_dot, stride_dod, qk_scale,
-                    HEAD_DIM, TAIL_M, BLOCK_D, True, UPCAST,
+                    HEAD_DIM, TAIL_M, BLOCK_D, True, UPCAST, DOT,
                 )
 
     store_rows(p_dk, b_dk * scale, start_n, Tk, stride_dkt, stride_dkd, HEAD_DIM, COLS, BLOCK_D)
@@ -228,6 +232,7 @@ def _shared_attention_bwd_dkdv_kernel(
     TAIL_N: tl.constexpr,  # keys of the last program when Tk leaves a partial tile (0: none)
     BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr,
+    DOT: tl.constexpr,
     HEADS_OUTER: tl.constexpr,  # program order, see `_common.launch_grid`
 ):
     """One program: BLOCK_N keys of K/V sequence j, head h (TAIL_N for the last partial tile);
@@ -247,21 +252,21 @@ def _shared_attention_bwd_dkdv_kernel(
                 Q, DO, LSE, DELTA, KV_QUERIES, p_k, p_v, p_dk, p_dv, q_start, q_end, i_h, H, start_n, Tq, Tk,
                 scale, qk_scale, stride_qs, stride_qt, stride_qh, stride_qd, stride_kt, stride_kd, stride_vt,
                 stride_vd, stride_dos, stride_dot, stride_doh, stride_dod, stride_dkt, stride_dkd, stride_dvt,
-                stride_dvd, HEAD_DIM, TAIL_N, BLOCK_M, TAIL_M, BLOCK_D, UPCAST,
+                stride_dvd, HEAD_DIM, TAIL_N, BLOCK_M, TAIL_M, BLOCK_D, UPCAST, DOT,
             )
         else:
             _dkdv_cols(
                 Q, DO, LSE, DELTA, KV_QUERIES, p_k, p_v, p_dk, p_dv, q_start, q_end, i_h, H, start_n, Tq, Tk,
                 scale, qk_scale, stride_qs, stride_qt, stride_qh, stride_qd, stride_kt, stride_kd, stride_vt,
                 stride_vd, stride_dos, stride_dot, stride_doh, stride_dod, stride_dkt, stride_dkd, stride_dvt,
-                stride_dvd, HEAD_DIM, BLOCK_N, BLOCK_M, TAIL_M, BLOCK_D, UPCAST,
+                stride_dvd, HEAD_DIM, BLOCK_N, BLOCK_M, TAIL_M, BLOCK_D, UPCAST, DOT,
             )
     else:
         _dkdv_cols(
             Q, DO, LSE, DELTA, KV_QUERIES, p_k, p_v, p_dk, p_dv, q_start, q_end, i_h, H, start_n, Tq, Tk,
             scale, qk_scale, stride_qs, stride_qt, stride_qh, stride_qd, stride_kt, stride_kd, stride_vt,
             stride_vd, stride_dos, stride_dot, stride_doh, stride_dod, stride_dkt, stride_dkd, stride_dvt,
-            stride_dvd, HEAD_DIM, BLOCK_N, BLOCK_M, TAIL_M, BLOCK_D, UPCAST,
+            stride_dvd, HEAD_DIM, BLOCK_N, BLOCK_M, TAIL_M, BLOCK_D, UPCAST, DOT,
         )
 
 
@@ -292,6 +297,7 @@ def _shared_attention_bwd_dq_kernel(
     TAIL_N: tl.constexpr,  # width of the last, partial key tile (0: BLOCK_N divides Tk)
     BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr,
+    DOT: tl.constexpr,
     HEADS_OUTER: tl.constexpr,  # program order, see `_common.launch_grid`
 ):
     """One program: BLOCK_M query rows of sequence s, head h (TAIL_M for the last partial tile);
@@ -316,21 +322,21 @@ def _shared_attention_bwd_dq_kernel(
                 p_q, p_k, p_v, p_o, p_do, p_dq, p_lse, p_delta, start_m, Tq, Tk, scale, qk_scale,
                 stride_qt, stride_qd, stride_kt, stride_kd, stride_vt, stride_vd, stride_ot, stride_od,
                 stride_dot, stride_dod, stride_dqt, stride_dqd,
-                HEAD_DIM, TAIL_M, BLOCK_N, TAIL_N, BLOCK_D, UPCAST,
+                HEAD_DIM, TAIL_M, BLOCK_N, TAIL_N, BLOCK_D, UPCAST, DOT,
             )
         else:
             _dq_rows(
                 p_q, p_k, p_v, p_o, p_do, p_dq, p_lse, p_delta, start_m, Tq, Tk, scale, qk_scale,
                 stride_qt, stride_qd, stride_kt, stride_kd, stride_vt, stride_vd, stride_ot, stride_od,
                 stride_dot, stride_dod, stride_dqt, stride_dqd,
-                HEAD_DIM, BLOCK_M, BLOCK_N, TAIL_N, BLOCK_D, UPCAST,
+                HEAD_DIM, BLOCK_M, BLOCK_N, TAIL_N, BLOCK_D, UPCAST, DOT,
             )
     else:
         _dq_rows(
             p_q, p_k, p_v, p_o, p_do, p_dq, p_lse, p_delta, start_m, Tq, Tk, scale, qk_scale,
             stride_qt, stride_qd, stride_kt, stride_kd, stride_vt, stride_vd, stride_ot, stride_od,
             stride_dot, stride_dod, stride_dqt, stride_dqd,
-            HEAD_DIM, BLOCK_M, BLOCK_N, TAIL_N, BLOCK_D, UPCAST,
+            HEAD_DIM, BLOCK_M, BLOCK_N, TAIL_N, BLOCK_D, UPCAST, DOT,
         )
 
 
@@ -345,8 +351,11 @@ def kernel_configs(Tq: int, Tk: int, d: int, dtype: torch.dtype) -> dict:
     dq = _common.attention_blocks("bwd_dq", Tq, Tk, d, dtype)
     dkdv = _common.attention_blocks("bwd_dkdv", Tq, Tk, d, dtype)
     return {
-        "bwd_dq": (_shared_attention_bwd_dq_kernel, _common.launch_meta(dq, d, Tq, Tk)),
-        "bwd_dkdv": (_shared_attention_bwd_dkdv_kernel, _common.launch_meta(dkdv, d, Tq, Tk, owns_keys=True)),
+        "bwd_dq": (_shared_attention_bwd_dq_kernel, _common.launch_meta(dq, d, Tq, Tk, dtype)),
+        "bwd_dkdv": (
+            _shared_attention_bwd_dkdv_kernel,
+            _common.launch_meta(dkdv, d, Tq, Tk, dtype, owns_keys=True),
+        ),
     }
 
 

@@ -45,6 +45,7 @@ def _key_part(
     MASK_N: tl.constexpr,  # the part reaches past Tk
     MASK_M: tl.constexpr,  # the tile reaches past Tq
     UPCAST: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     """Add the query tile to the part's dk, dv and the part's keys to the tile's dq^T; return them."""
     # [W, BLOCK_D]: read again for every query tile (from cache) rather than held in registers,
@@ -52,7 +53,7 @@ def _key_part(
     b_k = load_rows(p_k, start_n, Tk, stride_kt, stride_kd, HEAD_DIM, W, BLOCK_D, MASK_N, UPCAST)
     b_v = load_rows(p_v, start_n, Tk, stride_vt, stride_vd, HEAD_DIM, W, BLOCK_D, MASK_N, UPCAST)
     # [W, ROWS]; padded keys and rows are zeroed so that an overflow of exp2 there reaches nothing.
-    b_pt = tl.exp2(tl.dot(b_k, b_qt) * qk_scale - b_lse[None, :])
+    b_pt = tl.exp2(tl.dot(b_k, b_qt, input_precision=DOT) * qk_scale - b_lse[None, :])
     if MASK_N:
         m_n = start_n + tl.arange(0, W) < Tk
         if MASK_M:
@@ -61,10 +62,10 @@ def _key_part(
             b_pt = tl.where(m_n[:, None], b_pt, 0.0)
     elif MASK_M:
         b_pt = tl.where(m_m[None, :], b_pt, 0.0)
-    b_dv = tl.dot(b_pt.to(b_do.dtype), b_do, b_dv)
-    b_dst = (b_pt * (tl.dot(b_v, b_dot) - b_delta[None, :])).to(b_k.dtype)
-    b_dk = tl.dot(b_dst, b_q, b_dk)
-    b_dqt = tl.dot(tl.trans(b_k), b_dst, b_dqt)
+    b_dv = tl.dot(b_pt.to(b_do.dtype), b_do, b_dv, input_precision=DOT)
+    b_dst = (b_pt * (tl.dot(b_v, b_dot, input_precision=DOT) - b_delta[None, :])).to(b_k.dtype)
+    b_dk = tl.dot(b_dst, b_q, b_dk, input_precision=DOT)
+    b_dqt = tl.dot(tl.trans(b_k), b_dst, b_dqt, input_precision=DOT)
     return b_dk, b_dv, b_dqt
 
 
@@ -83,6 +84,7 @@ def _query_tile(
     MASK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     """Store dq of query rows [start_m, start_m + ROWS); return the parts' dk, dv with these rows added."""
     o_m = start_m + tl.arange(0, ROWS)
@@ -105,19 +107,19 @@ def _query_tile(
     b_dk0, b_dv0, b_dqt = _key_part(
         p_k, p_v, b_dk0, b_dv0, b_dqt, b_qt, b_q, b_do, b_dot, b_lse, b_delta, m_m,
         0, Tk, stride_kt, stride_kd, stride_vt, stride_vd, qk_scale,
-        HEAD_DIM, W0, BLOCK_D, MASK_LAST and W1 == 0, MASK_M, UPCAST,
+        HEAD_DIM, W0, BLOCK_D, MASK_LAST and W1 == 0, MASK_M, UPCAST, DOT,
     )
     if W1 > 0:
         b_dk1, b_dv1, b_dqt = _key_part(
             p_k, p_v, b_dk1, b_dv1, b_dqt, b_qt, b_q, b_do, b_dot, b_lse, b_delta, m_m,
             W0, Tk, stride_kt, stride_kd, stride_vt, stride_vd, qk_scale,
-            HEAD_DIM, W1, BLOCK_D, MASK_LAST and W2 == 0, MASK_M, UPCAST,
+            HEAD_DIM, W1, BLOCK_D, MASK_LAST and W2 == 0, MASK_M, UPCAST, DOT,
         )
     if W2 > 0:
         b_dk2, b_dv2, b_dqt = _key_part(
             p_k, p_v, b_dk2, b_dv2, b_dqt, b_qt, b_q, b_do, b_dot, b_lse, b_delta, m_m,
             W0 + W1, Tk, stride_kt, stride_kd, stride_vt, stride_vd, qk_scale,
-            HEAD_DIM, W2, BLOCK_D, MASK_LAST, MASK_M, UPCAST,
+            HEAD_DIM, W2, BLOCK_D, MASK_LAST, MASK_M, UPCAST, DOT,
         )
     store_rows(p_dq, tl.trans(b_dqt * scale), start_m, Tq, stride_dqt, stride_dqd, HEAD_DIM, ROWS, BLOCK_D)
     return b_dk0, b_dv0, b_dk1, b_dv1, b_dk2, b_dv2
@@ -155,6 +157,7 @@ def _shared_attention_bwd_fused_kernel(
     MASK_LAST: tl.constexpr,  # the last part reaches past Tk
     BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     """One program: all keys of K/V sequence j, head h, and every query row that reads them;
     grid (Skv * H,)."""
@@ -192,7 +195,7 @@ def _shared_attention_bwd_fused_kernel(
                 start_m, Tq, Tk, scale, qk_scale,
                 stride_qt, stride_qd, stride_ot, stride_od, stride_dot, stride_dod, stride_dqt, stride_dqd,
                 stride_kt, stride_kd, stride_vt, stride_vd,
-                HEAD_DIM, BLOCK_M, W0, W1, W2, MASK_LAST, MASK_M, BLOCK_D, UPCAST,
+                HEAD_DIM, BLOCK_M, W0, W1, W2, MASK_LAST, MASK_M, BLOCK_D, UPCAST, DOT,
             )
 
     p_dk = DK + i_j * stride_dks + i_h * stride_dkh
@@ -250,6 +253,7 @@ def kernel_configs(Tq: int, Tk: int, d: int, dtype: torch.dtype) -> dict:
         "MASK_LAST": sum(parts) > Tk,
         "BLOCK_D": _common.block_d(d),
         "UPCAST": _common.UPCAST_TILES,
+        "DOT": _common.dot_precision(dtype),
         "num_warps": blocks.num_warps,
         "num_stages": blocks.num_stages,
     }

@@ -26,6 +26,7 @@ def _fwd_tile(
     BLOCK_D: tl.constexpr,
     MASK_N: tl.constexpr,  # the tile reaches past Tk
     UPCAST: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     """Fold keys [start_n, start_n + BLOCK_N) into (b_max, b_sum, b_acc) and return them."""
     m_n = start_n + tl.arange(0, BLOCK_N) < Tk
@@ -34,14 +35,14 @@ def _fwd_tile(
     # [BLOCK_N, BLOCK_D]
     b_v = load_rows(p_v, start_n, Tk, stride_vt, stride_vd, HEAD_DIM, BLOCK_N, BLOCK_D, MASK_N, UPCAST)
     # [BLOCK_M, BLOCK_N]
-    b_s = tl.dot(b_q, b_kt) * qk_scale
+    b_s = tl.dot(b_q, b_kt, input_precision=DOT) * qk_scale
     if MASK_N:
         b_s = tl.where(m_n[None, :], b_s, float("-inf"))
     b_max_new = tl.maximum(b_max, tl.max(b_s, 1))
     b_alpha = tl.exp2(b_max - b_max_new)
     b_p = tl.exp2(b_s - b_max_new[:, None])
     b_sum = b_sum * b_alpha + tl.sum(b_p, 1)
-    b_acc = tl.dot(b_p.to(b_v.dtype), b_v, b_acc * b_alpha[:, None])
+    b_acc = tl.dot(b_p.to(b_v.dtype), b_v, b_acc * b_alpha[:, None], input_precision=DOT)
     return b_max_new, b_sum, b_acc
 
 
@@ -58,6 +59,7 @@ def _fwd_rows(
     TAIL_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     """Store the output and log-sum-exp of query rows [start_m, start_m + ROWS)."""
     # [ROWS, BLOCK_D]
@@ -74,12 +76,12 @@ def _fwd_rows(
     for start_n in range(0, n_full, BLOCK_N):
         b_max, b_sum, b_acc = _fwd_tile(
             b_q, b_max, b_sum, b_acc, p_k, p_v, start_n, Tk, stride_kt, stride_kd, stride_vt, stride_vd,
-            qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, False, UPCAST,
+            qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, False, UPCAST, DOT,
         )
     if TAIL_N > 0:
         b_max, b_sum, b_acc = _fwd_tile(
             b_q, b_max, b_sum, b_acc, p_k, p_v, n_full, Tk, stride_kt, stride_kd, stride_vt, stride_vd,
-            qk_scale, HEAD_DIM, TAIL_N, BLOCK_D, True, UPCAST,
+            qk_scale, HEAD_DIM, TAIL_N, BLOCK_D, True, UPCAST, DOT,
         )
 
     store_rows(p_o, b_acc / b_sum[:, None], start_m, Tq, stride_ot, stride_od, HEAD_DIM, ROWS, BLOCK_D)
@@ -112,6 +114,7 @@ def _shared_attention_fwd_kernel(
     TAIL_N: tl.constexpr,  # width of the last, partial key tile (0: BLOCK_N divides Tk)
     BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr,
+    DOT: tl.constexpr,
     HEADS_OUTER: tl.constexpr,  # program order, see `_common.launch_grid`
 ):
     """One program: BLOCK_M query rows of sequence s, head h (TAIL_M for the last partial tile);
@@ -132,19 +135,19 @@ def _shared_attention_fwd_kernel(
             _fwd_rows(
                 p_q, p_k, p_v, p_o, p_lse, start_m, Tq, Tk, stride_qt, stride_qd, stride_kt, stride_kd,
                 stride_vt, stride_vd, stride_ot, stride_od, qk_scale,
-                HEAD_DIM, TAIL_M, BLOCK_N, TAIL_N, BLOCK_D, UPCAST,
+                HEAD_DIM, TAIL_M, BLOCK_N, TAIL_N, BLOCK_D, UPCAST, DOT,
             )
         else:
             _fwd_rows(
                 p_q, p_k, p_v, p_o, p_lse, start_m, Tq, Tk, stride_qt, stride_qd, stride_kt, stride_kd,
                 stride_vt, stride_vd, stride_ot, stride_od, qk_scale,
-                HEAD_DIM, BLOCK_M, BLOCK_N, TAIL_N, BLOCK_D, UPCAST,
+                HEAD_DIM, BLOCK_M, BLOCK_N, TAIL_N, BLOCK_D, UPCAST, DOT,
             )
     else:
         _fwd_rows(
             p_q, p_k, p_v, p_o, p_lse, start_m, Tq, Tk, stride_qt, stride_qd, stride_kt, stride_kd,
             stride_vt, stride_vd, stride_ot, stride_od, qk_scale,
-            HEAD_DIM, BLOCK_M, BLOCK_N, TAIL_N, BLOCK_D, UPCAST,
+            HEAD_DIM, BLOCK_M, BLOCK_N, TAIL_N, BLOCK_D, UPCAST, DOT,
         )
 
 
@@ -157,7 +160,7 @@ def kernel_configs(Tq: int, Tk: int, d: int, dtype: torch.dtype) -> dict:
     compile-time arguments (constexprs, num_warps, num_stages). Also read by ahead-of-time compiles
     (`fastvit_style.benchmark.gpu_compile`)."""
     blocks = _common.attention_blocks("fwd", Tq, Tk, d, dtype)
-    meta = _common.launch_meta(blocks, d, Tq, Tk)
+    meta = _common.launch_meta(blocks, d, Tq, Tk, dtype)
     return {"fwd": (_shared_attention_fwd_kernel, meta)}
 
 

@@ -3,8 +3,6 @@ import sys
 
 # Triton's interpreter must be chosen before triton is imported; CPU tests run every kernel through it.
 os.environ.setdefault("TRITON_INTERPRET", "1")
-# The reference is compared in float64 and the CPU kernels at fp32: keep the fp32 dot exact.
-os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
 sys.path.insert(0, os.path.dirname(__file__))
 
 import pytest

@@ -128,7 +128,15 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.add_argument("--quick", action="store_true", help=f"only the first shape, {SHAPES[0]}")
     p.add_argument("--out", help="also write the rows, with the triton version and target, to this JSON file")
+    p.add_argument(
+        "--tf32", action="store_true", help="fp32 kernels as with TF32 allowed (exact dots otherwise)"
+    )
     args = p.parse_args(argv)
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32  # what `_common.dot_precision` reads
+    if args.out:
+        from .report import check_output_file
+
+        check_output_file(args.out, ("target", "triton", "rows"))
     rows = compile_report(args.arch, SHAPES[:1] if args.quick else SHAPES)
     if args.out:
         import triton

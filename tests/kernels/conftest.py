@@ -2,7 +2,6 @@ import os
 
 # Before anything imports triton (the root conftest sets it too; this keeps the folder runnable alone).
 os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
 
 import pytest
 import torch

@@ -15,13 +15,19 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def test_kernels_compile_for_sm90():
+@pytest.mark.parametrize("tf32", [False, True])
+def test_kernels_compile_for_sm90(tf32):
     pytest.importorskip("triton.backends.nvidia", reason="triton without its NVIDIA backend")
-    # Without conftest's TRITON_F32_DEFAULT=ieee: fp32 dots as users get them (TF32 tensor cores).
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_F32_DEFAULT"}
-    env.update(TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
     run = subprocess.run(
-        [sys.executable, "-m", "fastvit_style.benchmark.gpu_compile", "--quick", "--json"],
+        [
+            sys.executable,
+            "-m",
+            "fastvit_style.benchmark.gpu_compile",
+            "--quick",
+            "--json",
+            *(["--tf32"] if tf32 else []),
+        ],
         capture_output=True,
         text=True,
         env=env,
@@ -34,5 +40,8 @@ def test_kernels_compile_for_sm90():
     expected = {(k, t) for k in kernels for t in ("bf16", "fp32")}
     # The one-launch backward applies to half precision at d <= 64 only (its registers).
     assert {(r["kernel"], r["dtype"]) for r in rows} == expected | {("bwd_fused", "bf16")}
-    for r in rows:  # every kernel runs its dots on tensor cores (fp32 as TF32)
-        assert r["registers"] > 0 and r["wgmma"] + r["mma"] > 0, r
+    for r in rows:
+        # Half-precision dots on tensor cores; fp32 ones there only as TF32, exact ones (torch's default
+        # for fp32 matmuls) on the FMA units.
+        tensor_cores = r["dtype"] == "bf16" or tf32
+        assert r["registers"] > 0 and (r["wgmma"] + r["mma"] > 0) == tensor_cores, r

@@ -2,8 +2,8 @@
 
 On CPU the kernels run through the Triton interpreter (TRITON_INTERPRET=1, set in conftest), which
 computes in fp32 even for bf16 inputs; on CUDA (mark gpu, TRITON_INTERPRET unset) on the hardware,
-with TRITON_F32_DEFAULT=ieee so that fp32 is held to the fp32 tolerance. Outputs are NaN-poisoned
-(conftest), so an element no program writes fails.
+where fp32 dots are exact under torch's default (no TF32, `_common.dot_precision`), so that fp32 is
+held to the fp32 tolerance. Outputs are NaN-poisoned (conftest), so an element no program writes fails.
 """
 
 import contextlib
@@ -310,9 +310,32 @@ def test_tail_width(length, block, narrow, expected):
 def test_launch_meta_tails(owns_keys):
     """The owned and streamed flags reach the right axis: queries are owned unless owns_keys (dk/dv)."""
     blocks = _common.Blocks(64, 32, 4, 2, narrow_streamed=False, narrow_owned=True)
-    meta = _common.launch_meta(blocks, 64, 197, 197, owns_keys=owns_keys)
+    meta = _common.launch_meta(blocks, 64, 197, 197, torch.bfloat16, owns_keys=owns_keys)
     # 197 = 3 x 64 + 5 (queries) = 6 x 32 + 5 (keys): a narrow tail is 16 wide, a full one a block.
     assert (meta["TAIL_M"], meta["TAIL_N"]) == ((64, 16) if owns_keys else (16, 32))
+
+
+def test_fp32_dots_follow_torchs_tf32_setting():
+    """Exact fp32 dots unless torch allows TF32 for fp32 matmuls, as the official attention's matmul does;
+    the launchers' memoized configs follow a change of the setting."""
+    fwd = importlib.import_module("fastvit_style.kernels.shared_attention_fwd")
+    bwd = importlib.import_module("fastvit_style.kernels.shared_attention_bwd")
+
+    def dots(dtype):
+        configs = [
+            fwd.kernel_configs(197, 197, 64, dtype)["fwd"],
+            *bwd.kernel_configs(197, 197, 64, dtype).values(),
+        ]
+        return {meta["DOT"] for _, meta in configs}
+
+    allowed = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert dots(torch.float32) == {"ieee"} and dots(torch.bfloat16) == {"tf32"}
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert dots(torch.float32) == {"tf32"} and dots(torch.bfloat16) == {"tf32"}
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allowed
 
 
 def test_stride0_grad(device, backward):
