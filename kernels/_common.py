@@ -2,6 +2,8 @@
 
 import contextlib
 import functools
+import math
+import numbers
 import os
 from typing import NamedTuple
 
@@ -233,11 +235,16 @@ def int32_addressable(name: str, t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
-def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index: torch.Tensor) -> None:
-    """The launchers' checks on q (Sq, Tq, H, d), k/v (Skv, Tk, H, d) and kv_index (Sq,).
+def check_attention_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index: torch.Tensor, scale: float
+) -> None:
+    """The launchers' checks on q (Sq, Tq, H, d), k/v (Skv, Tk, H, d), kv_index (Sq,) and scale (a
+    finite real number: a kernel argument, not a tensor).
 
     kv_index values are not read (that would sync the device): the op checks them in eager mode.
     """
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite real number, got {scale!r}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D (S, T, H, d), got shape {tuple(t.shape)}")

@@ -48,6 +48,8 @@ def test_autograd_path_and_cached_transforms():
     with torch.no_grad():
         conv.weight.mul_(2)  # a new version: the transforms follow it
     assert_close_rel(conv3x3(x, conv), F.conv2d(x, conv.weight, conv.bias, padding=1), 1e-12, "after update")
+    conv.weight.data.mul_(1.5)  # behind the version counter (hand-written loaders, EMA): seen all the same
+    assert_close_rel(conv3x3(x, conv), F.conv2d(x, conv.weight, conv.bias, padding=1), 1e-12, "after .data")
     assert "_winograd_transforms" not in conv.state_dict()
 
 
@@ -58,6 +60,9 @@ def test_direct_where_winograd_does_not_pay_or_apply():
     assert not use_winograd(torch.randn(1, 4, 6, 6), frozen_conv(4, 256, torch.float32))  # few channels
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not use_winograd(torch.randn(1, 4, 6, 6), conv)
+    conv.bias.requires_grad_(True)  # a bias gradient: conv2d (the Winograd Function returns none)
+    assert not use_winograd(torch.randn(1, 4, 6, 6), conv)
+    conv.bias.requires_grad_(False)
     assert not use_winograd(torch.randn(1, 4, 6, 6), conv.requires_grad_(True))  # weight gradients: conv2d
 
 

@@ -91,9 +91,12 @@ class _WinogradConv(torch.autograd.Function):
 
 def _transforms(conv: torch.nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor]:
     """U of the kernel and of its flipped, channel-swapped twin (the input gradient's), kept on the conv
-    (not in its state_dict) until its weight changes: a 512x512 transform costs as much as the saving."""
+    (not in its state_dict) until its weight changes: a 512x512 transform costs as much as the saving.
+    A change is seen through the version counter (load_state_dict, in-place ops) and, for writes that
+    bypass it (`.data`, numpy aliases), through the sum of a strided sample of the weight."""
     w = conv.weight
-    key = (w.data_ptr(), w._version, w.dtype, w.device)
+    sample = w.detach().reshape(-1)[::61].sum().item()  # a CPU tensor (use_winograd): no device sync
+    key = (w.data_ptr(), w._version, w.dtype, w.device, sample)
     cached = conv.__dict__.get("_winograd_transforms")
     if cached is None or cached[0] != key:
         cached = (key, transform_weight(w), transform_weight(w.flip(2, 3).transpose(0, 1)))
@@ -122,6 +125,7 @@ def use_winograd(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
         and x.shape[2] % 2 == 0
         and x.shape[3] % 2 == 0
         and not conv.weight.requires_grad
+        and (conv.bias is None or not conv.bias.requires_grad)  # the Function returns no bias gradient
     )
 
 

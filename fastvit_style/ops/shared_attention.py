@@ -65,7 +65,8 @@ def shared_attention(
     for name, t in (("q", q), ("k", k), ("v", v), ("kv_index", kv_index)):
         if not isinstance(t, Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if torch.is_autocast_enabled(q.device.type):
+    # is_autocast_enabled raises for device types without autocast (meta).
+    if torch.amp.is_autocast_available(q.device.type) and torch.is_autocast_enabled(q.device.type):
         dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = (t.to(dtype) if t.dtype in _TRITON_DTYPES else t for t in (q, k, v))
     _check_inputs(q, k, v, kv_index, check_index)

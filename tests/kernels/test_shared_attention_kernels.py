@@ -447,6 +447,12 @@ def test_launcher_errors(changes, message, device):
         shared_attention_fwd(scale=0.2, **inputs)
 
 
+@pytest.mark.parametrize("scale", [None, float("nan"), torch.tensor(0.3), True])
+def test_launchers_take_a_finite_number_as_scale(scale):
+    with pytest.raises(ValueError, match="scale must be a finite real number"):
+        shared_attention_fwd(scale=scale, **_valid(torch.device("cpu")))
+
+
 def test_backward_launcher_errors(device):
     q, k, v, kv_index, do = make_inputs(2, 2, 5, 6, 2, 32, [1, 0], torch.float32, device)
     out, lse = shared_attention_fwd(q, k, v, kv_index, 0.2)

@@ -104,6 +104,14 @@ def test_empty_batch(Sq, Skv, backend_device):
     assert (dk == 0).all() and (dv == 0).all()
 
 
+def test_meta_tensors_give_shapes():
+    """Shape propagation on the meta device (no autocast there), as for any torch op; no range check."""
+    q, k, v = (torch.empty(3, 7, 2, 32, device="meta") for _ in range(3))
+    kv_index = torch.empty(3, dtype=torch.int32, device="meta")
+    out = shared_attention(q, k[:2], v[:2], kv_index, backend="torch", check_index=False)
+    assert out.shape == (3, 7, 2, 32) and out.device.type == "meta"
+
+
 def test_autocast(backend_device):
     """fp32 inputs under autocast are cast to the autocast dtype first, as SDPA does."""
     backend, device = backend_device
