@@ -449,9 +449,10 @@ def one_launch_block_configs():
     return [default, *(Blocks(*shape) for shape in others if Blocks(*shape) != default)]
 
 
-def block_sweep(args, results, over_budget):
+def block_sweep(args, results, over_budget, save):
     """Time the fused kernels under the tile configs of `block_configs` (two-launch backward) and
-    `one_launch_block_configs` (one-launch backward) at B=32, H=12 (forward and backward separately)."""
+    `one_launch_block_configs` (one-launch backward) at B=32, H=12 (forward and backward separately);
+    save() after each row."""
     from fastvit_style.kernels import _common
 
     default = _common.attention_blocks
@@ -471,9 +472,11 @@ def block_sweep(args, results, over_budget):
             if over_budget():
                 row["status"] = "skipped: time budget"
                 results.append(row)
+                save()
                 continue
             with one_launch_backward(None if one is None else 0):
                 results.append(guarded(row, lambda: run_method(p, fused, args)))
+                save()
             if one is None:
                 bwd = f"dkdv {row['dkdv_blocks']} dq {row['dq_blocks']}"
             else:
@@ -573,7 +576,7 @@ def main(argv=None):
             run_size(B, H, [Method("flex", flex)])
 
     if args.tune_blocks:
-        block_sweep(args, block_rows, lambda: time.perf_counter() - start > args.budget + 30)
+        block_sweep(args, block_rows, lambda: time.perf_counter() - start > args.budget + 30, save)
     threshold = save()
     print_table(rows)
     print(f"\none-launch backward faster from Skv * H = {threshold['min_programs']}: {threshold['evidence']}")

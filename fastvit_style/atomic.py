@@ -10,9 +10,10 @@ import uuid
 def atomic_path(path):
     """Yield a temporary path in `path`'s folder; when the block succeeds it is fsynced and renamed onto
     `path` (os.replace, atomic on POSIX and Windows), otherwise removed. Any earlier file stays intact.
-    A symbolic link at `path` is written through: its target gets the new file, the link stays."""
-    path = os.path.realpath(path)
-    directory = os.path.dirname(path)
+    A symbolic link at `path` is replaced by the file (its target stays as it was): a write never lands
+    outside `path`'s folder, where a run's checks and `remove_temporaries` look."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
     # Hidden (image listings skip it); `remove_temporaries` knows this pattern.
     tmp = os.path.join(directory, f".{_stem(os.path.basename(path))}.{uuid.uuid4().hex[:12]}.tmp")
     try:
@@ -55,8 +56,11 @@ _STEM_BYTES = 255 - 18
 
 
 def _stem(name: str) -> str:
-    """`name` as its temporary's stem: cut to _STEM_BYTES bytes."""
-    return name.encode(errors="surrogateescape")[:_STEM_BYTES].decode(errors="surrogateescape")
+    """`name` as its temporary's stem: cut to at most _STEM_BYTES bytes, at a character boundary (a cut
+    through a UTF-8 sequence makes a name some file systems refuse)."""
+    while len(name.encode(errors="surrogateescape")) > _STEM_BYTES:
+        name = name[:-1]
+    return name
 
 
 def _mode_for(path: str) -> int:

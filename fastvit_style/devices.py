@@ -41,6 +41,7 @@ def to_device_async(t: torch.Tensor, device) -> torch.Tensor:
     device = torch.device(device)
     if device.type != "cuda" or t.device.type != "cpu" or torch.compiler.is_compiling():
         return t.to(device)
-    # pin_memory() returns a pinned t itself: the queued copy would then read memory its owner may change.
-    staged = t.clone().pin_memory() if t.is_pinned() else t.pin_memory()
+    # A fresh dense buffer: pin_memory() would return a pinned t itself (whose owner may change it before
+    # the queued copy reads it) and keeps t's strides, which an expanded t cannot be copied into.
+    staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
     return staged.to(device, non_blocking=True)

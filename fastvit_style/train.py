@@ -562,18 +562,21 @@ class Trainer:
             sd = {k: v for k, v in sd.items() if not k.startswith("vgg_encoder.")}
         save_state_dict(sd, os.path.join(self.cfg.out, name))
 
-    def _share_unreadable(self, dataset: ImageFolderDataset) -> None:
-        """Give every rank's `dataset` the files any rank found corrupt (a collective: all ranks call it)."""
+    def _share_unreadable(self, dataset: ImageFolderDataset) -> torch.Tensor:
+        """Give every rank's `dataset` the files any rank found corrupt (a collective: all ranks call it);
+        returns those flags, (len,) bool, alike on every rank (a worker may mark more in the meantime)."""
+        bad = dataset.unreadable.clone()
         if self.world > 1:
-            bad = dataset.unreadable.to(self.device, torch.uint8)
+            bad = bad.to(self.device, torch.uint8)
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-            dataset.mark_unreadable(bad.bool())
+            bad = bad.bool().cpu()
+            dataset.mark_unreadable(bad)
+        return bad
 
     def _require_readable(self, dataset: ImageFolderDataset, flag: str) -> None:
         """ValueError once every file of `dataset` was found corrupt, by any rank: nothing to learn from.
         Shares the findings first (`_share_unreadable`), so `dataset.skipped` counts every rank's."""
-        self._share_unreadable(dataset)
-        if bool(dataset.unreadable.all()):
+        if bool(self._share_unreadable(dataset).all()):  # the shared flags: every rank decides alike
             raise ValueError(
                 f"every image under {flag} {dataset.root!r} is unreadable ({len(dataset)} files; see the "
                 "warnings above)"

@@ -136,13 +136,23 @@ def dot_precision(dtype: torch.dtype) -> str:
     """The input_precision of the kernels' tl.dot for inputs of `dtype` (their DOT constexpr).
 
     fp32: what torch's own fp32 matmuls on CUDA do, exact ("ieee") unless TF32 is allowed
-    (`torch.backends.cuda.matmul.allow_tf32`, or `torch.set_float32_matmul_precision("high")`): the
+    (`torch.set_float32_matmul_precision("high")`, `torch.backends.cuda.matmul.allow_tf32` or
+    `fp32_precision = "tf32"` there or in `torch.backends`): the
     official attention is a torch matmul, so an fp32 model gives its numbers unless the user opts into
     TF32 the usual way (Triton's own default would be TF32 always). Half-precision dots are exact
     either way; they keep Triton's default, "tf32"."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and not _tf32_matmuls():
         return "ieee"
     return "tf32"
+
+
+def _tf32_matmuls() -> bool:
+    """Whether torch lets fp32 CUDA matmuls use TF32: `fp32_precision` (torch >= 2.9; its getter gives
+    the effective value, `torch.backends.fp32_precision` included), else `allow_tf32`, which raises
+    once the newer API has been used."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    return matmul.allow_tf32 if precision is None else precision == "tf32"
 
 
 def launch_meta(

@@ -17,12 +17,17 @@ def test_a_long_valid_name_is_written_and_its_leftover_temporary_found(tmp_path)
     assert remove_temporaries(tmp_path, [name]) == [str(leftover)]
 
 
-def test_a_link_is_written_through(tmp_path):
-    (tmp_path / "real").mkdir()
-    target = tmp_path / "real" / "p.csv"
+def test_a_long_name_is_cut_at_a_character_boundary():
+    name = "é" * 122 + ".csv"  # 248 bytes: the 237-byte cut falls inside an é
+    assert _stem(name) == "é" * 118 and len(_stem(name).encode()) == 236
+
+
+def test_a_link_is_replaced_and_its_target_left_alone(tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    target = tmp_path / "elsewhere" / "p.csv"
     target.write_text("old")
     os.symlink(target, tmp_path / "link.csv")
     with atomic_path(tmp_path / "link.csv") as tmp, open(tmp, "w") as f:
         f.write("new")
-    assert os.path.islink(tmp_path / "link.csv") and target.read_text() == "new"
-    assert sorted(os.listdir(tmp_path)) == ["link.csv", "real"] and os.listdir(tmp_path / "real") == ["p.csv"]
+    assert not os.path.islink(tmp_path / "link.csv") and (tmp_path / "link.csv").read_text() == "new"
+    assert target.read_text() == "old" and os.listdir(tmp_path / "elsewhere") == ["p.csv"]

@@ -248,3 +248,18 @@ def test_a_script_replaces_only_its_own_json(tmp_path):
         with pytest.raises(SystemExit, match=message):
             check_output_file(str(path), ("rows",))
     assert (tmp_path / "mine.json").read_text() == '{"notes": 1}'
+
+
+def test_the_no_tf32_twin_works_with_torchs_newer_precision_switches():
+    """After `torch.backends.fp32_precision = "tf32"` (torch >= 2.9) the legacy allow_tf32 flags raise."""
+    from fastvit_style.benchmark.runner import _no_tf32
+
+    matmul, conv, backends = torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends
+    saved = matmul.fp32_precision, conv.fp32_precision, backends.fp32_precision
+    try:
+        matmul.fp32_precision, backends.fp32_precision = "none", "tf32"
+        with _no_tf32():
+            assert matmul.fp32_precision == conv.fp32_precision == "ieee"
+        assert matmul.fp32_precision == "tf32"
+    finally:
+        matmul.fp32_precision, conv.fp32_precision, backends.fp32_precision = saved

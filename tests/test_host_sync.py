@@ -59,6 +59,8 @@ def test_copies_a_host_tensor_without_a_sync():
     out = watched(lambda: to_device_async(t, "cuda"))
     t.zero_()  # the copy was taken from pinned memory: t may change at once
     assert out.device.type == "cuda" and torch.equal(out.cpu(), torch.arange(6))
+    expanded = torch.arange(3).expand(2, 3)  # select_refs' default: stride 0, which pinning must densify
+    assert torch.equal(watched(lambda: to_device_async(expanded, "cuda")).cpu(), expanded)
     pinned = torch.arange(6).pin_memory()  # pin_memory() would return it as it is
     torch.cuda._sleep(10**8)  # keeps the queue busy: a copy still reading `pinned` would see the change
     out = to_device_async(pinned, "cuda")
@@ -96,13 +98,21 @@ def test_style_augment(with_references):
     watched(lambda: augment(x))
 
 
-@pytest.mark.parametrize("draws_on", ["cpu", "cuda"])
-def test_tta_classifier(draws_on):
+@pytest.mark.parametrize("k, draws_on", [(3, "cpu"), (3, "cuda"), (None, "cpu")])  # None: every reference
+def test_tta_classifier(k, draws_on):
     model = stylizer()
     bank = StyleBank.from_images(model, images(5, 32, seed=3).cuda())
     classifier = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 4)).cuda()
     generator = torch.Generator(draws_on).manual_seed(0)
-    tta = TTAClassifier(classifier, model, bank, k=3, generator=generator).eval()
+    tta = TTAClassifier(classifier, model, bank, k=k, generator=generator).eval()
     x = images(2, 32, seed=1).cuda()
     with torch.no_grad():
         watched(lambda: tta(x))
+
+
+def test_stylize_with_every_reference():
+    model = stylizer()
+    bank = StyleBank.from_images(model, images(3, 32, seed=3).cuda())
+    x = images(2, 32, seed=1).cuda()
+    with torch.no_grad():
+        assert watched(lambda: model.stylize(x, bank)).shape == (2, 3, 3, 32, 32)

@@ -93,7 +93,8 @@ def _transforms(conv: torch.nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor]:
     """U of the kernel and of its flipped, channel-swapped twin (the input gradient's), kept on the conv
     (not in its state_dict) until its weight changes: a 512x512 transform costs as much as the saving.
     A change is seen through the version counter (load_state_dict, in-place ops) and, for writes that
-    bypass it (`.data`, numpy aliases), through the sum of a strided sample of the weight."""
+    bypass it (`.data`, numpy aliases), through the sum of a strided sample of the weight: whole-tensor
+    rewrites (loaders, EMA, rescaling) are caught, an edit of a few elements off the sample is not."""
     w = conv.weight
     sample = w.detach().reshape(-1)[::61].sum().item()  # a CPU tensor (use_winograd): no device sync
     key = (w.data_ptr(), w._version, w.dtype, w.device, sample)

@@ -328,14 +328,19 @@ def test_fp32_dots_follow_torchs_tf32_setting():
         ]
         return {meta["DOT"] for _, meta in configs}
 
-    allowed = torch.backends.cuda.matmul.allow_tf32
+    matmul, backends = torch.backends.cuda.matmul, torch.backends
+    saved = matmul.fp32_precision, backends.fp32_precision
     try:
-        torch.backends.cuda.matmul.allow_tf32 = False
-        assert dots(torch.float32) == {"ieee"} and dots(torch.bfloat16) == {"tf32"}
-        torch.backends.cuda.matmul.allow_tf32 = True
-        assert dots(torch.float32) == {"tf32"} and dots(torch.bfloat16) == {"tf32"}
+        for legacy in (False, True):  # torch.backends.cuda.matmul.allow_tf32, set_float32_matmul_precision
+            torch.set_float32_matmul_precision("high" if legacy else "highest")
+            assert dots(torch.float32) == {"tf32" if legacy else "ieee"} and dots(torch.bfloat16) == {"tf32"}
+        # torch >= 2.9's switches, after which reading allow_tf32 raises: a global one, then the matmuls'.
+        matmul.fp32_precision, backends.fp32_precision = "none", "tf32"
+        assert dots(torch.float32) == {"tf32"}
+        matmul.fp32_precision = "ieee"
+        assert dots(torch.float32) == {"ieee"}
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = allowed
+        matmul.fp32_precision, backends.fp32_precision = saved
 
 
 def test_stride0_grad(device, backward):
