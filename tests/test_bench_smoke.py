@@ -254,6 +254,8 @@ def test_the_no_tf32_twin_works_with_torchs_newer_precision_switches():
     """After `torch.backends.fp32_precision = "tf32"` (torch >= 2.9) the legacy allow_tf32 flags raise."""
     from fastvit_style.benchmark.runner import _no_tf32
 
+    if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        pytest.skip("torch < 2.9 has no fp32_precision switches")
     matmul, conv, backends = torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends
     saved = matmul.fp32_precision, conv.fp32_precision, backends.fp32_precision
     try:
