@@ -1,6 +1,8 @@
-"""Atomic file writing: a crash or an error never leaves a half-written file at the destination."""
+"""Atomic file writing: a crash or an error never leaves a half-written file at the destination, and a
+run replaces only files of its own kind."""
 
 import contextlib
+import json
 import os
 import re
 import uuid
@@ -83,7 +85,26 @@ def _umask() -> int:
 
 def write_json(path, obj, indent: int = 1) -> None:
     """json.dump(obj) to `path` atomically; objects JSON cannot encode are written as str()."""
-    import json
-
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=indent, default=str)
+
+
+def holds_json_keys(path, keys) -> bool:
+    """Whether the file at `path` is a JSON object with every key of `keys`: how a tool recognises a file
+    it wrote (and may replace)."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (OSError, ValueError):  # a folder, unreadable, not JSON (a UnicodeDecodeError is a ValueError)
+        return False
+    return isinstance(obj, dict) and all(k in obj for k in keys)
+
+
+def check_replaceable(path: str, flag: str, what: str, ours, not_ours: str) -> None:
+    """Before a run that writes the file `path`, given as option `flag`: SystemExit when it names a
+    folder, or an existing file that `ours(path)` does not recognise as this tool's `what` (the message
+    says it `not_ours`); never a file the user made."""
+    if path.endswith((os.sep, "/")) or os.path.isdir(path):
+        raise SystemExit(f"error: {flag} {path!r} is a folder; it names the {what} to write")
+    if os.path.exists(path) and not ours(path):
+        raise SystemExit(f"error: {flag} {path!r} exists and {not_ours}: remove it or choose another {flag}")

@@ -65,7 +65,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .atomic import remove_temporaries, write_json
+from .atomic import holds_json_keys, remove_temporaries, write_json
 from .checkpoint import FORMAT, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .configs import LOSS_WEIGHTS, check_model_kwargs
 from .data import ImageFolderDataset, collate_images, micro_batches
@@ -178,7 +178,8 @@ def out_problem(cfg: TrainConfig) -> str | None:
     if cfg.resume and not os.path.isfile(cfg.resume):
         return f"--resume {cfg.resume!r} does not exist or is not a file"
     config = os.path.join(cfg.out, "config.json")
-    if os.path.lexists(config) and not _is_run_config(config):  # --overwrite replaces runs, nothing else
+    # --overwrite replaces runs, nothing else: a run's config.json is a JSON object with RUN_CONFIG_KEYS.
+    if os.path.lexists(config) and not holds_json_keys(config, RUN_CONFIG_KEYS):
         return (
             f"--out {cfg.out!r} holds a config.json that no run wrote, which a run would replace (with "
             "--overwrite too): move that file, or choose another --out"
@@ -197,16 +198,6 @@ def out_problem(cfg: TrainConfig) -> str | None:
         f"--out {cfg.out!r} already holds a run ({', '.join(existing)}): {resume}--overwrite to replace it, "
         "or another --out"
     )
-
-
-def _is_run_config(path: str) -> bool:
-    """Whether the file at `path` is a config.json a run wrote: a JSON object with RUN_CONFIG_KEYS."""
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except (OSError, ValueError):  # a folder, unreadable, not JSON (a UnicodeDecodeError is a ValueError)
-        return False
-    return isinstance(config, dict) and all(k in config for k in RUN_CONFIG_KEYS)
 
 
 def resumes_in_place(cfg: TrainConfig) -> bool:

@@ -14,7 +14,7 @@ import sys
 import torch
 from torch import nn
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, check_replaceable
 from ..imageio import denormalize, load_batch, save_png
 from ..tta import REDUCTIONS, StyleBank, TTAClassifier
 from .common import (
@@ -97,21 +97,19 @@ _HEADER = ["path", "pred"]  # the CSV's first columns: how a file this command w
 def check_csv_path(path: str) -> None:
     """Before any work: --out must name a file that can be written, and only a CSV of this command may
     be replaced (not an input image, the weights or anything else a mistyped path could hit)."""
-    if path.endswith((os.sep, "/")) or os.path.isdir(path):
-        raise SystemExit(f"error: --out {path!r} is a folder; it names the CSV file to write")
+    check_replaceable(
+        path, "--out", "CSV file", _is_predictions_csv, "is not a predictions CSV of this command"
+    )
     parent = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(parent):  # the nearest folder that exists: the rest is created at the end
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         raise SystemExit(f"error: --out {path!r}: {parent!r} is a file, not a folder")
-    if os.path.exists(path):
-        with open(path, newline="", encoding="utf-8", errors="replace") as f:
-            first = next(csv.reader(f), [])
-        if first[:2] != _HEADER:
-            raise SystemExit(
-                f"error: --out {path!r} exists and is not a predictions CSV of this command: "
-                "remove it or choose another --out"
-            )
+
+
+def _is_predictions_csv(path: str) -> bool:
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        return next(csv.reader(f), [])[:2] == _HEADER
 
 
 def run(args) -> int:

@@ -94,24 +94,11 @@ def output_stem(out_dir: str, device: dict, kind: str = "bench") -> str:
 
 
 def check_output_file(path: str, keys: tuple[str, ...]) -> None:
-    """Before a run that writes its JSON to `path`: SystemExit unless `path` is a new file, or a JSON
-    object holding `keys` (the same tool's output, which the run replaces). Never a folder or a file
-    the user made."""
-    import json
-
-    if path.endswith((os.sep, "/")) or os.path.isdir(path):
-        raise SystemExit(f"error: --out {path!r} is a folder; it names the JSON file to write")
-    if not os.path.exists(path):
-        return
-    try:
-        with open(path) as f:
-            old = json.load(f)
-    except (OSError, ValueError):
-        old = None
-    if not (isinstance(old, dict) and all(k in old for k in keys)):
-        raise SystemExit(
-            f"error: --out {path!r} exists and was not written by this tool: remove it or choose another"
-        )
+    """Before a run that writes its JSON to `path` (--out): a new file, or a JSON object holding `keys`,
+    the same tool's output, which the run replaces (`atomic.check_replaceable`)."""
+    atomic.check_replaceable(
+        path, "--out", "JSON file", lambda p: atomic.holds_json_keys(p, keys), "was not written by this tool"
+    )
 
 
 def write_json(path: str, run: dict, env: dict) -> None:
