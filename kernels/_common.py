@@ -70,6 +70,23 @@ def block_d(head_dim: int) -> int:
     return next_power_of_2(head_dim)
 
 
+# Exact fp32 dots run on the FMA units, every product in registers, where the tiles below (chosen for
+# tensor cores) spill: dk/dv 496-504 bytes at d = 64, the forward 504-632 at d = 128 (sm_90). These
+# are the widest tiles at 8 warps and 2 stages that compile spill-free for sm_90 with both triton 3.6
+# (the GPU machine's) and 3.9, ties going to the larger owned side (fewer programs re-read the
+# streamed one); under 64 KB of shared memory where GPUs with 64 KB per block still run the kernel
+# (the forward, and the backward at d <= 64). From `gpu_compile --scan` (bench/results,
+# 20261130_sm90_exact_fp32_tile_scan*.json); their speed is unmeasured.
+_EXACT_FP32_BLOCKS = {  # (kernel, head_dim > 64): blocks
+    ("fwd", False): Blocks(64, 32, 8, 2),
+    ("fwd", True): Blocks(16, 32, 8, 2),
+    ("bwd_dq", False): Blocks(32, 64, 8, 2, narrow_owned=False),
+    ("bwd_dq", True): Blocks(16, 64, 8, 2, narrow_owned=False),
+    ("bwd_dkdv", False): Blocks(16, 64, 8, 2, narrow_streamed=False),
+    ("bwd_dkdv", True): Blocks(32, 32, 8, 2, narrow_streamed=False),
+}
+
+
 def attention_blocks(kernel: str, tq: int, tk: int, head_dim: int, dtype: torch.dtype) -> Blocks:
     """Blocks for `kernel` in {"fwd", "bwd_dkdv", "bwd_dq", "bwd_fused"} at query length tq, key length tk
     (for bwd_fused, block_n is the widest key part, and the tails are never narrow).
@@ -81,6 +98,8 @@ def attention_blocks(kernel: str, tq: int, tk: int, head_dim: int, dtype: torch.
         return _fit(Blocks(64, 128 if kernel == "bwd_fused" else 64, 4, 1), tq, tk)
     wide = head_dim > 64  # BLOCK_D = 128
     fp32 = dtype == torch.float32
+    if fp32 and kernel != "bwd_fused" and dot_precision(dtype) == "ieee":
+        return _fit(_EXACT_FP32_BLOCKS[kernel, wide], tq, tk)
     # Twice the registers per tile: more warps share them.
     warps = 8 if wide or fp32 else 4
     # fp32 tiles take twice the shared memory: fewer pipeline stages and narrower streamed tiles

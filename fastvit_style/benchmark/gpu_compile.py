@@ -9,6 +9,8 @@ before) and SASS length, read from the cubin with the cuobjdump and nvdisasm tha
 Needs no GPU and no driver, only Triton's NVIDIA backend; the interpreter must be off (it replaces the
 kernels by Python functions). Tensor arguments are assumed 16-byte aligned and last-dim strides 1,
 as Triton specializes them on a real launch; other strides divisible by 16, as in the models.
+`--scan KERNEL [KERNEL ...]` compiles the named kernels over tile shapes, warps and stages instead,
+to choose tiles offline (`_common._EXACT_FP32_BLOCKS` came from such a scan).
 """
 
 import argparse
@@ -81,10 +83,11 @@ def _resources(cubin: bytes) -> dict:
     }
 
 
-def compile_report(arch: int = 90, shapes=SHAPES, dtypes=tuple(_DTYPES)) -> list[dict]:
+def compile_report(arch: int = 90, shapes=SHAPES, dtypes=tuple(_DTYPES), kernels=None) -> list[dict]:
     """One row per (kernel, dtype, shape): its compile-time arguments and ptxas' resources for sm_<arch>.
 
-    shapes: (Tq, Tk, d) triples; dtypes: names among "bf16", "fp32".
+    shapes: (Tq, Tk, d) triples; dtypes: names among "bf16", "fp32"; kernels: names to compile
+    (default: every kernel the launchers run).
     """
     import triton
     from triton.backends.compiler import GPUTarget
@@ -103,6 +106,8 @@ def compile_report(arch: int = 90, shapes=SHAPES, dtypes=tuple(_DTYPES)) -> list
         for Tq, Tk, d in shapes:
             for module in modules:
                 for name, (fn, meta) in module.kernel_configs(Tq, Tk, d, dtype).items():
+                    if kernels is not None and name not in kernels:
+                        continue
                     constexprs = {k: v for k, v in meta.items() if k not in ("num_warps", "num_stages")}
                     signature, constexprs, attrs = _signature(fn, constexprs, dtype_name)
                     options = {k: meta[k] for k in ("num_warps", "num_stages") if k in meta}
@@ -116,9 +121,40 @@ def compile_report(arch: int = 90, shapes=SHAPES, dtypes=tuple(_DTYPES)) -> list
                             "Tk": Tk,
                             "d": d,
                             "meta": meta,
+                            "shared_bytes": compiled.metadata.shared,
                             **_resources(compiled.asm["cubin"]),
                         }
                     )
+    return rows
+
+
+SCAN_KERNELS = ("fwd", "bwd_dq", "bwd_dkdv")  # the tile heuristic's names (`_common.attention_blocks`)
+SCAN_ROWS = (16, 32, 64, 128)
+
+
+def scan_report(
+    kernels=SCAN_KERNELS, arch: int = 90, shapes=SHAPES, dtypes=tuple(_DTYPES), tile_rows=SCAN_ROWS
+) -> list[dict]:
+    """compile_report's rows of `kernels` (among SCAN_KERNELS) at every tile shape: rows x columns
+    in tile_rows, 4 and 8 warps, 1 and 2 pipeline stages, the heuristic's tail flags kept. A
+    register/spill map for choosing tiles offline; 128-row fp32 tiles take minutes each to compile."""
+    import itertools
+
+    from ..kernels import _common
+
+    heuristic = _common.attention_blocks
+    rows = []
+    try:
+        for block_m, block_n, warps, stages in itertools.product(tile_rows, tile_rows, (4, 8), (1, 2)):
+
+            def blocks(name, tq, tk, d, dtype, shape=(block_m, block_n, warps, stages)):
+                picked = heuristic(name, tq, tk, d, dtype)
+                return picked._replace(**dict(zip(picked._fields, shape))) if name in kernels else picked
+
+            _common.attention_blocks = blocks
+            rows += compile_report(arch, shapes, dtypes, kernels)
+    finally:
+        _common.attention_blocks = heuristic
     return rows
 
 
@@ -131,13 +167,35 @@ def main(argv=None) -> int:
     p.add_argument(
         "--tf32", action="store_true", help="fp32 kernels as with TF32 allowed (exact dots otherwise)"
     )
+    p.add_argument(
+        "--scan",
+        nargs="+",
+        choices=SCAN_KERNELS,
+        help="these kernels at every tile shape, warp count and stage count instead (minutes a shape)",
+    )
+    p.add_argument(
+        "--rows",
+        type=int,
+        nargs="+",
+        choices=SCAN_ROWS,
+        default=SCAN_ROWS,
+        help="tile sides that --scan tries (default: all)",
+    )
+    p.add_argument("--dtype", choices=tuple(_DTYPES), help="this dtype only (default: both)")
     args = p.parse_args(argv)
+    if tuple(args.rows) != SCAN_ROWS and not args.scan:
+        p.error("--rows needs --scan")
     torch.backends.cuda.matmul.allow_tf32 = args.tf32  # what `_common.dot_precision` reads
     if args.out:
         from .report import check_output_file
 
         check_output_file(args.out, ("target", "triton", "rows"))
-    rows = compile_report(args.arch, SHAPES[:1] if args.quick else SHAPES)
+    shapes = SHAPES[:1] if args.quick else SHAPES
+    dtypes = (args.dtype,) if args.dtype else tuple(_DTYPES)
+    if args.scan:
+        rows = scan_report(tuple(args.scan), args.arch, shapes, dtypes, tuple(args.rows))
+    else:
+        rows = compile_report(args.arch, shapes, dtypes)
     if args.out:
         import triton
 
@@ -156,8 +214,8 @@ def main(argv=None) -> int:
             tiles = "x".join(str(m[k]) for k in ("BLOCK_M", "BLOCK_N", "TAIL_M", "TAIL_N"))
         print(
             f"{r['kernel']:>10} {r['dtype']} Tq={r['Tq']} Tk={r['Tk']} d={r['d']} tiles {tiles:>12} "
-            f"warps {m['num_warps']}: {r['registers']:3d} registers, "
-            f"{r['spill_stack_bytes']:3d} B spill stack, "
+            f"warps {m['num_warps']} stages {m['num_stages']}: {r['registers']:3d} registers, "
+            f"{r['spill_stack_bytes']:3d} B spill stack, {r['shared_bytes'] // 1024} KB shared, "
             f"{r['wgmma']} HGMMA, {r['mma']} HMMA, {r['sass_lines']} SASS lines"
         )
     return 0

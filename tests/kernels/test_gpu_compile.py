@@ -15,19 +15,12 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("tf32", [False, True])
-def test_kernels_compile_for_sm90(tf32):
+def gpu_compile(*args: str) -> list[dict]:
+    """The rows `python -m fastvit_style.benchmark.gpu_compile --json *args` prints, run without the interpreter."""
     pytest.importorskip("triton.backends.nvidia", reason="triton without its NVIDIA backend")
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
     run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fastvit_style.benchmark.gpu_compile",
-            "--quick",
-            "--json",
-            *(["--tf32"] if tf32 else []),
-        ],
+        [sys.executable, "-m", "fastvit_style.benchmark.gpu_compile", "--json", *args],
         capture_output=True,
         text=True,
         env=env,
@@ -35,7 +28,12 @@ def test_kernels_compile_for_sm90(tf32):
         check=False,  # the assert below shows stderr
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    rows = json.loads(run.stdout)
+    return json.loads(run.stdout)
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+def test_kernels_compile_for_sm90(tf32):
+    rows = gpu_compile("--quick", *(["--tf32"] if tf32 else []))
     kernels = {"fwd", "bwd_dq", "bwd_dkdv"}
     expected = {(k, t) for k in kernels for t in ("bf16", "fp32")}
     # The one-launch backward applies to half precision at d <= 64 only (its registers).
@@ -45,3 +43,16 @@ def test_kernels_compile_for_sm90(tf32):
         # for fp32 matmuls) on the FMA units.
         tensor_cores = r["dtype"] == "bf16" or tf32
         assert r["registers"] > 0 and (r["wgmma"] + r["mma"] > 0) == tensor_cores, r
+        if not tensor_cores:  # the exact-fp32 tiles were chosen not to spill
+            assert r["spill_stack_bytes"] == 0, r
+
+
+def test_tile_scan():
+    """--scan compiles the named kernels at every tile shape, warp count and stage count asked for."""
+    rows = gpu_compile("--quick", "--dtype", "fp32", "--scan", "fwd", "--rows", "16")
+    configs = {
+        (r["meta"]["BLOCK_M"], r["meta"]["BLOCK_N"], r["meta"]["num_warps"], r["meta"]["num_stages"])
+        for r in rows
+    }
+    assert configs == {(16, 16, w, s) for w in (4, 8) for s in (1, 2)}
+    assert {(r["kernel"], r["dtype"]) for r in rows} == {("fwd", "fp32")} and len(rows) == 4

@@ -179,6 +179,23 @@ def test_forced_blocks(block_m, block_n, narrow_streamed, narrow_owned, monkeypa
     check(3, 2, 37, 40, 2, 80, [1, 0, 1], torch.float32, device)
 
 
+@pytest.mark.parametrize("d", [64, 80])
+def test_exact_fp32_blocks(d, monkeypatch, device):
+    """The tiles that fp32 runs with exact dots on a GPU (`_common._EXACT_FP32_BLOCKS`), with several
+    tiles and a partial last one on each side (100 = 96 + 4 queries, 90 = 64 + 26 keys). On the
+    interpreter only: on a GPU every fp32 test runs them (TF32 is off by default)."""
+    if device.type == "cuda":
+        pytest.skip("the GPU's fp32 tests run these tiles through the default heuristic")
+    monkeypatch.setattr(
+        _common,
+        "attention_blocks",
+        lambda kernel, tq, tk, head_dim, dtype: _common._fit(
+            _common._EXACT_FP32_BLOCKS[kernel, head_dim > 64], tq, tk
+        ),
+    )
+    check(3, 2, 100, 90, 2, d, [1, 0, 1], torch.float32, device)
+
+
 @pytest.mark.parametrize("heads_outer", [True, False], ids=["heads_outer", "heads_inner"])
 def test_program_order(heads_outer, monkeypatch, device, backward):
     """Both program orders of `_common.launch_grid`, with several tiles, sequences and heads, so that
