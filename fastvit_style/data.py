@@ -10,6 +10,7 @@ micro-batch can come out smaller than asked, or even empty (the trainer handles 
 
 from __future__ import annotations
 
+import errno
 import os
 import warnings
 
@@ -23,6 +24,17 @@ from .imageio import list_images, load_image, normalization, normalize, read_rgb
 # too), bad headers raise SyntaxError/ValueError; read_rgb turns the rest (an absurd size's
 # DecompressionBombError among them) into ValueError.
 _BAD_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError)
+# The OS's own errors that say this file cannot be read, now or later. Others (too many open files,
+# I/O errors on a network filesystem, no memory) may pass: they propagate rather than mark a good
+# image unreadable for the rest of the run (the flags are saved in checkpoints).
+_PERMANENT_ERRNOS = frozenset(
+    (errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.ENAMETOOLONG, errno.EACCES, errno.EPERM)
+)
+
+
+def _unreadable(e: Exception) -> bool:
+    """Whether e, one of _BAD_IMAGE_ERRORS, says the file itself cannot be read (damaged, missing)."""
+    return not isinstance(e, OSError) or e.errno is None or e.errno in _PERMANENT_ERRNOS
 
 
 class ImageFolderDataset(Dataset):
@@ -56,6 +68,8 @@ class ImageFolderDataset(Dataset):
         try:
             image = load_image(path, self.input_size)
         except _BAD_IMAGE_ERRORS as e:
+            if not _unreadable(e):
+                raise
             self._bad[index] = True
             warnings.warn(f"skipping unreadable image {path!r} ({type(e).__name__}: {e})", stacklevel=2)
             return None
@@ -86,7 +100,8 @@ class ImageFolderDataset(Dataset):
 
 
 def collate_images(items: list[torch.Tensor | None]) -> torch.Tensor:
-    """DataLoader collate: stack the readable images -> (n, 3, S, S), n <= len(items) (may be 0)."""
+    """DataLoader collate: stack the readable images -> (n, 3, S, S), 1 <= n <= len(items); shape (0,)
+    when none is readable (the size is unknown then: check `.shape[0]`, as the trainer does)."""
     good = [x for x in items if x is not None]
     if not good:
         return torch.empty(0)
@@ -142,6 +157,8 @@ def compute_normalization(folder, input_size: int = 224) -> tuple[tuple[float, .
             raw = read_rgb(path)  # decoded once: load_image's result and the original size, for the mask
             x = resize_pad(raw, input_size).double()
         except _BAD_IMAGE_ERRORS as e:
+            if not _unreadable(e):
+                raise
             warnings.warn(f"skipping unreadable image {path!r} ({type(e).__name__}: {e})", stacklevel=2)
             continue
         # The image's own pixels: where a resized-and-padded all-ones image is non-zero.

@@ -72,6 +72,11 @@ class _NormalizedMSE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, g_mean, g_std):
+        if torch.is_grad_enabled():  # create_graph=True: this backward records no graph of its own
+            raise RuntimeError(
+                "the fast VGG losses give first-order gradients only (create_graph=True was asked): "
+                "build the model with backend='reference' for higher-order gradients"
+            )
         y, target, std, var = ctx.saved_tensors
         N = y.shape[2]
         # The normalization backward, (gy - mean(gy) - y mean(gy y)) / sigma, plus the mean and std
@@ -96,7 +101,8 @@ def normalized_mse(
 
     feat: (B, C, H, W), differentiable; target: (B, C, H, W), an already normalized map (no gradient).
     Returns (loss 0-d, mean (B, C), std (B, C)), float32 for half inputs, else feat's dtype. Equal
-    within rounding to F.mse_loss(normalized(feat), target) and channel_mean_std(feat).
+    within rounding to F.mse_loss(normalized(feat), target) and channel_mean_std(feat). First-order
+    gradients only in eager mode (the losses of backend="reference" also take create_graph=True).
     """
     if torch.compiler.is_compiling():
         y, mean, std = _official_stats(feat)

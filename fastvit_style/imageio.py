@@ -125,6 +125,12 @@ def load_image(path, size: int) -> torch.Tensor:
 
 
 def _stats(mean, std, like: torch.Tensor, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if not (dtype or like.dtype).is_floating_point:  # integer constants: a std of 0, inf everywhere
+        raise TypeError(
+            f"normalization needs floating-point constants: got a {like.dtype} image and constants_dtype="
+            f"{dtype}; convert the image to float in [0, 1] first, or pass constants_dtype=torch.float32"
+        )
+
     def col(v):
         return torch.as_tensor(v, dtype=dtype or like.dtype, device=like.device).view(-1, 1, 1)
 

@@ -13,6 +13,27 @@ from .feature_stats import normalized_mse, normalized_stats
 from .reference.losses import Loss, channel_mean_std
 
 
+def check_loss_images(x, x_style, x_stylized, x_recon, x_style_recon) -> None:
+    """TypeError/ValueError unless the images are (B, 3, H, W) tensors of one shape, x_style and
+    x_style_recon both tensors or both None (the rolled style). Mismatched batches would broadcast
+    in the MSEs: wrong numbers with only a warning."""
+    if (x_style is None) != (x_style_recon is None):
+        raise ValueError(
+            "x_style and x_style_recon must both be tensors, or both None (the style is then roll(x), "
+            "as in training)"
+        )
+    images = {"x": x, "x_style": x_style, "x_stylized": x_stylized, "x_recon": x_recon}
+    for name, t in {**images, "x_style_recon": x_style_recon}.items():
+        if t is None and name in ("x_style", "x_style_recon"):
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != 4 or t.shape[1] != 3 or t.shape != x.shape:
+            raise ValueError(
+                f"{name} must be a (B, 3, H, W) image batch of x's shape {tuple(x.shape)}, got {tuple(t.shape)}"
+            )
+
+
 def compute_loss(vgg, x, x_style, x_stylized, x_recon, x_style_recon) -> Loss:
     """Images (B, 3, H, W) in normalized space; x_style and x_style_recon None mean roll(x) and roll(x_recon)."""
     rolled = x_style is None

@@ -9,7 +9,7 @@ from . import reference, schedule
 from .backends import attention_for, check_backend
 from .configs import DEFAULT_DATASET, make_config
 from .layers import Mlp, VGG19Features, ViTEncoder
-from .losses import compute_loss
+from .losses import check_loss_images, compute_loss
 from .reference.losses import Loss
 from .tta import stylize
 from .util import unpatchify_image
@@ -88,9 +88,16 @@ class StylizingViT(nn.Module):
         return self.post_process_conv(unpatchify_image(patches, P, C))
 
     def compute_loss(self, x, x_style, x_stylized, x_recon, x_style_recon) -> Loss:
-        """The official four loss terms of a training forward's images (a model built with train=True)."""
+        """The official four loss terms of a training forward's images (a model built with train=True):
+        five (B, 3, H, W) tensors of one shape; x_style and x_style_recon both None stand for
+        x.roll(-1, 0) and x_recon.roll(-1, 0), the style of a training forward."""
         if not self.training_mode:
             raise ValueError("compute_loss needs the VGG19 of a model built with train=True")
+        check_loss_images(x, x_style, x_stylized, x_recon, x_style_recon)
+        if self.backend == "reference":  # the official ops (higher-order gradients too)
+            if x_style is None:
+                x_style, x_style_recon = x.roll(-1, 0), x_recon.roll(-1, 0)
+            return reference.compute_loss(self.vgg_encoder, x, x_style, x_stylized, x_recon, x_style_recon)
         return compute_loss(self.vgg_encoder, x, x_style, x_stylized, x_recon, x_style_recon)
 
     def stylize(

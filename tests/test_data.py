@@ -150,3 +150,41 @@ def test_linked_folders_are_followed_once(tmp_path):
     (tmp_path / "site" / "loop").symlink_to(tmp_path / "data")  # a cycle
     found = [os.path.relpath(p, tmp_path / "data") for p in list_images(tmp_path / "data")]
     assert found == [os.path.join("a_site", "x.png"), os.path.join("own", "y.png")]
+
+
+def test_passing_os_errors_propagate_and_mark_nothing(tmp_path, monkeypatch):
+    """Too many open files (or an I/O error on a network filesystem) says nothing about the file: it
+    propagates instead of marking a good image unreadable for the rest of the run; a vanished file is
+    unreadable."""
+    import errno
+
+    from fastvit_style import data
+
+    solid(tmp_path / "a.png", (1, 2, 3))
+    ds = ImageFolderDataset(tmp_path, input_size=32)
+
+    def fail(path, size):
+        raise OSError(errno.EMFILE, "Too many open files", path)
+
+    monkeypatch.setattr(data, "load_image", fail)
+    with pytest.raises(OSError, match="Too many open files"):
+        ds[0]
+    assert ds.skipped == 0
+    monkeypatch.setattr(data, "read_rgb", lambda path: fail(path, None))
+    with pytest.raises(OSError, match="Too many open files"):
+        compute_normalization(tmp_path, input_size=32)
+    monkeypatch.undo()
+    (tmp_path / "a.png").unlink()
+    with pytest.warns(UserWarning, match="skipping unreadable image .*a.png.*FileNotFoundError"):
+        assert ds[0] is None
+    assert ds.skipped == 1
+
+
+def test_normalize_refuses_integer_constants():
+    from fastvit_style.imageio import denormalize, normalize
+
+    image = torch.randint(0, 256, (3, 2, 2), dtype=torch.uint8)
+    for fn in (normalize, denormalize):
+        with pytest.raises(TypeError, match="floating-point constants"):
+            fn(image, (0.5,) * 3, (0.25,) * 3)
+    assert normalize(image, (0.5,) * 3, (0.25,) * 3, constants_dtype=torch.float32).dtype == torch.float32

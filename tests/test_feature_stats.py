@@ -112,3 +112,13 @@ def test_compiled_graphs_take_the_official_ops(monkeypatch):
     value_c, grad_c = value_and_grad(torch.compile(terms, backend="aot_eager", fullgraph=True))
     assert_close_rel(value_c, value, 1e-12, "value")
     assert_close_rel(grad_c, grad, 1e-12, "d feat")
+
+
+def test_create_graph_is_refused_clearly():
+    """The fused backward records no graph: create_graph=True gets an error that says so, never a
+    gradient silently left out of a higher-order one."""
+    feat = feature_maps((2, 3, 4, 5), torch.float64).requires_grad_()
+    target = normalized(feature_maps((2, 3, 4, 5), torch.float64, seed=1))
+    loss = normalized_mse(feat, target)[0]
+    with pytest.raises(RuntimeError, match="first-order gradients only"):
+        torch.autograd.grad(loss, feat, create_graph=True)

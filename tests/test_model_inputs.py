@@ -138,3 +138,34 @@ def test_batch_of_one_is_styled_by_itself(model):
 def test_create_model_without_weights_is_random_init():
     m = create_model("tiny", **SMALL)
     assert isinstance(m, StylizingViT) and not m.training_mode
+
+
+def test_compute_loss_inputs():
+    """compute_loss takes five image batches of one shape, or the rolled style as two Nones; anything
+    else would broadcast in the MSEs (wrong numbers) or fail inside VGG19."""
+    torch.manual_seed(0)
+    train_model = StylizingViT("tiny", train=True, backend="torch", **SMALL)
+    x, t, r = (torch.randn(3, 3, 32, 32) for _ in range(3))
+    rolled = train_model.compute_loss(x, None, t, r, None)
+    explicit = train_model.compute_loss(x, x.roll(-1, 0), t, r, r.roll(-1, 0))
+    for a, b in zip(rolled, explicit):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="x_style and x_style_recon must both be tensors, or both None"):
+        train_model.compute_loss(x, None, t, r, r)
+    with pytest.raises(
+        ValueError, match=r"x_recon must be a \(B, 3, H, W\) image batch of x's shape \(3, 3, 32, 32\)"
+    ):
+        train_model.compute_loss(x, x, t, r[:1], r)
+    with pytest.raises(ValueError, match=r"x must be a \(B, 3, H, W\) image batch"):
+        train_model.compute_loss(x[:, :1], None, t[:, :1], r[:, :1], None)
+    with pytest.raises(TypeError, match="x_stylized must be a tensor, got ndarray"):
+        train_model.compute_loss(x, None, t.numpy(), r, None)
+    # backend="reference": the official ops, the same numbers, and higher-order gradients.
+    reference_model = StylizingViT("tiny", train=True, backend="reference", **SMALL)
+    reference_model.load_state_dict(train_model.state_dict())
+    t.requires_grad_()
+    loss = reference_model.compute_loss(x, None, t, r, None)
+    for a, b in zip(loss, rolled):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
+    (g,) = torch.autograd.grad(sum(loss), t, create_graph=True)
+    assert g.requires_grad

@@ -53,10 +53,25 @@ def test_autograd_path_and_cached_transforms():
     assert "_winograd_transforms" not in conv.state_dict()
 
 
+def test_transforms_first_built_under_inference_mode():
+    """A validation pass under torch.inference_mode first, training after it: the cached transforms
+    must be tensors that autograd may save."""
+    conv = frozen_conv(4, 512, torch.float64)
+    x = torch.randn(1, 4, 4, 4, dtype=torch.float64, requires_grad=True)
+    with torch.inference_mode():
+        conv3x3(x.detach(), conv)
+    conv3x3(x, conv).sum().backward()
+    xr = x.detach().requires_grad_()
+    F.conv2d(xr, conv.weight, conv.bias, padding=1).sum().backward()
+    assert_close_rel(x.grad, xr.grad, 1e-12, "d x")
+
+
 def test_direct_where_winograd_does_not_pay_or_apply():
     conv = frozen_conv(4, 512, torch.float32)
     assert use_winograd(torch.randn(1, 4, 6, 6), conv)
     assert not use_winograd(torch.randn(1, 4, 5, 6), conv)  # odd side
+    assert not use_winograd(torch.randn(0, 4, 6, 6), conv)  # empty batch
+    assert conv3x3(torch.randn(0, 4, 6, 6), conv).shape == (0, 512, 6, 6)
     assert not use_winograd(torch.randn(1, 4, 6, 6), frozen_conv(4, 256, torch.float32))  # few channels
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not use_winograd(torch.randn(1, 4, 6, 6), conv)

@@ -100,7 +100,10 @@ def _transforms(conv: torch.nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor]:
     key = (w.data_ptr(), w._version, w.dtype, w.device, sample)
     cached = conv.__dict__.get("_winograd_transforms")
     if cached is None or cached[0] != key:
-        cached = (key, transform_weight(w), transform_weight(w.flip(2, 3).transpose(0, 1)))
+        # Normal tensors even when first built under torch.inference_mode (a validation pass): the
+        # Function saves them for backward, which inference tensors refuse in every later training step.
+        with torch.inference_mode(False):
+            cached = (key, transform_weight(w), transform_weight(w.flip(2, 3).transpose(0, 1)))
         conv.__dict__["_winograd_transforms"] = cached
     return cached[1], cached[2]
 
@@ -123,6 +126,7 @@ def use_winograd(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
         and conv.out_channels >= 512
+        and x.shape[0] > 0  # its tile views cannot infer a size from no elements
         and x.shape[2] % 2 == 0
         and x.shape[3] % 2 == 0
         and not conv.weight.requires_grad
