@@ -49,7 +49,9 @@ step() {
         return
     fi
     say "$name: timeout ${limit}s: $*"
-    timeout -k 10 "$limit" "$@" >"$LOGS/$name.log" 2>&1
+    # SIGINT, not timeout's SIGTERM: pytest then still prints which tests failed and why, and Python
+    # scripts unwind (their JSON is written after every row anyway).
+    timeout -s INT -k 20 "$limit" "$@" >"$LOGS/$name.log" 2>&1
     local rc=$?
     say "$name: exit $rc$( ((rc == 124)) && echo ' (timed out)')"
     tail -n 30 "$LOGS/$name.log"
@@ -84,7 +86,8 @@ step env 60 bash -c 'nvidia-smi; python3 -m fastvit_style.info; python3 -c "
 import os, triton
 print(\"TRITON_INTERPRET =\", os.environ.get(\"TRITON_INTERPRET\"), \"-> interpreter on:\", triton.knobs.runtime.interpret)"'
 
-tests() { step tests "$1" python3 -m pytest tests -m gpu -q -p no:cacheprovider; }
+# -rfE: the failures' names and messages in the summary; --durations: what to cut when the cap bites.
+tests() { step tests "$1" python3 -m pytest tests -m gpu -q -rfE --durations=25 -p no:cacheprovider; }
 microbench() {
     step microbench 40 python3 -m pytest bench -q -p no:cacheprovider --benchmark-only \
         --benchmark-json "$OUT/microbench.json"

@@ -72,8 +72,9 @@ def block_d(head_dim: int) -> int:
 
 # Exact fp32 dots run on the FMA units, every product in registers, where the tiles below (chosen for
 # tensor cores) spill: dk/dv 496-504 bytes at d = 64, the forward 504-632 at d = 128 (sm_90). These
-# are the widest tiles at 8 warps and 2 stages that compile spill-free for sm_90 with both triton 3.6
-# (the GPU machine's) and 3.9, ties going to the larger owned side (fewer programs re-read the
+# are the widest tiles at 8 warps and 2 stages that compile spill-free for sm_90 at T = 197 with both
+# triton 3.6 (the GPU machine's) and 3.9 (other lengths change the tails, and some spill: dq at
+# T = 33, d = 64), ties going to the larger owned side (fewer programs re-read the
 # streamed one); under 64 KB of shared memory where GPUs with 64 KB per block still run the kernel
 # (the forward, and the backward at d <= 64). From `gpu_compile --scan` (bench/results,
 # 20261130_sm90_exact_fp32_tile_scan*.json); their speed is unmeasured.

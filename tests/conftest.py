@@ -16,6 +16,9 @@ def _seed():
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
+        # The kernel tests last: a GPU call's time cap then cuts the many small compiles of tests/kernels
+        # (their index logic also runs on the interpreter), not the model-level tests after them.
+        items.sort(key=lambda item: "tests/kernels/" in item.nodeid)
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:

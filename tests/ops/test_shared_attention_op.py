@@ -594,7 +594,7 @@ def test_sweep_bookkeeping_without_gpu(monkeypatch, tmp_path):
     monkeypatch.setattr(sweep, "Problem", lambda B, H: object())
     monkeypatch.setattr(sweep, "run_method", fake_run_method)
     monkeypatch.setattr(_common, "ONE_LAUNCH_BACKWARD_MIN_PROGRAMS", 1234)
-    argv = ["--out", str(tmp_path), "--heads", "3", "--batches", "8", "--flex-heads", "--tune-blocks"]
+    argv = ["--out", str(tmp_path), "--heads", "3", "--batches", "8", "--flex-heads", "3", "--tune-blocks"]
     assert sweep.main(argv) == 0
     assert _common.ONE_LAUNCH_BACKWARD_MIN_PROGRAMS == 1234
     (written,) = tmp_path.glob("*_fake-GPU_shared_attention.json")
@@ -603,9 +603,12 @@ def test_sweep_bookkeeping_without_gpu(monkeypatch, tmp_path):
     assert methods["fused"] == methods["fused-1launch"] == "ok"
     # Method rows: fused, fused-api, fused-1launch, then the other methods (xformers skipped here).
     ran = [r["method"] for r in data["rows"] if r["status"] == "ok"]
+    assert ran[-1] == "flex" and "flex" not in ran[:-1]
+    ran = ran[:-1]
     assert [knob for knob, _ in seen[: len(ran)]] == [0 if m == "fused-1launch" else 1234 for m in ran]
-    # Tile rows: the two-launch configs, then the one-launch ones under their own blocks.
-    tiles = seen[len(ran) :]
+    # Tile rows: the two-launch configs, then the one-launch ones under their own blocks; FlexAttention's
+    # rows (a compile each) come last, after the rows that decide the kernels' defaults.
+    tiles = seen[len(ran) : -1]
     configs, one_launch = sweep.block_configs(), sweep.one_launch_block_configs()
     assert [knob for knob, _ in tiles] == [None] * len(configs) + [0] * len(one_launch)
     assert [tuple(b) for _, b in tiles[len(configs) :]] == [tuple(b) for b in one_launch]
