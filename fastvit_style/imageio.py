@@ -89,6 +89,8 @@ def read_rgb(path) -> torch.Tensor:
     except OSError as e:  # most damaged files; Pillow's message ("image file is truncated") names none
         if e.filename is not None:  # the OS's own errors (missing file, permission) name it already
             raise
+        if e.errno is not None:  # the OS's error while reading (EIO, ESTALE): keep its errno for callers
+            raise OSError(e.errno, f"{e.strerror} while reading image", path) from e
         raise OSError(f"cannot decode image {path!r} ({e})") from e
     except Exception as e:  # DecompressionBombError (an absurd size) and odder failures on damaged files
         raise ValueError(f"cannot decode image {path!r} ({type(e).__name__}: {e})") from e
@@ -125,10 +127,12 @@ def load_image(path, size: int) -> torch.Tensor:
 
 
 def _stats(mean, std, like: torch.Tensor, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
-    if not (dtype or like.dtype).is_floating_point:  # integer constants: a std of 0, inf everywhere
+    if dtype is not None and not dtype.is_floating_point:
+        raise TypeError(f"constants_dtype must be a floating-point dtype, got {dtype}")
+    if dtype is None and not like.dtype.is_floating_point:  # integer constants: a std of 0, inf everywhere
         raise TypeError(
-            f"normalization needs floating-point constants: got a {like.dtype} image and constants_dtype="
-            f"{dtype}; convert the image to float in [0, 1] first, or pass constants_dtype=torch.float32"
+            f"expected a floating-point image in [0, 1], got {like.dtype}: convert it first "
+            "(for 8-bit pixels, image.float() / 255)"
         )
 
     def col(v):

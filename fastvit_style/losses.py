@@ -22,13 +22,22 @@ def check_loss_images(x, x_style, x_stylized, x_recon, x_style_recon) -> None:
             "x_style and x_style_recon must both be tensors, or both None (the style is then roll(x), "
             "as in training)"
         )
-    images = {"x": x, "x_style": x_style, "x_stylized": x_stylized, "x_recon": x_recon}
-    for name, t in {**images, "x_style_recon": x_style_recon}.items():
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"x must be a (B, 3, H, W) image batch, got shape {tuple(x.shape)}")
+    images = {
+        "x_style": x_style,
+        "x_stylized": x_stylized,
+        "x_recon": x_recon,
+        "x_style_recon": x_style_recon,
+    }
+    for name, t in images.items():
         if t is None and name in ("x_style", "x_style_recon"):
             continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-        if t.dim() != 4 or t.shape[1] != 3 or t.shape != x.shape:
+        if t.shape != x.shape:
             raise ValueError(
                 f"{name} must be a (B, 3, H, W) image batch of x's shape {tuple(x.shape)}, got {tuple(t.shape)}"
             )

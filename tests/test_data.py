@@ -174,6 +174,43 @@ def test_passing_os_errors_propagate_and_mark_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="Too many open files"):
         compute_normalization(tmp_path, input_size=32)
     monkeypatch.undo()
+    # Through Pillow: the file opens, then a read fails as on a flaky network filesystem.
+    import builtins
+    import io
+
+    real_open = builtins.open
+
+    class FailingReads(io.RawIOBase):
+        def __init__(self, f):
+            self.f, self.reads = f, 0
+
+        def readable(self):
+            return True
+
+        def read(self, n=-1):
+            self.reads += 1
+            if self.reads > 1:
+                raise OSError(errno.EIO, "Input/output error")
+            return self.f.read(n)
+
+        def seek(self, *args):
+            return self.f.seek(*args)
+
+        def tell(self):
+            return self.f.tell()
+
+        def close(self):
+            self.f.close()
+
+    def flaky_open(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        return FailingReads(f) if str(path).endswith("a.png") and "b" in mode else f
+
+    monkeypatch.setattr(Image.builtins, "open", flaky_open)
+    with pytest.raises(OSError, match="Input/output error while reading image") as caught:
+        ds[0]
+    assert caught.value.errno == errno.EIO and ds.skipped == 0
+    monkeypatch.undo()
     (tmp_path / "a.png").unlink()
     with pytest.warns(UserWarning, match="skipping unreadable image .*a.png.*FileNotFoundError"):
         assert ds[0] is None
@@ -185,6 +222,8 @@ def test_normalize_refuses_integer_constants():
 
     image = torch.randint(0, 256, (3, 2, 2), dtype=torch.uint8)
     for fn in (normalize, denormalize):
-        with pytest.raises(TypeError, match="floating-point constants"):
+        with pytest.raises(TypeError, match=r"expected a floating-point image in \[0, 1\], got torch.uint8"):
             fn(image, (0.5,) * 3, (0.25,) * 3)
+        with pytest.raises(TypeError, match="constants_dtype must be a floating-point dtype"):
+            fn(image.float(), (0.5,) * 3, (0.25,) * 3, constants_dtype=torch.int64)
     assert normalize(image, (0.5,) * 3, (0.25,) * 3, constants_dtype=torch.float32).dtype == torch.float32

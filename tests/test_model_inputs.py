@@ -156,7 +156,9 @@ def test_compute_loss_inputs():
         ValueError, match=r"x_recon must be a \(B, 3, H, W\) image batch of x's shape \(3, 3, 32, 32\)"
     ):
         train_model.compute_loss(x, x, t, r[:1], r)
-    with pytest.raises(ValueError, match=r"x must be a \(B, 3, H, W\) image batch"):
+    with pytest.raises(
+        ValueError, match=r"x must be a \(B, 3, H, W\) image batch, got shape \(3, 1, 32, 32\)"
+    ):
         train_model.compute_loss(x[:, :1], None, t[:, :1], r[:, :1], None)
     with pytest.raises(TypeError, match="x_stylized must be a tensor, got ndarray"):
         train_model.compute_loss(x, None, t.numpy(), r, None)

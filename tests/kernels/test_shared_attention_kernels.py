@@ -409,10 +409,10 @@ def test_empty(Sq, Skv, Tq, Tk, device, backward):
     assert (dk == 0).all() and (dv == 0).all()
 
 
-def _property_example(data, monkeypatch, device):
+def _property_example(data, monkeypatch, device, min_length=1):
     Sq, Skv = data.draw(st.integers(1, 4), "Sq"), data.draw(st.integers(1, 3), "Skv")
     kv_index = data.draw(st.lists(st.integers(0, Skv - 1), min_size=Sq, max_size=Sq), "kv_index")
-    Tq, Tk = data.draw(st.integers(1, 40), "Tq"), data.draw(st.integers(1, 40), "Tk")
+    Tq, Tk = (data.draw(st.integers(min_length, 40), name) for name in ("Tq", "Tk"))
     H, d = data.draw(st.integers(1, 2), "H"), data.draw(st.sampled_from([32, 64, 80, 128]), "d")
     dtype = data.draw(st.sampled_from([torch.float32, torch.bfloat16]), "dtype")
     layout = data.draw(st.sampled_from(LAYOUTS), "layout")
@@ -437,10 +437,11 @@ def test_property(data, monkeypatch, device):
 @settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_property_gpu(data, monkeypatch, device):
-    """test_property's examples on a GPU: three, each a compile of its own shapes and tiles."""
+    """test_property's examples on a GPU: three, each a compile of its own shapes and tiles, with
+    lengths past one 16-row tile (hypothesis' first, minimal example would repeat a fixed test)."""
     if device.type != "cuda":
         pytest.skip("on the interpreter: test_property")
-    _property_example(data, monkeypatch, device)
+    _property_example(data, monkeypatch, device, min_length=17)
 
 
 def _valid(device, **changes):
