@@ -73,18 +73,20 @@ def block_d(head_dim: int) -> int:
 # Exact fp32 dots run on the FMA units, every product in registers, where the tiles below (chosen for
 # tensor cores) spill: dk/dv 496-504 bytes at d = 64, the forward 504-632 at d = 128 (sm_90). These
 # are the widest tiles at 8 warps and 2 stages that compile spill-free for sm_90 at T = 197 with both
-# triton 3.6 (the GPU machine's) and 3.9 (other lengths change the tails, and some spill: dq at
-# T = 33, d = 64), ties going to the larger owned side (fewer programs re-read the
-# streamed one); under 64 KB of shared memory where GPUs with 64 KB per block still run the kernel
+# triton 3.6 (the GPU machine's) and 3.9, ties going to the larger owned side (fewer programs re-read
+# the streamed one); under 64 KB of shared memory where GPUs with 64 KB per block still run the kernel
 # (the forward, and the backward at d <= 64). From `gpu_compile --scan` (bench/results,
-# 20261130_sm90_exact_fp32_tile_scan*.json); their speed is unmeasured.
+# 20261130_sm90_exact_fp32_tile_scan*.json); their speed is unmeasured. At d > 64, dq streams 32 keys,
+# not 64, and dk/dv runs its last keys at full width, so that every length of a square image from 32
+# to 512 px compiles spill-free too (with triton 3.9; 3.6: at most 24 bytes, below 96 px), where a
+# narrow last tile beside full ones spilled 120-232 bytes (20261130_sm90_fp32_lengths*.json).
 _EXACT_FP32_BLOCKS = {  # (kernel, head_dim > 64): blocks
     ("fwd", False): Blocks(64, 32, 8, 2),
     ("fwd", True): Blocks(16, 32, 8, 2),
     ("bwd_dq", False): Blocks(32, 64, 8, 2, narrow_owned=False),
-    ("bwd_dq", True): Blocks(16, 64, 8, 2, narrow_owned=False),
+    ("bwd_dq", True): Blocks(16, 32, 8, 2, narrow_owned=False),
     ("bwd_dkdv", False): Blocks(16, 64, 8, 2, narrow_streamed=False),
-    ("bwd_dkdv", True): Blocks(32, 32, 8, 2, narrow_streamed=False),
+    ("bwd_dkdv", True): Blocks(32, 32, 8, 2, narrow_streamed=False, narrow_owned=False),
 }
 
 
@@ -116,6 +118,8 @@ def attention_blocks(kernel: str, tq: int, tk: int, head_dim: int, dtype: torch.
     # The backward owns one side in fp32 accumulators and streams the other (tutorial pattern):
     # 32-row streamed tiles pad 197 to 224 rather than 256.
     owned = 32 if wide and fp32 else 64
+    if kernel == "bwd_dq" and wide and fp32:
+        owned = 16  # TF32 dq spilled 544 bytes with 32 rows on sm_90 (20261130_sm90_fp32_lengths_tf32*)
     # Narrow tails that cost registers stay off until a GPU sweep says the work they save pays
     # (sm_90 compiles with triton 3.6, bf16, d = 64): a narrow streamed tail takes dk/dv from 183 to
     # 191 registers and makes it spill at d = 128 and in fp32; a narrow last query tile takes dq from

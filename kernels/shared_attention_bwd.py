@@ -83,19 +83,30 @@ def _dq_rows(
     tl.store(p_delta + o_m, b_delta, mask=m_m)
     b_dq = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
 
-    n_full = Tk - Tk % BLOCK_N
-    for start_n in range(0, n_full, BLOCK_N):
-        b_dq = _dq_tile(
-            b_q, b_do, b_lse, b_delta, b_dq, m_m, p_k, p_v, start_n, Tk,
-            stride_kt, stride_kd, stride_vt, stride_vd, qk_scale,
-            HEAD_DIM, BLOCK_N, BLOCK_D, False, UPCAST, DOT,
-        )
-    if TAIL_N > 0:
-        b_dq = _dq_tile(
-            b_q, b_do, b_lse, b_delta, b_dq, m_m, p_k, p_v, n_full, Tk,
-            stride_kt, stride_kd, stride_vt, stride_vd, qk_scale,
-            HEAD_DIM, TAIL_N, BLOCK_D, True, UPCAST, DOT,
-        )
+    if TAIL_N == BLOCK_N:
+        # A last tile as wide as the others: one masked loop. A loop and a separate last tile of its
+        # width spilled in exact fp32 on sm_90 (up to 2 KB at Tk = 17 and 36).
+        for start_n in range(0, Tk, BLOCK_N):
+            b_dq = _dq_tile(
+                b_q, b_do, b_lse, b_delta, b_dq, m_m, p_k, p_v, start_n, Tk,
+                stride_kt, stride_kd, stride_vt, stride_vd, qk_scale,
+                HEAD_DIM, BLOCK_N, BLOCK_D, True, UPCAST, DOT,
+            )
+    else:
+        # Full key tiles without a mask, then the rest in a tile only as wide as it needs.
+        n_full = Tk - Tk % BLOCK_N
+        for start_n in range(0, n_full, BLOCK_N):
+            b_dq = _dq_tile(
+                b_q, b_do, b_lse, b_delta, b_dq, m_m, p_k, p_v, start_n, Tk,
+                stride_kt, stride_kd, stride_vt, stride_vd, qk_scale,
+                HEAD_DIM, BLOCK_N, BLOCK_D, False, UPCAST, DOT,
+            )
+        if TAIL_N > 0:
+            b_dq = _dq_tile(
+                b_q, b_do, b_lse, b_delta, b_dq, m_m, p_k, p_v, n_full, Tk,
+                stride_kt, stride_kd, stride_vt, stride_vd, qk_scale,
+                HEAD_DIM, TAIL_N, BLOCK_D, True, UPCAST, DOT,
+            )
     store_rows(p_dq, b_dq * scale, start_m, Tq, stride_dqt, stride_dqd, HEAD_DIM, ROWS, BLOCK_D)
 
 

@@ -10,7 +10,8 @@ Needs no GPU and no driver, only Triton's NVIDIA backend; the interpreter must b
 kernels by Python functions). Tensor arguments are assumed 16-byte aligned and last-dim strides 1,
 as Triton specializes them on a real launch; other strides divisible by 16, as in the models.
 `--scan KERNEL [KERNEL ...]` compiles the named kernels over tile shapes, warps and stages instead,
-to choose tiles offline (`_common._EXACT_FP32_BLOCKS` came from such a scan).
+to choose tiles offline (`_common._EXACT_FP32_BLOCKS` came from such a scan); `--shapes` compiles at
+other lengths and head sizes, whose last tiles have other widths.
 """
 
 import argparse
@@ -158,6 +159,21 @@ def scan_report(
     return rows
 
 
+def _shape(text: str) -> tuple[int, int, int]:
+    """A --shapes value, TQ,TK,D, as (Tq, Tk, d)."""
+    try:
+        Tq, Tk, d = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected TQ,TK,D (three integers), got {text!r}") from None
+    from ..kernels import _common
+
+    if Tq < 1 or Tk < 1 or not _common.MIN_HEAD_DIM <= d <= _common.MAX_HEAD_DIM:
+        raise argparse.ArgumentTypeError(
+            f"expected lengths >= 1 and {_common.MIN_HEAD_DIM} <= D <= {_common.MAX_HEAD_DIM}, got {text!r}"
+        )
+    return Tq, Tk, d
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
@@ -182,15 +198,24 @@ def main(argv=None) -> int:
         help="tile sides that --scan tries (default: all)",
     )
     p.add_argument("--dtype", choices=tuple(_DTYPES), help="this dtype only (default: both)")
+    p.add_argument(
+        "--shapes",
+        type=_shape,
+        nargs="+",
+        metavar="TQ,TK,D",
+        help="query length, key length and head size of each compile (default: the released ones)",
+    )
     args = p.parse_args(argv)
     if tuple(args.rows) != SCAN_ROWS and not args.scan:
         p.error("--rows needs --scan")
+    if args.shapes and args.quick:
+        p.error("--quick picks the first released shape: give --shapes or --quick, not both")
     torch.backends.cuda.matmul.allow_tf32 = args.tf32  # what `_common.dot_precision` reads
     if args.out:
         from .report import check_output_file
 
         check_output_file(args.out, ("target", "triton", "rows"))
-    shapes = SHAPES[:1] if args.quick else SHAPES
+    shapes = tuple(args.shapes) if args.shapes else SHAPES[:1] if args.quick else SHAPES
     dtypes = (args.dtype,) if args.dtype else tuple(_DTYPES)
     if args.scan:
         rows = scan_report(tuple(args.scan), args.arch, shapes, dtypes, tuple(args.rows))

@@ -56,3 +56,14 @@ def test_tile_scan():
     }
     assert configs == {(16, 16, w, s) for w in (4, 8) for s in (1, 2)}
     assert {(r["kernel"], r["dtype"]) for r in rows} == {("fwd", "fp32")} and len(rows) == 4
+
+
+def test_exact_fp32_other_lengths():
+    """Exact fp32 stays spill-free at lengths other than 197, where the last key tile is as wide as the
+    others and the kernels run one masked loop: 36 keys in one 64-key tile (dq, d = 64: 1.8 KB of
+    spill when compiled as a loop plus a last tile) and 49 = 32 + 17 (the forward: 728 bytes); and at
+    d = 128, 81 keys (dq: 120 bytes with 64-key tiles and a 32-key tail)."""
+    rows = gpu_compile("--dtype", "fp32", "--shapes", "36,36,64", "49,49,64", "81,81,128")
+    assert {r["kernel"] for r in rows} == {"fwd", "bwd_dq", "bwd_dkdv"} and len(rows) == 9
+    for r in rows:
+        assert r["spill_stack_bytes"] == 0, r
