@@ -5,6 +5,11 @@ import importlib
 import os
 import sys
 
+DESCRIPTION = (
+    "Stylizing ViT, fast: train it, stylize folders of images, classify with test-time augmentation, "
+    "benchmark against the official computation. `fastvit-style COMMAND --help` for each command."
+)
+
 # command -> (module, one-line help). Modules are imported only when their command runs.
 COMMANDS = {
     "bench": ("fastvit_style.benchmark.cli", "benchmark the fast paths against the official computation"),
@@ -27,7 +32,10 @@ def _user_error(exc: BaseException) -> bool:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="fastvit-style", description=__doc__)
+    from ._version import __version__
+
+    parser = argparse.ArgumentParser(prog="fastvit-style", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     argv = sys.argv[1:] if argv is None else argv
     for name, (module_name, help_text) in COMMANDS.items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import numbers
+import warnings
 from dataclasses import asdict, dataclass
 
 _POSITIVE_INTS = ("patch_size", "embed_dim", "depth", "num_heads", "in_channel",
@@ -115,7 +116,10 @@ _FIXED_KWARGS = ("bottleneck_drop", "bottleneck_act_layer")
 
 
 def make_config(backbone: str = "base", **kwargs) -> ModelConfig:
-    """Config for an official backbone name or alias; any other name is a custom ViT (base defaults)."""
+    """Config for an official backbone name or alias; any other name is a custom ViT (base defaults),
+    with a warning when no encoder_* keyword makes it one (a misspelt name would train base)."""
+    if (message := unknown_backbone(backbone, kwargs)) is not None:
+        warnings.warn(message, stacklevel=3)
     fields: dict = dict(BACKBONES.get(backbone, {}))
     for key, value in kwargs.items():
         if key in _ENCODER_KWARGS:
@@ -136,10 +140,27 @@ def make_config(backbone: str = "base", **kwargs) -> ModelConfig:
     return config
 
 
+def unknown_backbone(backbone, kwargs: dict) -> str | None:
+    """Why `backbone` looks misspelt: no official name or alias, and no encoder_* keyword in kwargs to
+    make it a custom ViT, which would then be base exactly; None when it is fine."""
+    if backbone in BACKBONES or any(k in _ENCODER_KWARGS or k == "encoder_norm_layer" for k in kwargs):
+        return None
+    lower = backbone.lower() if isinstance(backbone, str) else None
+    hint = f" (did you mean {lower!r}?)" if lower in BACKBONES else ""
+    return (
+        f"backbone {backbone!r} is no official name{hint}: those are tiny, small and base (or vit_tiny, "
+        "vit_small, vit_base, ...); another name builds a custom ViT from encoder_* keywords, and with "
+        "none, base"
+    )
+
+
 def check_model_kwargs(name: str, backbone: str, kwargs: dict, **fixed) -> ModelConfig:
     """make_config(backbone, **fixed, **kwargs), or a ValueError naming `name` (the option that gave
     `kwargs`): an unknown keyword (a TypeError there, as Python raises for the constructor) becomes a
-    ValueError, a bad value is one already."""
+    ValueError, a bad value is one already. A backbone name that `unknown_backbone` finds misspelt is a
+    ValueError here too (the commands' --backbone), not the API's warning."""
+    if (message := unknown_backbone(backbone, kwargs)) is not None:
+        raise ValueError(message)
     try:
         return make_config(backbone, **fixed, **kwargs)
     except TypeError as e:

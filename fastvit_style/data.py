@@ -51,7 +51,7 @@ class ImageFolderDataset(Dataset):
         self.root = os.fspath(root)
         self.paths = list_images(self.root)
         if not self.paths:
-            raise ValueError(f"no images (png, jpg, tif, bmp) found under {self.root!r}")
+            raise ValueError(f"no images (png/jpg/jpeg/tif/tiff/bmp) found under {self.root!r}")
         require_pil()  # fail at construction, not in the first worker
         self.input_size = input_size
         self.mean, self.std = normalization(dataset, mean, std)

@@ -209,9 +209,9 @@ def resumes_in_place(cfg: TrainConfig) -> bool:
 
 
 def resumed_config(cfg: TrainConfig, saved: dict) -> TrainConfig:
-    """The checkpoint's config with `cfg`'s runtime fields; warns about other values of cfg it ignores.
-    ValueError naming --resume for a saved config this version cannot use (unknown or missing fields, bad
-    values)."""
+    """The checkpoint's config with `cfg`'s runtime fields. ValueError naming --resume for a saved config
+    this version cannot use (unknown or missing fields, bad values), and for other fields of cfg that
+    differ from it and from their defaults (asked for, and they would not take effect)."""
     try:
         merged = TrainConfig(**saved)
     except (TypeError, ValueError) as e:  # TypeError: not a dict, an unknown or a missing field
@@ -227,7 +227,11 @@ def resumed_config(cfg: TrainConfig, saved: dict) -> TrainConfig:
         elif new != getattr(merged, f.name) and new != getattr(default, f.name):
             ignored.append(f"{f.name}={new!r} (checkpoint: {getattr(merged, f.name)!r})")
     if ignored:
-        warnings.warn("resuming with the checkpoint's settings; ignored: " + ", ".join(ignored), stacklevel=3)
+        raise ValueError(
+            f"--resume {cfg.resume!r} continues its run with the settings that run started with, and these "
+            f"differ: {', '.join(ignored)}. Leave them out to continue that run, or start a new run from "
+            "its weights with --init-weights"
+        )
     return merged
 
 
@@ -239,6 +243,15 @@ def _has_random_vgg(state: dict) -> bool:
     if state.get("format") != FORMAT or not isinstance(config, dict) or config.get("vgg_weights"):
         return False
     return bool(config.get("random_vgg", True))
+
+
+@contextlib.contextmanager
+def _naming(flag: str):
+    """A missing or unusable weight file's error, prefixed with the option that named the file."""
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{flag}: {e}") from e
 
 
 def cosine_lr(base_lr: float, epoch: int, epochs: int) -> float:
@@ -370,7 +383,8 @@ class Trainer:
         cfg = self.cfg
         vgg_source, random_note = None, ""
         if cfg.init_weights:
-            state = read_state_dict(cfg.init_weights)
+            with _naming("--init-weights"):
+                state = read_state_dict(cfg.init_weights)
             sd = clean_state_dict(state, model)
             if _has_random_vgg(state):  # never pass a random VGG19 off as the ImageNet one
                 sd = {k: v for k, v in sd.items() if not k.startswith("vgg_encoder.")}
@@ -383,7 +397,8 @@ class Trainer:
                 sd.update({k: v for k, v in model.state_dict().items() if k.startswith("vgg_encoder.")})
             load_state_dict(model, sd, strict=True)
         if cfg.vgg_weights:
-            load_vgg_weights(model, cfg.vgg_weights)
+            with _naming("--vgg-weights"):
+                load_vgg_weights(model, cfg.vgg_weights)
             vgg_source = cfg.vgg_weights
         if vgg_source is not None:
             self.cfg = dataclasses.replace(cfg, random_vgg=False)  # recorded as it is: real weights
@@ -402,8 +417,12 @@ class Trainer:
         if self.rank == 0:
             n_batches = len(micro_batches(len(self.train_set), cfg.batch_size, 0, cfg.seed, 0, self.world))
             steps = math.ceil(n_batches / cfg.accumulate)
-            print(f"training on {len(self.train_set)} images, {self.world} process(es), {steps} steps/epoch, "
-                  f"{cfg.epochs} epochs, from step {self.step}", file=sys.stderr, flush=True)  # fmt: skip
+            print(f"training on {len(self.train_set)} images, {self.world} process(es), {steps} steps/epoch "
+                  f"({n_batches} micro-batches per process, the progress bar's unit), {cfg.epochs} epochs, "
+                  f"from step {self.step}", file=sys.stderr, flush=True)  # fmt: skip
+        if self.epoch >= cfg.epochs and self.rank == 0:
+            print(f"the run finished its {cfg.epochs} epochs: nothing to train (a longer run starts from its "
+                  "weights with --init-weights)", file=sys.stderr, flush=True)  # fmt: skip
         while self.epoch < cfg.epochs and not self._reached_max_steps():
             if self._train_epoch(on_step):
                 self._end_epoch()
@@ -543,8 +562,10 @@ class Trainer:
         with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(metrics) + "\n")
         self._save_checkpoint()
-        tqdm.write(" ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()),
-                   file=sys.stderr)  # fmt: skip
+        # metrics.jsonl counts epochs from 0 (epoch 0 is the first); the line says which one ended.
+        shown = " ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
+                         if k != "epoch")  # fmt: skip
+        tqdm.write(f"epoch {self.epoch}/{cfg.epochs} done: {shown}", file=sys.stderr)
 
     def _export(self, name: str) -> None:
         """Official-format weights to --out/name; without the VGG19 when it is random (module docstring)."""
@@ -600,6 +621,10 @@ class Trainer:
 # ------------------------------------------------------------------------------------------------- CLI
 
 
+def _usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = TrainConfig(data="", out="")
     p.add_argument("--data", required=True, help="folder of training images (recursive)")
@@ -612,24 +637,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default=d.backbone, help="tiny, small or base (default: %(default)s)")
     p.add_argument("--model-kwargs", type=json.loads, default={}, metavar="JSON",
                    help='official StylizingViT keyword overrides, e.g. \'{"encoder_depth": 6}\'')  # fmt: skip
-    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--epochs", type=int, default=d.epochs, help="(default: %(default)s)")
     p.add_argument(
-        "--batch-size", type=int, default=d.batch_size, help="micro-batch per process (one roll group)"
+        "--batch-size",
+        type=int,
+        default=d.batch_size,
+        help="micro-batch per process, one roll group (default: %(default)s)",
     )
-    p.add_argument("--accumulate", type=int, default=d.accumulate, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument(
+        "--accumulate",
+        type=int,
+        default=d.accumulate,
+        help="micro-batches per optimizer step (default: %(default)s)",
+    )
+    p.add_argument(
+        "--lr", type=float, default=d.lr, help="AdamW learning rate, cosine decay (default: %(default)s)"
+    )
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="(default: %(default)s)")
     norm = p.add_mutually_exclusive_group()
     norm.add_argument(
         "--dataset", default=None, help="normalization constants of this dataset (default: camelyon17wilds)"
     )
     norm.add_argument("--mean", type=float, nargs=3, metavar="M", help="per-channel mean (with --std)")
     p.add_argument("--std", type=float, nargs=3, metavar="S", help="per-channel std (with --mean)")
-    p.add_argument("--input-size", type=int, default=d.input_size)
+    p.add_argument(
+        "--input-size", type=int, default=d.input_size, help="image side in pixels (default: %(default)s)"
+    )
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (the official run is fp32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument(
-        "--backend", default=d.backend, help="attention backend: auto, torch, triton, xformers, reference"
+        "--backend",
+        default=d.backend,
+        help="attention backend: auto, torch, triton, xformers, reference (default: %(default)s)",
     )
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when CUDA is available, else cpu")
     p.add_argument(
@@ -642,8 +681,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="allow a randomly initialized VGG19 when no VGG weights are given (smoke runs only)",
     )
     p.add_argument("--resume", default=None, metavar="PATH", help="continue from a last.pt checkpoint")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--workers", type=int, default=d.workers, help="DataLoader worker processes")
+    p.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=min(d.workers, _usable_cpus()),  # more than the cores: torch warns, nothing gained
+        help="DataLoader worker processes (default: %(default)s, at most the usable cores)",
+    )
     p.add_argument(
         "--max-steps",
         type=int,
@@ -651,7 +695,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="stop at this total number of optimizer steps (checkpoint written)",
     )
     p.add_argument(
-        "--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between mid-epoch checkpoints"
+        "--checkpoint-every",
+        type=int,
+        default=d.checkpoint_every,
+        help="steps between mid-epoch checkpoints (default: %(default)s)",
     )
     p.add_argument(
         "--overwrite",

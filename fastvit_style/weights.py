@@ -27,7 +27,8 @@ _WIDTH_NAMES = {192: "tiny", 384: "small", 768: "base", 1024: "large", 1280: "hu
 _CONVERT_HINT = (
     "If you trust its source, convert it once to a plain state dict, e.g. `sd = torch.load(path, "
     "weights_only=False)`, then `fastvit_style.weights.save_state_dict(sd['model'], 'model.safetensors')` "
-    "(whichever entry holds the tensors), and load the .safetensors file."
+    "(whichever entry holds the tensors; `sd.state_dict()` for a whole pickled model), and load the "
+    ".safetensors file."
 )
 
 
@@ -145,7 +146,8 @@ def _short_reason(err: Exception) -> str:
     # torch's message is a long essay; keep the line that names the offending global or opcode.
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
     hits = [ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln or "allowed global" in ln]
-    return (hits or lines or ["no details"])[0][:200]
+    line = (hits or lines or ["no details"])[0]
+    return line.split(". Please", 1)[0][:200]  # not torch's advice, which would unpickle the code
 
 
 # ----------------------------------------------------------------------------------------------- cleaning
@@ -215,7 +217,10 @@ def load_state_dict(model: nn.Module, sd_or_path, strict: bool = True) -> nn.Mod
     expected = model.state_dict()
 
     def looks() -> str:  # only for an error: a loadable file need not describe well
-        return f"the weights look like {describe_backbone(sd)}, the model is {describe_backbone(expected)}"
+        return (
+            f"the weights look like {describe_backbone(sd)}, the model is {describe_backbone(expected)} "
+            "(the backbone name picks the model: --backbone on the command line)"
+        )
 
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
@@ -280,8 +285,8 @@ def _download(repo: str, backbone: str) -> str:
     def fail(reason: str) -> WeightsError:
         return WeightsNotFetched(
             f"cannot fetch weights from Hugging Face repo '{repo}': {reason}. Download model.safetensors "
-            f"from https://huggingface.co/{repo} and pass its local path instead, e.g. "
-            f"create_model('{backbone}', weights='/path/to/model.safetensors')"
+            f"from https://huggingface.co/{repo} and pass its local path instead: --weights PATH on the "
+            f"command line, create_model('{backbone}', weights=PATH) in Python"
         )
 
     try:

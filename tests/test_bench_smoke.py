@@ -56,6 +56,9 @@ def test_cli_end_to_end(tmp_path):
         ref, fast, wrong = (rows[workload, b] for b in ("reference", "torch", "wrong"))
         assert ref["status"] == "ok" and ref["rel_err"] == 0 and ref["speedup_vs_reference"] == 1
         assert fast["status"] == "ok" and max(fast["errors"].values()) <= 1e-2, fast
+        # The limit each output was held to: gradients have their own.
+        limits = {k: 1e-2 if k == "grads" else fast["tolerance"] for k in fast["errors"]}
+        assert fast["tolerances"] == limits, fast
         assert fast["median_ms"] > 0 and fast["images_per_s"] > 0 and fast["speedup_vs_reference"] > 0
         assert fast["flops_per_image"] > 0 and fast["peak_mem_bytes"] > 0
         assert wrong["status"] == "failed" and wrong["rel_err"] > wrong["tolerance"], wrong
@@ -88,6 +91,7 @@ def test_bf16_is_judged_against_the_official_bf16_error():
     bf16 = rows["torch", "bf16"]
     assert bf16["status"] == "ok" and bf16["official_own_err"]["out"] > 0
     assert bf16["rel_err"] <= max(bf16["tolerance"], 2 * bf16["official_own_err"]["out"])
+    assert bf16["tolerances"]["out"] == max(bf16["tolerance"], 2 * bf16["official_own_err"]["out"])
 
 
 def test_the_official_fp32_baseline_runs_whatever_the_dtypes():
@@ -200,6 +204,8 @@ def test_runs_started_in_the_same_second_keep_their_own_files(tmp_path, monkeypa
         "20261129-120000_Some-CPU_bench-2",
         "20261129-120000_Some-CPU_bench-3",
     ]
+    with pytest.raises(ValueError, match="--out '.*bench-3.json' exists and is not a folder"):
+        report.output_stem(stems[-1] + ".json", device)
 
 
 def test_a_backend_that_cannot_be_loaded_is_unavailable():

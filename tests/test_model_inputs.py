@@ -2,6 +2,7 @@
 
 import functools
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -48,6 +49,16 @@ def test_bad_constructor_arguments():
     for norm_layer in (torch.nn.BatchNorm1d, functools.partial(torch.nn.LayerNorm, bias=False)):
         with pytest.raises(ValueError, match="encoder_norm_layer=.* is not supported"):
             StylizingViT("tiny", encoder_norm_layer=norm_layer, **SMALL)
+
+
+def test_a_misspelt_backbone_warns():
+    """Officially any other name is a custom ViT with base defaults: kept, with a warning where no
+    encoder_* keyword makes it one (a misspelt 'Tiny' would be base)."""
+    with pytest.warns(UserWarning, match="backbone 'Tiny' is no official name \\(did you mean 'tiny'\\?\\)"):
+        assert create_model("Tiny", input_size=32).embed_dim == 768
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert StylizingViT("mine", encoder_embed_dim=96, encoder_num_heads=3, **SMALL).embed_dim == 96
 
 
 @pytest.mark.parametrize(

@@ -80,6 +80,9 @@ def test_one_epoch_through_the_cli_lowers_the_loss_and_exports_official_weights(
     # before any work.
     assert cli.main(argv) == 1
     assert "no VGG19 weights" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    # A missing weight file: the error names its option.
+    assert cli.main([*argv, "--vgg-weights", str(tmp_path / "nope.pth")]) == 1
+    assert "error: --vgg-weights: weight file" in capsys.readouterr().err and not (tmp_path / "out").exists()
     assert cli.main([*argv, "--vgg-weights", str(tmp_path / "vgg19.pth")]) == 0
     assert len(losses) == 4 and all(map(math.isfinite, losses)) and losses[-1] < losses[0], losses
 
@@ -251,6 +254,9 @@ def test_cosine_schedule_and_psnr_formula():
         ({"seed": -(2**63) - 1}, "--seed must be an integer"),
         ({"seed": 1.0}, "--seed must be an integer"),
         ({"seed": True}, "--seed must be an integer"),
+        # A misspelt name would train a base model (the official rule for other names).
+        ({"backbone": "Tiny"}, "backbone 'Tiny' is no official name \\(did you mean 'tiny'\\?\\)"),
+        ({"backbone": "mine"}, "another name builds a custom ViT from encoder_\\* keywords"),
     ],
 )
 def test_bad_train_config(kwargs, match):
@@ -333,6 +339,30 @@ def test_max_steps_at_an_epochs_last_step_still_ends_the_epoch(tmp_path):
     assert (tmp_path / "out" / "best.safetensors").exists()
     state = load_checkpoint(tmp_path / "out" / "last.pt")
     assert (state["epoch"], state["batch"], state["step"]) == (1, 0, 2)
+
+
+def test_resume_refuses_other_settings_and_a_finished_run_trains_nothing(tmp_path, capsys):
+    """A setting given with --resume that differs from the run's would not take effect: refused before
+    any file is written. Resuming a finished run says so and leaves it as it was."""
+    data = write_images(tmp_path / "data", 2)
+    config = TrainConfig(
+        data=str(data), out=str(tmp_path / "a"), epochs=1, batch_size=1, accumulate=1, **TINY
+    )
+    train(config)
+    last = tmp_path / "a" / "last.pt"
+
+    def run_files():  # config.json records the resume
+        return {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir() if p.name != "config.json"}
+
+    files = run_files()
+    with pytest.raises(
+        ValueError, match=r"these differ: epochs=2 \(checkpoint: 1\)\. Leave them out .*--init-weights"
+    ):
+        train(dataclasses.replace(config, resume=str(last), epochs=2))
+    capsys.readouterr()
+    train(dataclasses.replace(config, resume=str(last)))
+    assert "the run finished its 1 epochs: nothing to train" in capsys.readouterr().err
+    assert files == run_files()
 
 
 def test_resume_never_writes_over_another_run_and_a_random_vgg_stays_random(tmp_path):

@@ -412,6 +412,8 @@ def test_cli_stylize(setup, folders):
     assert np.abs(got - to_uint8(expected[1, 2]).astype(int)).max() <= 1
     assert run_stylize(tmp, base, "out_k", "--k", "1") == 0
     assert len(os.listdir(tmp / "out_k")) == 2
+    assert run_stylize(tmp, base, "out_all", "--k", "0") == 0  # 0: all, as in tta
+    assert sorted(os.listdir(tmp / "out_all")) == names
 
 
 @needs_pil
@@ -549,6 +551,12 @@ def test_cli_user_errors_are_one_line(folders, capsys, monkeypatch):
     fails_with(
         [*tta_args, "--classifier", str(tmp / "bad.pt2"), "--out", str(tmp / "p.csv")],
         "not a readable torch.export archive",
+    )
+    # Traced for one batch size, it would fail on the first other one, a guard's AssertionError.
+    torch.export.save(torch.export.export(toy_classifier(2), (images(2, SIZE),)), str(tmp / "fixed.pt2"))
+    fails_with(
+        [*tta_args, "--classifier", str(tmp / "fixed.pt2"), "--out", str(tmp / "p.csv")],
+        "was exported for batches of exactly 2 images",
     )
     tta_clf = [*tta_args, "--classifier", "clfmod:LIMIT"]
     fails_with([*tta_clf, "--out", str(tmp / "file")], "is not a predictions CSV of this command")

@@ -30,7 +30,12 @@ def add_arguments(parser) -> None:
         "--styles", required=True, help="folder of style reference images (searched recursively)"
     )
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--k", type=int, default=None, help="random styles per content image (default: all)")
+    parser.add_argument(
+        "--k",
+        type=int,
+        default=None,
+        help="random styles per content image; 0: all (default: all), as in tta",
+    )
 
 
 def run(args) -> int:
@@ -39,10 +44,11 @@ def run(args) -> int:
         ("content", args.content), ("style", args.styles), output=("--out", args.out)
     )
     content_names, style_names = pair_names(contents, args.content, styles, args.styles)
-    if args.k is not None and not 1 <= args.k <= len(styles):
+    if args.k is not None and not 0 <= args.k <= len(styles):
         raise SystemExit(
-            f"error: --k must lie in 1..{len(styles)} (the number of style images), got {args.k}"
+            f"error: --k must lie in 0..{len(styles)} (the number of style images; 0: all), got {args.k}"
         )
+    args.k = args.k or None  # 0: all, as in tta
     model = load_stylizer(args)
     mean, std = mean_std(args)
     size, dev = model.config.input_size, model.encoder.pos_embed.device

@@ -2,7 +2,8 @@
 
 The classifier maps normalized (N, 3, S, S) images (the stylizer's normalization) to logits: a
 TorchScript file (torch.jit.load), a torch.export archive (.pt2), or `module:callable` returning an
-nn.Module (the current folder is importable). Writes a CSV with one row per image: path (below --images), predicted class, and the
+nn.Module (the current folder is importable). N is --batch-size times the views per image, fewer in
+the last batch: an archive must be exported with a dynamic batch dimension. Writes a CSV with one row per image: path (below --images), predicted class, and the
 aggregated probability of each class.
 """
 
@@ -61,6 +62,7 @@ def load_classifier(spec: str, dev: torch.device) -> nn.Module:
             raise SystemExit(
                 f"error: --classifier {spec!r} is not a readable torch.export archive ({type(e).__name__}: {first})"
             ) from None
+        _check_exported_input(exported, spec)
         return exported.module().to(dev)
     if os.path.isfile(spec):
         try:
@@ -89,6 +91,25 @@ def load_classifier(spec: str, dev: torch.device) -> nn.Module:
     if not isinstance(classifier, nn.Module):
         raise SystemExit(f"error: {spec} returned a {type(classifier).__name__}, not an nn.Module")
     return classifier.to(dev).eval()
+
+
+def _check_exported_input(exported, spec: str) -> None:
+    """Before any work: an archive traced for a fixed batch size would fail on the first batch of
+    another size (a guard's AssertionError), and every image batch here is --batch-size x views images,
+    the last one fewer."""
+    names = exported.graph_signature.user_inputs
+    inputs = [n for n in exported.graph.nodes if n.op == "placeholder" and n.name in names]
+    shape = tuple(getattr(inputs[0].meta.get("val"), "shape", ())) if len(inputs) == 1 else ()
+    if len(shape) != 4 or (isinstance(shape[1], int) and shape[1] != 3):
+        got = f"{len(inputs)} inputs" if len(inputs) != 1 else f"an input of shape {shape}"
+        raise SystemExit(f"error: --classifier {spec!r} takes {got}; tta passes one, (N, 3, S, S) images")
+    if isinstance(shape[0], int):
+        raise SystemExit(
+            f"error: --classifier {spec!r} was exported for batches of exactly {shape[0]} images; tta "
+            "classifies --batch-size x views images at a time, fewer in the last batch: export it with a "
+            "dynamic batch dimension, e.g. torch.export.export(model, (x,), "
+            "dynamic_shapes={'x': {0: torch.export.Dim('batch')}})"
+        )
 
 
 _HEADER = ["path", "pred"]  # the CSV's first columns: how a file this command wrote is recognised

@@ -38,7 +38,8 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--backends",
         help="comma list: reference, torch, triton, xformers, or module:factory (default: reference and "
-        "every fast backend that can run here; Triton's CPU interpreter only when named)",
+        "every fast backend that can run here; on CPU, triton only when named, and with TRITON_INTERPRET=1 "
+        "set: its interpreter times numpy, not the kernels)",
     )
     p.add_argument(
         "--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -66,7 +67,11 @@ def add_arguments(p) -> None:
     p.add_argument("--augment-p", type=float, default=0.33, help="fraction of the classifier batch stylized")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="bench/results", help="folder for the JSON file and the PNG plot")
+    p.add_argument(
+        "--out",
+        default="bench/results",
+        help="folder for the JSON file and the PNG plot (default: bench/results under the current folder)",
+    )
 
 
 def _check_values(args) -> None:

@@ -365,7 +365,7 @@ class _Case:
     def _row(self, v: Variant) -> dict:
         return {
             **self.key, "dtype": v.dtype, "backend": v.backend.name, "compile": v.compile,
-            "status": None, "reason": "", "tolerance": TOLERANCE[(v.dtype, self.device.type)],
+            "status": None, "reason": "", "tolerance": TOLERANCE[(v.dtype, self.device.type)], "tolerances": None,
             "max_abs_err": None, "rel_err": None, "errors": None, "official_own_err": None,
             "median_ms": None, "p20_ms": None, "p80_ms": None, "min_ms": None,
             "images": self.images, "images_per_s": None, "speedup_vs_reference": None,
@@ -400,7 +400,7 @@ class _Case:
             self._fail(row, exc, "first call")
             return None
         row.update(max_abs_err=max(a for a, _ in errors.values()), rel_err=max(r for _, r in errors.values()),
-                   errors={k: r for k, (_, r) in errors.items()})  # fmt: skip
+                   errors={k: r for k, (_, r) in errors.items()}, tolerances=limits)  # fmt: skip
         bad = [f"{k} {r:.3g} > {limits[k]:.3g}" for k, (_, r) in errors.items() if not r <= limits[k]]
         if bad:
             row.update(
