@@ -3,6 +3,8 @@
 import torch
 import torch.nn.functional as F
 
+from .layers.fused_linear import linear, linear_add, linear_gelu
+
 
 def project_kv(blk, kv_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """LN_ctx and the K/V projections of context tokens kv_in (Skv, Tk, L) -> k, v (Skv, Tk, H, d) views.
@@ -18,7 +20,7 @@ def project_kv(blk, kv_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     cn = F.layer_norm(kv_in, (L,), ln_ctx.weight, ln_ctx.bias, ln_ctx.eps)
     w_kv = torch.cat([attn.k_proj.weight, attn.v_proj.weight])
     b_kv = None if attn.v_proj.bias is None else torch.cat([attn.k_proj.bias * 0, attn.v_proj.bias])
-    k, v = F.linear(cn, w_kv, b_kv).view(Skv, Tk, 2, H, L // H).unbind(2)
+    k, v = linear(cn, w_kv, b_kv).view(Skv, Tk, 2, H, L // H).unbind(2)
     return k, v
 
 
@@ -27,9 +29,7 @@ def project_q(blk, q_in: torch.Tensor) -> torch.Tensor:
     Sq, Tq, L = q_in.shape
     attn, ln_in = blk.attn, blk.norm_input
     qn = F.layer_norm(q_in, (L,), ln_in.weight, ln_in.bias, ln_in.eps)
-    return F.linear(qn, attn.q_proj.weight, attn.q_proj.bias).view(
-        Sq, Tq, attn.num_heads, L // attn.num_heads
-    )
+    return linear(qn, attn.q_proj.weight, attn.q_proj.bias).view(Sq, Tq, attn.num_heads, L // attn.num_heads)
 
 
 def block_with_kv(
@@ -46,13 +46,10 @@ def block_with_kv(
     if q is None:
         q = project_q(blk, q_in)
     o = attend(q, k, v, kv_index).reshape(Sq, Tq, L)
-    u = q_in + F.linear(o, attn.out_proj.weight, attn.out_proj.bias)
+    u = linear_add(o, attn.out_proj.weight, attn.out_proj.bias, q_in)
     h = F.layer_norm(u, (L,), ln_in.weight, ln_in.bias, ln_in.eps)
-    hidden = F.linear(h, mlp.fc1.weight, mlp.fc1.bias)
-    # Without autograd GELU overwrites its input: one map of 4L per token fewer to allocate, which on
-    # CPU is a fresh mmap and its page faults each time (measured 3% of an eval call).
-    hidden = F.gelu(hidden) if torch.is_grad_enabled() else torch.ops.aten.gelu_(hidden)
-    return u + F.linear(hidden, mlp.fc2.weight, mlp.fc2.bias)
+    hidden = linear_gelu(h, mlp.fc1.weight, mlp.fc1.bias)
+    return linear_add(hidden, mlp.fc2.weight, mlp.fc2.bias, u)
 
 
 def block_forward(

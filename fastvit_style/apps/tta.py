@@ -3,8 +3,8 @@
 The classifier maps normalized (N, 3, S, S) images (the stylizer's normalization) to logits: a
 TorchScript file (torch.jit.load), a torch.export archive (.pt2), or `module:callable` returning an
 nn.Module (the current folder is importable). N is --batch-size times the views per image, fewer in
-the last batch: an archive must be exported with a dynamic batch dimension. Writes a CSV with one row per image: path (below --images), predicted class, and the
-aggregated probability of each class.
+the last batch: an archive must be exported with a dynamic batch dimension. Writes a CSV with one
+row per image: path (below --images), predicted class, and the aggregated probability of each class.
 """
 
 import csv

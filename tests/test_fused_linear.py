@@ -1,0 +1,94 @@
+"""The block's linear layers: oneDNN's fused GEMM epilogues (CPU inference) against their torch twins."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_close_rel
+
+from fastvit_style.layers import fused_linear
+
+needs_onednn = pytest.mark.skipif(fused_linear._ONEDNN_LINEAR is None, reason="torch without oneDNN (mkldnn)")
+
+
+def operands(seed: int, dtype=torch.float32):
+    """x (3, 17, 48) sliced off a wider map (not contiguous), weight (40, 48), bias (40,), residual
+    (3, 17, 40) not contiguous either: the layouts the schedule hands over (CLS rows dropped)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=dtype)
+
+    return randn(3, 18, 48)[:, 1:], randn(40, 48) / 7, randn(40), randn(3, 17, 80)[..., ::2]
+
+
+def twins(x, weight, bias, residual):
+    """(what the fused functions return, what plain torch ops give) for the three of them."""
+    fused = (
+        fused_linear.linear(x, weight, bias),
+        fused_linear.linear_gelu(x, weight, bias),
+        fused_linear.linear_add(x, weight, bias, residual),
+    )
+    plain = (
+        F.linear(x, weight, bias),
+        F.gelu(F.linear(x, weight, bias)),
+        residual + F.linear(x, weight, bias),
+    )
+    return fused, plain
+
+
+@needs_onednn
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_onednn_epilogues_match_torch(with_bias, monkeypatch):
+    x, weight, bias, residual = operands(seed=1)
+    bias = bias if with_bias else None
+    calls = []
+    op = fused_linear._ONEDNN_LINEAR
+    monkeypatch.setattr(fused_linear, "_ONEDNN_LINEAR", _Counting(op, calls))
+    with torch.no_grad():
+        fused, plain = twins(x, weight, bias, residual)
+    assert calls == ["none", "gelu", "add"]  # every one took the fused kernel
+    for got, want, name in zip(fused, plain, ("linear", "linear_gelu", "linear_add")):
+        assert got.shape == want.shape and got.dtype == torch.float32
+        assert_close_rel(got, want, 1e-5, name)
+
+
+@pytest.mark.parametrize(
+    "setting",
+    ["autograd", "float64", "autocast", "no-onednn"],
+)
+def test_torch_ops_where_onednn_does_not_apply(setting, monkeypatch):
+    """With autograd (the op has no derivative), in float64 (unsupported) and under autocast (whose
+    casts the op would bypass), the plain torch ops run: gradients flow, dtypes are autocast's."""
+    x, weight, bias, residual = operands(
+        seed=2, dtype=torch.float64 if setting == "float64" else torch.float32
+    )
+    calls = []
+    if fused_linear._ONEDNN_LINEAR is not None:
+        monkeypatch.setattr(fused_linear, "_ONEDNN_LINEAR", _Counting(fused_linear._ONEDNN_LINEAR, calls))
+    if setting == "no-onednn":
+        monkeypatch.setattr(fused_linear, "_ONEDNN_LINEAR", None)
+    x.requires_grad_(setting == "autograd")
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=setting == "autocast")
+    with autocast, torch.set_grad_enabled(setting == "autograd"):
+        fused, plain = twins(x, weight, bias, residual)
+    assert calls == []
+    for got, want in zip(fused, plain):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    if setting == "autograd":
+        sum(t.sum() for t in fused).backward()
+        assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+class _Counting:
+    """The oneDNN op, recording the epilogue of each call."""
+
+    def __init__(self, op, calls: list):
+        self.op, self.calls = op, calls
+
+    def __call__(self, x, weight, bias, attr, scalars, algorithm):
+        self.calls.append(attr)
+        return self.op(x, weight, bias, attr, scalars, algorithm)
+
+    def binary(self, x, other, weight, bias, attr):
+        self.calls.append(attr)
+        return self.op.binary(x, other, weight, bias, attr)
