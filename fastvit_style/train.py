@@ -637,32 +637,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default=d.backbone, help="tiny, small or base (default: %(default)s)")
     p.add_argument("--model-kwargs", type=json.loads, default={}, metavar="JSON",
                    help='official StylizingViT keyword overrides, e.g. \'{"encoder_depth": 6}\'')  # fmt: skip
-    p.add_argument("--epochs", type=int, default=d.epochs, help="(default: %(default)s)")
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        default=d.batch_size,
-        help="micro-batch per process, one roll group (default: %(default)s)",
-    )
-    p.add_argument(
-        "--accumulate",
-        type=int,
-        default=d.accumulate,
-        help="micro-batches per optimizer step (default: %(default)s)",
-    )
-    p.add_argument(
-        "--lr", type=float, default=d.lr, help="AdamW learning rate, cosine decay (default: %(default)s)"
-    )
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="(default: %(default)s)")
+
+    def number(flag: str, kind: type, what: str = "") -> None:
+        default = getattr(d, flag[2:].replace("-", "_"))
+        p.add_argument(flag, type=kind, default=default, help=f"{what} (default: %(default)s)".lstrip())
+
+    number("--epochs", int)
+    number("--batch-size", int, "micro-batch per process, one roll group")
+    number("--accumulate", int, "micro-batches per optimizer step")
+    number("--lr", float, "AdamW learning rate, cosine decay")
+    number("--weight-decay", float)
     norm = p.add_mutually_exclusive_group()
     norm.add_argument(
         "--dataset", default=None, help="normalization constants of this dataset (default: camelyon17wilds)"
     )
     norm.add_argument("--mean", type=float, nargs=3, metavar="M", help="per-channel mean (with --std)")
     p.add_argument("--std", type=float, nargs=3, metavar="S", help="per-channel std (with --mean)")
-    p.add_argument(
-        "--input-size", type=int, default=d.input_size, help="image side in pixels (default: %(default)s)"
-    )
+    number("--input-size", int, "image side in pixels")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (the official run is fp32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument(
@@ -681,7 +672,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="allow a randomly initialized VGG19 when no VGG weights are given (smoke runs only)",
     )
     p.add_argument("--resume", default=None, metavar="PATH", help="continue from a last.pt checkpoint")
-    p.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
+    number("--seed", int)
     p.add_argument(
         "--workers",
         type=int,
@@ -694,12 +685,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="stop at this total number of optimizer steps (checkpoint written)",
     )
-    p.add_argument(
-        "--checkpoint-every",
-        type=int,
-        default=d.checkpoint_every,
-        help="steps between mid-epoch checkpoints (default: %(default)s)",
-    )
+    number("--checkpoint-every", int, "steps between mid-epoch checkpoints")
     p.add_argument(
         "--overwrite",
         action="store_true",
