@@ -141,26 +141,36 @@ def make_config(backbone: str = "base", **kwargs) -> ModelConfig:
 
 
 def unknown_backbone(backbone, kwargs: dict) -> str | None:
-    """Why `backbone` looks misspelt: no official name or alias, and no encoder_* keyword in kwargs to
-    make it a custom ViT, which would then be base exactly; None when it is fine."""
-    if backbone in BACKBONES or any(k in _ENCODER_KWARGS or k == "encoder_norm_layer" for k in kwargs):
+    """Why `backbone` looks misspelt, or None: an official name in another case ('Tiny'), or no
+    official name or alias and no encoder_* keyword in kwargs to make it a custom ViT (it would then
+    be base exactly)."""
+    if backbone in BACKBONES:
         return None
     lower = backbone.lower() if isinstance(backbone, str) else None
+    custom = isinstance(kwargs, dict) and any(
+        k in _ENCODER_KWARGS or k == "encoder_norm_layer" for k in kwargs
+    )
+    if custom and lower not in BACKBONES:
+        return None
     hint = f" (did you mean {lower!r}?)" if lower in BACKBONES else ""
     return (
-        f"backbone {backbone!r} is no official name{hint}: those are tiny, small and base (or vit_tiny, "
-        "vit_small, vit_base, ...); another name builds a custom ViT from encoder_* keywords, and with "
-        "none, base"
+        f"backbone {backbone!r} is no official name{hint}: those are tiny, small, base, large and huge "
+        "(or vit_tiny, vit_small, ...); another name builds a custom ViT from encoder_* keywords, with "
+        "base defaults for the rest (with none, base)"
     )
+
+
+def check_backbone(backbone, kwargs: dict) -> None:
+    """ValueError for a backbone name that `unknown_backbone` finds misspelt: the commands' --backbone
+    (the API warns)."""
+    if (message := unknown_backbone(backbone, kwargs)) is not None:
+        raise ValueError(message)
 
 
 def check_model_kwargs(name: str, backbone: str, kwargs: dict, **fixed) -> ModelConfig:
     """make_config(backbone, **fixed, **kwargs), or a ValueError naming `name` (the option that gave
     `kwargs`): an unknown keyword (a TypeError there, as Python raises for the constructor) becomes a
-    ValueError, a bad value is one already. A backbone name that `unknown_backbone` finds misspelt is a
-    ValueError here too (the commands' --backbone), not the API's warning."""
-    if (message := unknown_backbone(backbone, kwargs)) is not None:
-        raise ValueError(message)
+    ValueError, a bad value is one already."""
     try:
         return make_config(backbone, **fixed, **kwargs)
     except TypeError as e:

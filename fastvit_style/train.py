@@ -67,12 +67,19 @@ from tqdm import tqdm
 
 from .atomic import holds_json_keys, remove_temporaries, write_json
 from .checkpoint import FORMAT, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .configs import LOSS_WEIGHTS, check_model_kwargs
+from .configs import LOSS_WEIGHTS, check_backbone, check_model_kwargs
 from .data import ImageFolderDataset, collate_images, micro_batches
 from .devices import resolve_device
 from .imageio import denormalize, normalization
 from .model import StylizingViT
-from .weights import clean_state_dict, load_state_dict, load_vgg_weights, read_state_dict, save_state_dict
+from .weights import (
+    WeightsError,
+    clean_state_dict,
+    load_state_dict,
+    load_vgg_weights,
+    read_state_dict,
+    save_state_dict,
+)
 
 OFFICIAL_SEED = 265017005
 LOSS_NAMES = ("identity", "consistency", "anatomical", "style")
@@ -247,11 +254,12 @@ def _has_random_vgg(state: dict) -> bool:
 
 @contextlib.contextmanager
 def _naming(flag: str):
-    """A missing or unusable weight file's error, prefixed with the option that named the file."""
+    """A missing, unreadable or unfitting weight file's error, prefixed with the option that named the
+    file; the same exception class."""
     try:
         yield
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{flag}: {e}") from e
+    except (OSError, ValueError, WeightsError) as e:
+        raise type(e)(f"{flag}: {e}") from e
 
 
 def cosine_lr(base_lr: float, epoch: int, epochs: int) -> float:
@@ -395,7 +403,8 @@ class Trainer:
                 vgg_source = cfg.init_weights  # the official files carry the ImageNet VGG19
             else:  # a train=False export: keep the model's VGG, check every other key strictly
                 sd.update({k: v for k, v in model.state_dict().items() if k.startswith("vgg_encoder.")})
-            load_state_dict(model, sd, strict=True)
+            with _naming("--init-weights"):
+                load_state_dict(model, sd, strict=True)
         if cfg.vgg_weights:
             with _naming("--vgg-weights"):
                 load_vgg_weights(model, cfg.vgg_weights)
@@ -699,6 +708,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_backbone(args.backbone, args.model_kwargs)  # here, not in TrainConfig: old runs' names resume
     train(config_from_args(args))
     return 0
 

@@ -9,8 +9,9 @@ P is rebuilt from the forward's log-sum-exp. One program owns each dk/dv tile an
 query sequences that read its K/V sequence (the inverse map, CSR form), so the sums are
 deterministic; dq has its own kernel, launched first, one program per query tile, which also
 stores delta for the dk/dv kernel (two launches in all). Both kernels stream the other side in
-full tiles without a mask and end with one tile only as wide as the rest needs, and the last
-program of a sequence owns a tile only as wide as its rows need (`_common.tail_width`).
+full tiles without a mask and end with one tile only as wide as the rest needs, or, when that last
+tile is as wide as the others, in one masked loop; the last program of a sequence owns a tile only
+as wide as its rows need (`_common.tail_width`).
 """
 
 import math

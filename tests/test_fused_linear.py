@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import assert_close_rel
+from torch.utils.flop_counter import FlopCounterMode
 
 from fastvit_style.layers import fused_linear
 
@@ -77,6 +78,31 @@ def test_torch_ops_where_onednn_does_not_apply(setting, monkeypatch):
     if setting == "autograd":
         sum(t.sum() for t in fused).backward()
         assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@needs_onednn
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # from mkldnn.flags()
+def test_transforms_and_modes_see_the_torch_ops(monkeypatch):
+    """Without autograd still, forward-mode AD (torch.func.jvp) and dispatch modes (FLOP counters,
+    make_fx) must see the torch ops: the oneDNN op has no forward derivative (the tangent would be
+    dropped, silently) and is no aten.linear to count. So must a run with oneDNN switched off."""
+    x, weight, bias, residual = operands(seed=3)
+    calls = []
+    monkeypatch.setattr(fused_linear, "_ONEDNN_LINEAR", _Counting(fused_linear._ONEDNN_LINEAR, calls))
+    tangent = torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        for fn, expected in (
+            (lambda t: fused_linear.linear(t, weight, bias), F.linear(tangent, weight)),
+            (lambda t: fused_linear.linear_add(t, weight, bias, residual), F.linear(tangent, weight)),
+        ):
+            _, jvp = torch.func.jvp(fn, (x,), (tangent,))
+            assert_close_rel(jvp, expected, 1e-5, "jvp tangent")
+        with FlopCounterMode(display=False) as counter:
+            twins(x, weight, bias, residual)
+        assert counter.get_total_flops() == 6 * 2 * x[..., 0].numel() * weight.numel()
+        with torch.backends.mkldnn.flags(enabled=False):
+            twins(x, weight, bias, residual)
+    assert calls == []
 
 
 class _Counting:

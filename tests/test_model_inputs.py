@@ -56,6 +56,8 @@ def test_a_misspelt_backbone_warns():
     encoder_* keyword makes it one (a misspelt 'Tiny' would be base)."""
     with pytest.warns(UserWarning, match="backbone 'Tiny' is no official name \\(did you mean 'tiny'\\?\\)"):
         assert create_model("Tiny", input_size=32).embed_dim == 768
+    with pytest.warns(UserWarning, match="backbone 'Small' is no official name"):
+        StylizingViT("Small", encoder_depth=1, input_size=32)  # keywords do not excuse a case typo
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert StylizingViT("mine", encoder_embed_dim=96, encoder_num_heads=3, **SMALL).embed_dim == 96

@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from ..configs import DEFAULT_DATASET, check_model_kwargs
+from ..configs import DEFAULT_DATASET, check_backbone, check_model_kwargs
 from ..devices import resolve_device
 from ..imageio import list_images, normalization, require_pil
 
@@ -83,6 +83,7 @@ def load_stylizer(args):
         raise SystemExit(f"error: --model-kwargs is not valid JSON ({e})") from None
     if not isinstance(kwargs, dict):
         raise SystemExit(f"error: --model-kwargs must be a JSON object, got {args.model_kwargs!r}")
+    check_backbone(args.backbone, kwargs)
     check_model_kwargs("--model-kwargs", args.backbone, kwargs)
     model = create_model(args.backbone, weights=args.weights, **kwargs)
     return model.to(device(args)).eval().requires_grad_(False)
