@@ -27,10 +27,13 @@ _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_like=None) -> bool:
     """Whether the oneDNN op may replace the torch ops here; out_like: a residual, which must have the
     output's shape."""
+    # Compiling first: dynamo reads it as a constant and traces none of the checks after it (the
+    # dispatch-mode query is a graph break under fullgraph=True).
+    if _ONEDNN_LINEAR is None or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
     operands = (x, weight) + (() if bias is None else (bias,)) + (() if out_like is None else (out_like,))
     return (
-        _ONEDNN_LINEAR is not None
-        and torch.backends.mkldnn.enabled
+        torch.backends.mkldnn.enabled
         and all(
             type(t) in _PLAIN_TENSORS and t.device.type == "cpu" and t.dtype == torch.float32
             for t in operands
@@ -44,8 +47,6 @@ def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ou
         and not torch._C._are_functorch_transforms_active()
         and _get_current_dispatch_mode() is None
         and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling()
-        and not torch.jit.is_tracing()
     )
 
 
