@@ -38,13 +38,21 @@ def main(argv=None) -> int:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     argv = sys.argv[1:] if argv is None else argv
+    chosen = None
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
         if argv and argv[0] == name:  # only the chosen command's module is imported
             module = importlib.import_module(module_name)
             module.add_arguments(p)
             p.set_defaults(_run=module.run)
+            chosen = p
     args = parser.parse_args(argv)
+    # Which options the command line gave, a default value included (train --resume refuses those that
+    # differ from the run's): parsed again with every option's default suppressed (set_defaults would
+    # not do: argparse runs string defaults through the option's type).
+    for action in chosen._actions:
+        action.default = argparse.SUPPRESS
+    args._given = frozenset(vars(parser.parse_args(argv))) - {"command", "_run"}
     try:
         return args._run(args) or 0
     except Exception as exc:

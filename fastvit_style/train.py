@@ -215,10 +215,11 @@ def resumes_in_place(cfg: TrainConfig) -> bool:
         return False
 
 
-def resumed_config(cfg: TrainConfig, saved: dict) -> TrainConfig:
+def resumed_config(cfg: TrainConfig, saved: dict, given=None) -> TrainConfig:
     """The checkpoint's config with `cfg`'s runtime fields. ValueError naming --resume for a saved config
     this version cannot use (unknown or missing fields, bad values), and for other fields of cfg that
-    differ from it and from their defaults (asked for, and they would not take effect)."""
+    differ from it and were asked for (they would not take effect): the `given` field names (the command
+    line's options), or where given is None those that differ from their defaults."""
     try:
         merged = TrainConfig(**saved)
     except (TypeError, ValueError) as e:  # TypeError: not a dict, an unknown or a missing field
@@ -231,7 +232,9 @@ def resumed_config(cfg: TrainConfig, saved: dict) -> TrainConfig:
         new = getattr(cfg, f.name)
         if f.name in RUNTIME_FIELDS:
             setattr(merged, f.name, new)
-        elif new != getattr(merged, f.name) and new != getattr(default, f.name):
+        elif new != getattr(merged, f.name) and (
+            f.name in given if given is not None else new != getattr(default, f.name)
+        ):
             ignored.append(f"{f.name}={new!r} (checkpoint: {getattr(merged, f.name)!r})")
     if ignored:
         raise ValueError(
@@ -281,8 +284,11 @@ def _dist_env() -> tuple[int, int, int]:
     return tuple(int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
 
 
-def train(cfg: TrainConfig, on_step=None) -> StylizingViT:
+def train(cfg: TrainConfig, on_step=None, given=None) -> StylizingViT:
     """Run training; returns the trained model (train=True, unwrapped, on its device).
+
+    given: the names of the fields the user set (the command line's options), which a resumed run
+    refuses to change; None: those that differ from their defaults.
 
     on_step(info) runs on every rank after each optimizer step (after that step's checkpoint, if any);
     info: step, epoch, lr, and this rank's mean losses of the step (total, identity, consistency,
@@ -296,14 +302,14 @@ def train(cfg: TrainConfig, on_step=None) -> StylizingViT:
     if own_group:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        return Trainer(cfg, rank, world, device).fit(on_step)
+        return Trainer(cfg, rank, world, device, given).fit(on_step)
     finally:
         if own_group:
             dist.destroy_process_group()
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, rank: int, world: int, device: torch.device):
+    def __init__(self, cfg: TrainConfig, rank: int, world: int, device: torch.device, given=None):
         # Rank 0 decides, before any rank writes, and every rank raises: a rank that checked after rank 0
         # wrote config.json would refuse alone and leave the others waiting in a collective.
         problem = [out_problem(cfg) if rank == 0 else None]
@@ -313,7 +319,7 @@ class Trainer:
             raise ValueError(problem[0])
         saved = load_checkpoint(cfg.resume, required=CHECKPOINT_KEYS) if cfg.resume else None
         if saved:
-            cfg = resumed_config(cfg, saved["config"])
+            cfg = resumed_config(cfg, saved["config"], given)
             if cfg.random_vgg and cfg.vgg_weights:  # a checkpoint from before random_vgg recorded the fact
                 cfg = dataclasses.replace(cfg, random_vgg=False)
         mean, std = normalization(cfg.dataset, cfg.mean, cfg.std)
@@ -709,7 +715,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def run(args: argparse.Namespace) -> int:
     check_backbone(args.backbone, args.model_kwargs)  # here, not in TrainConfig: old runs' names resume
-    train(config_from_args(args))
+    train(config_from_args(args), given=args._given)
     return 0
 
 

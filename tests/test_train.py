@@ -71,7 +71,9 @@ def test_one_epoch_through_the_cli_lowers_the_loss_and_exports_official_weights(
     losses = []
     real_train = train_module.train
     monkeypatch.setattr(
-        train_module, "train", lambda cfg: real_train(cfg, on_step=lambda i: losses.append(i["loss"]))
+        train_module,
+        "train",
+        lambda cfg, **kw: real_train(cfg, on_step=lambda i: losses.append(i["loss"]), **kw),
     )
     val = write_images(tmp_path / "val", 2)
     argv = ["train", "--data", str(data), "--val-data", str(val), "--out", str(tmp_path / "out"), *TINY_ARGS[:-1],
@@ -368,6 +370,12 @@ def test_resume_refuses_other_settings_and_a_finished_run_trains_nothing(tmp_pat
     capsys.readouterr()
     train(dataclasses.replace(config, resume=str(last)))
     assert "the run finished its 1 epochs: nothing to train" in capsys.readouterr().err
+    assert files == run_files()
+    # On the command line an option given at its default value counts too (50 epochs is the default).
+    resume = ["train", "--data", str(data), "--out", str(tmp_path / "a"), "--resume", str(last), *TINY_ARGS]
+    assert cli.main([*resume, "--epochs", "50"]) == 1
+    assert "these differ: epochs=50 (checkpoint: 1)" in capsys.readouterr().err
+    assert cli.main(resume) == 0 and "nothing to train" in capsys.readouterr().err
     assert files == run_files()
 
 
