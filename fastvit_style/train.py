@@ -399,17 +399,16 @@ class Trainer:
         if cfg.init_weights:
             with _naming("--init-weights"):
                 state = read_state_dict(cfg.init_weights)
-            sd = clean_state_dict(state, model)
-            if _has_random_vgg(state):  # never pass a random VGG19 off as the ImageNet one
-                sd = {k: v for k, v in sd.items() if not k.startswith("vgg_encoder.")}
-                random_note = (
-                    f" (--init-weights {cfg.init_weights!r} is a --random-vgg run's: its VGG19 is random)"
-                )
-            if any(k.startswith("vgg_encoder.") for k in sd):
-                vgg_source = cfg.init_weights  # the official files carry the ImageNet VGG19
-            else:  # a train=False export: keep the model's VGG, check every other key strictly
-                sd.update({k: v for k, v in model.state_dict().items() if k.startswith("vgg_encoder.")})
-            with _naming("--init-weights"):
+                sd = clean_state_dict(state, model)
+                if _has_random_vgg(state):  # never pass a random VGG19 off as the ImageNet one
+                    sd = {k: v for k, v in sd.items() if not k.startswith("vgg_encoder.")}
+                    random_note = (
+                        f" (--init-weights {cfg.init_weights!r} is a --random-vgg run's: its VGG19 is random)"
+                    )
+                if any(k.startswith("vgg_encoder.") for k in sd):
+                    vgg_source = cfg.init_weights  # the official files carry the ImageNet VGG19
+                else:  # a train=False export: keep the model's VGG, check every other key strictly
+                    sd.update({k: v for k, v in model.state_dict().items() if k.startswith("vgg_encoder.")})
                 load_state_dict(model, sd, strict=True)
         if cfg.vgg_weights:
             with _naming("--vgg-weights"):

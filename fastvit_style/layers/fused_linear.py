@@ -16,36 +16,29 @@ torch.backends.mkldnn.enabled.
 import torch
 import torch.nn.functional as F
 from torch.autograd import forward_ad
-from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from ..tracing import traced
 
 _ONEDNN_LINEAR = (
     getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 )
-_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_like=None) -> bool:
     """Whether the oneDNN op may replace the torch ops here; out_like: a residual, which must have the
     output's shape."""
-    # Compiling first: dynamo reads it as a constant and traces none of the checks after it (the
-    # dispatch-mode query is a graph break under fullgraph=True).
-    if _ONEDNN_LINEAR is None or torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return False
     operands = (x, weight) + (() if bias is None else (bias,)) + (() if out_like is None else (out_like,))
     return (
-        torch.backends.mkldnn.enabled
-        and all(
-            type(t) in _PLAIN_TENSORS and t.device.type == "cpu" and t.dtype == torch.float32
-            for t in operands
-        )
+        _ONEDNN_LINEAR is not None
+        and not traced(*operands)  # first: under dynamo it ends the checks as a constant
+        and torch.backends.mkldnn.enabled
+        and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in operands)
         and weight.dim() == 2
         and x.shape[-1:] == weight.shape[1:]
         and (bias is None or bias.shape == weight.shape[:1])
         and (out_like is None or out_like.shape == x.shape[:-1] + weight.shape[:1])
         and not torch.is_grad_enabled()
         and forward_ad._current_level < 0
-        and not torch._C._are_functorch_transforms_active()
-        and _get_current_dispatch_mode() is None
         and not torch.is_autocast_enabled("cpu")
     )
 

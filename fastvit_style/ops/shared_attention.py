@@ -11,8 +11,8 @@ import math
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from ..tracing import traced
 from ._index_maps import check_index_range, inverse_kv_map, shared_inverse
 from ._torch_impl import shared_attention_torch
 from ._xformers_impl import shared_attention_xformers, xformers_unavailable_reason
@@ -279,7 +279,7 @@ class _EagerTritonAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        if torch.is_grad_enabled() or _traced(dout):
+        if torch.is_grad_enabled() or traced(dout):
             # create_graph=True: the custom op, whose missing formula makes a second backward raise (as
             # on the compiled path) rather than return nothing; compiled autograd, make_fx, batched
             # gradients (is_grads_batched, jacobian): an op they can trace or batch.
@@ -288,22 +288,6 @@ class _EagerTritonAttention(torch.autograd.Function):
         inverse = ctx.inverse.get(kv_index)
         dq, dk, dv = _triton_backward(dout, q, k, v, out, lse, kv_index, ctx.scale, inverse)
         return dq, dk, dv, None, None
-
-
-def _traced(*tensors: Tensor) -> bool:
-    """Whether anything traces or transforms this call (dynamo, make_fx and other dispatch modes, vmap
-    and the other torch.func transforms, torch.jit.trace; fake, functional or batched tensors, which
-    have no storage): such calls must see the custom ops, not launches of their own."""
-    return (
-        torch.compiler.is_compiling()
-        or _get_current_dispatch_mode() is not None
-        or torch._C._are_functorch_transforms_active()
-        or torch.jit.is_tracing()
-        or any(type(t) not in _PLAIN_TENSORS or not torch._C._has_storage(t) for t in tensors)
-    )
-
-
-_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
 
 
 def _refuse_forward_ad() -> None:
@@ -322,7 +306,7 @@ def _triton_attention(q: Tensor, k: Tensor, v: Tensor, kv_index: Tensor, scale: 
     kv_index = kv_index.contiguous()
     if torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling():
         _refuse_forward_ad()
-    if _traced(q, k, v, kv_index):
+    if traced(q, k, v, kv_index):  # tracers and transforms must see the custom op, not launches
         return shared_attention_fwd_op(q, k, v, kv_index, scale)[0]
     backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if not backward and torch.autograd.forward_ad._current_level < 0:

@@ -61,8 +61,9 @@ def test_tile_scan():
 def test_exact_fp32_other_lengths():
     """Exact fp32 stays spill-free at lengths other than 197, where the last key tile is as wide as the
     others and the kernels run one masked loop: 36 keys in one 64-key tile (dq, d = 64: 1.8 KB of
-    spill when compiled as a loop plus a last tile) and 49 = 32 + 17 (the forward: 256 bytes with triton 3.9, 728 with 3.6); and at
-    d = 128, 81 keys (dq: 120 bytes with 64-key tiles and a 32-key tail)."""
+    spill when compiled as a loop plus a last tile) and 49 = 32 + 17 (the forward: 256 bytes with
+    triton 3.9, 728 with 3.6); and at d = 128, 81 keys (dq: 120 bytes with 64-key tiles and a 32-key
+    tail)."""
     rows = gpu_compile("--dtype", "fp32", "--shapes", "36,36,64", "49,49,64", "81,81,128")
     assert {r["kernel"] for r in rows} == {"fwd", "bwd_dq", "bwd_dkdv"} and len(rows) == 9
     for r in rows:

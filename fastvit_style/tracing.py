@@ -1,0 +1,21 @@
+"""Whether a call is traced or transformed: where an eager-only fast path gives way to plain ops."""
+
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+
+
+def traced(*tensors: Tensor) -> bool:
+    """Whether anything traces or transforms this call (dynamo, make_fx and other dispatch modes, vmap
+    and the other torch.func transforms, torch.jit.trace; fake, functional or batched tensors, which
+    have no storage). Dynamo is asked first: it reads that as a constant and traces none of the rest
+    (the dispatch-mode query is a graph break under fullgraph=True)."""
+    return (
+        torch.compiler.is_compiling()
+        or _get_current_dispatch_mode() is not None
+        or torch._C._are_functorch_transforms_active()
+        or torch.jit.is_tracing()
+        or any(type(t) not in _PLAIN_TENSORS or not torch._C._has_storage(t) for t in tensors)
+    )
