@@ -13,7 +13,7 @@ DESCRIPTION = (
 # command -> (module, one-line help). Modules are imported only when their command runs.
 COMMANDS = {
     "bench": ("fastvit_style.benchmark.cli", "benchmark the fast paths against the official computation"),
-    "train": ("fastvit_style.train", "train a Stylizing ViT on a folder of images"),
+    "train": ("fastvit_style.apps.train", "train a Stylizing ViT on a folder of images"),
     "stylize": (
         "fastvit_style.apps.stylize",
         "stylize a folder of images against a folder of style references",

@@ -1,4 +1,5 @@
-"""`fastvit-style train` / `python -m fastvit_style.train`: train a Stylizing ViT on a folder of images.
+"""Training a Stylizing ViT on a folder of images: `train(TrainConfig)`, the `fastvit-style train` command
+(fastvit_style.apps.train) and `python -m fastvit_style.train` (what torchrun starts).
 
 The official recipe (shared doc 3.3, 3.4), with its gradient-accumulation defect fixed:
 * objective 70 identity + 1 consistency + 7 anatomical + 10 style, with the style of sample i taken
@@ -46,18 +47,15 @@ without the padding repeats (each counts once, whatever the number of processes)
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
 import math
-import numbers
 import os
 import random
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -65,13 +63,20 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .atomic import holds_json_keys, remove_temporaries, write_json
+from .atomic import remove_temporaries, write_json
 from .checkpoint import FORMAT, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .configs import LOSS_WEIGHTS, check_backbone, check_model_kwargs
 from .data import ImageFolderDataset, collate_images, micro_batches
 from .devices import resolve_device
 from .imageio import denormalize, normalization
 from .model import StylizingViT
+from .train_config import (
+    CHECKPOINT_KEYS,
+    RUN_FILES,
+    TrainConfig,
+    out_problem,
+    resumed_config,
+    resumes_in_place,
+)
 from .weights import (
     WeightsError,
     clean_state_dict,
@@ -81,168 +86,7 @@ from .weights import (
     save_state_dict,
 )
 
-OFFICIAL_SEED = 265017005
 LOSS_NAMES = ("identity", "consistency", "anatomical", "style")
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run depends on; stored in every checkpoint (as a plain dict)."""
-
-    data: str
-    out: str
-    val_data: str | None = None
-    backbone: str = "base"
-    model_kwargs: dict = field(default_factory=dict)  # official StylizingViT kwargs, e.g. encoder_depth
-    epochs: int = 50
-    batch_size: int = 32  # micro-batch per rank (one roll group)
-    accumulate: int = 2  # micro-batches per optimizer step and rank
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    clip_norm: float = 1.0
-    loss_weights: tuple[float, float, float, float] = LOSS_WEIGHTS
-    dataset: str | None = None  # normalization constants of this dataset, unless mean/std are given
-    mean: tuple[float, float, float] | None = None
-    std: tuple[float, float, float] | None = None
-    input_size: int = 224
-    bf16: bool = False
-    compile: bool = False
-    backend: str = "auto"
-    device: str | None = None  # default: cuda:LOCAL_RANK when CUDA is available, else cpu
-    vgg_weights: str | None = None
-    init_weights: str | None = None
-    resume: str | None = None
-    seed: int = OFFICIAL_SEED
-    workers: int = 4
-    max_steps: int | None = None  # stop once the run (resumed parts included) made this many steps
-    checkpoint_every: int = 500  # optimizer steps between mid-epoch checkpoints (0: epoch ends only)
-    overwrite: bool = False  # replace the run already in `out` (else an error, unless resuming it)
-    # The VGG19 is randomly initialized (smoke runs: the losses are meaningless). Asked for by --random-vgg
-    # and kept only when no VGG weights are given; a resumed run takes it from its checkpoint.
-    random_vgg: bool = False
-
-    def __post_init__(self):
-        for name in ("betas", "loss_weights", "mean", "std"):  # argparse/JSON give lists
-            if getattr(self, name) is not None:
-                setattr(self, name, tuple(getattr(self, name)))
-        if self.batch_size < 1 or self.accumulate < 1 or self.epochs < 1:
-            raise ValueError("batch_size, accumulate and epochs must be at least 1")
-        # Epoch e seeds torch generators with seed + e (data order, loader workers): all in torch's range.
-        seed, hi = self.seed, 2**64 - self.epochs
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -(2**63) <= seed <= hi:
-            raise ValueError(
-                f"--seed must be an integer from -2**63 to 2**64 - epochs ({hi}): epoch e seeds torch with "
-                f"seed + e, got {seed!r}"
-            )
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be at least 1 (or None for no limit), got {self.max_steps}")
-        if self.checkpoint_every < 0 or self.workers < 0:
-            raise ValueError(
-                f"checkpoint_every and workers must be at least 0, got {self.checkpoint_every} and {self.workers}"
-            )
-        if not isinstance(self.model_kwargs, dict):
-            raise ValueError(f"model_kwargs must be a dict (a JSON object), got {self.model_kwargs!r}")
-        if "input_size" in self.model_kwargs:
-            raise ValueError("give the image side with --input-size, not inside --model-kwargs")
-        # The architecture, checked before any file is read or written.
-        model = check_model_kwargs(
-            "model_kwargs", self.backbone, self.model_kwargs, input_size=self.input_size
-        )
-        if model.in_channel != 3:
-            raise ValueError(
-                f"model_kwargs in_channel={model.in_channel} cannot be trained here: the images are read as "
-                "RGB and the VGG19 loss network takes 3 channels"
-            )
-        k, p = model.post_process_conv_kernel_size, model.post_process_conv_padding
-        if k != 2 * p + 1:  # a stride-1 conv keeps the size only then; the losses compare x_recon with x
-            raise ValueError(
-                f"model_kwargs post_process_conv_kernel_size={k} with post_process_conv_padding={p} makes "
-                f"the reconstruction {self.input_size + 2 * p - k + 1} px wide, not input_size "
-                f"{self.input_size}: training needs kernel_size = 2 * padding + 1"
-            )
-
-
-# What a resumed run may change: where things are and how fast they run. The rest (the math) comes
-# from the checkpoint, so `--resume` needs no other option repeated.
-RUNTIME_FIELDS = ("data", "val_data", "out", "resume", "max_steps", "workers", "compile", "backend",
-                  "device", "checkpoint_every", "overwrite")  # fmt: skip
-# What a run leaves in `out` besides config.json (which a run that dies before its first checkpoint
-# leaves alone, and which the next run rewrites).
-RUN_FILES = ("last.pt", "last.safetensors", "best.safetensors", "metrics.jsonl")
-# Keys every version's config.json has held: a JSON object with them is a run's, which a new run may replace.
-RUN_CONFIG_KEYS = ("data", "out", "epochs", "batch_size", "seed")
-# What every version's last.pt has held (train_images and the corrupt-file flags came later: optional).
-CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "batch", "step", "best_val", "world_size", "rng", "config")
-
-
-def out_problem(cfg: TrainConfig) -> str | None:
-    """Why `cfg.out` cannot take a new run (a new run never silently replaces another run's files), or
-    None."""
-    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
-        return f"--out {cfg.out!r} exists and is not a folder"
-    if cfg.resume and not os.path.isfile(cfg.resume):
-        return f"--resume {cfg.resume!r} does not exist or is not a file"
-    config = os.path.join(cfg.out, "config.json")
-    # --overwrite replaces runs, nothing else: a run's config.json is a JSON object with RUN_CONFIG_KEYS.
-    if os.path.lexists(config) and not holds_json_keys(config, RUN_CONFIG_KEYS):
-        return (
-            f"--out {cfg.out!r} holds a config.json that no run wrote, which a run would replace (with "
-            "--overwrite too): move that file, or choose another --out"
-        )
-    existing = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.out, f))]
-    if not existing or cfg.overwrite or resumes_in_place(cfg):
-        return None
-    if cfg.resume:
-        return (
-            f"--out {cfg.out!r} holds a run ({', '.join(existing)}) whose last.pt is not the --resume checkpoint "
-            f"{cfg.resume!r}: --overwrite to replace that run, or another --out"
-        )
-    last = os.path.join(cfg.out, "last.pt")
-    resume = f"pass --resume {last!r} to continue it, " if os.path.exists(last) else ""
-    return (
-        f"--out {cfg.out!r} already holds a run ({', '.join(existing)}): {resume}--overwrite to replace it, "
-        "or another --out"
-    )
-
-
-def resumes_in_place(cfg: TrainConfig) -> bool:
-    """Whether --resume names the checkpoint of the run in --out itself (that run continues there)."""
-    try:
-        return bool(cfg.resume) and os.path.samefile(cfg.resume, os.path.join(cfg.out, "last.pt"))
-    except OSError:  # either file missing
-        return False
-
-
-def resumed_config(cfg: TrainConfig, saved: dict, given=None) -> TrainConfig:
-    """The checkpoint's config with `cfg`'s runtime fields. ValueError naming --resume for a saved config
-    this version cannot use (unknown or missing fields, bad values), and for other fields of cfg that
-    differ from it and were asked for (they would not take effect): the `given` field names (the command
-    line's options), or where given is None those that differ from their defaults."""
-    try:
-        merged = TrainConfig(**saved)
-    except (TypeError, ValueError) as e:  # TypeError: not a dict, an unknown or a missing field
-        raise ValueError(
-            f"--resume {cfg.resume!r} holds a training config this version cannot use: {e}"
-        ) from None
-    default = TrainConfig(data="", out="")
-    ignored = []
-    for f in dataclasses.fields(TrainConfig):
-        new = getattr(cfg, f.name)
-        if f.name in RUNTIME_FIELDS:
-            setattr(merged, f.name, new)
-        elif new != getattr(merged, f.name) and (
-            f.name in given if given is not None else new != getattr(default, f.name)
-        ):
-            ignored.append(f"{f.name}={new!r} (checkpoint: {getattr(merged, f.name)!r})")
-    if ignored:
-        raise ValueError(
-            f"--resume {cfg.resume!r} continues its run with the settings that run started with, and these "
-            f"differ: {', '.join(ignored)}. Leave them out to continue that run, or start a new run from "
-            "its weights with --init-weights"
-        )
-    return merged
 
 
 def _has_random_vgg(state: dict) -> bool:
@@ -630,92 +474,6 @@ class Trainer:
             "config": dataclasses.asdict(self.cfg),
         }
         save_checkpoint(state, os.path.join(self.cfg.out, "last.pt"))
-
-
-# ------------------------------------------------------------------------------------------------- CLI
-
-
-def _usable_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = TrainConfig(data="", out="")
-    p.add_argument("--data", required=True, help="folder of training images (recursive)")
-    p.add_argument(
-        "--val-data", default=None, help="folder of validation images: per-epoch loss/PSNR, best.safetensors"
-    )
-    p.add_argument(
-        "--out", required=True, help="output folder: last.pt, last/best.safetensors, metrics.jsonl"
-    )
-    p.add_argument("--backbone", default=d.backbone, help="tiny, small or base (default: %(default)s)")
-    p.add_argument("--model-kwargs", type=json.loads, default={}, metavar="JSON",
-                   help='official StylizingViT keyword overrides, e.g. \'{"encoder_depth": 6}\'')  # fmt: skip
-
-    def number(flag: str, kind: type, what: str = "") -> None:
-        default = getattr(d, flag[2:].replace("-", "_"))
-        p.add_argument(flag, type=kind, default=default, help=f"{what} (default: %(default)s)".lstrip())
-
-    number("--epochs", int)
-    number("--batch-size", int, "micro-batch per process, one roll group")
-    number("--accumulate", int, "micro-batches per optimizer step")
-    number("--lr", float, "AdamW learning rate, cosine decay")
-    number("--weight-decay", float)
-    norm = p.add_mutually_exclusive_group()
-    norm.add_argument(
-        "--dataset", default=None, help="normalization constants of this dataset (default: camelyon17wilds)"
-    )
-    norm.add_argument("--mean", type=float, nargs=3, metavar="M", help="per-channel mean (with --std)")
-    p.add_argument("--std", type=float, nargs=3, metavar="S", help="per-channel std (with --mean)")
-    number("--input-size", int, "image side in pixels")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (the official run is fp32)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument(
-        "--backend",
-        default=d.backend,
-        help="attention backend: auto, torch, triton, xformers, reference (default: %(default)s)",
-    )
-    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when CUDA is available, else cpu")
-    p.add_argument(
-        "--vgg-weights", default=None, help="ImageNet VGG19 file (timm vgg19.tv_in1k or torchvision)"
-    )
-    p.add_argument("--init-weights", default=None, help="start from these Stylizing ViT weights")
-    p.add_argument(
-        "--random-vgg",
-        action="store_true",
-        help="allow a randomly initialized VGG19 when no VGG weights are given (smoke runs only)",
-    )
-    p.add_argument("--resume", default=None, metavar="PATH", help="continue from a last.pt checkpoint")
-    number("--seed", int)
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=min(d.workers, _usable_cpus()),  # more than the cores: torch warns, nothing gained
-        help="DataLoader worker processes (default: %(default)s, at most the usable cores)",
-    )
-    p.add_argument(
-        "--max-steps",
-        type=int,
-        default=None,
-        help="stop at this total number of optimizer steps (checkpoint written)",
-    )
-    number("--checkpoint-every", int, "steps between mid-epoch checkpoints")
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace the run already in --out (its checkpoints, weights and metrics are deleted)",
-    )
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
-
-
-def run(args: argparse.Namespace) -> int:
-    check_backbone(args.backbone, args.model_kwargs)  # here, not in TrainConfig: old runs' names resume
-    train(config_from_args(args), given=args._given)
-    return 0
 
 
 def main(argv=None) -> int:

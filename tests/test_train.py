@@ -18,7 +18,8 @@ import fastvit_style.train as train_module
 from fastvit_style import StylizingViT, cli
 from fastvit_style.checkpoint import FORMAT, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from fastvit_style.data import micro_batches
-from fastvit_style.train import TrainConfig, Trainer, _has_random_vgg, cosine_lr, psnr, train
+from fastvit_style.train import Trainer, _has_random_vgg, cosine_lr, psnr, train
+from fastvit_style.train_config import TrainConfig
 from fastvit_style.weights import load_state_dict, save_state_dict
 
 Image = pytest.importorskip("PIL.Image")

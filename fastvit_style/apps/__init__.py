@@ -1,1 +1,1 @@
-"""Command-line applications: `fastvit-style stylize` and `fastvit-style tta` (see fastvit_style.cli)."""
+"""Command-line applications: `fastvit-style train`, `stylize` and `tta` (see fastvit_style.cli)."""

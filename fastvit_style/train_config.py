@@ -1,0 +1,174 @@
+"""What a training run is (TrainConfig), and the rules for where it writes and how it resumes: a new run
+never replaces another's files unasked, and a resumed run keeps the settings it started with."""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+import os
+from dataclasses import dataclass, field
+
+from .atomic import holds_json_keys
+from .configs import LOSS_WEIGHTS, check_model_kwargs
+
+OFFICIAL_SEED = 265017005
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; stored in every checkpoint (as a plain dict)."""
+
+    data: str
+    out: str
+    val_data: str | None = None
+    backbone: str = "base"
+    model_kwargs: dict = field(default_factory=dict)  # official StylizingViT kwargs, e.g. encoder_depth
+    epochs: int = 50
+    batch_size: int = 32  # micro-batch per rank (one roll group)
+    accumulate: int = 2  # micro-batches per optimizer step and rank
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    clip_norm: float = 1.0
+    loss_weights: tuple[float, float, float, float] = LOSS_WEIGHTS
+    dataset: str | None = None  # normalization constants of this dataset, unless mean/std are given
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    input_size: int = 224
+    bf16: bool = False
+    compile: bool = False
+    backend: str = "auto"
+    device: str | None = None  # default: cuda:LOCAL_RANK when CUDA is available, else cpu
+    vgg_weights: str | None = None
+    init_weights: str | None = None
+    resume: str | None = None
+    seed: int = OFFICIAL_SEED
+    workers: int = 4
+    max_steps: int | None = None  # stop once the run (resumed parts included) made this many steps
+    checkpoint_every: int = 500  # optimizer steps between mid-epoch checkpoints (0: epoch ends only)
+    overwrite: bool = False  # replace the run already in `out` (else an error, unless resuming it)
+    # The VGG19 is randomly initialized (smoke runs: the losses are meaningless). Asked for by --random-vgg
+    # and kept only when no VGG weights are given; a resumed run takes it from its checkpoint.
+    random_vgg: bool = False
+
+    def __post_init__(self):
+        for name in ("betas", "loss_weights", "mean", "std"):  # argparse/JSON give lists
+            if getattr(self, name) is not None:
+                setattr(self, name, tuple(getattr(self, name)))
+        if self.batch_size < 1 or self.accumulate < 1 or self.epochs < 1:
+            raise ValueError("batch_size, accumulate and epochs must be at least 1")
+        # Epoch e seeds torch generators with seed + e (data order, loader workers): all in torch's range.
+        seed, hi = self.seed, 2**64 - self.epochs
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -(2**63) <= seed <= hi:
+            raise ValueError(
+                f"--seed must be an integer from -2**63 to 2**64 - epochs ({hi}): epoch e seeds torch with "
+                f"seed + e, got {seed!r}"
+            )
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be at least 1 (or None for no limit), got {self.max_steps}")
+        if self.checkpoint_every < 0 or self.workers < 0:
+            raise ValueError(
+                f"checkpoint_every and workers must be at least 0, got {self.checkpoint_every} and {self.workers}"
+            )
+        if not isinstance(self.model_kwargs, dict):
+            raise ValueError(f"model_kwargs must be a dict (a JSON object), got {self.model_kwargs!r}")
+        if "input_size" in self.model_kwargs:
+            raise ValueError("give the image side with --input-size, not inside --model-kwargs")
+        # The architecture, checked before any file is read or written.
+        model = check_model_kwargs(
+            "model_kwargs", self.backbone, self.model_kwargs, input_size=self.input_size
+        )
+        if model.in_channel != 3:
+            raise ValueError(
+                f"model_kwargs in_channel={model.in_channel} cannot be trained here: the images are read as "
+                "RGB and the VGG19 loss network takes 3 channels"
+            )
+        k, p = model.post_process_conv_kernel_size, model.post_process_conv_padding
+        if k != 2 * p + 1:  # a stride-1 conv keeps the size only then; the losses compare x_recon with x
+            raise ValueError(
+                f"model_kwargs post_process_conv_kernel_size={k} with post_process_conv_padding={p} makes "
+                f"the reconstruction {self.input_size + 2 * p - k + 1} px wide, not input_size "
+                f"{self.input_size}: training needs kernel_size = 2 * padding + 1"
+            )
+
+
+# What a resumed run may change: where things are and how fast they run. The rest (the math) comes
+# from the checkpoint, so `--resume` needs no other option repeated.
+RUNTIME_FIELDS = ("data", "val_data", "out", "resume", "max_steps", "workers", "compile", "backend",
+                  "device", "checkpoint_every", "overwrite")  # fmt: skip
+# What a run leaves in `out` besides config.json (which a run that dies before its first checkpoint
+# leaves alone, and which the next run rewrites).
+RUN_FILES = ("last.pt", "last.safetensors", "best.safetensors", "metrics.jsonl")
+# Keys every version's config.json has held: a JSON object with them is a run's, which a new run may replace.
+RUN_CONFIG_KEYS = ("data", "out", "epochs", "batch_size", "seed")
+# What every version's last.pt has held (train_images and the corrupt-file flags came later: optional).
+CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "batch", "step", "best_val", "world_size", "rng", "config")
+
+
+def out_problem(cfg: TrainConfig) -> str | None:
+    """Why `cfg.out` cannot take a new run (a new run never silently replaces another run's files), or
+    None."""
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        return f"--out {cfg.out!r} exists and is not a folder"
+    if cfg.resume and not os.path.isfile(cfg.resume):
+        return f"--resume {cfg.resume!r} does not exist or is not a file"
+    config = os.path.join(cfg.out, "config.json")
+    # --overwrite replaces runs, nothing else: a run's config.json is a JSON object with RUN_CONFIG_KEYS.
+    if os.path.lexists(config) and not holds_json_keys(config, RUN_CONFIG_KEYS):
+        return (
+            f"--out {cfg.out!r} holds a config.json that no run wrote, which a run would replace (with "
+            "--overwrite too): move that file, or choose another --out"
+        )
+    existing = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.out, f))]
+    if not existing or cfg.overwrite or resumes_in_place(cfg):
+        return None
+    if cfg.resume:
+        return (
+            f"--out {cfg.out!r} holds a run ({', '.join(existing)}) whose last.pt is not the --resume checkpoint "
+            f"{cfg.resume!r}: --overwrite to replace that run, or another --out"
+        )
+    last = os.path.join(cfg.out, "last.pt")
+    resume = f"pass --resume {last!r} to continue it, " if os.path.exists(last) else ""
+    return (
+        f"--out {cfg.out!r} already holds a run ({', '.join(existing)}): {resume}--overwrite to replace it, "
+        "or another --out"
+    )
+
+
+def resumes_in_place(cfg: TrainConfig) -> bool:
+    """Whether --resume names the checkpoint of the run in --out itself (that run continues there)."""
+    try:
+        return bool(cfg.resume) and os.path.samefile(cfg.resume, os.path.join(cfg.out, "last.pt"))
+    except OSError:  # either file missing
+        return False
+
+
+def resumed_config(cfg: TrainConfig, saved: dict, given=None) -> TrainConfig:
+    """The checkpoint's config with `cfg`'s runtime fields. ValueError naming --resume for a saved config
+    this version cannot use (unknown or missing fields, bad values), and for other fields of cfg that
+    differ from it and were asked for (they would not take effect): the `given` field names (the command
+    line's options), or where given is None those that differ from their defaults."""
+    try:
+        merged = TrainConfig(**saved)
+    except (TypeError, ValueError) as e:  # TypeError: not a dict, an unknown or a missing field
+        raise ValueError(
+            f"--resume {cfg.resume!r} holds a training config this version cannot use: {e}"
+        ) from None
+    default = TrainConfig(data="", out="")
+    ignored = []
+    for f in dataclasses.fields(TrainConfig):
+        new = getattr(cfg, f.name)
+        if f.name in RUNTIME_FIELDS:
+            setattr(merged, f.name, new)
+        elif new != getattr(merged, f.name) and (
+            f.name in given if given is not None else new != getattr(default, f.name)
+        ):
+            ignored.append(f"{f.name}={new!r} (checkpoint: {getattr(merged, f.name)!r})")
+    if ignored:
+        raise ValueError(
+            f"--resume {cfg.resume!r} continues its run with the settings that run started with, and these "
+            f"differ: {', '.join(ignored)}. Leave them out to continue that run, or start a new run from "
+            "its weights with --init-weights"
+        )
+    return merged
