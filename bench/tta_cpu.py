@@ -21,10 +21,10 @@ import time
 
 import torch
 
-from fastvit_style import StylizingViT
+from fastvit_style import StyleBank, StylizingViT
 from fastvit_style.apps.common import positive_int
 from fastvit_style.benchmark.report import check_output_file
-from fastvit_style.tta import StyleBank, stylize
+from fastvit_style.tta import stylize
 
 
 def parse_args(argv=None):

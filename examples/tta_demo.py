@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastvit_style import StylizingViT, create_model
+from fastvit_style import StyleBank, StylizingViT, TTAClassifier, create_model
 from fastvit_style.imageio import denormalize, normalization, normalize, resize_pad, save_png
-from fastvit_style.tta import StyleBank, TTAClassifier, stylize
+from fastvit_style.tta import stylize
 
 
 def sample_images(n: int, size: int, seed: int) -> torch.Tensor:

@@ -8,7 +8,8 @@ from .augment import StyleAugment
 from .configs import ModelConfig
 from .model import StylizingViT, create_model
 from .reference.losses import Loss
-from .tta import StyleBank, TTAClassifier
+from .style_bank import StyleBank
+from .tta import TTAClassifier
 from .util import resize_image
 
 

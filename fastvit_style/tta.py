@@ -12,234 +12,28 @@ Triton kernels read the bank in place, the PyTorch op gathers K/V per query sequ
 
 from __future__ import annotations
 
-import json
-import os
-import weakref
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .atomic import atomic_path
 from .backends import attention_for
 from .block import block_forward, block_with_kv, project_kv, project_q
-from .configs import ModelConfig
 from .devices import to_device_async
-from .weights import weight_fingerprint
+from .style_bank import StyleBank, describe_value
 
-_BANK_TAG = "fastvit_style.StyleBank"  # safetensors metadata "kind": tells a bank from a weight file
 REDUCTIONS = ("mean_prob", "vote")
-
-
-def _model_dtype(model) -> torch.dtype:
-    return model.encoder.pos_embed.dtype
-
-
-def _describe(obj) -> str:
-    return f"a {obj.dtype} tensor" if isinstance(obj, torch.Tensor) else f"{type(obj).__name__} {obj!r:.60}"
 
 
 def _check_bank(bank) -> None:
     if not isinstance(bank, StyleBank):
         raise TypeError(
-            f"bank must be a StyleBank (StyleBank.from_images(model, refs)), got {_describe(bank)}"
+            f"bank must be a StyleBank (StyleBank.from_images(model, refs)), got {describe_value(bank)}"
         )
 
 
 def _check_generator(generator) -> None:
     if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {_describe(generator)}")
-
-
-class StyleBank:
-    """Per-layer keys/values of the style streams of R reference images, all a stylization needs from them.
-
-    k, v: (D, R, T, H, d) each, in the model's dtype: k[i, j], v[i, j] = LN_ctx and K/V projections of
-    layer i applied to S^i of reference j (k_proj bias left out, as in `block.project_kv`).
-    config: the model's config dict; fingerprint: `weight_fingerprint` of the model that built it.
-
-    A bank is checked against a model (config and weight fingerprint) the first time it is used with
-    it; later in-place changes to that model's weights are not seen: rebuild the bank after training.
-    The fingerprint covers the dtype: build the bank with the model in the dtype it will run in (for
-    mixed precision keep the model in float32 and use torch.autocast; the bank may then be converted
-    to the autocast dtype with `bank.to(dtype=torch.bfloat16)`, same results, half the memory).
-    """
-
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, config: dict, fingerprint: str):
-        for name, t in (("k", k), ("v", v)):
-            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-                raise TypeError(f"bank {name} must be a floating-point torch.Tensor, got {_describe(t)}")
-        cfg = ModelConfig(**config)
-        R = k.shape[1] if k.dim() == 5 else 0
-        for name, t in (("k", k), ("v", v)):
-            if R < 1 or tuple(t.shape) != (cfg.depth, R, cfg.num_tokens, cfg.num_heads, cfg.head_dim):
-                raise ValueError(
-                    f"bank {name} must have shape (D={cfg.depth}, R>=1, T={cfg.num_tokens}, H={cfg.num_heads}, "
-                    f"d={cfg.head_dim}) for its config, got {tuple(t.shape)}"
-                )
-        if k.dtype != v.dtype or k.device != v.device:
-            raise ValueError(
-                f"bank k and v must share dtype and device, got {k.dtype}/{k.device} and {v.dtype}/{v.device}"
-            )
-        self.k, self.v, self.config, self.fingerprint = k, v, cfg.to_dict(), fingerprint
-        self._checked = weakref.WeakSet()  # models already verified against this bank
-
-    @classmethod
-    @torch.no_grad()
-    def from_images(cls, model, refs: torch.Tensor, batch_size: int = 32) -> StyleBank:
-        """Run the style stream once per reference. refs: (R, C, H, W) normalized images, model's dtype/device.
-
-        batch_size references are encoded at a time; under autocast the K/V are computed in the autocast
-        dtype and stored in the model's dtype.
-        """
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        model._check_inputs(refs, None, names=("refs", ""))
-        enc, cfg = model.encoder, model.config
-        attend = attention_for(model.backend, refs.device)
-        shape = (cfg.depth, refs.shape[0], cfg.num_tokens, cfg.num_heads, cfg.head_dim)
-        k_all = refs.new_empty(shape, dtype=_model_dtype(model))
-        v_all = torch.empty_like(k_all)
-        for start in range(0, refs.shape[0], batch_size):
-            S = enc.embed(refs[start : start + batch_size])
-            rows = slice(start, start + S.shape[0])
-            own = torch.arange(S.shape[0], device=refs.device, dtype=torch.int32)
-            for i, blk in enumerate(enc.blocks):
-                k, v = project_kv(blk, S)
-                k_all[i, rows], v_all[i, rows] = k, v
-                if i < cfg.depth - 1:  # S^D is never read
-                    S = block_with_kv(blk, S, k, v, own, attend)
-        bank = cls(k_all, v_all, cfg.to_dict(), weight_fingerprint(model))
-        bank._checked.add(model)  # made from this very model: no second hash of its weights
-        return bank
-
-    def __len__(self) -> int:
-        return self.k.shape[1]
-
-    def __repr__(self) -> str:
-        return (
-            f"StyleBank({len(self)} references, depth {self.k.shape[0]}, {self.k.dtype}, {self.k.device}, "
-            f"{self.nbytes / 2**20:.1f} MiB, weights {self.fingerprint})"
-        )
-
-    @property
-    def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
-
-    @property
-    def device(self) -> torch.device:
-        return self.k.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.k.dtype
-
-    def to(self, device=None, dtype=None) -> StyleBank:
-        """A bank on `device` / in `dtype` (self when nothing changes); `bank.to(torch.bfloat16)` works
-        too, as for a tensor."""
-        if isinstance(device, torch.dtype):
-            device, dtype = None, device
-        k, v = self.k.to(device=device, dtype=dtype), self.v.to(device=device, dtype=dtype)
-        if k is self.k and v is self.v:
-            return self
-        bank = StyleBank(k, v, self.config, self.fingerprint)
-        bank._checked = self._checked  # same config and fingerprint: the verified models carry over
-        return bank
-
-    def __getstate__(self) -> dict:
-        # The verified models are weak references, which pickle cannot store (torch.save of a bank or
-        # of a TTAClassifier, DataLoader workers): a copy checks its models again.
-        return {k: v for k, v in self.__dict__.items() if k != "_checked"}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._checked = weakref.WeakSet()
-
-    # ------------------------------------------------------------------------------------------- checks
-
-    def check(self, model) -> None:
-        """Raise ValueError unless `model` has this bank's config and weights. Hashes every weight."""
-        config = model.config.to_dict()
-        if config != self.config:
-            diff = ", ".join(
-                f"{k} {self.config.get(k)} vs {v}" for k, v in config.items() if self.config.get(k) != v
-            )
-            raise ValueError(
-                f"the style bank was built with other weights: another architecture (bank vs model: {diff})"
-            )
-        fingerprint = weight_fingerprint(model)
-        if fingerprint != self.fingerprint:
-            raise ValueError(
-                f"the style bank was built with other weights (fingerprints differ: bank {self.fingerprint}, "
-                f"model {fingerprint}; they cover the weights' dtype too, {_model_dtype(model)} in the model); "
-                "rebuild it with StyleBank.from_images(model, refs)"
-            )
-        self._checked.add(model)
-
-    def verify(self, model) -> None:
-        """Placement (every call) and weights (`check`, once per model object) before a stylization."""
-        dtype, device = _model_dtype(model), model.encoder.pos_embed.device
-        # Under autocast the attention casts K/V to the autocast dtype anyway: a bank already in that
-        # dtype gives the same numbers and saves the cast (and half the memory) on every call.
-        amp = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else dtype
-        if self.device != device or self.dtype not in (dtype, amp):
-            raise ValueError(
-                f"the style bank is {self.dtype} on {self.device} but the model is {dtype} on {device}: "
-                f"use bank.to({str(device)!r}, {dtype})"
-                + (f" (or {amp}, the autocast dtype)" if amp != dtype else "")
-            )
-        if model not in self._checked:
-            self.check(model)
-
-    # --------------------------------------------------------------------------------------------- files
-
-    def save(self, path) -> str:
-        """Write k, v and (as JSON metadata) config and fingerprint to a .safetensors file, atomically."""
-        import safetensors.torch
-
-        path = os.fspath(path)
-        if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            raise ValueError(f"cannot save the style bank to {path!r}: its folder does not exist")
-        tensors = {"k": self.k.detach().to("cpu").contiguous(), "v": self.v.detach().to("cpu").contiguous()}
-        meta = {
-            "format": "pt",
-            "kind": _BANK_TAG,
-            "config": json.dumps(self.config),
-            "fingerprint": self.fingerprint,
-        }
-        with atomic_path(path) as tmp:
-            safetensors.torch.save_file(tensors, tmp, metadata=meta)
-        return path
-
-    @classmethod
-    def load(cls, path, model=None) -> StyleBank:
-        """Read a bank onto the CPU; with `model`, check it against the model and move it to its device."""
-        from safetensors import SafetensorError, safe_open
-
-        path = os.fspath(path)
-        try:
-            with safe_open(path, framework="pt", device="cpu") as f:
-                meta = f.metadata() or {}
-                if meta.get("kind") != _BANK_TAG or set(f.keys()) != {"k", "v"}:
-                    raise ValueError(
-                        f"{path!r} is a safetensors file but not a StyleBank (saved by StyleBank.save)"
-                    )
-                k, v = f.get_tensor("k"), f.get_tensor("v")
-        except SafetensorError as e:
-            raise ValueError(f"{path!r} is truncated or corrupt, or not a safetensors file ({e})") from e
-        try:
-            config, fingerprint = json.loads(meta["config"]), meta["fingerprint"]
-        except (KeyError, ValueError) as e:
-            raise ValueError(
-                f"{path!r} is a StyleBank file with damaged metadata ({type(e).__name__}: {e})"
-            ) from e
-        if not isinstance(config, dict):
-            raise ValueError(f"{path!r} is a StyleBank file with damaged metadata (config is not an object)")
-        bank = cls(k, v, config, fingerprint)
-        if model is not None:
-            bank.check(model)
-            bank = bank.to(model.encoder.pos_embed.device)
-        return bank
+        raise TypeError(f"generator must be a torch.Generator or None, got {describe_value(generator)}")
 
 
 def select_refs(num_refs: int, batch: int, refs=None, k: int | None = None, generator=None) -> torch.Tensor:
@@ -389,7 +183,7 @@ class TTAClassifier(nn.Module):
         n = views.shape[0] * views.shape[1]
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else None
         if shape is None or len(shape) != 2 or shape[0] != n or shape[1] < 1:
-            got = shape if shape is not None else _describe(logits)
+            got = shape if shape is not None else describe_value(logits)
             raise ValueError(
                 f"the classifier must return logits of shape ({n}, num_classes) for {n} images, got {got}"
             )

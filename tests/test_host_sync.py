@@ -10,10 +10,9 @@ import pytest
 import torch
 from helpers import images, randomize_
 
-from fastvit_style import StylizingViT
+from fastvit_style import StyleBank, StylizingViT, TTAClassifier
 from fastvit_style.augment import StyleAugment
 from fastvit_style.devices import to_device_async
-from fastvit_style.tta import StyleBank, TTAClassifier
 
 pytestmark = pytest.mark.gpu
 CFG = {"input_size": 32, "encoder_depth": 2}

@@ -16,8 +16,8 @@ import torch
 from helpers import TOLERANCE, assert_close_rel, images, randomize_
 from torch import nn
 
-from fastvit_style import StylizingViT, reference
-from fastvit_style import tta as tta_mod
+from fastvit_style import StyleBank, StylizingViT, TTAClassifier, reference
+from fastvit_style import style_bank as style_bank_mod
 from fastvit_style.cli import main as cli_main
 from fastvit_style.imageio import (
     denormalize,
@@ -28,7 +28,7 @@ from fastvit_style.imageio import (
     save_png,
     to_uint8,
 )
-from fastvit_style.tta import StyleBank, TTAClassifier, select_refs, stylize
+from fastvit_style.tta import select_refs, stylize
 from fastvit_style.weights import save_state_dict
 
 FP32 = TOLERANCE[torch.float32]
@@ -170,7 +170,7 @@ def test_bank_refused_for_other_weights(setup, tmp_path, monkeypatch):
         stylize(model, x, bank.to(dtype=torch.float64))
     # The fingerprint is computed once per (bank, model), not per call.
     calls = []
-    monkeypatch.setattr(tta_mod, "weight_fingerprint", lambda m: calls.append(m) or bank.fingerprint)
+    monkeypatch.setattr(style_bank_mod, "weight_fingerprint", lambda m: calls.append(m) or bank.fingerprint)
     fresh = StyleBank(bank.k, bank.v, bank.config, bank.fingerprint)
     for _ in range(3):
         stylize(model, x, fresh, k=1)
@@ -224,7 +224,9 @@ def test_wrong_types_and_damaged_banks(setup, tmp_path):
     import safetensors.torch
 
     damaged = str(tmp_path / "damaged.safetensors")
-    safetensors.torch.save_file({"k": bank.k, "v": bank.v}, damaged, metadata={"kind": tta_mod._BANK_TAG})
+    safetensors.torch.save_file(
+        {"k": bank.k, "v": bank.v}, damaged, metadata={"kind": style_bank_mod._BANK_TAG}
+    )
     with pytest.raises(ValueError, match="damaged metadata"):
         StyleBank.load(damaged)
     half = bank.to(torch.float16)  # a dtype first, as for a tensor

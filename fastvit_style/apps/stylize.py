@@ -11,7 +11,8 @@ import os
 import torch
 
 from ..imageio import denormalize, load_batch, save_png
-from ..tta import StyleBank, select_refs, stylize
+from ..style_bank import StyleBank
+from ..tta import select_refs, stylize
 from .common import (
     add_model_arguments,
     check_output_folder,

@@ -17,7 +17,8 @@ from torch import nn
 
 from ..atomic import atomic_path, check_replaceable
 from ..imageio import denormalize, load_batch, save_png
-from ..tta import REDUCTIONS, StyleBank, TTAClassifier
+from ..style_bank import StyleBank
+from ..tta import REDUCTIONS, TTAClassifier
 from .common import (
     add_model_arguments,
     check_output_folder,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..augment import StyleAugment
-from ..tta import StyleBank
+from ..style_bank import StyleBank
 
 
 def _images(n: int, cfg, device, gen) -> torch.Tensor:
