@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fastvit_style.benchmark import BenchConfig, register_backend, run_benchmark
-from fastvit_style.benchmark.runner import plan_cases, plan_size, plan_variants
+from fastvit_style.benchmark.plan import plan_cases, plan_size, plan_variants
 from fastvit_style.cli import main
 
 TOY = {"input_size": 32, "encoder_depth": 2}  # 4 patches, 2 layers; VGG19 still fits at 32 px
@@ -211,7 +211,7 @@ def test_runs_started_in_the_same_second_keep_their_own_files(tmp_path, monkeypa
 def test_a_backend_that_cannot_be_loaded_is_unavailable():
     """A 'module:factory' that does not import or resolve gives `unavailable` rows with the reason; the
     run goes on, as for a backend whose package is missing."""
-    from fastvit_style.benchmark.runner import get_backend
+    from fastvit_style.benchmark.plan import get_backend
 
     cpu = torch.device("cpu")
     assert "ModuleNotFoundError" in get_backend("no_such_module_xyz:make").unavailable(cpu)
@@ -258,7 +258,7 @@ def test_a_script_replaces_only_its_own_json(tmp_path):
 
 def test_the_no_tf32_twin_works_with_torchs_newer_precision_switches():
     """After `torch.backends.fp32_precision = "tf32"` (torch >= 2.9) the legacy allow_tf32 flags raise."""
-    from fastvit_style.benchmark.runner import _no_tf32
+    from fastvit_style.benchmark.parity import no_tf32
 
     if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
         pytest.skip("torch < 2.9 has no fp32_precision switches")
@@ -266,7 +266,7 @@ def test_the_no_tf32_twin_works_with_torchs_newer_precision_switches():
     saved = matmul.fp32_precision, conv.fp32_precision, backends.fp32_precision
     try:
         matmul.fp32_precision, backends.fp32_precision = "none", "tf32"
-        with _no_tf32():
+        with no_tf32():
             assert matmul.fp32_precision == conv.fp32_precision == "ieee"
         assert matmul.fp32_precision == "tf32"
     finally:

@@ -13,7 +13,8 @@ from ..backends import unavailable_reason
 from ..configs import BACKBONES, check_model_kwargs
 from ..devices import resolve_device
 from . import report
-from .runner import DTYPES, FAST_BACKENDS, WORKLOADS, BenchConfig, get_backend, plan_size, run_benchmark
+from .plan import DTYPES, FAST_BACKENDS, WORKLOADS, BenchConfig, get_backend, plan_size
+from .runner import run_benchmark
 
 # Batch sizes per workload when --batch-sizes is not given. For augment the batch is the classifier's
 # (64 in the paper: 21 images stylized at p=0.33); for tta it is test images, each with K references.

@@ -10,189 +10,18 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
-import importlib
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import torch
 
-from ..backends import BACKENDS, unavailable_reason
 from . import flops, timing
+from .parity import GRAD_TOLERANCE, TOLERANCE, compare, no_tf32
+from .plan import BenchConfig, Variant, plan_cases, plan_variants
 from .telemetry import Telemetry
 from .workloads import make_workloads
-
-WORKLOADS = ("stylize", "stylize-roll", "augment", "tta", "train")
-FAST_BACKENDS = ("torch", "triton", "xformers")
-# Parity: relative error allowed against the official computation in fp32 (eager, reference backend).
-# Outputs: max |err| / max |ref|. On CUDA the fp32 paths have TF32 in them (cuDNN convolutions by
-# default; the Triton dots too where torch allows TF32 for matmuls), hence the looser floor there.
-DTYPES = ("fp32", "bf16")  # bf16: torch.autocast, the weights stay fp32
-TOLERANCE = {("fp32", "cpu"): 1e-4, ("fp32", "cuda"): 2e-3, ("bf16", "cpu"): 5e-2, ("bf16", "cuda"): 5e-2}
-# Parameter gradients ("grads" outputs): relative L2 norm over all of them. The official losses divide
-# VGG features by per-channel stds clamped at sqrt(1e-5), which amplifies rounding: on CPU with random
-# VGG weights the fp32 gradient of the anatomical loss is 4e-2 (max norm) off a float64 evaluation at
-# 224 px, and fast vs reference differ by up to 2e-3 in fp32 though they agree to 1e-14 in float64. On
-# an H100 (TF32 convolutions) fp32 fast vs reference differed by 2e-2 to 5e-2. Backward bugs give
-# errors of order one.
-GRAD_TOLERANCE = {
-    ("fp32", "cpu"): 1e-2,
-    ("fp32", "cuda"): 1e-1,
-    ("bf16", "cpu"): 1e-1,
-    ("bf16", "cuda"): 1e-1,
-}
-# Above these floors a variant may be off by twice what the official computation itself moves under
-# the same precision change (flash-attention's rule), measured on the same inputs: its "twin" runs
-# under bf16 autocast for bf16, and with TF32 off for fp32 on CUDA. The row records it (official_own_err).
-
-
-@contextlib.contextmanager
-def _no_tf32():
-    """TF32 off for cuBLAS matmuls and cuDNN convolutions: through `fp32_precision` (torch >= 2.9, whose
-    legacy allow_tf32 flags raise once it has been used), else those flags."""
-    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
-        switches = (
-            (torch.backends.cuda.matmul, "fp32_precision", "ieee"),
-            (torch.backends.cudnn.conv, "fp32_precision", "ieee"),
-        )
-    else:
-        switches = (
-            (torch.backends.cuda.matmul, "allow_tf32", False),
-            (torch.backends.cudnn, "allow_tf32", False),
-        )
-    saved = [getattr(owner, name) for owner, name, _ in switches]
-    for owner, name, off in switches:
-        setattr(owner, name, off)
-    try:
-        yield
-    finally:
-        for (owner, name, _), value in zip(switches, saved):
-            setattr(owner, name, value)
-
-
-@dataclass(frozen=True)
-class Backend:
-    """factory(model) returns what the workloads call in place of the StylizingViT (same forward).
-    official: run the workloads the official way (explicit-roll augment, K forwards for TTA).
-    error: why a 'module:factory' backend could not be loaded (its rows are then `unavailable`)."""
-
-    name: str
-    factory: Callable | None
-    official: bool = False
-    error: str | None = None
-
-    def unavailable(self, device: torch.device) -> str | None:
-        if self.error:
-            return self.error
-        return unavailable_reason(self.name, device) if self.name in BACKENDS else None
-
-
-def _builtin(name: str) -> Backend:
-    def factory(model):
-        model.backend = name
-        return model
-
-    return Backend(name, factory, official=name == "reference")
-
-
-_REGISTRY: dict[str, Backend] = {}
-
-
-def register_backend(name: str, factory: Callable, official: bool = False) -> None:
-    """Make `name` usable in `backends`. Tests register deliberately wrong ones to check the parity gate."""
-    _REGISTRY[name] = Backend(name, factory, official)
-
-
-def get_backend(name: str) -> Backend:
-    """A registered name, a built-in backend, or 'package.module:factory'."""
-    if name in _REGISTRY:
-        return _REGISTRY[name]
-    if name in BACKENDS and name != "auto":
-        return _builtin(name)
-    if ":" in name:
-        module, attr = name.split(":", 1)
-        try:
-            return Backend(name, getattr(importlib.import_module(module), attr))
-        except (ImportError, AttributeError) as e:
-            return Backend(name, None, error=f"cannot load {name!r} ({type(e).__name__}: {e})")
-    raise ValueError(
-        f"unknown backend {name!r}: use one of {BACKENDS[1:]}, a registered name, or 'module:factory'"
-    )
-
-
-@dataclass(frozen=True)
-class Variant:
-    backend: Backend
-    dtype: str  # "fp32" or "bf16" (torch.autocast; the weights stay fp32)
-    compile: bool
-
-    @property
-    def baseline(self) -> bool:
-        """The official computation as the official code runs it: every ratio is taken against it."""
-        return self.backend.name == "reference" and self.dtype == "fp32" and not self.compile
-
-    @property
-    def official_bf16_compiled(self) -> bool:
-        return self.backend.official and self.dtype == "bf16" and self.compile
-
-
-@dataclass
-class BenchConfig:
-    device: str = "cpu"
-    backbones: tuple[str, ...] = ("tiny",)
-    workloads: tuple[str, ...] = WORKLOADS
-    batch_sizes: dict[str, list[int]] = field(default_factory=lambda: {w: [2] for w in WORKLOADS})
-    dtypes: tuple[str, ...] = ("fp32",)
-    backends: tuple[str, ...] = ("reference", "torch")
-    compile_backends: tuple[str, ...] = ()  # also timed under torch.compile ...
-    compile_dtypes: tuple[str, ...] = ("fp32", "bf16")  # ... in these of `dtypes`
-    repeats: int = 3
-    warmup: int = 0  # calls after the first one (which is always made: it is the parity check)
-    interleave: bool = False  # time the variants of a case round-robin (robust to a busy CPU)
-    budget_s: float | None = None  # variants that would start later are recorded as skipped
-    model_kwargs: dict = field(default_factory=dict)
-    tta_k: int = 8
-    augment_p: float = 0.33
-    seed: int = 0
-
-
-def plan_variants(cfg: BenchConfig) -> tuple[list[Variant], list[Variant]]:
-    """(eager, compiled) variants. The official computation runs in fp32 eager (the baseline, also
-    when `dtypes` has no fp32) and, compiled, in bf16: the strongest version of the official code."""
-    eager, compiled = [], []
-    for name in cfg.backends:
-        backend = get_backend(name)
-        if backend.official:  # the baseline of every ratio, whatever `dtypes` holds
-            eager.append(Variant(backend, "fp32", False))
-        for dtype in cfg.dtypes:
-            if not backend.official:
-                eager.append(Variant(backend, dtype, False))
-            if (
-                name in cfg.compile_backends
-                and dtype in cfg.compile_dtypes
-                and (not backend.official or dtype == "bf16")
-            ):
-                compiled.append(Variant(backend, dtype, True))
-    eager.sort(key=lambda v: not v.baseline)
-    compiled.sort(key=lambda v: (not v.backend.official, v.dtype == "fp32"))
-    return eager, compiled
-
-
-def plan_cases(cfg: BenchConfig) -> list[tuple[str, str, int, bool]]:
-    """(backbone, workload, batch, compiled variants too?): compiling is slow, so compiled variants run
-    at the largest batch of each workload only."""
-    return [
-        (backbone, w, batch, batch == max(cfg.batch_sizes[w]))
-        for backbone in cfg.backbones
-        for w in cfg.workloads
-        for batch in cfg.batch_sizes[w]
-    ]
-
-
-def plan_size(cfg: BenchConfig) -> int:
-    eager, compiled = plan_variants(cfg)
-    return sum(len(eager) + len(compiled) * with_compiled for *_, with_compiled in plan_cases(cfg))
 
 
 def run_benchmark(cfg: BenchConfig, on_result: Callable[[dict, dict], None] | None = None) -> dict:
@@ -248,33 +77,6 @@ def _run(cfg: BenchConfig, device: torch.device, on_result) -> dict:
 def _is_oom(exc: BaseException | str) -> bool:
     text = str(exc).lower()
     return isinstance(exc, MemoryError) or "out of memory" in text or "not enough memory" in text
-
-
-def _flat(value) -> list:
-    return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-def compare(got: dict, expected: dict) -> dict[str, tuple[float, float]]:
-    """{output: (max abs error, relative error)} over the keys of `expected`. Relative is max-norm,
-    except for "grads" (a list of tensors): L2 norm over all of them. Non-finite outputs give inf; a
-    shape mismatch raises."""
-    errors = {}
-    for key, exp in expected.items():
-        gs, es = _flat(got[key]), _flat(exp)
-        max_abs = max_ref = sq_err = sq_ref = 0.0
-        for g, e in zip(gs, es, strict=True):
-            if g.shape != e.shape:
-                raise ValueError(f"output {key!r} has shape {tuple(g.shape)}, the reference {tuple(e.shape)}")
-            g, e = g.detach().double(), e.detach().double()
-            if not torch.isfinite(g).all():
-                max_abs = sq_err = math.inf
-                break
-            d = g - e
-            max_abs, max_ref = max(max_abs, d.abs().max().item()), max(max_ref, e.abs().max().item())
-            sq_err, sq_ref = sq_err + d.square().sum().item(), sq_ref + e.square().sum().item()
-        rel = math.sqrt(sq_err / max(sq_ref, 1e-300)) if key == "grads" else max_abs / max(max_ref, 1e-30)
-        errors[key] = (max_abs, rel)
-    return errors
 
 
 class _Case:
@@ -414,7 +216,7 @@ class _Case:
         """The context a step runs under: 'fp32', 'bf16' (autocast) or 'fp32-no-tf32' (for twins)."""
         if dtype == "bf16":
             return lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return _no_tf32 if dtype == "fp32-no-tf32" else contextlib.nullcontext
+        return no_tf32 if dtype == "fp32-no-tf32" else contextlib.nullcontext
 
     def _expected(self, out: dict, dtype: str) -> dict:
         """The official computation's output (eager, under `dtype`, see _amp) for the draw behind

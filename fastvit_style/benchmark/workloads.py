@@ -1,7 +1,7 @@
 """What one timed step of each workload does, the official way and the fast way (shared doc 3.5, 4.1, 4.2).
 
 A step returns a dict of the tensors the parity check compares (a value may be a list of tensors,
-judged as one group; "grads" by its relative L2 norm, see runner.GRAD_TOLERANCE). `official=True`
+judged as one group; "grads" by its relative L2 norm, see parity.GRAD_TOLERANCE). `official=True`
 builds the step as the official code would run it; the fast way uses the library's own entry points
 (StyleAugment, StyleBank + model.stylize). `amp` is a zero-argument callable giving
 the precision context (autocast or none); `compile_fn` is torch.compile or the identity.
