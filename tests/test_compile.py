@@ -24,7 +24,15 @@ def test_compiled_eval_matches_eager(compiler, rolled):
         torch.testing.assert_close(compiled(x, x_style), model(x, x_style), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+# Before torch 2.13 inductor gave the CPU flash-SDPA backward a float32 log-sum-exp for float64 inputs
+# (pytorch issue 185539): that torch fails this test's float64 step, a float32 one runs (the GPU
+# machines carry torch 2.11).
+INDUCTOR_FLOAT64_SDPA = pytest.mark.xfail(
+    torch.__version__ < "2.13", reason="pytorch issue 185539", raises=RuntimeError, strict=False
+)
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", pytest.param("inductor", marks=INDUCTOR_FLOAT64_SDPA)])
 def test_compiled_training_step_matches_eager(compiler):
     # float64: eager runs the deep VGG convs by Winograd, the compiled graph by direct convolution, and
     # float32 gradients through 16 ReLU masks differ by more than 1e-5 between any two conv algorithms.
