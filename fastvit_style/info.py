@@ -19,7 +19,8 @@ def report() -> dict:
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", ""),
     }
-    for module in ("triton", "xformers", "safetensors", "huggingface_hub"):
+    # numpy: Triton's interpreter runs on it (and Triton 3.6's needs a fix with NumPy >= 2.4).
+    for module in ("triton", "numpy", "xformers", "safetensors", "huggingface_hub"):
         try:
             info[module] = __import__(module).__version__
         except Exception as exc:
