@@ -30,13 +30,9 @@ _triton_error = None if importlib.util.find_spec("triton") else "the triton pack
 # chunks of sequences there (the Triton kernels have no such limit).
 _MAX_SEQUENCES_PER_CALL = 65535
 _CHUNKED_DEVICES = ("cuda",)
-# Device types that have autocast (is_autocast_enabled raises for the others, such as meta), asked of
-# torch once: torch 2.11's dynamo cannot trace torch.amp.is_autocast_available (a graph break).
-_AUTOCAST_DEVICES = frozenset(
-    t
-    for t in ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla", "ipu")
-    if torch.amp.is_autocast_available(t)
-)
+# CPU and CUDA have autocast: asked of torch once, since torch 2.11's dynamo cannot trace
+# torch.amp.is_autocast_available (a graph break). Other device types are asked at the call.
+_AUTOCAST_DEVICES = frozenset(t for t in ("cpu", "cuda") if torch.amp.is_autocast_available(t))
 
 
 def shared_attention(
@@ -72,7 +68,7 @@ def shared_attention(
     for name, t in (("q", q), ("k", k), ("v", v), ("kv_index", kv_index)):
         if not isinstance(t, Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if q.device.type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(q.device.type):
+    if _autocast_enabled(q.device.type):
         dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = (t.to(dtype) if t.dtype in _TRITON_DTYPES else t for t in (q, k, v))
     _check_inputs(q, k, v, kv_index, check_index)
@@ -83,6 +79,12 @@ def shared_attention(
     if backend == "xformers":
         return _in_sequence_chunks(shared_attention_xformers, q, k, v, kv_index, scale)
     return _triton_attention(q, k, v, kv_index, scale)
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    # is_autocast_enabled raises for device types without autocast (meta).
+    available = device_type in _AUTOCAST_DEVICES or torch.amp.is_autocast_available(device_type)
+    return available and torch.is_autocast_enabled(device_type)
 
 
 def _in_sequence_chunks(attention, q: Tensor, k: Tensor, v: Tensor, kv_index: Tensor, scale: float) -> Tensor:

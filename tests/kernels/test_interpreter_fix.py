@@ -1,5 +1,6 @@
 """kernels/_interpreter.py: Triton 3.6's interpreter (the GPU machines' Triton) cannot run a kernel's
-`range(0, Tk, BLOCK_N)` with NumPy >= 2.4 (triton issue 9171); importing the kernels fixes that."""
+`range(0, Tk, BLOCK_N)` with NumPy >= 2.4 (triton issue 9171); importing the kernels fixes that, and
+leaves any interpreter it does not recognise alone."""
 
 import operator
 import types
@@ -7,25 +8,14 @@ import types
 import numpy as np
 import pytest
 from fastvit_style.kernels import INTERPRET
-from fastvit_style.kernels._interpreter import _indexes_one_element_arrays, fix_scalar_index
+from fastvit_style.kernels._interpreter import _has_the_bug, fix_scalar_index
+from triton.runtime import interpreter as triton_interpreter
 
-
-class _Scope:
-    """The interface of the interpreter's _LangPatchScope: set attributes, put them back."""
-
-    def __init__(self):
-        self.changes = []
-
-    def set_attr(self, obj, name, value):
-        self.changes.append((obj, name, obj.__dict__.get(name)))
-        setattr(obj, name, value)
-
-    def restore(self):
-        for obj, name, old in reversed(self.changes):
-            if old is None:
-                delattr(obj, name)
-            else:
-                setattr(obj, name, old)
+# The real scope class (it restores what a patch set); a Triton without it needs no fix.
+_LangPatchScope = getattr(triton_interpreter, "_LangPatchScope", None)
+pytestmark = pytest.mark.skipif(
+    _LangPatchScope is None, reason="this Triton's interpreter has no _LangPatchScope"
+)
 
 
 def _strict_int(data) -> int:
@@ -34,39 +24,80 @@ def _strict_int(data) -> int:
     return int(data)
 
 
-def _interpreter(index):
-    def patch_lang_tensor(tensor, scope):
-        scope.set_attr(tensor, "__index__", index)
-
-    return types.SimpleNamespace(_LangPatchScope=_Scope, _patch_lang_tensor=patch_lang_tensor)
+def _triton36_index(self) -> int:
+    return _strict_int(self.handle.data)
 
 
-def _tensor_class(interpreter):
+def _interpreter(patch_lang_tensor):
+    """A stand-in for triton.runtime.interpreter: the real scope class, the given tensor patch."""
+    return types.SimpleNamespace(_LangPatchScope=_LangPatchScope, _patch_lang_tensor=patch_lang_tensor)
+
+
+def _triton36(tensor, scope):
+    scope.set_attr(tensor, "__index__", _triton36_index)
+    scope.set_attr(tensor, "__repr__", lambda self: "scalar")
+
+
+def _patched_class(interpreter, *args):
     class Tensor:
         def __init__(self, value):
             self.handle = types.SimpleNamespace(data=np.array([value]))
 
-    interpreter._patch_lang_tensor(Tensor, interpreter._LangPatchScope())
+    interpreter._patch_lang_tensor(Tensor, _LangPatchScope(), *args)
     return Tensor
 
 
 def test_an_interpreter_with_the_bug_is_fixed():
-    interpreter = _interpreter(lambda self: _strict_int(self.handle.data))  # Triton 3.6's
+    interpreter = _interpreter(_triton36)
     with pytest.raises(TypeError):
-        operator.index(_tensor_class(interpreter)(5))
+        operator.index(_patched_class(interpreter)(5))
     fix_scalar_index(interpreter)
-    assert list(range(0, _tensor_class(interpreter)(5), 2)) == [0, 2, 4]
+    scalar = _patched_class(interpreter)(5)
+    assert list(range(0, scalar, 2)) == [0, 2, 4] and repr(scalar) == "scalar"  # the rest of the patch kept
     fixed = interpreter._patch_lang_tensor
     fix_scalar_index(interpreter)  # twice: nothing more
     assert interpreter._patch_lang_tensor is fixed
 
 
+def test_the_fix_passes_on_further_arguments():
+    seen = []
+
+    def optional_builder(tensor, scope, builder=None):
+        seen.append(builder)
+        _triton36(tensor, scope)
+
+    interpreter = _interpreter(optional_builder)
+    fix_scalar_index(interpreter)
+    assert list(range(_patched_class(interpreter, "builder")(2))) == [0, 1] and seen[-1] == "builder"
+
+
+def _fixed_upstream(tensor, scope):
+    scope.set_attr(tensor, "__index__", lambda self: _strict_int(self.handle.data.squeeze()))
+
+
+def _needs_a_builder(tensor, scope, builder):
+    _triton36(tensor, scope)
+
+
+def _raises(tensor, scope):
+    raise AttributeError("a layout of another Triton")
+
+
+def _no_index(tensor, scope):
+    scope.set_attr(tensor, "__repr__", lambda self: "scalar")
+
+
 @pytest.mark.parametrize(
     "interpreter",
     [
-        _interpreter(lambda self: _strict_int(self.handle.data.squeeze())),  # upstream's fixed one
-        types.SimpleNamespace(),  # laid out otherwise
+        _interpreter(_fixed_upstream),
+        _interpreter(_needs_a_builder),
+        _interpreter(_raises),
+        _interpreter(_no_index),
+        types.SimpleNamespace(_patch_lang_tensor=_triton36),  # no scope class
+        types.SimpleNamespace(),
     ],
+    ids=["fixed-upstream", "other-arguments", "patch-raises", "no-index", "no-scope", "no-names"],
 )
 def test_other_interpreters_are_left_alone(interpreter):
     before = dict(vars(interpreter))
@@ -76,6 +107,4 @@ def test_other_interpreters_are_left_alone(interpreter):
 
 @pytest.mark.skipif(not INTERPRET, reason="the fix applies under TRITON_INTERPRET=1 only")
 def test_the_installed_interpreter_indexes_scalars():
-    from triton.runtime import interpreter
-
-    assert _indexes_one_element_arrays(interpreter)
+    assert not _has_the_bug(triton_interpreter)  # Triton 3.6: fixed at import; later ones: never broken
