@@ -100,6 +100,14 @@ def holds_json_keys(path, keys) -> bool:
     return isinstance(obj, dict) and all(k in obj for k in keys)
 
 
+def folder_problem(path, flag: str) -> str | None:
+    """Why `path` (given by the option `flag`) cannot be an output folder: it exists and is not a
+    folder. None when it is one or does not exist yet."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        return f"{flag} {os.fspath(path)!r} exists and is not a folder"
+    return None
+
+
 def check_replaceable(path: str, flag: str, what: str, ours, not_ours: str) -> None:
     """Before a run that writes the file `path`, given as option `flag`: SystemExit when it names a
     folder, or an existing file that `ours(path)` does not recognise as this tool's `what` (the message

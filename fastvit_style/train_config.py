@@ -8,7 +8,7 @@ import numbers
 import os
 from dataclasses import dataclass, field
 
-from .atomic import holds_json_keys
+from .atomic import folder_problem, holds_json_keys
 from .configs import LOSS_WEIGHTS, check_model_kwargs
 
 OFFICIAL_SEED = 265017005
@@ -109,8 +109,8 @@ CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "batch", "step", "best_val", "
 def out_problem(cfg: TrainConfig) -> str | None:
     """Why `cfg.out` cannot take a new run (a new run never silently replaces another run's files), or
     None."""
-    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
-        return f"--out {cfg.out!r} exists and is not a folder"
+    if problem := folder_problem(cfg.out, "--out"):
+        return problem
     if cfg.resume and not os.path.isfile(cfg.resume):
         return f"--resume {cfg.resume!r} does not exist or is not a file"
     config = os.path.join(cfg.out, "config.json")

@@ -9,6 +9,7 @@ import sys
 
 import torch
 
+from ..atomic import folder_problem
 from ..configs import DEFAULT_DATASET, check_backbone, check_model_kwargs
 from ..devices import resolve_device
 from ..imageio import list_images, normalization, require_pil
@@ -69,8 +70,8 @@ def seed_int(text: str) -> int:
 
 def check_output_folder(path: str, flag: str) -> None:
     """Before any work: an output folder must be a folder or not exist yet."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise SystemExit(f"error: {flag} {path!r} exists and is not a folder")
+    if problem := folder_problem(path, flag):
+        raise SystemExit(f"error: {problem}")
 
 
 def load_stylizer(args):

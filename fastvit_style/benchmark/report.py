@@ -78,8 +78,8 @@ def output_stem(out_dir: str, device: dict, kind: str = "bench") -> str:
     The stem is claimed by creating <stem>.json (an empty JSON object until the run writes it), so
     that runs started in the same second on alike devices get -2, -3, ... rather than one file.
     ValueError when out_dir (--out) is a file."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ValueError(f"--out {out_dir!r} exists and is not a folder")
+    if problem := atomic.folder_problem(out_dir, "--out"):
+        raise ValueError(problem)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     slug = re.sub(r"[^A-Za-z0-9]+", "-", device["name"]).strip("-") or device["type"]
     os.makedirs(out_dir, exist_ok=True)
