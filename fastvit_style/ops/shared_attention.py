@@ -30,9 +30,6 @@ _triton_error = None if importlib.util.find_spec("triton") else "the triton pack
 # chunks of sequences there (the Triton kernels have no such limit).
 _MAX_SEQUENCES_PER_CALL = 65535
 _CHUNKED_DEVICES = ("cuda",)
-# CPU and CUDA have autocast: asked of torch once, since torch 2.11's dynamo cannot trace
-# torch.amp.is_autocast_available (a graph break). Other device types are asked at the call.
-_AUTOCAST_DEVICES = frozenset(t for t in ("cpu", "cuda") if torch.amp.is_autocast_available(t))
 
 
 def shared_attention(
@@ -82,8 +79,9 @@ def shared_attention(
 
 
 def _autocast_enabled(device_type: str) -> bool:
-    # is_autocast_enabled raises for device types without autocast (meta).
-    available = device_type in _AUTOCAST_DEVICES or torch.amp.is_autocast_available(device_type)
+    # is_autocast_enabled raises for device types without autocast (meta). CPU and CUDA always have it
+    # and are not asked: torch 2.11's dynamo cannot trace is_autocast_available (a graph break).
+    available = device_type in ("cpu", "cuda") or torch.amp.is_autocast_available(device_type)
     return available and torch.is_autocast_enabled(device_type)
 
 
