@@ -37,6 +37,11 @@ def _unreadable(e: Exception) -> bool:
     return not isinstance(e, OSError) or e.errno is None or e.errno in _PERMANENT_ERRNOS
 
 
+def _warn_skipped(path: str, e: Exception) -> None:
+    # stacklevel 3: the warning names whoever called the function that met the file.
+    warnings.warn(f"skipping unreadable image {path!r} ({type(e).__name__}: {e})", stacklevel=3)
+
+
 class ImageFolderDataset(Dataset):
     """Every png/jpg/tif/... image under `root` (recursive, sorted by path), no labels.
 
@@ -71,7 +76,7 @@ class ImageFolderDataset(Dataset):
             if not _unreadable(e):
                 raise
             self._bad[index] = True
-            warnings.warn(f"skipping unreadable image {path!r} ({type(e).__name__}: {e})", stacklevel=2)
+            _warn_skipped(path, e)
             return None
         return normalize(image, self.mean, self.std)
 
@@ -159,7 +164,7 @@ def compute_normalization(folder, input_size: int = 224) -> tuple[tuple[float, .
         except _BAD_IMAGE_ERRORS as e:
             if not _unreadable(e):
                 raise
-            warnings.warn(f"skipping unreadable image {path!r} ({type(e).__name__}: {e})", stacklevel=2)
+            _warn_skipped(path, e)
             continue
         # The image's own pixels: where a resized-and-padded all-ones image is non-zero.
         h, w = raw.shape[-2:]

@@ -212,9 +212,15 @@ def test_passing_os_errors_propagate_and_mark_nothing(tmp_path, monkeypatch):
     assert caught.value.errno == errno.EIO and ds.skipped == 0
     monkeypatch.undo()
     (tmp_path / "a.png").unlink()
-    with pytest.warns(UserWarning, match="skipping unreadable image .*a.png.*FileNotFoundError"):
+    with pytest.warns(UserWarning, match="skipping unreadable image .*a.png.*FileNotFoundError") as record:
         assert ds[0] is None
     assert ds.skipped == 1
+    (tmp_path / "b.png").write_bytes(b"not an image")
+    solid(tmp_path / "c.png", (1, 2, 3))
+    with pytest.warns(UserWarning, match="skipping unreadable image .*b.png") as more:
+        compute_normalization(tmp_path, input_size=32)
+    # Each warning names the line that asked for the image, not the data module's internals.
+    assert [w.filename for w in [*record, *more]] == [__file__, __file__]
 
 
 def test_normalize_refuses_integer_constants():
