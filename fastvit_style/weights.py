@@ -9,6 +9,7 @@ official key names, so the official package loads what we save and we load what 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import pickle
 import re
@@ -198,7 +199,9 @@ def describe_backbone(sd: Mapping) -> str:
     blocks = {m.group(1) for k in sd if (m := re.match(r"encoder\.blocks\.(\d+)\.", k))}
     proj = sd.get("encoder.patch_embed.proj.weight")
     patch = f", patch {proj.shape[-1]}" if isinstance(proj, torch.Tensor) and proj.dim() else ""
-    return f"{_WIDTH_NAMES.get(width, 'custom')} (embed_dim {width}, depth {len(blocks)}{patch})"
+    side = math.isqrt(max(ref.shape[-2] - 1, 0)) if ref.dim() >= 2 else 0  # pos_embed: CLS + side^2 patches
+    size = f", input {side * proj.shape[-1]}" if patch and side * side == ref.shape[-2] - 1 else ""
+    return f"{_WIDTH_NAMES.get(width, 'custom')} (embed_dim {width}, depth {len(blocks)}{patch}{size})"
 
 
 def _first(keys: list[str], n: int = 5) -> str:
@@ -216,11 +219,21 @@ def load_state_dict(model: nn.Module, sd_or_path, strict: bool = True) -> nn.Mod
     sd = clean_state_dict(sd, model)
     expected = model.state_dict()
 
-    def looks() -> str:  # only for an error: a loadable file need not describe well
-        return (
-            f"the weights look like {describe_backbone(sd)}, the model is {describe_backbone(expected)} "
-            "(the backbone name picks the model: --backbone on the command line)"
+    def looks(wrong=()) -> str:  # only for an error: a loadable file need not describe well
+        pos, pos_model = sd.get("encoder.pos_embed"), expected.get("encoder.pos_embed")
+        # Only the token count differs (CLS + patches): the same backbone built for another input size.
+        other_size = (
+            len(wrong) == 1
+            and isinstance(pos, torch.Tensor)
+            and pos.dim() == 3
+            and pos.shape[::2] == pos_model.shape[::2]
+            and pos.shape != pos_model.shape
         )
+        if other_size:
+            picks = "input_size sets the token count: --model-kwargs or --input-size on the command line"
+        else:
+            picks = "the backbone name picks the model: --backbone on the command line"
+        return f"the weights look like {describe_backbone(sd)}, the model is {describe_backbone(expected)} ({picks})"
 
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
@@ -244,7 +257,7 @@ def load_state_dict(model: nn.Module, sd_or_path, strict: bool = True) -> nn.Mod
     ]
     if wrong:
         raise WeightsError(
-            f"cannot load weights: {len(wrong)} shape mismatches ({_first(wrong, 3)}); " + looks()
+            f"cannot load weights: {len(wrong)} shape mismatches ({_first(wrong, 3)}); " + looks(wrong)
         )
     not_float = [f"{k} ({sd[k].dtype})" for k in expected if k in sd and not sd[k].is_floating_point()]
     if not_float:

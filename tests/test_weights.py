@@ -282,6 +282,14 @@ def test_wrong_backbone_message(tmp_path):
     assert "model is small (embed_dim 384" in str(err.value)
 
 
+def test_wrong_input_size_message():
+    """Weights of another input size differ only in the token count: the hint names input_size, not the backbone."""
+    with pytest.raises(RuntimeError, match="shape mismatches") as err:
+        W.load_state_dict(make(input_size=32), make().state_dict())
+    assert "look like tiny (embed_dim 192, depth 2, patch 16, input 224)" in str(err.value)
+    assert "model is tiny (embed_dim 192, depth 2, patch 16, input 32) (input_size sets" in str(err.value)
+
+
 def test_wrong_depth_message():
     expected = r"look like tiny \(embed_dim 192, depth 3.*model is tiny \(embed_dim 192, depth 2"
     with pytest.raises(RuntimeError, match=expected):
