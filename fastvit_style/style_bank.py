@@ -23,9 +23,17 @@ def _model_dtype(model) -> torch.dtype:
 
 
 def describe_value(obj) -> str:
-    """How an error message shows a value a user passed: a tensor by its dtype, anything else by its type
-    and the start of its repr."""
-    return f"a {obj.dtype} tensor" if isinstance(obj, torch.Tensor) else f"{type(obj).__name__} {obj!r:.60}"
+    """How an error message shows a value a user passed: a tensor by its dtype and shape, a tuple or list
+    by what it holds (the first 4), anything else by its type and the start of its repr (never a
+    tensor's numbers)."""
+    if isinstance(obj, torch.Tensor):
+        return f"a {obj.dtype} tensor of shape {tuple(obj.shape)}"
+    if isinstance(obj, (tuple, list)):
+        held = ", ".join(describe_value(o) for o in obj[:4]) + (", ..." if len(obj) > 4 else "")
+        return f"a {type(obj).__name__} of {len(obj)} ({held})"
+    if isinstance(obj, dict):
+        return f"a dict with keys {list(obj)[:8]!r:.80}"
+    return f"{type(obj).__name__} {obj!r:.60}"
 
 
 class StyleBank:

@@ -1,6 +1,7 @@
 """Test-time augmentation: StyleBank + stylize against naive official forwards, TTAClassifier, image I/O,
 the stylize/tta commands and the demo. A small model (32 px, 3 layers) keeps the file fast."""
 
+import argparse
 import copy
 import csv
 import importlib.util
@@ -560,6 +561,45 @@ def test_cli_user_errors_are_one_line(folders, capsys, monkeypatch):
         [*tta_args, "--classifier", str(tmp / "fixed.pt2"), "--out", str(tmp / "p.csv")],
         "was exported for batches of exactly 2 images",
     )
+    # Exported for other images, or for fewer at a time than tta passes (2 images x 3 views).
+    dyn = {"input": {0: torch.export.Dim("batch", max=4)}}
+    torch.export.save(
+        torch.export.export(toy_classifier(2), (images(2, SIZE),), dynamic_shapes=dyn), str(tmp / "max4.pt2")
+    )
+    fails_with(
+        [*tta_args, "--classifier", str(tmp / "max4.pt2"), "--out", str(tmp / "p.csv")],
+        "was exported for batches of at most 4 images; tta passes up to 6 (--batch-size x views)",
+    )
+    wide = torch.export.export(
+        toy_classifier(2), (images(2, 2 * SIZE),), dynamic_shapes={"input": {0: torch.export.Dim("batch")}}
+    )
+    torch.export.save(wide, str(tmp / "wide.pt2"))
+    fails_with(
+        [*tta_args, "--classifier", str(tmp / "wide.pt2"), "--out", str(tmp / "p.csv")],
+        "was exported for images of shape (3, 64, 64); tta passes (N, 3, 32, 32) images",
+    )
+    # A classifier that fails on tta's images, or returns something other than logits, is named with
+    # what it was given (and a tensor by its shape, never its numbers).
+    (tmp / "badclf.py").write_text(
+        "import torch.nn as nn\nLIMIT = 3\n"
+        "def wide():\n    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 64 * 64, 2))\n"
+        "class Pair(nn.Module):\n    def forward(self, x):\n        return x.mean((2, 3)), x\n"
+        "def three():\n    return LIMIT\n"
+    )
+    for spec, message in [
+        ("badclf:wide", ("'badclf:wide' failed on 6 images of shape (3, 32, 32), torch.float32, "
+         "normalized as the stylizer's inputs: RuntimeError: mat1 and mat2 shapes cannot be multiplied")),
+        ("badclf:Pair", ("got a tuple of 2 (a torch.float32 tensor of shape (6, 3), a torch.float32 tensor of "
+         "shape (6, 3, 32, 32))")),
+    ]:  # fmt: skip
+        # Found at the first batch (2 images x 3 views), after the progress bar: one error line.
+        assert cli_main([*tta_args, "--classifier", spec, "--out", str(tmp / "p.csv")]) == 1
+        text = capsys.readouterr().err
+        assert "\nerror: --classifier" in text and message in text and "Traceback" not in text, text
+    fails_with(
+        [*tta_args, "--classifier", "badclf:three", "--out", str(tmp / "p.csv")],
+        "returned int 3, not an nn.Module",
+    )
     tta_clf = [*tta_args, "--classifier", "clfmod:LIMIT"]
     fails_with([*tta_clf, "--out", str(tmp / "file")], "is not a predictions CSV of this command")
     fails_with([*tta_clf, "--out", str(tmp / "file" / "p.csv")], "is a file, not a folder")
@@ -674,3 +714,23 @@ def test_bank_pickles(setup):
         torch.testing.assert_close(
             stylize(copy_.stylizer, x, copy_.bank), stylize(model, x, bank), rtol=0, atol=0
         )
+
+
+def test_cli_normalization_follows_the_official_weights(tmp_path, monkeypatch):
+    """Without --dataset or --mean/--std, official weights named by dataset id bring their dataset's
+    constants; weights that have none are refused rather than normalized as another dataset."""
+    from fastvit_style.apps.common import mean_std
+    from fastvit_style.configs import NORMALIZATION
+
+    def args(**kw):
+        return argparse.Namespace(**{"dataset": None, "mean": None, "std": None, **kw})
+
+    assert mean_std(args(weights="epistr")) == NORMALIZATION["epistr"]
+    assert mean_std(args(weights="fitzpatrick17k")) == NORMALIZATION["fitzpatrick17k"]
+    assert mean_std(args(weights="epistr", dataset="camelyon17wilds")) == NORMALIZATION["camelyon17wilds"]
+    assert mean_std(args(weights="cholec80", mean=[0.5] * 3, std=[0.2] * 3)) == ((0.5,) * 3, (0.2,) * 3)
+    with pytest.raises(SystemExit, match="no normalization constants are known for the ddi_12_34_56 weights"):
+        mean_std(args(weights="ddi"))
+    monkeypatch.chdir(tmp_path)  # a file of that name is a weight file: the documented default
+    (tmp_path / "epistr").write_bytes(b"")
+    assert mean_std(args(weights="epistr")) == NORMALIZATION["camelyon17wilds"]

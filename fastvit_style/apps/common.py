@@ -10,7 +10,15 @@ import sys
 import torch
 
 from ..atomic import folder_problem
-from ..configs import DEFAULT_DATASET, check_backbone, check_model_kwargs
+from ..configs import (
+    DATASET_ALIASES,
+    DATASET_IDS,
+    DEFAULT_DATASET,
+    NORMALIZATION,
+    ModelConfig,
+    check_backbone,
+    check_model_kwargs,
+)
 from ..devices import resolve_device
 from ..imageio import list_images, normalization, require_pil
 
@@ -35,7 +43,8 @@ def add_model_arguments(parser) -> None:
     norm.add_argument(
         "--dataset",
         default=None,
-        help=f"normalization constants of this dataset (default: {DEFAULT_DATASET})",
+        help=f"normalization constants of this dataset (default: that of the official weights --weights "
+        f"names, else {DEFAULT_DATASET})",
     )
     norm.add_argument("--mean", type=float, nargs=3, metavar="M", help="per-channel mean (with --std)")
     parser.add_argument("--std", type=float, nargs=3, metavar="S", help="per-channel std (with --mean)")
@@ -74,10 +83,8 @@ def check_output_folder(path: str, flag: str) -> None:
         raise SystemExit(f"error: {problem}")
 
 
-def load_stylizer(args):
-    """The frozen StylizingViT of --backbone/--weights on --device, in eval mode."""
-    from ..model import create_model
-
+def stylizer_config(args) -> tuple[ModelConfig, dict]:
+    """The config of the model --backbone and --model-kwargs describe, and those kwargs; no weights read."""
     try:
         kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
     except json.JSONDecodeError as e:
@@ -85,7 +92,14 @@ def load_stylizer(args):
     if not isinstance(kwargs, dict):
         raise SystemExit(f"error: --model-kwargs must be a JSON object, got {args.model_kwargs!r}")
     check_backbone(args.backbone, kwargs)
-    check_model_kwargs("--model-kwargs", args.backbone, kwargs)
+    return check_model_kwargs("--model-kwargs", args.backbone, kwargs), kwargs
+
+
+def load_stylizer(args):
+    """The frozen StylizingViT of --backbone/--weights on --device, in eval mode."""
+    from ..model import create_model
+
+    _, kwargs = stylizer_config(args)
     model = create_model(args.backbone, weights=args.weights, **kwargs)
     return model.to(device(args)).eval().requires_grad_(False)
 
@@ -125,8 +139,20 @@ def find_images(*named_folders: tuple[str, str], output: tuple[str, str] | None 
 
 
 def mean_std(args) -> tuple[tuple, tuple]:
+    """--mean/--std, else the constants of --dataset, else of the dataset whose official weights --weights
+    names, else of DEFAULT_DATASET."""
+    dataset = args.dataset
+    official = args.weights in DATASET_IDS or args.weights in DATASET_ALIASES
+    if dataset is None and args.mean is None and official and not os.path.isfile(args.weights):
+        dataset = DATASET_ALIASES.get(args.weights, args.weights)
+        if dataset not in NORMALIZATION:
+            raise SystemExit(
+                f"error: no normalization constants are known for the {dataset} weights (the official code has "
+                "none either): give --mean and --std of the images they were trained on "
+                "(fastvit_style.data.compute_normalization(folder) computes them), or --dataset"
+            )
     try:
-        return normalization(args.dataset, args.mean, args.std)
+        return normalization(dataset, args.mean, args.std)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
 

@@ -50,8 +50,8 @@ def run(args) -> int:
             f"error: --k must lie in 0..{len(styles)} (the number of style images; 0: all), got {args.k}"
         )
     args.k = args.k or None  # 0: all, as in tta
-    model = load_stylizer(args)
     mean, std = mean_std(args)
+    model = load_stylizer(args)
     size, dev = model.config.input_size, model.encoder.pos_embed.device
     generator = torch.Generator().manual_seed(args.seed)
     with torch.no_grad():

@@ -12,12 +12,13 @@ import importlib
 import os
 import sys
 
+import sympy
 import torch
 from torch import nn
 
 from ..atomic import atomic_path, check_replaceable
 from ..imageio import denormalize, load_batch, save_png
-from ..style_bank import StyleBank
+from ..style_bank import StyleBank, describe_value
 from ..tta import REDUCTIONS, TTAClassifier
 from .common import (
     add_model_arguments,
@@ -28,6 +29,7 @@ from .common import (
     mean_std,
     pair_names,
     progress,
+    stylizer_config,
 )
 
 
@@ -54,7 +56,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--save-stylized", metavar="DIR", help="also write the stylized views as PNG")
 
 
-def load_classifier(spec: str, dev: torch.device) -> nn.Module:
+def load_classifier(spec: str, dev: torch.device, images: tuple[int, int, int]) -> nn.Module:
+    """The classifier of --classifier on `dev`, in eval mode. images: (most images per call, channels,
+    size) of what tta will pass, which a .pt2 export is checked against before any work."""
     if os.path.isfile(spec) and spec.endswith(".pt2"):  # torch.export archive
         try:
             exported = torch.export.load(spec)
@@ -63,15 +67,16 @@ def load_classifier(spec: str, dev: torch.device) -> nn.Module:
             raise SystemExit(
                 f"error: --classifier {spec!r} is not a readable torch.export archive ({type(e).__name__}: {first})"
             ) from None
-        _check_exported_input(exported, spec)
+        _check_exported_input(exported, spec, *images)
         return exported.module().to(dev)
     if os.path.isfile(spec):
         try:
             return torch.jit.load(spec, map_location=dev).eval()
         except RuntimeError as e:
             raise SystemExit(
-                f"error: --classifier {spec!r} is not a TorchScript file ({str(e).splitlines()[0]}); a "
-                "state_dict needs its module: pass module:callable returning the loaded classifier"
+                f"error: --classifier {spec!r} is neither a TorchScript file nor a .pt2 export; weights "
+                "saved with torch.save or safetensors need the code of their model: pass module:callable "
+                f"returning the loaded classifier (torch.jit.load said: {str(e).splitlines()[0]})"
             ) from None
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
@@ -90,26 +95,42 @@ def load_classifier(spec: str, dev: torch.device) -> nn.Module:
         raise SystemExit(f"error: --classifier {spec!r} names a {type(factory).__name__}, not a callable")
     classifier = factory()
     if not isinstance(classifier, nn.Module):
-        raise SystemExit(f"error: {spec} returned a {type(classifier).__name__}, not an nn.Module")
+        raise SystemExit(
+            f"error: --classifier {spec!r} returned {describe_value(classifier)}, not an nn.Module"
+        )
     return classifier.to(dev).eval()
 
 
-def _check_exported_input(exported, spec: str) -> None:
-    """Before any work: an archive traced for a fixed batch size would fail on the first batch of
-    another size (a guard's AssertionError), and every image batch here is --batch-size x views images,
-    the last one fewer."""
+def _check_exported_input(exported, spec: str, most: int, channels: int, size: int) -> None:
+    """Before any work: an archive traced for other shapes would fail on the first batch it cannot take
+    (a guard's AssertionError). Every batch here is (N, channels, size, size) images, N = --batch-size
+    x views, fewer in the last one."""
     names = exported.graph_signature.user_inputs
     inputs = [n for n in exported.graph.nodes if n.op == "placeholder" and n.name in names]
     shape = tuple(getattr(inputs[0].meta.get("val"), "shape", ())) if len(inputs) == 1 else ()
-    if len(shape) != 4 or (isinstance(shape[1], int) and shape[1] != 3):
+    wanted = f"(N, {channels}, {size}, {size}) images"
+    if len(shape) != 4:
         got = f"{len(inputs)} inputs" if len(inputs) != 1 else f"an input of shape {shape}"
-        raise SystemExit(f"error: --classifier {spec!r} takes {got}; tta passes one, (N, 3, S, S) images")
+        raise SystemExit(f"error: --classifier {spec!r} takes {got}; tta passes one, {wanted}")
+    if any(isinstance(d, int) and d != e for d, e in zip(shape[1:], (channels, size, size))):
+        raise SystemExit(
+            f"error: --classifier {spec!r} was exported for images of shape {tuple(shape[1:])}; tta passes "
+            f"{wanted}, the stylizer's input size (--backbone, --model-kwargs input_size)"
+        )
     if isinstance(shape[0], int):
         raise SystemExit(
             f"error: --classifier {spec!r} was exported for batches of exactly {shape[0]} images; tta "
             "classifies --batch-size x views images at a time, fewer in the last batch: export it with a "
             "dynamic batch dimension, e.g. torch.export.export(model, (x,), "
             "dynamic_shapes={'x': {0: torch.export.Dim('batch')}})"
+        )
+    # Only the upper bound: the export's lower bound (2 by default) is not enforced for smaller batches.
+    bounds = exported.range_constraints.get(shape[0].node.expr)
+    if bounds is not None and isinstance(bounds.upper, sympy.Integer) and int(bounds.upper) < most:
+        raise SystemExit(
+            f"error: --classifier {spec!r} was exported for batches of at most {int(bounds.upper)} images; "
+            f"tta passes up to {most} (--batch-size x views): lower --batch-size or --k, or export it with "
+            "a larger max of its batch Dim"
         )
 
 
@@ -134,6 +155,20 @@ def _is_predictions_csv(path: str) -> bool:
         return next(csv.reader(f), [])[:2] == _HEADER
 
 
+def _classify(tta: TTAClassifier, views: torch.Tensor, spec: str) -> torch.Tensor:
+    """tta.classify, with the classifier's own failures said as the user's error (the cli prints its
+    line; FASTVIT_STYLE_TRACEBACK=1 shows the classifier's traceback too)."""
+    try:
+        return tta.classify(views)
+    except Exception as e:
+        n, image = views.shape[0] * views.shape[1], tuple(views.shape[2:])
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(
+            f"--classifier {spec!r} failed on {n} images of shape {image}, {views.dtype}, normalized as the "
+            f"stylizer's inputs: {type(e).__name__}: {first}"
+        ) from e
+
+
 def run(args) -> int:
     check_csv_path(args.out)
     if args.save_stylized:
@@ -153,9 +188,16 @@ def run(args) -> int:
         raise SystemExit(
             f"error: --k must lie in 0..{len(refs)} (the number of reference images), got {args.k}"
         )
-    classifier = load_classifier(args.classifier, device(args))  # before the stylizer: it fails faster
-    model = load_stylizer(args)
+    cfg, _ = stylizer_config(args)
+    views = (args.k or len(refs)) + int(not args.no_original)
+    # Before the stylizer: it fails faster.
+    classifier = load_classifier(
+        args.classifier,
+        device(args),
+        (min(args.batch_size, len(images)) * views, cfg.in_channel, cfg.input_size),
+    )
     mean, std = mean_std(args)
+    model = load_stylizer(args)
     size, dev = model.config.input_size, model.encoder.pos_embed.device
     generator = torch.Generator().manual_seed(args.seed)
     rows = []
@@ -177,7 +219,7 @@ def run(args) -> int:
         for start in progress(starts, len(starts), "tta"):
             paths = images[start : start + args.batch_size]
             views, used = tta.make_views(load_batch(paths, size, mean, std).to(dev))
-            probs = tta.aggregate(tta.classify(views)).cpu()
+            probs = tta.aggregate(_classify(tta, views, args.classifier)).cpu()
             for b, path in enumerate(paths):
                 rows.append([os.path.relpath(path, args.images), int(probs[b].argmax())] + probs[b].tolist())
             if args.save_stylized:
