@@ -100,13 +100,13 @@ def _has_random_vgg(state: dict) -> bool:
 
 
 @contextlib.contextmanager
-def _naming(flag: str):
-    """A missing, unreadable or unfitting weight file's error, prefixed with the option that named the
-    file; the same exception class."""
+def _naming(flag: str, note: str = ""):
+    """A missing, unreadable or unfitting file's or folder's error, prefixed with the option that named
+    it (and followed by `note`); the same exception class."""
     try:
         yield
     except (OSError, ValueError, WeightsError) as e:
-        raise type(e)(f"{flag}: {e}") from e
+        raise type(e)(f"{flag}: {e}{note}") from e
 
 
 def cosine_lr(base_lr: float, epoch: int, epochs: int) -> float:
@@ -162,6 +162,11 @@ class Trainer:
         if problem[0]:
             raise ValueError(problem[0])
         saved = load_checkpoint(cfg.resume, required=CHECKPOINT_KEYS) if cfg.resume else None
+        # Left out on resume, --val-data is the run's own folder, which may have moved since.
+        val_note = "" if cfg.val_data or not saved else (
+            f" (the folder the run validated on, kept from --resume {cfg.resume!r}: give its new place with "
+            "--val-data)"
+        )  # fmt: skip
         if saved:
             cfg = resumed_config(cfg, saved["config"], given)
             if cfg.random_vgg and cfg.vgg_weights:  # a checkpoint from before random_vgg recorded the fact
@@ -174,9 +179,10 @@ class Trainer:
         random.seed(cfg.seed)
 
         self.train_set = ImageFolderDataset(cfg.data, cfg.input_size, cfg.mean, cfg.std)
-        self.val_set = (
-            ImageFolderDataset(cfg.val_data, cfg.input_size, cfg.mean, cfg.std) if cfg.val_data else None
-        )
+        self.val_set = None
+        if cfg.val_data:
+            with _naming("--val-data", val_note):
+                self.val_set = ImageFolderDataset(cfg.val_data, cfg.input_size, cfg.mean, cfg.std)
         model = StylizingViT(
             cfg.backbone, train=True, backend=cfg.backend, input_size=cfg.input_size, **cfg.model_kwargs
         )

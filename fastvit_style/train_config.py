@@ -94,7 +94,8 @@ class TrainConfig:
 
 
 # What a resumed run may change: where things are and how fast they run. The rest (the math) comes
-# from the checkpoint, so `--resume` needs no other option repeated.
+# from the checkpoint, so `--resume` needs no other option repeated. val_data left out (None) keeps the
+# run's: a run that validated goes on validating; given, it names the folder's new place.
 RUNTIME_FIELDS = ("data", "val_data", "out", "resume", "max_steps", "workers", "compile", "backend",
                   "device", "checkpoint_every", "overwrite")  # fmt: skip
 # What a run leaves in `out` besides config.json (which a run that dies before its first checkpoint
@@ -145,10 +146,11 @@ def resumes_in_place(cfg: TrainConfig) -> bool:
 
 
 def resumed_config(cfg: TrainConfig, saved: dict, given=None) -> TrainConfig:
-    """The checkpoint's config with `cfg`'s runtime fields. ValueError naming --resume for a saved config
-    this version cannot use (unknown or missing fields, bad values), and for other fields of cfg that
-    differ from it and were asked for (they would not take effect): the `given` field names (the command
-    line's options), or where given is None those that differ from their defaults."""
+    """The checkpoint's config with `cfg`'s runtime fields (val_data only when given: RUNTIME_FIELDS).
+    ValueError naming --resume for a saved config this version cannot use (unknown or missing fields,
+    bad values), and for other fields of cfg that differ from it and were asked for (they would not take
+    effect): the `given` field names (the command line's options), or where given is None those that
+    differ from their defaults."""
     try:
         merged = TrainConfig(**saved)
     except (TypeError, ValueError) as e:  # TypeError: not a dict, an unknown or a missing field
@@ -160,7 +162,8 @@ def resumed_config(cfg: TrainConfig, saved: dict, given=None) -> TrainConfig:
     for f in dataclasses.fields(TrainConfig):
         new = getattr(cfg, f.name)
         if f.name in RUNTIME_FIELDS:
-            setattr(merged, f.name, new)
+            if new is not None or f.name != "val_data":
+                setattr(merged, f.name, new)
         elif new != getattr(merged, f.name) and (
             f.name in given if given is not None else new != getattr(default, f.name)
         ):

@@ -350,6 +350,29 @@ def test_max_steps_at_an_epochs_last_step_still_ends_the_epoch(tmp_path):
     assert (state["epoch"], state["batch"], state["step"]) == (1, 0, 2)
 
 
+def test_resume_without_val_data_keeps_validating_on_the_runs_folder(tmp_path, capsys):
+    """--resume needs no --val-data repeated: the run's folder carries over (metrics, config.json); one
+    that moved since is an error naming --val-data, which gives its new place."""
+    data, val = write_images(tmp_path / "data", 2), write_images(tmp_path / "val", 1)
+    out = tmp_path / "out"
+    argv = ["train", "--data", str(data), "--out", str(out), *TINY_ARGS, "--epochs", "3", "--batch-size", "2",
+            "--accumulate", "1"]  # fmt: skip
+    assert cli.main([*argv, "--val-data", str(val), "--max-steps", "1"]) == 0
+    resume = [*argv, "--resume", str(out / "last.pt")]
+    assert cli.main([*resume, "--max-steps", "2"]) == 0
+    assert json.loads((out / "config.json").read_text())["val_data"] == str(val)
+    val.rename(tmp_path / "moved")
+    capsys.readouterr()
+    assert cli.main(resume) == 1
+    err = capsys.readouterr().err
+    assert f"error: --val-data: image folder {str(val)!r} does not exist" in err, err
+    assert "kept from --resume" in err and "give its new place with --val-data" in err
+    assert cli.main([*resume, "--val-data", str(tmp_path / "moved")]) == 0
+    assert load_checkpoint(out / "last.pt")["config"]["val_data"] == str(tmp_path / "moved")
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [0, 1, 2] and all("val_loss" in m for m in lines)
+
+
 def test_resume_refuses_other_settings_and_a_finished_run_trains_nothing(tmp_path, capsys):
     """A setting given with --resume that differs from the run's would not take effect: refused before
     any file is written. Resuming a finished run says so and leaves it as it was."""
