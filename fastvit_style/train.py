@@ -24,7 +24,8 @@ micro-batch whose images were all corrupt runs the mean-colour image with weight
 but every rank still joins the gradient all-reduce. A step without one readable image on any rank
 counts as a step but changes nothing: no clipping, no optimizer step (AdamW's moments, weight decay and
 step count stay as they were). A dataset whose every file is unreadable stops the run at the end of its
-first epoch, with an error. The files found corrupt (by any rank) are kept in the checkpoints, so a
+first epoch, with an error; an unreadable --val-data after the epoch's training is checkpointed (not yet
+validated: `--resume` validates it first). The files found corrupt (by any rank) are kept in the checkpoints, so a
 resumed run skips them too and `skipped_images` in metrics.jsonl counts them.
 
 Every optimized parameter gets a gradient, `attn.k_proj.bias` an exact zero one (`block.project_kv`):
@@ -278,8 +279,8 @@ class Trainer:
 
     def fit(self, on_step=None) -> StylizingViT:
         cfg = self.cfg
+        n_batches = len(micro_batches(len(self.train_set), cfg.batch_size, 0, cfg.seed, 0, self.world))
         if self.rank == 0:
-            n_batches = len(micro_batches(len(self.train_set), cfg.batch_size, 0, cfg.seed, 0, self.world))
             steps = math.ceil(n_batches / cfg.accumulate)
             print(f"training on {len(self.train_set)} images, {self.world} process(es), {steps} steps/epoch "
                   f"({n_batches} micro-batches per process, the progress bar's unit), {cfg.epochs} epochs, "
@@ -287,6 +288,8 @@ class Trainer:
         if self.epoch >= cfg.epochs and self.rank == 0:
             print(f"the run finished its {cfg.epochs} epochs: nothing to train (a longer run starts from its "
                   "weights with --init-weights)", file=sys.stderr, flush=True)  # fmt: skip
+        if self.epoch < cfg.epochs and self.batch >= n_batches:  # saved when validation failed: end it now
+            self._end_epoch()
         while self.epoch < cfg.epochs and not self._reached_max_steps():
             if self._train_epoch(on_step):
                 self._end_epoch()
@@ -410,7 +413,10 @@ class Trainer:
         self._require_readable(self.train_set, "--data")
         if self.val_set is not None:
             metrics.update(self.validate())
-            self._require_readable(self.val_set, "--val-data")
+            try:
+                self._require_readable(self.val_set, "--val-data")
+            except ValueError as e:
+                raise ValueError(f"{e}. {self._save_unvalidated()}") from None
         self.epoch, self.batch = self.epoch + 1, 0
         improved = "val_loss" in metrics and (self.best_val is None or metrics["val_loss"] < self.best_val)
         if improved:
@@ -430,6 +436,20 @@ class Trainer:
         shown = " ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
                          if k != "epoch")  # fmt: skip
         tqdm.write(f"epoch {self.epoch}/{cfg.epochs} done: {shown}", file=sys.stderr)
+
+    def _save_unvalidated(self) -> str:
+        """Checkpoint the epoch's training where validation failed, at the epoch's end position: `--resume`
+        validates that epoch first, then goes on as an uninterrupted run would. Says so, for the error."""
+        if self.rank == 0:
+            self._export("last.safetensors")
+            # Not the validation flags: every file is marked, and a folder fixed in place (as many files)
+            # would stay unreadable for the resumed run.
+            self._save_checkpoint(val_flags=False)
+        last = os.path.join(self.cfg.out, "last.pt")
+        return (
+            f"Epoch {self.epoch + 1}'s training is saved in {last!r}: --resume it, with --val-data naming "
+            "readable images (that folder fixed, or another), to validate that epoch and go on"
+        )
 
     def _export(self, name: str) -> None:
         """Official-format weights to --out/name; without the VGG19 when it is random (module docstring)."""
@@ -461,7 +481,7 @@ class Trainer:
     def _reached_max_steps(self) -> bool:
         return self.cfg.max_steps is not None and self.step >= self.cfg.max_steps
 
-    def _save_checkpoint(self) -> None:
+    def _save_checkpoint(self, val_flags: bool = True) -> None:
         if self.rank != 0:
             return
         state = {
@@ -475,7 +495,9 @@ class Trainer:
             "train_images": len(self.train_set),
             # Every rank's findings (shared before each save); the files stay skipped when the run resumes.
             "train_unreadable": self.train_set.unreadable.clone(),
-            "val_unreadable": self.val_set.unreadable.clone() if self.val_set is not None else None,
+            "val_unreadable": self.val_set.unreadable.clone()
+            if self.val_set is not None and val_flags
+            else None,
             "rng": rng_state(self.device),
             "config": dataclasses.asdict(self.cfg),
         }

@@ -564,6 +564,43 @@ def test_a_dataset_of_unreadable_files_stops_the_run(tmp_path):
     assert not (tmp_path / "out" / "last.pt").exists()
 
 
+def test_an_unreadable_val_data_keeps_the_epochs_training_and_resume_validates_it(tmp_path):
+    """The epoch's training is checkpointed before the error (which says where); --resume once the folder
+    is readable validates that epoch first (even at --max-steps) and reproduces the uninterrupted run."""
+    data, val = write_images(tmp_path / "data", 2), write_images(tmp_path / "val", 1)
+    config = TrainConfig(data=str(data), out=str(tmp_path / "full"), val_data=str(val), epochs=2, batch_size=1,
+                         accumulate=1, **TINY)  # fmt: skip
+    full_losses, part_losses = [], []
+    full = train(config, on_step=lambda i: full_losses.append(i["loss"]))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "0.png").write_bytes(b"not an image")
+    part = dataclasses.replace(config, out=str(tmp_path / "part"), val_data=str(tmp_path / "bad"))
+    last = tmp_path / "part" / "last.pt"
+    with (
+        pytest.warns(UserWarning, match="skipping unreadable image"),
+        pytest.raises(ValueError, match=rf"every image under --val-data .*bad.*\. Epoch 1's training is saved "
+                      rf"in {re.escape(repr(str(last)))}: --resume it"),
+    ):  # fmt: skip
+        train(part, on_step=lambda i: part_losses.append(i["loss"]))
+    state = load_checkpoint(last)
+    assert (state["epoch"], state["batch"], state["step"], state["val_unreadable"]) == (0, 2, 2, None)
+    assert (
+        not (tmp_path / "part" / "metrics.jsonl").exists()
+        and (tmp_path / "part" / "last.safetensors").exists()
+    )
+    # Fixed in place: --val-data (left out) is the run's folder, whose flags the checkpoint left out.
+    (tmp_path / "bad" / "0.png").write_bytes((val / "0.png").read_bytes())
+    resume = dataclasses.replace(part, resume=str(last), val_data=None)
+    train(dataclasses.replace(resume, max_steps=2), on_step=lambda i: part_losses.append(i["loss"]))
+    assert load_checkpoint(last)["epoch"] == 1  # validated and ended, no step taken
+    resumed = train(resume, on_step=lambda i: part_losses.append(i["loss"]))
+    assert part_losses == full_losses and len(full_losses) == 4
+    for (key, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), key
+    metrics = [(tmp_path / out / "metrics.jsonl").read_text() for out in ("full", "part")]
+    assert metrics[0] == metrics[1] and metrics[0].count("val_loss") == 2
+
+
 def test_a_checkpoint_holds_the_training_gpus_rng_state_only(monkeypatch):
     """One CUDA state, the training device's, restored to the training device: a list of every visible
     GPU's could not be restored where fewer are visible (torch.cuda.set_rng_state_all raises there).
