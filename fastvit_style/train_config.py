@@ -4,12 +4,13 @@ never replaces another's files unasked, and a resumed run keeps the settings it 
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 import os
 from dataclasses import dataclass, field
 
 from .atomic import folder_problem, holds_json_keys
-from .configs import LOSS_WEIGHTS, check_model_kwargs
+from .configs import BACKBONES, LOSS_WEIGHTS, ModelConfig, check_model_kwargs
 
 OFFICIAL_SEED = 265017005
 
@@ -56,8 +57,7 @@ class TrainConfig:
         for name in ("betas", "loss_weights", "mean", "std"):  # argparse/JSON give lists
             if getattr(self, name) is not None:
                 setattr(self, name, tuple(getattr(self, name)))
-        if self.batch_size < 1 or self.accumulate < 1 or self.epochs < 1:
-            raise ValueError("batch_size, accumulate and epochs must be at least 1")
+        _check_numbers(self)
         # Epoch e seeds torch generators with seed + e (data order, loader workers): all in torch's range.
         seed, hi = self.seed, 2**64 - self.epochs
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -(2**63) <= seed <= hi:
@@ -65,16 +65,17 @@ class TrainConfig:
                 f"--seed must be an integer from -2**63 to 2**64 - epochs ({hi}): epoch e seeds torch with "
                 f"seed + e, got {seed!r}"
             )
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be at least 1 (or None for no limit), got {self.max_steps}")
-        if self.checkpoint_every < 0 or self.workers < 0:
-            raise ValueError(
-                f"checkpoint_every and workers must be at least 0, got {self.checkpoint_every} and {self.workers}"
-            )
         if not isinstance(self.model_kwargs, dict):
             raise ValueError(f"model_kwargs must be a dict (a JSON object), got {self.model_kwargs!r}")
         if "input_size" in self.model_kwargs:
             raise ValueError("give the image side with --input-size, not inside --model-kwargs")
+        # Named by its option here; a bad patch size itself is --model-kwargs', reported below.
+        default_patch = BACKBONES.get(self.backbone, {}).get("patch_size", ModelConfig.patch_size)
+        patch = self.model_kwargs.get("encoder_patch_size", default_patch)
+        if _is_int(patch) and patch >= 1 and self.input_size % patch:
+            raise ValueError(
+                f"--input-size must be a positive multiple of the patch size {patch}, got {self.input_size}"
+            )
         # The architecture, checked before any file is read or written.
         model = check_model_kwargs(
             "model_kwargs", self.backbone, self.model_kwargs, input_size=self.input_size
@@ -91,6 +92,48 @@ class TrainConfig:
                 f"the reconstruction {self.input_size + 2 * p - k + 1} px wide, not input_size "
                 f"{self.input_size}: training needs kernel_size = 2 * padding + 1"
             )
+
+
+# The integer options and their least values.
+_INTS = (("epochs", 1), ("batch_size", 1), ("accumulate", 1), ("input_size", 1), ("workers", 0),
+         ("checkpoint_every", 0))  # fmt: skip
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_finite(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_numbers(cfg: TrainConfig) -> None:
+    """ValueError naming the option (the field, where none sets it) and the range it takes, before any
+    model is built; torch's own errors (AdamW's "Invalid learning rate") name neither."""
+    for name, least in _INTS:
+        value = getattr(cfg, name)
+        if not _is_int(value) or value < least:
+            raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {least}, got {value!r}")
+    if cfg.max_steps is not None and not (_is_int(cfg.max_steps) and cfg.max_steps >= 1):
+        raise ValueError(f"--max-steps must be an integer >= 1 (left out: no limit), got {cfg.max_steps!r}")
+    for name, value, ok, what in (
+        ("--lr", cfg.lr, lambda v: v > 0, "> 0"),
+        ("--weight-decay", cfg.weight_decay, lambda v: v >= 0, ">= 0"),
+        ("eps", cfg.eps, lambda v: v >= 0, ">= 0"),
+        ("clip_norm", cfg.clip_norm, lambda v: v > 0, "> 0"),
+    ):
+        if not (_is_finite(value) and ok(value)):
+            raise ValueError(f"{name} must be a finite number {what}, got {value!r}")
+    for name, values, n, ok, what in (
+        ("betas", cfg.betas, 2, lambda v: 0 <= v < 1, "finite numbers in [0, 1)"),
+        ("loss_weights", cfg.loss_weights, 4, lambda v: v >= 0, "finite numbers >= 0"),
+        ("--mean", cfg.mean, 3, lambda v: True, "finite numbers"),
+        ("--std", cfg.std, 3, lambda v: v > 0, "finite numbers > 0"),
+    ):
+        if values is not None and (len(values) != n or not all(_is_finite(v) and ok(v) for v in values)):
+            raise ValueError(f"{name} must be {n} {what}, got {values!r}")
+    if (cfg.mean is None) != (cfg.std is None):
+        raise ValueError("give --mean and --std together, or neither (the constants of --dataset)")
 
 
 # What a resumed run may change: where things are and how fast they run. The rest (the math) comes

@@ -238,10 +238,29 @@ def test_cosine_schedule_and_psnr_formula():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"max_steps": 0}, "max_steps must be at least 1"),
+        # Each numeric option by its flag (a field without one by its name), with the range it takes.
+        ({"max_steps": 0}, re.escape("--max-steps must be an integer >= 1 (left out: no limit), got 0")),
+        ({"epochs": 0}, "--epochs must be an integer >= 1, got 0"),
+        ({"epochs": 1.5}, "--epochs must be an integer >= 1, got 1.5"),
+        ({"batch_size": 0}, "--batch-size must be an integer >= 1"),
+        ({"accumulate": -2}, "--accumulate must be an integer >= 1, got -2"),
+        ({"input_size": 0}, "--input-size must be an integer >= 1"),
+        ({"input_size": 30}, "--input-size must be a positive multiple of the patch size 16, got 30"),
+        ({"input_size": 32, "model_kwargs": {"encoder_patch_size": 14}}, "of the patch size 14, got 32"),
+        ({"checkpoint_every": -1}, "--checkpoint-every must be an integer >= 0, got -1"),
+        ({"workers": -1}, "--workers must be an integer >= 0, got -1"),
+        ({"lr": -1.0}, re.escape("--lr must be a finite number > 0, got -1.0")),
+        ({"lr": float("nan")}, "--lr must be a finite number > 0, got nan"),
+        ({"weight_decay": -0.1}, "--weight-decay must be a finite number >= 0"),
+        ({"eps": -1e-8}, "eps must be a finite number >= 0"),
+        ({"clip_norm": 0.0}, "clip_norm must be a finite number > 0"),
+        ({"betas": (0.9, 1.0)}, re.escape("betas must be 2 finite numbers in [0, 1), got (0.9, 1.0)")),
+        ({"betas": (0.9,)}, "betas must be 2 finite numbers"),
+        ({"loss_weights": (70, 1, -7, 10)}, "loss_weights must be 4 finite numbers >= 0"),
+        ({"mean": (0.5, 0.5, float("inf")), "std": (1, 1, 1)}, "--mean must be 3 finite numbers"),
+        ({"mean": (0.5, 0.5, 0.5), "std": (1, 0, 1)}, "--std must be 3 finite numbers > 0"),
+        ({"std": (1, 1, 1)}, "give --mean and --std together"),
         ({"model_kwargs": {"input_size": 32}}, "--input-size"),
-        ({"checkpoint_every": -1}, "checkpoint_every and workers must be at least 0"),
-        ({"workers": -1}, "checkpoint_every and workers must be at least 0"),
         ({"model_kwargs": [1]}, "model_kwargs must be a dict"),
         ({"model_kwargs": {"colour": 1}}, "unexpected keyword argument 'colour'"),
         ({"model_kwargs": {"encoder_depth": 0}}, "depth must be an integer >= 1"),
@@ -285,7 +304,11 @@ def test_the_extreme_seeds_run_and_bad_ones_stop_the_cli_before_any_file(tmp_pat
     assert load_checkpoint(tmp_path / "big" / "last.pt")["epoch"] == 2
     argv = ["train", "--data", str(data), "--out", str(tmp_path / "out"), *TINY_ARGS]
     for extra, match in [(["--seed", str(2**64)], "--seed must be an integer"),
-                         (["--model-kwargs", '{"in_channel": 1}'], "in_channel=1 cannot be trained")]:  # fmt: skip
+                         (["--model-kwargs", '{"in_channel": 1}'], "in_channel=1 cannot be trained"),
+                         (["--epochs", "0"], "error: --epochs must be an integer >= 1, got 0"),
+                         (["--lr", "-1"], "error: --lr must be a finite number > 0, got -1.0"),
+                         (["--weight-decay", "nan"], "error: --weight-decay must be a finite number >= 0"),
+                         (["--mean", "0", "0", "0", "--std", "1", "0", "1"], "error: --std must be 3")]:  # fmt: skip
         assert cli.main([*argv, *extra]) == 1
         assert match in capsys.readouterr().err and not (tmp_path / "out").exists()
 
@@ -641,7 +664,7 @@ def test_a_checkpoint_with_other_contents_is_refused_by_name(tmp_path):
         ("noopt.pt", {k: v for k, v in state.items() if k != "optimizer"}, "in the format .* but has no 'optimizer'"),
         ("later.pt", {**state, "config": {**saved, "colour": 1}}, "unexpected keyword argument 'colour'"),
         ("nodata.pt", {**state, "config": {k: v for k, v in saved.items() if k != "data"}}, "argument: 'data'"),
-        ("badval.pt", {**state, "config": {**saved, "epochs": 0}}, "epochs must be at least 1"),
+        ("badval.pt", {**state, "config": {**saved, "epochs": 0}}, "--epochs must be an integer >= 1"),
         ("notdict.pt", {**state, "config": [1]}, "cannot use"),
     ]:  # fmt: skip
         save_checkpoint(changed, tmp_path / name)
