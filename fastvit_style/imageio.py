@@ -31,14 +31,18 @@ def require_pil():
     return Image
 
 
-def list_images(folder) -> list[str]:
-    """Image files under `folder`, recursively (png/jpg/jpeg/tif/tiff/bmp, any case), sorted by path.
+def list_images(folder, name: str = "image folder") -> list[str]:
+    """Image files under `folder`, recursively (png/jpg/jpeg/tif/tiff/bmp, any case), sorted by path;
+    FileNotFoundError or NotADirectoryError, calling the folder `name`, where there is no such folder.
 
     Linked folders are followed (as torchvision's ImageFolder does), each real folder once: a link
     cycle ends, and two links to one folder do not list its images twice. Hidden files are left out."""
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"image folder {folder!r} does not exist or is not a folder")
+        if not os.path.exists(folder):
+            raise FileNotFoundError(f"{name} {folder!r} does not exist")
+        what = "is a file" if os.path.isfile(folder) else "exists"
+        raise NotADirectoryError(f"{name} {folder!r} {what}, not a folder")
     found, seen = [], set()
     for root, dirs, names in os.walk(folder, followlinks=True):
         real = os.path.realpath(root)

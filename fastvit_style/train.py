@@ -179,7 +179,8 @@ class Trainer:
         np.random.seed(cfg.seed % 2**32)
         random.seed(cfg.seed)
 
-        self.train_set = ImageFolderDataset(cfg.data, cfg.input_size, cfg.mean, cfg.std)
+        with _naming("--data"):
+            self.train_set = ImageFolderDataset(cfg.data, cfg.input_size, cfg.mean, cfg.std)
         self.val_set = None
         if cfg.val_data:
             with _naming("--val-data", val_note):

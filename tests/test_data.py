@@ -152,6 +152,16 @@ def test_linked_folders_are_followed_once(tmp_path):
     assert found == [os.path.join("a_site", "x.png"), os.path.join("own", "y.png")]
 
 
+def test_a_missing_folder_and_a_file_are_told_apart(tmp_path):
+    from fastvit_style.imageio import list_images
+
+    (tmp_path / "t0.png").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"^image folder '.*nope' does not exist$"):
+        list_images(tmp_path / "nope")
+    with pytest.raises(NotADirectoryError, match=r"^--data '.*t0.png' is a file, not a folder$"):
+        list_images(tmp_path / "t0.png", "--data")
+
+
 def test_passing_os_errors_propagate_and_mark_nothing(tmp_path, monkeypatch):
     """Too many open files (or an I/O error on a network filesystem) says nothing about the file: it
     propagates instead of marking a good image unreadable for the rest of the run; a vanished file is

@@ -303,12 +303,16 @@ def test_the_extreme_seeds_run_and_bad_ones_stop_the_cli_before_any_file(tmp_pat
     )
     assert load_checkpoint(tmp_path / "big" / "last.pt")["epoch"] == 2
     argv = ["train", "--data", str(data), "--out", str(tmp_path / "out"), *TINY_ARGS]
+    nope, png = tmp_path / "nope", data / "0.png"
     for extra, match in [(["--seed", str(2**64)], "--seed must be an integer"),
                          (["--model-kwargs", '{"in_channel": 1}'], "in_channel=1 cannot be trained"),
                          (["--epochs", "0"], "error: --epochs must be an integer >= 1, got 0"),
                          (["--lr", "-1"], "error: --lr must be a finite number > 0, got -1.0"),
                          (["--weight-decay", "nan"], "error: --weight-decay must be a finite number >= 0"),
-                         (["--mean", "0", "0", "0", "--std", "1", "0", "1"], "error: --std must be 3")]:  # fmt: skip
+                         (["--mean", "0", "0", "0", "--std", "1", "0", "1"], "error: --std must be 3"),
+                         # A folder by its flag, and which is wrong: missing, or a file.
+                         (["--data", str(nope)], f"error: --data: image folder {str(nope)!r} does not exist"),
+                         (["--val-data", str(png)], f"error: --val-data: image folder {str(png)!r} is a file")]:  # fmt: skip
         assert cli.main([*argv, *extra]) == 1
         assert match in capsys.readouterr().err and not (tmp_path / "out").exists()
 

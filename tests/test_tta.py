@@ -517,7 +517,10 @@ def test_cli_user_errors_are_one_line(folders, capsys, monkeypatch):
     (tmp / "file").write_text("mine")
     torch.save(toy_classifier(2).state_dict(), tmp / "state_dict.pth")
     stylize_args = ["stylize", *base, "--content", str(tmp / "content"), "--styles", str(tmp / "styles")]
-    fails_with([*stylize_args[:-2], "--styles", str(tmp / "nope"), "--out", str(tmp / "o")], "nope")
+    fails_with([*stylize_args[:-2], "--styles", str(tmp / "nope"), "--out", str(tmp / "o")],
+               f"error: style folder {str(tmp / 'nope')!r} does not exist")  # fmt: skip
+    fails_with([*stylize_args[:-4], "--content", str(tmp / "file"), "--styles", str(tmp / "styles"), "--out",
+                str(tmp / "o")], f"error: content folder {str(tmp / 'file')!r} is a file, not a folder")  # fmt: skip
     fails_with([*stylize_args, "--out", str(tmp / "file")], "exists and is not a folder")
     fails_with([*stylize_args, "--out", str(tmp / "o"), "--batch-size", "0"], "must be at least 1", 2)
     fails_with([*stylize_args, "--out", str(tmp / "o"), "--seed", str(2**64)], "--seed: must lie in", 2)
@@ -601,6 +604,8 @@ def test_cli_user_errors_are_one_line(folders, capsys, monkeypatch):
         "returned int 3, not an nn.Module",
     )
     tta_clf = [*tta_args, "--classifier", "clfmod:LIMIT"]
+    fails_with([*tta_clf, "--images", str(tmp / "nope"), "--out", str(tmp / "p.csv")],
+               f"error: input folder {str(tmp / 'nope')!r} does not exist")  # fmt: skip
     fails_with([*tta_clf, "--out", str(tmp / "file")], "is not a predictions CSV of this command")
     fails_with([*tta_clf, "--out", str(tmp / "file" / "p.csv")], "is a file, not a folder")
     fails_with([*tta_clf, "--out", str(tmp / "new") + os.sep], "is a folder")

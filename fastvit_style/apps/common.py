@@ -114,7 +114,10 @@ def find_images(*named_folders: tuple[str, str], output: tuple[str, str] | None 
         require_pil()
     except ImportError as e:
         raise SystemExit(f"error: {e}") from None
-    found = [list_images(folder) for _, folder in named_folders]
+    try:
+        found = [list_images(folder, f"{what} folder") for what, folder in named_folders]
+    except (FileNotFoundError, NotADirectoryError) as e:
+        raise SystemExit(f"error: {e}") from None
     if output is not None:
         flag, out = output[0], os.path.realpath(output[1])
         for i, (what, folder) in enumerate(named_folders):
