@@ -199,6 +199,8 @@ class Trainer:
         )
 
         self.epoch, self.batch, self.step, self.best_val = 0, 0, 0, None
+        # Named when --max-steps stops the run: a resumed run that took no step has written no checkpoint.
+        self.saved_to = cfg.resume
         if saved:
             model.load_state_dict(saved["model"])
             self.optimizer.load_state_dict(saved["optimizer"])
@@ -294,6 +296,9 @@ class Trainer:
         while self.epoch < cfg.epochs and not self._reached_max_steps():
             if self._train_epoch(on_step):
                 self._end_epoch()
+        if self.epoch < cfg.epochs and self._reached_max_steps() and self.rank == 0:
+            print(f"stopped at step {self.step} (--max-steps {cfg.max_steps}): the run is saved in "
+                  f"{self.saved_to!r}, which --resume continues", file=sys.stderr, flush=True)  # fmt: skip
         return self.model
 
     def _loader(self, dataset, batches: list[list[int]], seed: int) -> DataLoader:
@@ -503,6 +508,7 @@ class Trainer:
             "config": dataclasses.asdict(self.cfg),
         }
         save_checkpoint(state, os.path.join(self.cfg.out, "last.pt"))
+        self.saved_to = os.path.join(self.cfg.out, "last.pt")
 
 
 def main(argv=None) -> int:

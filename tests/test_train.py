@@ -400,6 +400,24 @@ def test_resume_without_val_data_keeps_validating_on_the_runs_folder(tmp_path, c
     assert [m["epoch"] for m in lines] == [0, 1, 2] and all("val_loss" in m for m in lines)
 
 
+def test_a_max_steps_stop_says_where_the_run_is_saved(tmp_path, capsys):
+    """One line, mid-epoch or at an epoch's end, from the process that writes the checkpoint (rank 0);
+    none once the run finished its epochs."""
+    data = write_images(tmp_path / "data", 2)
+    config = TrainConfig(data=str(data), out=str(tmp_path / "out"), epochs=2, batch_size=1, accumulate=1,
+                         max_steps=1, **TINY)  # fmt: skip
+    last = tmp_path / "out" / "last.pt"
+    for max_steps in (1, 2):
+        train(dataclasses.replace(config, max_steps=max_steps, resume=str(last) if max_steps > 1 else None))
+        err, saved = capsys.readouterr().err, f"the run is saved in {str(last)!r}, which --resume continues"
+        assert f"stopped at step {max_steps} (--max-steps {max_steps}): {saved}" in err, err
+    assert load_checkpoint(last)["step"] == 2
+    Trainer(dataclasses.replace(config, out=str(tmp_path / "rank1")), 1, 1, torch.device("cpu")).fit()
+    assert "stopped at" not in capsys.readouterr().err
+    train(dataclasses.replace(config, resume=str(last), max_steps=4))  # the run's last step
+    assert "stopped at" not in capsys.readouterr().err
+
+
 def test_resume_refuses_other_settings_and_a_finished_run_trains_nothing(tmp_path, capsys):
     """A setting given with --resume that differs from the run's would not take effect: refused before
     any file is written. Resuming a finished run says so and leaves it as it was."""
