@@ -44,7 +44,8 @@ class StyleBank:
     config: the model's config dict; fingerprint: `weight_fingerprint` of the model that built it.
 
     A bank is checked against a model (config and weight fingerprint) the first time it is used with
-    it; later in-place changes to that model's weights are not seen: rebuild the bank after training.
+    it, and again when the model's dtype has changed since; later in-place changes to that model's
+    weight values are not seen: rebuild the bank after training.
     The fingerprint covers the dtype: build the bank with the model in the dtype it will run in (for
     mixed precision keep the model in float32 and use torch.autocast; the bank may then be converted
     to the autocast dtype with `bank.to(dtype=torch.bfloat16)`, same results, half the memory).
@@ -67,7 +68,9 @@ class StyleBank:
                 f"bank k and v must share dtype and device, got {k.dtype}/{k.device} and {v.dtype}/{v.device}"
             )
         self.k, self.v, self.config, self.fingerprint = k, v, cfg.to_dict(), fingerprint
-        self._checked = weakref.WeakSet()  # models already verified against this bank
+        # Models already verified against this bank, with their dtype then (an in-place .double() after
+        # the check changes the fingerprint: such a model is checked again).
+        self._checked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     @classmethod
     @torch.no_grad()
@@ -95,7 +98,7 @@ class StyleBank:
                 if i < cfg.depth - 1:  # S^D is never read
                     S = block_with_kv(blk, S, k, v, own, attend)
         bank = cls(k_all, v_all, cfg.to_dict(), weight_fingerprint(model))
-        bank._checked.add(model)  # made from this very model: no second hash of its weights
+        bank._checked[model] = _model_dtype(model)  # made from this very model: no second hash of its weights
         return bank
 
     def __len__(self) -> int:
@@ -138,7 +141,7 @@ class StyleBank:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._checked = weakref.WeakSet()
+        self._checked = weakref.WeakKeyDictionary()
 
     # ------------------------------------------------------------------------------------------- checks
 
@@ -159,11 +162,15 @@ class StyleBank:
                 f"model {fingerprint}; they cover the weights' dtype too, {_model_dtype(model)} in the model); "
                 "rebuild it with StyleBank.from_images(model, refs)"
             )
-        self._checked.add(model)
+        self._checked[model] = _model_dtype(model)
 
     def verify(self, model) -> None:
-        """Placement (every call) and weights (`check`, once per model object) before a stylization."""
+        """Weights (`check`, once per model object and dtype) and placement (every call) before a
+        stylization."""
         dtype, device = _model_dtype(model), model.encoder.pos_embed.device
+        # Weights first: a bank of other weights (or of these in another dtype) is rebuilt, not moved.
+        if self._checked.get(model) != dtype:
+            self.check(model)
         # Under autocast the attention casts K/V to the autocast dtype anyway: a bank already in that
         # dtype gives the same numbers and saves the cast (and half the memory) on every call.
         amp = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else dtype
@@ -173,8 +180,6 @@ class StyleBank:
                 f"use bank.to({str(device)!r}, {dtype})"
                 + (f" (or {amp}, the autocast dtype)" if amp != dtype else "")
             )
-        if model not in self._checked:
-            self.check(model)
 
     # --------------------------------------------------------------------------------------------- files
 

@@ -169,6 +169,14 @@ def test_bank_refused_for_other_weights(setup, tmp_path, monkeypatch):
         stylize(shallow, x, bank)
     with pytest.raises(ValueError, match=r"bank\.to"):
         stylize(model, x, bank.to(dtype=torch.float64))
+    # A model in another dtype has other weights: the advice is to rebuild (bank.to could never pass),
+    # also for the very model that was checked, converted in place since.
+    converted = copy.deepcopy(model)
+    stylize(converted, x, bank, k=1)
+    for double in (copy.deepcopy(model).double(), converted.double()):
+        for offered in (bank, bank.to(dtype=torch.float64)):
+            with pytest.raises(ValueError, match="fingerprints differ.*float64 in the model.*rebuild it"):
+                stylize(double, x.double(), offered)
     # The fingerprint is computed once per (bank, model), not per call.
     calls = []
     monkeypatch.setattr(style_bank_mod, "weight_fingerprint", lambda m: calls.append(m) or bank.fingerprint)
