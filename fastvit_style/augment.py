@@ -21,8 +21,9 @@ class StyleAugment:
     (int64, on x's device, in randperm order). references: optional (R, C, H, W) style set; each
     selected image gets a style drawn uniformly (with replacement) from it. generator: a CPU
     torch.Generator for the index/reference draws (default: the global RNG).
-    x_out is a new tensor (x is not modified): rows not in idx equal x; rows idx are the stylized
-    images cast to x.dtype. The stylizer runs under no_grad, in whatever precision the caller runs it
+    x_out is a new tensor (x is not modified): rows not in idx equal x, and keep its autograd graph
+    (a learnable transform before the augmentation still gets their gradient); rows idx are the stylized
+    images cast to x.dtype, constants to autograd. The stylizer runs under no_grad, in whatever precision the caller runs it
     (so under the caller's torch.autocast, if any).
     """
 
@@ -80,6 +81,6 @@ class StyleAugment:
             style = to_device_async(style, x.device).to(x.dtype)
         with torch.no_grad():
             stylized = self.stylizer(x_sel, style)
-        out = x.detach().clone()
+        out = x.clone()
         out[idx] = stylized.to(x.dtype)
         return out, idx

@@ -45,9 +45,14 @@ def test_references_mode_draws_styles_from_the_reference_set(stylizer):
 
 
 def test_runs_without_graph_and_in_the_callers_autocast(stylizer):
+    # The stylizer is a constant to autograd; the rows it leaves keep x's graph (as the official
+    # in-place x[idx] = ... keeps it), so a learnable transform before the augmentation still learns.
     x = images(4, 32).requires_grad_(True)
-    out, _ = StyleAugment(stylizer, p=0.5)(x)
-    assert not out.requires_grad
+    out, idx = StyleAugment(stylizer, p=0.5)(x)
+    (out * 3).sum().backward()
+    expected = torch.full_like(x, 3.0)
+    expected[idx] = 0
+    assert torch.equal(x.grad, expected) and not any(p.grad is not None for p in stylizer.parameters())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, idx = StyleAugment(stylizer, p=0.5, generator=torch.Generator().manual_seed(0))(x.detach())
     assert out.dtype == torch.float32
