@@ -12,6 +12,8 @@ Triton kernels read the bank in place, the PyTorch op gathers K/V per query sequ
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -123,16 +125,24 @@ def _stylize_pairs(model, x: torch.Tensor, bank: StyleBank, index: torch.Tensor,
     return model.reconstruct_patches(enc.norm(Y)).unflatten(0, (n, K))
 
 
+def _changes_in_training(module: nn.Module) -> bool:
+    """Whether a layer of `module` in training mode computes otherwise than in eval mode."""
+    modal = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+    return any(m.training and isinstance(m, modal) for m in module.modules())
+
+
 class TTAClassifier(nn.Module):
     """Classify each image through V views: K stylized copies (bank references) plus the original.
 
     classifier: nn.Module mapping (N, C, H, W) normalized images (the stylizer's space) to logits
     (N, num_classes); it sees all views of a batch at once, (B*V, C, H, W), in x's dtype. It may be
     torch.compile'd. stylizer: a StylizingViT matching `bank`. k: references per image, drawn at random
-    with `generator` on every call (None: the whole bank, in order). reduce: "mean_prob" averages the
+    with `generator` on every call (None: the whole bank, in order; the default 8 needs a bank of 8). reduce: "mean_prob" averages the
     softmax over views; "vote" returns the normalized histogram of per-view argmax classes (a view's
     ties go to its lowest class index, and so does argmax of the histogram). The stylizer runs under
-    no_grad (it is frozen); the classifier follows the ambient grad mode. Call .eval() for inference.
+    no_grad (it is frozen); the classifier follows the ambient grad mode. Call .eval() for inference: a
+    classifier left in training mode with batch norm or dropout is warned about once (its running
+    statistics would change, and its outputs vary).
     """
 
     def __init__(
@@ -156,6 +166,7 @@ class TTAClassifier(nn.Module):
         self.classifier, self.stylizer, self.bank = classifier, stylizer, bank
         self.k, self.include_original, self.reduce = k, include_original, reduce
         self.generator, self.chunk_size = generator, chunk_size
+        self._warned_training = False
 
     def _apply(self, fn, recurse=True):
         # .to(device)/.cuda() carry the bank along with the stylizer (its dtype stays: see StyleBank).
@@ -198,6 +209,13 @@ class TTAClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor, return_views: bool = False):
         """x (B, C, H, W) -> class probabilities (B, num_classes), and (B, V, num_classes) per view if asked."""
+        if self.training and not self._warned_training and _changes_in_training(self.classifier):
+            self._warned_training = True
+            warnings.warn(
+                "the TTA classifier is in training mode, with batch norm or dropout layers: their running "
+                "statistics change and its predictions vary; call .eval() on the TTAClassifier for inference",
+                stacklevel=2,
+            )
         view_probs = self.classify(self.make_views(x)[0])
         probs = self.aggregate(view_probs)
         return (probs, view_probs) if return_views else probs

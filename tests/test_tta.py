@@ -9,6 +9,7 @@ import os
 import shutil
 import struct
 import sys
+import warnings
 import zlib
 
 import numpy as np
@@ -270,6 +271,21 @@ def test_tta_mean_prob(setup, include_original):
         if include_original:
             expected = torch.cat([clf(x).softmax(-1)[:, None], expected], 1)
     torch.testing.assert_close(views, expected)
+
+
+def test_a_classifier_left_in_training_mode_is_warned_about_once(setup):
+    _, model, _, bank = setup
+    x = images(2, SIZE)
+    torch.manual_seed(0)
+    clf = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
+    tta = TTAClassifier(clf, model, bank, k=2)
+    with pytest.warns(UserWarning, match="in training mode, with batch norm or dropout"):
+        tta(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tta(x)  # once
+        tta.eval()(x)  # evaluation, as documented: silent
+        TTAClassifier(toy_classifier(), model, bank, k=2)(x)  # no layer that training mode changes
 
 
 @pytest.mark.parametrize("output", ["tuple", "scalar", "rows"])
