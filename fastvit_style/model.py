@@ -123,6 +123,11 @@ class StylizingViT(nn.Module):
         cfg = self.config
         C, S = cfg.in_channel, cfg.input_size
         param = self.encoder.pos_embed
+        # Under autocast the official model takes images in the autocast dtype too: its convolutions
+        # cast them as they cast float32 ones.
+        dtypes = {param.dtype}
+        if param.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(param.device.type):
+            dtypes.add(torch.get_autocast_dtype(param.device.type))
         for name, t in zip(names, (x, x_style)):
             if t is None:
                 continue
@@ -135,9 +140,14 @@ class StylizingViT(nn.Module):
                 )
             if t.shape[0] == 0:
                 raise ValueError(f"{name} is an empty batch: at least one image is needed")
-            if t.dtype != param.dtype:
+            if t.dtype not in dtypes:
+                amp = (
+                    f" (or {', '.join(str(d) for d in dtypes - {param.dtype})}, autocast's)"
+                    if len(dtypes) > 1
+                    else ""
+                )
                 raise ValueError(
-                    f"{name} has dtype {t.dtype} but the model's parameters are {param.dtype}: convert one "
+                    f"{name} has dtype {t.dtype} but the model's parameters are {param.dtype}{amp}: convert one "
                     f"of them (for mixed precision keep the model in float32 and use torch.autocast)"
                 )
             if t.device != param.device:

@@ -106,6 +106,25 @@ def test_style_shape_must_match(model):
 def test_dtype_mismatch(model):
     with pytest.raises(ValueError, match="dtype torch.float64 but the model's parameters are torch.float32"):
         model(torch.randn(1, 3, 32, 32, dtype=torch.float64))
+    with pytest.raises(
+        ValueError, match="dtype torch.bfloat16 but the model's parameters are torch.float32:"
+    ):
+        model(torch.randn(1, 3, 32, 32, dtype=torch.bfloat16))
+    amp = torch.autocast("cpu", dtype=torch.bfloat16)
+    with amp, pytest.raises(ValueError, match=r"torch.float32 \(or torch.bfloat16, autocast's\)"):
+        model(torch.randn(1, 3, 32, 32, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_images_in_the_autocast_dtype_are_taken_under_autocast(backend):
+    """As officially (its convolutions cast them): the same outputs as float32 images, which autocast
+    casts to that dtype at the patch embedding anyway."""
+    torch.manual_seed(0)
+    m = StylizingViT("tiny", backend=backend, **SMALL).eval()
+    x, s = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        assert torch.equal(m(x.bfloat16(), s.bfloat16()), m(x, s))
+        assert torch.equal(m(x.bfloat16()), m(x))
 
 
 def test_not_a_tensor(model):
