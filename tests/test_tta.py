@@ -216,6 +216,8 @@ def test_bad_images(setup):
         StyleBank.from_images(model, images(1, 16))
     with pytest.raises(ValueError, match="refs is an empty batch"):
         StyleBank.from_images(model, images(0, SIZE))
+    with pytest.raises(ValueError, match="the model is on the meta device"):
+        StyleBank.from_images(copy.deepcopy(model).to("meta"), images(1, SIZE).to("meta"))
 
 
 def test_wrong_types_and_damaged_banks(setup, tmp_path):
