@@ -24,9 +24,9 @@ micro-batch whose images were all corrupt runs the mean-colour image with weight
 but every rank still joins the gradient all-reduce. A step without one readable image on any rank
 counts as a step but changes nothing: no clipping, no optimizer step (AdamW's moments, weight decay and
 step count stay as they were). A dataset whose every file is unreadable stops the run at the end of its
-first epoch, with an error; an unreadable --val-data after the epoch's training is checkpointed (not yet
-validated: `--resume` validates it first). The files found corrupt (by any rank) are kept in the checkpoints, so a
-resumed run skips them too and `skipped_images` in metrics.jsonl counts them.
+first epoch, with an error; an unreadable --val-data after the epoch's training is checkpointed (not
+yet validated: `--resume` validates it first). The files found corrupt (by any rank) are kept in the
+checkpoints, so a resumed run skips them too and `skipped_images` in metrics.jsonl counts them.
 
 Every optimized parameter gets a gradient, `attn.k_proj.bias` an exact zero one (`block.project_kv`):
 AdamW decays it as officially, and DDP needs no search for unused parameters.
@@ -166,7 +166,7 @@ class Trainer:
         # Left out on resume, --val-data is the run's own folder, which may have moved since.
         val_note = "" if cfg.val_data or not saved else (
             f" (the folder the run validated on, kept from --resume {cfg.resume!r}: give its new place with "
-            "--val-data)"
+            "--val-data, or --val-data '' to stop validating)"
         )  # fmt: skip
         if saved:
             cfg = resumed_config(cfg, saved["config"], given)
@@ -219,8 +219,11 @@ class Trainer:
                     f"{len(self.train_set)}: the data order of the resumed run differs from an uninterrupted one"
                 )
             if saved["world_size"] != world:
-                # The position counts this rank's micro-batches, and the global batch is world * A * b.
-                if self.batch:
+                # The position counts this rank's micro-batches, and the global batch is world * A * b. At
+                # the epoch's end (trained, not validated: `_save_unvalidated`) it is this world's end.
+                if self.batch and self.batch == self._batches_per_rank(saved["world_size"]):
+                    self.batch = self._batches_per_rank(world)
+                elif self.batch:
                     raise ValueError(
                         f"{cfg.resume!r} was written mid-epoch by {saved['world_size']} process(es): resume it "
                         f"with as many (this run has {world}), or from a checkpoint written at an epoch end"
@@ -282,7 +285,7 @@ class Trainer:
 
     def fit(self, on_step=None) -> StylizingViT:
         cfg = self.cfg
-        n_batches = len(micro_batches(len(self.train_set), cfg.batch_size, 0, cfg.seed, 0, self.world))
+        n_batches = self._batches_per_rank(self.world)
         if self.rank == 0:
             steps = math.ceil(n_batches / cfg.accumulate)
             print(f"training on {len(self.train_set)} images, {self.world} process(es), {steps} steps/epoch "
@@ -300,6 +303,10 @@ class Trainer:
             print(f"stopped at step {self.step} (--max-steps {cfg.max_steps}): the run is saved in "
                   f"{self.saved_to!r}, which --resume continues", file=sys.stderr, flush=True)  # fmt: skip
         return self.model
+
+    def _batches_per_rank(self, world: int) -> int:
+        """Micro-batches each of `world` processes runs per epoch."""
+        return len(micro_batches(len(self.train_set), self.cfg.batch_size, 0, self.cfg.seed, 0, world))
 
     def _loader(self, dataset, batches: list[list[int]], seed: int) -> DataLoader:
         return DataLoader(
@@ -451,6 +458,8 @@ class Trainer:
             # Not the validation flags: every file is marked, and a folder fixed in place (as many files)
             # would stay unreadable for the resumed run.
             self._save_checkpoint(val_flags=False)
+        if self.world > 1:  # every rank raises next: torchrun would stop rank 0 mid-write
+            dist.barrier()
         last = os.path.join(self.cfg.out, "last.pt")
         return (
             f"Epoch {self.epoch + 1}'s training is saved in {last!r}: --resume it, with --val-data naming "

@@ -117,13 +117,14 @@ def _check_numbers(cfg: TrainConfig) -> None:
     if cfg.max_steps is not None and not (_is_int(cfg.max_steps) and cfg.max_steps >= 1):
         raise ValueError(f"--max-steps must be an integer >= 1 (left out: no limit), got {cfg.max_steps!r}")
     for name, value, ok, what in (
-        ("--lr", cfg.lr, lambda v: v > 0, "> 0"),
+        ("--lr", cfg.lr, lambda v: v >= 0, ">= 0"),
         ("--weight-decay", cfg.weight_decay, lambda v: v >= 0, ">= 0"),
         ("eps", cfg.eps, lambda v: v >= 0, ">= 0"),
-        ("clip_norm", cfg.clip_norm, lambda v: v > 0, "> 0"),
     ):
         if not (_is_finite(value) and ok(value)):
             raise ValueError(f"{name} must be a finite number {what}, got {value!r}")
+    if not (_is_finite(cfg.clip_norm) or cfg.clip_norm == math.inf) or not cfg.clip_norm > 0:
+        raise ValueError(f"clip_norm must be a number > 0 (inf: no clipping), got {cfg.clip_norm!r}")
     for name, values, n, ok, what in (
         ("betas", cfg.betas, 2, lambda v: 0 <= v < 1, "finite numbers in [0, 1)"),
         ("loss_weights", cfg.loss_weights, 4, lambda v: v >= 0, "finite numbers >= 0"),

@@ -181,7 +181,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path):
 
 
 def test_resuming_mid_epoch_with_another_number_of_processes_is_refused(tmp_path):
-    data = write_images(tmp_path / "data", 2)
+    data = write_images(tmp_path / "data", 4)  # 2 micro-batches per process of 2: batch 1 is mid-epoch
     config = TrainConfig(
         data=str(data), out=str(tmp_path / "out"), batch_size=1, accumulate=1, max_steps=1, **TINY
     )
@@ -249,11 +249,12 @@ def test_cosine_schedule_and_psnr_formula():
         ({"input_size": 32, "model_kwargs": {"encoder_patch_size": 14}}, "of the patch size 14, got 32"),
         ({"checkpoint_every": -1}, "--checkpoint-every must be an integer >= 0, got -1"),
         ({"workers": -1}, "--workers must be an integer >= 0, got -1"),
-        ({"lr": -1.0}, re.escape("--lr must be a finite number > 0, got -1.0")),
-        ({"lr": float("nan")}, "--lr must be a finite number > 0, got nan"),
+        ({"lr": -1.0}, re.escape("--lr must be a finite number >= 0, got -1.0")),
+        ({"lr": float("nan")}, "--lr must be a finite number >= 0, got nan"),
         ({"weight_decay": -0.1}, "--weight-decay must be a finite number >= 0"),
         ({"eps": -1e-8}, "eps must be a finite number >= 0"),
-        ({"clip_norm": 0.0}, "clip_norm must be a finite number > 0"),
+        ({"clip_norm": 0.0}, r"clip_norm must be a number > 0 \(inf: no clipping\), got 0.0"),
+        ({"clip_norm": float("nan")}, "clip_norm must be a number > 0"),
         ({"betas": (0.9, 1.0)}, re.escape("betas must be 2 finite numbers in [0, 1), got (0.9, 1.0)")),
         ({"betas": (0.9,)}, "betas must be 2 finite numbers"),
         ({"loss_weights": (70, 1, -7, 10)}, "loss_weights must be 4 finite numbers >= 0"),
@@ -292,6 +293,12 @@ def test_bad_train_config(kwargs, match):
         TrainConfig(data="data", out="out", **kwargs)
 
 
+def test_the_edges_torch_accepts_are_accepted():
+    TrainConfig(
+        data="d", out="o", lr=0.0, clip_norm=float("inf"), weight_decay=0.0, workers=0, checkpoint_every=0
+    )
+
+
 def test_the_extreme_seeds_run_and_bad_ones_stop_the_cli_before_any_file(tmp_path, capsys):
     data = write_images(tmp_path / "data", 1)
     # Accepted: the smallest seed, and a post-process conv other than the official one that keeps the size.
@@ -307,7 +314,7 @@ def test_the_extreme_seeds_run_and_bad_ones_stop_the_cli_before_any_file(tmp_pat
     for extra, match in [(["--seed", str(2**64)], "--seed must be an integer"),
                          (["--model-kwargs", '{"in_channel": 1}'], "in_channel=1 cannot be trained"),
                          (["--epochs", "0"], "error: --epochs must be an integer >= 1, got 0"),
-                         (["--lr", "-1"], "error: --lr must be a finite number > 0, got -1.0"),
+                         (["--lr", "-1"], "error: --lr must be a finite number >= 0, got -1.0"),
                          (["--weight-decay", "nan"], "error: --weight-decay must be a finite number >= 0"),
                          (["--mean", "0", "0", "0", "--std", "1", "0", "1"], "error: --std must be 3"),
                          # A folder by its flag, and which is wrong: missing, or a file.
@@ -629,6 +636,12 @@ def test_an_unreadable_val_data_keeps_the_epochs_training_and_resume_validates_i
         train(part, on_step=lambda i: part_losses.append(i["loss"]))
     state = load_checkpoint(last)
     assert (state["epoch"], state["batch"], state["step"], state["val_unreadable"]) == (0, 2, 2, None)
+    # The same position (the epoch's end) written by 2 processes resumes with 1: not a mid-epoch one.
+    save_checkpoint({**state, "world_size": 2, "batch": 1}, tmp_path / "two.pt")
+    with pytest.warns(UserWarning, match="the global batch changes"):
+        moved = Trainer(dataclasses.replace(part, out=str(tmp_path / "new"), resume=str(tmp_path / "two.pt")), 0,
+                        1, torch.device("cpu"))  # fmt: skip
+    assert moved.batch == 2
     assert (
         not (tmp_path / "part" / "metrics.jsonl").exists()
         and (tmp_path / "part" / "last.safetensors").exists()
