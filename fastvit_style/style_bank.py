@@ -82,11 +82,11 @@ class StyleBank:
         """
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        model._check_inputs(refs, None, names=("refs", ""))
-        if refs.device.type == "meta":  # the fingerprint reads the weights' values
+        if model.encoder.pos_embed.is_meta:  # the fingerprint reads the weights' values
             raise ValueError(
                 "a style bank needs weights with values: the model is on the meta device (shapes only)"
             )
+        model._check_inputs(refs, None, names=("refs", ""))
         enc, cfg = model.encoder, model.config
         attend = attention_for(model.backend, refs.device)
         shape = (cfg.depth, refs.shape[0], cfg.num_tokens, cfg.num_heads, cfg.head_dim)

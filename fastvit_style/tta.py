@@ -137,10 +137,11 @@ class TTAClassifier(nn.Module):
     classifier: nn.Module mapping (N, C, H, W) normalized images (the stylizer's space) to logits
     (N, num_classes); it sees all views of a batch at once, (B*V, C, H, W), in x's dtype. It may be
     torch.compile'd. stylizer: a StylizingViT matching `bank`. k: references per image, drawn at random
-    with `generator` on every call (None: the whole bank, in order; the default 8 needs a bank of 8). reduce: "mean_prob" averages the
-    softmax over views; "vote" returns the normalized histogram of per-view argmax classes (a view's
-    ties go to its lowest class index, and so does argmax of the histogram). The stylizer runs under
-    no_grad (it is frozen); the classifier follows the ambient grad mode. Call .eval() for inference: a
+    with `generator` on every call (None: the whole bank, in order; the default 8 needs a bank of 8).
+    reduce: "mean_prob" averages the softmax over views; "vote" returns the normalized histogram of
+    per-view argmax classes (a view's ties go to its lowest class index, and so does argmax of the
+    histogram). The stylizer runs under no_grad (it is frozen); the classifier follows the ambient grad
+    mode. Call .eval() for inference: a
     classifier left in training mode with batch norm or dropout is warned about once (its running
     statistics would change, and its outputs vary).
     """
@@ -209,7 +210,10 @@ class TTAClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor, return_views: bool = False):
         """x (B, C, H, W) -> class probabilities (B, num_classes), and (B, V, num_classes) per view if asked."""
-        if self.training and not self._warned_training and _changes_in_training(self.classifier):
+        # The classifier's own mode (set apart from this module's by classifier.train()); the flag is
+        # read with a default for TTAClassifiers pickled before it existed.
+        warned = getattr(self, "_warned_training", False)
+        if self.classifier.training and not warned and _changes_in_training(self.classifier):
             self._warned_training = True
             warnings.warn(
                 "the TTA classifier is in training mode, with batch norm or dropout layers: their running "

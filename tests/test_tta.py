@@ -217,7 +217,7 @@ def test_bad_images(setup):
     with pytest.raises(ValueError, match="refs is an empty batch"):
         StyleBank.from_images(model, images(0, SIZE))
     with pytest.raises(ValueError, match="the model is on the meta device"):
-        StyleBank.from_images(copy.deepcopy(model).to("meta"), images(1, SIZE).to("meta"))
+        StyleBank.from_images(copy.deepcopy(model).to("meta"), images(1, SIZE))
 
 
 def test_wrong_types_and_damaged_banks(setup, tmp_path):
@@ -288,6 +288,10 @@ def test_a_classifier_left_in_training_mode_is_warned_about_once(setup):
         tta(x)  # once
         tta.eval()(x)  # evaluation, as documented: silent
         TTAClassifier(toy_classifier(), model, bank, k=2)(x)  # no layer that training mode changes
+    late = TTAClassifier(clf, model, bank, k=2).eval()
+    clf.train()  # the classifier's own mode counts, set after the TTAClassifier's
+    with pytest.warns(UserWarning, match="in training mode"):
+        late(x)
 
 
 @pytest.mark.parametrize("output", ["tuple", "scalar", "rows"])
@@ -590,15 +594,19 @@ def test_cli_user_errors_are_one_line(folders, capsys, monkeypatch):
         [*tta_args, "--classifier", str(tmp / "fixed.pt2"), "--out", str(tmp / "p.csv")],
         "was exported for batches of exactly 2 images",
     )
-    # Exported for other images, or for fewer at a time than tta passes (2 images x 3 views).
-    dyn = {"input": {0: torch.export.Dim("batch", max=4)}}
-    torch.export.save(
-        torch.export.export(toy_classifier(2), (images(2, SIZE),), dynamic_shapes=dyn), str(tmp / "max4.pt2")
-    )
-    fails_with(
-        [*tta_args, "--classifier", str(tmp / "max4.pt2"), "--out", str(tmp / "p.csv")],
-        "was exported for batches of at most 4 images; tta passes up to 6 (--batch-size x views)",
-    )
+    # Exported for other images, or for fewer or more at a time than tta passes (2 images x 3 views).
+    for dim, example, message in [
+        (torch.export.Dim("batch", max=4), 2, "at most 4 images; tta passes up to 6 (--batch-size x views)"),
+        (torch.export.Dim("batch", min=8), 8, "at least 8 images; tta's last batch has 6"),
+    ]:
+        exported = torch.export.export(
+            toy_classifier(2), (images(example, SIZE),), dynamic_shapes={"input": {0: dim}}
+        )
+        torch.export.save(exported, str(tmp / "bounded.pt2"))
+        fails_with(
+            [*tta_args, "--classifier", str(tmp / "bounded.pt2"), "--out", str(tmp / "p.csv")],
+            f"was exported for batches of {message}",
+        )
     wide = torch.export.export(
         toy_classifier(2), (images(2, 2 * SIZE),), dynamic_shapes={"input": {0: torch.export.Dim("batch")}}
     )

@@ -56,9 +56,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--save-stylized", metavar="DIR", help="also write the stylized views as PNG")
 
 
-def load_classifier(spec: str, dev: torch.device, images: tuple[int, int, int]) -> nn.Module:
-    """The classifier of --classifier on `dev`, in eval mode. images: (most images per call, channels,
-    size) of what tta will pass, which a .pt2 export is checked against before any work."""
+def load_classifier(spec: str, dev: torch.device, images: tuple[int, int, int, int]) -> nn.Module:
+    """The classifier of --classifier on `dev`, in eval mode. images: (fewest and most images per call,
+    channels, size) of what tta will pass, which a .pt2 export is checked against before any work."""
     if os.path.isfile(spec) and spec.endswith(".pt2"):  # torch.export archive
         try:
             exported = torch.export.load(spec)
@@ -101,7 +101,7 @@ def load_classifier(spec: str, dev: torch.device, images: tuple[int, int, int]) 
     return classifier.to(dev).eval()
 
 
-def _check_exported_input(exported, spec: str, most: int, channels: int, size: int) -> None:
+def _check_exported_input(exported, spec: str, fewest: int, most: int, channels: int, size: int) -> None:
     """Before any work: an archive traced for other shapes would fail on the first batch it cannot take
     (a guard's AssertionError). Every batch here is (N, channels, size, size) images, N = --batch-size
     x views, fewer in the last one."""
@@ -124,13 +124,21 @@ def _check_exported_input(exported, spec: str, most: int, channels: int, size: i
             "dynamic batch dimension, e.g. torch.export.export(model, (x,), "
             "dynamic_shapes={'x': {0: torch.export.Dim('batch')}})"
         )
-    # Only the upper bound: the export's lower bound (2 by default) is not enforced for smaller batches.
     bounds = exported.range_constraints.get(shape[0].node.expr)
-    if bounds is not None and isinstance(bounds.upper, sympy.Integer) and int(bounds.upper) < most:
+    if bounds is None:
+        return
+    if isinstance(bounds.upper, sympy.Integer) and int(bounds.upper) < most:
         raise SystemExit(
             f"error: --classifier {spec!r} was exported for batches of at most {int(bounds.upper)} images; "
             f"tta passes up to {most} (--batch-size x views): lower --batch-size or --k, or export it with "
             "a larger max of its batch Dim"
+        )
+    # A min of 2 is not enforced (export's 0/1 specialization), a larger one is.
+    if isinstance(bounds.lower, sympy.Integer) and int(bounds.lower) > max(fewest, 2):
+        raise SystemExit(
+            f"error: --classifier {spec!r} was exported for batches of at least {int(bounds.lower)} images; "
+            f"tta's last batch has {fewest} (the images left x views): export it with a smaller min of its "
+            "batch Dim"
         )
 
 
@@ -163,9 +171,10 @@ def _classify(tta: TTAClassifier, views: torch.Tensor, spec: str) -> torch.Tenso
     except Exception as e:
         n, image = views.shape[0] * views.shape[1], tuple(views.shape[2:])
         first = str(e).splitlines()[0] if str(e) else ""
+        hint = ": lower --batch-size (or --k)" if isinstance(e, torch.OutOfMemoryError) else ""
         raise ValueError(
             f"--classifier {spec!r} failed on {n} images of shape {image}, {views.dtype}, normalized as the "
-            f"stylizer's inputs: {type(e).__name__}: {first}"
+            f"stylizer's inputs: {type(e).__name__}: {first}{hint}"
         ) from e
 
 
@@ -191,10 +200,9 @@ def run(args) -> int:
     cfg, _ = stylizer_config(args)
     views = (args.k or len(refs)) + int(not args.no_original)
     # Before the stylizer: it fails faster.
+    most, last = min(args.batch_size, len(images)), (len(images) - 1) % args.batch_size + 1
     classifier = load_classifier(
-        args.classifier,
-        device(args),
-        (min(args.batch_size, len(images)) * views, cfg.in_channel, cfg.input_size),
+        args.classifier, device(args), (last * views, most * views, cfg.in_channel, cfg.input_size)
     )
     mean, std = mean_std(args)
     model = load_stylizer(args)
