@@ -22,9 +22,9 @@ class StyleAugment:
     selected image gets a style drawn uniformly (with replacement) from it. generator: a CPU
     torch.Generator for the index/reference draws (default: the global RNG).
     x_out is a new tensor (x is not modified): rows not in idx equal x, and keep its autograd graph
-    (a learnable transform before the augmentation still gets their gradient); rows idx are the stylized
-    images cast to x.dtype, constants to autograd. The stylizer runs under no_grad, in whatever precision the caller runs it
-    (so under the caller's torch.autocast, if any).
+    (a learnable transform before the augmentation still gets their gradient); rows idx are the
+    stylized images cast to x.dtype, constants to autograd. The stylizer runs under no_grad, in
+    whatever precision the caller runs it (so under the caller's torch.autocast, if any).
     """
 
     def __init__(self, stylizer, p: float = 0.33, references: torch.Tensor | None = None, generator=None):

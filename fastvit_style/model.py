@@ -123,10 +123,11 @@ class StylizingViT(nn.Module):
         cfg = self.config
         C, S = cfg.in_channel, cfg.input_size
         param = self.encoder.pos_embed
-        # Under autocast the official model takes images in the autocast dtype too: its convolutions
-        # cast them as they cast float32 ones.
+        # Under autocast a float32 model (officially too) takes images in the autocast dtype: its
+        # convolutions cast them as they cast float32 ones. Autocast leaves other parameter dtypes alone.
         dtypes = {param.dtype}
-        if param.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(param.device.type):
+        amp_device = param.device.type in ("cpu", "cuda") and param.dtype == torch.float32
+        if amp_device and torch.is_autocast_enabled(param.device.type):
             dtypes.add(torch.get_autocast_dtype(param.device.type))
         for name, t in zip(names, (x, x_style)):
             if t is None:
@@ -147,8 +148,8 @@ class StylizingViT(nn.Module):
                     else ""
                 )
                 raise ValueError(
-                    f"{name} has dtype {t.dtype} but the model's parameters are {param.dtype}{amp}: convert one "
-                    f"of them (for mixed precision keep the model in float32 and use torch.autocast)"
+                    f"{name} has dtype {t.dtype} but the model's parameters are {param.dtype}{amp}: convert "
+                    "one of them (for mixed precision keep the model in float32 and use torch.autocast)"
                 )
             if t.device != param.device:
                 raise ValueError(f"{name} is on {t.device} but the model is on {param.device}")

@@ -199,8 +199,11 @@ def describe_backbone(sd: Mapping) -> str:
     blocks = {m.group(1) for k in sd if (m := re.match(r"encoder\.blocks\.(\d+)\.", k))}
     proj = sd.get("encoder.patch_embed.proj.weight")
     patch = f", patch {proj.shape[-1]}" if isinstance(proj, torch.Tensor) and proj.dim() else ""
-    side = math.isqrt(max(ref.shape[-2] - 1, 0)) if ref.dim() >= 2 else 0  # pos_embed: CLS + side^2 patches
-    size = f", input {side * proj.shape[-1]}" if patch and side * side == ref.shape[-2] - 1 else ""
+    size = ""
+    pos = sd.get("encoder.pos_embed")
+    if patch and isinstance(pos, torch.Tensor) and pos.dim() == 3:  # (1, CLS + side^2 patches, L)
+        side = math.isqrt(max(pos.shape[1] - 1, 0))
+        size = f", input {side * proj.shape[-1]}" if side and side * side == pos.shape[1] - 1 else ""
     return f"{_WIDTH_NAMES.get(width, 'custom')} (embed_dim {width}, depth {len(blocks)}{patch}{size})"
 
 
@@ -233,7 +236,10 @@ def load_state_dict(model: nn.Module, sd_or_path, strict: bool = True) -> nn.Mod
             picks = "input_size sets the token count: --model-kwargs or --input-size on the command line"
         else:
             picks = "the backbone name picks the model: --backbone on the command line"
-        return f"the weights look like {describe_backbone(sd)}, the model is {describe_backbone(expected)} ({picks})"
+        described = (
+            f"the weights look like {describe_backbone(sd)}, the model is {describe_backbone(expected)}"
+        )
+        return f"{described} ({picks})"
 
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]

@@ -117,14 +117,19 @@ def test_dtype_mismatch(model):
 
 @pytest.mark.parametrize("backend", ["torch", "reference"])
 def test_images_in_the_autocast_dtype_are_taken_under_autocast(backend):
-    """As officially (its convolutions cast them): the same outputs as float32 images, which autocast
-    casts to that dtype at the patch embedding anyway."""
+    """As officially (its convolutions cast them): in eval the same outputs as float32 images, which
+    autocast casts to that dtype at the patch embedding anyway (a training loss compares x itself)."""
     torch.manual_seed(0)
     m = StylizingViT("tiny", backend=backend, **SMALL).eval()
     x, s = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
         assert torch.equal(m(x.bfloat16(), s.bfloat16()), m(x, s))
         assert torch.equal(m(x.bfloat16()), m(x))
+    with (
+        torch.autocast("cpu", dtype=torch.bfloat16),
+        pytest.raises(ValueError, match="model's parameters are torch.float64:"),
+    ):
+        m.double()(x.bfloat16())  # autocast does not cast float64 weights
 
 
 def test_not_a_tensor(model):

@@ -283,7 +283,8 @@ def test_wrong_backbone_message(tmp_path):
 
 
 def test_wrong_input_size_message():
-    """Weights of another input size differ only in the token count: the hint names input_size, not the backbone."""
+    """Weights of another input size differ only in the token count: the hint names input_size, not the
+    backbone."""
     with pytest.raises(RuntimeError, match="shape mismatches") as err:
         W.load_state_dict(make(input_size=32), make().state_dict())
     assert "look like tiny (embed_dim 192, depth 2, patch 16, input 224)" in str(err.value)
@@ -294,6 +295,15 @@ def test_wrong_depth_message():
     expected = r"look like tiny \(embed_dim 192, depth 3.*model is tiny \(embed_dim 192, depth 2"
     with pytest.raises(RuntimeError, match=expected):
         W.load_state_dict(make(depth=2), make(depth=3).state_dict())
+
+
+def test_odd_pos_embeds_are_described_without_a_crash():
+    sd = dict(make().state_dict())
+    for odd in (torch.zeros(5), torch.zeros(2, 5)):
+        sd["encoder.pos_embed"] = odd
+        assert "input" not in W.describe_backbone(sd)
+    del sd["encoder.pos_embed"]  # the width from cls_token, no input size
+    assert W.describe_backbone(sd) == "tiny (embed_dim 192, depth 2, patch 16)"
 
 
 def test_a_0d_pos_embed_is_a_shape_mismatch_not_a_crash(tmp_path):

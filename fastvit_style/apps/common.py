@@ -150,8 +150,8 @@ def mean_std(args) -> tuple[tuple, tuple]:
         dataset = DATASET_ALIASES.get(args.weights, args.weights)
         if dataset not in NORMALIZATION:
             raise SystemExit(
-                f"error: no normalization constants are known for the {dataset} weights (the official code has "
-                "none either): give --mean and --std of the images they were trained on "
+                f"error: no normalization constants are known for the {dataset} weights (the official code "
+                "has none either): give --mean and --std of the images they were trained on "
                 "(fastvit_style.data.compute_normalization(folder) computes them), or --dataset"
             )
     try:
