@@ -29,6 +29,19 @@ def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:
     return device
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype torch.autocast runs in on `device_type`, or None where it is off (or the type has none).
+
+    is_autocast_enabled raises for device types without autocast (meta). CPU and CUDA always have it
+    and are not asked: torch 2.11's dynamo cannot trace is_autocast_available (a graph break)."""
+    available = device_type in ("cpu", "cuda") or torch.amp.is_autocast_available(device_type)
+    return (
+        torch.get_autocast_dtype(device_type)
+        if available and torch.is_autocast_enabled(device_type)
+        else None
+    )
+
+
 def to_device_async(t: torch.Tensor, device) -> torch.Tensor:
     """t (any shape and dtype) on `device`; a CPU tensor reaches a CUDA device without a sync.
 

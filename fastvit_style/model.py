@@ -8,6 +8,7 @@ from torch import nn
 from . import reference, schedule
 from .backends import attention_for, check_backend
 from .configs import DEFAULT_DATASET, make_config
+from .devices import autocast_dtype
 from .layers import Mlp, VGG19Features, ViTEncoder
 from .losses import check_loss_images, compute_loss
 from .reference.losses import Loss
@@ -126,9 +127,8 @@ class StylizingViT(nn.Module):
         # Under autocast a float32 model (officially too) takes images in the autocast dtype: its
         # convolutions cast them as they cast float32 ones. Autocast leaves other parameter dtypes alone.
         dtypes = {param.dtype}
-        amp_device = param.device.type in ("cpu", "cuda") and param.dtype == torch.float32
-        if amp_device and torch.is_autocast_enabled(param.device.type):
-            dtypes.add(torch.get_autocast_dtype(param.device.type))
+        if param.dtype == torch.float32 and (amp := autocast_dtype(param.device.type)) is not None:
+            dtypes.add(amp)
         for name, t in zip(names, (x, x_style)):
             if t is None:
                 continue

@@ -13,6 +13,7 @@ from .atomic import atomic_path
 from .backends import attention_for
 from .block import block_with_kv, project_kv
 from .configs import ModelConfig
+from .devices import autocast_dtype
 from .weights import weight_fingerprint
 
 _BANK_TAG = "fastvit_style.StyleBank"  # safetensors metadata "kind": tells a bank from a weight file
@@ -177,7 +178,7 @@ class StyleBank:
             self.check(model)
         # Under autocast the attention casts K/V to the autocast dtype anyway: a bank already in that
         # dtype gives the same numbers and saves the cast (and half the memory) on every call.
-        amp = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else dtype
+        amp = autocast_dtype(device.type) or dtype
         if self.device != device or self.dtype not in (dtype, amp):
             raise ValueError(
                 f"the style bank is {self.dtype} on {self.device} but the model is {dtype} on {device}: "

@@ -12,6 +12,7 @@ import math
 import torch
 from torch import Tensor
 
+from ..devices import autocast_dtype
 from ..tracing import traced
 from ._index_maps import check_index_range, inverse_kv_map, shared_inverse
 from ._torch_impl import shared_attention_torch
@@ -65,8 +66,7 @@ def shared_attention(
     for name, t in (("q", q), ("k", k), ("v", v), ("kv_index", kv_index)):
         if not isinstance(t, Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if _autocast_enabled(q.device.type):
-        dtype = torch.get_autocast_dtype(q.device.type)
+    if (dtype := autocast_dtype(q.device.type)) is not None:
         q, k, v = (t.to(dtype) if t.dtype in _TRITON_DTYPES else t for t in (q, k, v))
     _check_inputs(q, k, v, kv_index, check_index)
     backend = _resolve_backend(backend, q)
@@ -76,13 +76,6 @@ def shared_attention(
     if backend == "xformers":
         return _in_sequence_chunks(shared_attention_xformers, q, k, v, kv_index, scale)
     return _triton_attention(q, k, v, kv_index, scale)
-
-
-def _autocast_enabled(device_type: str) -> bool:
-    # is_autocast_enabled raises for device types without autocast (meta). CPU and CUDA always have it
-    # and are not asked: torch 2.11's dynamo cannot trace is_autocast_available (a graph break).
-    available = device_type in ("cpu", "cuda") or torch.amp.is_autocast_available(device_type)
-    return available and torch.is_autocast_enabled(device_type)
 
 
 def _in_sequence_chunks(attention, q: Tensor, k: Tensor, v: Tensor, kv_index: Tensor, scale: float) -> Tensor:
