@@ -226,6 +226,13 @@ def canonical_size(backbone: str) -> str:
     raise ValueError(f"official weights exist only for tiny, small and base, not for backbone {backbone!r}")
 
 
+def official_dataset(name: str) -> str | None:
+    """The dataset id of the official weights `name` names (an id or an alias), else None."""
+    if name in DATASET_IDS or name in DATASET_ALIASES:
+        return DATASET_ALIASES.get(name, name)
+    return None
+
+
 def hub_repo_id(backbone: str, dataset: str) -> str:
     dataset = DATASET_ALIASES.get(dataset, dataset)
     return f"sdoerrich97/stylizing_vit_{canonical_size(backbone)}_{dataset}"

@@ -286,8 +286,8 @@ def load_pretrained_weights(model: nn.Module, backbone: str, dataset: str, map_l
     source = os.fspath(dataset)
     if os.path.isfile(source):
         return load_state_dict(model, source, strict=True)
-    if source in configs.DATASET_IDS or source in configs.DATASET_ALIASES:
-        repo = configs.hub_repo_id(backbone, source)
+    if (official := configs.official_dataset(source)) is not None:
+        repo = configs.hub_repo_id(backbone, official)
     elif os.path.isdir(source):  # before the repo-id fallback, which a folder's name can match
         raise WeightsNotFound(f"{source!r} is a folder, not a weight file (.safetensors, .pth, .pt)")
     elif _REPO_ID.match(source) and not source.lower().endswith((SAFETENSORS_SUFFIX, *TORCH_SUFFIXES)):

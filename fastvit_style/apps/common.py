@@ -11,13 +11,12 @@ import torch
 
 from ..atomic import folder_problem
 from ..configs import (
-    DATASET_ALIASES,
-    DATASET_IDS,
     DEFAULT_DATASET,
     NORMALIZATION,
     ModelConfig,
     check_backbone,
     check_model_kwargs,
+    official_dataset,
 )
 from ..devices import resolve_device
 from ..imageio import list_images, normalization, require_pil
@@ -145,9 +144,9 @@ def mean_std(args) -> tuple[tuple, tuple]:
     """--mean/--std, else the constants of --dataset, else of the dataset whose official weights --weights
     names, else of DEFAULT_DATASET."""
     dataset = args.dataset
-    official = args.weights in DATASET_IDS or args.weights in DATASET_ALIASES
+    official = official_dataset(args.weights)
     if dataset is None and args.mean is None and official and not os.path.isfile(args.weights):
-        dataset = DATASET_ALIASES.get(args.weights, args.weights)
+        dataset = official
         if dataset not in NORMALIZATION:
             raise SystemExit(
                 f"error: no normalization constants are known for the {dataset} weights (the official code "
