@@ -141,9 +141,8 @@ class TTAClassifier(nn.Module):
     reduce: "mean_prob" averages the softmax over views; "vote" returns the normalized histogram of
     per-view argmax classes (a view's ties go to its lowest class index, and so does argmax of the
     histogram). The stylizer runs under no_grad (it is frozen); the classifier follows the ambient grad
-    mode. Call .eval() for inference: a
-    classifier left in training mode with batch norm or dropout is warned about once (its running
-    statistics would change, and its outputs vary).
+    mode. Call .eval() for inference: a classifier left in training mode with batch norm or dropout
+    is warned about once (its running statistics would change, and its outputs vary).
     """
 
     def __init__(
@@ -167,7 +166,6 @@ class TTAClassifier(nn.Module):
         self.classifier, self.stylizer, self.bank = classifier, stylizer, bank
         self.k, self.include_original, self.reduce = k, include_original, reduce
         self.generator, self.chunk_size = generator, chunk_size
-        self._warned_training = False
 
     def _apply(self, fn, recurse=True):
         # .to(device)/.cuda() carry the bank along with the stylizer (its dtype stays: see StyleBank).
@@ -211,7 +209,7 @@ class TTAClassifier(nn.Module):
     def forward(self, x: torch.Tensor, return_views: bool = False):
         """x (B, C, H, W) -> class probabilities (B, num_classes), and (B, V, num_classes) per view if asked."""
         # The classifier's own mode (set apart from this module's by classifier.train()); the flag is
-        # read with a default for TTAClassifiers pickled before it existed.
+        # set once warned.
         warned = getattr(self, "_warned_training", False)
         if self.classifier.training and not warned and _changes_in_training(self.classifier):
             self._warned_training = True
