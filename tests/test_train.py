@@ -151,6 +151,38 @@ def test_two_ranks_with_torchrun_equal_one_process_accumulating_their_micro_batc
     assert moved > 10  # the comparison is not between two untrained models
 
 
+def test_two_ranks_with_an_unreadable_val_data_save_the_epoch_then_fail_with_one_message(tmp_path):
+    """Every rank raises after validation, so rank 0's checkpoint write must finish before any rank exits
+    (torchrun stops the others when one fails): the checkpoint loads and resumes in one process."""
+    data, bad = write_images(tmp_path / "data", 2), tmp_path / "bad"
+    bad.mkdir()
+    for i in range(2):  # one per rank: both ranks warn, and the shared flags mark the whole folder
+        (bad / f"{i}.png").write_bytes(b"not an image")
+    out, launch = tmp_path / "out", tmp_path / "slow_disk_train.py"
+    # A slow disk: without the wait, rank 1 leaves while rank 0 writes and torchrun stops rank 0 there.
+    launch.write_text(
+        "import sys, time\nimport fastvit_style.train as t\nwrite = t.save_checkpoint\n"
+        "t.save_checkpoint = lambda state, path: (time.sleep(2), write(state, path))\nsys.exit(t.main())\n"
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "--monitor-interval", "0.1", str(launch), "--data", str(data), "--val-data", str(bad), *TINY_ARGS,
+           "--epochs", "2", "--batch-size", "1", "--accumulate", "1", "--out", str(out)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode != 0
+    # One error line per rank and no traceback through this package (torchrun prints its own).
+    assert done.stderr.count("error: every image under --val-data") == 2, done.stderr[-3000:]
+    assert not re.search(r'File "[^"]*fastvit_style', done.stderr), done.stderr[-3000:]
+    assert f"Epoch 1's training is saved in {str(out / 'last.pt')!r}" in done.stderr
+    state = load_checkpoint(out / "last.pt")
+    assert (state["epoch"], state["batch"], state["step"], state["world_size"]) == (0, 1, 1, 2)
+    assert not (out / "metrics.jsonl").exists()
+    with pytest.warns(UserWarning, match="the global batch changes"):
+        resumed = Trainer(TrainConfig(data=str(data), val_data=str(data), out=str(out), resume=str(out / "last.pt"),
+                                      epochs=2, batch_size=1, accumulate=1, **TINY), 0, 1, torch.device("cpu"))  # fmt: skip
+    assert (resumed.epoch, resumed.batch, resumed.step) == (0, 2, 1)  # the epoch's end, in one process
+
+
 def test_kill_and_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path):
     data = write_images(tmp_path / "data", 2)
     # 2 steps per epoch, 2 epochs (different lr), interrupted mid-epoch after step 1.
