@@ -5,7 +5,10 @@ Two parts:
 * `test_golden_official_output` always runs (no official package needed): a reduced official model
   (custom backbone, shared doc 1.1), its weights, an input pair and the official eval outputs are stored
   in tests/data/official_golden_reduced.safetensors by tests/data/make_official_golden.py; our model
-  must reproduce them within the float32 tolerance.
+  must reproduce them within the float32 tolerance. `test_golden_official_training` does the same for
+  train=True in float64 (losses, x_recon, every gradient; official_golden_train.safetensors), so CI
+  checks training against the official code too: its torchvision cannot be installed beside the CPU
+  torch there.
 * The other tests import the official package and are skipped where it is not installed. It needs
   timm and torchvision, so it lives in its own virtual environment, e.g.
 
@@ -68,6 +71,7 @@ FP32 = TOLERANCE[torch.float32]
 FP64_EXACT = 1e-9
 BACKENDS = ["reference", "torch"]
 GOLDEN = Path(__file__).parent / "data" / "official_golden_reduced.safetensors"
+GOLDEN_TRAIN = Path(__file__).parent / "data" / "official_golden_train.safetensors"
 TRAIN_SIZE = 64
 
 
@@ -88,6 +92,21 @@ def randomize_official_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return model
 
 
+def patterned_vgg_(model: torch.nn.Module) -> torch.nn.Module:
+    """Set every VGG19 parameter to a fixed pattern, alike under any torch build (a hash of the element
+    index, in float64: a 1-ulp difference in sin moves a value by ~1e-11), so that the training golden
+    file needs no 80 MB of VGG19 weights. Weights Kaiming-uniform in scale (16 layers of activations
+    stay at scale), biases within +-0.02. Also used by make_official_golden.py."""
+    with torch.no_grad():
+        vgg = [p for name, p in model.named_parameters() if name.startswith("vgg_encoder.")]
+        for i, p in enumerate(vgg):
+            t = torch.arange(p.numel(), dtype=torch.float64)
+            u = torch.frac(torch.sin(t * 12.9898 + i * 78.233) * 43758.5453)  # in (-1, 1)
+            scale = (6 / p[0].numel()) ** 0.5 if p.dim() > 1 else 0.02
+            p.copy_((u * scale).view(p.shape))
+    return model
+
+
 def ours_from_state(state: dict, backbone: str, train: bool, backend: str, **kw) -> StylizingViT:
     model = StylizingViT(backbone, train=train, backend=backend, **kw)
     model.load_state_dict(state, strict=True)
@@ -97,15 +116,20 @@ def ours_from_state(state: dict, backbone: str, train: bool, backend: str, **kw)
 # --------------------------------------------------------------- golden (always runs, no official code)
 
 
-def test_golden_official_output():
-    """Our model reproduces outputs computed by the official package (see make_official_golden.py)."""
+def read_golden(path: Path) -> tuple[dict, dict, dict]:
+    """(metadata, tensors, the state_dict stored under "state.") of a file of make_official_golden.py."""
     import safetensors
 
-    with safetensors.safe_open(str(GOLDEN), framework="pt") as f:
+    with safetensors.safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open, not a dict)
+    return meta, tensors, {k[len("state.") :]: v for k, v in tensors.items() if k.startswith("state.")}
+
+
+def test_golden_official_output():
+    """Our model reproduces outputs computed by the official package (see make_official_golden.py)."""
+    meta, tensors, state = read_golden(GOLDEN)
     kwargs = json.loads(meta["kwargs"])
-    state = {k[len("state.") :]: v for k, v in tensors.items() if k.startswith("state.")}
     x, x_style = tensors["input.x"], tensors["input.x_style"]
     assert x.dtype == torch.float32 and x.shape[0] >= 3  # batch >= 3: the roll direction is visible
     for backend in BACKENDS:
@@ -114,6 +138,31 @@ def test_golden_official_output():
         with torch.no_grad():
             assert_close_rel(model(x, x_style), tensors["output.explicit"], FP32, f"{backend} explicit style")
             assert_close_rel(model(x), tensors["output.roll"], FP32, f"{backend} x_style=None")
+
+
+def test_golden_official_training():
+    """float64 training outputs of the official package (make_official_golden.py; VGG19 by
+    `patterned_vgg_`): the four losses, x_recon and every gradient, for the roll and an explicit style."""
+    meta, tensors, state = read_golden(GOLDEN_TRAIN)
+    kwargs = json.loads(meta["kwargs"])
+    x, x_style = tensors["input.x"], tensors["input.x_style"]
+    assert x.dtype == torch.float64 and x.shape[0] >= 3  # batch >= 3: the roll direction is visible
+    for backend in BACKENDS:
+        model = StylizingViT(meta["backbone"], train=True, backend=backend, **kwargs)
+        assert [k for k in model.state_dict()] == json.loads(meta["state_keys"])
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        assert not unexpected and missing == [k for k in model.state_dict() if k.startswith("vgg_encoder.")]
+        model = patterned_vgg_(model.double())
+        for case, args in {"roll": (x, None), "explicit": (x[:2], x_style)}.items():
+            what = f"{backend} {case}"
+            terms, x_recon, grads, _ = train_outputs(model, *args)
+            for name, term, expected in zip(LOSS_FIELDS, terms, tensors[f"{case}.loss"]):
+                assert_close_rel(term, expected, FP64_EXACT, f"{what} loss {name}")
+            assert_close_rel(x_recon, tensors[f"{case}.x_recon"], FP64_EXACT, f"{what} x_recon")
+            expected = {name: tensors[f"{case}.grad.{name}"] for name in grads}
+            assert all(g.abs().max() > 0 for name, g in expected.items() if not name.endswith("k_proj.bias"))
+            err = global_grad_error(grads, expected)
+            assert err <= FP64_EXACT, f"{what}: float64 grad error {err:.3e}"
 
 
 # ---------------------------------------------------------------- live parity with the official package
