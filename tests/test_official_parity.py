@@ -107,6 +107,12 @@ def patterned_vgg_(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def golden_training_cases(x: torch.Tensor, x_style: torch.Tensor) -> dict:
+    """The training golden file's cases, {name: (x, x_style)}: the roll (x of 3) and an explicit style
+    (2 and 2). Also used by make_official_golden.py, so that both sides run the same calls."""
+    return {"roll": (x, None), "explicit": (x[:2], x_style)}
+
+
 def ours_from_state(state: dict, backbone: str, train: bool, backend: str, **kw) -> StylizingViT:
     model = StylizingViT(backbone, train=train, backend=backend, **kw)
     model.load_state_dict(state, strict=True)
@@ -153,7 +159,7 @@ def test_golden_official_training():
         missing, unexpected = model.load_state_dict(state, strict=False)
         assert not unexpected and missing == [k for k in model.state_dict() if k.startswith("vgg_encoder.")]
         model = patterned_vgg_(model.double())
-        for case, args in {"roll": (x, None), "explicit": (x[:2], x_style)}.items():
+        for case, args in golden_training_cases(x, x_style).items():
             what = f"{backend} {case}"
             terms, x_recon, grads, _ = train_outputs(model, *args)
             for name, term, expected in zip(LOSS_FIELDS, terms, tensors[f"{case}.loss"]):

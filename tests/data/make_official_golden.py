@@ -49,7 +49,12 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from helpers import images, train_outputs  # noqa: E402  (from tests/, put on the path just above)
-from test_official_parity import offline_vgg, patterned_vgg_, randomize_official_  # noqa: E402
+from test_official_parity import (  # noqa: E402
+    golden_training_cases,
+    offline_vgg,
+    patterned_vgg_,
+    randomize_official_,
+)
 
 BACKBONE = "golden_custom"
 KWARGS = {"encoder_embed_dim": 96, "encoder_depth": 2, "encoder_num_heads": 2, "input_size": 48}
@@ -99,7 +104,7 @@ def write_train_golden() -> None:
     size = TRAIN_KWARGS["input_size"]
     x, x_style = images(3, size, seed=13, dtype=torch.float64), images(2, size, seed=14, dtype=torch.float64)
     tensors.update({"input.x": x, "input.x_style": x_style})
-    for case, args in {"roll": (x, None), "explicit": (x[:2], x_style)}.items():
+    for case, args in golden_training_cases(x, x_style).items():
         terms, x_recon, grads, _ = train_outputs(model, *args)
         tensors.update({f"{case}.loss": torch.stack(terms), f"{case}.x_recon": x_recon})
         tensors.update({f"{case}.grad.{name}": g for name, g in grads.items()})
