@@ -8,6 +8,8 @@ random from a fixed set (e.g. a few images per target domain).
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from .devices import to_device_async
@@ -30,11 +32,16 @@ class StyleAugment:
     def __init__(self, stylizer, p: float = 0.33, references: torch.Tensor | None = None, generator=None):
         if references is not None and not isinstance(references, torch.Tensor):
             raise TypeError(f"references must be a torch.Tensor, got {type(references).__name__}")
-        if not 0 < p <= 1:
-            raise ValueError(f"p is the fraction of each batch to stylize and must be in (0, 1], got {p}")
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 < p <= 1:
+            raise ValueError(f"p is the fraction of each batch to stylize and must be in (0, 1], got {p!r}")
         if references is not None and (references.dim() != 4 or references.shape[0] == 0):
             raise ValueError(
                 f"references must be a non-empty (R, C, H, W) batch, got {tuple(references.shape)}"
+            )
+        if references is not None and not references.is_floating_point():
+            raise ValueError(
+                f"references must be floating-point images normalized as the stylizer's inputs, got "
+                f"{references.dtype} (e.g. image.float() / 255, then the dataset's normalization)"
             )
         if generator is not None and (
             not isinstance(generator, torch.Generator) or generator.device.type != "cpu"

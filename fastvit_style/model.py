@@ -108,7 +108,8 @@ class StylizingViT(nn.Module):
 
         refs: (B, K) bank indices per image; k: draw K per image with `generator`; default: all of them.
         The content stream runs once per image and the bank's cached style K/V are reused (see tta.py);
-        at most about chunk_size (image, reference) pairs are in flight at once.
+        at most about chunk_size (image, reference) pairs are in flight at once. The bank's K/V are
+        constants to autograd: gradients reach x and the weights of its streams, not the references'.
         """
         return stylize(self, x, bank, refs=refs, k=k, generator=generator, chunk_size=chunk_size)
 

@@ -4,6 +4,7 @@ with them (why that is all a stylization needs: fastvit_style.tta's docstring). 
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import weakref
 
@@ -21,6 +22,32 @@ _BANK_TAG = "fastvit_style.StyleBank"  # safetensors metadata "kind": tells a ba
 
 def _model_dtype(model) -> torch.dtype:
     return model.encoder.pos_embed.dtype
+
+
+def _unwrapped(model):
+    """The module itself under a torch.compile wrapper: one entry per model among the verified ones."""
+    return getattr(model, "_orig_mod", model)
+
+
+def _require_values(model) -> None:
+    if model.encoder.pos_embed.is_meta:  # the fingerprint reads the weights' values
+        raise ValueError(
+            "a style bank needs weights with values: the model is on the meta device (shapes only)"
+        )
+
+
+def _version(params: tuple) -> int | None:
+    """Sum of the parameters' version counters, which every in-place write through autograd's view of
+    a tensor raises (optimizer steps, load_state_dict's copy_); None where inference tensors have none."""
+    if any(p.is_inference() for p in params):
+        return None
+    return sum(p._version for p in params)
+
+
+def check_count(name: str, value) -> None:
+    """ValueError unless value is a positive integer (a bool is not one)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def describe_value(obj) -> str:
@@ -45,8 +72,11 @@ class StyleBank:
     config: the model's config dict; fingerprint: `weight_fingerprint` of the model that built it.
 
     A bank is checked against a model (config and weight fingerprint) the first time it is used with
-    it, and again when the model's dtype has changed since; later in-place changes to that model's
-    weight values are not seen: rebuild the bank after training.
+    it, and again when the model's dtype has changed since or its parameters were written in place
+    (an optimizer step, load_state_dict): a bank of weights that have changed is refused, so rebuild it
+    after training. Writes through `.data` and parameters replaced by new objects are not seen. The
+    bank's K/V are constants to autograd: gradients through a stylization reach the content image and
+    the weights of its content and stylized streams, not the references' stream.
     The fingerprint covers the dtype: build the bank with the model in the dtype it will run in (for
     mixed precision keep the model in float32 and use torch.autocast; the bank may then be converted
     to the autocast dtype with `bank.to(dtype=torch.bfloat16)`, same results, half the memory).
@@ -57,6 +87,7 @@ class StyleBank:
             if not isinstance(t, torch.Tensor) or not t.is_floating_point():
                 raise TypeError(f"bank {name} must be a floating-point torch.Tensor, got {describe_value(t)}")
         cfg = ModelConfig(**config)
+        cfg.validate()
         R = k.shape[1] if k.dim() == 5 else 0
         for name, t in (("k", k), ("v", v)):
             if R < 1 or tuple(t.shape) != (cfg.depth, R, cfg.num_tokens, cfg.num_heads, cfg.head_dim):
@@ -69,8 +100,8 @@ class StyleBank:
                 f"bank k and v must share dtype and device, got {k.dtype}/{k.device} and {v.dtype}/{v.device}"
             )
         self.k, self.v, self.config, self.fingerprint = k, v, cfg.to_dict(), fingerprint
-        # Models already verified against this bank, with their dtype then (an in-place .double() after
-        # the check changes the fingerprint: such a model is checked again).
+        # Models already verified against this bank: (dtype, parameters, their version sum) then. An
+        # in-place .double() or optimizer step after the check may change the fingerprint: checked again.
         self._checked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     @classmethod
@@ -81,12 +112,8 @@ class StyleBank:
         batch_size references are encoded at a time; under autocast the K/V are computed in the autocast
         dtype and stored in the model's dtype.
         """
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        if model.encoder.pos_embed.is_meta:  # the fingerprint reads the weights' values
-            raise ValueError(
-                "a style bank needs weights with values: the model is on the meta device (shapes only)"
-            )
+        check_count("batch_size", batch_size)
+        _require_values(model)
         model._check_inputs(refs, None, names=("refs", ""))
         enc, cfg = model.encoder, model.config
         attend = attention_for(model.backend, refs.device)
@@ -103,7 +130,7 @@ class StyleBank:
                 if i < cfg.depth - 1:  # S^D is never read
                     S = block_with_kv(blk, S, k, v, own, attend)
         bank = cls(k_all, v_all, cfg.to_dict(), weight_fingerprint(model))
-        bank._checked[model] = _model_dtype(model)  # made from this very model: no second hash of its weights
+        bank._remember(model)  # made from this very model: no second hash of its weights
         return bank
 
     def __len__(self) -> int:
@@ -150,8 +177,14 @@ class StyleBank:
 
     # ------------------------------------------------------------------------------------------- checks
 
+    def _remember(self, model) -> None:
+        model = _unwrapped(model)
+        params = tuple(model.parameters())
+        self._checked[model] = (_model_dtype(model), params, _version(params))
+
     def check(self, model) -> None:
         """Raise ValueError unless `model` has this bank's config and weights. Hashes every weight."""
+        _require_values(model)
         config = model.config.to_dict()
         if config != self.config:
             diff = ", ".join(
@@ -167,14 +200,20 @@ class StyleBank:
                 f"model {fingerprint}; they cover the weights' dtype too, {_model_dtype(model)} in the model); "
                 "rebuild it with StyleBank.from_images(model, refs)"
             )
-        self._checked[model] = _model_dtype(model)
+        self._remember(model)
 
     def verify(self, model) -> None:
-        """Weights (`check`, once per model object and dtype) and placement (every call) before a
-        stylization."""
+        """Weights (`check`, once per model object and dtype, and again after in-place writes to its
+        parameters) and placement (every call) before a stylization."""
         dtype, device = _model_dtype(model), model.encoder.pos_embed.device
+        seen = self._checked.get(_unwrapped(model))
         # Weights first: a bank of other weights (or of these in another dtype) is rebuilt, not moved.
-        if self._checked.get(model) != dtype:
+        # Dynamo cannot trace the version check (is_inference): a compiled call leaves it to eager ones.
+        if (
+            seen is None
+            or seen[0] != dtype
+            or (not torch.compiler.is_compiling() and seen[2] != _version(seen[1]))
+        ):
             self.check(model)
         # Under autocast the attention casts K/V to the autocast dtype anyway: a bank already in that
         # dtype gives the same numbers and saves the cast (and half the memory) on every call.
@@ -193,6 +232,8 @@ class StyleBank:
         import safetensors.torch
 
         path = os.fspath(path)
+        if os.path.isdir(path):
+            raise ValueError(f"cannot save the style bank to {path!r}: it is a folder; give a file name")
         if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             raise ValueError(f"cannot save the style bank to {path!r}: its folder does not exist")
         tensors = {"k": self.k.detach().to("cpu").contiguous(), "v": self.v.detach().to("cpu").contiguous()}
@@ -212,6 +253,9 @@ class StyleBank:
         from safetensors import SafetensorError, safe_open
 
         path = os.fspath(path)
+        if not os.path.isfile(path):
+            what = "is a folder, not a StyleBank file" if os.path.isdir(path) else "does not exist"
+            raise FileNotFoundError(f"style bank {path!r} {what}")
         try:
             with safe_open(path, framework="pt", device="cpu") as f:
                 meta = f.metadata() or {}
@@ -224,12 +268,14 @@ class StyleBank:
             raise ValueError(f"{path!r} is truncated or corrupt, or not a safetensors file ({e})") from e
         try:
             config, fingerprint = json.loads(meta["config"]), meta["fingerprint"]
-        except (KeyError, ValueError) as e:
+            if not isinstance(config, dict):
+                raise ValueError("config is not an object")
+            ModelConfig(**config).validate()
+        except (KeyError, TypeError, ValueError) as e:
             raise ValueError(
-                f"{path!r} is a StyleBank file with damaged metadata ({type(e).__name__}: {e})"
+                f"{path!r} is a StyleBank file with damaged metadata, or one written by another version "
+                f"({type(e).__name__}: {e})"
             ) from e
-        if not isinstance(config, dict):
-            raise ValueError(f"{path!r} is a StyleBank file with damaged metadata (config is not an object)")
         bank = cls(k, v, config, fingerprint)
         if model is not None:
             bank.check(model)

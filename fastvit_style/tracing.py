@@ -19,3 +19,9 @@ def traced(*tensors: Tensor) -> bool:
         or torch.jit.is_tracing()
         or any(type(t) not in _PLAIN_TENSORS or not torch._C._has_storage(t) for t in tensors)
     )
+
+
+def has_values(t: Tensor) -> bool:
+    """Whether t's values can be read here: a plain tensor with storage, not on the meta device (fake,
+    functional and batched tensors have none)."""
+    return type(t) in _PLAIN_TENSORS and torch._C._has_storage(t) and not t.is_meta

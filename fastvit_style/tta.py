@@ -12,6 +12,7 @@ Triton kernels read the bank in place, the PyTorch op gathers K/V per query sequ
 
 from __future__ import annotations
 
+import numbers
 import warnings
 
 import torch
@@ -21,7 +22,7 @@ from torch import nn
 from .backends import attention_for
 from .block import block_forward, block_with_kv, project_kv, project_q
 from .devices import to_device_async
-from .style_bank import StyleBank, describe_value
+from .style_bank import StyleBank, check_count, describe_value
 
 REDUCTIONS = ("mean_prob", "vote")
 
@@ -36,6 +37,11 @@ def _check_bank(bank) -> None:
 def _check_generator(generator) -> None:
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {describe_value(generator)}")
+
+
+def _check_k(k, num_refs: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= num_refs:
+        raise ValueError(f"k must be an int in 1..{num_refs} (the bank size), got {k!r}")
 
 
 def select_refs(num_refs: int, batch: int, refs=None, k: int | None = None, generator=None) -> torch.Tensor:
@@ -60,10 +66,9 @@ def select_refs(num_refs: int, batch: int, refs=None, k: int | None = None, gene
     if k is None:
         return torch.arange(num_refs).expand(batch, num_refs)
     _check_generator(generator)
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_refs:
-        raise ValueError(f"k must be an int in 1..{num_refs} (the bank size), got {k!r}")
+    _check_k(k, num_refs)
     device = generator.device if generator is not None else "cpu"
-    return torch.rand(batch, num_refs, generator=generator, device=device).argsort(dim=1)[:, :k]
+    return torch.rand(batch, num_refs, generator=generator, device=device).argsort(dim=1)[:, : int(k)]
 
 
 def stylize(model, x: torch.Tensor, bank: StyleBank, refs=None, k=None, generator=None, chunk_size: int = 64):
@@ -72,7 +77,8 @@ def stylize(model, x: torch.Tensor, bank: StyleBank, refs=None, k=None, generato
     refs: (B, K) bank indices per image; k: K drawn per image at random (see `select_refs`); default:
     every bank entry. Equal to `model(x[b:b+1], ref_j)` for each pair. At most about chunk_size
     (image, reference) pairs are in flight at once (one image's K pairs when K exceeds it, split into
-    chunk_size slices that each rerun its content stream). Honours the ambient grad mode and autocast.
+    chunk_size slices that each rerun its content stream). Honours the ambient grad mode and autocast;
+    the bank's K/V are constants to autograd (no gradient reaches the weights through the references).
     """
     _check_stylize(model, x, bank, chunk_size)
     return _stylize(model, x, bank, select_refs(len(bank), x.shape[0], refs, k, generator), chunk_size)
@@ -80,8 +86,7 @@ def stylize(model, x: torch.Tensor, bank: StyleBank, refs=None, k=None, generato
 
 def _check_stylize(model, x: torch.Tensor, bank: StyleBank, chunk_size) -> None:
     _check_bank(bank)
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    check_count("chunk_size", chunk_size)
     model._check_inputs(x, None)
     bank.verify(model)
 
@@ -159,13 +164,18 @@ class TTAClassifier(nn.Module):
         super().__init__()
         if reduce not in REDUCTIONS:
             raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
+        if not isinstance(classifier, nn.Module):
+            raise TypeError(
+                f"classifier must be an nn.Module (wrap a function in one), got {describe_value(classifier)}"
+            )
         _check_bank(bank)
         _check_generator(generator)
+        check_count("chunk_size", chunk_size)
         if k is not None:
-            select_refs(len(bank), 1, k=k)  # validates k against the bank size
+            _check_k(k, len(bank))
         self.classifier, self.stylizer, self.bank = classifier, stylizer, bank
-        self.k, self.include_original, self.reduce = k, include_original, reduce
-        self.generator, self.chunk_size = generator, chunk_size
+        self.k, self.include_original, self.reduce = None if k is None else int(k), include_original, reduce
+        self.generator, self.chunk_size = generator, int(chunk_size)
 
     def _apply(self, fn, recurse=True):
         # .to(device)/.cuda() carry the bank along with the stylizer (its dtype stays: see StyleBank).

@@ -66,7 +66,7 @@ def test_a_generator_that_is_not_a_cpu_generator_is_refused(stylizer):
         StyleAugment(stylizer, generator=0)
 
 
-@pytest.mark.parametrize("p", [0, -0.1, 1.5])
+@pytest.mark.parametrize("p", [0, -0.1, 1.5, True, "0.5", None])
 def test_bad_p_is_refused(stylizer, p):
     with pytest.raises(ValueError, match=r"p .* must be in \(0, 1\]"):
         StyleAugment(stylizer, p=p)
@@ -86,3 +86,5 @@ def test_bad_inputs_name_what_the_user_passed(stylizer):
         StyleAugment(stylizer)([torch.randn(3, 32, 32)])
     with pytest.raises(TypeError, match="references must be a torch.Tensor, got list"):
         StyleAugment(stylizer, references=[torch.randn(3, 32, 32)])
+    with pytest.raises(ValueError, match="references must be floating-point images normalized.*torch.uint8"):
+        StyleAugment(stylizer, references=torch.zeros(2, 3, 32, 32, dtype=torch.uint8))

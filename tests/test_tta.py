@@ -5,6 +5,7 @@ import argparse
 import copy
 import csv
 import importlib.util
+import json
 import os
 import shutil
 import struct
@@ -187,6 +188,39 @@ def test_bank_refused_for_other_weights(setup, tmp_path, monkeypatch):
     assert len(calls) == 1
 
 
+def test_bank_refused_once_the_model_is_written_in_place(setup):
+    """An optimizer step after the bank was checked is seen at the next call; writing the same values
+    back (load_state_dict) passes the check again."""
+    _, model, refs, _ = setup
+    trained = copy.deepcopy(model)
+    bank = StyleBank.from_images(trained, refs[:2])
+    x = images(1, SIZE)
+    before = stylize(trained, x, bank)
+    saved = copy.deepcopy(trained.state_dict())
+    for p in trained.parameters():
+        p.grad = torch.randn_like(p)
+    torch.optim.SGD(trained.parameters(), lr=1e-3).step()
+    with pytest.raises(ValueError, match="built with other weights .fingerprints differ"):
+        stylize(trained, x, bank)
+    trained.load_state_dict(saved)
+    torch.testing.assert_close(stylize(trained, x, bank), before, rtol=0, atol=0)
+
+
+def test_bank_of_a_compiled_model_serves_the_model_and_its_compiled_calls(setup):
+    """A bank made through a torch.compile wrapper knows the wrapped model: one entry, and a compiled
+    stylization of the plain model traces (dynamo failed on two entries for one module)."""
+    _, model, refs, _ = setup
+    plain = copy.deepcopy(model)
+    wrapper = torch.compile(plain, backend="eager")  # alive throughout: the bank holds it weakly
+    bank = StyleBank.from_images(wrapper, refs[:2])
+    x = images(2, SIZE)
+    with torch.no_grad():
+        eager = stylize(plain, x, bank)
+        compiled = torch.compile(lambda x: stylize(plain, x, bank), backend="eager", fullgraph=True)(x)
+    assert len(bank._checked) == 1 and wrapper is not None
+    assert_close_rel(compiled, eager, FP32, "compiled stylization")
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
@@ -200,6 +234,7 @@ def test_bank_refused_for_other_weights(setup, tmp_path, monkeypatch):
         ({"k": True}, "1..8"),
         ({"k": 1, "refs": torch.zeros(1, 1, dtype=torch.long)}, "not both"),
         ({"chunk_size": 0}, "chunk_size"),
+        ({"chunk_size": True}, "chunk_size"),
     ],
 )
 def test_bad_arguments(setup, kwargs, match):
@@ -218,6 +253,8 @@ def test_bad_images(setup):
         StyleBank.from_images(model, images(0, SIZE))
     with pytest.raises(ValueError, match="the model is on the meta device"):
         StyleBank.from_images(copy.deepcopy(model).to("meta"), images(1, SIZE))
+    with pytest.raises(ValueError, match="the model is on the meta device"):
+        stylize(copy.deepcopy(model).to("meta"), images(1, SIZE).to("meta"), bank)
 
 
 def test_wrong_types_and_damaged_banks(setup, tmp_path):
@@ -241,6 +278,19 @@ def test_wrong_types_and_damaged_banks(setup, tmp_path):
     )
     with pytest.raises(ValueError, match="damaged metadata"):
         StyleBank.load(damaged)
+    for config in ({**bank.config, "colour": 1}, {**bank.config, "depth": "3"}):  # a newer or edited file
+        meta = {"kind": style_bank_mod._BANK_TAG, "config": json.dumps(config), "fingerprint": "0"}
+        safetensors.torch.save_file({"k": bank.k, "v": bank.v}, damaged, metadata=meta)
+        with pytest.raises(ValueError, match="damaged metadata, or one written by another version"):
+            StyleBank.load(damaged)
+    with pytest.raises(FileNotFoundError, match="is a folder, not a StyleBank file"):
+        StyleBank.load(tmp_path)
+    with pytest.raises(ValueError, match="it is a folder"):
+        bank.save(tmp_path)
+    with pytest.raises(TypeError, match="classifier must be an nn.Module"):
+        TTAClassifier(lambda x: x.mean((2, 3)), model, bank)
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        TTAClassifier(toy_classifier(), model, bank, chunk_size=0)
     half = bank.to(torch.float16)  # a dtype first, as for a tensor
     assert half.dtype == torch.float16 and half.device == bank.device
 
@@ -565,7 +615,8 @@ def test_cli_user_errors_are_one_line(folders, capsys, monkeypatch):
     fails_with([*on_meta, "--out", str(tmp / "o")], "device 'meta' holds no data")
     kwargs_at = stylize_args.index("--model-kwargs") + 1
     for kwargs, message in [("[1]", "must be a JSON object"), ('{"colour": 1}', "unexpected keyword argument"),
-                            ('{"encoder_depth": "x"}', "depth must be an integer")]:  # fmt: skip
+                            ('{"encoder_depth": "x"}', "depth must be an integer"),
+                            ('{"in_channel": 1}', "the commands read images as RGB")]:  # fmt: skip
         bad_kwargs = [*stylize_args[:kwargs_at], kwargs, *stylize_args[kwargs_at + 1 :]]
         fails_with([*bad_kwargs, "--out", str(tmp / "o")], message)
     tta_args = ["tta", *base, "--refs", str(tmp / "styles"), "--images", str(tmp / "content"), "--k", "2"]
@@ -735,6 +786,17 @@ def test_cli_outputs_never_overwrite_each_other_nor_become_inputs(folders, capsy
     os.remove(tmp / "content" / "more")
     assert run_stylize(tmp, base, ".") == 0  # above the inputs: its outputs lie in no input folder
     assert sorted(p for p in os.listdir(tmp) if p.endswith(".png")) == expected
+
+
+def test_tta_classifier_draws_only_from_its_generator(setup):
+    """Building it checks k without a draw; a call with a generator leaves the global RNG alone; a
+    NumPy integer k is an int."""
+    _, model, _, bank = setup
+    classifier = toy_classifier(2)  # seeds the global RNG
+    state = torch.get_rng_state()
+    tta = TTAClassifier(classifier, model, bank, k=np.int64(2), generator=torch.Generator().manual_seed(0))
+    tta(images(1, SIZE))
+    assert torch.equal(torch.get_rng_state(), state) and tta.num_views == 3
 
 
 def test_bank_pickles(setup):

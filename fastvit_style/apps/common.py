@@ -91,7 +91,13 @@ def stylizer_config(args) -> tuple[ModelConfig, dict]:
     if not isinstance(kwargs, dict):
         raise SystemExit(f"error: --model-kwargs must be a JSON object, got {args.model_kwargs!r}")
     check_backbone(args.backbone, kwargs)
-    return check_model_kwargs("--model-kwargs", args.backbone, kwargs), kwargs
+    config = check_model_kwargs("--model-kwargs", args.backbone, kwargs)
+    if config.in_channel != 3:
+        raise ValueError(
+            f"--model-kwargs in_channel={config.in_channel}: the commands read images as RGB (3 channels); "
+            "for other channel counts use the Python API"
+        )
+    return config, kwargs
 
 
 def load_stylizer(args):

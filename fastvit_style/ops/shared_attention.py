@@ -8,12 +8,13 @@ when the Triton backend runs.
 
 import importlib.util
 import math
+import numbers
 
 import torch
 from torch import Tensor
 
 from ..devices import autocast_dtype
-from ..tracing import traced
+from ..tracing import has_values, traced
 from ._index_maps import check_index_range, inverse_kv_map, shared_inverse
 from ._torch_impl import shared_attention_torch
 from ._xformers_impl import shared_attention_xformers, xformers_unavailable_reason
@@ -31,6 +32,8 @@ _triton_error = None if importlib.util.find_spec("triton") else "the triton pack
 # chunks of sequences there (the Triton kernels have no such limit).
 _MAX_SEQUENCES_PER_CALL = 65535
 _CHUNKED_DEVICES = ("cuda",)
+# The kernels multiply the logits by scale * log2(e) in float32: a larger scale overflows there.
+_MAX_SCALE = torch.finfo(torch.float32).max / math.log2(math.e)
 
 
 def shared_attention(
@@ -61,7 +64,9 @@ def shared_attention(
     check_index=False skips the eager range check of kv_index (a device sync): for callers that
     build the map themselves, like the model's schedule.
     Returns (Sq, Tq, H, d) in q's dtype; differentiable in q, k and v (reverse mode: the Triton backend
-    refuses forward-mode AD, as PyTorch's SDPA does).
+    refuses forward-mode AD, as PyTorch's SDPA does). Under the differentiating torch.func transforms
+    (grad, vjp, jacrev, jvp), whose derivatives the custom ops cannot take, "auto" runs the PyTorch path
+    and "triton" raises NotImplementedError; vmap alone runs either.
     """
     for name, t in (("q", q), ("k", k), ("v", v), ("kv_index", kv_index)):
         if not isinstance(t, Tensor):
@@ -90,13 +95,14 @@ def _in_sequence_chunks(attention, q: Tensor, k: Tensor, v: Tensor, kv_index: Te
 
 
 def _finite_scale(scale) -> float:
-    try:
-        value = float(scale)
-    except (TypeError, ValueError):
-        value = None
-    if value is None or not math.isfinite(value):
-        raise ValueError(f"scale must be a finite real number (or None for d**-0.5), got {scale!r}")
-    return value
+    # A Python (or NumPy) number: a tensor would be read once in eager mode (its gradient dropped) and
+    # be a data-dependent guard under torch.compile.
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not abs(scale) <= _MAX_SCALE:
+        raise ValueError(
+            f"scale must be a finite real number of at most {_MAX_SCALE:.3g} in magnitude (a Python float, "
+            f"not a tensor; or None for d**-0.5), got {scale!r}"
+        )
+    return float(scale)
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, kv_index: Tensor, check_index: bool = True) -> None:
@@ -130,8 +136,8 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, kv_index: Tensor, check_index
         raise ValueError(
             f"k and v need at least one sequence and key (Skv, Tk >= 1) when Sq > 0, got Skv={Skv}, Tk={Tk}"
         )
-    # Reading kv_index syncs the device and would break the graph: eager mode only.
-    if check_index and Sq > 0 and not torch.compiler.is_compiling():
+    # Reading kv_index syncs the device and would break the graph: eager mode, on a map with values.
+    if check_index and Sq > 0 and not torch.compiler.is_compiling() and has_values(kv_index):
         check_index_range(kv_index, Skv)
 
 
@@ -148,10 +154,32 @@ def _resolve_backend(backend: str, q: Tensor) -> str:
         return backend
     reason = triton_unavailable_reason(q.device, q.dtype, q.shape[-1])
     if reason is None:
-        return "triton"
+        transform = _differentiating_transform()
+        if transform is None:
+            return "triton"
+        if backend == "auto":
+            return "torch"
+        what = "forward-mode AD (torch.func.jvp)" if transform == "jvp" else "torch.func.grad, vjp and jacrev"
+        raise NotImplementedError(
+            f"the Triton backend of shared_attention does not implement {what} (its custom ops cannot "
+            "be differentiated inside torch.func transforms): use backend='torch' or 'auto'"
+            + ("" if transform == "jvp" else ", or torch.autograd.grad")
+        )
     if backend == "auto":
         return "torch"
     raise ValueError(f"backend='triton' cannot run here: {reason}")
+
+
+def _differentiating_transform() -> str | None:
+    """'jvp' or 'grad' (grad, vjp, jacrev) when such a torch.func transform wraps this eager call, else None."""
+    if not torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+        return None
+    from torch._C._functorch import TransformType, get_interpreter_stack
+
+    keys = {layer.key() for layer in get_interpreter_stack() or ()}
+    if TransformType.Jvp in keys:  # the custom op alone would carry a zero tangent without a word
+        return "jvp"
+    return "grad" if TransformType.Grad in keys else None
 
 
 def triton_unavailable_reason(
@@ -272,6 +300,9 @@ class _EagerTritonAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, kv_index, scale):
         output = _triton_forward(q, k, v, kv_index, scale)
+        # Inference tensors cannot be saved for backward (a bank made under inference_mode, read by
+        # queries that need a gradient): a copy can.
+        k, v, kv_index = (t.clone() if t.is_inference() else t for t in (k, v, kv_index))
         _setup_context(ctx, (q, k, v, kv_index, scale), output)
         ctx.inverse = shared_inverse(kv_index, k.shape[0])  # one inversion for all layers reading the map
         return output
@@ -289,22 +320,10 @@ class _EagerTritonAttention(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
-def _refuse_forward_ad() -> None:
-    # torch.func.jvp would carry a zero tangent through the custom op without a word: refuse, as SDPA does.
-    from torch._C._functorch import TransformType, get_interpreter_stack
-
-    if any(layer.key() == TransformType.Jvp for layer in get_interpreter_stack() or ()):
-        raise NotImplementedError(
-            "forward-mode AD (torch.func.jvp) is not implemented by the Triton backend of shared_attention"
-        )
-
-
 def _triton_attention(q: Tensor, k: Tensor, v: Tensor, kv_index: Tensor, scale: float) -> Tensor:
     # The kernels read the map as a plain array (a strided or expanded one would be misread); a
     # contiguous map is returned as it is, so the per-map caches of the model's layers still hit.
     kv_index = kv_index.contiguous()
-    if torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling():
-        _refuse_forward_ad()
     if traced(q, k, v, kv_index):  # tracers and transforms must see the custom op, not launches
         return shared_attention_fwd_op(q, k, v, kv_index, scale)[0]
     backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)

@@ -104,12 +104,23 @@ def test_empty_batch(Sq, Skv, backend_device):
     assert (dk == 0).all() and (dv == 0).all()
 
 
-def test_meta_tensors_give_shapes():
-    """Shape propagation on the meta device (no autocast there), as for any torch op; no range check."""
+def test_meta_and_fake_tensors_give_shapes():
+    """Shape propagation on the meta device (no autocast there), under FakeTensorMode and make_fx, as for
+    any torch op: the range check, which needs values, is skipped rather than failing."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
     q, k, v = (torch.empty(3, 7, 2, 32, device="meta") for _ in range(3))
     kv_index = torch.empty(3, dtype=torch.int32, device="meta")
-    out = shared_attention(q, k[:2], v[:2], kv_index, backend="torch", check_index=False)
+    out = shared_attention(q, k[:2], v[:2], kv_index, backend="torch")
     assert out.shape == (3, 7, 2, 32) and out.device.type == "meta"
+    with FakeTensorMode():
+        q, k, v = (torch.empty(3, 7, 2, 32) for _ in range(3))
+        assert shared_attention(q, k[:2], v[:2], torch.zeros(3, dtype=torch.int32)).shape == (3, 7, 2, 32)
+    q, k, v, kv_index = make_inputs(2, 2, 5, 5, 1, 16, [1, 0])
+    q, k, v = (t.detach() for t in (q, k, v))
+    graph = make_fx(lambda q, k, v, i: shared_attention(q, k, v, i), tracing_mode="fake")(q, k, v, kv_index)
+    torch.testing.assert_close(graph(q, k, v, kv_index), shared_attention(q, k, v, kv_index))
 
 
 def test_autocast(backend_device):
@@ -291,6 +302,39 @@ def test_forward_mode_ad_is_refused():
         shared_attention(fwAD.make_dual(q, q), k, v, kv_index, backend="triton")
 
 
+def test_torch_func_gradients_take_the_torch_path_or_are_refused():
+    """torch.func.grad/vjp/jacrev cannot differentiate the custom ops (upstream: their generated
+    autograd.Function has no setup_context): "auto" runs the PyTorch path, "triton" says so; vmap runs."""
+    q, k, v, kv_index = make_inputs(2, 2, 5, 5, 1, 16, [1, 0])
+    q, k, v = (t.detach() for t in (q, k, v))
+
+    def loss(backend):
+        return lambda q: shared_attention(q, k, v, kv_index, backend=backend).pow(2).sum()
+
+    q_leaf = q.clone().requires_grad_()
+    (expected,) = torch.autograd.grad(loss("triton")(q_leaf), q_leaf)
+    assert rel_err(torch.func.grad(loss("auto"))(q), expected.double()) <= 1e-6
+    for transform in (torch.func.grad, torch.func.jacrev):
+        with pytest.raises(NotImplementedError, match="torch.func.grad, vjp and jacrev.*backend='torch'"):
+            transform(loss("triton"))(q)
+    batched = torch.func.vmap(lambda q: shared_attention(q, k, v, kv_index, backend="triton"))(q[None])
+    torch.testing.assert_close(batched[0], shared_attention(q, k, v, kv_index, backend="triton"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_inference_mode_keys_and_values_with_trainable_queries(backend):
+    """K/V made under inference_mode (a style bank) read by queries that need a gradient: the Triton
+    path saves copies for its backward (inference tensors cannot be saved)."""
+    q, k, v, kv_index = make_inputs(2, 2, 5, 5, 1, 16, [1, 0])
+    with torch.inference_mode():
+        k_inf, v_inf, index_inf = k.detach().clone(), v.detach().clone(), kv_index.clone()
+    do = torch.randn(2, 5, 1, 16)
+    out = shared_attention(q, k_inf, v_inf, index_inf, backend=backend)
+    (dq,) = torch.autograd.grad(out, q, do)
+    ref_out, (ref_dq, _, _) = reference(q, k, v, kv_index, do)
+    assert rel_err(out, ref_out) <= 1e-6 and rel_err(dq, ref_dq) <= 1e-6
+
+
 def test_compiled_autograd_over_an_eager_forward():
     """Compiled autograd traces the eager Function's backward: it must meet the custom op there."""
     from torch._dynamo import compiled_autograd
@@ -374,6 +418,10 @@ def _valid(**changes):
         (lambda t: {"scale": float("nan")}, r"scale must be a finite real number .*got nan"),
         (lambda t: {"scale": float("-inf")}, r"scale must be a finite real number .*got -inf"),
         (lambda t: {"scale": [0.5]}, r"scale must be a finite real number .*got \[0.5\]"),
+        (lambda t: {"scale": torch.tensor(0.5)}, r"scale must be .*not a tensor.*got tensor\(0.5000\)"),
+        (lambda t: {"scale": "0.5"}, r"scale must be a finite real number .*got '0.5'"),
+        (lambda t: {"scale": True}, r"scale must be a finite real number .*got True"),
+        (lambda t: {"scale": 1e39}, r"scale must be a finite real number of at most 2.36e\+38 .*got 1e\+39"),
         (
             lambda t: {"q": t["q"][..., :0], "k": t["k"][..., :0], "v": t["v"][..., :0]},
             r"head dim d of q, k and v must be at least 1",
@@ -398,6 +446,10 @@ def _valid(**changes):
         "scale-nan",
         "scale-inf",
         "scale-list",
+        "scale-tensor",
+        "scale-str",
+        "scale-bool",
+        "scale-overflows-fp32",
         "d0",
     ],
 )
