@@ -10,6 +10,7 @@ from .backends import attention_for, check_backend
 from .configs import DEFAULT_DATASET, make_config
 from .devices import autocast_dtype
 from .layers import Mlp, VGG19Features, ViTEncoder
+from .layers.unmodified import check_unmodified
 from .losses import check_loss_images, compute_loss
 from .reference.losses import Loss
 from .tta import stylize
@@ -50,7 +51,7 @@ class StylizingViT(nn.Module):
         self._check_inputs(x, x_style)
         if self.backend == "reference":
             return reference.forward(self, x, x_style)
-        attend = attention_for(self.backend, x.device)
+        attend = self._fast_attention(x.device)
         streams = schedule.encode(self.encoder, x, x_style, attend, keep_content=self.training_mode)
         if not self.training_mode:
             return self.reconstruct_patches(streams.z_t)
@@ -62,6 +63,12 @@ class StylizingViT(nn.Module):
             z_all = torch.cat([streams.z_t, streams.z, streams.z_s])
             x_stylized, x_recon, x_style_recon = self.reconstruct_patches(z_all).split(B)
         return compute_loss(self.vgg_encoder, x, x_style, x_stylized, x_recon, x_style_recon), x_recon
+
+    def _fast_attention(self, device: torch.device):
+        """attend(q, k, v, kv_index) of the fast path (schedule, style bank, TTA) on `device`, once the
+        encoder's layers are found unmodified (ValueError naming a replaced or hooked one)."""
+        check_unmodified(self.encoder)
+        return attention_for(self.backend, device)
 
     # The official model's attributes and helper methods, for code written against it.
     @property

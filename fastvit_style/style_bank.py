@@ -11,7 +11,6 @@ import weakref
 import torch
 
 from .atomic import atomic_path
-from .backends import attention_for
 from .block import block_with_kv, project_kv
 from .configs import ModelConfig
 from .devices import autocast_dtype
@@ -116,7 +115,7 @@ class StyleBank:
         _require_values(model)
         model._check_inputs(refs, None, names=("refs", ""))
         enc, cfg = model.encoder, model.config
-        attend = attention_for(model.backend, refs.device)
+        attend = model._fast_attention(refs.device)
         shape = (cfg.depth, refs.shape[0], cfg.num_tokens, cfg.num_heads, cfg.head_dim)
         k_all = refs.new_empty(shape, dtype=_model_dtype(model))
         v_all = torch.empty_like(k_all)

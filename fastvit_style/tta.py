@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backends import attention_for
 from .block import block_forward, block_with_kv, project_kv, project_q
 from .devices import to_device_async
 from .style_bank import StyleBank, check_count, describe_value
@@ -96,7 +95,7 @@ def _stylize(model, x: torch.Tensor, bank: StyleBank, index: torch.Tensor, chunk
     (checking drawn indices again would cost a sync where they were drawn on the GPU)."""
     index = to_device_async(index, x.device)
     B, K = index.shape
-    attend = attention_for(model.backend, x.device)
+    attend = model._fast_attention(x.device)
     per, kc = max(1, chunk_size // K), min(K, chunk_size)
     rows = []
     for b in range(0, B, per):

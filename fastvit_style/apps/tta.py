@@ -5,6 +5,7 @@ TorchScript file (torch.jit.load), a torch.export archive (.pt2), or `module:cal
 nn.Module (the current folder is importable). N is --batch-size times the views per image, fewer in
 the last batch: an archive must be exported with a dynamic batch dimension. Writes a CSV with one
 row per image: path (below --images), predicted class, and the aggregated probability of each class.
+Every form of classifier is code that runs here (torch.export.load unpickles): trust it as a program.
 """
 
 import csv
@@ -42,7 +43,8 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--classifier",
         required=True,
-        help="TorchScript file, .pt2 export, or module:callable returning an nn.Module",
+        help="TorchScript file, .pt2 export, or module:callable returning an nn.Module (each runs as code: "
+        "give only files you trust)",
     )
     parser.add_argument("--out", required=True, help="CSV file of predictions")
     parser.add_argument(

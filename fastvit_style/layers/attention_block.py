@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from ..reference.attention import cross_attention_block
+from ..reference.attention import cross_attention, cross_attention_block
 from .mlp import Mlp
 
 
@@ -16,14 +16,26 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(dim, dim, bias=qkv_bias)
         self.out_proj = nn.Linear(dim, dim)
 
+    @property
+    def head_dim(self) -> int:
+        return self.q_proj.in_features // self.num_heads
+
+    @property
+    def scale(self) -> float:
+        return self.head_dim**-0.5
+
+    def forward(self, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+        """The official CrossAttention call: X (B, T, L) normed queries, Y (B, T, L) normed keys/values."""
+        return cross_attention(self, X, Y)
+
 
 class CrossAttentionBlock(nn.Module):
     """One layer f_i(Q_in, KV_in) (shared doc 1.3); its weights serve every stream of the layer.
 
     Only two LayerNorms: `norm_input` normalises the queries and, again, the MLP input;
     `norm_context` normalises the keys/values. The math lives in `reference.attention` (the
-    specification) and `block` (the batched fast path); the model's forward never calls this module
-    (so its hooks do not fire there), but a direct call computes the official block.
+    specification) and `block` (the batched fast path). The fast path never calls this module (it
+    refuses replaced or hooked layers: `unmodified`); backend='reference' and a direct call do.
     """
 
     def __init__(

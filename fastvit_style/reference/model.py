@@ -1,28 +1,24 @@
 """The official StylizingViT forward (shared doc 1.2-1.6), all 4 block calls per layer, nothing skipped."""
 
 import torch
-import torch.nn.functional as F
 
-from .attention import cross_attention_block as f
 from .losses import compute_loss
 
 
-def final_norm(enc, t: torch.Tensor) -> torch.Tensor:
-    return F.layer_norm(t, t.shape[-1:], enc.norm.weight, enc.norm.bias, enc.norm.eps)
-
-
 def encode(enc, x: torch.Tensor, x_s: torch.Tensor):
-    """Stream schedule of shared doc 1.4.  x, x_s: (B, C, H, W).  Returns z, z_s, z_t, each (B, T, L)."""
+    """Stream schedule of shared doc 1.4.  x, x_s: (B, C, H, W).  Returns z, z_s, z_t, each (B, T, L).
+
+    Each block f_i is called as a module (`blk(queries, context)`), as officially."""
     X = enc.embed(x)  # content stream X^i
     S = enc.embed(x_s)  # style stream S^i
     A, K = X, S  # stylized-query stream A^i and its style context K^i
-    for blk in enc.blocks:
-        X = f(blk, X, X)  # X^{i+1}: content self-attention
-        S = f(blk, S, S)  # S^{i+1}: style self-attention
-        Y = f(blk, A, K)  # Y^i: stylization, K/V from the *pre-block* style stream
-        A = f(blk, X, Y)  # A^{i+1}: re-anchor, queries from the *updated* content
+    for f in enc.blocks:
+        X = f(X, X)  # X^{i+1}: content self-attention
+        S = f(S, S)  # S^{i+1}: style self-attention
+        Y = f(A, K)  # Y^i: stylization, K/V from the *pre-block* style stream
+        A = f(X, Y)  # A^{i+1}: re-anchor, queries from the *updated* content
         K = S.clone()
-    return final_norm(enc, X), final_norm(enc, S), final_norm(enc, Y)
+    return enc.norm(X), enc.norm(S), enc.norm(Y)
 
 
 def reconstruct(model, z: torch.Tensor) -> torch.Tensor:

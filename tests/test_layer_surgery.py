@@ -1,0 +1,160 @@
+"""Replaced and hooked layers: the reference backend calls every layer as officially (hooks fire, pruning
+and wrappers take effect); the fast path, which reads weights and skips modules, refuses such a model
+with the layer's name, except for parametrized weights, which it reads through their parametrization."""
+
+import copy
+
+import pytest
+import torch
+from helpers import TOLERANCE, assert_close_rel, images, randomize_
+from torch import nn
+from torch.nn.utils import parametrize, prune
+
+from fastvit_style import StyleBank, StylizingViT
+
+FP32 = TOLERANCE[torch.float32]
+SIZE, KW = 32, {"input_size": 32, "encoder_depth": 2}
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return randomize_(StylizingViT("tiny", backend="reference", **KW)).eval()
+
+
+def with_backend(model, backend):
+    copy_ = copy.deepcopy(model)
+    copy_.backend = backend
+    return copy_
+
+
+class LoraLinear(nn.Module):
+    """A PEFT-style wrapper: it exposes the base layer's weight, but its forward adds a low-rank term
+    that a reader of `.weight` never sees."""
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.base_layer = base
+        self.lora_a = nn.Parameter(torch.randn(2, base.in_features) * 0.1)
+        self.lora_b = nn.Parameter(torch.randn(base.out_features, 2) * 0.1)
+
+    @property
+    def weight(self):
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
+
+    def forward(self, x):
+        return self.base_layer(x) + x @ self.lora_a.T @ self.lora_b.T
+
+
+def test_block_hooks_fire_four_times_per_layer_on_the_reference(model):
+    """Officially each layer's block is called four times per forward (shared doc 1.4), its q_proj too."""
+    calls = []
+    handles = [
+        model.encoder.blocks[1].register_forward_hook(lambda *_: calls.append("block")),
+        model.encoder.blocks[1].attn.q_proj.register_forward_pre_hook(lambda *_: calls.append("q_proj")),
+    ]
+    try:
+        with torch.no_grad():
+            model(images(2, SIZE))
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls.count("block") == 4 and calls.count("q_proj") == 4
+
+
+def test_a_wrapped_linear_is_honoured_by_the_reference_and_refused_by_the_fast_path(model):
+    wrapped = copy.deepcopy(model)
+    attn = wrapped.encoder.blocks[0].attn
+    attn.v_proj = LoraLinear(attn.v_proj)
+    x, s = images(2, SIZE), images(2, SIZE, seed=1)
+    with torch.no_grad():
+        changed = (wrapped(x, s) - model(x, s)).abs().max()
+    assert changed > 1e-3  # the low-rank term reaches the output
+    fast = with_backend(wrapped, "torch")
+    message = r"model\.encoder\.blocks\.0\.attn\.v_proj is a .*LoraLinear, not the torch.nn.*Linear .*backend='reference'"
+    with pytest.raises(ValueError, match=message):
+        fast(x, s)
+    with pytest.raises(ValueError, match=message):
+        StyleBank.from_images(fast, s)
+
+
+def test_pruning_takes_effect_on_the_reference(model):
+    """A pruning mask applied by a pre-hook, over two training steps, equals the masked weight itself."""
+    pruned = copy.deepcopy(model).train()
+    q_proj = pruned.encoder.blocks[1].attn.q_proj
+    prune.l1_unstructured(q_proj, "weight", 0.5)
+    optimizer = torch.optim.SGD(pruned.parameters(), lr=0.1)
+    x = images(2, SIZE)
+    for _ in range(2):  # the second step fails if the mask is read from a stale tensor
+        optimizer.zero_grad()
+        pruned(x).pow(2).mean().backward()
+        optimizer.step()
+    with torch.no_grad():
+        hooked = pruned(x)
+    pruned.backend = "torch"  # (a pruned module cannot be deep-copied)
+    with pytest.raises(ValueError, match=r"blocks\.1\.attn\.q_proj has hooks"):
+        pruned(x)
+    pruned.backend = "reference"
+    prune.remove(q_proj, "weight")  # the masked weight, made permanent: no hook from here on
+    assert (q_proj.weight == 0).float().mean() == 0.5
+    with torch.no_grad():
+        assert torch.equal(pruned(x), hooked)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda m: m.encoder.blocks[1].mlp.register_forward_hook(lambda *_: None),
+            r"blocks\.1\.mlp has hooks",
+        ),
+        (lambda m: m.encoder.norm.register_full_backward_hook(lambda *_: None), r"encoder\.norm has hooks"),
+        (lambda m: m.encoder.register_forward_pre_hook(lambda *_: None), r"model\.encoder has hooks"),
+        (lambda m: setattr(m.encoder.blocks[0].mlp, "act", nn.GELU("tanh")), r"approximate='tanh'"),
+        (lambda m: setattr(m.encoder.blocks[0].mlp, "act", nn.ReLU()), r"blocks\.0\.mlp\.act is a .*ReLU"),
+        (
+            lambda m: setattr(m.encoder.blocks[1], "norm_context", nn.RMSNorm(m.embed_dim)),
+            r"blocks\.1\.norm_context is a .*RMSNorm, not the torch.nn.*LayerNorm",
+        ),
+    ],
+    ids=["forward-hook", "backward-hook", "encoder-pre-hook", "tanh-gelu", "relu", "rmsnorm"],
+)
+def test_the_fast_path_refuses_what_it_would_skip(model, change, message):
+    fast = with_backend(model, "torch")
+    change(fast)
+    with pytest.raises(ValueError, match=message):
+        fast(images(1, SIZE))
+
+
+def test_parametrized_weights_are_read_through_their_parametrization(model):
+    class Doubled(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    x, s = images(2, SIZE), images(2, SIZE, seed=1)
+    outputs = []
+    for backend in ("reference", "torch"):
+        m = with_backend(model, backend)
+        parametrize.register_parametrization(m.encoder.blocks[0].attn.k_proj, "weight", Doubled())
+        with torch.no_grad():
+            outputs.append(m(x, s))
+    doubled = copy.deepcopy(model)
+    with torch.no_grad():
+        doubled.encoder.blocks[0].attn.k_proj.weight.mul_(2)
+        assert_close_rel(outputs[0], doubled(x, s), FP32, "reference")
+    assert_close_rel(outputs[1], outputs[0], FP32, "fast vs reference")
+
+
+def test_attention_is_callable_as_officially(model):
+    attn = model.encoder.blocks[0].attn
+    X, Y = torch.randn(2, 5, model.embed_dim), torch.randn(2, 5, model.embed_dim)
+    heads = lambda t: t.reshape(2, 5, attn.num_heads, attn.head_dim).transpose(1, 2)
+    weights = (heads(attn.q_proj(X)) @ heads(attn.k_proj(Y)).transpose(-1, -2) * attn.scale).softmax(-1)
+    expected = attn.out_proj((weights @ heads(attn.v_proj(Y))).transpose(1, 2).reshape(2, 5, -1))
+    assert attn.head_dim == 64 and attn.scale == 64**-0.5
+    assert_close_rel(attn(X, Y), expected, FP32, "attention call")
