@@ -83,6 +83,7 @@ def main(argv=None) -> dict:
         model = StylizingViT(args.backbone, train=True, backend=backend, input_size=args.input_size).to(
             device
         )
+        model.vgg_encoder.warn_if_random = False  # timed, not trained: its VGG19's values do not matter
         steppers[name] = Stepper(model, args, device)
     times = {name: [] for name in steppers}
     for i in range(args.warmup + args.steps):

@@ -42,8 +42,12 @@ class ModelConfig:
         return self.input_size // self.patch_size
 
     @property
+    def num_patches(self) -> int:
+        return self.grid**2
+
+    @property
     def num_tokens(self) -> int:
-        return self.grid**2 + 1
+        return self.num_patches + 1
 
     @property
     def rank(self) -> int:
@@ -115,9 +119,17 @@ _MODEL_KWARGS = (
 _FIXED_KWARGS = ("bottleneck_drop", "bottleneck_act_layer")
 
 
+def config_property(field: str) -> property:
+    """A read-only attribute of a module with a `config` (ModelConfig): the official modules' plain
+    attributes, which the weights' shapes fix here."""
+    return property(lambda self: getattr(self.config, field), doc=f"config.{field} (read-only)")
+
+
 def make_config(backbone: str = "base", **kwargs) -> ModelConfig:
     """Config for an official backbone name or alias; any other name is a custom ViT (base defaults),
     with a warning when no encoder_* keyword makes it one (a misspelt name would train base)."""
+    if not isinstance(backbone, str):
+        raise TypeError(f"backbone must be a str (an official name, or a custom ViT's), got {backbone!r}")
     if (message := unknown_backbone(backbone, kwargs)) is not None:
         warnings.warn(message, stacklevel=3)
     fields: dict = dict(BACKBONES.get(backbone, {}))

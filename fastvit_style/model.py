@@ -7,7 +7,7 @@ from torch import nn
 
 from . import reference, schedule
 from .backends import attention_for, check_backend
-from .configs import DEFAULT_DATASET, make_config
+from .configs import DEFAULT_DATASET, config_property, make_config
 from .devices import autocast_dtype
 from .layers import Mlp, VGG19Features, ViTEncoder
 from .layers.unmodified import check_unmodified
@@ -49,6 +49,12 @@ class StylizingViT(nn.Module):
 
     def forward(self, x: torch.Tensor, x_style: torch.Tensor | None = None):
         self._check_inputs(x, x_style)
+        if (
+            self.training_mode
+            and not torch.compiler.is_compiling()
+            and isinstance(self.vgg_encoder, VGG19Features)
+        ):
+            self.vgg_encoder.warn_once_if_random(stacklevel=4)  # past nn.Module's two call frames
         if self.backend == "reference":
             return reference.forward(self, x, x_style)
         attend = self._fast_attention(x.device)
@@ -67,21 +73,20 @@ class StylizingViT(nn.Module):
     def _fast_attention(self, device: torch.device):
         """attend(q, k, v, kv_index) of the fast path (schedule, style bank, TTA) on `device`, once the
         encoder's layers are found unmodified (ValueError naming a replaced or hooked one)."""
-        check_unmodified(self.encoder)
+        if self.backend == "reference":  # style banks and TTA: no path that calls the layers
+            remedy = "style banks and TTA read the layers' weights and skip their modules; remove it"
+        else:
+            remedy = (
+                "the fast path reads the layers' weights and skips their modules; build the model with "
+                "backend='reference', which calls every layer as the official code does"
+            )
+        check_unmodified(self, remedy)
         return attention_for(self.backend, device)
 
     # The official model's attributes and helper methods, for code written against it.
-    @property
-    def in_channel(self) -> int:
-        return self.config.in_channel
-
-    @property
-    def patch_size(self) -> int:
-        return self.config.patch_size
-
-    @property
-    def embed_dim(self) -> int:
-        return self.config.embed_dim
+    in_channel = config_property("in_channel")
+    patch_size = config_property("patch_size")
+    embed_dim = config_property("embed_dim")
 
     def reconstruct_image(
         self, Z_a: torch.Tensor, Z_s: torch.Tensor, remove_cls: bool = True
@@ -102,6 +107,8 @@ class StylizingViT(nn.Module):
         if not self.training_mode:
             raise ValueError("compute_loss needs the VGG19 of a model built with train=True")
         check_loss_images(x, x_style, x_stylized, x_recon, x_style_recon)
+        if not torch.compiler.is_compiling() and isinstance(self.vgg_encoder, VGG19Features):
+            self.vgg_encoder.warn_once_if_random(stacklevel=2)
         if self.backend == "reference":  # the official ops (higher-order gradients too)
             if x_style is None:
                 x_style, x_style_recon = x.roll(-1, 0), x_recon.roll(-1, 0)

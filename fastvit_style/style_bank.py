@@ -14,18 +14,13 @@ from .atomic import atomic_path
 from .block import block_with_kv, project_kv
 from .configs import ModelConfig
 from .devices import autocast_dtype
-from .weights import weight_fingerprint
+from .weights import unwrap, weight_fingerprint
 
 _BANK_TAG = "fastvit_style.StyleBank"  # safetensors metadata "kind": tells a bank from a weight file
 
 
 def _model_dtype(model) -> torch.dtype:
     return model.encoder.pos_embed.dtype
-
-
-def _unwrapped(model):
-    """The module itself under a torch.compile wrapper: one entry per model among the verified ones."""
-    return getattr(model, "_orig_mod", model)
 
 
 def _require_values(model) -> None:
@@ -35,9 +30,14 @@ def _require_values(model) -> None:
         )
 
 
-def _version(params: tuple) -> int | None:
-    """Sum of the parameters' version counters, which every in-place write through autograd's view of
-    a tensor raises (optimizer steps, load_state_dict's copy_); None where inference tensors have none."""
+def _version(refs: tuple) -> int | None:
+    """Sum of the version counters of the parameters behind weak references `refs`, which every in-place
+    write through autograd's view of a tensor raises (optimizer steps, load_state_dict's copy_); -1 once
+    one of them is gone (replaced, as by load_state_dict(assign=True), and freed); None where inference
+    tensors have no counter."""
+    params = [ref() for ref in refs]
+    if any(p is None for p in params):
+        return -1
     if any(p.is_inference() for p in params):
         return None
     return sum(p._version for p in params)
@@ -71,9 +71,10 @@ class StyleBank:
     config: the model's config dict; fingerprint: `weight_fingerprint` of the model that built it.
 
     A bank is checked against a model (config and weight fingerprint) the first time it is used with
-    it, and again when the model's dtype has changed since or its parameters were written in place
-    (an optimizer step, load_state_dict): a bank of weights that have changed is refused, so rebuild it
-    after training. Writes through `.data` and parameters replaced by new objects are not seen. The
+    it, and again when the model's dtype has changed since or its encoder's parameters were written in
+    place (an optimizer step, load_state_dict) or replaced and freed (load_state_dict(assign=True)): a
+    bank of weights that have changed is refused, so rebuild it after training. Writes through `.data`
+    (module.half().float() too) and replaced parameters still referenced elsewhere are not seen. The
     bank's K/V are constants to autograd: gradients through a stylization reach the content image and
     the weights of its content and stylized streams, not the references' stream.
     The fingerprint covers the dtype: build the bank with the model in the dtype it will run in (for
@@ -99,8 +100,9 @@ class StyleBank:
                 f"bank k and v must share dtype and device, got {k.dtype}/{k.device} and {v.dtype}/{v.device}"
             )
         self.k, self.v, self.config, self.fingerprint = k, v, cfg.to_dict(), fingerprint
-        # Models already verified against this bank: (dtype, parameters, their version sum) then. An
-        # in-place .double() or optimizer step after the check may change the fingerprint: checked again.
+        # Models already verified against this bank: (dtype, weak references to the encoder's parameters,
+        # their version sum) then. An in-place .double() or optimizer step after the check may change the
+        # fingerprint: checked again.
         self._checked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     @classmethod
@@ -177,9 +179,10 @@ class StyleBank:
     # ------------------------------------------------------------------------------------------- checks
 
     def _remember(self, model) -> None:
-        model = _unwrapped(model)
-        params = tuple(model.parameters())
-        self._checked[model] = (_model_dtype(model), params, _version(params))
+        model = unwrap(model)
+        # The encoder's parameters, all that K/V depend on, held weakly: replaced ones are not kept alive.
+        refs = tuple(weakref.ref(p) for p in model.encoder.parameters())
+        self._checked[model] = (_model_dtype(model), refs, _version(refs))
 
     def check(self, model) -> None:
         """Raise ValueError unless `model` has this bank's config and weights. Hashes every weight."""
@@ -205,7 +208,7 @@ class StyleBank:
         """Weights (`check`, once per model object and dtype, and again after in-place writes to its
         parameters) and placement (every call) before a stylization."""
         dtype, device = _model_dtype(model), model.encoder.pos_embed.device
-        seen = self._checked.get(_unwrapped(model))
+        seen = self._checked.get(unwrap(model))
         # Weights first: a bank of other weights (or of these in another dtype) is rebuilt, not moved.
         # Dynamo cannot trace the version check (is_inference): a compiled call leaves it to eager ones.
         if (

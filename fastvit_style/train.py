@@ -273,7 +273,9 @@ class Trainer:
             vgg_source = cfg.vgg_weights
         if vgg_source is not None:
             self.cfg = dataclasses.replace(cfg, random_vgg=False)  # recorded as it is: real weights
-        elif not cfg.random_vgg:
+        elif cfg.random_vgg:
+            model.vgg_encoder.warn_if_random = False  # asked for: a smoke run
+        else:
             raise ValueError(
                 f"no VGG19 weights{random_note}: the perceptual losses would run through a randomly "
                 "initialized VGG19 and training would optimize a meaningless objective. Pass --vgg-weights "

@@ -13,6 +13,7 @@ import math
 import os
 import pickle
 import re
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -211,13 +212,26 @@ def _first(keys: list[str], n: int = 5) -> str:
     return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside its torch.compile, DDP or DataParallel wrappers (their state dicts prefix the
+    official key names)."""
+    parallel = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    while True:
+        inner = model.module if isinstance(model, parallel) else getattr(model, "_orig_mod", None)
+        if inner is None:
+            return model
+        model = inner
+
+
 def load_state_dict(model: nn.Module, sd_or_path, strict: bool = True) -> nn.Module:
     """Load a state dict or weight file into `model`, checking first so errors name the problem.
 
-    Tensors are copied into the existing parameters (cast to the model's dtype and device).
+    Tensors are copied into the existing parameters (cast to the model's dtype and device); a model
+    wrapped by torch.compile, DDP or DataParallel gets them inside (returned as given).
     Raises WeightsError (a RuntimeError) on missing/unexpected keys (strict), any shape mismatch, or a
     non-float tensor.
     """
+    wrapper, model = model, unwrap(model)
     sd = sd_or_path if isinstance(sd_or_path, Mapping) else read_state_dict(sd_or_path)
     sd = clean_state_dict(sd, model)
     expected = model.state_dict()
@@ -268,8 +282,19 @@ def load_state_dict(model: nn.Module, sd_or_path, strict: bool = True) -> nn.Mod
     not_float = [f"{k} ({sd[k].dtype})" for k in expected if k in sd and not sd[k].is_floating_point()]
     if not_float:
         raise WeightsError(f"cannot load weights: non-floating-point tensors {_first(not_float)}")
+    # strict=False loads what fits, as the official experiment scripts do, but not in silence: a
+    # missing VGG19 alone is the documented way to a train=False file in a train=True model.
+    skipped = [k for k in missing if not k.startswith("vgg_encoder.")]
+    parts = (
+        [f"left {len(skipped)} of the model's tensors as they were ({_first(skipped)})"] if skipped else []
+    )
+    parts += (
+        [f"ignored {len(unexpected)} tensors of the weights ({_first(unexpected)})"] if unexpected else []
+    )
+    if parts:
+        warnings.warn("load_state_dict(strict=False) " + " and ".join(parts), stacklevel=2)
     model.load_state_dict(sd, strict=strict)
-    return model
+    return wrapper
 
 
 # ------------------------------------------------------------------------------------ pretrained / hub

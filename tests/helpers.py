@@ -37,6 +37,9 @@ def images(batch: int, size: int = 224, seed: int = 1, dtype=torch.float32) -> t
 
 
 LOSS_FIELDS = ("identity", "consistency", "anatomical", "style")
+# The official encoder's plain attributes (read-only here: the weights' shapes fix them).
+ENCODER_ATTRIBUTES = ("input_size", "in_channel", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio",
+                      "qkv_bias", "num_patches")  # fmt: skip
 
 # The float32 gradient of the full training objective is ill-conditioned, in the official code as in
 # ours: the VGG19 perceptual terms go back through ReLU masks and max-pool choices that flip under

@@ -52,9 +52,11 @@ class LoraLinear(nn.Module):
 
 
 def test_block_hooks_fire_four_times_per_layer_on_the_reference(model):
-    """Officially each layer's block is called four times per forward (shared doc 1.4), its q_proj too."""
+    """Officially each layer's block is called four times per forward (shared doc 1.4), its q_proj too,
+    and the encoder once."""
     calls = []
     handles = [
+        model.encoder.register_forward_hook(lambda *_: calls.append("encoder")),
         model.encoder.blocks[1].register_forward_hook(lambda *_: calls.append("block")),
         model.encoder.blocks[1].attn.q_proj.register_forward_pre_hook(lambda *_: calls.append("q_proj")),
     ]
@@ -64,7 +66,7 @@ def test_block_hooks_fire_four_times_per_layer_on_the_reference(model):
     finally:
         for h in handles:
             h.remove()
-    assert calls.count("block") == 4 and calls.count("q_proj") == 4
+    assert calls.count("block") == 4 and calls.count("q_proj") == 4 and calls.count("encoder") == 1
 
 
 def test_a_wrapped_linear_is_honoured_by_the_reference_and_refused_by_the_fast_path(model):
@@ -121,14 +123,50 @@ def test_pruning_takes_effect_on_the_reference(model):
             lambda m: setattr(m.encoder.blocks[1], "norm_context", nn.RMSNorm(m.embed_dim)),
             r"blocks\.1\.norm_context is a .*RMSNorm, not the torch.nn.*LayerNorm",
         ),
+        (
+            lambda m: setattr(
+                m.encoder.blocks[0].attn.q_proj, "forward", m.encoder.blocks[0].attn.q_proj.forward
+            ),
+            r"blocks\.0\.attn\.q_proj has its forward replaced on the instance",
+        ),
+        (
+            lambda m: m.bottleneck.fc1.register_forward_hook(lambda *_: None),
+            r"model\.bottleneck\.fc1 has hooks",
+        ),
+        (
+            lambda m: m.encoder.patch_embed.proj.register_forward_hook(lambda *_: None),
+            r"patch_embed\.proj has hooks",
+        ),
+        (
+            lambda m: m.post_process_conv.register_forward_hook(lambda *_: None),
+            r"model\.post_process_conv has",
+        ),
     ],
-    ids=["forward-hook", "backward-hook", "encoder-pre-hook", "tanh-gelu", "relu", "rmsnorm"],
+    ids=[
+        "forward-hook",
+        "backward-hook",
+        "encoder-pre-hook",
+        "tanh-gelu",
+        "relu",
+        "rmsnorm",
+        "instance-forward",
+        "bottleneck-hook",
+        "patch-embed-hook",
+        "post-conv-hook",
+    ],
 )
 def test_the_fast_path_refuses_what_it_would_skip(model, change, message):
     fast = with_backend(model, "torch")
     change(fast)
     with pytest.raises(ValueError, match=message):
         fast(images(1, SIZE))
+
+
+def test_style_banks_of_a_reference_model_refuse_hooks_without_pointing_at_the_reference(model):
+    hooked = copy.deepcopy(model)
+    hooked.encoder.blocks[0].mlp.register_forward_hook(lambda *_: None)
+    with pytest.raises(ValueError, match=r"blocks\.0\.mlp has hooks.*style banks and TTA .*remove it"):
+        StyleBank.from_images(hooked, images(1, SIZE))
 
 
 def test_parametrized_weights_are_read_through_their_parametrization(model):

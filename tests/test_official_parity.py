@@ -56,6 +56,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import (
+    ENCODER_ATTRIBUTES,
     GRAD_FP32_NOISE,
     LOSS_FIELDS,
     TOLERANCE,
@@ -329,6 +330,15 @@ def test_official_surface_beyond_forward(official):
             assert_close_rel(getattr(loss, name), getattr(their_loss, name), FP32, f"compute_loss {name}")
     for name in ("get_input_size", "get_patch_size", "get_in_channel", "get_embed_dim"):
         assert getattr(ours.encoder, name)() == getattr(theirs.encoder, name)()
+    for name in ENCODER_ATTRIBUTES:
+        assert getattr(ours.encoder, name) == getattr(theirs.encoder, name), name
+    for name in ("img_size", "patch_size", "grid_size", "num_patches"):
+        assert getattr(ours.encoder.patch_embed, name) == getattr(theirs.encoder.patch_embed, name), name
+    ours_attn, their_attn = ours.encoder.blocks[0].attn, theirs.encoder.blocks[0].attn
+    assert (ours_attn.head_dim, ours_attn.scale) == (their_attn.head_dim, their_attn.scale)
+    tokens, context = torch.randn(2, 5, 192), torch.randn(2, 5, 192)
+    with torch.no_grad():
+        assert_close_rel(ours_attn(tokens, context), their_attn(tokens, context), FP32, "attention forward")
     assert (ours.in_channel, ours.patch_size, ours.embed_dim) == (
         theirs.in_channel,
         theirs.patch_size,

@@ -5,7 +5,7 @@ official utilities. tests/test_official_parity.py compares the same against the 
 import numpy as np
 import pytest
 import torch
-from helpers import TOLERANCE, assert_close_rel, images, randomize_
+from helpers import ENCODER_ATTRIBUTES, TOLERANCE, assert_close_rel, images, randomize_
 
 from fastvit_style import StylizingViT, reference, resize_image, util
 
@@ -51,6 +51,18 @@ def test_submodule_forwards_compute_the_official_calls():
     )
     with pytest.raises(ValueError, match="train=True"):
         model.compute_loss(*(images(1, 32),) * 5)
+
+
+def test_official_attributes():
+    enc = StylizingViT("tiny", **KW).encoder
+    assert [getattr(enc, name) for name in ENCODER_ATTRIBUTES] == [32, 3, 16, 192, 2, 3, 4.0, True, 4]
+    assert enc.norm_layer(8).eps == 1e-6
+    pe = enc.patch_embed
+    assert (pe.img_size, pe.patch_size, pe.grid_size, pe.num_patches) == ((32, 32), (16, 16), (2, 2), 4)
+    with pytest.raises(AttributeError):
+        enc.depth = 3  # the blocks exist already: changing the number would mislead
+    with pytest.raises(TypeError, match="backbone must be a str"):
+        StylizingViT(None, encoder_depth=1)
 
 
 def test_utilities():

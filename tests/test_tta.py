@@ -190,7 +190,7 @@ def test_bank_refused_for_other_weights(setup, tmp_path, monkeypatch):
 
 def test_bank_refused_once_the_model_is_written_in_place(setup):
     """An optimizer step after the bank was checked is seen at the next call; writing the same values
-    back (load_state_dict) passes the check again."""
+    back (load_state_dict) passes the check again; parameters replaced (assign=True) are seen too."""
     _, model, refs, _ = setup
     trained = copy.deepcopy(model)
     bank = StyleBank.from_images(trained, refs[:2])
@@ -204,6 +204,10 @@ def test_bank_refused_once_the_model_is_written_in_place(setup):
         stylize(trained, x, bank)
     trained.load_state_dict(saved)
     torch.testing.assert_close(stylize(trained, x, bank), before, rtol=0, atol=0)
+    other = randomize_(copy.deepcopy(model), seed=5).state_dict()
+    trained.load_state_dict(other, assign=True)  # new parameter objects; the replaced ones are freed
+    with pytest.raises(ValueError, match="built with other weights .fingerprints differ"):
+        stylize(trained, x, bank)
 
 
 def test_bank_of_a_compiled_model_serves_the_model_and_its_compiled_calls(setup):

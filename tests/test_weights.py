@@ -264,7 +264,10 @@ def test_missing_and_unexpected_keys_message():
     msg = str(err.value)
     assert "2 missing keys: bottleneck.fc1.bias, post_process_conv.weight" in msg
     assert "1 unexpected keys: encoder.extra" in msg
-    W.load_state_dict(make(), sd, strict=False)  # non-strict skips both, as torch does
+    with pytest.warns(UserWarning, match=r"strict=False\) left 2 of the model's tensors as they were "
+                      r"\(bottleneck.fc1.bias, post_process_conv.weight\) and ignored 1 tensors of the "
+                      r"weights \(encoder.extra\)"):  # fmt: skip
+        W.load_state_dict(make(), sd, strict=False)  # non-strict skips both, as torch does, but says so
 
 
 def test_many_missing_keys_listed_first_five():
@@ -533,3 +536,63 @@ def test_weight_fingerprint():
         a.post_process_conv.weight[0, 0, 0, 0] += 1e-6
     assert W.weight_fingerprint(a) != fp
     assert W.weight_fingerprint(make(seed=13).double()) != fp  # dtype is part of the identity
+
+
+def test_a_random_vgg19_is_warned_about_once_until_weights_are_loaded(tmp_path):
+    """The official constructor downloads ImageNet VGG19 weights; here a train=True model starts with a
+    random one, which its first loss computation warns about, unless weights were loaded into it."""
+    import warnings
+
+    x = torch.randn(2, 3, 32, 32)
+    fresh = make(train=True, depth=1, input_size=32)
+    assert not fresh.vgg_encoder.training  # frozen, in eval mode from the start, as officially
+    with pytest.warns(UserWarning, match="VGG19 of this train=True model is randomly initialized"):
+        fresh(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fresh(x)  # once per model
+        vgg_only = make(train=True, depth=1, input_size=32)
+        W.load_vgg_weights(vgg_only, fresh.vgg_encoder.state_dict())
+        vgg_only(x)
+        whole = make(train=True, depth=1, input_size=32)
+        W.save_state_dict(fresh, tmp_path / "official_like.safetensors")  # VGG keys included, as officially
+        W.load_state_dict(whole, W.read_state_dict(tmp_path / "official_like.safetensors"))
+        whole.compute_loss(x, None, x, x, None)
+    with pytest.warns(UserWarning, match="randomly initialized"):
+        make(train=True, depth=1, input_size=32).compute_loss(x, None, x, x, None)
+    partial = make(train=True, depth=1, input_size=32)
+    first_conv = {k: v for k, v in fresh.state_dict().items() if k.startswith("vgg_encoder.features_0.")}
+    partial.load_state_dict(first_conv, strict=False)  # one conv of sixteen: still random
+    with pytest.warns(UserWarning, match="randomly initialized"):
+        partial(x)
+
+
+def test_a_replaced_loss_network_is_used_as_it_is():
+    """Officially the VGG19 is timm's module: a model whose vgg_encoder was swapped for another (here a
+    wrapper) computes its losses through it, without the random-weights check, which is ours."""
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, vgg):
+            super().__init__()
+            self.vgg = vgg
+
+        def forward(self, x):
+            return self.vgg(x)
+
+    x = torch.randn(2, 3, 32, 32)
+    model = make(train=True, depth=1, input_size=32)
+    expected, _ = model(x)
+    model.vgg_encoder = Wrapped(model.vgg_encoder)
+    loss, _ = model(x)
+    assert torch.equal(torch.stack(list(loss)), torch.stack(list(expected)))
+
+
+def test_weights_load_into_wrapped_models(tmp_path):
+    """A compiled or DataParallel model takes the official key names (its own state dict prefixes them)."""
+    source = make(seed=1)
+    path = W.save_state_dict(source, tmp_path / "w.safetensors")
+    for wrap in (lambda m: torch.compile(m, backend="eager"), torch.nn.DataParallel):
+        target = make(seed=2)
+        wrapped = wrap(target)
+        assert W.load_state_dict(wrapped, path) is wrapped
+        assert_same_state(target, source)

@@ -113,6 +113,8 @@ class _Case:
             torch.manual_seed(cfg.seed)
             gen = torch.Generator().manual_seed(cfg.seed)
             model = StylizingViT(self.key["backbone"], train=w.train, backend="reference", **cfg.model_kwargs)
+            if w.train:  # timed, not trained: its VGG19's values do not matter
+                model.vgg_encoder.warn_if_random = False
             self.base = model.to(self.device)
             self.inputs = w.inputs(model.config, self.key["batch_size"], self.device, gen)
         except Exception as exc:

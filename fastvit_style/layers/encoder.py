@@ -1,7 +1,9 @@
+import functools
+
 import torch
 from torch import nn
 
-from ..configs import ModelConfig
+from ..configs import ModelConfig, config_property
 from ..reference.model import encode
 from .attention_block import CrossAttentionBlock
 from .patch_embed import PatchEmbed
@@ -38,7 +40,7 @@ class ViTEncoder(nn.Module):
         L = config.embed_dim
         self.cls_token = nn.Parameter(torch.zeros(1, 1, L))
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_tokens, L))
-        self.patch_embed = PatchEmbed(config.patch_size, config.in_channel, L)
+        self.patch_embed = PatchEmbed(config.patch_size, config.in_channel, L, config.input_size)
         self.blocks = nn.ModuleList(
             CrossAttentionBlock(L, config.num_heads, config.mlp_ratio, config.qkv_bias, config.norm_eps)
             for _ in range(config.depth)
@@ -54,20 +56,37 @@ class ViTEncoder(nn.Module):
             w = self.patch_embed.proj.weight
             nn.init.xavier_uniform_(w.view(w.shape[0], -1))
             nn.init.normal_(self.cls_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m: nn.Module) -> None:
+        """The official per-module init: xavier-uniform linears with zero biases, unit LayerNorms."""
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
                 nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
 
     def forward(self, X: torch.Tensor, X_style: torch.Tensor):
         """The official encoder forward: final-normed content, style and stylized tokens, each (B, T, L)."""
         return encode(self, X, X_style)
 
-    # The official encoder's getters.
+    # The official encoder's attributes, read-only (the weights' shapes fix them), and its getters.
+    input_size = config_property("input_size")
+    in_channel = config_property("in_channel")
+    patch_size = config_property("patch_size")
+    embed_dim = config_property("embed_dim")
+    depth = config_property("depth")
+    num_heads = config_property("num_heads")
+    mlp_ratio = config_property("mlp_ratio")
+    qkv_bias = config_property("qkv_bias")
+    num_patches = config_property("num_patches")
+
+    @property
+    def norm_layer(self):
+        return functools.partial(nn.LayerNorm, eps=self.config.norm_eps)
+
     def get_input_size(self) -> int:
         return self.config.input_size
 

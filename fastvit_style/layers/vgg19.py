@@ -1,3 +1,5 @@
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,6 +50,37 @@ class VGG19Features(nn.Module):
             self.add_module(f"features_{idx}", conv)
             in_ch = out_ch
         self.requires_grad_(False)
+        self.eval()  # from the start, as the official loss network
+        # Whether weights were ever loaded into it (official checkpoints carry them; the official
+        # constructor downloads ImageNet ones), and whether a loss computed without is still to be warned of.
+        self.loaded = False
+        self.warn_if_random = True
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Every conv's weight and bias offered (a shape mismatch fails the whole load afterwards).
+        if all(
+            f"{prefix}features_{idx}.{name}" in state_dict
+            for idx, _ in VGG19_CONVS
+            for name in ("weight", "bias")
+        ):
+            self.loaded = True
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def warn_once_if_random(self, stacklevel: int) -> None:
+        """One warning per network when losses run through it before any weights were loaded (none on
+        the meta device, which has no values); stacklevel: of the user's call, from the caller."""
+        if getattr(self, "loaded", True) or not getattr(self, "warn_if_random", True):
+            return  # (a pickle from before these flags: not known to be random)
+        if self.features_0.weight.is_meta:
+            return
+        self.warn_if_random = False
+        warnings.warn(
+            "the VGG19 of this train=True model is randomly initialized (no weights were loaded into it), so "
+            "its perceptual losses are meaningless; the official constructor downloads ImageNet weights: "
+            "load them with fastvit_style.weights.load_vgg_weights(model, path) (timm's vgg19.tv_in1k or "
+            "torchvision's vgg19 file) or load an official checkpoint, which carries them",
+            stacklevel=stacklevel + 1,
+        )
 
     def train(self, mode: bool = True):
         # Frozen and always in eval mode, like the official loss network (it has no dropout/BN anyway).

@@ -40,7 +40,7 @@ def forward(model, x: torch.Tensor, x_style: torch.Tensor | None = None):
     """StylizingViT.forward.  Returns x_stylized, or (Loss, x_recon) when built with train=True."""
     if x_style is None:
         x_style = x.clone().roll(shifts=-1, dims=0)
-    z, z_s, z_t = encode(model.encoder, x, x_style)
+    z, z_s, z_t = model.encoder(x, x_style)  # as a module, as officially (its forward is `encode`)
     x_stylized = reconstruct(model, z_t)
     if not model.training_mode:
         return x_stylized
