@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .feature_stats import normalized_mse, normalized_stats
+from .layers.vgg19 import VGG19Features
 from .reference.losses import Loss, channel_mean_std
 
 
@@ -44,16 +45,23 @@ def check_loss_images(x, x_style, x_stylized, x_recon, x_style_recon) -> None:
 
 
 def compute_loss(vgg, x, x_style, x_stylized, x_recon, x_style_recon) -> Loss:
-    """Images (B, 3, H, W) in normalized space; x_style and x_style_recon None mean roll(x) and roll(x_recon)."""
+    """Images (B, 3, H, W) in normalized space; x_style and x_style_recon None mean roll(x) and roll(x_recon).
+
+    vgg: the model's loss network, ours (run the fast way) or one that replaced it (timm's
+    features_only VGG19, say: called as officially, x -> its six maps)."""
     rolled = x_style is None
+
+    def features(images):
+        return vgg(images, fast=True) if isinstance(vgg, VGG19Features) else vgg(images)
+
     with torch.no_grad():
-        targets = vgg(x, fast=True)
-        styles = targets if rolled else vgg(x_style, fast=True)
+        targets = features(x)
+        styles = targets if rolled else features(x_style)
     # One VGG call per image batch: slices of a batched call would cost a zero-filled map each in the
     # backward, and a split() its concatenation.
-    stylized = vgg(x_stylized, fast=True)
-    recons = vgg(x_recon, fast=True)
-    style_recons = recons if rolled else vgg(x_style_recon, fast=True)
+    stylized = features(x_stylized)
+    recons = features(x_recon)
+    style_recons = recons if rolled else features(x_style_recon)
 
     identity = F.mse_loss(x_recon, x)
     consistency = 0

@@ -585,6 +585,9 @@ def test_a_replaced_loss_network_is_used_as_it_is():
     model.vgg_encoder = Wrapped(model.vgg_encoder)
     loss, _ = model(x)
     assert torch.equal(torch.stack(list(loss)), torch.stack(list(expected)))
+    model.backend = "torch"  # the fast losses call it as officially too
+    fast_loss, _ = model(x)
+    torch.testing.assert_close(torch.stack(list(fast_loss)), torch.stack(list(expected)), rtol=1e-4, atol=0)
 
 
 def test_weights_load_into_wrapped_models(tmp_path):
