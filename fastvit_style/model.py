@@ -74,7 +74,9 @@ class StylizingViT(nn.Module):
         """attend(q, k, v, kv_index) of the fast path (schedule, style bank, TTA) on `device`, once the
         encoder's layers are found unmodified (ValueError naming a replaced or hooked one)."""
         if self.backend == "reference":  # style banks and TTA: no path that calls the layers
-            remedy = "style banks and TTA read the layers' weights and skip their modules; remove it"
+            remedy = (
+                "style banks and TTA cannot honour it (they batch the layers' work their own way); remove it"
+            )
         else:
             remedy = (
                 "the fast path reads the layers' weights and skips their modules; build the model with "

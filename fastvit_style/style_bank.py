@@ -73,8 +73,9 @@ class StyleBank:
     A bank is checked against a model (config and weight fingerprint) the first time it is used with
     it, and again when the model's dtype has changed since or its encoder's parameters were written in
     place (an optimizer step, load_state_dict) or replaced and freed (load_state_dict(assign=True)): a
-    bank of weights that have changed is refused, so rebuild it after training. Writes through `.data`
-    (module.half().float() too) and replaced parameters still referenced elsewhere are not seen. The
+    bank of weights that have changed is refused, so rebuild it after training. Not seen: writes that
+    leave the version counters alone (`.data`, module.half().float(), fused optimizer steps), replaced
+    parameters still referenced elsewhere (by an optimizer), and any change between compiled calls. The
     bank's K/V are constants to autograd: gradients through a stylization reach the content image and
     the weights of its content and stylized streams, not the references' stream.
     The fingerprint covers the dtype: build the bank with the model in the dtype it will run in (for

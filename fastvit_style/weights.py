@@ -354,7 +354,7 @@ def load_vgg_weights(vgg_module_or_model: nn.Module, sd_or_path) -> nn.Module:
     """Load VGG19 convs into a model's `vgg_encoder` (or a VGG19Features itself) from a timm file
     (`features.N.*`, or features_only `features_N.*`) or a torchvision file (`features.N.*`;
     `classifier.*`, `pre_logits.*`, `head.*` ignored). Every conv must be present. Returns the argument."""
-    target = vgg_module_or_model
+    target = unwrap(vgg_module_or_model)
     if hasattr(target, "vgg_encoder") or hasattr(target, "encoder"):
         target = getattr(target, "vgg_encoder", None)
         if target is None:

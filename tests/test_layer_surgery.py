@@ -141,6 +141,12 @@ def test_pruning_takes_effect_on_the_reference(model):
             lambda m: m.post_process_conv.register_forward_hook(lambda *_: None),
             r"model\.post_process_conv has",
         ),
+        (lambda m: m.encoder.blocks.__setitem__(1, nn.Identity()), r"blocks\.1 is a torch.nn.*Identity, not"),
+        (lambda m: setattr(m.encoder.blocks[0].attn, "q_proj", None), r"attn\.q_proj is a builtins.NoneType"),
+        (
+            lambda m: m.encoder.blocks.append(copy.deepcopy(m.encoder.blocks[0])),
+            r"blocks holds 3 blocks, its config 2",
+        ),
     ],
     ids=[
         "forward-hook",
@@ -153,6 +159,9 @@ def test_pruning_takes_effect_on_the_reference(model):
         "bottleneck-hook",
         "patch-embed-hook",
         "post-conv-hook",
+        "block-dropped",
+        "linear-removed",
+        "block-appended",
     ],
 )
 def test_the_fast_path_refuses_what_it_would_skip(model, change, message):

@@ -599,3 +599,7 @@ def test_weights_load_into_wrapped_models(tmp_path):
         wrapped = wrap(target)
         assert W.load_state_dict(wrapped, path) is wrapped
         assert_same_state(target, source)
+        trained = make(train=True, depth=1)
+        vgg = VGG19Features().state_dict()
+        W.load_vgg_weights(wrap(trained), vgg)
+        assert torch.equal(trained.vgg_encoder.features_0.weight, vgg["features_0.weight"])

@@ -7,27 +7,27 @@ class PatchEmbed(nn.Module):
     def __init__(self, patch_size: int, in_channel: int, embed_dim: int, input_size: int | None = None):
         super().__init__()
         self.proj = nn.Conv2d(in_channel, embed_dim, kernel_size=patch_size, stride=patch_size)
-        self._input_size = input_size  # None: unknown, and so are the attributes below
+        self._input_size = input_size  # None: unknown, and so are the attributes below (None too)
 
     def forward(self, x):
         return self.proj(x).flatten(2).transpose(1, 2)
 
     # timm's attributes, read-only: the convolution and the position embedding fix them.
     @property
-    def img_size(self) -> tuple[int, int]:
+    def img_size(self) -> tuple[int, int] | None:
         size = getattr(self, "_input_size", None)  # (a pickle from before it was kept: unknown)
-        if size is None:
-            raise AttributeError("img_size: this PatchEmbed was built without input_size")
-        return (size, size)
+        return None if size is None else (size, size)
 
     @property
     def patch_size(self) -> tuple[int, int]:
         return tuple(self.proj.kernel_size)
 
     @property
-    def grid_size(self) -> tuple[int, int]:
-        return (self.img_size[0] // self.proj.kernel_size[0],) * 2
+    def grid_size(self) -> tuple[int, int] | None:
+        size = self.img_size
+        return None if size is None else (size[0] // self.proj.kernel_size[0],) * 2
 
     @property
-    def num_patches(self) -> int:
-        return self.grid_size[0] * self.grid_size[1]
+    def num_patches(self) -> int | None:
+        grid = self.grid_size
+        return None if grid is None else grid[0] * grid[1]

@@ -57,7 +57,8 @@ class VGG19Features(nn.Module):
         self.warn_if_random = True
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Every conv's weight and bias offered (a shape mismatch fails the whole load afterwards).
+        # Every conv's weight and bias offered (a shape mismatch then makes the load raise, leaving the
+        # flag set on a network the caller knows to be half loaded).
         if all(
             f"{prefix}features_{idx}.{name}" in state_dict
             for idx, _ in VGG19_CONVS
