@@ -49,12 +49,8 @@ class StylizingViT(nn.Module):
 
     def forward(self, x: torch.Tensor, x_style: torch.Tensor | None = None):
         self._check_inputs(x, x_style)
-        if (
-            self.training_mode
-            and not torch.compiler.is_compiling()
-            and isinstance(self.vgg_encoder, VGG19Features)
-        ):
-            self.vgg_encoder.warn_once_if_random(stacklevel=4)  # past nn.Module's two call frames
+        if self.training_mode:
+            self._warn_if_random_vgg(stacklevel=4)  # past nn.Module's two call frames
         if self.backend == "reference":
             return reference.forward(self, x, x_style)
         attend = self._fast_attention(x.device)
@@ -69,6 +65,11 @@ class StylizingViT(nn.Module):
             z_all = torch.cat([streams.z_t, streams.z, streams.z_s])
             x_stylized, x_recon, x_style_recon = self.reconstruct_patches(z_all).split(B)
         return compute_loss(self.vgg_encoder, x, x_style, x_stylized, x_recon, x_style_recon), x_recon
+
+    def _warn_if_random_vgg(self, stacklevel: int) -> None:
+        # Ours only (a replaced loss network is the user's business); a warning would break a compiled graph.
+        if isinstance(self.vgg_encoder, VGG19Features) and not torch.compiler.is_compiling():
+            self.vgg_encoder.warn_once_if_random(stacklevel + 1)
 
     def _fast_attention(self, device: torch.device):
         """attend(q, k, v, kv_index) of the fast path (schedule, style bank, TTA) on `device`, once the
@@ -109,8 +110,7 @@ class StylizingViT(nn.Module):
         if not self.training_mode:
             raise ValueError("compute_loss needs the VGG19 of a model built with train=True")
         check_loss_images(x, x_style, x_stylized, x_recon, x_style_recon)
-        if not torch.compiler.is_compiling() and isinstance(self.vgg_encoder, VGG19Features):
-            self.vgg_encoder.warn_once_if_random(stacklevel=2)
+        self._warn_if_random_vgg(stacklevel=2)
         if self.backend == "reference":  # the official ops (higher-order gradients too)
             if x_style is None:
                 x_style, x_style_recon = x.roll(-1, 0), x_recon.roll(-1, 0)
