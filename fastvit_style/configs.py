@@ -13,6 +13,11 @@ _POSITIVE_INTS = ("patch_size", "embed_dim", "depth", "num_heads", "in_channel",
 _BOOLS = ("qkv_bias", "bottleneck_bias", "post_process_conv_bias")
 
 
+def is_int(value) -> bool:
+    """Whether value is an integer (Python's or NumPy's), a bool not counting as one."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Every number that fixes the architecture; two models with equal configs share a state_dict layout."""
@@ -61,7 +66,7 @@ class ModelConfig:
         """Raise ValueError for configurations the official code crashes on inside forward."""
         for name in _POSITIVE_INTS + ("post_process_conv_padding",):
             value, least = getattr(self, name), int(name in _POSITIVE_INTS)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+            if not is_int(value) or value < least:
                 raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
         for name in ("mlp_ratio", "bottleneck_mlp_ratio", "norm_eps"):
             value = getattr(self, name)
@@ -75,7 +80,7 @@ class ModelConfig:
         if L % self.num_heads:
             raise ValueError(f"embed_dim {L} is not divisible by num_heads {self.num_heads}")
         size = self.input_size
-        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < P or size % P:
+        if not is_int(size) or size < P or size % P:
             raise ValueError(
                 f"input_size must be a positive multiple of patch_size {P}, got {self.input_size}"
             )

@@ -4,7 +4,6 @@ with them (why that is all a stylization needs: fastvit_style.tta's docstring). 
 from __future__ import annotations
 
 import json
-import numbers
 import os
 import weakref
 
@@ -12,7 +11,7 @@ import torch
 
 from .atomic import atomic_path
 from .block import block_with_kv, project_kv
-from .configs import ModelConfig
+from .configs import ModelConfig, is_int
 from .devices import autocast_dtype
 from .weights import unwrap, weight_fingerprint
 
@@ -45,7 +44,7 @@ def _version(refs: tuple) -> int | None:
 
 def check_count(name: str, value) -> None:
     """ValueError unless value is a positive integer (a bool is not one)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    if not is_int(value) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 
 from .atomic import folder_problem, holds_json_keys
-from .configs import BACKBONES, LOSS_WEIGHTS, ModelConfig, check_model_kwargs
+from .configs import BACKBONES, LOSS_WEIGHTS, ModelConfig, check_model_kwargs, is_int
 
 OFFICIAL_SEED = 265017005
 
@@ -60,7 +60,7 @@ class TrainConfig:
         _check_numbers(self)
         # Epoch e seeds torch generators with seed + e (data order, loader workers): all in torch's range.
         seed, hi = self.seed, 2**64 - self.epochs
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -(2**63) <= seed <= hi:
+        if not is_int(seed) or not -(2**63) <= seed <= hi:
             raise ValueError(
                 f"--seed must be an integer from -2**63 to 2**64 - epochs ({hi}): epoch e seeds torch with "
                 f"seed + e, got {seed!r}"
@@ -72,7 +72,7 @@ class TrainConfig:
         # Named by its option here; a bad patch size itself is --model-kwargs', reported below.
         default_patch = BACKBONES.get(self.backbone, {}).get("patch_size", ModelConfig.patch_size)
         patch = self.model_kwargs.get("encoder_patch_size", default_patch)
-        if _is_int(patch) and patch >= 1 and self.input_size % patch:
+        if is_int(patch) and patch >= 1 and self.input_size % patch:
             raise ValueError(
                 f"--input-size must be a positive multiple of the patch size {patch}, got {self.input_size}"
             )
@@ -99,10 +99,6 @@ _INTS = (("epochs", 1), ("batch_size", 1), ("accumulate", 1), ("input_size", 1),
          ("checkpoint_every", 0))  # fmt: skip
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _is_finite(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -112,9 +108,9 @@ def _check_numbers(cfg: TrainConfig) -> None:
     model is built; torch's own errors (AdamW's "Invalid learning rate") name neither."""
     for name, least in _INTS:
         value = getattr(cfg, name)
-        if not _is_int(value) or value < least:
+        if not is_int(value) or value < least:
             raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {least}, got {value!r}")
-    if cfg.max_steps is not None and not (_is_int(cfg.max_steps) and cfg.max_steps >= 1):
+    if cfg.max_steps is not None and not (is_int(cfg.max_steps) and cfg.max_steps >= 1):
         raise ValueError(f"--max-steps must be an integer >= 1 (left out: no limit), got {cfg.max_steps!r}")
     for name, value, ok, what in (
         ("--lr", cfg.lr, lambda v: v >= 0, ">= 0"),

@@ -12,7 +12,6 @@ Triton kernels read the bank in place, the PyTorch op gathers K/V per query sequ
 
 from __future__ import annotations
 
-import numbers
 import warnings
 
 import torch
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .block import block_forward, block_with_kv, project_kv, project_q
+from .configs import is_int
 from .devices import to_device_async
 from .style_bank import StyleBank, check_count, describe_value
 
@@ -39,7 +39,7 @@ def _check_generator(generator) -> None:
 
 
 def _check_k(k, num_refs: int) -> None:
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= num_refs:
+    if not is_int(k) or not 1 <= k <= num_refs:
         raise ValueError(f"k must be an int in 1..{num_refs} (the bank size), got {k!r}")
 
 
