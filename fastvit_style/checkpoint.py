@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -69,6 +70,18 @@ def save_checkpoint(state: dict, path) -> str:
     with atomic_path(path) as tmp:
         torch.save({"format": FORMAT, **state}, tmp)
     return path
+
+
+def has_random_vgg(state) -> bool:
+    """Whether `state` (a weight file as read) is a training checkpoint whose VGG19 was, or may have been,
+    random: its config says random_vgg, or predates that field and names no --vgg-weights (runs then
+    went on with a random VGG19 after a warning, and one from --init-weights cannot be told apart)."""
+    if not isinstance(state, Mapping) or state.get("format") != FORMAT:
+        return False
+    config = state.get("config")
+    if not isinstance(config, dict) or config.get("vgg_weights"):
+        return False
+    return bool(config.get("random_vgg", True))
 
 
 def load_checkpoint(path, required: tuple[str, ...] = ()) -> dict:

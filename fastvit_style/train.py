@@ -65,7 +65,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .atomic import remove_temporaries, write_json
-from .checkpoint import FORMAT, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import has_random_vgg, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .data import ImageFolderDataset, collate_images, micro_batches
 from .devices import resolve_device
 from .imageio import denormalize, normalization
@@ -88,16 +88,6 @@ from .weights import (
 )
 
 LOSS_NAMES = ("identity", "consistency", "anatomical", "style")
-
-
-def _has_random_vgg(state: dict) -> bool:
-    """Whether `state` (a weight file as read) is a training checkpoint whose VGG19 was, or may have been,
-    random: its config says random_vgg, or predates that field and names no --vgg-weights (runs then
-    went on with a random VGG19 after a warning, and one from --init-weights cannot be told apart)."""
-    config = state.get("config")
-    if state.get("format") != FORMAT or not isinstance(config, dict) or config.get("vgg_weights"):
-        return False
-    return bool(config.get("random_vgg", True))
 
 
 @contextlib.contextmanager
@@ -257,7 +247,7 @@ class Trainer:
             with _naming("--init-weights"):
                 state = read_state_dict(cfg.init_weights)
                 sd = clean_state_dict(state, model)
-                if _has_random_vgg(state):  # never pass a random VGG19 off as the ImageNet one
+                if has_random_vgg(state):  # never pass a random VGG19 off as the ImageNet one
                     sd = {k: v for k, v in sd.items() if not k.startswith("vgg_encoder.")}
                     random_note = (
                         f" (--init-weights {cfg.init_weights!r} is a --random-vgg run's: its VGG19 is random)"

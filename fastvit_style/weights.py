@@ -21,6 +21,7 @@ from torch import nn
 
 from . import configs
 from .atomic import atomic_path
+from .checkpoint import has_random_vgg
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -227,13 +228,14 @@ def load_state_dict(model: nn.Module, sd_or_path, strict: bool = True) -> nn.Mod
     """Load a state dict or weight file into `model`, checking first so errors name the problem.
 
     Tensors are copied into the existing parameters (cast to the model's dtype and device); a model
-    wrapped by torch.compile, DDP or DataParallel gets them inside (returned as given).
+    wrapped by torch.compile, DDP or DataParallel gets them inside (returned as given). The VGG19 of a
+    --random-vgg run's training checkpoint is loaded but still counts as random (its losses warn).
     Raises WeightsError (a RuntimeError) on missing/unexpected keys (strict), any shape mismatch, or a
     non-float tensor.
     """
     wrapper, model = model, unwrap(model)
-    sd = sd_or_path if isinstance(sd_or_path, Mapping) else read_state_dict(sd_or_path)
-    sd = clean_state_dict(sd, model)
+    raw = sd_or_path if isinstance(sd_or_path, Mapping) else read_state_dict(sd_or_path)
+    sd = clean_state_dict(raw, model)
     expected = model.state_dict()
 
     def looks(wrong=()) -> str:  # only for an error: a loadable file need not describe well
@@ -294,6 +296,9 @@ def load_state_dict(model: nn.Module, sd_or_path, strict: bool = True) -> nn.Mod
     if parts:
         warnings.warn("load_state_dict(strict=False) " + " and ".join(parts), stacklevel=2)
     model.load_state_dict(sd, strict=strict)
+    if _has_vgg(model) and has_random_vgg(raw):
+        # A --random-vgg run's checkpoint holds its VGG19 under the official names: loaded, still random.
+        model.vgg_encoder.loaded = False
     return wrapper
 
 

@@ -16,9 +16,16 @@ from safetensors.torch import load_file
 
 import fastvit_style.train as train_module
 from fastvit_style import StylizingViT, cli
-from fastvit_style.checkpoint import FORMAT, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from fastvit_style.checkpoint import (
+    FORMAT,
+    has_random_vgg,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from fastvit_style.data import micro_batches
-from fastvit_style.train import Trainer, _has_random_vgg, cosine_lr, psnr, train
+from fastvit_style.train import Trainer, cosine_lr, psnr, train
 from fastvit_style.train_config import TrainConfig
 from fastvit_style.weights import load_state_dict, save_state_dict
 
@@ -534,18 +541,28 @@ def test_resume_never_writes_over_another_run_and_a_random_vgg_stays_random(tmp_
     b = load_checkpoint(tmp_path / "b" / "last.pt")["model"]
     assert torch.equal(trainer.model.encoder.pos_embed, b["encoder.pos_embed"])
     assert not torch.equal(trainer.model.vgg_encoder.features_0.weight, b["vgg_encoder.features_0.weight"])
+    # Loaded through the weights API, as a user would: all 32 VGG19 tensors are there, and still random.
+    model = StylizingViT("tiny", train=True, input_size=32, encoder_depth=2)
+    load_state_dict(model, tmp_path / "b" / "last.pt")
+    assert torch.equal(model.vgg_encoder.features_0.weight, b["vgg_encoder.features_0.weight"])
+    assert not model.vgg_encoder.loaded
+    x = torch.rand(2, 3, 32, 32)
+    with pytest.warns(UserWarning, match="VGG19 of this train=True model is randomly initialized"):
+        model(x)
+    load_state_dict(model, b)  # the same tensors, not said to be random
+    assert model.vgg_encoder.loaded
 
 
 def test_which_checkpoints_hold_a_random_vgg():
     """Before random_vgg was recorded, a run without --vgg-weights went on with a random VGG19 (after a
     warning), and one from --init-weights cannot be told apart: neither counts as real."""
     ckpt = {"format": FORMAT, "model": {}}
-    assert _has_random_vgg({**ckpt, "config": {"random_vgg": True}})
-    assert not _has_random_vgg({**ckpt, "config": {"random_vgg": False}})
-    assert _has_random_vgg({**ckpt, "config": {"vgg_weights": None, "init_weights": "official.safetensors"}})
-    assert not _has_random_vgg({**ckpt, "config": {"vgg_weights": "vgg19.pth", "random_vgg": True}})
-    assert not _has_random_vgg({"model": {}, "config": {"random_vgg": True}})  # not our checkpoint
-    assert not _has_random_vgg({"encoder.pos_embed": torch.zeros(1)})
+    assert has_random_vgg({**ckpt, "config": {"random_vgg": True}})
+    assert not has_random_vgg({**ckpt, "config": {"random_vgg": False}})
+    assert has_random_vgg({**ckpt, "config": {"vgg_weights": None, "init_weights": "official.safetensors"}})
+    assert not has_random_vgg({**ckpt, "config": {"vgg_weights": "vgg19.pth", "random_vgg": True}})
+    assert not has_random_vgg({"model": {}, "config": {"random_vgg": True}})  # not our checkpoint
+    assert not has_random_vgg({"encoder.pos_embed": torch.zeros(1)})
 
 
 def test_a_step_averages_over_its_images_not_its_micro_batches(tmp_path, monkeypatch):
