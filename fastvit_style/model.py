@@ -67,8 +67,8 @@ class StylizingViT(nn.Module):
         return compute_loss(self.vgg_encoder, x, x_style, x_stylized, x_recon, x_style_recon), x_recon
 
     def _warn_if_random_vgg(self, stacklevel: int) -> None:
-        # Ours only (a replaced loss network is the user's business); a warning would break a compiled graph.
-        if isinstance(self.vgg_encoder, VGG19Features) and not torch.compiler.is_compiling():
+        # Ours only: a replaced loss network is the user's business.
+        if isinstance(self.vgg_encoder, VGG19Features):
             self.vgg_encoder.warn_once_if_random(stacklevel + 1)
 
     def _fast_attention(self, device: torch.device):

@@ -61,6 +61,15 @@ def test_compiled_training_step_matches_eager(compiler):
     assert diff <= 1e-10 * torch.cat([g_ref.flatten() for _, g_ref in grads]).norm()
 
 
+def test_a_compiled_training_forward_warns_of_a_random_vgg19():
+    """The eager warning (test_weights) from a compiled graph too: dynamo runs it as it traces."""
+    torch._dynamo.reset()  # a graph traced by an earlier test would be reused without tracing
+    model = StylizingViT("tiny", train=True, backend="torch", **CFG)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with pytest.warns(UserWarning, match="VGG19 of this train=True model is randomly initialized"):
+        compiled(images(2, 32, seed=4))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 def test_cuda_triton_model_compiles(mode):

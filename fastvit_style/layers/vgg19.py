@@ -30,6 +30,23 @@ def use_channels_last(x: torch.Tensor) -> bool:
     return x.device.type in ("cpu", "cuda") and not torch.compiler.is_compiling()
 
 
+RANDOM_WARNING = (
+    "the VGG19 of this train=True model is randomly initialized (no weights were loaded into it), so its "
+    "perceptual losses are meaningless; the official constructor downloads ImageNet weights: load them "
+    "with fastvit_style.weights.load_vgg_weights(model, path) (timm's vgg19.tv_in1k or torchvision's "
+    "vgg19 file) or load an official checkpoint, which carries them"
+)
+
+
+@torch.compiler.assume_constant_result
+def _warn_while_tracing() -> bool:
+    # Dynamo runs a function so marked as it traces and puts its result in the graph as a constant:
+    # the one way to warn from a compiled forward without a graph break (a call per compilation; the
+    # flags it follows are guards, so loading weights later recompiles without it).
+    warnings.warn(RANDOM_WARNING, stacklevel=2)
+    return True
+
+
 class VGG19Features(nn.Module):
     """timm `vgg19(features_only=True)` as the official loss uses it: a frozen perceptual network.
 
@@ -69,19 +86,17 @@ class VGG19Features(nn.Module):
 
     def warn_once_if_random(self, stacklevel: int) -> None:
         """One warning per network when losses run through it before any weights were loaded (none on
-        the meta device, which has no values); stacklevel: of the user's call, from the caller."""
+        the meta device, which has no values); stacklevel: of the user's call, from the caller. Under
+        torch.compile the warning comes as the graph is traced: a compiled graph cannot warn."""
         if getattr(self, "loaded", True) or not getattr(self, "warn_if_random", True):
             return  # (a pickle from before these flags: not known to be random)
         if self.features_0.weight.is_meta:
             return
+        if torch.compiler.is_compiling():
+            _warn_while_tracing()
+            return
         self.warn_if_random = False
-        warnings.warn(
-            "the VGG19 of this train=True model is randomly initialized (no weights were loaded into it), so "
-            "its perceptual losses are meaningless; the official constructor downloads ImageNet weights: "
-            "load them with fastvit_style.weights.load_vgg_weights(model, path) (timm's vgg19.tv_in1k or "
-            "torchvision's vgg19 file) or load an official checkpoint, which carries them",
-            stacklevel=stacklevel + 1,
-        )
+        warnings.warn(RANDOM_WARNING, stacklevel=stacklevel + 1)
 
     def train(self, mode: bool = True):
         # Frozen and always in eval mode, like the official loss network (it has no dropout/BN anyway).
