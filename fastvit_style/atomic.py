@@ -101,10 +101,38 @@ def holds_json_keys(path, keys) -> bool:
 
 
 def folder_problem(path, flag: str) -> str | None:
-    """Why `path` (given by the option `flag`) cannot be an output folder: it exists and is not a
-    folder. None when it is one or does not exist yet."""
+    """Why `path` (given by the option `flag`) cannot be an output folder: it is empty, a broken link, or
+    exists and is not a folder, or lies below a file. None when it is one or can be created."""
+    path = os.fspath(path)
+    if not path:
+        return f"{flag} is empty: name a folder"
+    if os.path.islink(path) and not os.path.exists(path):
+        return f"{flag} {path!r} is a broken symbolic link"
     if os.path.exists(path) and not os.path.isdir(path):
-        return f"{flag} {os.fspath(path)!r} exists and is not a folder"
+        return f"{flag} {path!r} exists and is not a folder"
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):  # the nearest that exists: the rest is created
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{flag} {path!r}: {parent!r} is a file, not a folder"
+    return None
+
+
+def writable_problem(folder, flag: str) -> str | None:
+    """Why no file can be written into `folder` (given by the option `flag`; it or the nearest folder
+    above it that exists, where it would be created): found by writing and removing a hidden temporary,
+    as the permissions alone do not tell (an immutable folder, a read-only file system). None when it
+    can. Assumes `folder_problem` found none."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    try:
+        probe = os.path.join(existing, f".write-test.{uuid.uuid4().hex[:12]}.tmp")
+        with open(probe, "xb"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        return f"{flag} {os.fspath(folder)!r} cannot be written to ({e.strerror or e})"
     return None
 
 
@@ -112,7 +140,13 @@ def check_replaceable(path: str, flag: str, what: str, ours, not_ours: str) -> N
     """Before a run that writes the file `path`, given as option `flag`: SystemExit when it names a
     folder, or an existing file that `ours(path)` does not recognise as this tool's `what` (the message
     says it `not_ours`); never a file the user made."""
+    if not path:
+        raise SystemExit(f"error: {flag} is empty: name the {what} to write")
     if path.endswith((os.sep, "/")) or os.path.isdir(path):
         raise SystemExit(f"error: {flag} {path!r} is a folder; it names the {what} to write")
+    if os.path.exists(path) and not os.path.isfile(path):  # reading a pipe to recognise it would hang
+        raise SystemExit(
+            f"error: {flag} {path!r} is not a regular file (a pipe or a device); it names the {what} to write"
+        )
     if os.path.exists(path) and not ours(path):
         raise SystemExit(f"error: {flag} {path!r} exists and {not_ours}: remove it or choose another {flag}")

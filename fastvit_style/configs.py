@@ -250,6 +250,17 @@ def official_dataset(name: str) -> str | None:
     return None
 
 
+def weights_dataset(name: str) -> str | None:
+    """The dataset id of the official weights `name` names, as a dataset id, an alias or an official hub
+    repo id (`sdoerrich97/stylizing_vit_<size>_<dataset>`), else None."""
+    prefix = "sdoerrich97/stylizing_vit_"
+    if name.startswith(prefix) and name.count("_") >= 3:
+        size, _, name = name[len(prefix) :].partition("_")
+        if size not in ("tiny", "small", "base"):
+            return None
+    return official_dataset(name)
+
+
 def hub_repo_id(backbone: str, dataset: str) -> str:
     dataset = DATASET_ALIASES.get(dataset, dataset)
     return f"sdoerrich97/stylizing_vit_{canonical_size(backbone)}_{dataset}"

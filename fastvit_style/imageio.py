@@ -36,7 +36,8 @@ def list_images(folder, name: str = "image folder") -> list[str]:
     FileNotFoundError or NotADirectoryError, calling the folder `name`, where there is no such folder.
 
     Linked folders are followed (as torchvision's ImageFolder does), each real folder once: a link
-    cycle ends, and two links to one folder do not list its images twice. Hidden files are left out."""
+    cycle ends, and two links to one folder do not list its images twice. Hidden files and folders are
+    left out, and so are pipes, sockets and devices."""
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         if not os.path.exists(folder):
@@ -50,13 +51,21 @@ def list_images(folder, name: str = "image folder") -> list[str]:
             dirs.clear()
             continue
         seen.add(real)
-        dirs.sort()  # which link reaches a folder first, and so names its images, must not vary by machine
+        # Sorted: which link reaches a folder first, and so names its images, must not vary by machine.
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # .ipynb_checkpoints, .Trash-1000, ...
         found += [
             os.path.join(root, name)
             for name in names
-            if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith(".")
+            if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith(".") and _not_special(root, name)
         ]
     return sorted(found)
+
+
+def _not_special(root: str, name: str) -> bool:
+    """Not a pipe, socket or device (reading one could block forever); a broken link stays, to be
+    reported when it is read."""
+    path = os.path.join(root, name)
+    return os.path.isfile(path) or not os.path.exists(path)
 
 
 def resize_pad(x: torch.Tensor, size: int, fill: float = 0.0) -> torch.Tensor:
@@ -163,8 +172,14 @@ def load_batch(paths, size: int, mean, std) -> torch.Tensor:
     return torch.stack([normalize(load_image(p, size), mean, std) for p in paths])
 
 
+# Constants for images in [0, 1]: a std below this turns a 1/255 step into over 39 (float32 still fits,
+# but no dataset is that flat), one above 1 or a mean outside [0, 1] is on another scale (0-255).
+_MIN_STD = 1e-4
+
+
 def normalization(dataset: str | None = None, mean=None, std=None) -> tuple[tuple, tuple]:
-    """(mean, std) from explicit values (both), else the dataset's training constants (default camelyon17wilds)."""
+    """(mean, std) from explicit values (both), else the dataset's training constants (default camelyon17wilds).
+    Explicit values are per channel, for images in [0, 1]: ValueError for others."""
     if (mean is None) != (std is None):
         raise ValueError("give both mean and std, or neither")
     if mean is not None:
@@ -175,7 +190,14 @@ def normalization(dataset: str | None = None, mean=None, std=None) -> tuple[tupl
             or min(std) <= 0
         ):
             raise ValueError(f"mean and std need 3 finite values each (std > 0), got {mean} and {std}")
+        if not (all(0 <= m <= 1 for m in mean) and all(_MIN_STD <= s <= 1 for s in std)):
+            raise ValueError(
+                f"mean and std are for images in [0, 1]: each mean in [0, 1] and each std in [{_MIN_STD:g}, 1], "
+                f"got {mean} and {std} (constants on the 0-255 scale: divide them by 255)"
+            )
         return tuple(mean), tuple(std)
+    if dataset == "":
+        raise ValueError(f"the dataset name is empty: use one of {sorted(NORMALIZATION)}, or mean and std")
     key = (dataset or DEFAULT_DATASET).replace("-", "_")
     if key not in NORMALIZATION:
         raise ValueError(

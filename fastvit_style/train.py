@@ -459,11 +459,12 @@ class Trainer:
         )
 
     def _export(self, name: str) -> None:
-        """Official-format weights to --out/name; without the VGG19 when it is random (module docstring)."""
+        """Official-format weights to --out/name, with the run's normalization constants in their metadata
+        (the commands read them); without the VGG19 when it is random (module docstring)."""
         sd = self.model.state_dict()
         if self.cfg.random_vgg:
             sd = {k: v for k, v in sd.items() if not k.startswith("vgg_encoder.")}
-        save_state_dict(sd, os.path.join(self.cfg.out, name))
+        save_state_dict(sd, os.path.join(self.cfg.out, name), normalization=(self.cfg.mean, self.cfg.std))
 
     def _share_unreadable(self, dataset: ImageFolderDataset) -> torch.Tensor:
         """Give every rank's `dataset` the files any rank found corrupt (a collective: all ranks call it);

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from .atomic import folder_problem, holds_json_keys
 from .configs import BACKBONES, LOSS_WEIGHTS, ModelConfig, check_model_kwargs, is_int
+from .imageio import normalization
 
 OFFICIAL_SEED = 265017005
 
@@ -131,6 +132,11 @@ def _check_numbers(cfg: TrainConfig) -> None:
             raise ValueError(f"{name} must be {n} {what}, got {values!r}")
     if (cfg.mean is None) != (cfg.std is None):
         raise ValueError("give --mean and --std together, or neither (the constants of --dataset)")
+    if cfg.mean is not None:
+        try:
+            normalization(None, cfg.mean, cfg.std)
+        except ValueError as e:
+            raise ValueError(f"--mean/--std: {e}") from None
 
 
 # What a resumed run may change: where things are and how fast they run. The rest (the math) comes

@@ -209,11 +209,15 @@ class TTAClassifier(nn.Module):
         return logits.float().softmax(dim=-1).unflatten(0, views.shape[:2])
 
     def aggregate(self, view_probs: torch.Tensor) -> torch.Tensor:
-        """(B, V, num_classes) -> (B, num_classes), each row summing to 1."""
+        """(B, V, num_classes) -> (B, num_classes), each row summing to 1 (NaN where a view's
+        probabilities are not all finite)."""
         if self.reduce == "mean_prob":
             return view_probs.mean(dim=1)
         votes = F.one_hot(view_probs.argmax(dim=-1), view_probs.shape[-1]).sum(dim=1)
-        return votes.float() / view_probs.shape[1]
+        # argmax counts a NaN as the largest: an image with a view that has no probabilities gets NaN,
+        # as its mean would, rather than a vote for the first NaN's class.
+        lost = ~view_probs.isfinite().all(dim=-1).all(dim=-1, keepdim=True)
+        return (votes.float() / view_probs.shape[1]).masked_fill(lost, float("nan"))
 
     def forward(self, x: torch.Tensor, return_views: bool = False):
         """x (B, C, H, W) -> class probabilities (B, num_classes), and (B, V, num_classes) per view if asked."""

@@ -9,6 +9,7 @@ official key names, so the official package loads what we save and we load what 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import pickle
@@ -25,6 +26,7 @@ from .checkpoint import has_random_vgg
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 SAFETENSORS_SUFFIX = ".safetensors"
+NORMALIZATION_KEY = "fastvit_style.normalization"  # safetensors metadata: the training images' mean/std
 _PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel and torch.compile wrappers
 _WIDTH_NAMES = {192: "tiny", 384: "small", 768: "base", 1024: "large", 1280: "huge"}
 _CONVERT_HINT = (
@@ -390,13 +392,21 @@ def _plain_state_dict(model_or_sd) -> dict:
     return _strip_prefixes(sd)  # a compiled/DDP model still exports the official key names
 
 
-def save_state_dict(model_or_sd, path) -> str:
+def save_state_dict(model_or_sd, path, normalization=None) -> str:
     """Write the official-format state dict (same keys, dtypes as held) to `.safetensors` or a torch
-    pickle (`.pth`/`.pt`/`.bin`/`.ckpt`) atomically: a crash leaves any earlier file at `path` intact."""
+    pickle (`.pth`/`.pt`/`.bin`/`.ckpt`) atomically: a crash leaves any earlier file at `path` intact.
+    normalization: (mean, std) of the images the model was trained on, recorded in a safetensors
+    file's metadata (`read_normalization`), where the commands find it."""
     path = os.fspath(path)
     suffix = os.path.splitext(path)[1].lower()
     if suffix != SAFETENSORS_SUFFIX and suffix not in TORCH_SUFFIXES:
         raise ValueError(f"cannot save {path!r}: use a .safetensors or .pth file name")
+    metadata = {"format": "pt"}
+    if normalization is not None:
+        if suffix != SAFETENSORS_SUFFIX:
+            raise ValueError(f"cannot save {path!r} with its normalization: only .safetensors files keep it")
+        mean, std = normalization
+        metadata[NORMALIZATION_KEY] = json.dumps({"mean": list(mean), "std": list(std)})
     # Own CPU copies: contiguous and storage-disjoint (safetensors refuses shared or strided tensors,
     # and torch.save would otherwise write whole shared storages).
     sd = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in _plain_state_dict(model_or_sd).items()}
@@ -404,10 +414,35 @@ def save_state_dict(model_or_sd, path) -> str:
         if suffix == SAFETENSORS_SUFFIX:
             import safetensors.torch
 
-            safetensors.torch.save_file(sd, tmp, metadata={"format": "pt"})
+            safetensors.torch.save_file(sd, tmp, metadata=metadata)
         else:
             torch.save(sd, tmp)
     return path
+
+
+def read_normalization(path) -> tuple[tuple, tuple] | None:
+    """(mean, std) that `save_state_dict` recorded in the weight file at `path` (fastvit_style's training
+    exports do), else None: other files, and files that cannot be read (loading them says why)."""
+    path = os.fspath(path)
+    try:
+        if _sniff(path) != "safetensors":
+            return None
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as f:
+            raw = (f.metadata() or {}).get(NORMALIZATION_KEY)
+    except Exception:  # OSError, SafetensorError: the load that follows reports the file's problem
+        return None
+    if raw is None:
+        return None
+    try:
+        obj = json.loads(raw)
+        return tuple(map(float, obj["mean"])), tuple(map(float, obj["std"]))
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(
+            f"weight file {path!r}: its {NORMALIZATION_KEY!r} metadata is not "
+            f'{{"mean": [3 numbers], "std": [3 numbers]}}, got {raw[:80]!r}'
+        ) from None
 
 
 def weight_fingerprint(model_or_sd) -> str:

@@ -27,7 +27,7 @@ from fastvit_style.checkpoint import (
 from fastvit_style.data import micro_batches
 from fastvit_style.train import Trainer, cosine_lr, psnr, train
 from fastvit_style.train_config import TrainConfig
-from fastvit_style.weights import load_state_dict, save_state_dict
+from fastvit_style.weights import load_state_dict, read_normalization, save_state_dict
 
 Image = pytest.importorskip("PIL.Image")
 
@@ -124,6 +124,9 @@ def test_one_epoch_through_the_cli_lowers_the_loss_and_exports_official_weights(
     ckpt = load_checkpoint(out / "last.pt")  # weights_only=True
     assert (ckpt["epoch"], ckpt["batch"], ckpt["step"]) == (1, 0, 4)
     assert ckpt["config"]["mean"] == (0.7440, 0.5895, 0.7214) and ckpt["best_val"] is not None
+    # The exports carry the run's normalization, which the commands use by default.
+    for name in ("best.safetensors", "last.safetensors"):
+        assert read_normalization(out / name) == (ckpt["config"]["mean"], ckpt["config"]["std"])
     metrics = (out / "metrics.jsonl").read_text().splitlines()
     assert len(metrics) == 1 and '"val_psnr"' in metrics[0]
 

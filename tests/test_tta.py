@@ -376,6 +376,10 @@ def test_tta_vote_and_all_refs(setup):
         TTAClassifier(toy_classifier(), model, bank, k=R + 1)
     tied = torch.tensor([[[0.6, 0.4], [0.3, 0.7]]])  # one vote each: the histogram ties, argmax picks class 0
     assert tta.aggregate(tied).argmax().item() == 0
+    # A view without probabilities (NaN logits) is no vote for the class argmax would call it.
+    lost = torch.tensor([[[0.6, 0.4], [0.3, 0.7]], [[0.2, 0.8], [0.1, float("nan")]]])
+    votes = tta.aggregate(lost)
+    assert votes[0].tolist() == [0.5, 0.5] and votes[1].isnan().all()
 
 
 def test_tta_autocast_and_compiled_classifier(setup):
@@ -440,6 +444,18 @@ def test_png_and_preprocessing(tmp_path):
             normalization(mean=[0.5] * 3, std=[bad, 1, 1])
         with pytest.raises(ValueError, match="3 finite values each"):
             normalization(mean=[bad, 0, 0], std=[1] * 3)
+    # float32 would turn a std of 1e-300 into inf; constants on the 0-255 scale would give garbage.
+    for mean, std in (
+        ([0.5] * 3, [1e-300, 1, 1]),
+        ([123.7, 116.3, 103.5], [58.4, 57.1, 57.4]),
+        ([-0.1] * 3, [0.2] * 3),
+    ):
+        with pytest.raises(
+            ValueError, match=r"for images in \[0, 1\]: each mean in \[0, 1\] and each std in \[0.0001, 1\]"
+        ):
+            normalization(mean=mean, std=std)
+    with pytest.raises(ValueError, match="the dataset name is empty"):
+        normalization("")
     for name in ("b/c.JPG", "a.png", "b/d.txt", "e.tiff"):
         os.makedirs(tmp_path / "imgs" / os.path.dirname(name), exist_ok=True)
         (tmp_path / "imgs" / name).write_bytes(b"")
@@ -472,6 +488,11 @@ def folders(setup, tmp_path):
     return tmp_path, base
 
 
+def pngs(folder) -> list[str]:
+    """The images a command wrote to `folder`, sorted (its hidden marker file left out)."""
+    return sorted(n for n in os.listdir(folder) if n.endswith(".png"))
+
+
 def run_stylize(tmp, base, out: str, *extra: str) -> int:
     content, styles = str(tmp / "content"), str(tmp / "styles")
     return cli_main(
@@ -484,7 +505,7 @@ def test_cli_stylize(setup, folders):
     _, model, _, _ = setup
     tmp, base = folders
     assert run_stylize(tmp, base, "out", "--batch-size", "1") == 0
-    names = sorted(os.listdir(tmp / "out"))
+    names = pngs(tmp / "out")
     assert names == [f"img{c}__img{s}.png" for c in range(2) for s in range(3)]
     from fastvit_style.imageio import load_batch
 
@@ -498,9 +519,9 @@ def test_cli_stylize(setup, folders):
     got = np.array(Image.open(tmp / "out" / "img1__img2.png")).astype(int)
     assert np.abs(got - to_uint8(expected[1, 2]).astype(int)).max() <= 1
     assert run_stylize(tmp, base, "out_k", "--k", "1") == 0
-    assert len(os.listdir(tmp / "out_k")) == 2
+    assert len(pngs(tmp / "out_k")) == 2
     assert run_stylize(tmp, base, "out_all", "--k", "0") == 0  # 0: all, as in tta
-    assert sorted(os.listdir(tmp / "out_all")) == names
+    assert pngs(tmp / "out_all") == names
 
 
 @needs_pil
@@ -549,11 +570,11 @@ def test_cli_tta(folders, monkeypatch):
         for r in rows[1:]:
             p = [float(v) for v in r[2:]]
             assert abs(sum(p) - 1) < 1e-5 and int(r[1]) == int(np.argmax(p))
-    assert len(os.listdir(tmp / "views")) == 2 * 2
+    assert len(pngs(tmp / "views")) == 2 * 2
     # Without --k: 8 references per image, or all of them when there are fewer (3 here).
     no_k = ["tta", *base, "--refs", str(tmp / "styles"), "--images", str(tmp / "content"), "--classifier",
             "toyclf:make", "--out", str(tmp / "all.csv"), "--save-stylized", str(tmp / "all_views")]  # fmt: skip
-    assert cli_main(no_k) == 0 and len(os.listdir(tmp / "all_views")) == 2 * 3
+    assert cli_main(no_k) == 0 and len(pngs(tmp / "all_views")) == 2 * 3
 
 
 @needs_pil
@@ -696,7 +717,10 @@ def test_cli_user_errors_are_one_line(folders, capsys, monkeypatch):
     fails_with([*tta_clf, "--images", str(tmp / "nope"), "--out", str(tmp / "p.csv")],
                f"error: input folder {str(tmp / 'nope')!r} does not exist")  # fmt: skip
     fails_with([*tta_clf, "--out", str(tmp / "file")], "is not a predictions CSV of this command")
-    fails_with([*tta_clf, "--out", str(tmp / "file" / "p.csv")], "is a file, not a folder")
+    fails_with(
+        [*tta_clf, "--out", str(tmp / "file" / "p.csv")],
+        "the folder " + repr(str(tmp / "file")) + " exists and is not a folder",
+    )
     fails_with([*tta_clf, "--out", str(tmp / "new") + os.sep], "is a folder")
     fails_with([*tta_clf, "--out", str(tmp / "v"), "--save-stylized", str(tmp / "v")], "name the same path")
     on_mps = [a if a != "cpu" else "mps" for a in stylize_args]
@@ -779,17 +803,89 @@ def test_cli_outputs_never_overwrite_each_other_nor_become_inputs(folders, capsy
     expected = [f"img{c}__img{s}.png" for c in range(2) for s in range(3)]
     for _ in range(2):
         assert run_stylize(tmp, base, "content/stylized") == 0
-    assert sorted(os.listdir(tmp / "content" / "stylized")) == expected
+    assert pngs(tmp / "content" / "stylized") == expected
     with pytest.raises(SystemExit, match="--out .* is the content folder"):
         run_stylize(tmp, base, "content")
     shutil.rmtree(tmp / "content" / "stylized")
     os.symlink(tmp / "linked_out", tmp / "content" / "more")  # the output folder, reached through a link
     for _ in range(2):
         assert run_stylize(tmp, base, "linked_out") == 0
-    assert sorted(os.listdir(tmp / "linked_out")) == expected
+    assert pngs(tmp / "linked_out") == expected
     os.remove(tmp / "content" / "more")
     assert run_stylize(tmp, base, ".") == 0  # above the inputs: its outputs lie in no input folder
     assert sorted(p for p in os.listdir(tmp) if p.endswith(".png")) == expected
+
+
+def test_cli_outputs_are_checked_before_any_work(folders, capsys, monkeypatch):
+    """An output that cannot be written is refused before the model loads (a run then loses no work):
+    an empty name, a broken link, a folder below a file, an unwritable place, a pipe, a name too long
+    for the file system; NaN logits stop tta rather than predict a class."""
+    tmp, base = folders
+    stylize = ["stylize", *base, "--content", str(tmp / "content"), "--styles", str(tmp / "styles")]
+    tta = ["tta", *base, "--images", str(tmp / "content"), "--refs", str(tmp / "styles"), "--k", "1"]
+    monkeypatch.chdir(tmp)
+    (tmp / "nanclf.py").write_text(
+        "import torch\nfrom torch import nn\n"
+        "class NaNs(nn.Module):\n    def forward(self, x):\n        return torch.full((x.shape[0], 2), float('nan'))\n"
+    )
+    monkeypatch.setattr(
+        "fastvit_style.model.create_model", lambda *a, **kw: pytest.fail("a check came after the load")
+    )
+    os.symlink(tmp / "nowhere", tmp / "broken")
+    (tmp / "file").write_text("mine")
+    os.mkfifo(tmp / "pipe.csv")
+    for argv, message in [
+        ([*stylize, "--out", ""], "--out is empty: name a folder"),
+        ([*stylize, "--out", str(tmp / "broken")], "is a broken symbolic link"),
+        ([*stylize, "--out", str(tmp / "file" / "o")], "is a file, not a folder"),
+        ([*tta, "--classifier", "nanclf:NaNs", "--out", ""], "--out is empty: name the CSV file"),
+        ([*tta, "--classifier", "nanclf:NaNs", "--out", str(tmp / "pipe.csv")], "is not a regular file"),
+        ([*tta, "--classifier", "nanclf:NaNs", "--out", "p.csv", "--save-stylized", str(tmp / "broken")],
+         "is a broken symbolic link"),
+    ]:  # fmt: skip
+        with pytest.raises(SystemExit, match=message):
+            cli_main(argv)
+    if os.path.isdir("/proc/self"):  # a place nobody can create files in, not even root
+        with pytest.raises(SystemExit, match="--out '/proc/self/o' cannot be written to"):
+            cli_main([*stylize, "--out", "/proc/self/o"])
+        with pytest.raises(SystemExit, match="the folder '/proc/self' cannot be written to"):
+            cli_main([*tta, "--classifier", "nanclf:NaNs", "--out", "/proc/self/p.csv"])
+    long_name = "c" * 250
+    shutil.copy(tmp / "content" / "img0.png", tmp / "content" / f"{long_name}.png")
+    with pytest.raises(
+        SystemExit, match=f"the output name '{long_name}__img0.png' would be longer than the 255"
+    ):
+        cli_main([*stylize, "--out", str(tmp / "o")])
+    os.remove(tmp / "content" / f"{long_name}.png")
+    assert not (tmp / "o").exists() and (tmp / "file").read_text() == "mine"
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp)
+    assert cli_main([*tta, "--classifier", "nanclf:NaNs", "--out", "p.csv"]) == 1
+    assert (
+        "error: --classifier 'nanclf:NaNs' gave NaN or infinite logits for 2 images"
+        in capsys.readouterr().err
+    )
+    assert not (tmp / "p.csv").exists()
+
+
+def test_cli_inputs_leave_out_earlier_outputs_hidden_folders_and_pipes(folders, capsys):
+    """An earlier run's output folder below an input folder (marked by a hidden file) is left out with a
+    note, and so are hidden folders (.ipynb_checkpoints) and pipes (reading one would block)."""
+    tmp, base = folders
+    assert run_stylize(tmp, base, "content/earlier") == 0
+    assert (tmp / "content" / "earlier" / ".fastvit-style-outputs").is_file()
+    save_png(torch.rand(3, 8, 8), tmp / "content" / ".ipynb_checkpoints" / "img0-checkpoint.png")
+    os.mkfifo(tmp / "content" / "pipe.png")
+    capsys.readouterr()
+    assert run_stylize(tmp, base, "later") == 0
+    assert pngs(tmp / "later") == [f"img{c}__img{s}.png" for c in range(2) for s in range(3)]
+    assert (
+        "note: left out 6 images under " + repr(str(tmp / "content" / "earlier")) in capsys.readouterr().err
+    )
+    # Named as the input folder itself, the earlier outputs are read.
+    argv = ["stylize", *base, "--content", str(tmp / "content" / "earlier"), "--styles", str(tmp / "styles")]
+    assert cli_main([*argv, "--out", str(tmp / "restyled"), "--k", "1"]) == 0
+    assert len(pngs(tmp / "restyled")) == 6
 
 
 def test_tta_classifier_draws_only_from_its_generator(setup):
@@ -821,21 +917,36 @@ def test_bank_pickles(setup):
         )
 
 
-def test_cli_normalization_follows_the_official_weights(tmp_path, monkeypatch):
-    """Without --dataset or --mean/--std, official weights named by dataset id bring their dataset's
-    constants; weights that have none are refused rather than normalized as another dataset."""
+def test_cli_normalization_follows_the_weights(tmp_path, monkeypatch):
+    """Without --dataset or --mean/--std, official weights named by dataset id or hub repo id bring their
+    dataset's constants, and a training export those it records; weights that have none are refused
+    rather than normalized as another dataset; any other weights get the default, with a note."""
     from fastvit_style.apps.common import mean_std
     from fastvit_style.configs import NORMALIZATION
 
-    def args(**kw):
-        return argparse.Namespace(**{"dataset": None, "mean": None, "std": None, **kw})
+    def constants(with_note=False, **kw):
+        mean, std, note = mean_std(argparse.Namespace(**{"dataset": None, "mean": None, "std": None, **kw}))
+        assert (note is not None) == with_note, note
+        return mean, std
 
-    assert mean_std(args(weights="epistr")) == NORMALIZATION["epistr"]
-    assert mean_std(args(weights="fitzpatrick17k")) == NORMALIZATION["fitzpatrick17k"]
-    assert mean_std(args(weights="epistr", dataset="camelyon17wilds")) == NORMALIZATION["camelyon17wilds"]
-    assert mean_std(args(weights="cholec80", mean=[0.5] * 3, std=[0.2] * 3)) == ((0.5,) * 3, (0.2,) * 3)
-    with pytest.raises(SystemExit, match="no normalization constants are known for the ddi_12_34_56 weights"):
-        mean_std(args(weights="ddi"))
+    assert constants(weights="epistr") == NORMALIZATION["epistr"]
+    assert constants(weights="sdoerrich97/stylizing_vit_tiny_epistr") == NORMALIZATION["epistr"]
+    assert constants(weights="fitzpatrick17k") == NORMALIZATION["fitzpatrick17k"]
+    assert constants(weights="epistr", dataset="camelyon17wilds") == NORMALIZATION["camelyon17wilds"]
+    assert constants(weights="cholec80", mean=[0.5] * 3, std=[0.2] * 3) == ((0.5,) * 3, (0.2,) * 3)
+    for weights in ("ddi", "sdoerrich97/stylizing_vit_base_ddi_12_34_56"):
+        with pytest.raises(
+            SystemExit, match="no normalization constants are known for the ddi_12_34_56 weights"
+        ):
+            constants(weights=weights)
+    for other in ("someone/stylizing_vit_base_epistr", "sdoerrich97/stylizing_vit_huge_epistr"):
+        assert constants(weights=other, with_note=True) == NORMALIZATION["camelyon17wilds"]
     monkeypatch.chdir(tmp_path)  # a file of that name is a weight file: the documented default
     (tmp_path / "epistr").write_bytes(b"")
-    assert mean_std(args(weights="epistr")) == NORMALIZATION["camelyon17wilds"]
+    assert constants(weights="epistr", with_note=True) == NORMALIZATION["camelyon17wilds"]
+    recorded = ((0.25, 0.5, 0.75), (0.125, 0.25, 0.5))  # what a training export carries
+    save_state_dict({"w": torch.zeros(1)}, tmp_path / "trained.safetensors", normalization=recorded)
+    assert constants(weights="trained.safetensors") == recorded
+    assert constants(weights="trained.safetensors", dataset="epistr") == NORMALIZATION["epistr"]
+    with pytest.raises(ValueError, match="only .safetensors files keep it"):
+        save_state_dict({"w": torch.zeros(1)}, tmp_path / "trained.pth", normalization=recorded)

@@ -9,17 +9,18 @@ import sys
 
 import torch
 
-from ..atomic import folder_problem
+from ..atomic import atomic_path, folder_problem, writable_problem
 from ..configs import (
     DEFAULT_DATASET,
     NORMALIZATION,
     ModelConfig,
     check_backbone,
     check_model_kwargs,
-    official_dataset,
+    weights_dataset,
 )
 from ..devices import resolve_device
 from ..imageio import list_images, normalization, require_pil
+from ..weights import read_normalization
 
 
 def add_model_arguments(parser) -> None:
@@ -76,10 +77,33 @@ def seed_int(text: str) -> int:
     return value
 
 
+# In every folder the commands write images to: an input folder's listing leaves out a subfolder that
+# holds one, so a run never reads an earlier run's outputs as its inputs.
+OUTPUTS_MARKER = ".fastvit-style-outputs"
+
+
 def check_output_folder(path: str, flag: str) -> None:
-    """Before any work: an output folder must be a folder or not exist yet."""
-    if problem := folder_problem(path, flag):
+    """Before any work: an output folder must be a folder or not exist yet, and take files."""
+    if problem := folder_problem(path, flag) or writable_problem(path, flag):
         raise SystemExit(f"error: {problem}")
+
+
+def check_output_file(path: str, flag: str) -> None:
+    """Before any work: a file can be written at `path` (its folder is created when it is written)."""
+    folder, named = os.path.dirname(os.path.abspath(path)), f"{flag} {path!r}: the folder"
+    if problem := folder_problem(folder, named) or writable_problem(folder, named):
+        raise SystemExit(f"error: {problem}")
+
+
+def make_output_folder(path: str) -> None:
+    """Create the output folder `path` of images, marked as holding outputs (OUTPUTS_MARKER)."""
+    os.makedirs(path, exist_ok=True)
+    marker = os.path.join(path, OUTPUTS_MARKER)
+    if not os.path.exists(marker):
+        with atomic_path(marker) as tmp, open(tmp, "w") as f:
+            f.write(
+                "fastvit-style stylize/tta images: left out where this folder lies below an input folder\n"
+            )
 
 
 def stylizer_config(args) -> tuple[ModelConfig, dict]:
@@ -140,27 +164,73 @@ def find_images(*named_folders: tuple[str, str], output: tuple[str, str] | None 
                 return os.path.dirname(p) == out or (not below_out and p.startswith(os.path.join(out, "")))
 
             found[i] = [p for p in found[i] if not is_output(p)]
+    found = [_without_earlier_outputs(paths, folder) for (_, folder), paths in zip(named_folders, found)]
     for (what, folder), paths in zip(named_folders, found):
         if not paths:
             raise SystemExit(f"error: no {what} images (png/jpg/jpeg/tif/tiff/bmp) under {folder!r}")
     return found
 
 
-def mean_std(args) -> tuple[tuple, tuple]:
-    """--mean/--std, else the constants of --dataset, else of the dataset whose official weights --weights
-    names, else of DEFAULT_DATASET."""
-    dataset = args.dataset
-    official = official_dataset(args.weights)
-    if dataset is None and args.mean is None and official and not os.path.isfile(args.weights):
-        dataset = official
-        if dataset not in NORMALIZATION:
-            raise SystemExit(
-                f"error: no normalization constants are known for the {dataset} weights (the official code "
-                "has none either): give --mean and --std of the images they were trained on "
-                "(fastvit_style.data.compute_normalization(folder) computes them), or --dataset"
+def _without_earlier_outputs(paths: list[str], root: str) -> list[str]:
+    """`paths` (images below `root`) less those in a subfolder that an earlier run marked as its output
+    folder (OUTPUTS_MARKER), each such folder named on stderr."""
+    marked: dict[str, bool] = {}
+
+    def under_marked(path: str) -> str | None:
+        folder = os.path.dirname(path)
+        while os.path.relpath(folder, root) != os.curdir:
+            if folder not in marked:
+                marked[folder] = os.path.isfile(os.path.join(folder, OUTPUTS_MARKER))
+            if marked[folder]:
+                return folder
+            folder = os.path.dirname(folder)
+        return None
+
+    kept, skipped = [], {}
+    for path in paths:
+        if (folder := under_marked(path)) is None:
+            kept.append(path)
+        else:
+            skipped[folder] = skipped.get(folder, 0) + 1
+    for folder, n in skipped.items():
+        print(
+            f"note: left out {n} images under {folder!r}: an earlier run's output folder (remove its "
+            f"{OUTPUTS_MARKER} file to read them as inputs)",
+            file=sys.stderr,
+        )
+    return kept
+
+
+def mean_std(args) -> tuple[tuple, tuple, str | None]:
+    """--mean/--std, else the constants of --dataset, else those a weight file records (training
+    exports), else those of the dataset whose official weights --weights names, else of DEFAULT_DATASET.
+    Also a note to print once the weights have loaded, in that last case (weights trained on other
+    images need --dataset or --mean/--std), else None."""
+    dataset, mean, std, note = args.dataset, args.mean, args.std, None
+    if dataset is None and mean is None:
+        is_file = os.path.isfile(args.weights)
+        try:
+            recorded = read_normalization(args.weights) if is_file else None
+        except ValueError as e:
+            raise SystemExit(f"error: --weights: {e}; give --dataset or --mean/--std") from None
+        official = None if is_file else weights_dataset(args.weights)
+        if recorded is not None:
+            mean, std = recorded
+        elif official is not None:
+            if official not in NORMALIZATION:
+                raise SystemExit(
+                    f"error: no normalization constants are known for the {official} weights (the official "
+                    "code has none either): give --mean and --std of the images they were trained on "
+                    "(fastvit_style.data.compute_normalization(folder) computes them), or --dataset"
+                )
+            dataset = official
+        else:
+            note = (
+                f"note: normalizing with the {DEFAULT_DATASET} constants, the default for weights that do "
+                "not name their dataset: give --dataset or --mean/--std for weights trained on other images"
             )
     try:
-        return normalization(dataset, args.mean, args.std)
+        return (*normalization(dataset, mean, std), note)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
 
@@ -178,6 +248,13 @@ def output_names(paths: list[str], root: str) -> list[str]:
     return names
 
 
+NAME_MAX = 255  # bytes in a file name: ext4, XFS, btrfs, APFS, NTFS (in UTF-16 units)
+
+
+def _bytes(name: str) -> int:
+    return len(name.encode(errors="surrogateescape"))
+
+
 def pair_names(contents: list[str], content_root: str, styles: list[str], style_root: str):
     """Output stems of the content and style images, such that every `<content>__<style>` is unique.
 
@@ -186,6 +263,12 @@ def pair_names(contents: list[str], content_root: str, styles: list[str], style_
     the content names that extend another, so a run refuses before one output overwrites another.
     """
     content_names, style_names = output_names(contents, content_root), output_names(styles, style_root)
+    longest = max(content_names, key=_bytes) + "__" + max(style_names, key=_bytes) + ".png"
+    if _bytes(longest) > NAME_MAX:
+        raise SystemExit(
+            f"error: the output name {longest!r} would be longer than the {NAME_MAX} bytes file systems "
+            "allow: shorten the file names (or folder names below the input folders) of that pair"
+        )
     content_of, style_of = dict(zip(content_names, contents)), dict(zip(style_names, styles))
     for longer in content_names:
         for cut in range(1, len(longer)):

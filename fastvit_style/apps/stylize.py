@@ -7,6 +7,7 @@ for tiny, 13.9 MiB for base), and each content image's stream is shared by its r
 """
 
 import os
+import sys
 
 import torch
 
@@ -18,6 +19,7 @@ from .common import (
     check_output_folder,
     find_images,
     load_stylizer,
+    make_output_folder,
     mean_std,
     pair_names,
     progress,
@@ -50,14 +52,17 @@ def run(args) -> int:
             f"error: --k must lie in 0..{len(styles)} (the number of style images; 0: all), got {args.k}"
         )
     args.k = args.k or None  # 0: all, as in tta
-    mean, std = mean_std(args)
+    mean, std, note = mean_std(args)
     model = load_stylizer(args)
+    if note:
+        print(note, file=sys.stderr)
     size, dev = model.config.input_size, model.encoder.pos_embed.device
     generator = torch.Generator().manual_seed(args.seed)
     with torch.no_grad():
         bank = StyleBank.from_images(
             model, load_batch(styles, size, mean, std).to(dev), batch_size=args.batch_size
         )
+        make_output_folder(args.out)
         starts = range(0, len(contents), args.batch_size)
         for start in progress(starts, len(starts), "stylize"):
             paths = contents[start : start + args.batch_size]

@@ -23,10 +23,12 @@ from ..style_bank import StyleBank, describe_value
 from ..tta import REDUCTIONS, TTAClassifier
 from .common import (
     add_model_arguments,
+    check_output_file,
     check_output_folder,
     device,
     find_images,
     load_stylizer,
+    make_output_folder,
     mean_std,
     pair_names,
     progress,
@@ -148,16 +150,13 @@ _HEADER = ["path", "pred"]  # the CSV's first columns: how a file this command w
 
 
 def check_csv_path(path: str) -> None:
-    """Before any work: --out must name a file that can be written, and only a CSV of this command may
-    be replaced (not an input image, the weights or anything else a mistyped path could hit)."""
+    """Before any work: --out must name a file that can be written (its folder is created), and only a
+    CSV of this command may be replaced (not an input image, the weights or anything else a mistyped
+    path could hit)."""
     check_replaceable(
         path, "--out", "CSV file", _is_predictions_csv, "is not a predictions CSV of this command"
     )
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):  # the nearest folder that exists: the rest is created at the end
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise SystemExit(f"error: --out {path!r}: {parent!r} is a file, not a folder")
+    check_output_file(path, "--out")
 
 
 def _is_predictions_csv(path: str) -> bool:
@@ -206,8 +205,10 @@ def run(args) -> int:
     classifier = load_classifier(
         args.classifier, device(args), (last * views, most * views, cfg.in_channel, cfg.input_size)
     )
-    mean, std = mean_std(args)
+    mean, std, note = mean_std(args)
     model = load_stylizer(args)
+    if note:
+        print(note, file=sys.stderr)
     size, dev = model.config.input_size, model.encoder.pos_embed.device
     generator = torch.Generator().manual_seed(args.seed)
     rows = []
@@ -224,12 +225,20 @@ def run(args) -> int:
             reduce=args.reduce,
             generator=generator,
         )
+        if args.save_stylized:
+            make_output_folder(args.save_stylized)
         # No tta.eval(): both parts are in eval mode already, and an exported (.pt2) module refuses train().
         starts = range(0, len(images), args.batch_size)
         for start in progress(starts, len(starts), "tta"):
             paths = images[start : start + args.batch_size]
             views, used = tta.make_views(load_batch(paths, size, mean, std).to(dev))
             probs = tta.aggregate(_classify(tta, views, args.classifier)).cpu()
+            if not probs.isfinite().all():
+                bad = [p for p, row in zip(paths, probs) if not row.isfinite().all()]
+                raise ValueError(
+                    f"--classifier {args.classifier!r} gave NaN or infinite logits for {len(bad)} images "
+                    f"(views of {bad[:3]}{', ...' if len(bad) > 3 else ''}): no class can be predicted"
+                )
             for b, path in enumerate(paths):
                 rows.append([os.path.relpath(path, args.images), int(probs[b].argmax())] + probs[b].tolist())
             if args.save_stylized:
