@@ -75,6 +75,13 @@ def grid(contents: torch.Tensor, styles: torch.Tensor, stylized: torch.Tensor, g
     return out
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="tta_demo.png")
@@ -82,8 +89,8 @@ def main(argv=None) -> None:
     p.add_argument("--weights", default=None, help="official checkpoint file (default: random weights)")
     p.add_argument("--dataset", default="camelyon17wilds", help="normalization constants")
     p.add_argument("--small", action="store_true", help="64 px, 2 layers: a quick run with random weights")
-    p.add_argument("--contents", type=int, default=2)
-    p.add_argument("--styles", type=int, default=3)
+    p.add_argument("--contents", type=positive_int, default=2, help="content images (rows)")
+    p.add_argument("--styles", type=positive_int, default=3, help="style references (columns)")
     args = p.parse_args(argv)
 
     if args.small and args.weights:

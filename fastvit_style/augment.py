@@ -22,7 +22,9 @@ class StyleAugment:
     p in (0, 1]: the fraction of the batch replaced; n = max(1, int(p*B)) images at indices idx
     (int64, on x's device, in randperm order). references: optional (R, C, H, W) style set; each
     selected image gets a style drawn uniformly (with replacement) from it. generator: a CPU
-    torch.Generator for the index/reference draws (default: the global RNG).
+    torch.Generator for the index/reference draws (default: the global RNG, which DataLoader seeds
+    apart in each worker; a generator given is copied into every worker, whose draws then repeat:
+    there, reseed it per worker in worker_init_fn or leave it out).
     x_out is a new tensor (x is not modified): rows not in idx equal x, and keep its autograd graph
     (a learnable transform before the augmentation still gets their gradient); rows idx are the
     stylized images cast to x.dtype, constants to autograd. The stylizer runs under no_grad, in

@@ -29,17 +29,26 @@ def _require_values(model) -> None:
         )
 
 
-def _version(refs: tuple) -> int | None:
-    """Sum of the version counters of the parameters behind weak references `refs`, which every in-place
-    write through autograd's view of a tensor raises (optimizer steps, load_state_dict's copy_); -1 once
-    one of them is gone (replaced, as by load_state_dict(assign=True), and freed); None where inference
-    tensors have no counter."""
+def _version(refs: tuple):
+    """What tells whether the parameters behind weak references `refs` were written since: the sum of
+    their version counters, which every in-place write through autograd's view of a tensor raises
+    (optimizer steps, load_state_dict's copy_); -1 once one of them is gone (replaced, as by
+    load_state_dict(assign=True), and freed). Inference tensors have no counter: a few of each one's
+    values then, on the CPU (a host sync, on that path only), which any load of other weights changes."""
     params = [ref() for ref in refs]
     if any(p is None for p in params):
         return -1
     if any(p.is_inference() for p in params):
-        return None
+        return torch.cat(
+            [p.detach().reshape(-1)[:: max(1, p.numel() // 8)][:8].float() for p in params]
+        ).cpu()
     return sum(p._version for p in params)
+
+
+def _same_version(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    return a == b
 
 
 def check_count(name: str, value) -> None:
@@ -70,10 +79,11 @@ class StyleBank:
     config: the model's config dict; fingerprint: `weight_fingerprint` of the model that built it.
 
     A bank is checked against a model (config and weight fingerprint) the first time it is used with
-    it, and again when the model's dtype has changed since or its encoder's parameters were written in
-    place (an optimizer step, load_state_dict) or replaced and freed (load_state_dict(assign=True)): a
-    bank of weights that have changed is refused, so rebuild it after training. Not seen: writes that
-    leave the version counters alone (`.data`, module.half().float(), fused optimizer steps), replaced
+    it, and again when the model's dtype has changed since or its parameters were written in
+    place (an optimizer step, load_state_dict; for inference tensors, which have no version counter, a
+    few of their values are compared) or replaced and freed (load_state_dict(assign=True)): a bank of
+    weights that have changed is refused, so rebuild it after training. Not seen: writes that leave
+    the version counters alone (`.data`, module.half().float(), fused optimizer steps), replaced
     parameters still referenced elsewhere (by an optimizer), and any change between compiled calls. The
     bank's K/V are constants to autograd: gradients through a stylization reach the content image and
     the weights of its content and stylized streams, not the references' stream.
@@ -100,8 +110,8 @@ class StyleBank:
                 f"bank k and v must share dtype and device, got {k.dtype}/{k.device} and {v.dtype}/{v.device}"
             )
         self.k, self.v, self.config, self.fingerprint = k, v, cfg.to_dict(), fingerprint
-        # Models already verified against this bank: (dtype, weak references to the encoder's parameters,
-        # their version sum) then. An in-place .double() or optimizer step after the check may change the
+        # Models already verified against this bank: (dtype, weak references to its parameters, their
+        # `_version` then). An in-place .double() or optimizer step after the check may change the
         # fingerprint: checked again.
         self._checked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -180,8 +190,9 @@ class StyleBank:
 
     def _remember(self, model) -> None:
         model = unwrap(model)
-        # The encoder's parameters, all that K/V depend on, held weakly: replaced ones are not kept alive.
-        refs = tuple(weakref.ref(p) for p in model.encoder.parameters())
+        # The parameters the fingerprint covers (K/V depend on the encoder's alone, but a bank is refused
+        # for other weights alike however it meets the model), held weakly: replaced ones are not kept alive.
+        refs = tuple(weakref.ref(p) for n, p in model.named_parameters() if not n.startswith("vgg_encoder."))
         self._checked[model] = (_model_dtype(model), refs, _version(refs))
 
     def check(self, model) -> None:
@@ -214,7 +225,7 @@ class StyleBank:
         if (
             seen is None
             or seen[0] != dtype
-            or (not torch.compiler.is_compiling() and seen[2] != _version(seen[1]))
+            or (not torch.compiler.is_compiling() and not _same_version(seen[2], _version(seen[1])))
         ):
             self.check(model)
         # Under autocast the attention casts K/V to the autocast dtype anyway: a bank already in that

@@ -61,6 +61,19 @@ def test_compiled_training_step_matches_eager(compiler):
     assert diff <= 1e-10 * torch.cat([g_ref.flatten() for _, g_ref in grads]).norm()
 
 
+def test_jit_trace_and_export_match_eager():
+    """torch.jit.trace (which traces again under no_grad to check its graph) and torch.export, as the
+    official model allows."""
+    model = randomize_(StylizingViT("tiny", backend="torch", **CFG)).eval()
+    x, x_style, other = images(2, 32, seed=5), images(2, 32, seed=6), images(2, 32, seed=7)
+    traced = torch.jit.trace(model, (x, x_style))
+    exported = torch.export.export(model, (x, x_style)).module()
+    with torch.no_grad():
+        expected = model(other, x_style)
+        torch.testing.assert_close(traced(other, x_style), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(exported(other, x_style), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_a_compiled_training_forward_warns_of_a_random_vgg19():
     """The eager warning (test_weights) from a compiled graph too: dynamo runs it as it traces."""
     torch._dynamo.reset()  # a graph traced by an earlier test would be reused without tracing

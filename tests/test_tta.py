@@ -208,6 +208,30 @@ def test_bank_refused_once_the_model_is_written_in_place(setup):
     trained.load_state_dict(other, assign=True)  # new parameter objects; the replaced ones are freed
     with pytest.raises(ValueError, match="built with other weights .fingerprints differ"):
         stylize(trained, x, bank)
+    # The decoder too: however the bank meets a model (this one, a copy, a load), the same weights pass.
+    trained.load_state_dict(saved)
+    stylize(trained, x, bank)
+    with torch.no_grad():
+        trained.post_process_conv.weight.mul_(2)
+    for user in (trained, copy.deepcopy(trained)):
+        with pytest.raises(ValueError, match="built with other weights .fingerprints differ"):
+            stylize(user, x, bank)
+
+
+def test_bank_refused_once_an_inference_mode_model_loads_other_weights(setup):
+    """Inference tensors have no version counter: a few of their values tell a load of other weights."""
+    _, model, refs, _ = setup
+    with torch.inference_mode():
+        served = copy.deepcopy(model)  # inference tensors, as if built here
+        assert served.encoder.pos_embed.is_inference()
+        bank = StyleBank.from_images(served, refs[:2])
+        x = images(1, SIZE)
+        before = stylize(served, x, bank)
+        served.load_state_dict(randomize_(copy.deepcopy(model), seed=6).state_dict())
+        with pytest.raises(ValueError, match="built with other weights .fingerprints differ"):
+            stylize(served, x, bank)
+        served.load_state_dict(model.state_dict())
+        torch.testing.assert_close(stylize(served, x, bank), before, rtol=0, atol=0)
 
 
 def test_bank_of_a_compiled_model_serves_the_model_and_its_compiled_calls(setup):
