@@ -1,5 +1,6 @@
 """`fastvit-style bench` end to end on the CPU at a toy size: JSON schema, parity gate, failure rows."""
 
+import copy
 import glob
 import json
 import os
@@ -72,8 +73,19 @@ def test_oom_and_budget_are_recorded():
     register_backend("oom", _out_of_memory)
     cfg = BenchConfig(workloads=("stylize",), batch_sizes={"stylize": [2]}, backends=("reference", "oom"),
                       repeats=1, model_kwargs=TOY)  # fmt: skip
-    rows = run_benchmark(cfg)["results"]
+    calls = []  # what a killed run's JSON would hold at each point: the variant in flight, then its row
+    rows = run_benchmark(cfg, lambda row, run: calls.append((row, copy.deepcopy(run["in_flight"]))))[
+        "results"
+    ]
     assert [r["status"] for r in rows] == ["ok", "oom"] and "out of memory" in rows[1]["reason"]
+    assert [(row and row["backend"], flight and flight["backend"]) for row, flight in calls] == [
+        (None, None),
+        (None, "reference"),
+        ("reference", "reference"),
+        (None, "oom"),
+        ("oom", "oom"),
+    ]
+    assert len(rows[0]["times_ms"]) == cfg.repeats and rows[1]["times_ms"] is None  # the raw numbers
 
     cfg.budget_s = 0
     assert {r["status"] for r in run_benchmark(cfg)["results"]} == {"skipped"}

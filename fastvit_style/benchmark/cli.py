@@ -207,8 +207,10 @@ def run(args) -> int:
     advance, close = _progress(plan_size(cfg))
 
     def on_result(row, partial):
-        advance(row)
-        report.write_json(json_path, partial, env)  # rewritten per row: a killed run keeps its rows
+        if row is not None:
+            advance(row)
+        # Rewritten per row and variant: a killed run keeps its rows and names the variant it was in.
+        report.write_json(json_path, partial, env)
 
     result = run_benchmark(cfg, on_result)
     close()

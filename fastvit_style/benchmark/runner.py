@@ -24,9 +24,11 @@ from .telemetry import Telemetry
 from .workloads import make_workloads
 
 
-def run_benchmark(cfg: BenchConfig, on_result: Callable[[dict, dict], None] | None = None) -> dict:
+def run_benchmark(cfg: BenchConfig, on_result: Callable[[dict | None, dict], None] | None = None) -> dict:
     """Runs the plan; returns {"device", "config", "results", "telemetry"}.
-    on_result(row, run so far) is called as each row becomes final.
+    on_result(row, run so far) is called as each row becomes final, and with row None at the start
+    (device and config known) and as each variant starts (named by run["in_flight"]), so that a run
+    killed mid-variant leaves a record of what it was doing.
 
     All eager variants run first, then the compiled ones (minutes of compilation each on a GPU), so
     that a --budget cuts the slowest-to-warm-up variants first."""
@@ -50,7 +52,18 @@ def _run(cfg: BenchConfig, device: torch.device, on_result) -> dict:
         "config": asdict(cfg),
         "results": [],
         "telemetry": None,
+        "in_flight": None,
     }
+
+    def starting(row: dict) -> None:
+        run["in_flight"] = {
+            k: row[k] for k in ("workload", "backbone", "batch_size", "dtype", "backend", "compile")
+        }
+        if on_result:
+            on_result(None, run)
+
+    if on_result:
+        on_result(None, run)
     workloads = make_workloads(cfg.tta_k, cfg.augment_p)
     eager, compiled = plan_variants(cfg)
     deadline = math.inf if cfg.budget_s is None else time.monotonic() + cfg.budget_s
@@ -65,12 +78,12 @@ def _run(cfg: BenchConfig, device: torch.device, on_result) -> dict:
             (compiled, [c for c, with_compiled in cases if with_compiled]),
         ):
             for case in pass_cases:
-                for row in case.run(variants, deadline):
+                for row in case.run(variants, deadline, starting):
                     run["results"].append(row)
                     if on_result:
                         on_result(row, run)
                 case.release()
-    run["telemetry"] = telemetry.to_json()
+    run["telemetry"], run["in_flight"] = telemetry.to_json(), None
     return run
 
 
@@ -128,8 +141,9 @@ class _Case:
         self.expected_cache.clear()
         self._cleanup()
 
-    def run(self, variants: list[Variant], deadline: float):
-        """Yields each row when it is final (with interleaved timing, the timed ones at the end)."""
+    def run(self, variants: list[Variant], deadline: float, starting: Callable[[dict], None]):
+        """Yields each row when it is final (with interleaved timing, the timed ones at the end);
+        starting(row) before a variant's model is built."""
         rows = [self._row(v) for v in variants]
         if self.cfg.interleave and any(v.compile for v in variants):
             # Every compiled variant of the case is prepared before any is timed: one reset for them all
@@ -149,12 +163,14 @@ class _Case:
                 row.update(status="unavailable", reason=reason)
             elif not self._ready():
                 row.update(status="oom" if _is_oom(self.setup_error) else "failed", reason=self.setup_error)
-            elif (step := self._prepare(v, row)) is not None:
-                if self.cfg.interleave:
-                    pending.append((row, step))
-                    continue
-                self._time([(row, step)])
-                del step
+            else:
+                starting(row)
+                if (step := self._prepare(v, row)) is not None:
+                    if self.cfg.interleave:
+                        pending.append((row, step))
+                        continue
+                    self._time([(row, step)])
+                    del step
             self._cleanup()  # here, not in an except block, whose traceback would keep the tensors alive
             _ratios(self.variants, self.rows)
             yield row
@@ -171,7 +187,7 @@ class _Case:
             **self.key, "dtype": v.dtype, "backend": v.backend.name, "compile": v.compile,
             "status": None, "reason": "", "tolerance": TOLERANCE[(v.dtype, self.device.type)], "tolerances": None,
             "max_abs_err": None, "rel_err": None, "errors": None, "official_own_err": None,
-            "median_ms": None, "p20_ms": None, "p80_ms": None, "min_ms": None,
+            "median_ms": None, "p20_ms": None, "p80_ms": None, "min_ms": None, "times_ms": None,
             "images": self.images, "images_per_s": None, "speedup_vs_reference": None,
             "speedup_vs_reference_bf16_compile": None, "peak_mem_bytes": None, "first_call_s": None,
             "warmup_s": None, "flops_per_image": self.flops, "mfu": None, "telemetry": None,
@@ -239,6 +255,7 @@ class _Case:
             stats = timing.summarize(rec["times_ms"])
             ips = self.images / (stats["median_ms"] / 1e3)
             row.update(status="ok", **stats, images_per_s=ips, peak_mem_bytes=rec["peak_mem_bytes"],
+                       times_ms=[round(t, 4) for t in rec["times_ms"]],  # the raw numbers
                        telemetry=self.telemetry.summary(rec["windows"]))  # fmt: skip
             if self.flops and self.peak:
                 row["mfu"] = self.flops * ips / self.peak
