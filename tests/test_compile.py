@@ -75,7 +75,14 @@ def test_jit_trace_and_export_match_eager():
 
 
 def test_a_compiled_training_forward_warns_of_a_random_vgg19():
-    """The eager warning (test_weights) from a compiled graph too: dynamo runs it as it traces."""
+    """The eager warning (test_weights) from a compiled graph too: dynamo runs it as it traces (the
+    function is marked as torch.compiler.assume_constant_result marks, without importing dynamo)."""
+
+    def plain():
+        pass
+
+    marked = torch.compiler.assume_constant_result(plain)
+    assert vars(marked) == {"_dynamo_marked_constant": True}
     torch._dynamo.reset()  # a graph traced by an earlier test would be reused without tracing
     model = StylizingViT("tiny", train=True, backend="torch", **CFG)
     compiled = torch.compile(model, fullgraph=True, backend="eager")

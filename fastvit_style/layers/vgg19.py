@@ -38,13 +38,18 @@ RANDOM_WARNING = (
 )
 
 
-@torch.compiler.assume_constant_result
 def _warn_while_tracing() -> bool:
-    # Dynamo runs a function so marked as it traces and puts its result in the graph as a constant:
-    # the one way to warn from a compiled forward without a graph break (a call per compilation; the
-    # flags it follows are guards, so loading weights later recompiles without it).
+    # Dynamo runs a function marked by torch.compiler.assume_constant_result as it traces and puts its
+    # result in the graph as a constant: the one way to warn from a compiled forward without a graph
+    # break (a call per compilation; the flags it follows are guards, so loading weights later
+    # recompiles without it).
     warnings.warn(RANDOM_WARNING, stacklevel=2)
     return True
+
+
+# The decorator's whole work (torch 2.11 to 2.13; a test checks that it still is), set by hand: calling
+# it imports torch._dynamo, and with it Triton, which importing this package must not.
+_warn_while_tracing._dynamo_marked_constant = True
 
 
 class VGG19Features(nn.Module):
