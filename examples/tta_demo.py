@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from fastvit_style import StyleBank, StylizingViT, TTAClassifier, create_model
+from fastvit_style.apps.common import positive_int
 from fastvit_style.imageio import denormalize, normalization, normalize, resize_pad, save_png
 from fastvit_style.tta import stylize
 
@@ -73,13 +74,6 @@ def grid(contents: torch.Tensor, styles: torch.Tensor, stylized: torch.Tensor, g
         for j in range(K):
             put(stylized[b, j], b + 1, j + 1)
     return out
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def main(argv=None) -> None:

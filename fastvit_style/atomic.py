@@ -100,21 +100,29 @@ def holds_json_keys(path, keys) -> bool:
     return isinstance(obj, dict) and all(k in obj for k in keys)
 
 
+def _nearest_entry(path) -> str:
+    """`path` made absolute, or the nearest folder above it that exists (a link counts, broken or not)."""
+    entry = os.path.abspath(path)
+    while not os.path.lexists(entry):
+        entry = os.path.dirname(entry)
+    return entry
+
+
 def folder_problem(path, flag: str) -> str | None:
-    """Why `path` (given by the option `flag`) cannot be an output folder: it is empty, a broken link, or
-    exists and is not a folder, or lies below a file. None when it is one or can be created."""
+    """Why `path` (given by the option `flag`) cannot be an output folder: it is empty, or it or a folder
+    above it is a broken link, or it exists and is not a folder, or lies below a file. None when it is
+    one or can be created."""
     path = os.fspath(path)
     if not path:
         return f"{flag} is empty: name a folder"
-    if os.path.islink(path) and not os.path.exists(path):
-        return f"{flag} {path!r} is a broken symbolic link"
-    if os.path.exists(path) and not os.path.isdir(path):
-        return f"{flag} {path!r} exists and is not a folder"
-    parent = os.path.abspath(path)
-    while not os.path.exists(parent):  # the nearest that exists: the rest is created
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        return f"{flag} {path!r}: {parent!r} is a file, not a folder"
+    entry = _nearest_entry(path)
+    if not os.path.exists(entry):
+        named = "" if entry == os.path.abspath(path) else f": {entry!r}"
+        return f"{flag} {path!r}{named} is a broken symbolic link"
+    if not os.path.isdir(entry):
+        if entry == os.path.abspath(path):
+            return f"{flag} {path!r} exists and is not a folder"
+        return f"{flag} {path!r}: {entry!r} is a file, not a folder"
     return None
 
 
@@ -123,11 +131,8 @@ def writable_problem(folder, flag: str) -> str | None:
     above it that exists, where it would be created): found by writing and removing a hidden temporary,
     as the permissions alone do not tell (an immutable folder, a read-only file system). None when it
     can. Assumes `folder_problem` found none."""
-    existing = os.path.abspath(folder)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
     try:
-        probe = os.path.join(existing, f".write-test.{uuid.uuid4().hex[:12]}.tmp")
+        probe = os.path.join(_nearest_entry(folder), f".write-test.{uuid.uuid4().hex[:12]}.tmp")
         with open(probe, "xb"):
             pass
         os.remove(probe)

@@ -45,27 +45,32 @@ def list_images(folder, name: str = "image folder") -> list[str]:
         what = "is a file" if os.path.isfile(folder) else "exists"
         raise NotADirectoryError(f"{name} {folder!r} {what}, not a folder")
     found, seen = [], set()
-    for root, dirs, names in os.walk(folder, followlinks=True):
+
+    def walk(root: str) -> None:  # depth first, in name order, as os.walk top-down
         real = os.path.realpath(root)
         if real in seen:
-            dirs.clear()
-            continue
+            return
         seen.add(real)
-        # Sorted: which link reaches a folder first, and so names its images, must not vary by machine.
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # .ipynb_checkpoints, .Trash-1000, ...
-        found += [
-            os.path.join(root, name)
-            for name in names
-            if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith(".") and _not_special(root, name)
-        ]
+        try:
+            entries = sorted(os.scandir(root), key=lambda e: e.name)
+        except OSError:  # unreadable: skipped, as os.walk does
+            return
+        # The entries' types come with the listing: no stat per file but for links.
+        # A pipe, socket or device could block a read forever; a broken link stays, to be reported
+        # when it is read.
+        found.extend(
+            e.path
+            for e in entries
+            if not e.name.startswith(".")
+            and e.name.lower().endswith(IMAGE_SUFFIXES)
+            and (e.is_file() or (e.is_symlink() and not os.path.exists(e.path)))
+        )
+        for e in entries:  # .ipynb_checkpoints, .Trash-1000 and other hidden folders left out
+            if not e.name.startswith(".") and e.is_dir():
+                walk(e.path)
+
+    walk(folder)
     return sorted(found)
-
-
-def _not_special(root: str, name: str) -> bool:
-    """Not a pipe, socket or device (reading one could block forever); a broken link stays, to be
-    reported when it is read."""
-    path = os.path.join(root, name)
-    return os.path.isfile(path) or not os.path.exists(path)
 
 
 def resize_pad(x: torch.Tensor, size: int, fill: float = 0.0) -> torch.Tensor:

@@ -34,7 +34,8 @@ AdamW decays it as officially, and DDP needs no search for unused parameters.
 Outputs in --out: `last.pt` (the full training state, every --checkpoint-every steps and at each epoch
 end; `--resume last.pt` continues with the very next step: on CPU it reproduces an uninterrupted run
 bit for bit; on CUDA up to non-deterministic kernels), `last.safetensors` and `best.safetensors`
-(official-format weights, VGG keys included as in the official files; best = lowest validation loss),
+(official-format weights, VGG keys included as in the official files, the run's normalization
+constants in their metadata, which the commands read; best = lowest validation loss),
 `metrics.jsonl` (one line per epoch). A run whose VGG19 is random (--random-vgg) exports no VGG keys:
 they would pass for the ImageNet VGG19 (`--init-weights` of such a file asks for VGG weights, as a
 train=False export does). The training state holds model, AdamW state, position (epoch,

@@ -360,14 +360,20 @@ _VGG_KEY = re.compile(r"^(?:vgg_encoder\.)?features[._](\d+)\.(weight|bias)$")
 def load_vgg_weights(vgg_module_or_model: nn.Module, sd_or_path) -> nn.Module:
     """Load VGG19 convs into a model's `vgg_encoder` (or a VGG19Features itself) from a timm file
     (`features.N.*`, or features_only `features_N.*`) or a torchvision file (`features.N.*`;
-    `classifier.*`, `pre_logits.*`, `head.*` ignored). Every conv must be present. Returns the argument."""
+    `classifier.*`, `pre_logits.*`, `head.*` ignored). Every conv must be present; a --random-vgg
+    training run's checkpoint is refused (WeightsError). Returns the argument."""
     target = unwrap(vgg_module_or_model)
     if hasattr(target, "vgg_encoder") or hasattr(target, "encoder"):
         target = getattr(target, "vgg_encoder", None)
         if target is None:
             raise ValueError("the model has no vgg_encoder: only a model built with train=True has one")
-    sd = sd_or_path if isinstance(sd_or_path, Mapping) else read_state_dict(sd_or_path)
-    sd = clean_state_dict(sd)
+    raw = sd_or_path if isinstance(sd_or_path, Mapping) else read_state_dict(sd_or_path)
+    if has_random_vgg(raw):
+        raise WeightsError(
+            "the weights are a --random-vgg training run's checkpoint: its VGG19 is random, not the "
+            "ImageNet one (timm's vgg19.tv_in1k or torchvision's vgg19 file, or an official checkpoint)"
+        )
+    sd = clean_state_dict(raw)
     mapped = {f"features_{m.group(1)}.{m.group(2)}": v for k, v in sd.items() if (m := _VGG_KEY.match(k))}
     expected = target.state_dict()
     missing = [k for k in expected if k not in mapped]

@@ -27,7 +27,13 @@ from fastvit_style.checkpoint import (
 from fastvit_style.data import micro_batches
 from fastvit_style.train import Trainer, cosine_lr, psnr, train
 from fastvit_style.train_config import TrainConfig
-from fastvit_style.weights import load_state_dict, read_normalization, save_state_dict
+from fastvit_style.weights import (
+    WeightsError,
+    load_state_dict,
+    load_vgg_weights,
+    read_normalization,
+    save_state_dict,
+)
 
 Image = pytest.importorskip("PIL.Image")
 
@@ -554,6 +560,10 @@ def test_resume_never_writes_over_another_run_and_a_random_vgg_stays_random(tmp_
         model(x)
     load_state_dict(model, b)  # the same tensors, not said to be random
     assert model.vgg_encoder.loaded
+    with pytest.raises(WeightsError, match="a --random-vgg training run's checkpoint: its VGG19 is random"):
+        load_vgg_weights(model, tmp_path / "b" / "last.pt")
+    with pytest.raises(WeightsError, match="--vgg-weights: the weights are a --random-vgg training run.s"):
+        train(dataclasses.replace(init, init_weights=None, vgg_weights=str(tmp_path / "b" / "last.pt")))
 
 
 def test_which_checkpoints_hold_a_random_vgg():

@@ -232,6 +232,10 @@ def test_bank_refused_once_an_inference_mode_model_loads_other_weights(setup):
             stylize(served, x, bank)
         served.load_state_dict(model.state_dict())
         torch.testing.assert_close(stylize(served, x, bank), before, rtol=0, atol=0)
+    nan = torch.tensor([float("nan"), 1.0])  # values compared bit for bit: NaN weights are no change
+    assert style_bank_mod._same_version(nan, nan.clone()) and not style_bank_mod._same_version(
+        nan, torch.ones(2)
+    )
 
 
 def test_bank_of_a_compiled_model_serves_the_model_and_its_compiled_calls(setup):
@@ -861,6 +865,9 @@ def test_cli_outputs_are_checked_before_any_work(folders, capsys, monkeypatch):
     for argv, message in [
         ([*stylize, "--out", ""], "--out is empty: name a folder"),
         ([*stylize, "--out", str(tmp / "broken")], "is a broken symbolic link"),
+        ([*stylize, "--out", str(tmp / "broken") + os.sep], "is a broken symbolic link"),
+        ([*stylize, "--out", str(tmp / "broken" / "sub")], f"{str(tmp / 'broken')!r} is a broken symbolic link"),
+        ([*tta, "--classifier", "nanclf:NaNs", "--out", "p.csv", "--save-stylized", ""], "--save-stylized is empty"),
         ([*stylize, "--out", str(tmp / "file" / "o")], "is a file, not a folder"),
         ([*tta, "--classifier", "nanclf:NaNs", "--out", ""], "--out is empty: name the CSV file"),
         ([*tta, "--classifier", "nanclf:NaNs", "--out", str(tmp / "pipe.csv")], "is not a regular file"),

@@ -43,8 +43,8 @@ def add_model_arguments(parser) -> None:
     norm.add_argument(
         "--dataset",
         default=None,
-        help=f"normalization constants of this dataset (default: that of the official weights --weights "
-        f"names, else {DEFAULT_DATASET})",
+        help=f"normalization constants of this dataset (default: those --weights names: an official "
+        f"dataset id or hub repo id, or a training export's recorded constants; else {DEFAULT_DATASET})",
     )
     norm.add_argument("--mean", type=float, nargs=3, metavar="M", help="per-channel mean (with --std)")
     parser.add_argument("--std", type=float, nargs=3, metavar="S", help="per-channel std (with --mean)")
@@ -88,7 +88,7 @@ def check_output_folder(path: str, flag: str) -> None:
         raise SystemExit(f"error: {problem}")
 
 
-def check_output_file(path: str, flag: str) -> None:
+def check_file_folder(path: str, flag: str) -> None:
     """Before any work: a file can be written at `path` (its folder is created when it is written)."""
     folder, named = os.path.dirname(os.path.abspath(path)), f"{flag} {path!r}: the folder"
     if problem := folder_problem(folder, named) or writable_problem(folder, named):
@@ -248,7 +248,7 @@ def output_names(paths: list[str], root: str) -> list[str]:
     return names
 
 
-NAME_MAX = 255  # bytes in a file name: ext4, XFS, btrfs, APFS, NTFS (in UTF-16 units)
+NAME_MAX = 255  # bytes in a file name on ext4, XFS and btrfs (APFS and NTFS count characters)
 
 
 def _bytes(name: str) -> int:

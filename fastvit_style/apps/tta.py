@@ -23,7 +23,7 @@ from ..style_bank import StyleBank, describe_value
 from ..tta import REDUCTIONS, TTAClassifier
 from .common import (
     add_model_arguments,
-    check_output_file,
+    check_file_folder,
     check_output_folder,
     device,
     find_images,
@@ -156,7 +156,7 @@ def check_csv_path(path: str) -> None:
     check_replaceable(
         path, "--out", "CSV file", _is_predictions_csv, "is not a predictions CSV of this command"
     )
-    check_output_file(path, "--out")
+    check_file_folder(path, "--out")
 
 
 def _is_predictions_csv(path: str) -> bool:
@@ -181,16 +181,16 @@ def _classify(tta: TTAClassifier, views: torch.Tensor, spec: str) -> torch.Tenso
 
 def run(args) -> int:
     check_csv_path(args.out)
-    if args.save_stylized:
+    if args.save_stylized is not None:
         check_output_folder(args.save_stylized, "--save-stylized")
         if os.path.realpath(args.save_stylized) == os.path.realpath(args.out):
             raise SystemExit("error: --save-stylized and --out name the same path: one folder, one CSV file")
     images, refs = find_images(
         ("input", args.images),
         ("reference", args.refs),
-        output=("--save-stylized", args.save_stylized) if args.save_stylized else None,
+        output=("--save-stylized", args.save_stylized) if args.save_stylized is not None else None,
     )
-    if args.save_stylized:
+    if args.save_stylized is not None:
         names, ref_names = pair_names(images, args.images, refs, args.refs)
     if args.k is None:
         args.k = min(8, len(refs))
@@ -225,7 +225,7 @@ def run(args) -> int:
             reduce=args.reduce,
             generator=generator,
         )
-        if args.save_stylized:
+        if args.save_stylized is not None:
             make_output_folder(args.save_stylized)
         # No tta.eval(): both parts are in eval mode already, and an exported (.pt2) module refuses train().
         starts = range(0, len(images), args.batch_size)
@@ -241,7 +241,7 @@ def run(args) -> int:
                 )
             for b, path in enumerate(paths):
                 rows.append([os.path.relpath(path, args.images), int(probs[b].argmax())] + probs[b].tolist())
-            if args.save_stylized:
+            if args.save_stylized is not None:
                 stylized = denormalize(views[:, int(tta.include_original) :], mean, std)
                 for b, name in enumerate(names[start : start + len(paths)]):
                     for j, ref in enumerate(used[b].tolist()):

@@ -31,7 +31,7 @@ def use_channels_last(x: torch.Tensor) -> bool:
 
 
 RANDOM_WARNING = (
-    "the VGG19 of this train=True model is randomly initialized (no weights were loaded into it), so its "
+    "the VGG19 of this train=True model is randomly initialized (no ImageNet weights were loaded into it), so its "
     "perceptual losses are meaningless; the official constructor downloads ImageNet weights: load them "
     "with fastvit_style.weights.load_vgg_weights(model, path) (timm's vgg19.tv_in1k or torchvision's "
     "vgg19 file) or load an official checkpoint, which carries them"
@@ -92,7 +92,8 @@ class VGG19Features(nn.Module):
     def warn_once_if_random(self, stacklevel: int) -> None:
         """One warning per network when losses run through it before any weights were loaded (none on
         the meta device, which has no values); stacklevel: of the user's call, from the caller. Under
-        torch.compile the warning comes as the graph is traced: a compiled graph cannot warn."""
+        torch.compile the warning comes as each graph is traced (a compiled graph cannot warn), from
+        dynamo's frames, and leaves the eager calls' warning to come."""
         if getattr(self, "loaded", True) or not getattr(self, "warn_if_random", True):
             return  # (a pickle from before these flags: not known to be random)
         if self.features_0.weight.is_meta:
