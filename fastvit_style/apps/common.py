@@ -90,9 +90,7 @@ def check_output_folder(path: str, flag: str) -> None:
 
 def check_file_folder(path: str, flag: str) -> None:
     """Before any work: a file can be written at `path` (its folder is created when it is written)."""
-    folder, named = os.path.dirname(os.path.abspath(path)), f"{flag} {path!r}: the folder"
-    if problem := folder_problem(folder, named) or writable_problem(folder, named):
-        raise SystemExit(f"error: {problem}")
+    check_output_folder(os.path.dirname(os.path.abspath(path)), f"{flag} {path!r}: the folder")
 
 
 def make_output_folder(path: str) -> None:

@@ -181,16 +181,17 @@ def _classify(tta: TTAClassifier, views: torch.Tensor, spec: str) -> torch.Tenso
 
 def run(args) -> int:
     check_csv_path(args.out)
-    if args.save_stylized is not None:
+    saving = args.save_stylized is not None
+    if saving:
         check_output_folder(args.save_stylized, "--save-stylized")
         if os.path.realpath(args.save_stylized) == os.path.realpath(args.out):
             raise SystemExit("error: --save-stylized and --out name the same path: one folder, one CSV file")
     images, refs = find_images(
         ("input", args.images),
         ("reference", args.refs),
-        output=("--save-stylized", args.save_stylized) if args.save_stylized is not None else None,
+        output=("--save-stylized", args.save_stylized) if saving else None,
     )
-    if args.save_stylized is not None:
+    if saving:
         names, ref_names = pair_names(images, args.images, refs, args.refs)
     if args.k is None:
         args.k = min(8, len(refs))
@@ -225,7 +226,7 @@ def run(args) -> int:
             reduce=args.reduce,
             generator=generator,
         )
-        if args.save_stylized is not None:
+        if saving:
             make_output_folder(args.save_stylized)
         # No tta.eval(): both parts are in eval mode already, and an exported (.pt2) module refuses train().
         starts = range(0, len(images), args.batch_size)
@@ -241,7 +242,7 @@ def run(args) -> int:
                 )
             for b, path in enumerate(paths):
                 rows.append([os.path.relpath(path, args.images), int(probs[b].argmax())] + probs[b].tolist())
-            if args.save_stylized is not None:
+            if saving:
                 stylized = denormalize(views[:, int(tta.include_original) :], mean, std)
                 for b, name in enumerate(names[start : start + len(paths)]):
                     for j, ref in enumerate(used[b].tolist()):
