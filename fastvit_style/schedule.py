@@ -7,8 +7,9 @@ block call over queries [X; S; A] and contexts [X; S] (kv_index [0..B, B..2B, B.
 re-anchor A' is the second call. The last layer skips what no output reads: A' always, and X', S'
 unless the content outputs are wanted (training). When the style batch is the content batch rolled
 (x_style None), S^i = roll(X^i) exactly: the style stream is not computed, the stylized queries read
-the content K/V of the next sample through kv_index, and z_s = roll(z). In the last layer the CLS
-query rows are dropped (only patch rows reach the head); CLS stays in the keys/values.
+the content K/V of the next sample through kv_index, and z_s (= roll(z)) is not returned: the losses
+roll what they need themselves. In the last layer the CLS query rows are dropped (only patch rows reach
+the head); CLS stays in the keys/values.
 """
 
 from typing import NamedTuple
@@ -20,7 +21,8 @@ from .block import block_forward
 
 
 class EncoderOutputs(NamedTuple):
-    """Final-normed patch rows (B, N, L): stylized z_t; content z and style z_s when asked for, else None."""
+    """Final-normed patch rows (B, N, L): stylized z_t; content z when asked for, and style z_s when asked
+    for with an explicit style batch; else None."""
 
     z_t: torch.Tensor
     z: torch.Tensor | None
@@ -65,4 +67,4 @@ def encode(enc, x: torch.Tensor, x_style: torch.Tensor | None, attend, keep_cont
     if not keep_content:
         return EncoderOutputs(norm(Y), None, None)
     z = norm(content[:B])
-    return EncoderOutputs(norm(Y), z, z.roll(-1, 0) if rolled else norm(content[B:]))
+    return EncoderOutputs(norm(Y), z, None if rolled else norm(content[B:]))
