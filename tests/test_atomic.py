@@ -15,6 +15,10 @@ def test_a_long_valid_name_is_written_and_its_leftover_temporary_found(tmp_path)
     leftover = tmp_path / f".{_stem(name)}.{uuid.uuid4().hex[:12]}.tmp"  # of a run killed mid-write
     leftover.write_bytes(b"")
     assert remove_temporaries(tmp_path, [name]) == [str(leftover)]
+    # Only names of the whole pattern go: a user's file that merely starts like one stays.
+    kept = tmp_path / f".b.json.{uuid.uuid4().hex[:12]}.tmp.bak"
+    kept.write_bytes(b"mine")
+    assert remove_temporaries(tmp_path, ["b.json"]) == [] and kept.read_bytes() == b"mine"
 
 
 def test_a_long_name_is_cut_at_a_character_boundary():
@@ -31,3 +35,25 @@ def test_a_link_is_replaced_and_its_target_left_alone(tmp_path):
         f.write("new")
     assert not os.path.islink(tmp_path / "link.csv") and (tmp_path / "link.csv").read_text() == "new"
     assert target.read_text() == "old" and os.listdir(tmp_path / "elsewhere") == ["p.csv"]
+
+
+def test_the_temporary_reaches_the_disk_before_it_replaces_the_file(tmp_path, monkeypatch):
+    """fsync of the written temporary, then the rename, then fsync of the folder (the rename's entry): a
+    power cut never leaves the name pointing at data still in the page cache."""
+    events, fsync, replace = [], os.fsync, os.replace
+
+    def recording_fsync(fd):
+        events.append(("fsync", os.fstat(fd).st_ino))
+        fsync(fd)
+
+    def recording_replace(src, dst):
+        events.append(("replace", os.stat(src).st_ino))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    write_json(tmp_path / "a.json", {"a": 1})
+    written = os.stat(tmp_path / "a.json").st_ino
+    assert events[:2] == [("fsync", written), ("replace", written)]
+    if hasattr(os, "O_DIRECTORY"):
+        assert events[2:] == [("fsync", os.stat(tmp_path).st_ino)]

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from fastvit_style.configs import NORMALIZATION
 from fastvit_style.data import ImageFolderDataset, collate_images, compute_normalization, micro_batches
 
 Image = pytest.importorskip("PIL.Image")
@@ -36,6 +37,10 @@ def folder_with_corrupt_files(tmp_path):
 def test_corrupt_files_are_skipped_counted_and_reported(folder_with_corrupt_files, workers):
     ds = ImageFolderDataset(folder_with_corrupt_files, input_size=32, dataset="camelyon17wilds")
     assert len(ds) == 6
+    # Known before (another rank's finding, a resumed checkpoint's): marked in place, so that what the
+    # workers find next still reaches this process's flags.
+    ds.mark_unreadable(torch.tensor([p.endswith("garbage.tif") for p in ds.paths]))
+    assert ds.skipped == 1
     loader = DataLoader(ds, batch_sampler=[list(range(6))], collate_fn=collate_images, num_workers=workers)
     if workers:  # a worker process warns on its own stderr, out of reach of pytest.warns
         (batch,) = list(loader)
@@ -43,6 +48,7 @@ def test_corrupt_files_are_skipped_counted_and_reported(folder_with_corrupt_file
         with pytest.warns(UserWarning, match="skipping unreadable image") as record:
             (batch,) = list(loader)
         assert sum("trunc.png" in str(w.message) for w in record) == 1
+        assert not any("garbage.tif" in str(w.message) for w in record)  # never read again
     assert batch.shape == (3, 3, 32, 32) and batch.dtype == torch.float32
     assert ds.skipped == 3  # counted in the main process, also when a worker found them
     assert sorted(p.rsplit("/", 1)[-1] for p in ds.skipped_paths) == ["garbage.tif", "trunc.jpg", "trunc.png"]
@@ -243,3 +249,13 @@ def test_normalize_refuses_integer_constants():
         with pytest.raises(TypeError, match="constants_dtype must be a floating-point dtype"):
             fn(image.float(), (0.5,) * 3, (0.25,) * 3, constants_dtype=torch.int64)
     assert normalize(image, (0.5,) * 3, (0.25,) * 3, constants_dtype=torch.float32).dtype == torch.float32
+
+
+def test_the_official_normalization_constants():
+    """experiments/data/_constants.py as the shared doc (3.1) lists them: the only place they are written
+    out, since every other test reads them from the table."""
+    camelyon = ((0.7440, 0.5895, 0.7214), (0.1787, 0.2131, 0.1721))
+    epistr = ((0.7360, 0.5158, 0.8072), (0.1948, 0.2434, 0.1438))
+    fitzpatrick = ((0.6219, 0.4917, 0.4478), (0.2279, 0.1982, 0.1991))
+    assert NORMALIZATION == {"camelyon17wilds": camelyon, "epistr": epistr, "fitzpatrick17k": fitzpatrick,
+                             "fitzpatrick17k_12_34_56": fitzpatrick}  # fmt: skip

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import assert_close_rel
+from torch.autograd import forward_ad
 from torch.utils.flop_counter import FlopCounterMode
 
 from fastvit_style.layers import fused_linear
@@ -83,9 +84,10 @@ def test_torch_ops_where_onednn_does_not_apply(setting, monkeypatch):
 @needs_onednn
 @pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # from mkldnn.flags()
 def test_transforms_and_modes_see_the_torch_ops(monkeypatch):
-    """Without autograd still, forward-mode AD (torch.func.jvp) and dispatch modes (FLOP counters,
-    make_fx) must see the torch ops: the oneDNN op has no forward derivative (the tangent would be
-    dropped, silently) and is no aten.linear to count. So must a run with oneDNN switched off."""
+    """Without autograd still, forward-mode AD (torch.func.jvp, and autograd.forward_ad, which no
+    functorch check sees) and dispatch modes (FLOP counters, make_fx) must see the torch ops: the oneDNN
+    op has no forward derivative (the tangent would be dropped, silently) and is no aten.linear to
+    count. So must a run with oneDNN switched off."""
     x, weight, bias, residual = operands(seed=3)
     calls = []
     monkeypatch.setattr(fused_linear, "_ONEDNN_LINEAR", _Counting(fused_linear._ONEDNN_LINEAR, calls))
@@ -97,6 +99,9 @@ def test_transforms_and_modes_see_the_torch_ops(monkeypatch):
         ):
             _, jvp = torch.func.jvp(fn, (x,), (tangent,))
             assert_close_rel(jvp, expected, 1e-5, "jvp tangent")
+            with forward_ad.dual_level():  # plain forward-mode AD, no functorch transform active
+                out = fn(forward_ad.make_dual(x, tangent))
+                assert_close_rel(forward_ad.unpack_dual(out).tangent, expected, 1e-5, "forward_ad tangent")
         with FlopCounterMode(display=False) as counter:
             twins(x, weight, bias, residual)
         assert counter.get_total_flops() == 6 * 2 * x[..., 0].numel() * weight.numel()

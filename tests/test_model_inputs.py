@@ -88,6 +88,7 @@ def test_encoder_norm_layer_sets_every_layernorm_eps(norm_layer, eps):
         ((3, 32, 32), r"must have shape \(B, 3, 32, 32\).*got \(3, 32, 32\)"),
         ((2, 1, 32, 32), r"must have shape \(B, 3, 32, 32\).*got \(2, 1, 32, 32\)"),
         ((2, 3, 64, 64), r"must have shape \(B, 3, 32, 32\).*got \(2, 3, 64, 64\)"),
+        ((2, 3, 32, 48), r"must have shape \(B, 3, 32, 32\).*got \(2, 3, 32, 48\)"),
         ((0, 3, 32, 32), "is an empty batch"),
     ],
 )
@@ -130,6 +131,14 @@ def test_images_in_the_autocast_dtype_are_taken_under_autocast(backend):
         pytest.raises(ValueError, match="model's parameters are torch.float64:"),
     ):
         m.double()(x.bfloat16())  # autocast does not cast float64 weights
+
+
+def test_device_mismatch(model):
+    """Images on another device than the model are refused by name (meta stands in for a GPU here)."""
+    with pytest.raises(ValueError, match="^x is on meta but the model is on cpu"):
+        model(torch.randn(1, 3, 32, 32, device="meta"))
+    with pytest.raises(ValueError, match="^x_style is on meta but the model is on cpu"):
+        model(torch.randn(1, 3, 32, 32), torch.randn(1, 3, 32, 32, device="meta"))
 
 
 def test_not_a_tensor(model):

@@ -1,6 +1,7 @@
 """Every backend and schedule path against a float64 evaluation of the reference (shared doc section 8)."""
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from helpers import (
     train_outputs,
 )
 
-from fastvit_style import StylizingViT
+from fastvit_style import StylizingViT, backends
 from fastvit_style import model as fast_model
 from fastvit_style.layers import vgg19
 from fastvit_style.reference import model as reference_model
@@ -113,6 +114,32 @@ def test_training_float64_nchw_vgg(rolled, monkeypatch):
     assert_exact(outputs(fast, "torch", x, x_style), outputs(truth, "reference", x, x_style))
 
 
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("rolled", [False, True], ids=["explicit-style", "roll"])
+def test_schedule_skips_what_no_output_reads(train, rolled, monkeypatch):
+    """The attention calls of the fast schedule (shared doc 1.4, 3.6), as (query sequences, query rows):
+    per layer but the last, one batched call over [X; S; A] ([X; A] when the style is the roll) and the
+    re-anchor over A; in the last, patch rows only, and in eval only the stylized queries. Computing
+    what is skipped (the style stream of the roll, the last layer's content in eval) changes no number,
+    only the cost, so only this sees it."""
+    shapes = []
+
+    def recording(q, k, v, kv_index, **kw):
+        shapes.append(tuple(q.shape[:2]))
+        return attention(q, k, v, kv_index, **kw)
+
+    attention = backends.shared_attention
+    monkeypatch.setattr(backends, "shared_attention", recording)
+    B, D, T = 3, 3, 5  # input_size 32: 4 patches + CLS
+    model = StylizingViT("tiny", train=train, backend="torch", input_size=32, encoder_depth=D)
+    x = images(B, size=32, seed=5)
+    with torch.no_grad():
+        model(x, None if rolled else images(B, size=32, seed=6))
+    streams = 2 if rolled else 3  # [X; A] or [X; S; A]
+    last = (streams * B if train else B, T - 1)
+    assert shapes == [(streams * B, T), (B, T)] * (D - 1) + [last]
+
+
 def training_stylized_grads(model, backend, x, x_style):
     """Gradients of a linear functional of the training forward's x_stylized, which only the VGG terms
     read: the losses are stubbed out (no VGG), the stylized stream's backward is what runs."""
@@ -178,9 +205,16 @@ def test_triton_backend_through_interpreter(rolled, one_launch, monkeypatch):
 
 
 @pytest.mark.parametrize("rolled", [False, True], ids=["explicit-style", "roll"])
-def test_xformers_backend_wiring(rolled, fake_xformers):
-    """The model on backend='xformers', with the CPU stand-in of memory_efficient_attention."""
+def test_xformers_backend_wiring(rolled, fake_xformers, monkeypatch):
+    """The model on backend='xformers', with the CPU stand-in of memory_efficient_attention, which it
+    must reach (the numbers alone would pass on any backend's op)."""
+    ops, calls = sys.modules["xformers.ops"], []
+    stand_in = ops.memory_efficient_attention
+    monkeypatch.setattr(
+        ops, "memory_efficient_attention", lambda *a, **kw: calls.append(1) or stand_in(*a, **kw)
+    )
     check_small_model("xformers", rolled)
+    assert calls, "backend='xformers' never called memory_efficient_attention"
 
 
 def check_small_model(backend, rolled):

@@ -93,3 +93,13 @@ def test_utilities():
     assert torch.equal(resize_image(pil, 8), resize_image(pixels, 8))
     grey = Image.fromarray(np.zeros((6, 6), np.uint8))
     assert resize_image(grey, 8).shape == (1, 8, 8)
+
+
+def test_loss_weights_are_the_official_ones():
+    """lambda 70/1/7/10 (identity, consistency, anatomical, style: shared doc 3.3), the default of
+    Loss.total and of training; the demo notebook's 70/1/10/7 swaps the last two."""
+    from fastvit_style.train_config import TrainConfig
+
+    terms = reference.Loss(*(torch.tensor(10.0**i) for i in range(4)))
+    assert terms.total().item() == 70 + 10 + 700 + 10000
+    assert tuple(TrainConfig.loss_weights) == (70.0, 1.0, 7.0, 10.0)

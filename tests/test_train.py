@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import os
+import random
 import re
 import subprocess
 import sys
@@ -25,8 +26,9 @@ from fastvit_style.checkpoint import (
     set_rng_state,
 )
 from fastvit_style.data import micro_batches
+from fastvit_style.imageio import denormalize
 from fastvit_style.train import Trainer, cosine_lr, psnr, train
-from fastvit_style.train_config import TrainConfig
+from fastvit_style.train_config import CHECKPOINT_KEYS, TrainConfig, resumed_config
 from fastvit_style.weights import (
     WeightsError,
     load_state_dict,
@@ -290,6 +292,8 @@ def test_cosine_schedule_and_psnr_formula():
         ({"max_steps": 0}, re.escape("--max-steps must be an integer >= 1 (left out: no limit), got 0")),
         ({"epochs": 0}, "--epochs must be an integer >= 1, got 0"),
         ({"epochs": 1.5}, "--epochs must be an integer >= 1, got 1.5"),
+        ({"epochs": True}, "--epochs must be an integer >= 1, got True"),  # a bool is no count
+        ({"workers": False}, "--workers must be an integer >= 0, got False"),
         ({"batch_size": 0}, "--batch-size must be an integer >= 1"),
         ({"accumulate": -2}, "--accumulate must be an integer >= 1, got -2"),
         ({"input_size": 0}, "--input-size must be an integer >= 1"),
@@ -779,3 +783,117 @@ def test_resuming_on_a_dataset_of_another_size_warns(tmp_path):
     write_images(tmp_path / "data", 3)
     with pytest.warns(UserWarning, match="trained on 2 images, --data .* now holds 3"):
         train(dataclasses.replace(config, resume=str(tmp_path / "out" / "last.pt"), max_steps=2))
+
+
+def test_every_step_clips_the_gradient_norm_before_the_optimizer_step(tmp_path, monkeypatch):
+    """The update sees gradients of total norm clip_norm at most (shared doc 3.4: clip 1.0 before every
+    step; a small clip_norm here, which the tiny model's gradients exceed)."""
+    trainer = Trainer(TrainConfig(data=str(write_images(tmp_path / "data", 4)), out=str(tmp_path / "out"), epochs=1,
+                                  batch_size=2, accumulate=1, clip_norm=1e-3, **TINY), 0, 1, torch.device("cpu"))  # fmt: skip
+    norms, step = [], trainer.optimizer.step
+
+    def recording(*args, **kwargs):
+        norms.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainer.params])).item())
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer.optimizer, "step", recording)
+    trainer.fit()
+    assert len(norms) == 2 and norms == pytest.approx([1e-3] * 2, rel=1e-4), norms
+
+
+def test_best_safetensors_holds_the_epoch_of_lowest_validation_loss(tmp_path, monkeypatch):
+    data = write_images(tmp_path / "data", 1)
+    config = TrainConfig(data=str(data), val_data=str(data), out=str(tmp_path / "out"), epochs=3, batch_size=1,
+                         accumulate=1, **TINY)  # fmt: skip
+    losses, seen = iter([2.0, 1.0, 3.0]), []
+
+    def scripted(self):  # the weights each epoch's validation saw, and the loss it reports
+        seen.append({k: v.clone() for k, v in self.model.state_dict().items() if not k.startswith("vgg_")})
+        return {"val_loss": next(losses), "val_psnr": 0.0}
+
+    monkeypatch.setattr(Trainer, "validate", scripted)
+    train(config)
+    best = load_file(tmp_path / "out" / "best.safetensors")
+    assert set(best) == set(seen[1]) and all(torch.equal(best[k], v) for k, v in seen[1].items())
+    assert not torch.equal(seen[1]["encoder.pos_embed"], seen[2]["encoder.pos_embed"])  # the epochs differ
+    assert load_checkpoint(tmp_path / "out" / "last.pt")["best_val"] == 1.0
+
+
+def test_validation_reports_the_mean_over_its_micro_batches(tmp_path):
+    data, val = write_images(tmp_path / "data", 1), write_images(tmp_path / "val", 3)
+    trainer = Trainer(TrainConfig(data=str(data), val_data=str(val), out=str(tmp_path / "out"), batch_size=2, **TINY),
+                      0, 1, torch.device("cpu"))  # fmt: skip
+    cfg, totals, psnrs = trainer.cfg, [], []
+    with torch.no_grad():
+        for batch in ([0, 1], [2]):  # 3 images in micro-batches of 2: each batch counts once
+            x = torch.stack([trainer.val_set[i] for i in batch])
+            loss, recon = trainer.model(x)
+            totals.append(loss.total(cfg.loss_weights).item())
+            psnrs.append(psnr(*(denormalize(t, cfg.mean, cfg.std) for t in (x, recon))).item())
+    metrics = trainer.validate()
+    assert metrics["val_loss"] == pytest.approx(sum(totals) / 2, rel=1e-5)
+    assert metrics["val_psnr"] == pytest.approx(sum(psnrs) / 2, rel=1e-5)
+
+
+class _RunsCode:
+    marker = ""
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_is_never_unpickled_and_must_be_in_the_format(tmp_path):
+    """load_checkpoint reads with weights_only=True: a pickled object is refused, never run; a torch file
+    with every key but not in the format (a plain dict, another tool's) is no checkpoint either."""
+    _RunsCode.marker = str(tmp_path / "ran")
+    torch.save({"format": FORMAT, **{k: 0 for k in CHECKPOINT_KEYS}, "x": _RunsCode()}, tmp_path / "evil.pt")
+    with pytest.raises(
+        ValueError, match="evil.pt' is not a fastvit_style training checkpoint.*torch.load fails"
+    ):
+        load_checkpoint(tmp_path / "evil.pt", required=CHECKPOINT_KEYS)
+    assert not (tmp_path / "ran").exists()
+    torch.save({k: 0 for k in CHECKPOINT_KEYS}, tmp_path / "plain.pt")
+    with pytest.raises(ValueError, match=r"plain.pt' is not a fastvit_style training checkpoint \(format"):
+        load_checkpoint(tmp_path / "plain.pt", required=CHECKPOINT_KEYS)
+
+
+def test_a_resumed_run_continues_the_random_states_of_its_checkpoint(tmp_path):
+    """torch, numpy (its cached Gaussian too) and Python's random draw on from where the checkpoint was
+    written, not from the run's seed: through save_checkpoint/load_checkpoint and the Trainer."""
+    data = write_images(tmp_path / "data", 2)
+    config = TrainConfig(data=str(data), out=str(tmp_path / "out"), epochs=1, batch_size=1, accumulate=1,
+                         max_steps=1, **TINY)  # fmt: skip
+    train(config)
+    torch.manual_seed(11), np.random.seed(12), random.seed(13)
+    np.random.standard_normal(), random.gauss(0, 1)  # leave a cached Gaussian in each
+    state = {**load_checkpoint(tmp_path / "out" / "last.pt"), "rng": rng_state()}
+
+    def draws():
+        return (
+            torch.rand(3).tolist(),
+            np.random.standard_normal(3).tolist(),
+            random.gauss(0, 1),
+            random.random(),
+        )
+
+    expected = draws()
+    save_checkpoint(state, tmp_path / "other.pt")
+    torch.manual_seed(0), np.random.seed(0), random.seed(0)
+    Trainer(dataclasses.replace(config, out=str(tmp_path / "new"), resume=str(tmp_path / "other.pt")), 0, 1,
+            torch.device("cpu"))  # fmt: skip
+    assert draws() == expected
+
+
+@pytest.mark.parametrize(
+    "field, value", [("lr", 0.5), ("seed", 5), ("weight_decay", 0.0), ("clip_norm", 2.0), ("batch_size", 4)]
+)
+def test_resume_refuses_a_change_to_the_runs_math(field, value):
+    """The fields that decide what the run computes come from its checkpoint: asked for otherwise they
+    would not take effect, so they are refused by name (command line: given; API: off their default)."""
+    saved = dataclasses.asdict(TrainConfig(data="d", out="o", **TINY))
+    asked = TrainConfig(data="d", out="o", resume="last.pt", **{**TINY, field: value})
+    with pytest.raises(ValueError, match=rf"these differ: {field}={value!r} \(checkpoint: "):
+        resumed_config(asked, saved)
+    with pytest.raises(ValueError, match=rf"these differ: {field}="):
+        resumed_config(asked, saved, given={field})
+    assert getattr(resumed_config(asked, saved, given=set()), field) == saved[field]

@@ -462,6 +462,9 @@ def test_png_and_preprocessing(tmp_path):
     wide = resize_pad(torch.ones(3, 10, 20), 8)  # longer side 20 -> 8, the other int(8*10/20) = 4, centred
     assert wide.shape == (3, 8, 8)
     torch.testing.assert_close(wide[0, :, 0], torch.tensor([0.0, 0, 1, 1, 1, 1, 0, 0]))
+    odd = resize_pad(torch.ones(3, 10, 16), 8)  # the other side int(8*10/16) = 5: the odd pixel goes below
+    torch.testing.assert_close(odd[0, :, 0], torch.tensor([0.0, 1, 1, 1, 1, 1, 0, 0]))
+    torch.testing.assert_close(resize_pad(torch.ones(1, 16, 10), 8)[0, 0], odd[0, :, 0])  # and right
     mean, std = normalization("camelyon17wilds")
     torch.testing.assert_close(denormalize(normalize(x, mean, std), mean, std), x)
     assert normalization(mean=[0.5] * 3, std=[0.2] * 3) == ((0.5,) * 3, (0.2,) * 3)
@@ -484,9 +487,11 @@ def test_png_and_preprocessing(tmp_path):
             normalization(mean=mean, std=std)
     with pytest.raises(ValueError, match="the dataset name is empty"):
         normalization("")
-    for name in ("b/c.JPG", "a.png", "b/d.txt", "e.tiff"):
+    # Hidden files are left out: macOS's "._a.png" resource forks, an editor's ".e.tiff" backup.
+    for name in ("b/c.JPG", "a.png", "b/d.txt", "e.tiff", "._a.png", "b/.e.tiff"):
         os.makedirs(tmp_path / "imgs" / os.path.dirname(name), exist_ok=True)
         (tmp_path / "imgs" / name).write_bytes(b"")
+    os.mkfifo(tmp_path / "imgs" / "pipe.png")  # listed, a reader would block: here the listing fails
     found = [os.path.relpath(p, tmp_path / "imgs") for p in list_images(tmp_path / "imgs")]
     assert found == ["a.png", os.path.join("b", "c.JPG"), "e.tiff"]
 

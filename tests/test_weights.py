@@ -270,6 +270,16 @@ def test_missing_and_unexpected_keys_message():
         W.load_state_dict(make(), sd, strict=False)  # non-strict skips both, as torch does, but says so
 
 
+def test_unexpected_keys_alone_are_refused_before_any_tensor_is_copied():
+    """strict: every key the model has plus one more is a WeightsError naming it, and the model keeps its
+    weights (torch's own strict load copies what fits first, then raises a plain RuntimeError)."""
+    model, before = make(seed=1), make(seed=1)
+    sd = {**make(seed=2).state_dict(), "encoder.extra": torch.zeros(1)}
+    with pytest.raises(W.WeightsError, match=r"cannot load weights: 1 unexpected keys: encoder\.extra"):
+        W.load_state_dict(model, sd)
+    assert_same_state(model, before)
+
+
 def test_many_missing_keys_listed_first_five():
     sd = {k: v for k, v in make().state_dict().items() if not k.startswith("encoder.blocks.1.")}
     first_five = r"16 missing keys: (encoder\.blocks\.1\.\S+, ){4}encoder\S+, \.\.\."

@@ -70,6 +70,7 @@ def test_direct_where_winograd_does_not_pay_or_apply():
     conv = frozen_conv(4, 512, torch.float32)
     assert use_winograd(torch.randn(1, 4, 6, 6), conv)
     assert not use_winograd(torch.randn(1, 4, 5, 6), conv)  # odd side
+    assert not use_winograd(torch.randn(1, 4, 6, 5), conv)  # odd width only
     assert not use_winograd(torch.randn(0, 4, 6, 6), conv)  # empty batch
     assert conv3x3(torch.randn(0, 4, 6, 6), conv).shape == (0, 512, 6, 6)
     assert not use_winograd(torch.randn(1, 4, 6, 6), frozen_conv(4, 256, torch.float32))  # few channels
@@ -81,10 +82,13 @@ def test_direct_where_winograd_does_not_pay_or_apply():
     assert not use_winograd(torch.randn(1, 4, 6, 6), conv.requires_grad_(True))  # weight gradients: conv2d
 
 
-def test_vgg_features_with_winograd_match_direct():
+# (1, 3, 32, 48): non-square images (compute_loss takes any H, W) whose stage-5 maps are 2x3, an
+# even height and an odd width: the direct convolution there, not a Winograd tile short of a column.
+@pytest.mark.parametrize("shape", [(2, 3, 32, 32), (1, 3, 32, 48)])
+def test_vgg_features_with_winograd_match_direct(shape):
     torch.manual_seed(0)
     vgg = VGG19Features().double()
-    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     direct = vgg(x)
     fast = vgg(x, fast=True)
     assert all(f.is_contiguous(memory_format=torch.channels_last) for f in fast)  # oneDNN's own layout

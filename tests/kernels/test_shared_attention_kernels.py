@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from fastvit_style.ops._index_maps import inverse_kv_map
 from fastvit_style.ops._torch_impl import shared_attention_torch
 
-LAYOUTS = ("projection", "contiguous", "transposed")
+LAYOUTS = ("projection", "contiguous", "transposed", "mixed")
 _DEFAULT_BLOCKS = _common.attention_blocks
 
 
@@ -42,7 +42,9 @@ def make_inputs(Sq, Skv, Tq, Tk, H, d, kv_index, dtype, device, layout="projecti
     """q (Sq, Tq, H, d), k/v (Skv, Tk, H, d), kv_index (Sq,) int32, dO (Sq, Tq, H, d) in `layout`.
 
     projection: q is a view of a (Sq, Tq, 3*H*d) projection slice, k/v unbind a (Skv, Tk, 2, H, d)
-    K/V projection, as the model passes them; transposed: head-major memory (S, H, T, d).
+    K/V projection, as the model passes them; transposed: head-major memory (S, H, T, d); mixed: each
+    tensor its own strides (q contiguous, k a K/V projection slice, v and dO head-major), so that a
+    kernel reading one tensor with another's strides fails.
     """
     gen = torch.Generator().manual_seed(seed)
 
@@ -54,9 +56,11 @@ def make_inputs(Sq, Skv, Tq, Tk, H, d, kv_index, dtype, device, layout="projecti
         k, v = randn(Skv, Tk, 2, H, d).unbind(2)
     elif layout == "contiguous":
         q, k, v = randn(Sq, Tq, H, d), randn(Skv, Tk, H, d), randn(Skv, Tk, H, d)
-    else:
+    elif layout == "transposed":
         q, k, v = (randn(S, H, T, d).transpose(1, 2) for S, T in ((Sq, Tq), (Skv, Tk), (Skv, Tk)))
-    do = randn(Sq, Tq, H, d)
+    else:
+        q, k, v = randn(Sq, Tq, H, d), randn(Skv, Tk, 2, H, d)[:, :, 0], randn(Skv, H, Tk, d).transpose(1, 2)
+    do = randn(Sq, H, Tq, d).transpose(1, 2) if layout == "mixed" else randn(Sq, Tq, H, d)
     return q, k, v, torch.tensor(kv_index, dtype=torch.int32, device=device), do
 
 
@@ -127,6 +131,7 @@ CASES = [
     pytest.param(4, [3, 0, 3, 3, 1], 64, 64, 2, 64, id="S5-T64-H2-d64-random"),  # repeats, K/V 2 unused
     pytest.param(4, [0, 1, 2, 3, 2, 3], 64, 64, 1, 64, id="S6-T64-H1-d64-model"),  # [x; s; a] -> [x, s, s]
     pytest.param(3, [0, 2, 1], 37, 50, 1, 80, id="S3-Tq37-Tk50-H1-d80-perm"),  # neither a multiple of 16
+    pytest.param(2, [1, 0, 1], 9, 12, 2, 128, id="S3-Tq9-Tk12-H2-d128-roll"),  # MAX_HEAD_DIM
 ]
 T197 = [
     pytest.param(2, [1, 0], 197, 197, 1, 64, id="S2-T197-H1-d64-roll"),
@@ -330,6 +335,26 @@ def test_tail_width(length, block, narrow, expected):
     assert _common.tail_width(length, block, narrow) == expected
 
 
+def test_fit_keeps_tiles_at_least_16():
+    """Short sequences shrink the tiles to their next power of two, never below 16 (the smallest tl.dot
+    side: the interpreter runs narrower dots, a GPU does not compile them)."""
+    blocks = _common.Blocks(64, 64, 4, 1)
+    assert _common._fit(blocks, 1, 5)[:2] == (16, 16)
+    assert _common._fit(blocks, 20, 197)[:2] == (32, 64)
+
+
+def test_configs_memoized_per_dtype(monkeypatch):
+    """The launchers' memoized configs are kept per dtype: fp32 and bf16 at one shape and one dot
+    precision (TF32 allowed) get their own blocks (on a GPU they differ, and fp32 has no one-launch
+    backward)."""
+    fwd = importlib.import_module("fastvit_style.kernels.shared_attention_fwd")
+    blocks = lambda kernel, tq, tk, d, dtype: _common.Blocks(16 if dtype == torch.float32 else 32, 32, 4, 1)
+    monkeypatch.setattr(_common, "attention_blocks", blocks)
+    monkeypatch.setattr(_common, "_tf32_matmuls", lambda: True)
+    configs = [fwd.kernel_configs(40, 40, 64, dtype)["fwd"][1] for dtype in (torch.float32, torch.bfloat16)]
+    assert [meta["BLOCK_M"] for meta in configs] == [16, 32]
+
+
 @pytest.mark.parametrize("owns_keys", [False, True])
 def test_launch_meta_tails(owns_keys):
     """The owned and streamed flags reach the right axis: queries are owned unless owns_keys (dk/dv)."""
@@ -390,6 +415,17 @@ def test_huge_logits(device, backward):
     size = scale * do.abs().max() * v.abs().max()
     assert (dq - expected[2]).abs().max() <= 1e-5 * size * k.abs().max()
     assert (dk - expected[3]).abs().max() <= 1e-5 * size * q.abs().max()
+
+
+def test_negative_logits(device, backward):
+    """Every logit below -88 (k shifted to +4, q to -5), so that lse < -128 in base 2: exp2 of a
+    padded key's logit (0: its row is zeroed) overflows to inf in the backward, and only the key mask
+    keeps it from dq (inf * 0 = NaN). The softmax itself is far from one-hot (each row spans 18)."""
+    q, k, v, kv_index, do = make_inputs(3, 2, 20, 20, 1, 32, [0, 1, 1], torch.float32, device)
+    q, k, scale = q - 5, k + 4, 32**-0.5
+    expected = reference(q, k, v, kv_index, do, scale)
+    assert expected[1].max() < -128
+    assert_matches(run_kernels(q, k, v, kv_index, do, scale), expected, TOLERANCE[torch.float32])
 
 
 def test_backward_deterministic(device, backward):
@@ -510,6 +546,20 @@ def test_backward_launcher_errors(device):
         shared_attention_bwd(do, q, k, v, out, lse, kv_index, kv_offsets[:2], kv_queries, 0.2)
     with pytest.raises(ValueError, match=r"do must have dtype"):
         shared_attention_bwd(do.bfloat16(), q, k, v, out, lse, kv_index, kv_offsets, kv_queries, 0.2)
+
+
+def test_backward_lse_any_strides(device):
+    """The backward launcher takes lse in any layout (the kernels read a contiguous copy): a strided one
+    gives the gradients of the forward's own, bit for bit."""
+    q, k, v, kv_index, do = make_inputs(3, 2, 20, 24, 2, 32, [1, 1, 0], torch.float32, device)
+    out, lse = shared_attention_fwd(q, k, v, kv_index, 0.2)
+    inverse = inverse_kv_map(kv_index, 2)
+    strided = lse.transpose(1, 2).contiguous().transpose(1, 2)
+    for a, b in zip(
+        shared_attention_bwd(do, q, k, v, out, strided, kv_index, *inverse, 0.2),
+        shared_attention_bwd(do, q, k, v, out, lse, kv_index, *inverse, 0.2),
+    ):
+        assert torch.equal(a, b)
 
 
 def test_cpu_outside_interpreter(monkeypatch):

@@ -52,6 +52,7 @@ CASES = [
         4, [0, 1, 2, 3, 2, 3], 20, 21, 3, 64, id="S6-Tq20-Tk21-H3-d64-model"
     ),  # K/V 0, 1 read once, 2, 3 twice
     pytest.param(3, [2, 2], 33, 33, 1, 80, id="S2-T33-H1-d80-all_to_one"),  # K/V 0, 1 unused
+    pytest.param(2, [1, 0, 1], 5, 6, 1, 128, id="S3-Tq5-Tk6-H1-d128-roll"),  # the Triton kernels' widest d
 ]
 
 
@@ -83,6 +84,19 @@ def test_sum_backward_and_explicit_scale(backend_device):
     ref_out, ref_grads = reference(q, k, v, kv_index, torch.ones_like(out), scale=0.3)
     for a, e in zip((out, *grads), (ref_out, *ref_grads)):
         assert rel_err(a, e) <= TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("needs_grad", ["q", "k", "v"])
+def test_one_input_needs_a_gradient(needs_grad, backend_device):
+    """Only one of q, k, v requires a gradient (frozen projections, a fixed style bank): it still gets it."""
+    backend, device = backend_device
+    q, k, v, kv_index = make_inputs(3, 2, 9, 10, 2, 32, [1, 0, 1], device=device)
+    inputs = {name: t.detach().requires_grad_(name == needs_grad) for name, t in zip("qkv", (q, k, v))}
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(device)
+    out = shared_attention(**inputs, kv_index=kv_index, backend=backend)
+    (grad,) = torch.autograd.grad(out, inputs[needs_grad], do)
+    _, ref_grads = reference(q, k, v, kv_index, do)
+    assert rel_err(grad, ref_grads["qkv".index(needs_grad)]) <= TOLERANCE[torch.float32]
 
 
 def test_huge_logits(backend_device):
@@ -144,15 +158,21 @@ def test_autocast(backend_device):
     ],
     indirect=True,
 )
-@pytest.mark.parametrize("one_launch", [None, 0], ids=["bwd_two_launches", "bwd_one_launch"])
-def test_opcheck(backend_device, one_launch, monkeypatch):
+@pytest.mark.parametrize(
+    "one_launch, dtype",
+    [(None, torch.float32), (0, torch.float32), (None, torch.bfloat16)],
+    ids=["bwd_two_launches", "bwd_one_launch", "bwd_two_launches-bf16"],
+)
+def test_opcheck(backend_device, one_launch, dtype, monkeypatch):
     """Schema, fake tensors, autograd registration and AOT dispatch of both custom ops (Triton backend),
-    with either backward."""
+    with either backward. q is head-major (dense, not contiguous): the fake outputs must have the real
+    ones' dtype and (contiguous) strides, whatever the inputs' layout."""
     from fastvit_style.kernels import _common
 
     _, device = backend_device
     monkeypatch.setattr(_common, "ONE_LAUNCH_BACKWARD_MIN_PROGRAMS", one_launch)
-    q, k, v, kv_index = make_inputs(3, 2, 10, 12, 2, 32, [1, 0, 1], device=device)
+    q, k, v, kv_index = make_inputs(3, 2, 10, 12, 2, 32, [1, 0, 1], dtype, device)
+    q = q.detach().transpose(1, 2).contiguous().transpose(1, 2)
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
     torch.library.opcheck(op_module.shared_attention_fwd_op, (q, k, v, kv_index, 0.2))
     out, lse = op_module.shared_attention_fwd_op(q, k, v, kv_index, 0.2)
@@ -195,7 +215,8 @@ def test_eager_path_skips_the_custom_ops_and_matches_them(backend_device, monkey
     _, device = backend_device
     q, k, v, kv_index = make_inputs(6, 4, 13, 14, 2, 32, [0, 1, 2, 3, 2, 3], device=device)
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(device)
-    via_op = op_module.shared_attention_fwd_op(q, k, v, kv_index, 32**-0.5)[0]
+    # A scale other than the default d**-0.5: the custom ops' backward must use the forward's.
+    via_op = op_module.shared_attention_fwd_op(q, k, v, kv_index, 0.3)[0]
     expected = (via_op, *torch.autograd.grad(via_op, (q, k, v), do))
 
     def no_custom_op(*args):
@@ -204,7 +225,7 @@ def test_eager_path_skips_the_custom_ops_and_matches_them(backend_device, monkey
     with monkeypatch.context() as patch:
         patch.setattr(op_module, "shared_attention_fwd_op", no_custom_op)
         patch.setattr(op_module, "shared_attention_bwd_op", no_custom_op)
-        out = shared_attention(q, k, v, kv_index, backend="triton")
+        out = shared_attention(q, k, v, kv_index, scale=0.3, backend="triton")
         for a, e in zip((out, *torch.autograd.grad(out, (q, k, v), do)), expected):
             assert torch.equal(a, e)
     for do_requires_grad in (False, True):
