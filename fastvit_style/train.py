@@ -89,6 +89,9 @@ from .weights import (
 )
 
 LOSS_NAMES = ("identity", "consistency", "anatomical", "style")
+# Reading a step's losses on the host waits for its GPU work, and the queue runs dry while the next step
+# launches: without on_step, the progress bar reads them at most this often (and at each epoch's end).
+BAR_SECONDS = 1.0
 
 
 @contextlib.contextmanager
@@ -318,7 +321,7 @@ class Trainer:
         n, A = len(batches), cfg.accumulate
         bar = tqdm(total=n, initial=self.batch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
                    disable=self.rank != 0, dynamic_ncols=True)  # fmt: skip
-        terms, images, t0 = [], 0, time.perf_counter()
+        terms, images, t0, shown = [], 0, time.perf_counter(), -math.inf
         loader = iter(self._loader(self.train_set, batches[self.batch :], cfg.seed + epoch))
         for group_start in range(self.batch, n, A):  # a run stops and resumes at step ends only
             group_end = min(group_start + A, n)
@@ -343,21 +346,22 @@ class Trainer:
                 self.optimizer.step()
             self.optimizer.zero_grad()
             self.step, self.batch = self.step + 1, group_end
-            # This rank's losses, over its images, as the step weighs them.
-            mean = (torch.stack(terms).sum(0) / rank_images).tolist() if terms else [float("nan")] * 5
-            info = dict(step=self.step, epoch=epoch, lr=lr, **dict(zip(("loss", *LOSS_NAMES), mean)))
-            rate = images * self.world / (time.perf_counter() - t0)
-            bar.set_postfix(loss=f"{mean[0]:.4g}", **{k[:4]: f"{v:.3g}" for k, v in zip(LOSS_NAMES, mean[1:])},
-                            img_s=f"{rate:.1f}")  # fmt: skip
-            terms = []
             # A stop at the epoch's last step ends the epoch as usual (validation, metrics, checkpoint).
             stop = self._reached_max_steps() and group_end < n
+            if on_step is not None or stop or group_end == n or time.perf_counter() - shown >= BAR_SECONDS:
+                # This rank's losses, over its images, as the step weighs them.
+                mean = (torch.stack(terms).sum(0) / rank_images).tolist() if terms else [float("nan")] * 5
+                shown = time.perf_counter()  # after the read: the step's work is done
+                rate = images * self.world / (shown - t0)
+                bar.set_postfix(loss=f"{mean[0]:.4g}", **{k[:4]: f"{v:.3g}" for k, v in zip(LOSS_NAMES, mean[1:])},
+                                img_s=f"{rate:.1f}")  # fmt: skip
+            terms = []
             periodic = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
             if group_end < n and (stop or periodic):
                 self._share_unreadable(self.train_set)  # every rank's findings into the checkpoint
                 self._save_checkpoint()
             if on_step is not None:
-                on_step(info)
+                on_step(dict(step=self.step, epoch=epoch, lr=lr, **dict(zip(("loss", *LOSS_NAMES), mean))))
             if stop:
                 bar.close()
                 self._require_readable(self.train_set, "--data")

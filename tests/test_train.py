@@ -897,3 +897,26 @@ def test_resume_refuses_a_change_to_the_runs_math(field, value):
     with pytest.raises(ValueError, match=rf"these differ: {field}="):
         resumed_config(asked, saved, given={field})
     assert getattr(resumed_config(asked, saved, given=set()), field) == saved[field]
+
+
+@pytest.mark.parametrize("bar_seconds, on_step, reads", [(1e9, False, 2), (0.0, False, 4), (1e9, True, 4)])
+def test_losses_reach_the_host_only_when_read(tmp_path, monkeypatch, bar_seconds, on_step, reads):
+    """Each read of a step's losses waits for the GPU (README: host syncs): without on_step only the
+    progress bar reads them: at the first step, then at most every BAR_SECONDS, and at the epoch's end;
+    on_step gets every step's."""
+    calls, tolist = [], torch.Tensor.tolist
+
+    def counting(t):
+        if t.shape == (5,):  # (total, identity, consistency, anatomical, style)
+            calls.append(1)
+        return tolist(t)
+
+    monkeypatch.setattr(train_module, "BAR_SECONDS", bar_seconds)
+    monkeypatch.setattr(torch.Tensor, "tolist", counting)
+    config = TrainConfig(data=str(write_images(tmp_path / "data", 4)), out=str(tmp_path / "out"), epochs=1,
+                         batch_size=1, accumulate=1, **TINY)  # fmt: skip
+    steps = []
+    train(config, on_step=steps.append if on_step else None)
+    assert len(calls) == reads
+    assert [s["step"] for s in steps] == ([1, 2, 3, 4] if on_step else [])
+    assert all(math.isfinite(s["loss"]) for s in steps)
