@@ -3,14 +3,17 @@ and wrappers take effect); the fast path, which reads weights and skips modules,
 with the layer's name, except for parametrized weights, which it reads through their parametrization."""
 
 import copy
+import re
 
 import pytest
 import torch
-from helpers import TOLERANCE, assert_close_rel, images, randomize_
+from helpers import TOLERANCE, assert_close_rel, images, randomize_, rel_err
 from torch import nn
 from torch.nn.utils import parametrize, prune
 
 from fastvit_style import StyleBank, StylizingViT
+from fastvit_style.layers import CrossAttentionBlock
+from fastvit_style.tta import stylize
 
 FP32 = TOLERANCE[torch.float32]
 SIZE, KW = 32, {"input_size": 32, "encoder_depth": 2}
@@ -49,6 +52,18 @@ class LoraLinear(nn.Module):
 
     def forward(self, x):
         return self.base_layer(x) + x @ self.lora_a.T @ self.lora_b.T
+
+
+class ScaledBlock(CrossAttentionBlock):
+    """A subclass with a forward of its own (unlike a parametrized module's class)."""
+
+    def forward(self, *args, **kwargs):
+        return 2 * super().forward(*args, **kwargs)
+
+
+class ScaledLinear(nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
 
 
 def test_block_hooks_fire_four_times_per_layer_on_the_reference(model):
@@ -117,6 +132,18 @@ def test_pruning_takes_effect_on_the_reference(model):
         ),
         (lambda m: m.encoder.norm.register_full_backward_hook(lambda *_: None), r"encoder\.norm has hooks"),
         (lambda m: m.encoder.register_forward_pre_hook(lambda *_: None), r"model\.encoder has hooks"),
+        (
+            lambda m: m.encoder.blocks[0].attn.register_full_backward_pre_hook(lambda *_: None),
+            r"blocks\.0\.attn has hooks",
+        ),
+        (
+            lambda m: setattr(m.encoder.blocks[0], "__class__", ScaledBlock),
+            r"blocks\.0 is a .*ScaledBlock, not the .*CrossAttentionBlock",
+        ),
+        (
+            lambda m: setattr(m.encoder.blocks[1].mlp.fc2, "__class__", ScaledLinear),
+            r"blocks\.1\.mlp\.fc2 is a .*ScaledLinear, not the torch.nn.*Linear",
+        ),
         (lambda m: setattr(m.encoder.blocks[0].mlp, "act", nn.GELU("tanh")), r"approximate='tanh'"),
         (lambda m: setattr(m.encoder.blocks[0].mlp, "act", nn.ReLU()), r"blocks\.0\.mlp\.act is a .*ReLU"),
         (
@@ -152,6 +179,9 @@ def test_pruning_takes_effect_on_the_reference(model):
         "forward-hook",
         "backward-hook",
         "encoder-pre-hook",
+        "backward-pre-hook",
+        "block-subclass",
+        "linear-subclass",
         "tanh-gelu",
         "relu",
         "rmsnorm",
@@ -169,6 +199,35 @@ def test_the_fast_path_refuses_what_it_would_skip(model, change, message):
     change(fast)
     with pytest.raises(ValueError, match=message):
         fast(images(1, SIZE))
+
+
+BLOCK_LAYERS = ("norm_input", "norm_context", "attn", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj",
+                "mlp", "mlp.fc1", "mlp.act", "mlp.fc2")  # fmt: skip
+
+
+@pytest.mark.parametrize("layer", BLOCK_LAYERS)
+def test_a_hook_on_any_layer_of_a_block_is_refused(model, layer):
+    fast = with_backend(model, "torch")
+    fast.encoder.blocks[1].get_submodule(layer).register_forward_hook(lambda *_: None)
+    with pytest.raises(ValueError, match=rf"model\.encoder\.blocks\.1\.{re.escape(layer)} has hooks"):
+        fast(images(1, SIZE))
+
+
+def test_changed_eps_and_removed_biases_are_honoured(model):
+    """What the fast path reads from a layer besides its weight (a LayerNorm's eps, a missing bias or
+    affine weight) is read from the layer itself: the fast forward, the bank and stylize follow."""
+    changed = copy.deepcopy(model)
+    blk = changed.encoder.blocks[1]
+    blk.norm_context.eps, blk.norm_input.eps, changed.encoder.norm.eps = 0.5, 0.25, 0.125
+    blk.mlp.fc2.bias = blk.attn.out_proj.bias = changed.encoder.blocks[0].norm_context.weight = None
+    x, s = images(2, SIZE), images(2, SIZE, seed=1)
+    fast = with_backend(changed, "torch")
+    with torch.no_grad():
+        expected = changed(x, s)
+        assert rel_err(expected, model(x, s)) > 1e-3  # the changes reach the output
+        assert_close_rel(fast(x, s), expected, FP32, "fast forward")
+        bank = StyleBank.from_images(fast, s)
+        assert_close_rel(stylize(fast, x, bank, refs=torch.tensor([[0], [1]]))[:, 0], expected, FP32, "bank")
 
 
 def test_style_banks_of_a_reference_model_refuse_hooks_without_pointing_at_the_reference(model):
@@ -205,3 +264,69 @@ def test_attention_is_callable_as_officially(model):
     expected = attn.out_proj((weights @ heads(attn.v_proj(Y))).transpose(1, 2).reshape(2, 5, -1))
     assert attn.head_dim == 64 and attn.scale == 64**-0.5
     assert_close_rel(attn(X, Y), expected, FP32, "attention call")
+
+
+GLOBAL_HOOKS = {
+    "forward": lambda: nn.modules.module.register_module_forward_hook(lambda m, i, o: o),
+    "forward-pre": lambda: nn.modules.module.register_module_forward_pre_hook(lambda m, i: None),
+    "backward": lambda: nn.modules.module.register_module_full_backward_hook(lambda m, gi, go: None),
+    "backward-pre": lambda: nn.modules.module.register_module_full_backward_pre_hook(lambda m, go: None),
+}
+
+
+@pytest.mark.parametrize("kind", GLOBAL_HOOKS)
+def test_a_global_module_hook_is_refused_while_registered(model, kind):
+    """A hook on every module (register_module_forward_hook and kin) would fire on the modules the fast
+    path calls and on none of the encoder's: refused, by the fast forward and by style banks, until
+    removed."""
+    fast, x = with_backend(model, "torch"), images(1, SIZE)
+    handle = GLOBAL_HOOKS[kind]()
+    try:
+        with pytest.raises(ValueError, match=r"a global module hook \(.*<lambda>.*\) is registered"):
+            fast(x)
+        with pytest.raises(ValueError, match="a global module hook .*style banks and TTA cannot honour it"):
+            StyleBank.from_images(model, x)
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        assert_close_rel(fast(x), model(x), FP32, "after removal")
+
+
+def test_torchs_own_observers_are_let_through(model):
+    """FlopCounterMode follows the module hierarchy with global hooks (ModuleTracker): it changes no
+    number, so the fast path runs under it, and so do style banks."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    fast, x = with_backend(model, "torch"), images(1, SIZE)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        out = fast(x)
+        StyleBank.from_images(fast, x)
+    assert counter.get_total_flops() > 0
+    with torch.no_grad():
+        assert_close_rel(out, model(x), FP32, "under FlopCounterMode")
+
+
+@pytest.mark.parametrize("removed", ["k_proj", "v_proj", "both"])
+def test_a_removed_key_or_value_bias_is_honoured(model, removed):
+    """Either K/V projection may lose its bias (the fast path joins them in one matmul): the fast
+    forward and its gradients follow the reference; a remaining k_proj bias gets its zero gradient."""
+    changed = copy.deepcopy(model).train()
+    for blk in changed.encoder.blocks:
+        for name in ("k_proj", "v_proj") if removed == "both" else (removed,):
+            setattr(blk.attn, name, nn.Linear(blk.attn.q_proj.in_features, blk.attn.q_proj.out_features,
+                                              bias=False).requires_grad_(True))  # fmt: skip
+            getattr(blk.attn, name).weight.data.normal_(0, 0.1)
+    fast = with_backend(changed, "torch")
+    x, s = images(2, SIZE), images(2, SIZE, seed=1)
+    outputs = []
+    for m in (changed, fast):
+        out = m(x, s)
+        out.square().mean().backward()
+        outputs.append((out.detach(), {n: p.grad for n, p in m.named_parameters()}))
+    (expected, expected_grads), (got, grads) = outputs
+    assert_close_rel(got, expected, FP32, "fast forward")
+    for name, grad in expected_grads.items():
+        if name.endswith("k_proj.bias"):
+            assert torch.equal(grads[name], torch.zeros_like(grad)), name  # softmax cancels it exactly
+        else:
+            assert_close_rel(grads[name], grad, FP32, name)

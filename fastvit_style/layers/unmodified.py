@@ -5,13 +5,18 @@ run their own batched ops. A layer replaced there (a quantized or LoRA-wrapped l
 activation, a forward patched on the instance) or hooked (pruning masks, feature capture) would be
 skipped without a word. The patch embedding and the head are called as modules, but on other batches
 than officially (streams concatenated, CLS rows dropped): a hook there would see other tensors. Such a
-model is refused, with the layer's name. Parametrized weights (torch.nn.utils.parametrize) are read
+model is refused, with the layer's name, and so is a model while a global module hook
+(`torch.nn.modules.module.register_module_forward_hook` and kin) is registered, except those of
+torch's own observers (FlopCounterMode's ModuleTracker, CommDebugMode), which only follow the module
+hierarchy: every hook would fire on the modules the fast path calls and on none of the encoder's.
+Parametrized weights (torch.nn.utils.parametrize) are read
 through their parametrization, which is exact where reading a weight is a function of the parameters
 (not spectral_norm in training mode, whose power iteration advances on every read: the fast path
 reads fewer times).
 """
 
 from torch import nn
+from torch.nn.modules import module as nn_module
 
 from .attention_block import Attention, CrossAttentionBlock
 from .encoder import ViTEncoder
@@ -123,6 +128,23 @@ def _find_hooked(module) -> tuple[list[str], str] | None:
     return None
 
 
+_GLOBAL_HOOKS = ("_global_forward_pre_hooks", "_global_forward_hooks", "_global_backward_pre_hooks",
+                 "_global_backward_hooks")  # fmt: skip
+
+
+def _global_hook() -> str | None:
+    """The name of the first global module hook that is not a method of a torch observer, or None."""
+    registered = [getattr(nn_module, name, None) for name in _GLOBAL_HOOKS]  # private: absent, no check
+    if not any(registered):  # the common case, before every fast forward
+        return None
+    for hooks in filter(None, registered):
+        for hook in hooks.values():
+            owner = getattr(hook, "__self__", None)
+            if owner is None or not type(owner).__module__.startswith("torch."):
+                return getattr(hook, "__qualname__", repr(hook))
+    return None
+
+
 # Called as modules by the fast path, on other batches than officially: hooks only are refused.
 _CALLED_ON_OTHER_BATCHES = ("patch_embed", "bottleneck", "post_process_conv")
 
@@ -154,3 +176,8 @@ def check_unmodified(model, remedy: str) -> None:
     if found is not None:
         path, problem = found
         raise ValueError(f"model.{'.'.join(path)} {problem}: {remedy}")
+    if (hook := _global_hook()) is not None:
+        raise ValueError(
+            f"a global module hook ({hook}, from torch.nn.modules.module.register_module_*_hook) is "
+            f"registered, which the fast path would skip in the encoder's layers: {remedy}"
+        )
