@@ -1,8 +1,12 @@
 """`fastvit-style info`: the versions a bug report needs and why each backend can or cannot run."""
 
+import importlib
+import platform
+
 import numpy as np
 import torch
 
+import fastvit_style
 from fastvit_style.cli import main
 
 
@@ -11,6 +15,14 @@ def test_info_lists_versions_and_backends(capsys):
     rows = [line.partition(":") for line in capsys.readouterr().out.splitlines()]
     lines = {key.strip(): value.strip() for key, _, value in rows}  # a value may be empty
     assert lines["torch"] == torch.__version__ and lines["numpy"] == np.__version__
+    assert lines["fastvit_style"] == fastvit_style.__version__
+    assert lines["python"] == platform.python_version()
+    for module in ("triton", "xformers", "safetensors", "huggingface_hub"):  # each its own, or why not
+        try:
+            version = importlib.import_module(module).__version__
+        except Exception as exc:
+            version = f"unavailable ({type(exc).__name__})"
+        assert lines[module] == version, module
     assert {"python", "triton", "TRITON_INTERPRET", "device"} <= set(lines)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     assert lines["backend torch"] == f"available on {device}"

@@ -77,6 +77,8 @@ def test_utilities():
     u8 = torch.tensor([100, 50, 200], dtype=torch.uint8).view(3, 1, 1)  # constants in float32, as officially
     expected = (u8.float() - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
     assert torch.equal(util.normalize_image(u8, mean, std), expected)
+    back = u8.float() * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
+    assert torch.equal(util.denormalize_image(u8, mean, std), back)
 
     wide = torch.rand(2, 3, 10, 20)
     out = resize_image(wide, 8, fill=0.5)  # longer side 20 -> 8, the other 4, centred on 0.5

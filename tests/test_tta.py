@@ -91,10 +91,11 @@ def test_stylize_matches_reference(setup, sampler, K, B):
 def test_model_method_and_default_chunks(setup):
     truth, model, refs, bank = setup
     x = images(2, SIZE, seed=3)
+    index = torch.tensor([[0, 5], [3, 5]])  # several images and references in one chunk; not symmetric
     with torch.no_grad():
-        out = model.stylize(x, bank, refs=torch.tensor([[0, 5], [5, 5]]))
-        one_pair_at_a_time = model.stylize(x, bank, refs=torch.tensor([[0, 5], [5, 5]]), chunk_size=1)
-    assert_close_rel(out, naive(truth, x, refs, torch.tensor([[0, 5], [5, 5]])), FP32, "model.stylize")
+        out = model.stylize(x, bank, refs=index)
+        one_pair_at_a_time = model.stylize(x, bank, refs=index, chunk_size=1)
+    assert_close_rel(out, naive(truth, x, refs, index), FP32, "model.stylize")
     assert_close_rel(one_pair_at_a_time, out, FP32, "model.stylize, chunk_size=1")
 
 
@@ -125,6 +126,9 @@ def test_autocast_and_grad(setup):
     assert low.dtype == torch.bfloat16 and not low.requires_grad
     assert_close_rel(low, full, TOLERANCE[torch.bfloat16], "bf16 autocast")
     assert torch.equal(low_bank, low)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # references in the autocast dtype
+        amp_bank = StyleBank.from_images(model, images(2, SIZE, seed=8).bfloat16())
+    assert amp_bank.dtype == torch.float32  # stored in the model's dtype: usable outside autocast too
     with pytest.raises(ValueError, match="autocast dtype"), torch.autocast("cpu", dtype=torch.bfloat16):
         stylize(model, x, bank.to(dtype=torch.float16))
     x.requires_grad_(True)
@@ -179,13 +183,18 @@ def test_bank_refused_for_other_weights(setup, tmp_path, monkeypatch):
         for offered in (bank, bank.to(dtype=torch.float64)):
             with pytest.raises(ValueError, match="fingerprints differ.*float64 in the model.*rebuild it"):
                 stylize(double, x.double(), offered)
-    # The fingerprint is computed once per (bank, model), not per call.
+    # The fingerprint is computed once per (bank, model), not per call; from_images hashes the model it
+    # encodes with once, and its bank needs no second hash.
     calls = []
     monkeypatch.setattr(style_bank_mod, "weight_fingerprint", lambda m: calls.append(m) or bank.fingerprint)
     fresh = StyleBank(bank.k, bank.v, bank.config, bank.fingerprint)
     for _ in range(3):
         stylize(model, x, fresh, k=1)
     assert len(calls) == 1
+    made = StyleBank.from_images(model, images(1, SIZE, seed=2))
+    for _ in range(2):
+        stylize(model, x, made)
+    assert len(calls) == 2
 
 
 def test_bank_refused_once_the_model_is_written_in_place(setup):
@@ -355,6 +364,24 @@ def test_tta_mean_prob(setup, include_original):
         if include_original:
             expected = torch.cat([clf(x).softmax(-1)[:, None], expected], 1)
     torch.testing.assert_close(views, expected)
+
+
+def test_tta_stylizer_runs_without_autograd(setup):
+    """The stylizer is frozen: under grad mode the gradient reaches x through the original view only,
+    and no stylizer weight (the classifier's weights get theirs)."""
+    _, model, _, bank = setup
+    stylizer = copy.deepcopy(model)  # parameters that require grad
+    clf = toy_classifier()
+    tta = TTAClassifier(clf, stylizer, bank, k=2, generator=torch.Generator().manual_seed(0))
+    x = images(2, SIZE, seed=6).requires_grad_(True)
+    views, _ = tta.make_views(x)
+    tta.aggregate(tta.classify(views))[:, 1].sum().backward()
+    assert all(p.grad is None for p in stylizer.parameters())
+    assert all(p.grad is not None for p in clf.parameters())
+    original = x.detach().clone().requires_grad_(True)
+    constants = torch.cat([original[:, None], views[:, 1:].detach()], dim=1)
+    tta.aggregate(tta.classify(constants))[:, 1].sum().backward()
+    assert_close_rel(x.grad, original.grad, FP32, "gradient through the original view")
 
 
 def test_a_classifier_left_in_training_mode_is_warned_about_once(setup):
@@ -533,28 +560,54 @@ def run_stylize(tmp, base, out: str, *extra: str) -> int:
     )
 
 
-@needs_pil
-def test_cli_stylize(setup, folders):
-    _, model, _, _ = setup
-    tmp, base = folders
-    assert run_stylize(tmp, base, "out", "--batch-size", "1") == 0
-    names = pngs(tmp / "out")
-    assert names == [f"img{c}__img{s}.png" for c in range(2) for s in range(3)]
+def expected_pixels(model, tmp) -> list:
+    """[c][s]: content image c of tmp/content stylized by style image s of tmp/styles through the API,
+    denormalized, as int (H, W, 3) pixels."""
     from fastvit_style.imageio import load_batch
 
     mean, std = normalization()
     x = load_batch(list_images(tmp / "content"), SIZE, mean, std)
     bank = StyleBank.from_images(model, load_batch(list_images(tmp / "styles"), SIZE, mean, std))
     with torch.no_grad():
-        expected = denormalize(stylize(model, x, bank), mean, std)
+        out = denormalize(stylize(model, x, bank), mean, std)
+    return [[to_uint8(image).astype(int) for image in row] for row in out]
+
+
+def drawn(k: int, seed: int, num_images: int = 2, num_refs: int = 3) -> list[tuple[int, int]]:
+    """The (image, reference) pairs --k k --seed seed give one batch of num_images images."""
+    draw = select_refs(num_refs, num_images, k=k, generator=torch.Generator().manual_seed(seed))
+    return [(c, s) for c, row in enumerate(draw.tolist()) for s in row]
+
+
+def assert_stylized_pngs(folder, expected: list, pairs) -> None:
+    """folder holds img<c>__img<s>.png for exactly the (c, s) in pairs, each the API's stylization of
+    that pair (to one uint8 step)."""
     from PIL import Image
 
-    got = np.array(Image.open(tmp / "out" / "img1__img2.png")).astype(int)
-    assert np.abs(got - to_uint8(expected[1, 2]).astype(int)).max() <= 1
-    assert run_stylize(tmp, base, "out_k", "--k", "1") == 0
-    assert len(pngs(tmp / "out_k")) == 2
-    assert run_stylize(tmp, base, "out_all", "--k", "0") == 0  # 0: all, as in tta
-    assert pngs(tmp / "out_all") == names
+    assert pngs(folder) == sorted(f"img{c}__img{s}.png" for c, s in pairs)
+    for c, s in pairs:
+        got = np.array(Image.open(folder / f"img{c}__img{s}.png")).astype(int)
+        assert np.abs(got - expected[c][s]).max() <= 1, f"img{c}__img{s}.png"
+
+
+@needs_pil
+def test_cli_stylize(setup, folders):
+    """Every output is the API's stylization of the pair its name gives, also for --k draws (made
+    with --seed) and for several images per batch."""
+    _, model, _, _ = setup
+    tmp, base = folders
+    expected, every = expected_pixels(model, tmp), [(c, s) for c in range(2) for s in range(3)]
+    assert run_stylize(tmp, base, "out", "--batch-size", "1") == 0
+    assert_stylized_pngs(tmp / "out", expected, every)
+    pairs = drawn(2, seed=5)
+    assert pairs != drawn(2, seed=6) and any(s != j for j, (_, s) in enumerate(pairs[:2]))
+    assert run_stylize(tmp, base, "out_k", "--k", "2", "--seed", "5") == 0  # both images in one batch
+    assert_stylized_pngs(tmp / "out_k", expected, pairs)
+    for k in ("0", "3"):  # 0: all, as in tta; 3: as many as there are styles
+        assert run_stylize(tmp, base, f"out_{k}", "--k", k) == 0
+        assert_stylized_pngs(tmp / f"out_{k}", expected, every)
+    with pytest.raises(SystemExit, match=r"--k must lie in 0\.\.3"):
+        run_stylize(tmp, base, "out_4", "--k", "4")
 
 
 @needs_pil
@@ -567,13 +620,13 @@ def test_cli_tta(folders, monkeypatch):
     )
     monkeypatch.chdir(tmp)
     torch.jit.script(toy_classifier(2)).save(str(tmp / "clf.pt"))
-    batch = torch.export.Dim("batch")
-    exported = torch.export.export(toy_classifier(2), (images(2, SIZE),), dynamic_shapes=({0: batch},))
+    batch = torch.export.Dim("batch", min=4)  # every batch below has 1 x 3 or 2 x 3 images
+    exported = torch.export.export(toy_classifier(2), (images(4, SIZE),), dynamic_shapes=({0: batch},))
     torch.export.save(exported, str(tmp / "clf.pt2"))
     specs = [
         ("toyclf:make", ["--save-stylized", str(tmp / "views")]),
         (str(tmp / "clf.pt"), ["--k", "0"]),
-        (str(tmp / "clf.pt2"), ["--reduce", "vote"]),
+        (str(tmp / "clf.pt2"), ["--reduce", "vote", "--batch-size", "2"]),  # the last batch is a full one
     ]
     for spec, extra in specs:
         out = tmp / "preds" / "p.csv"
@@ -608,6 +661,63 @@ def test_cli_tta(folders, monkeypatch):
     no_k = ["tta", *base, "--refs", str(tmp / "styles"), "--images", str(tmp / "content"), "--classifier",
             "toyclf:make", "--out", str(tmp / "all.csv"), "--save-stylized", str(tmp / "all_views")]  # fmt: skip
     assert cli_main(no_k) == 0 and len(pngs(tmp / "all_views")) == 2 * 3
+    assert (tmp / "views" / ".fastvit-style-outputs").is_file()
+    # A write that fails midway (a full disk) leaves the earlier CSV as it was, and no temporary.
+    before = out.read_bytes()
+    real_writer = csv.writer
+
+    class FullDisk:
+        def __init__(self, f, **kwargs):
+            self.writer = real_writer(f, **kwargs)
+
+        def writerow(self, row):
+            self.writer.writerow(row)
+
+        def writerows(self, rows):
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(csv, "writer", FullDisk)
+    assert cli_main([*no_k[:-2], "--out", str(out)]) == 1
+    assert out.read_bytes() == before and os.listdir(out.parent) == ["p.csv"]
+
+
+@needs_pil
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+@pytest.mark.parametrize(
+    "extra, k, include_original, reduce, seed",
+    [
+        (["--k", "3", "--no-original"], 3, False, "mean_prob", 0),
+        (["--k", "2", "--reduce", "vote", "--seed", "5"], 2, True, "vote", 5),
+    ],
+    ids=["stylized-only", "vote"],
+)
+def test_cli_tta_matches_the_api(setup, folders, extra, k, include_original, reduce, seed):
+    """The CSV holds what TTAClassifier gives for the command's draws (--k, --seed), views
+    (--no-original) and reduction (--reduce); --save-stylized writes the stylized views, each under the
+    name of the reference it shows."""
+    _, model, _, _ = setup
+    tmp, base = folders
+    clf = toy_classifier(2)
+    torch.jit.script(clf).save(str(tmp / "clf.pt"))
+    out, views = tmp / "p.csv", tmp / "views"
+    argv = ["tta", *base, "--refs", str(tmp / "styles"), "--images", str(tmp / "content"), "--classifier",
+            str(tmp / "clf.pt"), "--out", str(out), "--save-stylized", str(views), *extra]  # fmt: skip
+    assert cli_main(argv) == 0
+    from fastvit_style.imageio import load_batch
+
+    mean, std = normalization()
+    bank = StyleBank.from_images(model, load_batch(list_images(tmp / "styles"), SIZE, mean, std))
+    generator = torch.Generator().manual_seed(seed)
+    tta = TTAClassifier(clf, model, bank, k, include_original, reduce, generator=generator)
+    with torch.no_grad():
+        probs = tta(load_batch(list_images(tmp / "content"), SIZE, mean, std))
+    rows = list(csv.reader(out.read_text().splitlines()))[1:]
+    assert [int(r[1]) for r in rows] == probs.argmax(-1).tolist()
+    csv_probs = torch.tensor([[float(p) for p in r[2:]] for r in rows])
+    torch.testing.assert_close(csv_probs, probs, rtol=0, atol=1e-5)  # written with 6 digits
+    pairs = drawn(k, seed)
+    assert any(s != j for j, (_, s) in enumerate(pairs[:k]))  # a draw that is not the references' order
+    assert_stylized_pngs(views, expected_pixels(model, tmp), pairs)
 
 
 @needs_pil
@@ -616,7 +726,8 @@ def test_cli_tta_keeps_file_names_that_are_not_utf8(folders, monkeypatch):
     CSV is UTF-8 whatever the locale."""
     tmp, base = folders
     latin1 = os.fsdecode(b"caf\xe9.png")
-    shutil.copy(tmp / "content" / "img0.png", tmp / "styles" / latin1)
+    os.mkdir(tmp / "styles" / "sub")  # the path below --images, subfolders included
+    shutil.copy(tmp / "content" / "img0.png", tmp / "styles" / "sub" / latin1)
     (tmp / "toyclf.py").write_text(
         "import torch.nn as nn\ndef make():\n    return nn.Sequential(nn.Flatten(), nn.LazyLinear(2))\n"
     )
@@ -626,10 +737,10 @@ def test_cli_tta_keeps_file_names_that_are_not_utf8(folders, monkeypatch):
     assert cli_main(argv) == 0
     lines = (tmp / "p.csv").read_bytes().splitlines()
     assert lines[0].startswith(b"path,pred,") and [line.split(b",")[0] for line in lines[1:]] == [
-        b"caf\xe9.png",
         b"img0.png",
         b"img1.png",
         b"img2.png",
+        os.fsencode(os.path.join("sub", latin1)),
     ]
 
 
@@ -770,6 +881,10 @@ def test_cli_user_errors_are_one_line(folders, capsys, monkeypatch):
         and "Traceback" not in text
     )
     assert not (tmp / "o").exists() and (tmp / "file").read_text() == "mine"
+    monkeypatch.setenv("FASTVIT_STYLE_TRACEBACK", "1")  # a user error with its traceback, when asked
+    with pytest.raises(ValueError, match="device 'meta' holds no data"):
+        cli_main([*on_meta, "--out", str(tmp / "o")])
+    monkeypatch.delenv("FASTVIT_STYLE_TRACEBACK")
     # A crash is not a user error: its traceback stays.
     monkeypatch.setattr("fastvit_style.apps.stylize.stylize", lambda *a, **kw: 1 / 0)
     with pytest.raises(ZeroDivisionError):
@@ -839,6 +954,9 @@ def test_cli_outputs_never_overwrite_each_other_nor_become_inputs(folders, capsy
     assert pngs(tmp / "content" / "stylized") == expected
     with pytest.raises(SystemExit, match="--out .* is the content folder"):
         run_stylize(tmp, base, "content")
+    with pytest.raises(SystemExit, match="--save-stylized .* is the input folder"):
+        cli_main(["tta", *base, "--images", str(tmp / "content"), "--refs", str(tmp / "styles"), "--classifier",
+                  "x:y", "--out", str(tmp / "p.csv"), "--save-stylized", str(tmp / "content")])  # fmt: skip
     shutil.rmtree(tmp / "content" / "stylized")
     os.symlink(tmp / "linked_out", tmp / "content" / "more")  # the output folder, reached through a link
     for _ in range(2):
@@ -847,6 +965,19 @@ def test_cli_outputs_never_overwrite_each_other_nor_become_inputs(folders, capsy
     os.remove(tmp / "content" / "more")
     assert run_stylize(tmp, base, ".") == 0  # above the inputs: its outputs lie in no input folder
     assert sorted(p for p in os.listdir(tmp) if p.endswith(".png")) == expected
+
+
+def test_output_names_join_subfolders_and_fit_the_file_system(tmp_path):
+    from fastvit_style.apps.common import NAME_MAX, output_names, pair_names
+
+    root = str(tmp_path)
+    nested = [os.path.join(root, "a", "b.png"), os.path.join(root, "ab.png")]
+    assert output_names(nested, root) == ["a_b", "ab"]  # folders joined by '_'
+    style = [os.path.join(root, "s.png")]
+    longest = "c" * (NAME_MAX - len("__s.png"))  # <longest>__s.png takes exactly NAME_MAX bytes
+    assert pair_names([os.path.join(root, longest + ".png")], root, style, root) == ([longest], ["s"])
+    with pytest.raises(SystemExit, match=f"longer than the {NAME_MAX} bytes"):
+        pair_names([os.path.join(root, longest + "c.png")], root, style, root)
 
 
 def test_cli_outputs_are_checked_before_any_work(folders, capsys, monkeypatch):
