@@ -45,22 +45,23 @@ def parse_args(argv=None):
     return args
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work: a host clock read after it times the work, not its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def timed(fns: dict, device: torch.device, repeats: int) -> tuple[dict, dict]:
     """Median seconds of each fn() over `repeats` rounds after one warm-up, and its last output. The
     methods take turns within each round, so a load change on a shared machine hits them alike."""
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     outs = {name: fn() for name, fn in fns.items()}
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            sync()
+            synchronize(device)
             t0 = time.perf_counter()
             outs[name] = fn()
-            sync()
+            synchronize(device)
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(t) for name, t in times.items()}, outs
 
@@ -93,8 +94,10 @@ def main(argv=None) -> dict:
             return forward("auto")
 
     with torch.no_grad(), amp:
+        synchronize(device)
         t0 = time.perf_counter()
         bank = StyleBank.from_images(model, refs)
+        synchronize(device)
         bank_build = time.perf_counter() - t0
 
     def k_forwards():  # the naive TTA loop: one official forward per reference, over the B images

@@ -44,15 +44,15 @@ def _cpu_model() -> str:
 
 
 def git_commit() -> dict:
-    """HEAD of the checkout this package runs from, and whether files differ from it; 'unknown' outside
-    one. FASTVIT_STYLE_GIT_COMMIT names it where the tree was copied without .git (a GPU machine)."""
+    """HEAD of the checkout this package runs from, and whether tracked files differ from it (untracked
+    ones, such as result JSONs not yet committed, do not); 'unknown' outside one. FASTVIT_STYLE_GIT_COMMIT names it where the tree was copied without .git (a GPU machine)."""
     if os.environ.get("FASTVIT_STYLE_GIT_COMMIT"):
         return {"commit": os.environ["FASTVIT_STYLE_GIT_COMMIT"], "dirty": None}
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
         head, dirty = (
             subprocess.run(["git", *cmd], cwd=root, capture_output=True, text=True, timeout=10, check=False)
-            for cmd in (["rev-parse", "HEAD"], ["status", "--porcelain"])
+            for cmd in (["rev-parse", "HEAD"], ["status", "--porcelain", "--untracked-files=no"])
         )
     except (OSError, subprocess.SubprocessError):
         return {"commit": "unknown", "dirty": None}
