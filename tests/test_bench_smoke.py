@@ -29,6 +29,23 @@ def _wrong(model):
     return model
 
 
+def _far_off(model):
+    """Wrong by far more than bf16 rounding: the fast path on a head scaled by 1.5."""
+    with torch.no_grad():
+        model.post_process_conv.weight.mul_(1.5)
+    model.backend = "torch"
+    return model
+
+
+def _wrong_gradients(model):
+    """Right outputs, parameter gradients 1.5x too large: a backward bug."""
+    for p in model.parameters():
+        if p.requires_grad:
+            p.register_hook(lambda g: 1.5 * g)
+    model.backend = "torch"
+    return model
+
+
 def _out_of_memory(model):
     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 TiB (simulated)")
 
@@ -36,11 +53,16 @@ def _out_of_memory(model):
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_cli_end_to_end(tmp_path):
+def test_cli_end_to_end(tmp_path, monkeypatch):
+    from fastvit_style.benchmark import flops
+
     register_backend("wrong", _wrong)
+    monkeypatch.setattr(flops, "bf16_matmul_flops", lambda device: 1e12)  # a card's rate, for MFU on a CPU
+    # --augment-p 0.67: 2 of the 3 images stylized, each by the other (with 1 the roll changes nothing).
     argv = ["bench", "--device", "cpu", "--backbones", "tiny", "--workloads", "stylize,augment,tta,train",
             "--backends", "reference,torch,wrong,xformers", "--batch-sizes", "3", "--repeats", "1",
-            "--tta-k", "2", "--model-kwargs", json.dumps(TOY), "--out", str(tmp_path)]  # fmt: skip
+            "--tta-k", "2", "--augment-p", "0.67", "--model-kwargs", json.dumps(TOY),
+            "--out", str(tmp_path)]  # fmt: skip
     assert main(argv) == 0
     (path,) = glob.glob(str(tmp_path / "*_bench.json"))
     with open(path) as f:
@@ -62,6 +84,13 @@ def test_cli_end_to_end(tmp_path):
         assert fast["tolerances"] == limits, fast
         assert fast["median_ms"] > 0 and fast["images_per_s"] > 0 and fast["speedup_vs_reference"] > 0
         assert fast["flops_per_image"] > 0 and fast["peak_mem_bytes"] > 0
+        # Rates from the median of the raw times: content images (test images for TTA, classifier images
+        # for augment) per second; speedup = the baseline's time over the row's; MFU = FLOPs x img/s / rate.
+        for r in (ref, fast):
+            assert r["images"] == 3 and r["median_ms"] == pytest.approx(r["times_ms"][0], abs=1e-4)
+            assert r["images_per_s"] == pytest.approx(3e3 / r["median_ms"])
+            assert r["speedup_vs_reference"] == pytest.approx(ref["median_ms"] / r["median_ms"])
+            assert r["mfu"] == pytest.approx(r["flops_per_image"] * r["images_per_s"] / 1e12)
         assert wrong["status"] == "failed" and wrong["rel_err"] > wrong["tolerance"], wrong
         assert wrong["median_ms"] is None and "disagrees" in wrong["reason"]
         assert rows[workload, "xformers"]["status"] == "unavailable" and rows[workload, "xformers"]["reason"]
@@ -92,18 +121,32 @@ def test_oom_and_budget_are_recorded():
 
 
 def test_bf16_is_judged_against_the_official_bf16_error():
+    register_backend("far_off", _far_off)
     cfg = BenchConfig(workloads=("stylize",), batch_sizes={"stylize": [2]}, dtypes=("fp32", "bf16"),
-                      repeats=1, model_kwargs=TOY)  # fmt: skip
+                      backends=("reference", "torch", "far_off"), repeats=1, model_kwargs=TOY)  # fmt: skip
     rows = {(r["backend"], r["dtype"]): r for r in run_benchmark(cfg)["results"]}
     assert set(rows) == {
         ("reference", "fp32"),
         ("torch", "fp32"),
         ("torch", "bf16"),
+        ("far_off", "fp32"),
+        ("far_off", "bf16"),
     }  # no eager bf16 official
+    # A wrong backend fails in bf16 as in fp32.
+    assert rows["far_off", "fp32"]["status"] == rows["far_off", "bf16"]["status"] == "failed"
     bf16 = rows["torch", "bf16"]
     assert bf16["status"] == "ok" and bf16["official_own_err"]["out"] > 0
     assert bf16["rel_err"] <= max(bf16["tolerance"], 2 * bf16["official_own_err"]["out"])
     assert bf16["tolerances"]["out"] == max(bf16["tolerance"], 2 * bf16["official_own_err"]["out"])
+
+
+def test_a_backend_with_wrong_gradients_fails_the_training_check():
+    register_backend("wrong_gradients", _wrong_gradients)
+    cfg = BenchConfig(workloads=("train",), batch_sizes={"train": [2]},
+                      backends=("reference", "wrong_gradients"), repeats=1, model_kwargs=TOY)  # fmt: skip
+    row = run_benchmark(cfg)["results"][1]
+    assert row["status"] == "failed" and "grads" in row["reason"] and row["median_ms"] is None, row
+    assert max(row["errors"]["loss"], row["errors"]["x_recon"]) <= row["tolerance"]  # the forward is right
 
 
 def test_the_official_fp32_baseline_runs_whatever_the_dtypes():
@@ -135,6 +178,13 @@ def test_interleaved_compiled_variants_share_one_reset(monkeypatch, interleave):
     rows = run_benchmark(cfg)["results"]
     assert sum(r["compile"] for r in rows) == 3 and {r["status"] for r in rows} == {"ok"}
     assert len(resets) == (1 if interleave else 3)
+    # Both ratios: over the official fp32 eager time and over the official bf16 compiled one.
+    (ref,) = (r for r in rows if r["backend"] == "reference" and not r["compile"])
+    (ref_bc,) = (r for r in rows if r["backend"] == "reference" and r["compile"])
+    assert ref_bc["dtype"] == "bf16"
+    for r in rows:
+        assert r["speedup_vs_reference"] == pytest.approx(ref["median_ms"] / r["median_ms"])
+        assert r["speedup_vs_reference_bf16_compile"] == pytest.approx(ref_bc["median_ms"] / r["median_ms"])
 
 
 def test_plan():
@@ -155,6 +205,21 @@ def test_plan():
         ("train", 4, True),
     ]
     assert plan_size(cfg) == 3 * 3 + 2 * 2
+    # Whatever order the backends come in: the baseline first (a --budget never cuts it), the official
+    # computation compiled in bf16 only and first, bf16 before fp32.
+    cfg = BenchConfig(dtypes=("fp32", "bf16"), backends=("torch", "reference"),
+                      compile_backends=("torch", "reference"), compile_dtypes=("fp32", "bf16"))  # fmt: skip
+    eager, compiled = plan_variants(cfg)
+    assert [(v.backend.name, v.dtype) for v in eager] == [
+        ("reference", "fp32"),
+        ("torch", "fp32"),
+        ("torch", "bf16"),
+    ]
+    assert [(v.backend.name, v.dtype) for v in compiled] == [
+        ("reference", "bf16"),
+        ("torch", "bf16"),
+        ("torch", "fp32"),
+    ]
 
 
 @pytest.mark.parametrize(

@@ -38,6 +38,7 @@ def test_kernels_compile_for_sm90(tf32):
     expected = {(k, t) for k in kernels for t in ("bf16", "fp32")}
     # The one-launch backward applies to half precision at d <= 64 only (its registers).
     assert {(r["kernel"], r["dtype"]) for r in rows} == expected | {("bwd_fused", "bf16")}
+    assert {(r["Tq"], r["Tk"], r["d"]) for r in rows} == {(197, 197, 64)}  # --quick: the first released shape
     for r in rows:
         # Half-precision dots on tensor cores; fp32 ones there only as TF32, exact ones (torch's default
         # for fp32 matmuls) on the FMA units.

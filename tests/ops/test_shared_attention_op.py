@@ -727,3 +727,79 @@ def test_sweep_one_launch_threshold():
         "min_programs": None,
         "evidence": "no size with both methods measured",
     }
+
+
+def test_sweep_baselines_rates_and_check_on_cpu(monkeypatch, fake_xformers, one_thread):
+    """bench/sweep_shared_attention.py's run_method on the CPU, do_bench stubbed (SDPA's math backend,
+    xformers faked): each baseline matches the reference, output and gradients; the dup rows take K/V
+    already duplicated per query sequence (neither the copy nor the sum of dK/dV is timed), the gather
+    rows the K/V sequences themselves, reached through the timed calls (gather, then index_add of
+    dK/dV in the backward); the forward is timed without autograd; TFLOP/s from the median in ms."""
+    pytest.importorskip("triton")
+    import triton.testing
+
+    path = Path(__file__).parents[2] / "bench" / "sweep_shared_attention.py"
+    spec = importlib.util.spec_from_file_location("sweep_shared_attention", path)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    B, H, T, D = 2, 2, sweep.T, sweep.D
+    p = sweep.Problem.__new__(sweep.Problem)  # its constructor draws on CUDA
+    gen = torch.Generator().manual_seed(0)
+    p.B, p.H, p.Sq, p.Skv, p.scale, p.kv_index = B, H, 3 * B, 2 * B, D**-0.5, sweep.model_kv_index(B)
+    p.q, p.k, p.v, p.do = (torch.randn(n, T, H, D, generator=gen) for n in (3 * B, 2 * B, 2 * B, 3 * B))
+    q, k, v = (t.clone().requires_grad_() for t in (p.q, p.k, p.v))
+    out = shared_attention_torch(q, k, v, p.kv_index, p.scale)
+    p.ref_grads, p.ref_out = torch.autograd.grad(out, (q, k, v), p.do), out.detach()
+
+    grad_modes, timed_grads = [], []
+
+    def do_bench(step, warmup, rep, grad_to_none, quantiles):
+        grad_modes.append([])
+        for _ in range(3):  # do_bench's calls, gradients reset in between
+            for leaf in grad_to_none:
+                leaf.grad = None
+            step()
+        timed_grads.append([leaf.grad for leaf in grad_to_none])
+        return [{0.5: 2.0, 0.2: 1.0, 0.8: 4.0}[q] for q in quantiles]
+
+    monkeypatch.setattr(triton.testing, "do_bench", do_bench)
+
+    def recorded(builder):  # records the grad mode of every call, and the leaves
+        def build(problem):
+            fn, leaves, grads = builder(problem)
+            built.append(leaves)
+
+            def call():
+                (grad_modes[-1] if grad_modes else []).append(torch.is_grad_enabled())
+                return fn()
+
+            return call, leaves, grads
+
+        return build
+
+    args = sweep.parse_args([])
+    for name, builder, duplicated in (
+        ("sdpa-dup-math", lambda p: sweep.sdpa_dup(p, "math"), True),
+        ("sdpa-gather-math", lambda p: sweep.sdpa_gather(p, "math"), False),
+        ("xformers-dup", lambda p: sweep.xformers_attention(p, gather=False), True),
+        ("xformers-gather", lambda p: sweep.xformers_attention(p, gather=True), False),
+    ):
+        grad_modes.clear(), timed_grads.clear()
+        built = []
+        row = sweep.run_method(p, recorded(builder), args)
+        assert row["matches_reference"] and max(row["err_out"], row["err_grad"]) < 1e-5, (name, row)
+        (_, k_leaf, v_leaf), rows = built[0], p.Sq if duplicated else p.Skv
+        assert k_leaf.shape[0] == v_leaf.shape[0] == rows, name
+        assert grad_modes == [[False] * 3, [True] * 3], name  # forward under no_grad, then fwd+bwd
+        dk = timed_grads[1][1]  # what the last timed backward left on the K leaf
+        assert dk is not None and dk.shape[0] == rows, name
+        for key, backward in (("fwd", False), ("fwd_bwd", True)):
+            assert (row[f"{key}_ms"], row[f"{key}_ms_p20"], row[f"{key}_ms_p80"]) == (2.0, 1.0, 4.0)
+            flop = sweep.attention_flops(p.Sq, H, T, T, D, backward)
+            assert row[f"{key}_tflops"] == pytest.approx(flop / 2e-3 / 1e12)
+
+    def wrong_dk(problem):
+        fn, leaves, grads = sweep.sdpa_gather(problem, "math")
+        return fn, leaves, lambda: tuple(g * s for g, s in zip(grads(), (1, 2, 1)))
+
+    assert not sweep.run_method(p, wrong_dk, args)["matches_reference"]
