@@ -26,6 +26,9 @@ class StylizingViT(nn.Module):
 
     backend: 'auto' (Triton on CUDA, else PyTorch), 'torch', 'triton', 'xformers', or 'reference'
     (the official computation, unoptimised, for tests and comparisons).
+
+    allow_global_hooks: False refuses the fast path while a global module hook is registered
+    (`layers.unmodified`); True lets such hooks through, for those not meant for this model's layers.
     """
 
     def __init__(self, backbone: str = "base", train: bool = False, backend: str = "auto", **kwargs):
@@ -34,6 +37,7 @@ class StylizingViT(nn.Module):
         self.backbone = backbone
         self.training_mode = train
         self.backend = check_backend(backend, cfg.head_dim)
+        self.allow_global_hooks = False
         self.encoder = ViTEncoder(cfg)
         if train:
             self.vgg_encoder = VGG19Features()

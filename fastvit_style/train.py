@@ -90,7 +90,8 @@ from .weights import (
 
 LOSS_NAMES = ("identity", "consistency", "anatomical", "style")
 # Reading a step's losses on the host waits for its GPU work, and the queue runs dry while the next step
-# launches: without on_step, the progress bar reads them at most this often (and at each epoch's end).
+# launches: without on_step, rank 0's progress bar reads them at the first step, then at most this often,
+# and where the epoch or the run ends; the other ranks never.
 BAR_SECONDS = 1.0
 
 
@@ -348,13 +349,14 @@ class Trainer:
             self.step, self.batch = self.step + 1, group_end
             # A stop at the epoch's last step ends the epoch as usual (validation, metrics, checkpoint).
             stop = self._reached_max_steps() and group_end < n
-            if on_step is not None or stop or group_end == n or time.perf_counter() - shown >= BAR_SECONDS:
+            show = not bar.disable and (stop or group_end == n or time.perf_counter() - shown >= BAR_SECONDS)
+            if on_step is not None or show:
                 # This rank's losses, over its images, as the step weighs them.
                 mean = (torch.stack(terms).sum(0) / rank_images).tolist() if terms else [float("nan")] * 5
                 shown = time.perf_counter()  # after the read: the step's work is done
                 rate = images * self.world / (shown - t0)
-                bar.set_postfix(loss=f"{mean[0]:.4g}", **{k[:4]: f"{v:.3g}" for k, v in zip(LOSS_NAMES, mean[1:])},
-                                img_s=f"{rate:.1f}")  # fmt: skip
+                losses = {k[:4]: f"{v:.3g}" for k, v in zip(LOSS_NAMES, mean[1:])}
+                bar.set_postfix(loss=f"{mean[0]:.4g}", **losses, img_s=f"{rate:.1f}")
             terms = []
             periodic = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
             if group_end < n and (stop or periodic):

@@ -9,6 +9,8 @@ model is refused, with the layer's name, and so is a model while a global module
 (`torch.nn.modules.module.register_module_forward_hook` and kin) is registered, except those of
 torch's own observers (FlopCounterMode's ModuleTracker, CommDebugMode), which only follow the module
 hierarchy: every hook would fire on the modules the fast path calls and on none of the encoder's.
+`model.allow_global_hooks = True` lets global hooks through, for those meant for other modules (a
+quantization calibration of a classifier that the stylizer feeds).
 Parametrized weights (torch.nn.utils.parametrize) are read
 through their parametrization, which is exact where reading a weight is a function of the parameters
 (not spectral_norm in training mode, whose power iteration advances on every read: the fast path
@@ -141,7 +143,8 @@ def _global_hook() -> str | None:
         for hook in hooks.values():
             owner = getattr(hook, "__self__", None)
             if owner is None or not type(owner).__module__.startswith("torch."):
-                return getattr(hook, "__qualname__", repr(hook))
+                # __name__: dynamo resolves a function's __qualname__ to the descriptor's repr.
+                return getattr(hook, "__name__", None) or repr(hook)
     return None
 
 
@@ -176,8 +179,10 @@ def check_unmodified(model, remedy: str) -> None:
     if found is not None:
         path, problem = found
         raise ValueError(f"model.{'.'.join(path)} {problem}: {remedy}")
-    if (hook := _global_hook()) is not None:
+    # getattr: a whole model pickled before the attribute existed has none.
+    if not getattr(model, "allow_global_hooks", False) and (hook := _global_hook()) is not None:
         raise ValueError(
             f"a global module hook ({hook}, from torch.nn.modules.module.register_module_*_hook) is "
-            f"registered, which the fast path would skip in the encoder's layers: {remedy}"
+            f"registered, which the fast path would skip in the encoder's layers: {remedy}; or, if it "
+            "is not meant for this model's layers, set model.allow_global_hooks = True"
         )
