@@ -183,8 +183,8 @@ _MIN_STD = 1e-4
 
 
 def normalization(dataset: str | None = None, mean=None, std=None) -> tuple[tuple, tuple]:
-    """(mean, std) from explicit values (both), else the dataset's training constants (default camelyon17wilds).
-    Explicit values are per channel, for images in [0, 1]: ValueError for others."""
+    """(mean, std) from explicit values (both), else the dataset's training constants (default
+    camelyon17wilds). Explicit values are per channel, for images in [0, 1]: ValueError for others."""
     if (mean is None) != (std is None):
         raise ValueError("give both mean and std, or neither")
     if mean is not None:
@@ -197,8 +197,8 @@ def normalization(dataset: str | None = None, mean=None, std=None) -> tuple[tupl
             raise ValueError(f"mean and std need 3 finite values each (std > 0), got {mean} and {std}")
         if not (all(0 <= m <= 1 for m in mean) and all(_MIN_STD <= s <= 1 for s in std)):
             raise ValueError(
-                f"mean and std are for images in [0, 1]: each mean in [0, 1] and each std in [{_MIN_STD:g}, 1], "
-                f"got {mean} and {std} (constants on the 0-255 scale: divide them by 255)"
+                f"mean and std are for images in [0, 1]: each mean in [0, 1] and each std in "
+                f"[{_MIN_STD:g}, 1], got {mean} and {std} (constants on the 0-255 scale: divide them by 255)"
             )
         return tuple(mean), tuple(std)
     if dataset == "":

@@ -45,7 +45,8 @@ def _cpu_model() -> str:
 
 def git_commit() -> dict:
     """HEAD of the checkout this package runs from, and whether tracked files differ from it (untracked
-    ones, such as result JSONs not yet committed, do not); 'unknown' outside one. FASTVIT_STYLE_GIT_COMMIT names it where the tree was copied without .git (a GPU machine)."""
+    ones, such as result JSONs not yet committed, do not); 'unknown' outside one.
+    FASTVIT_STYLE_GIT_COMMIT names it where the tree was copied without .git (a GPU machine)."""
     if os.environ.get("FASTVIT_STYLE_GIT_COMMIT"):
         return {"commit": os.environ["FASTVIT_STYLE_GIT_COMMIT"], "dirty": None}
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

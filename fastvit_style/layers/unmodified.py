@@ -10,11 +10,10 @@ model is refused, with the layer's name, and so is a model while a global module
 torch's own observers (FlopCounterMode's ModuleTracker, CommDebugMode), which only follow the module
 hierarchy: every hook would fire on the modules the fast path calls and on none of the encoder's.
 `model.allow_global_hooks = True` lets global hooks through, for those meant for other modules (a
-quantization calibration of a classifier that the stylizer feeds).
-Parametrized weights (torch.nn.utils.parametrize) are read
-through their parametrization, which is exact where reading a weight is a function of the parameters
-(not spectral_norm in training mode, whose power iteration advances on every read: the fast path
-reads fewer times).
+quantization calibration of a classifier that the stylizer feeds). Parametrized weights
+(torch.nn.utils.parametrize) are read through their parametrization, which is exact where reading a
+weight is a function of the parameters (not spectral_norm in training mode, whose power iteration
+advances on every read: the fast path reads fewer times).
 """
 
 from torch import nn

@@ -31,10 +31,10 @@ def use_channels_last(x: torch.Tensor) -> bool:
 
 
 RANDOM_WARNING = (
-    "the VGG19 of this train=True model is randomly initialized (no ImageNet weights were loaded into it), so its "
-    "perceptual losses are meaningless; the official constructor downloads ImageNet weights: load them "
-    "with fastvit_style.weights.load_vgg_weights(model, path) (timm's vgg19.tv_in1k or torchvision's "
-    "vgg19 file) or load an official checkpoint, which carries them"
+    "the VGG19 of this train=True model is randomly initialized (no ImageNet weights were loaded into "
+    "it), so its perceptual losses are meaningless; the official constructor downloads ImageNet weights: "
+    "load them with fastvit_style.weights.load_vgg_weights(model, path) (timm's vgg19.tv_in1k or "
+    "torchvision's vgg19 file) or load an official checkpoint, which carries them"
 )
 
 
