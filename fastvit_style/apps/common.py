@@ -122,13 +122,17 @@ def stylizer_config(args) -> tuple[ModelConfig, dict]:
     return config, kwargs
 
 
-def load_stylizer(args):
-    """The frozen StylizingViT of --backbone/--weights on --device, in eval mode."""
+def load_stylizer(args, note: str | None = None):
+    """The frozen StylizingViT of --backbone/--weights on --device, in eval mode; `note` (from `mean_std`)
+    goes to stderr once it has loaded, after any error the weights or the device raise."""
     from ..model import create_model
 
     _, kwargs = stylizer_config(args)
     model = create_model(args.backbone, weights=args.weights, **kwargs)
-    return model.to(device(args)).eval().requires_grad_(False)
+    model = model.to(device(args)).eval().requires_grad_(False)
+    if note:
+        print(note, file=sys.stderr)
+    return model
 
 
 def find_images(*named_folders: tuple[str, str], output: tuple[str, str] | None = None) -> list[list[str]]:

@@ -7,7 +7,6 @@ for tiny, 13.9 MiB for base), and each content image's stream is shared by its r
 """
 
 import os
-import sys
 
 import torch
 
@@ -53,9 +52,7 @@ def run(args) -> int:
         )
     args.k = args.k or None  # 0: all, as in tta
     mean, std, note = mean_std(args)
-    model = load_stylizer(args)
-    if note:
-        print(note, file=sys.stderr)
+    model = load_stylizer(args, note)
     size, dev = model.config.input_size, model.encoder.pos_embed.device
     generator = torch.Generator().manual_seed(args.seed)
     with torch.no_grad():

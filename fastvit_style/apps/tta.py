@@ -207,9 +207,7 @@ def run(args) -> int:
         args.classifier, device(args), (last * views, most * views, cfg.in_channel, cfg.input_size)
     )
     mean, std, note = mean_std(args)
-    model = load_stylizer(args)
-    if note:
-        print(note, file=sys.stderr)
+    model = load_stylizer(args, note)
     size, dev = model.config.input_size, model.encoder.pos_embed.device
     generator = torch.Generator().manual_seed(args.seed)
     rows = []
