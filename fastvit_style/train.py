@@ -21,12 +21,14 @@ Data: `data.micro_batches` fixes each epoch's micro-batches from (seed, epoch). 
 micro-batches r, r+N, ..., so N ranks with A-fold accumulation compute what one process with N*A-fold
 accumulation does (DDP averages over ranks, accumulation over micro-steps: both are means). A
 micro-batch whose images were all corrupt runs the mean-colour image with weight 0: it adds nothing,
-but every rank still joins the gradient all-reduce. A step without one readable image on any rank
-counts as a step but changes nothing: no clipping, no optimizer step (AdamW's moments, weight decay and
-step count stay as they were). A dataset whose every file is unreadable stops the run at the end of its
-first epoch, with an error; an unreadable --val-data after the epoch's training is checkpointed (not
-yet validated: `--resume` validates it first). The files found corrupt (by any rank) are kept in the
-checkpoints, so a resumed run skips them too and `skipped_images` in metrics.jsonl counts them.
+but every rank still joins the gradient all-reduce. The accumulation weights need the step's image
+count before its first micro-step: the ranks sum theirs on the host (on GPUs in a gloo group of its
+own: `host_group`). A step without one readable image on any rank counts as a step but changes
+nothing: no clipping, no optimizer step (AdamW's moments, weight decay and step count stay as they
+were). A dataset whose every file is unreadable stops the run at the end of its first epoch, with an
+error; an unreadable --val-data after the epoch's training is checkpointed (not yet validated:
+`--resume` validates it first). The files found corrupt (by any rank) are kept in the checkpoints, so a
+resumed run skips them too and `skipped_images` in metrics.jsonl counts them.
 
 Every optimized parameter gets a gradient, `attn.k_proj.bias` an exact zero one (`block.project_kv`):
 AdamW decays it as officially, and DDP needs no search for unused parameters.
@@ -141,15 +143,31 @@ def train(cfg: TrainConfig, on_step=None, given=None) -> StylizingViT:
     own_group = world > 1 and not dist.is_initialized()
     if own_group:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    count_group = host_group(world, device)
     try:
-        return Trainer(cfg, rank, world, device, given).fit(on_step)
+        return Trainer(cfg, rank, world, device, given, count_group).fit(on_step)
     finally:
+        if count_group is not None and not own_group:  # the user's process group outlives the run
+            dist.destroy_process_group(count_group)
         if own_group:
             dist.destroy_process_group()
 
 
+def host_group(world: int, device: torch.device):
+    """A gloo process group over every rank, for sums the host reads each step, when training on a GPU
+    with `world` > 1 (None otherwise: on CPU the training group is gloo already).
+
+    Summed over NCCL, a count lives on the GPU, and reading it makes the host wait for every queued
+    kernel; over gloo it waits only for the other ranks' hosts. Collective: every rank calls it."""
+    return dist.new_group(backend="gloo") if world > 1 and device.type == "cuda" else None
+
+
 class Trainer:
-    def __init__(self, cfg: TrainConfig, rank: int, world: int, device: torch.device, given=None):
+    def __init__(
+        self, cfg: TrainConfig, rank: int, world: int, device: torch.device, given=None, count_group=None
+    ):
+        """count_group: the process group that sums each step's image counts on the host (`host_group`);
+        None: the default group, with the count on `device`."""
         # Rank 0 decides, before any rank writes, and every rank raises: a rank that checked after rank 0
         # wrote config.json would refuse alone and leave the others waiting in a collective.
         problem = [out_problem(cfg) if rank == 0 else None]
@@ -169,7 +187,7 @@ class Trainer:
                 cfg = dataclasses.replace(cfg, random_vgg=False)
         mean, std = normalization(cfg.dataset, cfg.mean, cfg.std)
         cfg = dataclasses.replace(cfg, mean=mean, std=std)  # the constants used, recorded in checkpoints
-        self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
+        self.cfg, self.rank, self.world, self.device, self.count_group = cfg, rank, world, device, count_group
         torch.manual_seed(cfg.seed)  # same initialization on every rank
         np.random.seed(cfg.seed % 2**32)
         random.seed(cfg.seed)
@@ -376,8 +394,9 @@ class Trainer:
     def _sum_over_ranks(self, count: int) -> int:
         """count (this rank's readable images of a step) summed over the ranks."""
         if self.world > 1:
-            total = torch.tensor(count, dtype=torch.int64, device=self.device)
-            dist.all_reduce(total)
+            on = self.device if self.count_group is None else "cpu"
+            total = torch.tensor(count, dtype=torch.int64, device=on)
+            dist.all_reduce(total, group=self.count_group)
             count = int(total)
         return count
 

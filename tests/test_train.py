@@ -9,10 +9,12 @@ import random
 import re
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
 
 import fastvit_style.train as train_module
@@ -272,6 +274,38 @@ def test_an_all_corrupt_micro_batch_adds_a_zero_gradient(tmp_path):
     assert all(p.grad is not None and not p.grad.any() for p in trainer.params)
     assert trainer._micro_step(trainer.train_set[0][None].repeat(2, 1, 1, 1), 0.5).shape == (5,)
     assert any(p.grad.any() for p in trainer.params)
+
+
+def test_on_a_gpu_the_step_image_count_is_summed_on_the_host_in_a_gloo_group(tmp_path, monkeypatch):
+    """Over NCCL the count would live on the GPU, and reading it would make the host wait for the GPU's
+    queue every step. host_group gives multi-GPU runs a gloo group; train() hands it to the trainer, which
+    sums a CPU tensor there, and destroys it where the process group is the user's (it outlives the run)."""
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        assert train_module.host_group(2, torch.device("cpu")) is None  # the training group is gloo there
+        assert train_module.host_group(1, torch.device("cuda")) is None
+        group = train_module.host_group(2, torch.device("cuda"))  # made without a GPU: gloo needs none
+        assert dist.get_backend(group) == "gloo"
+        on_meta = types.SimpleNamespace(world=2, device=torch.device("meta"), count_group=group)
+        assert Trainer._sum_over_ranks(on_meta, 3) == 3  # a CPU tensor, whatever the training device
+        reduce, sums = dist.all_reduce, []
+
+        def recorded(tensor, *args, group=None, **kwargs):
+            sums.append((tensor.device.type, tensor.dtype, group))
+            return reduce(tensor, *args, group=group, **kwargs)
+
+        monkeypatch.setattr(dist, "all_reduce", recorded)
+        monkeypatch.setattr(train_module, "_dist_env", lambda: (0, 2, 0))  # rank 0 of 2, alone in its group
+        monkeypatch.setattr(train_module, "host_group", lambda world, device: group if world == 2 else None)
+        data = write_images(tmp_path / "data", 4)
+        train(TrainConfig(data=str(data), out=str(tmp_path / "out"), batch_size=1, max_steps=2, **TINY))
+        # One count per step; the epoch end's flags of corrupt files go through the training group.
+        assert [s for s in sums if s[1] == torch.int64] == [("cpu", torch.int64, group)] * 2
+        with pytest.raises(ValueError):  # destroyed
+            dist.get_backend(group)
+        assert dist.is_initialized()  # the user's group is left to the user
+    finally:
+        dist.destroy_process_group()
 
 
 def test_cosine_schedule_and_psnr_formula():
