@@ -158,7 +158,8 @@ def host_group(world: int, device: torch.device):
     with `world` > 1 (None otherwise: on CPU the training group is gloo already).
 
     Summed over NCCL, a count lives on the GPU, and reading it makes the host wait for every queued
-    kernel; over gloo it waits only for the other ranks' hosts. Collective: every rank calls it."""
+    kernel; over gloo it waits only for the other ranks' hosts (rank 0's checkpoint writes, at most
+    gloo's default timeout of 30 minutes, which is longer than NCCL's). Collective: every rank calls it."""
     return dist.new_group(backend="gloo") if world > 1 and device.type == "cuda" else None
 
 
