@@ -2,6 +2,7 @@
 on CUDA (mark gpu) with the triton backend, also with CUDA graphs."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -88,6 +89,39 @@ def test_a_compiled_training_forward_warns_of_a_random_vgg19():
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     with pytest.warns(UserWarning, match="VGG19 of this train=True model is randomly initialized"):
         compiled(images(2, 32, seed=4))
+
+
+def test_a_compiled_model_checks_its_layers_when_traced():
+    """The layer check runs in the traced forward, without a graph break: a hooked encoder layer, or a
+    global module hook, is refused when dynamo traces the call (fullgraph=True reports the ValueError
+    inside torch's own error, which quotes it), and a hook added after tracing is seen once the graph
+    is traced again (README)."""
+    refused = (ValueError, torch._dynamo.exc.TorchDynamoException)
+    torch._dynamo.reset()
+    model = StylizingViT("tiny", backend="torch", **CFG).eval()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    x = images(1, 32, seed=8)
+    handle = model.encoder.blocks[1].mlp.register_forward_hook(lambda m, i, o: o)
+    with torch.no_grad(), pytest.raises(refused, match=r"model\.encoder\.blocks\.1\.mlp has hooks"):
+        compiled(x)
+    handle.remove()
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
+
+    def feature_capture(module, args, output):
+        return output
+
+    handle = torch.nn.modules.module.register_module_forward_hook(feature_capture)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # dynamo's note that global hooks fire on OptimizedModule too
+            torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)  # traced before it
+            torch._dynamo.reset()
+            with pytest.raises(refused, match=r"a global module hook \(feature_capture, "):
+                compiled(x)
+    finally:
+        handle.remove()
 
 
 @pytest.mark.gpu
