@@ -8,8 +8,8 @@
 #   all      (default) what the open issues ask of a GPU, for a session whose device time allows
 #            one call (15 min with the machine's start): GPU tests, the shared-attention sweep with
 #            tile configs, the end-to-end benchmark of base (official and Triton; training first,
-#            compiled official and Triton in bf16), then the host/device profile and micro-benchmarks
-#            if time is left. Launch it from a clean tree with <commit> = `git rev-parse HEAD`: the
+#            compiled official and Triton in bf16), then the micro-benchmarks and the host/device
+#            profile if time is left. Launch it from a clean tree with <commit> = `git rev-parse HEAD`: the
 #            tree travels as it is, and the JSON can only name the commit
 #   kernels  GPU tests, the sweep with tile configs, the sweep again replayed from CUDA graphs,
 #            the profile, a torch.profiler table of one base bf16 training step, micro-benchmarks

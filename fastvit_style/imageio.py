@@ -1,6 +1,6 @@
 """Image files <-> tensors: the official preprocessing (shared doc 3.1), normalization and PNG output.
 
-Reading decodes with Pillow, an optional dependency (pip install fastvit-style[images]). Writing PNG
+Reading decodes with Pillow, an optional dependency (the `images` extra). Writing PNG
 needs nothing beyond zlib, so outputs can be written where Pillow is missing.
 """
 
@@ -19,7 +19,7 @@ from .atomic import atomic_path
 from .configs import DEFAULT_DATASET, NORMALIZATION
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-PIL_HINT = "reading images needs Pillow: pip install fastvit-style[images] (or pip install pillow)"
+PIL_HINT = "reading images needs Pillow: pip install pillow (from a checkout: pip install '.[images]')"
 
 
 def require_pil():

@@ -1,4 +1,5 @@
-"""The official losses with the exact shortcuts of shared doc 3.6: VGG19 runs on 3 batches, not 5.
+"""The official losses with the exact shortcuts of shared doc 3.6: with the rolled style (x_style None)
+VGG19 runs on 3 batches, not 5.
 
 When the style batch is the content batch rolled, phi(x_s) = roll(phi(x)) and x_s_hat = roll(x_hat), so
 the identity and consistency losses are twice their content term and the style targets are rolls.

@@ -1,5 +1,8 @@
 """StyleAugment: the official per-batch scheme (shared doc 4.1) and the fixed-reference variant."""
 
+import importlib.util
+import os
+
 import pytest
 import torch
 from helpers import images, randomize_
@@ -88,3 +91,17 @@ def test_bad_inputs_name_what_the_user_passed(stylizer):
         StyleAugment(stylizer, references=[torch.randn(3, 32, 32)])
     with pytest.raises(ValueError, match="references must be floating-point images normalized.*torch.uint8"):
         StyleAugment(stylizer, references=torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+
+
+def test_the_classifier_example_runs(capsys):
+    """examples/train_classifier_with_style_augment.py, two steps: its accuracy is a fraction, and each
+    step restyled max(1, int(p * batch)) images."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(root, "examples", "train_classifier_with_style_augment.py")
+    spec = importlib.util.spec_from_file_location("classifier_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    accuracy = example.main(["--steps", "2", "--batch", "6"])
+    assert 0 <= accuracy <= 1
+    out = capsys.readouterr().out
+    assert "step   2: loss" in out and "1/6 restyled" in out  # int(0.33 * 6) = 1

@@ -36,7 +36,10 @@ def add_model_arguments(parser) -> None:
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument(
-        "--batch-size", type=positive_int, default=8, help="images loaded and stylized at a time"
+        "--batch-size",
+        type=positive_int,
+        default=8,
+        help="content images loaded and stylized at a time (the references are all loaded at once)",
     )
     parser.add_argument("--seed", type=seed_int, default=0, help="seed of the random reference draws (--k)")
     norm = parser.add_mutually_exclusive_group()

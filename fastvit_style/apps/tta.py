@@ -4,7 +4,8 @@ The classifier maps normalized (N, 3, S, S) images (the stylizer's normalization
 TorchScript file (torch.jit.load), a torch.export archive (.pt2), or `module:callable` returning an
 nn.Module (the current folder is importable). N is --batch-size times the views per image, fewer in
 the last batch: an archive must be exported with a dynamic batch dimension. Writes a CSV with one
-row per image: path (below --images), predicted class, and the aggregated probability of each class.
+row per image: path (below --images), predicted class, and the averaged probability of each class
+(vote fractions with --reduce vote).
 Every form of classifier is code that runs here (torch.export.load unpickles): trust it as a program.
 """
 
