@@ -20,7 +20,8 @@ def stylizer(one_thread):
     return randomize_(model).eval().requires_grad_(False)
 
 
-@pytest.mark.parametrize("p, expected_n", [(0.33, 2), (0.1, 1), (1.0, 7)])
+# (0.95, 6): n = int(p * B), rounded down (6.65 -> 6)
+@pytest.mark.parametrize("p, expected_n", [(0.33, 2), (0.1, 1), (1.0, 7), (0.95, 6)])
 def test_replaces_n_rows_by_the_stylization_of_the_rolled_subset(stylizer, p, expected_n):
     x = images(7, 32)
     x_before = x.clone()
@@ -45,6 +46,17 @@ def test_references_mode_draws_styles_from_the_reference_set(stylizer):
     pick = torch.randint(3, (2,), generator=replay)
     assert torch.equal(idx, expected_idx)
     torch.testing.assert_close(out[idx], stylizer(x[idx], refs[pick]), rtol=1e-5, atol=1e-5)
+
+
+def test_references_are_cast_to_the_batch_dtype(stylizer):
+    """float64 references (kept at full precision by the caller) with a float32 batch and stylizer."""
+    x, refs = images(4, 32, seed=1), images(3, 32, seed=2, dtype=torch.float64)
+    out, idx = StyleAugment(stylizer, p=0.5, references=refs, generator=torch.Generator().manual_seed(6))(x)
+    replay = torch.Generator().manual_seed(6)
+    assert torch.equal(idx, torch.randperm(4, generator=replay)[:2])
+    pick = torch.randint(3, (2,), generator=replay)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out[idx], stylizer(x[idx], refs[pick].float()), rtol=1e-5, atol=1e-5)
 
 
 def test_runs_without_graph_and_in_the_callers_autocast(stylizer):
@@ -89,6 +101,10 @@ def test_bad_inputs_name_what_the_user_passed(stylizer):
         StyleAugment(stylizer)([torch.randn(3, 32, 32)])
     with pytest.raises(TypeError, match="references must be a torch.Tensor, got list"):
         StyleAugment(stylizer, references=[torch.randn(3, 32, 32)])
+    with pytest.raises(
+        ValueError, match=r"references must be a non-empty \(R, C, H, W\) batch, got \(0, 3, 32, 32\)"
+    ):
+        StyleAugment(stylizer, references=torch.randn(0, 3, 32, 32))
     with pytest.raises(ValueError, match="references must be floating-point images normalized.*torch.uint8"):
         StyleAugment(stylizer, references=torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
 

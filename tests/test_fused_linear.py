@@ -54,6 +54,23 @@ def test_onednn_epilogues_match_torch(with_bias, monkeypatch):
         assert_close_rel(got, want, 1e-5, name)
 
 
+@needs_onednn
+def test_shapes_and_dtypes_beyond_the_op_take_the_torch_ops():
+    """Broadcast residuals and biases, which F.linear and + accept and the oneDNN op cannot read, give
+    the torch ops' results; mismatched widths and dtypes fail with torch's own errors."""
+    x, weight, bias, residual = operands(seed=5)
+    with torch.no_grad():
+        for r in (residual[0], residual[:, :1], residual[0, 0]):  # (17, 40), (3, 1, 40), (40,)
+            assert torch.equal(fused_linear.linear_add(x, weight, bias, r), r + F.linear(x, weight, bias))
+        b = bias[:1]  # one value for every output
+        assert torch.equal(fused_linear.linear(x, weight, b), F.linear(x, weight, b))
+        assert torch.equal(fused_linear.linear_gelu(x, weight, b), F.gelu(F.linear(x, weight, b)))
+        with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+            fused_linear.linear(x[0, :, 1:].contiguous(), weight, bias)  # (17, 47) @ (47 != 48)
+        with pytest.raises(RuntimeError, match="same dtype|expected scalar type"):
+            fused_linear.linear_gelu(x, weight.double(), bias.double())
+
+
 @pytest.mark.parametrize(
     "setting",
     ["autograd", "float64", "autocast", "no-onednn"],
@@ -77,8 +94,13 @@ def test_torch_ops_where_onednn_does_not_apply(setting, monkeypatch):
     for got, want in zip(fused, plain):
         assert got.dtype == want.dtype and torch.equal(got, want)
     if setting == "autograd":
-        sum(t.sum() for t in fused).backward()
+        residual.requires_grad_()
+        sum(t.sum() for t in fused[:2]).backward()
         assert x.grad is not None and x.grad.abs().sum() > 0
+        g = torch.randn(fused[2].shape, generator=torch.Generator().manual_seed(9))
+        got = torch.autograd.grad(fused_linear.linear_add(x, weight, bias, residual), (x, residual), g)
+        want = torch.autograd.grad(residual + F.linear(x, weight, bias), (x, residual), g)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])  # the residual's too
 
 
 @needs_onednn

@@ -167,6 +167,36 @@ def test_a_backend_that_cannot_run_anywhere_fails_at_construction(monkeypatch):
     StylizingViT("mine", encoder_embed_dim=192, encoder_num_heads=24, backend="auto", **SMALL)
 
 
+def test_auto_falls_back_with_one_warning_on_cuda_only(monkeypatch):
+    """'auto' means PyTorch off CUDA, silently; on CUDA where Triton cannot run, PyTorch with a warning
+    that says why (once per reason)."""
+    from fastvit_style import backends
+
+    backends._warn_fallback.cache_clear()
+    monkeypatch.setattr(backends, "triton_unavailable_reason", lambda device, **kw: "no Triton in this test")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for device in ("cpu", "meta"):
+            assert backends.resolve_backend("auto", torch.device(device)) == "torch"
+    with pytest.warns(
+        UserWarning, match="backend='auto' falls back to the PyTorch path: no Triton in this test"
+    ):
+        assert backends.resolve_backend("auto", torch.device("cuda")) == "torch"
+    backends._warn_fallback.cache_clear()
+
+
+def test_fast_path_skips_the_index_range_check(model, monkeypatch):
+    """The schedule builds its kv_index maps itself: no range check (one device sync per map) per call."""
+    import importlib
+
+    op_module = importlib.import_module("fastvit_style.ops.shared_attention")
+    calls = []
+    monkeypatch.setattr(op_module, "check_index_range", lambda *args: calls.append(args))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    assert calls == []
+
+
 def test_train_and_eval_modes_do_not_change_numbers(model):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

@@ -237,6 +237,21 @@ def test_eval_output(official, backbone):
                 assert_close_rel(ours(*args), expected[name], FP32, f"{backbone} {backend} {name}")
 
 
+@pytest.mark.parametrize("bias", [True, False], ids=["biases", "no-biases"])
+def test_seeded_init_is_the_officials(official, bias):
+    """From the same seed the official constructor's init (MAE's sin-cos pos_embed, xavier linears and
+    patch conv, cls_token N(0, 0.02^2), unit LayerNorms) gives the same weights, with and without the
+    q/k/v and bottleneck biases (out_proj keeps its bias either way, as officially)."""
+    kw = {"input_size": 48, "encoder_depth": 2, "encoder_qkv_bias": bias, "bottleneck_bias": bias}
+    torch.manual_seed(0)
+    theirs = official.create_model("tiny", train=False, **kw)
+    torch.manual_seed(0)
+    ours = StylizingViT("tiny", **kw)
+    assert layout(ours) == layout(theirs)
+    for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 # The explicit-style path does not depend on the size; small runs the roll shortcut (3.6) only.
 TRAIN_CASES = [("tiny", 2, False), ("tiny", 3, True), ("small", 3, True)]
 

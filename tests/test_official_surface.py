@@ -2,6 +2,8 @@
 parameter's gradient, the submodules' own forwards and getters, the model's helper methods and the
 official utilities. tests/test_official_parity.py compares the same against the official package."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -59,10 +61,37 @@ def test_official_attributes():
     assert enc.norm_layer(8).eps == 1e-6
     pe = enc.patch_embed
     assert (pe.img_size, pe.patch_size, pe.grid_size, pe.num_patches) == ((32, 32), (16, 16), (2, 2), 4)
+    keys = StylizingViT("tiny", encoder_qkv_bias=False, bottleneck_bias=False, **KW).state_dict().keys()
+    biases = {k for k in keys if k.endswith("bias") and (".attn." in k or "bottleneck" in k)}
+    assert biases == {
+        "encoder.blocks.0.attn.out_proj.bias",
+        "encoder.blocks.1.attn.out_proj.bias",
+    }  # as officially
+    pe = StylizingViT("tiny", input_size=48, encoder_depth=1).encoder.patch_embed  # a 3x3 grid
+    assert (pe.img_size, pe.patch_size, pe.grid_size, pe.num_patches) == ((48, 48), (16, 16), (3, 3), 9)
     with pytest.raises(AttributeError):
         enc.depth = 3  # the blocks exist already: changing the number would mislead
     with pytest.raises(TypeError, match="backbone must be a str"):
         StylizingViT(None, encoder_depth=1)
+
+
+def test_initial_embeddings_are_maes():
+    """pos_embed: a zero CLS row, then per patch (row-major) sin and cos of its column over the first
+    half of the channels and of its row over the second, at frequencies 10000^(-k / (L/4)), k < L/4;
+    cls_token: N(0, 0.02^2). (test_official_parity compares the whole init with the official one.)"""
+    from fastvit_style.layers.encoder import sincos_pos_embed
+
+    dim, grid = 16, 3
+    table = sincos_pos_embed(dim, grid)
+    assert table.shape == (grid * grid + 1, dim) and table.dtype == torch.float64 and not table[0].any()
+    freqs = [10000 ** (-k / (dim // 4)) for k in range(dim // 4)]
+    for r in range(grid):
+        for c in range(grid):
+            expected = [f(pos * w) for pos in (c, r) for f in (math.sin, math.cos) for w in freqs]
+            torch.testing.assert_close(table[1 + r * grid + c], torch.tensor(expected, dtype=torch.float64))
+    enc = StylizingViT("tiny", input_size=48, encoder_depth=1).encoder
+    assert torch.equal(enc.pos_embed[0], sincos_pos_embed(192, 3).float())
+    assert 0.015 < enc.cls_token.std().item() < 0.025  # 192 draws: within 5 standard errors
 
 
 def test_utilities():

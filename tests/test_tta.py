@@ -88,6 +88,17 @@ def test_stylize_matches_reference(setup, sampler, K, B):
     assert_close_rel(out, naive(truth, x, refs, index), FP32, f"{sampler} K={K} B={B}")
 
 
+def test_a_reference_backend_model_stylizes_through_the_torch_op(setup):
+    """backend='reference' has no schedule of its own for banks and stylize: they run the PyTorch op,
+    with the reference's numbers (float64 here)."""
+    truth, _, refs, _ = setup
+    x = images(2, SIZE, seed=11)
+    with torch.no_grad():
+        out = stylize(truth, x.double(), StyleBank.from_images(truth, refs[:3].double()))
+    expected = naive(truth, x, refs, torch.arange(3).expand(2, 3))
+    assert_close_rel(out, expected, TOLERANCE[torch.float64], "backend='reference'")
+
+
 def test_model_method_and_default_chunks(setup):
     truth, model, refs, bank = setup
     x = images(2, SIZE, seed=3)

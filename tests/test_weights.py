@@ -556,8 +556,10 @@ def test_a_random_vgg19_is_warned_about_once_until_weights_are_loaded(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     fresh = make(train=True, depth=1, input_size=32)
     assert not fresh.vgg_encoder.training  # frozen, in eval mode from the start, as officially
-    with pytest.warns(UserWarning, match="VGG19 of this train=True model is randomly initialized"):
+    assert not fresh.train().vgg_encoder.training  # and after model.train()
+    with pytest.warns(UserWarning, match="VGG19 of this train=True model is randomly initialized") as record:
         fresh(x)
+    assert [w.filename for w in record] == [__file__]  # points at the user's call, not into torch
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fresh(x)  # once per model
@@ -568,13 +570,38 @@ def test_a_random_vgg19_is_warned_about_once_until_weights_are_loaded(tmp_path):
         W.save_state_dict(fresh, tmp_path / "official_like.safetensors")  # VGG keys included, as officially
         W.load_state_dict(whole, W.read_state_dict(tmp_path / "official_like.safetensors"))
         whole.compute_loss(x, None, x, x, None)
-    with pytest.warns(UserWarning, match="randomly initialized"):
+    with pytest.warns(UserWarning, match="randomly initialized") as record:
         make(train=True, depth=1, input_size=32).compute_loss(x, None, x, x, None)
+    assert [w.filename for w in record] == [__file__]
     partial = make(train=True, depth=1, input_size=32)
     first_conv = {k: v for k, v in fresh.state_dict().items() if k.startswith("vgg_encoder.features_0.")}
     partial.load_state_dict(first_conv, strict=False)  # one conv of sixteen: still random
     with pytest.warns(UserWarning, match="randomly initialized"):
         partial(x)
+
+
+def test_no_random_vgg19_warning_on_the_meta_device():
+    """FLOP counting (benchmark.flops) runs train=True models on the meta device: no values, no warning."""
+    import warnings
+
+    with torch.device("meta"):
+        model = StylizingViT("tiny", train=True, encoder_depth=1, input_size=32, backend="reference")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss, _ = model(torch.randn(2, 3, 32, 32, device="meta"))
+    assert loss.style.is_meta
+
+
+def test_no_random_vgg19_warning_for_a_pickle_from_before_the_flags():
+    """A VGG19Features unpickled from a version without the loaded/warn_if_random flags is not known
+    to be random: no warning."""
+    import warnings
+
+    vgg = VGG19Features()
+    del vgg.loaded, vgg.warn_if_random  # what such a pickle restores
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        vgg.warn_once_if_random(stacklevel=1)
 
 
 def test_a_replaced_loss_network_is_used_as_it_is():

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from helpers import TOLERANCE, assert_close_rel
 
-from fastvit_style.layers.vgg19 import VGG19Features
+from fastvit_style.layers.vgg19 import VGG19_CONVS, VGG19Features
 from fastvit_style.layers.winograd import conv3x3, transform_weight, use_winograd, winograd_conv3x3
 
 
@@ -53,6 +53,17 @@ def test_autograd_path_and_cached_transforms():
     assert "_winograd_transforms" not in conv.state_dict()
 
 
+def test_cached_transforms_follow_an_in_place_edit_off_the_sample():
+    """An in-place write to one element that the strided sample skips (flat index 1): the version
+    counter alone tells the transforms to follow."""
+    conv = frozen_conv(4, 512, torch.float64)
+    x = torch.randn(1, 4, 4, 4, dtype=torch.float64)
+    conv3x3(x, conv)
+    with torch.no_grad():
+        conv.weight[0, 0, 0, 1] += 1.0
+    assert_close_rel(conv3x3(x, conv), F.conv2d(x, conv.weight, conv.bias, padding=1), 1e-12, "after edit")
+
+
 def test_transforms_first_built_under_inference_mode():
     """A validation pass under torch.inference_mode first, training after it: the cached transforms
     must be tensors that autograd may save."""
@@ -79,7 +90,24 @@ def test_direct_where_winograd_does_not_pay_or_apply():
     conv.bias.requires_grad_(True)  # a bias gradient: conv2d (the Winograd Function returns none)
     assert not use_winograd(torch.randn(1, 4, 6, 6), conv)
     conv.bias.requires_grad_(False)
-    assert not use_winograd(torch.randn(1, 4, 6, 6), conv.requires_grad_(True))  # weight gradients: conv2d
+    conv.weight.requires_grad_(True)  # the weight's gradient (the Function returns none): conv2d
+    assert not use_winograd(torch.randn(1, 4, 6, 6), conv)
+    assert not use_winograd(torch.randn(1, 4, 6, 6), conv.requires_grad_(True))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_direct_for_half_dtypes_outside_autocast(dtype):
+    """Half tensors (a model cast with .bfloat16(), no autocast) keep the direct convolution's rounding."""
+    conv = frozen_conv(4, 512, torch.float32).to(dtype)
+    x = torch.randn(1, 4, 6, 6).to(dtype)
+    assert not use_winograd(x, conv)
+    assert torch.equal(conv3x3(x, conv), conv(x))
+
+
+def test_direct_off_the_cpu():
+    """Other devices keep the direct convolution (cuDNN picks its own algorithms); meta stands in here."""
+    conv = frozen_conv(4, 512, torch.float32).to("meta")
+    assert not use_winograd(torch.empty(1, 4, 6, 6, device="meta"), conv)
 
 
 # (1, 3, 32, 48): non-square images (compute_loss takes any H, W) whose stage-5 maps are 2x3, an
@@ -97,3 +125,40 @@ def test_vgg_features_with_winograd_match_direct(shape):
     g_direct = torch.autograd.grad(sum(f.square().sum() for f in direct), x)[0]
     g_fast = torch.autograd.grad(sum(f.square().sum() for f in fast), x)[0]
     assert_close_rel(g_fast, g_direct, 1e-12, "d x")
+
+
+def test_fast_losses_run_vgg19_the_fast_way(monkeypatch):
+    """The fast losses call our VGG19 with fast=True (every conv through conv3x3, which picks Winograd
+    where it pays), the reference losses the plain way: three VGG passes of 16 convs with the roll."""
+    from fastvit_style import StylizingViT
+    from fastvit_style.layers import vgg19
+
+    calls = []
+    monkeypatch.setattr(vgg19, "conv3x3", lambda x, conv: calls.append(conv) or conv(x))
+    model = StylizingViT("tiny", train=True, backend="torch", input_size=32, encoder_depth=1)
+    model.vgg_encoder.warn_if_random = False
+    x, t, r = (torch.randn(2, 3, 32, 32) for _ in range(3))
+    with torch.no_grad():
+        model.compute_loss(x, None, t, r, None)
+        assert len(calls) == 3 * len(VGG19_CONVS)
+        model.backend = "reference"
+        model.compute_loss(x, None, t, r, None)
+    assert len(calls) == 3 * len(VGG19_CONVS)
+
+
+def test_vgg_features_without_fast_keep_the_input_layout():
+    """The reference losses' calls (fast=False) return NCHW maps for NCHW input, as timm's VGG19."""
+    vgg = VGG19Features()
+    with torch.no_grad():
+        feats = vgg(torch.randn(1, 3, 32, 32))
+    assert all(f.is_contiguous() for f in feats)
+
+
+def test_random_vgg19_init_is_torchvisions():
+    """Kaiming normal, fan_out, zero biases: std sqrt(2 / (9 Cout)) per conv (activations at scale)."""
+    vgg = VGG19Features()
+    for idx, out_ch in VGG19_CONVS:
+        conv = getattr(vgg, f"features_{idx}")
+        ratio = conv.weight.std().item() / (2 / (9 * out_ch)) ** 0.5
+        assert abs(ratio - 1) < 0.1, (idx, ratio)
+        assert not conv.bias.any()

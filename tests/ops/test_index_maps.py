@@ -25,6 +25,18 @@ def test_inverse_kv_map(kv_index, num_kv):
         assert readers == [s for s, jj in enumerate(kv_index) if jj == j]
 
 
+def test_inverse_kv_map_reads_out_of_range_entries_at_the_nearest_end():
+    """An unchecked map's entries outside [0, Skv) count as the kernels read them: every query sequence
+    is listed once (the one-launch backward writes dq only for those listed); in increasing order per
+    K/V sequence also for a map long enough that an unstable sort would reorder them."""
+    offsets, queries = inverse_kv_map(torch.tensor([5, -1, 1, 3], dtype=torch.int32), 3)
+    assert offsets.tolist() == [0, 1, 2, 4] and queries.tolist() == [1, 2, 0, 3]
+    index = torch.randint(0, 3, (5000,), generator=torch.Generator().manual_seed(0))
+    offsets, queries = inverse_kv_map(index, 3)
+    for j in range(3):
+        assert torch.equal(queries[offsets[j] : offsets[j + 1]], (index == j).nonzero().flatten())
+
+
 @pytest.fixture
 def count_inversions(monkeypatch):
     """A list that grows by one per inverse actually computed."""
@@ -166,6 +178,19 @@ def test_range_check_once_per_map(monkeypatch):
         _index_maps.check_index_range(index, 2)
     monkeypatch.setattr(_index_maps, "_capturing", lambda t: True)
     _index_maps.check_index_range(index, 2)
+
+
+def test_range_checks_of_four_maps_are_kept(monkeypatch):
+    """Two models of two maps each (layers, re-anchor) called in turn: each map is checked once."""
+    calls = []
+    stack = torch.stack
+    monkeypatch.setattr(torch, "stack", lambda *a, **kw: calls.append(1) or stack(*a, **kw))
+    monkeypatch.setattr(_index_maps, "_checked", ())
+    maps = [torch.tensor([i % 2, 1 - i % 2, i // 2], dtype=torch.int32) for i in range(4)]
+    for _ in range(3):
+        for index in maps:
+            _index_maps.check_index_range(index, 2)
+    assert len(calls) == 4
 
 
 def test_no_holder_without_a_backward(monkeypatch):
