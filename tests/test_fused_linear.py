@@ -71,6 +71,20 @@ def test_shapes_and_dtypes_beyond_the_op_take_the_torch_ops():
             fused_linear.linear_gelu(x, weight.double(), bias.double())
 
 
+@needs_onednn
+def test_strided_biases_give_the_torch_results():
+    """The oneDNN op reads its bias as dense, whatever its strides: a strided bias (a view, as
+    load_state_dict(assign=True) or a hand-set Parameter keeps it) gave wrong numbers, an expanded one
+    read past its storage. Such biases take the torch ops."""
+    x, weight, _, residual = operands(seed=6)
+    strided = torch.randn(80, generator=torch.Generator().manual_seed(7))[::2]
+    with torch.no_grad():
+        for b in (strided, strided[:1].expand(40)):
+            fused, plain = twins(x, weight, b, residual)
+            for got, want, name in zip(fused, plain, ("linear", "linear_gelu", "linear_add")):
+                assert_close_rel(got, want, 1e-5, name)
+
+
 @pytest.mark.parametrize(
     "setting",
     ["autograd", "float64", "autocast", "no-onednn"],
