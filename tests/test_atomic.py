@@ -1,9 +1,17 @@
 """fastvit_style.atomic: names and links (interrupted writes and permissions: test_weights.py)."""
 
+import json
 import os
 import uuid
 
-from fastvit_style.atomic import _stem, atomic_path, remove_temporaries, write_json
+from fastvit_style.atomic import (
+    _stem,
+    atomic_path,
+    holds_json_keys,
+    remove_temporaries,
+    writable_problem,
+    write_json,
+)
 
 
 def test_a_long_valid_name_is_written_and_its_leftover_temporary_found(tmp_path):
@@ -57,3 +65,59 @@ def test_the_temporary_reaches_the_disk_before_it_replaces_the_file(tmp_path, mo
     assert events[:2] == [("fsync", written), ("replace", written)]
     if hasattr(os, "O_DIRECTORY"):
         assert events[2:] == [("fsync", os.stat(tmp_path).st_ino)]
+
+
+def test_a_links_temporary_is_written_beside_the_link(tmp_path):
+    """Never in the target's folder: a kill mid-write would leave it where remove_temporaries never looks."""
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere" / "p.csv", tmp_path / "link.csv")
+    with atomic_path(tmp_path / "link.csv") as tmp:
+        assert os.path.dirname(tmp) == str(tmp_path)
+        with open(tmp, "w") as f:
+            f.write("new")
+    assert os.listdir(tmp_path / "elsewhere") == []
+
+
+def test_only_the_named_files_temporaries_are_removed(tmp_path):
+    """A name is matched as it is written: the dot of 'last.pt' is no wildcard."""
+    hex12 = uuid.uuid4().hex[:12]
+    ours, mine = tmp_path / f".last.pt.{hex12}.tmp", tmp_path / f".lastXpt.{hex12}.tmp"
+    for path in (ours, mine):
+        path.write_bytes(b"")
+    assert remove_temporaries(tmp_path, ["last.pt"]) == [str(ours)]
+    assert os.listdir(tmp_path) == [mine.name]
+
+
+def test_a_name_that_is_not_utf8_is_written(tmp_path):
+    """A file name from a non-UTF-8 file system reaches Python with surrogate escapes."""
+    name = os.fsdecode(b"caf\xe9.json")
+    write_json(tmp_path / name, {"a": 1})
+    assert os.listdir(tmp_path) == [name]
+
+
+def test_a_new_file_gets_the_umasks_permissions(tmp_path):
+    umask = os.umask(0o027)
+    try:
+        write_json(tmp_path / "a.json", {"a": 1})
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o640
+
+
+def test_a_json_file_is_recognised_by_all_its_keys(tmp_path):
+    path = tmp_path / "c.json"
+    for content, expected in [
+        ({"data": 1, "out": 2, "extra": 3}, True),
+        ({"data": 1}, False),  # one key of two: another tool's file
+        (["data", "out"], False),  # the names, but no object
+    ]:
+        path.write_text(json.dumps(content))
+        assert holds_json_keys(path, ("data", "out")) is expected, content
+    path.write_bytes(b"\xff\xfe not text")
+    assert not holds_json_keys(path, ("data",)) and not holds_json_keys(tmp_path, ("data",))
+
+
+def test_the_write_check_leaves_nothing_behind(tmp_path):
+    assert writable_problem(tmp_path, "--out") is None
+    assert writable_problem(tmp_path / "new" / "sub", "--out") is None  # probed where it would be created
+    assert os.listdir(tmp_path) == []

@@ -259,3 +259,101 @@ def test_the_official_normalization_constants():
     fitzpatrick = ((0.6219, 0.4917, 0.4478), (0.2279, 0.1982, 0.1991))
     assert NORMALIZATION == {"camelyon17wilds": camelyon, "epistr": epistr, "fitzpatrick17k": fitzpatrick,
                              "fitzpatrick17k_12_34_56": fitzpatrick}  # fmt: skip
+
+
+def test_a_file_without_read_permission_is_skipped(tmp_path, monkeypatch):
+    """EACCES says the file itself cannot be read: skipped like a damaged one, not propagated."""
+    import errno
+
+    from fastvit_style import data
+
+    solid(tmp_path / "a.png", (1, 2, 3))
+    ds = ImageFolderDataset(tmp_path, input_size=32)
+
+    def denied(path, size):
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+
+    monkeypatch.setattr(data, "load_image", denied)
+    with pytest.warns(UserWarning, match="skipping unreadable image .*a.png.*PermissionError"):
+        assert ds[0] is None
+    assert ds.skipped == 1
+
+
+def test_a_folder_without_images_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("no images here")
+    with pytest.raises(ValueError, match="no images .* found under"):
+        ImageFolderDataset(tmp_path, input_size=32)
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with (
+        pytest.warns(UserWarning, match="skipping unreadable image"),
+        pytest.raises(ValueError, match="no readable images under"),
+    ):
+        compute_normalization(tmp_path, input_size=32)
+
+
+def test_marked_files_add_to_those_found_and_must_match_the_dataset(folder_with_corrupt_files):
+    ds = ImageFolderDataset(folder_with_corrupt_files, input_size=32)
+    garbage = ds.paths.index(str(folder_with_corrupt_files / "garbage.tif"))
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        assert ds[garbage] is None
+    ds.mark_unreadable(torch.tensor([p.endswith("trunc.png") for p in ds.paths]))
+    assert sorted(os.path.basename(p) for p in ds.skipped_paths) == ["garbage.tif", "trunc.png"]
+    for wrong in (torch.tensor([True]), torch.zeros(len(ds) + 1, dtype=torch.bool)):  # one would broadcast
+        with pytest.raises(ValueError, match=rf"flags must have shape \({len(ds)},\)"):
+            ds.mark_unreadable(wrong)
+    assert ds.skipped == 2
+
+
+def test_every_image_suffix_is_listed_and_broken_links_kept(tmp_path):
+    """A broken link stays in the listing, to be reported (and skipped) when it is read."""
+    from fastvit_style.imageio import list_images
+
+    names = ["a.png", "b.JPG", "c.jpeg", "d.tif", "e.TIFF", "f.bmp"]
+    for name in [*names, "g.gif", "h.txt"]:
+        (tmp_path / name).write_bytes(b"")
+    os.symlink(tmp_path / "gone.png", tmp_path / "i.png")
+    assert [os.path.basename(p) for p in list_images(tmp_path)] == [*names, "i.png"]
+
+
+def test_the_short_side_is_truncated_and_never_zero():
+    """int(size * short / long), as officially (5.6 -> 5); at least 1 pixel for a sliver."""
+    from fastvit_style.imageio import resize_pad
+
+    for (h, w), rows, cols in [((7, 10), 5, 8), ((10, 7), 8, 5), ((1, 100), 1, 8), ((100, 1), 8, 1)]:
+        inside = resize_pad(torch.ones(3, h, w), 8)[0] > 0.5
+        assert inside.sum(0).max() == rows and inside.sum(1).max() == cols, (h, w)
+
+
+def test_the_resize_is_antialiased_as_pillows(tmp_path):
+    """Downsizing averages the pixels it covers (torchvision's antialias=True), as Pillow's bilinear
+    resize does: without antialiasing it would sample a few of them (noise would stay noise)."""
+    noise = np.random.default_rng(0).integers(0, 256, (64, 48, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "n.png")
+    from fastvit_style.imageio import load_image
+
+    ours = load_image(tmp_path / "n.png", 16)[:, :, 2:14]  # 64 x 48 -> 16 x 12, centred
+    pil = np.array(Image.fromarray(noise).resize((12, 16), Image.BILINEAR), np.float32) / 255
+    assert (ours - torch.from_numpy(pil).permute(2, 0, 1)).abs().max() <= 2 / 255
+
+
+def test_negative_greys_are_refused(tmp_path):
+    from fastvit_style.imageio import read_rgb
+
+    Image.fromarray(np.full((4, 4), -5, np.int32)).save(tmp_path / "neg.tif")
+    with pytest.raises(ValueError, match=r"values in \[-5, -5\]: expected 16-bit intensities"):
+        read_rgb(tmp_path / "neg.tif")
+    Image.fromarray(np.full((4, 4), -0.5, np.float32)).save(tmp_path / "negf.tif")
+    with pytest.raises(ValueError, match=r"float image with values in \[-0.5, -0.5\]"):
+        read_rgb(tmp_path / "negf.tif")
+
+
+def test_normalization_takes_both_constants_in_the_closed_unit_range():
+    from fastvit_style.imageio import normalization
+
+    with pytest.raises(ValueError, match="give both mean and std, or neither"):
+        normalization(mean=[0.5] * 3)
+    with pytest.raises(ValueError, match="give both mean and std, or neither"):
+        normalization(std=[0.5] * 3)
+    assert normalization(mean=[0, 0, 1], std=[1, 1, 1e-4]) == ((0, 0, 1), (1, 1, 1e-4))  # the range's ends
+    # A dataset id as a command line may spell it.
+    assert normalization("fitzpatrick17k-12-34-56") == NORMALIZATION["fitzpatrick17k_12_34_56"]

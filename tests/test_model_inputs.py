@@ -41,12 +41,17 @@ def test_bad_constructor_arguments():
         ({"encoder_num_heads": 2.0}, "num_heads must be an integer >= 1, got 2.0"),
         ({"encoder_mlp_ratio": 0}, "mlp_ratio must be a positive number, got 0"),
         ({"post_process_conv_padding": -1}, "post_process_conv_padding must be an integer >= 0, got -1"),
+        ({"encoder_embed_dim": 192, "encoder_num_heads": 5}, "embed_dim 192 is not divisible by num_heads 5"),
     ]:
         with pytest.raises(ValueError, match=match):
             StylizingViT("tiny", **kwargs)
     with pytest.raises(ValueError, match="bottleneck_drop=0.1 is not supported"):
         StylizingViT("tiny", bottleneck_drop=0.1, **SMALL)
-    for norm_layer in (torch.nn.BatchNorm1d, functools.partial(torch.nn.LayerNorm, bias=False)):
+    for norm_layer in (
+        torch.nn.BatchNorm1d,
+        functools.partial(torch.nn.LayerNorm, bias=False),
+        functools.partial(torch.nn.LayerNorm, 192),  # a shape of its own: the model sets that
+    ):
         with pytest.raises(ValueError, match="encoder_norm_layer=.* is not supported"):
             StylizingViT("tiny", encoder_norm_layer=norm_layer, **SMALL)
 
@@ -72,6 +77,7 @@ def test_a_misspelt_backbone_warns():
         (functools.partial(torch.nn.LayerNorm, eps=1e-6), 1e-6),
         (functools.partial(torch.nn.LayerNorm, eps=1e-3, elementwise_affine=True), 1e-3),
         (functools.partial(torch.nn.LayerNorm, eps=np.float32(0.5)), 0.5),  # stored as a float (JSON)
+        (functools.partial(torch.nn.LayerNorm, elementwise_affine=True), 1e-5),  # torch's default eps
     ],
 )
 def test_encoder_norm_layer_sets_every_layernorm_eps(norm_layer, eps):
@@ -247,3 +253,33 @@ def test_compute_loss_inputs():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
     (g,) = torch.autograd.grad(sum(loss), t, create_graph=True)
     assert g.requires_grad
+
+
+def test_every_backbone_alias_is_its_size():
+    from fastvit_style.configs import BACKBONES, make_config
+
+    for size in ("tiny", "small", "base", "large", "huge"):
+        patch = 14 if size == "huge" else 16
+        for alias in (f"vit_{size}", f"vit_{size}_patch{patch}_224"):
+            assert BACKBONES[alias] == BACKBONES[size], alias
+    assert make_config("vit_small_patch16_224").embed_dim == 384
+
+
+def test_cuda_devices_are_resolved_by_rank_and_checked(monkeypatch):
+    """A bare "cuda" (or none, where CUDA is available) is the process's GPU, cuda:LOCAL_RANK; an index
+    past the visible GPUs is refused by name. (CUDA calls stubbed: no GPU needed.)"""
+    from fastvit_style.devices import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device(None, 1) == torch.device("cuda", 1)
+    assert resolve_device("cuda", 1) == torch.device("cuda", 1)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match=r"device 'cuda:2': only 2 CUDA device\(s\) here"):
+        resolve_device("cuda:2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device(None, 1) == torch.device("cpu")
+    for cuda, build in ((None, "has no CUDA"), ("12.8", "sees no GPU")):
+        monkeypatch.setattr(torch.version, "cuda", cuda)
+        with pytest.raises(ValueError, match=rf"device 'cuda': this torch build \(.*\) {build}"):
+            resolve_device("cuda")

@@ -10,6 +10,7 @@ import torch
 from helpers import ENCODER_ATTRIBUTES, TOLERANCE, assert_close_rel, images, randomize_
 
 from fastvit_style import StylizingViT, reference, resize_image, util
+from fastvit_style.imageio import resize_pad
 
 FP32 = TOLERANCE[torch.float32]
 KW = {"input_size": 32, "encoder_depth": 2}
@@ -134,3 +135,20 @@ def test_loss_weights_are_the_official_ones():
     terms = reference.Loss(*(torch.tensor(10.0**i) for i in range(4)))
     assert terms.total().item() == 70 + 10 + 700 + 10000
     assert tuple(TrainConfig.loss_weights) == (70.0, 1.0, 7.0, 10.0)
+
+
+def test_resize_image_rounds_and_thresholds_what_it_returns_as_given():
+    """Integer pixels are rounded back (not truncated), a mask keeps its edge (threshold 1/2), float64
+    is resized in float64; an image of fewer than 3 dims, or patches of no square grid, are refused."""
+    pixels = torch.randint(0, 256, (3, 12, 6), dtype=torch.uint8)
+    rounded = resize_image(pixels.float(), 8).round().to(torch.uint8)
+    assert torch.equal(resize_image(pixels, 8), rounded)
+    mask = torch.zeros(1, 16, 16, dtype=torch.bool)
+    mask[..., :8] = True  # the left half
+    assert torch.equal(resize_image(mask, 8), mask[..., ::2, ::2])
+    wide = torch.rand(3, 10, 20, dtype=torch.float64)
+    assert torch.equal(resize_image(wide, 8), resize_pad(wide, 8))
+    with pytest.raises(ValueError, match=r"needs a \(..., C, H, W\) image, got shape \(12, 6\)"):
+        resize_image(torch.rand(12, 6), 8)
+    with pytest.raises(ValueError, match="N a square"):
+        util.unpatchify_image(torch.zeros(2, 5, 768), 16, 3)

@@ -27,6 +27,7 @@ from fastvit_style.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from fastvit_style.configs import LOSS_WEIGHTS
 from fastvit_style.data import micro_batches
 from fastvit_style.imageio import denormalize
 from fastvit_style.train import Trainer, cosine_lr, psnr, train
@@ -324,6 +325,7 @@ def test_cosine_schedule_and_psnr_formula():
     [
         # Each numeric option by its flag (a field without one by its name), with the range it takes.
         ({"max_steps": 0}, re.escape("--max-steps must be an integer >= 1 (left out: no limit), got 0")),
+        ({"max_steps": 2.5}, "--max-steps must be an integer >= 1"),
         ({"epochs": 0}, "--epochs must be an integer >= 1, got 0"),
         ({"epochs": 1.5}, "--epochs must be an integer >= 1, got 1.5"),
         ({"epochs": True}, "--epochs must be an integer >= 1, got True"),  # a bool is no count
@@ -341,12 +343,17 @@ def test_cosine_schedule_and_psnr_formula():
         ({"eps": -1e-8}, "eps must be a finite number >= 0"),
         ({"clip_norm": 0.0}, r"clip_norm must be a number > 0 \(inf: no clipping\), got 0.0"),
         ({"clip_norm": float("nan")}, "clip_norm must be a number > 0"),
+        ({"clip_norm": True}, "clip_norm must be a number > 0"),  # a bool is no number
         ({"betas": (0.9, 1.0)}, re.escape("betas must be 2 finite numbers in [0, 1), got (0.9, 1.0)")),
         ({"betas": (0.9,)}, "betas must be 2 finite numbers"),
         ({"loss_weights": (70, 1, -7, 10)}, "loss_weights must be 4 finite numbers >= 0"),
         ({"mean": (0.5, 0.5, float("inf")), "std": (1, 1, 1)}, "--mean must be 3 finite numbers"),
         ({"mean": (0.5, 0.5, 0.5), "std": (1, 0, 1)}, "--std must be 3 finite numbers > 0"),
         ({"std": (1, 1, 1)}, "give --mean and --std together"),
+        (
+            {"mean": (123.7, 116.3, 103.5), "std": (58.4, 57.1, 57.4)},
+            r"--mean/--std: mean and std are for images in \[0, 1\].*divide them by 255",
+        ),
         ({"model_kwargs": {"input_size": 32}}, "--input-size"),
         ({"model_kwargs": [1]}, "model_kwargs must be a dict"),
         ({"model_kwargs": {"colour": 1}}, "unexpected keyword argument 'colour'"),
@@ -383,6 +390,49 @@ def test_the_edges_torch_accepts_are_accepted():
     TrainConfig(
         data="d", out="o", lr=0.0, clip_norm=float("inf"), weight_decay=0.0, workers=0, checkpoint_every=0
     )
+    # beta1 = 0 (no momentum) and a loss term switched off (an ablation).
+    TrainConfig(data="d", out="o", betas=(0.0, 0.999), loss_weights=(70.0, 0.0, 7.0, 0.0))
+
+
+def test_lists_from_argparse_or_json_are_tuples_and_resume_alike():
+    """A resumed run compares its settings with the checkpoint's: a list must not differ from its tuple."""
+    config = TrainConfig(data="d", out="o", betas=[0.9, 0.999], loss_weights=[70, 1, 7, 10], **TINY)
+    assert config.betas == (0.9, 0.999) and config.loss_weights == (70, 1, 7, 10)
+    saved = dataclasses.asdict(TrainConfig(data="d", out="o", **TINY))
+    assert resumed_config(dataclasses.replace(config, resume="last.pt"), saved).loss_weights == LOSS_WEIGHTS
+
+
+def test_a_resumed_run_takes_where_and_how_fast_it_runs_from_the_command_line():
+    """Workers, device, checkpoint interval and places may change on resume (another machine): taken,
+    never refused."""
+    saved = dataclasses.asdict(TrainConfig(data="d", out="o", **TINY))
+    runtime = {
+        "data": "d2",
+        "out": "o2",
+        "workers": 2,
+        "device": "cpu",
+        "checkpoint_every": 7,
+        "max_steps": 3,
+    }
+    asked = TrainConfig(resume="o/last.pt", **{**TINY, **runtime})
+    for given in (None, set(runtime)):
+        merged = resumed_config(asked, saved, given=given)
+        assert {k: getattr(merged, k) for k in runtime} == runtime
+
+
+def test_resume_in_place_is_the_same_file_by_any_name(tmp_path):
+    """--resume names --out's own last.pt through a link (or a relative path): that run continues there;
+    a folder is no checkpoint."""
+    from fastvit_style.train_config import out_problem, resumes_in_place
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "last.pt").write_bytes(b"")
+    (tmp_path / "alias").symlink_to(tmp_path / "run")
+    config = TrainConfig(data="d", out=str(tmp_path / "run"), resume=str(tmp_path / "alias" / "last.pt"))
+    assert resumes_in_place(config) and out_problem(config) is None
+    config = dataclasses.replace(config, resume=str(tmp_path / "run"))
+    assert not resumes_in_place(config)
+    assert "does not exist or is not a file" in out_problem(config)
 
 
 def test_the_extreme_seeds_run_and_bad_ones_stop_the_cli_before_any_file(tmp_path, capsys):
@@ -445,7 +495,8 @@ def test_a_config_json_no_run_wrote_is_never_replaced(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     config = TrainConfig(data=str(data), out=str(out), **TINY)
-    for mine in (b'{"lr": 0.1, "notes": "my settings"}', b"\x89PNG not even JSON", b"[1, 2]"):
+    for mine in (b'{"lr": 0.1, "notes": "my settings"}', b"\x89PNG not even JSON", b"[1, 2]",
+                 b'{"data": "images", "out": "results"}'):  # fmt: skip
         (out / "config.json").write_bytes(mine)
         for overwrite in (False, True):
             with pytest.raises(ValueError, match="holds a config.json that no run wrote.*move that file, or "
@@ -774,11 +825,17 @@ def test_a_checkpoint_holds_the_training_gpus_rng_state_only(monkeypatch):
     set_rng_state(state, torch.device("cuda:0"))  # resumed on another GPU, or with fewer visible
     set_rng_state({**state, "cuda": [torch.tensor([7]), torch.tensor([8])]}, gpu1)  # earlier format
     set_rng_state({**state, "cuda": [torch.tensor([7]), torch.tensor([8])]}, torch.device("cuda:5"))
+    set_rng_state({**state, "cuda": [torch.tensor([7]), torch.tensor([8])]}, torch.device("cuda:2"))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)  # a device without index: the current one
+    set_rng_state({**state, "cuda": [torch.tensor([7]), torch.tensor([8])]}, torch.device("cuda"))
     set_rng_state(state, torch.device("cpu"))
-    assert restored == [(1, torch.device("cuda:0")), (8, gpu1), (7, torch.device("cuda:5"))]
+    assert restored == [(1, torch.device("cuda:0")), (8, gpu1), (7, torch.device("cuda:5")),
+                        (7, torch.device("cuda:2")), (8, torch.device("cuda"))]  # fmt: skip
 
 
 def test_a_file_that_is_no_checkpoint_is_refused_by_name(tmp_path):
+    with pytest.raises(FileNotFoundError):  # not a ValueError: the file is not there to be judged
+        load_checkpoint(tmp_path / "gone.pt")
     for content in (b"PK\x03\x04 garbage", b"\x89PNG not a checkpoint"):
         (tmp_path / "x.pt").write_bytes(content)
         with pytest.raises(

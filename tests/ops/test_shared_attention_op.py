@@ -280,6 +280,33 @@ def test_tracing_sees_the_custom_op():
     assert out.shape == (3, 9, 2, 32)
 
 
+def test_a_real_make_fx_trace_records_the_custom_op():
+    """make_fx on real tensors (a dispatch mode over plain tensors with storage) must record the custom
+    op: the eager path's kernel launch would leave no node that runs it again."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    q, k, v, kv_index = make_inputs(2, 2, 5, 5, 1, 16, [1, 0])
+    q, k, v = (t.detach() for t in (q, k, v))
+
+    def attend(q, k, v, i):
+        return shared_attention(q, k, v, i, backend="triton")
+
+    graph = make_fx(attend, tracing_mode="real")(q, k, v, kv_index)
+    assert "fastvit_style.shared_attention_fwd" in graph.code
+    torch.testing.assert_close(graph(q.flip(0), k, v, kv_index), attend(q.flip(0), k, v, kv_index))
+
+
+def test_a_tensor_subclass_counts_as_traced():
+    """A subclass (with storage: its __torch_function__ may rewrite the call) never takes the eager path."""
+    from fastvit_style.tracing import traced
+
+    class Tagged(torch.Tensor):
+        pass
+
+    q = torch.zeros(2)
+    assert not traced(q, torch.nn.Parameter(q)) and traced(q, q.as_subclass(Tagged))
+
+
 def test_transforms_and_tracers_see_the_custom_op():
     """vmap (the custom op's loop fallback) and torch.jit.trace worked through the custom op: the
     eager path must not take those calls."""
