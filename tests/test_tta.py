@@ -905,7 +905,9 @@ def test_cli_user_errors_are_one_line(folders, capsys, monkeypatch):
 def test_cli_without_pil(folders, monkeypatch, capsys):
     tmp, base = folders
     monkeypatch.setitem(sys.modules, "PIL", None)  # makes `import PIL` fail
-    with pytest.raises(SystemExit, match=r"pip install fastvit-style\[images\]"):
+    with pytest.raises(
+        SystemExit, match=r"needs Pillow: pip install pillow \(from a checkout: pip install '\.\[images\]'\)"
+    ):
         cli_main(
             [
                 "stylize",
