@@ -224,3 +224,34 @@ def check_small_model(backend, rolled):
     x = images(2, size=32, seed=7)
     x_style = None if rolled else images(2, size=32, seed=8)
     check_float32(truth, model, backend, x, x_style)
+
+
+def relaid(t: torch.Tensor) -> torch.Tensor:
+    """t's values in a layout no layer is written for: the last two dims transposed in memory, a 1-D
+    tensor every other element of a wider buffer."""
+    if t.dim() >= 2:
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    if t.dim() == 1:
+        wide = torch.zeros(2 * t.numel(), dtype=t.dtype)
+        wide[::2] = t
+        return wide[::2]
+    return t.clone()
+
+
+@pytest.mark.parametrize("rolled", [False, True], ids=["explicit-style", "roll"])
+def test_parameters_in_any_layout(rolled):
+    """Weights loaded with load_state_dict(assign=True) keep the layout they come in: every fast path
+    (oneDNN's fused linear in no_grad eval, Winograd's cached transforms, the joined K/V projection)
+    must read them by their strides, in eval and in training (the fused linear once read a strided
+    bias as dense)."""
+    truth, model = make_pair("tiny", train=True, input_size=32, encoder_depth=2)
+    model.load_state_dict({k: relaid(v) for k, v in model.state_dict().items()}, assign=True)
+    assert not model.encoder.blocks[0].mlp.fc1.bias.is_contiguous()
+    assert not model.vgg_encoder.features_28.weight.is_contiguous()
+    x = images(2, size=32, seed=9)
+    x_style = None if rolled else images(2, size=32, seed=10)
+    check_float32(truth, model, "torch", x, x_style)
+    truth.training_mode = model.training_mode = False
+    with torch.no_grad():
+        expected = run(truth, "reference", x.double(), None if rolled else x_style.double())
+        assert_close_rel(run(model, "torch", x, x_style), expected, FP32, "no_grad eval")
