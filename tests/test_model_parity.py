@@ -255,3 +255,38 @@ def test_parameters_in_any_layout(rolled):
     with torch.no_grad():
         expected = run(truth, "reference", x.double(), None if rolled else x_style.double())
         assert_close_rel(run(model, "torch", x, x_style), expected, FP32, "no_grad eval")
+
+
+INPUT_LAYOUTS = {
+    "channels_last": lambda x: x.contiguous(memory_format=torch.channels_last),
+    "crop_view": lambda x: torch.nn.functional.pad(x, (3, 1, 2, 2))[..., 2:-2, 3:-1],  # offset, wide rows
+    "expanded": lambda x: x[:1].expand_as(x),  # one image seen B times, stride 0 on the batch
+}
+
+
+@pytest.mark.parametrize("layout", INPUT_LAYOUTS)
+def test_inputs_in_any_layout(layout):
+    """Images in any layout (channels-last batches, crops that are views, an expanded batch) give what
+    their contiguous copies give: eval with either style, the training losses and x_recon, and a style
+    bank's stylization."""
+    from fastvit_style.style_bank import StyleBank
+    from fastvit_style.tta import stylize
+
+    _, model = make_pair("tiny", train=True, input_size=32, encoder_depth=2)
+    x, x_style = (INPUT_LAYOUTS[layout](images(3, size=32, seed=s)) for s in (11, 12))
+    assert not x.is_contiguous()
+    dense = lambda t: t.contiguous()
+    model.backend = "torch"
+    with torch.no_grad():
+        loss, recon = model(x)
+        loss_ref, recon_ref = model(dense(x))
+        for name in LOSS_FIELDS:
+            assert_close_rel(getattr(loss, name), getattr(loss_ref, name), FP32, f"loss {name}")
+        assert_close_rel(recon, recon_ref, FP32, "x_recon")
+        model.training_mode = False
+        for style in (x_style, None):
+            got = model(x, style)
+            assert_close_rel(got, model(dense(x), None if style is None else dense(style)), FP32, "eval")
+        bank = StyleBank.from_images(model, x_style)
+        expected = stylize(model, dense(x), StyleBank.from_images(model, dense(x_style)))
+        assert_close_rel(stylize(model, x, bank), expected, FP32, "style bank")
