@@ -16,6 +16,10 @@ weight is a function of the parameters (not spectral_norm in training mode, whos
 advances on every read: the fast path reads fewer times).
 """
 
+import functools
+import sys
+
+import torch
 from torch import nn
 from torch.nn.modules import module as nn_module
 
@@ -153,7 +157,26 @@ _CALLED_ON_OTHER_BATCHES = ("patch_embed", "bottleneck", "post_process_conv")
 
 def check_unmodified(model, remedy: str) -> None:
     """ValueError naming the first layer of `model` (a StylizingViT) that the fast path cannot honour,
-    followed by `remedy`."""
+    followed by `remedy`.
+
+    Traced by dynamo, the walk is inlined: its findings are constants of the graph. Run eagerly where
+    dynamo is loaded, it runs with dynamo off: after a graph break (the error raised while tracing,
+    without fullgraph) dynamo would compile the walk's helpers frame by frame, and since it does not
+    guard on module hooks (`skip_nnmodule_hook_guards`) the frame compiled for an unhooked block would
+    pass a hooked one. Where dynamo is not loaded nothing can compile it, and importing dynamo (and
+    Triton with it) would cost the first eager call about a second."""
+    if torch.compiler.is_compiling():
+        return _check(model, remedy)
+    dynamo = sys.modules.get("torch._dynamo")
+    return (_check if dynamo is None else _uncompiled_check(dynamo))(model, remedy)
+
+
+@functools.cache
+def _uncompiled_check(dynamo):
+    return dynamo.disable(_check)
+
+
+def _check(model, remedy: str) -> None:
     encoder = model.encoder
     found = _find(encoder, (ViTEncoder, (("norm", _NORM),)))
     if found is not None:
