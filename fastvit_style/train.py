@@ -20,15 +20,16 @@ Data: `data.micro_batches` fixes each epoch's micro-batches from (seed, epoch). 
 `torchrun --nproc_per_node N` (DistributedDataParallel; nccl on CUDA, gloo on CPU) rank r takes
 micro-batches r, r+N, ..., so N ranks with A-fold accumulation compute what one process with N*A-fold
 accumulation does (DDP averages over ranks, accumulation over micro-steps: both are means). A
-micro-batch whose images were all corrupt runs the mean-colour image with weight 0: it adds nothing,
-but every rank still joins the gradient all-reduce. The accumulation weights need the step's image
-count before its first micro-step: the ranks sum theirs on the host (on GPUs in a gloo group of its
-own: `host_group`). A step without one readable image on any rank counts as a step but changes
-nothing: no clipping, no optimizer step (AdamW's moments, weight decay and step count stay as they
-were). A dataset whose every file is unreadable stops the run at the end of its first epoch, with an
-error; an unreadable --val-data after the epoch's training is checkpointed (not yet validated:
-`--resume` validates it first). The files found corrupt (by any rank) are kept in the checkpoints, so a
-resumed run skips them too and `skipped_images` in metrics.jsonl counts them.
+micro-batch whose images were all corrupt runs the mean-colour image with weight 0: it adds nothing, but
+every rank still joins the gradient all-reduce. The accumulation weights need the step's image count
+before its first micro-step: under DDP the ranks sum theirs on the device and the weights divide by that
+sum there, so the host never waits for it, except on a rank that had no readable image in the step,
+which must learn whether any rank had one. A step without one readable image on any rank counts as a
+step but changes nothing: no clipping, no optimizer step (AdamW's moments, weight decay and step count
+stay as they were). A dataset whose every file is unreadable stops the run at the end of its first
+epoch, with an error; an unreadable --val-data after the epoch's training is checkpointed (not yet
+validated: `--resume` validates it first). The files found corrupt (by any rank) are kept in the
+checkpoints, so a resumed run skips them too and `skipped_images` in metrics.jsonl counts them.
 
 Every optimized parameter gets a gradient, `attn.k_proj.bias` an exact zero one (`block.project_kv`):
 AdamW decays it as officially, and DDP needs no search for unused parameters.
@@ -70,7 +71,7 @@ from tqdm import tqdm
 from .atomic import remove_temporaries, write_json
 from .checkpoint import has_random_vgg, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .data import ImageFolderDataset, collate_images, micro_batches
-from .devices import resolve_device
+from .devices import resolve_device, to_device_async
 from .imageio import denormalize, normalization
 from .model import StylizingViT
 from .train_config import (
@@ -143,32 +144,15 @@ def train(cfg: TrainConfig, on_step=None, given=None) -> StylizingViT:
     own_group = world > 1 and not dist.is_initialized()
     if own_group:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    count_group = host_group(world, device)
     try:
-        return Trainer(cfg, rank, world, device, given, count_group).fit(on_step)
+        return Trainer(cfg, rank, world, device, given).fit(on_step)
     finally:
-        if count_group is not None and not own_group:  # the user's process group outlives the run
-            dist.destroy_process_group(count_group)
         if own_group:
             dist.destroy_process_group()
 
 
-def host_group(world: int, device: torch.device):
-    """A gloo process group over every rank, for sums the host reads each step, when training on a GPU
-    with `world` > 1 (None otherwise: on CPU the training group is gloo already).
-
-    Summed over NCCL, a count lives on the GPU, and reading it makes the host wait for every queued
-    kernel; over gloo it waits only for the other ranks' hosts (rank 0's checkpoint writes, at most
-    gloo's default timeout of 30 minutes, which is longer than NCCL's). Collective: every rank calls it."""
-    return dist.new_group(backend="gloo") if world > 1 and device.type == "cuda" else None
-
-
 class Trainer:
-    def __init__(
-        self, cfg: TrainConfig, rank: int, world: int, device: torch.device, given=None, count_group=None
-    ):
-        """count_group: the process group that sums each step's image counts on the host (`host_group`);
-        None: the default group, with the count on `device`."""
+    def __init__(self, cfg: TrainConfig, rank: int, world: int, device: torch.device, given=None):
         # Rank 0 decides, before any rank writes, and every rank raises: a rank that checked after rank 0
         # wrote config.json would refuse alone and leave the others waiting in a collective.
         problem = [out_problem(cfg) if rank == 0 else None]
@@ -188,7 +172,7 @@ class Trainer:
                 cfg = dataclasses.replace(cfg, random_vgg=False)
         mean, std = normalization(cfg.dataset, cfg.mean, cfg.std)
         cfg = dataclasses.replace(cfg, mean=mean, std=std)  # the constants used, recorded in checkpoints
-        self.cfg, self.rank, self.world, self.device, self.count_group = cfg, rank, world, device, count_group
+        self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
         torch.manual_seed(cfg.seed)  # same initialization on every rank
         np.random.seed(cfg.seed % 2**32)
         random.seed(cfg.seed)
@@ -353,15 +337,17 @@ class Trainer:
                 # Gradients are all-reduced once per step, on its last micro-batch.
                 last = j + 1 == len(group)
                 sync = self.forward.no_sync() if self.world > 1 and not last else contextlib.nullcontext()
-                # DDP averages over ranks: the world factor makes that a mean over the step's images.
-                weight = x.shape[0] * self.world / step_images if step_images else 0.0
+                # DDP averages over ranks: the world factor makes that a mean over the step's images
+                # (step_images >= x's images > 0 where they count; an empty x gets weight 0 anyway).
+                weight = x.shape[0] * self.world / step_images if x.shape[0] else 0.0
                 with sync:
                     term = self._micro_step(x.to(self.device, non_blocking=True), weight)
                 if term is not None:
                     terms.append(term * x.shape[0])
                     images += x.shape[0]
                 bar.update(1)
-            if step_images:  # summed over the ranks: every rank skips alike (module docstring)
+            # Every rank skips alike (module docstring); only a rank without images reads the sum.
+            if rank_images or step_images:
                 torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_norm)
                 self.optimizer.step()
             self.optimizer.zero_grad()
@@ -392,18 +378,21 @@ class Trainer:
         bar.close()
         return True
 
-    def _sum_over_ranks(self, count: int) -> int:
-        """count (this rank's readable images of a step) summed over the ranks."""
-        if self.world > 1:
-            on = self.device if self.count_group is None else "cpu"
-            total = torch.tensor(count, dtype=torch.int64, device=on)
-            dist.all_reduce(total, group=self.count_group)
-            count = int(total)
-        return count
+    def _sum_over_ranks(self, count: int) -> int | torch.Tensor:
+        """count (this rank's readable images of a step) summed over the ranks: the int itself in one
+        process, else a float64 0-d tensor on the training device, queued behind the GPU's work (the
+        host reads it only where `bool` asks: reading it would wait for every queued kernel)."""
+        if self.world == 1:
+            return count
+        total = to_device_async(torch.tensor(count, dtype=torch.int64), self.device)
+        dist.all_reduce(total)
+        # float64: the weights divide by it as they would by the int (a 0-d tensor is cast to the loss's
+        # dtype as a Python number is, so the two paths give the same bits)
+        return total.double()
 
-    def _micro_step(self, x: torch.Tensor, scale: float) -> torch.Tensor | None:
+    def _micro_step(self, x: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor | None:
         """Forward and backward of one micro-batch x (b, 3, S, S), its mean loss scaled by `scale` (b times
-        the world size over the step's images: module docstring). Returns the unscaled (total, identity,
+        the world size over the step's images: module docstring; a 0-d tensor under DDP). Returns the unscaled (total, identity,
         consistency, anatomical, style) as a float32 (5,) tensor on the training device, or None when x is
         empty."""
         cfg = self.cfg

@@ -9,7 +9,6 @@ import random
 import re
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -277,36 +276,42 @@ def test_an_all_corrupt_micro_batch_adds_a_zero_gradient(tmp_path):
     assert any(p.grad.any() for p in trainer.params)
 
 
-def test_on_a_gpu_the_step_image_count_is_summed_on_the_host_in_a_gloo_group(tmp_path, monkeypatch):
-    """Over NCCL the count would live on the GPU, and reading it would make the host wait for the GPU's
-    queue every step. host_group gives multi-GPU runs a gloo group; train() hands it to the trainer, which
-    sums a CPU tensor there, and destroys it where the process group is the user's (it outlives the run)."""
+@pytest.mark.parametrize("other_images", [2, 0])
+def test_under_ddp_only_a_rank_without_images_reads_the_step_count(tmp_path, monkeypatch, other_images):
+    """Reading the step's image count summed over the ranks would make the host wait for the GPU's queue
+    every step: the weights divide by it on the device, and only a rank whose step had no readable image
+    reads it, to learn whether any rank had one (then it steps, else every rank skips the step). Rank 0
+    of 2, alone in a gloo group: the other rank's images are added to each sum."""
+    data = write_images(tmp_path / "data", 8)
+    for i in micro_batches(8, 2, 0, TrainConfig.seed, rank=0, world_size=2)[1]:  # rank 0's second step
+        (data / f"{i}.png").write_bytes(b"not an image")
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:
-        assert train_module.host_group(2, torch.device("cpu")) is None  # the training group is gloo there
-        assert train_module.host_group(1, torch.device("cuda")) is None
-        group = train_module.host_group(2, torch.device("cuda"))  # made without a GPU: gloo needs none
-        assert dist.get_backend(group) == "gloo"
-        on_meta = types.SimpleNamespace(world=2, device=torch.device("meta"), count_group=group)
-        assert Trainer._sum_over_ranks(on_meta, 3) == 3  # a CPU tensor, whatever the training device
-        reduce, sums = dist.all_reduce, []
+        reduce, sums, reads = dist.all_reduce, [], []
 
-        def recorded(tensor, *args, group=None, **kwargs):
-            sums.append((tensor.device.type, tensor.dtype, group))
-            return reduce(tensor, *args, group=group, **kwargs)
+        def with_the_other_rank(tensor, *args, **kwargs):
+            done = reduce(tensor, *args, **kwargs)
+            if tensor.dtype == torch.int64:  # the step's count (the corrupt files' flags are uint8)
+                tensor += other_images
+            return done
 
-        monkeypatch.setattr(dist, "all_reduce", recorded)
-        monkeypatch.setattr(train_module, "_dist_env", lambda: (0, 2, 0))  # rank 0 of 2, alone in its group
-        monkeypatch.setattr(train_module, "host_group", lambda world, device: group if world == 2 else None)
-        data = write_images(tmp_path / "data", 4)
-        train(TrainConfig(data=str(data), out=str(tmp_path / "out"), batch_size=1, max_steps=2, **TINY))
-        # One count per step; the epoch end's flags of corrupt files go through the training group.
-        assert [s for s in sums if s[1] == torch.int64] == [("cpu", torch.int64, group)] * 2
-        with pytest.raises(ValueError):  # destroyed
-            dist.get_backend(group)
-        assert dist.is_initialized()  # the user's group is left to the user
+        monkeypatch.setattr(dist, "all_reduce", with_the_other_rank)
+        sum_over_ranks, to_bool = Trainer._sum_over_ranks, torch.Tensor.__bool__
+        monkeypatch.setattr(
+            Trainer, "_sum_over_ranks", lambda self, n: sums.append(sum_over_ranks(self, n)) or sums[-1]
+        )
+        monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: reads.append(t) or to_bool(t))
+        config = TrainConfig(data=str(data), out=str(tmp_path / "out"), batch_size=2, accumulate=1, **TINY)
+        trainer = Trainer(dataclasses.replace(config, max_steps=2), 0, 2, torch.device("cpu"))
+        with pytest.warns(UserWarning, match="skipping unreadable image"):
+            trainer.fit()
     finally:
         dist.destroy_process_group()
+    assert [s.dtype for s in sums] == [torch.float64] * 2  # on the device, divided as the int would be
+    assert [float(s) for s in sums] == [2 + other_images, other_images]
+    assert [r is sums[1] for r in reads if any(r is s for s in sums)] == [True]  # the second step's only
+    steps = trainer.optimizer.state[trainer.params[0]]["step"]
+    assert steps == (2 if other_images else 1) and trainer.step == 2
 
 
 def test_cosine_schedule_and_psnr_formula():
