@@ -69,6 +69,10 @@ def test_shapes_and_dtypes_beyond_the_op_take_the_torch_ops():
             fused_linear.linear(x[0, :, 1:].contiguous(), weight, bias)  # (17, 47) @ (47 != 48)
         with pytest.raises(RuntimeError, match="same dtype|expected scalar type"):
             fused_linear.linear_gelu(x, weight.double(), bias.double())
+        # No input features (K = 0): the bias alone, which oneDNN has no primitive for.
+        empty, no_weight = x[..., :0], weight[:, :0]
+        assert torch.equal(fused_linear.linear(empty, no_weight, bias), F.linear(empty, no_weight, bias))
+        assert torch.equal(fused_linear.linear_add(empty, no_weight, bias, residual), residual + bias)
 
 
 @needs_onednn

@@ -35,6 +35,7 @@ def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ou
         and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in operands)
         and weight.dim() == 2
         and x.shape[-1:] == weight.shape[1:]
+        and weight.shape[1] > 0  # K = 0: F.linear gives the bias, the op has no primitive for it
         # the op reads its bias as dense, whatever its strides
         and (bias is None or (bias.shape == weight.shape[:1] and bias.is_contiguous()))
         and (out_like is None or out_like.shape == x.shape[:-1] + weight.shape[:1])
