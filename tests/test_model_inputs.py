@@ -180,15 +180,20 @@ def test_auto_falls_back_with_one_warning_on_cuda_only(monkeypatch):
 
     backends._warn_fallback.cache_clear()
     monkeypatch.setattr(backends, "triton_unavailable_reason", lambda device, **kw: "no Triton in this test")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        for device in ("cpu", "meta"):
-            assert backends.resolve_backend("auto", torch.device(device)) == "torch"
-    with pytest.warns(
-        UserWarning, match="backend='auto' falls back to the PyTorch path: no Triton in this test"
-    ):
-        assert backends.resolve_backend("auto", torch.device("cuda")) == "torch"
-    backends._warn_fallback.cache_clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for device in ("cpu", "meta"):
+                assert backends.resolve_backend("auto", torch.device(device)) == "torch"
+        with pytest.warns(
+            UserWarning, match="backend='auto' falls back to the PyTorch path: no Triton in this test"
+        ):
+            assert backends.resolve_backend("auto", torch.device("cuda")) == "torch"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the same reason again: no second warning
+            assert backends.resolve_backend("auto", torch.device("cuda")) == "torch"
+    finally:
+        backends._warn_fallback.cache_clear()
 
 
 def test_fast_path_skips_the_index_range_check(model, monkeypatch):
