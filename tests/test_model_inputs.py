@@ -260,6 +260,24 @@ def test_compute_loss_inputs():
     assert g.requires_grad
 
 
+def test_compute_loss_gradients_reach_every_generated_image():
+    """model.compute_loss differentiates in x_stylized, x_recon and x_style_recon as the official ops
+    do: float64, the fast losses against backend='reference' (the rolled style's shortcuts are covered
+    by the training parity tests)."""
+    fast = StylizingViT("tiny", train=True, backend="torch", **SMALL).double()
+    official = StylizingViT("tiny", train=True, backend="reference", **SMALL).double()
+    official.load_state_dict(fast.state_dict())
+    gen = torch.Generator().manual_seed(3)
+    x, x_style, *generated = (torch.randn(2, 3, 32, 32, generator=gen, dtype=torch.float64) for _ in range(5))
+    grads = []
+    for model in (fast, official):
+        t, r, sr = (g.clone().requires_grad_() for g in generated)
+        loss = model.compute_loss(x, x_style, t, r, sr)
+        grads.append(torch.autograd.grad(sum((k + 1) * term for k, term in enumerate(loss)), (t, r, sr)))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10 * want.abs().max().item())
+
+
 def test_every_backbone_alias_is_its_size():
     from fastvit_style.configs import BACKBONES, make_config
 

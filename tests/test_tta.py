@@ -16,11 +16,12 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from helpers import TOLERANCE, assert_close_rel, images, randomize_
+from helpers import TOLERANCE, assert_close_rel, images, linear_functional, randomize_
 from torch import nn
 
 from fastvit_style import StyleBank, StylizingViT, TTAClassifier, reference
 from fastvit_style import style_bank as style_bank_mod
+from fastvit_style import tta as tta_mod
 from fastvit_style.cli import main as cli_main
 from fastvit_style.imageio import (
     denormalize,
@@ -110,10 +111,28 @@ def test_model_method_and_default_chunks(setup):
     assert_close_rel(one_pair_at_a_time, out, FP32, "model.stylize, chunk_size=1")
 
 
+def test_chunks_hold_at_most_chunk_size_pairs(setup, monkeypatch):
+    """The (image, reference) pairs of each batched call: whole images while their K pairs fit in
+    chunk_size, else one image's K pairs in chunk_size slices; model.stylize passes chunk_size on."""
+    _, model, _, bank = setup
+    calls = []
+    pairs = tta_mod._stylize_pairs
+    monkeypatch.setattr(
+        tta_mod, "_stylize_pairs", lambda m, x, b, i, a: calls.append(tuple(i.shape)) or pairs(m, x, b, i, a)
+    )
+    x, refs = images(3, SIZE, seed=13), torch.tensor([[0, 1, 2], [3, 4, 5], [6, 7, 0]])
+    with torch.no_grad():
+        for chunk_size, expected in ((7, [(2, 3), (1, 3)]), (4, [(1, 3)] * 3), (2, [(1, 2), (1, 1)] * 3)):
+            calls.clear()
+            model.stylize(x, bank, refs=refs, chunk_size=chunk_size)
+            assert calls == expected, chunk_size
+
+
 def test_random_draws(setup):
     _, model, _, bank = setup
     draw = select_refs(R, 6, k=5, generator=torch.Generator().manual_seed(1))
     assert draw.shape == (6, 5) and all(len(set(row)) == 5 for row in draw.tolist())  # without replacement
+    assert len({tuple(row) for row in draw.tolist()}) > 1  # drawn per image, not one draw for the batch
     assert torch.equal(draw, select_refs(R, 6, k=5, generator=torch.Generator().manual_seed(1)))
     assert not torch.equal(draw, select_refs(R, 6, k=5, generator=torch.Generator().manual_seed(2)))
     x = images(2, SIZE, seed=4)
@@ -145,6 +164,20 @@ def test_autocast_and_grad(setup):
     x.requires_grad_(True)
     stylize(model, x, bank, k=1).sum().backward()  # grad mode is the caller's: gradients reach the input
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_stylize_gradient_reaches_the_image_as_the_official_forward_does(setup):
+    """The gradient of a stylization at the content image, in float64, equals the official forward's
+    (whose style images need none): through the stylized queries, the re-anchors' K/V (Y^i) and the
+    content stream."""
+    truth, _, refs, _ = setup
+    bank = StyleBank.from_images(truth, refs[:3].double())
+    index = torch.tensor([[0, 2], [1, 0]])
+    x = images(2, SIZE, seed=12, dtype=torch.float64).requires_grad_()
+    (got,) = torch.autograd.grad(linear_functional(stylize(truth, x, bank, refs=index)), x)
+    out = reference.forward(truth, x.repeat_interleave(2, 0), refs.double()[index.reshape(-1)])
+    (want,) = torch.autograd.grad(linear_functional(out.unflatten(0, (2, 2))), x)
+    assert_close_rel(got, want, TOLERANCE[torch.float64], "d stylize / d x")
 
 
 # ------------------------------------------------------------------------------------ the bank
@@ -256,6 +289,40 @@ def test_bank_refused_once_an_inference_mode_model_loads_other_weights(setup):
     assert style_bank_mod._same_version(nan, nan.clone()) and not style_bank_mod._same_version(
         nan, torch.ones(2)
     )
+
+
+def test_bank_sees_a_write_to_any_one_parameter_or_its_replacement(setup):
+    """The version check sees one parameter written in place whatever the others' counters (a max of
+    the counters would miss it here), and one parameter replaced and freed while the others live."""
+    _, model, refs, _ = setup
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for _ in range(3):  # a high counter elsewhere, same values
+            m.post_process_conv.weight.mul_(1.0)
+    bank = StyleBank.from_images(m, refs[:1])
+    x = images(1, SIZE)
+    stylize(m, x, bank)
+    with torch.no_grad():
+        m.encoder.blocks[0].attn.q_proj.weight[0, 0] += 1  # its counter stays below the other's
+    with pytest.raises(ValueError, match="built with other weights .fingerprints differ"):
+        stylize(m, x, bank)
+    m = copy.deepcopy(model)
+    bank = StyleBank.from_images(m, refs[:1])
+    stylize(m, x, bank)
+    m.post_process_conv.weight = nn.Parameter(m.post_process_conv.weight.detach() * 2)  # the old one freed
+    with pytest.raises(ValueError, match="built with other weights .fingerprints differ"):
+        stylize(m, x, bank)
+
+
+def test_a_converted_bank_keeps_the_models_it_was_checked_against(setup, monkeypatch):
+    """bank.to(dtype) carries the verified models: no second hash of the weights under autocast."""
+    _, model, refs, _ = setup
+    bank = StyleBank.from_images(model, refs[:1])
+    calls = []
+    monkeypatch.setattr(style_bank_mod, "weight_fingerprint", lambda m: calls.append(m) or bank.fingerprint)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        stylize(model, images(1, SIZE), bank.to(dtype=torch.bfloat16))
+    assert calls == []
 
 
 def test_bank_of_a_compiled_model_serves_the_model_and_its_compiled_calls(setup):
@@ -466,6 +533,19 @@ def test_tta_autocast_and_compiled_classifier(setup):
     with torch.no_grad():
         exact = TTAClassifier(clf, model, bank, k=2, generator=torch.Generator().manual_seed(0))(x)
     torch.testing.assert_close(probs, exact, atol=2e-2, rtol=0)
+
+
+def test_views_are_in_the_images_dtype_under_autocast(setup):
+    """make_views hands the classifier x's dtype under autocast, also without the original view (whose
+    concatenation would otherwise promote the bf16 stylizations)."""
+    _, model, _, bank = setup
+    x = images(2, SIZE, seed=10)
+    for include_original in (True, False):
+        tta = TTAClassifier(toy_classifier(), model, bank, k=2, include_original=include_original)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            views, refs = tta.make_views(x)
+        assert views.dtype == torch.float32 and views.shape == (2, 2 + include_original, 3, SIZE, SIZE)
+        assert refs.shape == (2, 2)
 
 
 # ------------------------------------------------------------------------------------ image I/O

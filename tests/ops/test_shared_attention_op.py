@@ -86,6 +86,17 @@ def test_sum_backward_and_explicit_scale(backend_device):
         assert rel_err(a, e) <= TOLERANCE[torch.float32]
 
 
+def test_torch_path_is_the_formula():
+    """The PyTorch path, which the other backends are tested against, against softmax(q k^T scale) v
+    written out (float64): a scale it dropped would go unseen through `reference`."""
+    q, k, v, kv_index = make_inputs(3, 2, 5, 6, 2, 8, [1, 0, 1], dtype=torch.float64)
+    logits = torch.einsum("sqhd,skhd->shqk", q, k[kv_index.long()]) * 0.3
+    expected = torch.einsum("shqk,skhd->sqhd", logits.softmax(-1), v[kv_index.long()])
+    torch.testing.assert_close(
+        shared_attention_torch(q, k, v, kv_index, 0.3), expected, rtol=1e-12, atol=1e-12
+    )
+
+
 @pytest.mark.parametrize("needs_grad", ["q", "k", "v"])
 def test_one_input_needs_a_gradient(needs_grad, backend_device):
     """Only one of q, k, v requires a gradient (frozen projections, a fixed style bank): it still gets it."""
@@ -148,6 +159,20 @@ def test_autocast(backend_device):
     assert dq.dtype == dk.dtype == dv.dtype == torch.float32
     ref_out = reference(q, k, v, kv_index, torch.zeros_like(out))[0]
     assert rel_err(out, ref_out) <= TOLERANCE[torch.bfloat16]
+
+
+def test_autocast_casts_every_lower_precision_input(backend_device):
+    """fp16 inputs under bf16 autocast are cast too (autocast casts every float dtype but float64), not
+    only fp32 ones: the result is the op on the bf16 inputs, in bf16. (SDPA casts them itself; the
+    Triton kernels would run in fp16.)"""
+    backend, device = backend_device
+    q, k, v, kv_index = make_inputs(3, 2, 12, 12, 2, 32, [1, 0, 1], dtype=torch.float16, device=device)
+    with torch.no_grad():
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            out = shared_attention(q, k, v, kv_index, backend=backend)
+        expected = shared_attention(*(t.bfloat16() for t in (q, k, v)), kv_index, backend=backend)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(
