@@ -45,9 +45,12 @@ def main(argv=None) -> int:
         interleave=True,
     )
     print(f"tiny, 224 px, {torch.get_num_threads()} threads, {args.repeats} interleaved repeats", flush=True)
-    run = run_benchmark(
-        cfg, on_result=lambda row, _: print("  done:", " ".join(report.table_row(row)[:8]), flush=True)
-    )
+
+    def done(row, _run):
+        if row is not None:  # None: the run's start, or a variant starting
+            print("  done:", " ".join(report.table_row(row)[:8]), flush=True)
+
+    run = run_benchmark(cfg, on_result=done)
     print("\n" + report.table(run["results"]) + "\n")
     ok = True
     print("speedup of the fast path: ratio of medians (of minimums, the least disturbed by other load)")

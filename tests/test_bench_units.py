@@ -414,9 +414,16 @@ def test_cpu_speed_script_holds_the_targets(monkeypatch, capsys, train_speedup, 
         rows = [{"workload": w, "backend": b, "speedup_vs_reference": 1.0 if b == "reference" else s,
                  "min_ms": 2.0 if b == "reference" else 1.0, "status": "ok"}
                 for w, s in speedups.items() for b in ("reference", "torch")]  # fmt: skip
-        return {"results": rows, "device": {}}
+        run = {"results": [], "device": {}}
+        on_result(None, run)  # as runner.run_benchmark: at the start and as each variant starts
+        for row in rows:
+            on_result(None, run)
+            run["results"].append(row)
+            on_result(row, run)
+        return run
 
     monkeypatch.setattr(cpu_speed, "run_benchmark", run_benchmark)
     monkeypatch.setattr(cpu_speed.report, "table", lambda rows: "")
+    monkeypatch.setattr(cpu_speed.report, "table_row", lambda row: (row["workload"],) * 8)
     assert cpu_speed.main([]) == status
     assert capsys.readouterr().out.count("PASS") == 3 - status
