@@ -392,9 +392,9 @@ class Trainer:
 
     def _micro_step(self, x: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor | None:
         """Forward and backward of one micro-batch x (b, 3, S, S), its mean loss scaled by `scale` (b times
-        the world size over the step's images: module docstring; a 0-d tensor under DDP). Returns the unscaled (total, identity,
-        consistency, anatomical, style) as a float32 (5,) tensor on the training device, or None when x is
-        empty."""
+        the world size over the step's images: module docstring; a 0-d tensor under DDP). Returns the
+        unscaled (total, identity, consistency, anatomical, style) as a float32 (5,) tensor on the
+        training device, or None when x is empty."""
         cfg = self.cfg
         empty = x.shape[0] == 0
         if empty:  # every image was corrupt: weight 0, but the backward (and DDP's all-reduce) still runs
