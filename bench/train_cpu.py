@@ -25,6 +25,7 @@ import torch
 from fastvit_style import StylizingViT
 from fastvit_style.apps.common import non_negative_int, positive_int
 from fastvit_style.benchmark.report import check_output_file
+from fastvit_style.benchmark.timing import synchronize
 
 
 def parse_args(argv=None):
@@ -56,8 +57,7 @@ class Stepper:
         self.bf16, self.device = args.bf16, device
 
     def step(self, x) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(self.device)
         t0 = time.perf_counter()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             loss, _ = self.net(x)
@@ -66,8 +66,7 @@ class Stepper:
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(self.device)
         return time.perf_counter() - t0
 
 

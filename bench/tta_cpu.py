@@ -24,6 +24,7 @@ import torch
 from fastvit_style import StyleBank, StylizingViT
 from fastvit_style.apps.common import positive_int
 from fastvit_style.benchmark.report import check_output_file
+from fastvit_style.benchmark.timing import synchronize
 from fastvit_style.tta import stylize
 
 
@@ -43,12 +44,6 @@ def parse_args(argv=None):
     if args.out:
         check_output_file(args.out, ("results", "bank_build_seconds"))
     return args
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work: a host clock read after it times the work, not its launch."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(fns: dict, device: torch.device, repeats: int) -> tuple[dict, dict]:

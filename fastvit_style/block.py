@@ -20,13 +20,12 @@ def project_kv(blk, kv_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     cn = F.layer_norm(kv_in, (L,), ln_ctx.weight, ln_ctx.bias, ln_ctx.eps)
     w_kv = torch.cat([attn.k_proj.weight, attn.v_proj.weight])
     k_bias, v_bias = attn.k_proj.bias, attn.v_proj.bias
-    if k_bias is not None and v_bias is not None:
-        b_kv = torch.cat([k_bias * 0, v_bias])
-    elif k_bias is None and v_bias is None:
+    if k_bias is None and v_bias is None:
         b_kv = None
-    else:  # a layer that lost one bias (surgery): zeros in its place
-        zeros = (v_bias if k_bias is None else k_bias).new_zeros(L)
-        b_kv = torch.cat([zeros, v_bias]) if k_bias is None else torch.cat([k_bias * 0, zeros])
+    else:  # a bias a layer lost (surgery) is zeros; no zeros are built when both are there
+        some = v_bias if k_bias is None else k_bias
+        k_part = some.new_zeros(L) if k_bias is None else k_bias * 0
+        b_kv = torch.cat([k_part, some.new_zeros(L) if v_bias is None else v_bias])
     k, v = linear(cn, w_kv, b_kv).view(Skv, Tk, 2, H, L // H).unbind(2)
     return k, v
 

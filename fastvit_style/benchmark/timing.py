@@ -9,6 +9,12 @@ import numpy as np
 import torch
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work: a host clock read after it times the work, not its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _cpu_peak_reset() -> bool:
     """Reset the process's peak RSS (VmHWM) so that a peak belongs to the calls that follow (Linux only)."""
     try:

@@ -140,7 +140,8 @@ class Augment(Workload):
 @dataclass(frozen=True)
 class TTA(Workload):
     """Test-time augmentation (shared doc 4.2): each test image stylized with K references. Official:
-    one batched forward of the B*K (image, reference) pairs, K full forwards' work per image; fast: a StyleBank of the references and model.stylize."""
+    one batched forward of the B*K (image, reference) pairs, K full forwards' work per image; fast: a
+    StyleBank of the references and model.stylize."""
 
     name = "tta"
     k: int = 8
