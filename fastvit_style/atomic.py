@@ -141,6 +141,20 @@ def writable_problem(folder, flag: str) -> str | None:
     return None
 
 
+def folds_case(folder) -> bool:
+    """Whether the file system of `folder` (or of the nearest folder above it that exists) takes names
+    that differ only in case for one file, as macOS, Windows and FAT do by default: found by writing a
+    hidden temporary with an upper-case name and looking for it by its lower-case one. Assumes
+    `writable_problem` found none."""
+    folder, name = _nearest_entry(folder), f".CASE-TEST.{uuid.uuid4().hex[:12]}.tmp"
+    with open(os.path.join(folder, name), "xb"):
+        pass
+    try:
+        return os.path.exists(os.path.join(folder, name.lower()))
+    finally:
+        os.remove(os.path.join(folder, name))
+
+
 def check_replaceable(path: str, flag: str, what: str, ours, not_ours: str) -> None:
     """Before a run that writes the file `path`, given as option `flag`: SystemExit when it names a
     folder, or an existing file that `ours(path)` does not recognise as this tool's `what` (the message

@@ -1013,7 +1013,7 @@ def test_demo_runs(tmp_path):
 
 
 @needs_pil
-def test_cli_outputs_never_overwrite_each_other_nor_become_inputs(folders, capsys):
+def test_cli_outputs_never_overwrite_each_other_nor_become_inputs(folders, capsys, monkeypatch):
     """Two (content, style) pairs that would share an output name are refused before any work; a run that
     writes inside an input folder does not read its outputs back as inputs the next time."""
     tmp, base = folders
@@ -1040,6 +1040,27 @@ def test_cli_outputs_never_overwrite_each_other_nor_become_inputs(folders, capsy
         cli_main(
             [*argv[:-6], "--content", str(tmp / "c2"), "--styles", str(tmp / "s2"), "--out", str(tmp / "o")]
         )
+    for path in ("c3/Img.png", "c3/img.png"):  # one output name where the output folder ignores case
+        save_png(torch.rand(3, 8, 8, generator=gen), tmp / path)
+    case_argv = [
+        *argv[:-6],
+        "--content",
+        str(tmp / "c3"),
+        "--styles",
+        str(tmp / "s2"),
+        "--out",
+        str(tmp / "o"),
+    ]
+    tta_argv = ["tta", *base, "--images", str(tmp / "c3"), "--refs", str(tmp / "s2"), "--classifier", "x:y",
+                "--out", str(tmp / "p.csv"), "--save-stylized", str(tmp / "o")]  # fmt: skip
+    for app in ("stylize", "tta"):
+        monkeypatch.setattr(
+            f"fastvit_style.apps.{app}.folds_case", lambda folder: os.path.basename(folder) == "o"
+        )
+    for args in (case_argv, tta_argv):
+        with pytest.raises(SystemExit, match="same output name .* does not tell upper from lower case"):
+            cli_main(args)
+    assert not (tmp / "o").exists()
 
     expected = [f"img{c}__img{s}.png" for c in range(2) for s in range(3)]
     for _ in range(2):
@@ -1071,6 +1092,41 @@ def test_output_names_join_subfolders_and_fit_the_file_system(tmp_path):
     assert pair_names([os.path.join(root, longest + ".png")], root, style, root) == ([longest], ["s"])
     with pytest.raises(SystemExit, match=f"longer than the {NAME_MAX} bytes"):
         pair_names([os.path.join(root, longest + "c.png")], root, style, root)
+
+
+def test_output_names_that_differ_in_case_clash_where_the_file_system_ignores_case(tmp_path, monkeypatch):
+    from fastvit_style import atomic
+    from fastvit_style.apps.common import output_names, pair_names
+
+    assert not atomic.folds_case(tmp_path / "new" / "out")  # this file system tells case apart
+    assert os.listdir(tmp_path) == []  # and the probe is gone
+
+    def exists_ignoring_case(path):
+        folder, name = os.path.split(path)
+        return any(entry.lower() == name.lower() for entry in os.listdir(folder))
+
+    monkeypatch.setattr(atomic.os.path, "exists", exists_ignoring_case)
+    assert atomic.folds_case(tmp_path)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == []
+
+    root = str(tmp_path)
+    paths = [os.path.join(root, "Img.png"), os.path.join(root, "img.png")]
+    assert output_names(paths, root) == ["Img", "img"]
+    with pytest.raises(SystemExit, match=r"Img.png' and .*img.png' give the same output name 'img' \(the output "
+                       "folder's file system does not tell upper from lower case\\)"):  # fmt: skip
+        output_names(paths, root, fold_case=True)
+    accents = [os.path.join(root, "\u00c9.png"), os.path.join(root, "e\u0301.png")]  # É; e + combining acute
+    assert output_names(accents, root) == ["\u00c9", "e\u0301"]
+    with pytest.raises(SystemExit, match="same output name"):  # one name on APFS
+        output_names(accents, root, fold_case=True)
+    contents, styles = (
+        [os.path.join(root, n) for n in ("a.png", "A__b.png")],
+        [os.path.join(root, n) for n in ("c.png", "b__C.png")],
+    )
+    assert pair_names(contents, root, styles, root) == (["a", "A__b"], ["c", "b__C"])
+    with pytest.raises(SystemExit, match=r"would both be written to A__b__c.png \(the output folder"):
+        pair_names(contents, root, styles, root, fold_case=True)
 
 
 def test_cli_outputs_are_checked_before_any_work(folders, capsys, monkeypatch):

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import unicodedata
 
 import torch
 
@@ -240,16 +241,27 @@ def mean_std(args) -> tuple[tuple, tuple, str | None]:
         raise SystemExit(f"error: {e}") from None
 
 
-def output_names(paths: list[str], root: str) -> list[str]:
-    """File-name stems for outputs: the path below `root` without suffix, folders joined by '_'."""
+_CASE_NOTE = " (the output folder's file system does not tell upper from lower case)"
+
+
+def _fold(name: str) -> str:
+    """`name` as a file system that ignores case compares it (approximately: Python's case folding)."""
+    return unicodedata.normalize("NFC", name).casefold()
+
+
+def output_names(paths: list[str], root: str, fold_case: bool = False) -> list[str]:
+    """File-name stems for outputs: the path below `root` without suffix, folders joined by '_'.
+    `fold_case`: names that differ only in case count as the same."""
     names = [os.path.splitext(os.path.relpath(p, root))[0].replace(os.sep, "_") for p in paths]
     seen: dict[str, str] = {}
     for name, path in zip(names, paths):
-        if name in seen:
+        key = _fold(name) if fold_case else name
+        if key in seen:
             raise SystemExit(
-                f"error: {seen[name]!r} and {path!r} give the same output name {name!r}: rename one"
+                f"error: {seen[key]!r} and {path!r} give the same output name {name!r}"
+                f"{_CASE_NOTE if fold_case else ''}: rename one"
             )
-        seen[name] = path
+        seen[key] = path
     return names
 
 
@@ -260,33 +272,40 @@ def _bytes(name: str) -> int:
     return len(name.encode(errors="surrogateescape"))
 
 
-def pair_names(contents: list[str], content_root: str, styles: list[str], style_root: str):
-    """Output stems of the content and style images, such that every `<content>__<style>` is unique.
+def pair_names(
+    contents: list[str], content_root: str, styles: list[str], style_root: str, fold_case: bool = False
+):
+    """Output stems of the content and style images, such that every `<content>__<style>` is unique
+    (`fold_case`: also when names that differ only in case count as the same, see `folds_case`).
 
     Pairs (shorter, s1) and (shorter + t, s2) collide when `__` + s1 == t + `__` + s2, which needs t to
     be `_` or to start with `__` (`a` + `b__c` and `a__b` + `c`; `a` + `_b` and `a_` + `b`): found from
     the content names that extend another, so a run refuses before one output overwrites another.
     """
-    content_names, style_names = output_names(contents, content_root), output_names(styles, style_root)
+    content_names = output_names(contents, content_root, fold_case)
+    style_names = output_names(styles, style_root, fold_case)
     longest = max(content_names, key=_bytes) + "__" + max(style_names, key=_bytes) + ".png"
     if _bytes(longest) > NAME_MAX:
         raise SystemExit(
             f"error: the output name {longest!r} would be longer than the {NAME_MAX} bytes file systems "
             "allow: shorten the file names (or folder names below the input folders) of that pair"
         )
-    content_of, style_of = dict(zip(content_names, contents)), dict(zip(style_names, styles))
-    for longer in content_names:
+    key = _fold if fold_case else str
+    content_of = {key(n): (n, p) for n, p in zip(content_names, contents)}
+    style_of = {key(n): (n, p) for n, p in zip(style_names, styles)}
+    for longer in content_of:
         for cut in range(1, len(longer)):
             shorter, t = longer[:cut], longer[cut:]
             if shorter not in content_of or not (t == "_" or t.startswith("__")):
                 continue
-            for style in style_names:
+            for style in style_of:
                 clash = (t + "__" + style)[2:]
                 if clash in style_of:
                     raise SystemExit(
-                        f"error: content {content_of[shorter]!r} with style {style_of[clash]!r} and content "
-                        f"{content_of[longer]!r} with style {style_of[style]!r} would both be written to "
-                        f"{longer}__{style}.png: rename one"
+                        f"error: content {content_of[shorter][1]!r} with style {style_of[clash][1]!r} and "
+                        f"content {content_of[longer][1]!r} with style {style_of[style][1]!r} would both be "
+                        f"written to {content_of[longer][0]}__{style_of[style][0]}.png"
+                        f"{_CASE_NOTE if fold_case else ''}: rename one"
                     )
     return content_names, style_names
 

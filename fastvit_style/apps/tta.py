@@ -18,7 +18,7 @@ import sympy
 import torch
 from torch import nn
 
-from ..atomic import atomic_path, check_replaceable
+from ..atomic import atomic_path, check_replaceable, folds_case
 from ..imageio import denormalize, load_batch, save_png
 from ..style_bank import StyleBank, describe_value
 from ..tta import REDUCTIONS, TTAClassifier
@@ -193,7 +193,9 @@ def run(args) -> int:
         output=("--save-stylized", args.save_stylized) if saving else None,
     )
     if saving:
-        names, ref_names = pair_names(images, args.images, refs, args.refs)
+        names, ref_names = pair_names(
+            images, args.images, refs, args.refs, fold_case=folds_case(args.save_stylized)
+        )
     if args.k is None:
         args.k = min(8, len(refs))
     if not 0 <= args.k <= len(refs):
