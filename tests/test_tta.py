@@ -835,6 +835,37 @@ def test_cli_tta_keeps_file_names_that_are_not_utf8(folders, monkeypatch):
     ]
 
 
+def test_a_failed_archive_read_logs_nothing_as_a_successful_one_logs_all():
+    """torch.export.load (torch 2.14) logs a failed read with its traceback before raising: tta's one-line
+    error replaces it, while what a successful read logs reaches the logger's handlers as before."""
+    import logging
+
+    from fastvit_style.apps.tta import _logs_only_on_success
+
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    logger, child = logging.getLogger("fastvit_test.export"), logging.getLogger("fastvit_test.export.part")
+    logger.addHandler(keep := Keep())
+    try:
+        with pytest.raises(OSError), _logs_only_on_success("fastvit_test.export"):
+            logger.warning("failed read")
+            child.warning("failed part")
+            raise OSError("not an archive")
+        assert seen == []
+        with _logs_only_on_success("fastvit_test.export"):
+            logger.warning("old format")
+            child.warning("old part")
+            assert seen == []  # held until the block succeeds
+        assert seen == ["old format", "old part"]
+        assert logger.handlers == [keep] and logger.propagate  # restored
+    finally:
+        logger.removeHandler(keep)
+
+
 @needs_pil
 @pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
 def test_cli_user_errors_are_one_line(folders, capsys, monkeypatch):

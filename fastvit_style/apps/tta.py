@@ -9,8 +9,10 @@ row per image: path (below --images), predicted class, and the averaged probabil
 Every form of classifier is code that runs here (torch.export.load unpickles): trust it as a program.
 """
 
+import contextlib
 import csv
 import importlib
+import logging
 import os
 import sys
 
@@ -61,12 +63,38 @@ def add_arguments(parser) -> None:
     parser.add_argument("--save-stylized", metavar="DIR", help="also write the stylized views as PNG")
 
 
+class _Held(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def _logs_only_on_success(name: str):
+    """The records of logger `name` (and of its children) are held back while the block runs and
+    passed on to its handlers only if it succeeds: torch.export.load logs a failed read with its
+    traceback before raising (torch 2.14), which the one-line error already reports."""
+    logger, held = logging.getLogger(name), _Held()
+    handlers, propagate = logger.handlers, logger.propagate
+    logger.handlers, logger.propagate = [held], False
+    try:
+        yield
+    finally:
+        logger.handlers, logger.propagate = handlers, propagate
+    for record in held.records:
+        logger.handle(record)
+
+
 def load_classifier(spec: str, dev: torch.device, images: tuple[int, int, int, int]) -> nn.Module:
     """The classifier of --classifier on `dev`, in eval mode. images: (fewest and most images per call,
     channels, size) of what tta will pass, which a .pt2 export is checked against before any work."""
     if os.path.isfile(spec) and spec.endswith(".pt2"):  # torch.export archive
         try:
-            exported = torch.export.load(spec)
+            with _logs_only_on_success("torch.export"):
+                exported = torch.export.load(spec)
         except Exception as e:  # zipfile, pickle or version errors: all mean the archive cannot be used
             first = str(e).splitlines()[0] if str(e) else ""
             raise SystemExit(
