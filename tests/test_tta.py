@@ -983,6 +983,10 @@ def test_cli_user_errors_are_one_line(folders, capsys, monkeypatch):
     fails_with([*tta_clf, "--images", str(tmp / "nope"), "--out", str(tmp / "p.csv")],
                f"error: input folder {str(tmp / 'nope')!r} does not exist")  # fmt: skip
     fails_with([*tta_clf, "--out", str(tmp / "file")], "is not a predictions CSV of this command")
+    for own in ("path,pred\nimg0.png,1\n", "path,pred,p0,label\n", "path,pred,p1\n"):  # a user's tables
+        (tmp / "own.csv").write_text(own)
+        fails_with([*tta_clf, "--out", str(tmp / "own.csv")], "is not a predictions CSV of this command")
+        assert (tmp / "own.csv").read_text() == own
     fails_with(
         [*tta_clf, "--out", str(tmp / "file" / "p.csv")],
         "the folder " + repr(str(tmp / "file")) + " exists and is not a folder",

@@ -189,8 +189,11 @@ def check_csv_path(path: str) -> None:
 
 
 def _is_predictions_csv(path: str) -> bool:
+    """Whether the header is this command's whole header, `path,pred,p0,...,pN-1`: a user's own table
+    that starts `path,pred` (ground truth, say) is not replaced."""
     with open(path, newline="", encoding="utf-8", errors="replace") as f:
-        return next(csv.reader(f), [])[:2] == _HEADER
+        header = next(csv.reader(f), [])
+    return len(header) > 2 and header == _HEADER + [f"p{c}" for c in range(len(header) - 2)]
 
 
 def _classify(tta: TTAClassifier, views: torch.Tensor, spec: str) -> torch.Tensor:
