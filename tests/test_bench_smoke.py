@@ -233,7 +233,9 @@ def test_plan():
         (["--augment-p", "1.5"], r"--augment-p must be in \(0, 1\]"),
         (["--threads", "-1"], "--threads must be at least 1"),
         (["--budget", "-5"], "--budget must be at least 0 seconds"),
-        (["--backbones", "tiyn"], "unknown backbone 'tiyn'"),
+        (["--backbones", "tiyn"], "backbone 'tiyn' is no official name"),
+        # with encoder_* keywords too: make_config would build a custom ViT, base sizes but the depth
+        (["--backbones", "Tiny", "--model-kwargs", '{"encoder_depth": 2}'], r"did you mean 'tiny'\?"),
         (["--model-kwargs", "[1]"], "--model-kwargs must be a JSON object"),
         (["--model-kwargs", '{"colour": 1}'], "unexpected keyword argument 'colour'"),
         (["--device", "tpu"], "device 'tpu' is not a device name"),

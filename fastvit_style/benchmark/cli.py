@@ -10,7 +10,7 @@ import sys
 import torch
 
 from ..backends import unavailable_reason
-from ..configs import BACKBONES, check_model_kwargs
+from ..configs import check_backbone, check_model_kwargs
 from ..devices import resolve_device
 from . import report
 from .plan import DTYPES, FAST_BACKENDS, WORKLOADS, BenchConfig, get_backend, plan_size
@@ -115,13 +115,8 @@ def config_from_args(args) -> BenchConfig:
         raise ValueError(f"--model-kwargs must be a JSON object, got {args.model_kwargs!r}")
     if not backbones:
         raise ValueError(f"--backbones names no backbone: {args.backbones!r}")
-    custom = any(key.startswith("encoder_") for key in model_kwargs)
     for backbone in backbones:
-        if backbone not in BACKBONES and not custom:  # make_config would take a typo for a custom ViT
-            raise ValueError(
-                f"unknown backbone {backbone!r}: choose from {', '.join(BACKBONES)}, or name a custom ViT "
-                "and give its encoder_* sizes in --model-kwargs"
-            )
+        check_backbone(backbone, model_kwargs)  # make_config would take 'Tiny' or a typo for a custom ViT
         check_model_kwargs("--model-kwargs", backbone, model_kwargs)
     if args.batch_sizes:
         sizes = _csv(args.batch_sizes)
