@@ -168,19 +168,38 @@ def out_problem(cfg: TrainConfig) -> str | None:
             "--overwrite too): move that file, or choose another --out"
         )
     existing = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.out, f))]
-    if not existing or cfg.overwrite or resumes_in_place(cfg):
+    if not existing or resumes_in_place(cfg):
+        return None
+    if not os.path.lexists(config):  # a run writes its config.json before any of these
+        return (
+            f"--out {cfg.out!r} holds {', '.join(existing)} but no config.json: no run wrote them, so no run "
+            "replaces them (with --overwrite neither): move them, or choose another --out"
+        )
+    last = os.path.join(cfg.out, "last.pt")
+    if cfg.resume and os.path.exists(last) and _same_folder(cfg.resume, cfg.out):
+        return (
+            f"--resume {cfg.resume!r}: the run in --out {cfg.out!r} continues from its training checkpoint, "
+            f"pass --resume {last!r}"
+        )
+    if cfg.overwrite:
         return None
     if cfg.resume:
         return (
             f"--out {cfg.out!r} holds a run ({', '.join(existing)}) whose last.pt is not the --resume checkpoint "
             f"{cfg.resume!r}: --overwrite to replace that run, or another --out"
         )
-    last = os.path.join(cfg.out, "last.pt")
     resume = f"pass --resume {last!r} to continue it, " if os.path.exists(last) else ""
     return (
         f"--out {cfg.out!r} already holds a run ({', '.join(existing)}): {resume}--overwrite to replace it, "
         "or another --out"
     )
+
+
+def _same_folder(path: str, folder: str) -> bool:
+    try:
+        return os.path.samefile(os.path.dirname(os.path.abspath(path)), folder)
+    except OSError:
+        return False
 
 
 def resumes_in_place(cfg: TrainConfig) -> bool:

@@ -30,7 +30,7 @@ from fastvit_style.configs import LOSS_WEIGHTS
 from fastvit_style.data import micro_batches
 from fastvit_style.imageio import denormalize
 from fastvit_style.train import Trainer, cosine_lr, psnr, train
-from fastvit_style.train_config import CHECKPOINT_KEYS, TrainConfig, resumed_config
+from fastvit_style.train_config import CHECKPOINT_KEYS, RUN_FILES, TrainConfig, resumed_config
 from fastvit_style.weights import (
     WeightsError,
     load_state_dict,
@@ -514,6 +514,24 @@ def test_a_config_json_no_run_wrote_is_never_replaced(tmp_path):
     assert json.loads((out / "config.json").read_text())["epochs"] == config.epochs
 
 
+def test_run_file_names_without_a_runs_config_json_are_never_replaced(tmp_path):
+    """Files named as a run's (metrics.jsonl, best.safetensors, ...) in an --out without a run's
+    config.json, which every run writes first, are a user's: refused, --overwrite or not."""
+    data = write_images(tmp_path / "data", 1)
+    out = tmp_path / "out"
+    out.mkdir()
+    config = TrainConfig(data=str(data), out=str(out), **TINY)
+    for name in RUN_FILES:
+        (out / name).write_text("mine")
+        for overwrite in (False, True):
+            with pytest.raises(
+                ValueError, match=f"holds {name} but no config.json: no run wrote them.*move them"
+            ):
+                Trainer(dataclasses.replace(config, overwrite=overwrite), 0, 1, torch.device("cpu"))
+            assert os.listdir(out) == [name] and (out / name).read_text() == "mine"
+        (out / name).unlink()
+
+
 def test_max_steps_at_an_epochs_last_step_still_ends_the_epoch(tmp_path):
     """Validation, metrics.jsonl and best.safetensors of an epoch that max_steps stops at its last step."""
     data = write_images(tmp_path / "data", 4)
@@ -612,6 +630,13 @@ def test_resume_never_writes_over_another_run_and_a_random_vgg_stays_random(tmp_
         ValueError, match=r"holds a run \(last.pt.*whose last.pt is not the --resume checkpoint .*a/last.pt"
     ):
         train(from_a)
+    for overwrite in (False, True):  # another file of the run in --out: its last.pt is what continues
+        with pytest.raises(
+            ValueError, match=r"continues from its training checkpoint, pass --resume .*a/last.pt"
+        ):
+            train(
+                dataclasses.replace(config, resume=str(tmp_path / "a" / "config.json"), overwrite=overwrite)
+            )
     assert b_files == {name: (tmp_path / "b" / name).read_bytes() for name in b_files}
     with pytest.raises(ValueError, match="--resume .*lats.pt' does not exist"):
         train(dataclasses.replace(config, resume=str(tmp_path / "a" / "lats.pt")))
