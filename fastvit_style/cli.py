@@ -55,6 +55,11 @@ def main(argv=None) -> int:
     args._given = frozenset(vars(parser.parse_args(argv))) - {"command", "_run"}
     try:
         return args._run(args) or 0
+    except KeyboardInterrupt:  # Ctrl-C is the user's, not a bug: no traceback, the shells' status 130
+        if os.environ.get("FASTVIT_STYLE_TRACEBACK", "0") not in ("", "0"):
+            raise
+        print("interrupted", file=sys.stderr)
+        return 130
     except Exception as exc:
         # One line, as the commands' own checks print (SystemExit("error: ...")), with the same status 1;
         # argparse's usage errors exit 2. FASTVIT_STYLE_TRACEBACK=1 shows the traceback.

@@ -514,6 +514,26 @@ def test_a_config_json_no_run_wrote_is_never_replaced(tmp_path):
     assert json.loads((out / "config.json").read_text())["epochs"] == config.epochs
 
 
+def test_ctrl_c_says_how_to_resume_without_a_traceback(tmp_path, capsys, monkeypatch):
+    data, out = write_images(tmp_path / "data", 2), tmp_path / "out"
+    argv = ["train", "--data", str(data), "--out", str(out), *TINY_ARGS]
+    assert cli.main([*argv, "--max-steps", "1"]) == 0
+    capsys.readouterr()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "train", interrupted)
+    assert cli.main([*argv, "--resume", str(out / "last.pt")]) == 130
+    err = capsys.readouterr().err
+    assert err == f"--resume {str(out / 'last.pt')!r} continues from its last checkpoint\ninterrupted\n", err
+    assert cli.main(["train", "--data", str(data), "--out", str(tmp_path / "new"), *TINY_ARGS]) == 130
+    assert capsys.readouterr().err == "interrupted\n"  # no checkpoint yet: nothing to resume
+    monkeypatch.setenv("FASTVIT_STYLE_TRACEBACK", "1")
+    with pytest.raises(KeyboardInterrupt):
+        cli.main([*argv, "--resume", str(out / "last.pt")])
+
+
 def test_run_file_names_without_a_runs_config_json_are_never_replaced(tmp_path):
     """Files named as a run's (metrics.jsonl, best.safetensors, ...) in an --out without a run's
     config.json, which every run writes first, are a user's: refused, --overwrite or not."""

@@ -4,6 +4,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 
 from .. import train as training
 from ..configs import check_backbone
@@ -89,5 +90,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def run(args: argparse.Namespace) -> int:
     check_backbone(args.backbone, args.model_kwargs)  # here, not in TrainConfig: old runs' names resume
-    training.train(config_from_args(args), given=args._given)
+    cfg = config_from_args(args)
+    try:
+        training.train(cfg, given=args._given)
+    except KeyboardInterrupt:
+        last = os.path.join(cfg.out, "last.pt")
+        if os.path.isfile(last):  # checkpoints are written atomically: the last one is whole
+            print(f"--resume {last!r} continues from its last checkpoint", file=sys.stderr)
+        raise
     return 0
