@@ -895,6 +895,8 @@ def test_cli_user_errors_are_one_line(folders, capsys, monkeypatch):
     fails_with([*stylize_args, "--out", str(tmp / "file")], "exists and is not a folder")
     fails_with([*stylize_args, "--out", str(tmp / "o"), "--batch-size", "0"], "must be at least 1", 2)
     fails_with([*stylize_args, "--out", str(tmp / "o"), "--seed", str(2**64)], "--seed: must lie in", 2)
+    fails_with([*stylize_args, "--out", str(tmp / "o"), "--dataset", "camelyon17wilds", "--std", ".2", ".2", ".2"],
+               "error: --dataset and --std both give normalization constants: give one")  # fmt: skip
     corrupt = [a if a != base[1] else str(tmp / "corrupt.safetensors") for a in stylize_args]
     fails_with([*corrupt, "--out", str(tmp / "o")], "corrupt.safetensors")
     wrong = [a if a != "tiny" else "small" for a in stylize_args]  # weights that do not fit: WeightsError

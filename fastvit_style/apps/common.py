@@ -213,6 +213,8 @@ def mean_std(args) -> tuple[tuple, tuple, str | None]:
     Also a note to print once the weights have loaded, in that last case (weights trained on other
     images need --dataset or --mean/--std), else None."""
     dataset, mean, std, note = args.dataset, args.mean, args.std, None
+    if dataset is not None and std is not None:  # argparse refuses --dataset with --mean
+        raise SystemExit("error: --dataset and --std both give normalization constants: give one")
     if dataset is None and mean is None:
         is_file = os.path.isfile(args.weights)
         try:
