@@ -251,9 +251,12 @@ def load_state_dict(model: nn.Module, sd_or_path, strict: bool = True) -> nn.Mod
             and pos.shape != pos_model.shape
         )
         if other_size:
-            picks = "input_size sets the token count: --model-kwargs or --input-size on the command line"
+            picks = "input_size sets the token count: in the commands' --model-kwargs, train's --input-size"
         else:
-            picks = "the backbone name picks the model: --backbone on the command line"
+            picks = (
+                "the backbone name and encoder_* keywords pick the model: the commands' --backbone and "
+                "--model-kwargs"
+            )
         described = (
             f"the weights look like {describe_backbone(sd)}, the model is {describe_backbone(expected)}"
         )

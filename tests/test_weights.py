@@ -301,11 +301,15 @@ def test_wrong_input_size_message():
     with pytest.raises(RuntimeError, match="shape mismatches") as err:
         W.load_state_dict(make(input_size=32), make().state_dict())
     assert "look like tiny (embed_dim 192, depth 2, patch 16, input 224)" in str(err.value)
-    assert "model is tiny (embed_dim 192, depth 2, patch 16, input 32) (input_size sets" in str(err.value)
+    assert "model is tiny (embed_dim 192, depth 2, patch 16, input 32) (input_size sets the token count: in " \
+        "the commands' --model-kwargs, train's --input-size)" in str(err.value)  # fmt: skip
 
 
 def test_wrong_depth_message():
-    expected = r"look like tiny \(embed_dim 192, depth 3.*model is tiny \(embed_dim 192, depth 2"
+    expected = (
+        r"look like tiny \(embed_dim 192, depth 3.*model is tiny \(embed_dim 192, depth 2.*\(the backbone name "
+        r"and encoder_\* keywords pick the model: the commands' --backbone and --model-kwargs\)"
+    )
     with pytest.raises(RuntimeError, match=expected):
         W.load_state_dict(make(depth=2), make(depth=3).state_dict())
 
