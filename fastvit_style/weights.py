@@ -405,7 +405,8 @@ def save_state_dict(model_or_sd, path, normalization=None) -> str:
     """Write the official-format state dict (same keys, dtypes as held) to `.safetensors` or a torch
     pickle (`.pth`/`.pt`/`.bin`/`.ckpt`) atomically: a crash leaves any earlier file at `path` intact.
     normalization: (mean, std) of the images the model was trained on, recorded in a safetensors
-    file's metadata (`read_normalization`), where the commands find it."""
+    file's metadata (`read_normalization`), where the commands find it. A model whose VGG19 was never
+    loaded (random) is saved without it, with a warning: such a file cannot pass for ImageNet weights."""
     path = os.fspath(path)
     suffix = os.path.splitext(path)[1].lower()
     if suffix != SAFETENSORS_SUFFIX and suffix not in TORCH_SUFFIXES:
@@ -418,7 +419,17 @@ def save_state_dict(model_or_sd, path, normalization=None) -> str:
         metadata[NORMALIZATION_KEY] = json.dumps({"mean": list(mean), "std": list(std)})
     # Own CPU copies: contiguous and storage-disjoint (safetensors refuses shared or strided tensors,
     # and torch.save would otherwise write whole shared storages).
-    sd = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in _plain_state_dict(model_or_sd).items()}
+    plain = _plain_state_dict(model_or_sd)
+    model = unwrap(model_or_sd) if isinstance(model_or_sd, nn.Module) else None
+    if _has_vgg(model) and not getattr(model.vgg_encoder, "loaded", True):
+        warnings.warn(
+            f"saving {path!r} without the VGG19 of this train=True model, which no weights were loaded "
+            "into (random): it cannot pass for the ImageNet one; load the file into a train=False model, "
+            "or with strict=False and then load_vgg_weights(model, vgg19_file)",
+            stacklevel=2,
+        )
+        plain = {k: v for k, v in plain.items() if not k.startswith("vgg_encoder.")}
+    sd = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in plain.items()}
     with atomic_path(path) as tmp:
         if suffix == SAFETENSORS_SUFFIX:
             import safetensors.torch

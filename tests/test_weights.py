@@ -86,11 +86,25 @@ def test_round_trip_other_torch_suffixes(tmp_path, suffix):
 
 def test_saved_file_is_official_format(tmp_path):
     model = make(train=True)
+    model.vgg_encoder.load_state_dict(model.vgg_encoder.state_dict())  # as ImageNet weights would be
     W.save_state_dict(model, tmp_path / "m.safetensors")
     sd = safetensors.torch.load_file(tmp_path / "m.safetensors")
     assert sorted(sd) == sorted(model.state_dict())  # safetensors stores keys sorted; load order is by name
     plain = torch.load(W.save_state_dict(model, tmp_path / "m.pth"), weights_only=True)
     assert list(plain) == list(model.state_dict())  # what the official torch.load + strict=True expects
+
+
+def test_a_random_vgg19_is_not_saved(tmp_path):
+    """A train=True model's VGG19 that no weights were loaded into is left out of its file, which then
+    cannot pass for the ImageNet network when loaded into a train=True model."""
+    model = make(train=True)
+    for name in ("m.safetensors", "m.pth"):
+        with pytest.warns(UserWarning, match="without the VGG19 of this train=True model, which no weights"):
+            path = W.save_state_dict(torch.compile(model), tmp_path / name)  # through wrappers too
+        assert sorted(W.read_state_dict(path)) == sorted(k for k in model.state_dict() if "vgg" not in k)
+        with pytest.raises(RuntimeError, match="the weights have no VGG19 loss network"):
+            W.load_state_dict(make(train=True), path)
+        W.load_state_dict(make(), path)
 
 
 def test_save_handles_shared_and_strided_tensors(tmp_path):
@@ -571,7 +585,7 @@ def test_a_random_vgg19_is_warned_about_once_until_weights_are_loaded(tmp_path):
         W.load_vgg_weights(vgg_only, fresh.vgg_encoder.state_dict())
         vgg_only(x)
         whole = make(train=True, depth=1, input_size=32)
-        W.save_state_dict(fresh, tmp_path / "official_like.safetensors")  # VGG keys included, as officially
+        W.save_state_dict(vgg_only, tmp_path / "official_like.safetensors")  # VGG keys included, as officially
         W.load_state_dict(whole, W.read_state_dict(tmp_path / "official_like.safetensors"))
         whole.compute_loss(x, None, x, x, None)
     with pytest.warns(UserWarning, match="randomly initialized") as record:
