@@ -55,6 +55,10 @@ def main(argv=None) -> int:
     args._given = frozenset(vars(parser.parse_args(argv))) - {"command", "_run"}
     try:
         return args._run(args) or 0
+    except BrokenPipeError:  # the reader of stdout left (`| head`): nothing to report
+        # Python's exit flushes stdout again: onto /dev/null, or it prints the error after all.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # the shells' status for SIGPIPE, as a command killed by it gives
     except KeyboardInterrupt:  # Ctrl-C is the user's, not a bug: no traceback, the shells' status 130
         if os.environ.get("FASTVIT_STYLE_TRACEBACK", "0") not in ("", "0"):
             raise

@@ -2,6 +2,8 @@
 
 import importlib
 import platform
+import subprocess
+import sys
 
 import numpy as np
 import torch
@@ -28,3 +30,14 @@ def test_info_lists_versions_and_backends(capsys):
     assert lines["backend torch"] == f"available on {device}"
     assert lines["backend reference"] == f"available on {device}"
     assert "backend xformers" in lines and "backend triton" in lines
+
+
+def test_a_reader_that_leaves_early_is_no_error():
+    """`fastvit-style info | head -1`: stdout closed before the command writes is not reported (it said
+    'error: [Errno 32] Broken pipe'); the status is the shells' for SIGPIPE."""
+    child = subprocess.Popen(
+        [sys.executable, "-m", "fastvit_style.cli", "info"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    child.stdout.close()  # long before the command has imported torch and written anything
+    err = child.stderr.read()
+    assert child.wait(timeout=300) == 141 and err == b"", err

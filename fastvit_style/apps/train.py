@@ -24,7 +24,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out", required=True, help="output folder: last.pt, last/best.safetensors, metrics.jsonl"
     )
-    p.add_argument("--backbone", default=d.backbone, help="tiny, small or base (default: %(default)s)")
+    p.add_argument(
+        "--backbone",
+        default=d.backbone,
+        help="tiny, small, base, large or huge (or vit_tiny, ...), or a custom ViT's name with encoder_* keywords in --model-kwargs (default: %(default)s)",
+    )
     p.add_argument("--model-kwargs", type=json.loads, default={}, metavar="JSON",
                    help='official StylizingViT keyword overrides, e.g. \'{"encoder_depth": 6}\'')  # fmt: skip
 
