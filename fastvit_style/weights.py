@@ -411,6 +411,10 @@ def save_state_dict(model_or_sd, path, normalization=None) -> str:
     suffix = os.path.splitext(path)[1].lower()
     if suffix != SAFETENSORS_SUFFIX and suffix not in TORCH_SUFFIXES:
         raise ValueError(f"cannot save {path!r}: use a .safetensors or .pth file name")
+    if os.path.isdir(path):
+        raise ValueError(f"cannot save {path!r}: it is a folder; give a file name")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise ValueError(f"cannot save {path!r}: its folder does not exist")
     metadata = {"format": "pt"}
     if normalization is not None:
         if suffix != SAFETENSORS_SUFFIX:

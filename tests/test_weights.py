@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import re
 import sys
 import types
 from pathlib import Path
@@ -105,6 +106,22 @@ def test_a_random_vgg19_is_not_saved(tmp_path):
         with pytest.raises(RuntimeError, match="the weights have no VGG19 loss network"):
             W.load_state_dict(make(train=True), path)
         W.load_state_dict(make(), path)
+
+
+def test_save_names_a_path_it_cannot_write(tmp_path):
+    (tmp_path / "file.pth").write_text("mine")
+    (tmp_path / "dir.safetensors").mkdir()
+    for path, message in (
+        (tmp_path / "file.pth" / "w.safetensors", "its folder does not exist"),  # below a file
+        (tmp_path / "new" / "w.pth", "its folder does not exist"),
+        (tmp_path / "dir.safetensors", "it is a folder; give a file name"),
+    ):
+        with pytest.raises(ValueError, match=f"cannot save {re.escape(repr(str(path)))}: {message}"):
+            W.save_state_dict(make(), path)
+    assert (tmp_path / "file.pth").read_text() == "mine" and sorted(os.listdir(tmp_path)) == [
+        "dir.safetensors",
+        "file.pth",
+    ]
 
 
 def test_save_handles_shared_and_strided_tensors(tmp_path):
@@ -585,7 +602,9 @@ def test_a_random_vgg19_is_warned_about_once_until_weights_are_loaded(tmp_path):
         W.load_vgg_weights(vgg_only, fresh.vgg_encoder.state_dict())
         vgg_only(x)
         whole = make(train=True, depth=1, input_size=32)
-        W.save_state_dict(vgg_only, tmp_path / "official_like.safetensors")  # VGG keys included, as officially
+        W.save_state_dict(
+            vgg_only, tmp_path / "official_like.safetensors"
+        )  # VGG keys included, as officially
         W.load_state_dict(whole, W.read_state_dict(tmp_path / "official_like.safetensors"))
         whole.compute_loss(x, None, x, x, None)
     with pytest.warns(UserWarning, match="randomly initialized") as record:
