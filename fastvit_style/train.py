@@ -296,12 +296,17 @@ class Trainer:
                   "weights with --init-weights)", file=sys.stderr, flush=True)  # fmt: skip
         if self.epoch < cfg.epochs and self.batch >= n_batches:  # saved when validation failed: end it now
             self._end_epoch()
+        first_step = self.step
         while self.epoch < cfg.epochs and not self._reached_max_steps():
             if self._train_epoch(on_step):
                 self._end_epoch()
         if self.epoch < cfg.epochs and self._reached_max_steps() and self.rank == 0:
-            print(f"stopped at step {self.step} (--max-steps {cfg.max_steps}): the run is saved in "
-                  f"{self.saved_to!r}, which --resume continues", file=sys.stderr, flush=True)  # fmt: skip
+            if self.step == first_step:  # resumed at or past --max-steps
+                print(f"the run is at step {self.step}, --max-steps {cfg.max_steps}: nothing to train",
+                      file=sys.stderr, flush=True)  # fmt: skip
+            else:
+                print(f"stopped at step {self.step} (--max-steps {cfg.max_steps}): the run is saved in "
+                      f"{self.saved_to!r}, which --resume continues", file=sys.stderr, flush=True)  # fmt: skip
         return self.model
 
     def _batches_per_rank(self, world: int) -> int:

@@ -599,6 +599,13 @@ def test_a_max_steps_stop_says_where_the_run_is_saved(tmp_path, capsys):
         err, saved = capsys.readouterr().err, f"the run is saved in {str(last)!r}, which --resume continues"
         assert f"stopped at step {max_steps} (--max-steps {max_steps}): {saved}" in err, err
     assert load_checkpoint(last)["step"] == 2
+    for max_steps in (1, 2):  # resumed at or past it
+        train(dataclasses.replace(config, max_steps=max_steps, resume=str(last)))
+        err = capsys.readouterr().err
+        assert (
+            f"the run is at step 2, --max-steps {max_steps}: nothing to train" in err and "stopped" not in err
+        )
+    assert load_checkpoint(last)["step"] == 2
     Trainer(dataclasses.replace(config, out=str(tmp_path / "rank1")), 1, 1, torch.device("cpu")).fit()
     assert "stopped at" not in capsys.readouterr().err
     train(dataclasses.replace(config, resume=str(last), max_steps=4))  # the run's last step

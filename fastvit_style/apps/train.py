@@ -22,7 +22,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--val-data", default=None, help="folder of validation images: per-epoch loss/PSNR, best.safetensors"
     )
     p.add_argument(
-        "--out", required=True, help="output folder: last.pt, last/best.safetensors, metrics.jsonl"
+        "--out",
+        required=True,
+        help="output folder: config.json, last.pt and last.safetensors (at each checkpoint), "
+        "metrics.jsonl (a line per finished epoch), best.safetensors (with --val-data)",
     )
     p.add_argument(
         "--backbone",
