@@ -11,6 +11,7 @@ official checkpoint to see real stylization. --small runs a 64 px, 2-layer tiny 
 """
 
 import argparse
+import os
 
 import numpy as np
 import torch
@@ -78,7 +79,9 @@ def grid(contents: torch.Tensor, styles: torch.Tensor, stylized: torch.Tensor, g
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="tta_demo.png")
+    p.add_argument(
+        "--out", default="tta_demo.png", help="PNG file to write the grid to (replaced if it exists)"
+    )
     p.add_argument("--backbone", default="tiny")
     p.add_argument("--weights", default=None, help="official checkpoint file (default: random weights)")
     p.add_argument("--dataset", default="camelyon17wilds", help="normalization constants")
@@ -87,6 +90,8 @@ def main(argv=None) -> None:
     p.add_argument("--styles", type=positive_int, default=3, help="style references (columns)")
     args = p.parse_args(argv)
 
+    if os.path.isdir(args.out):
+        p.error(f"--out {args.out!r} is a folder: name the PNG file to write")
     if args.small and args.weights:
         p.error("--small builds a reduced model that no checkpoint fits: drop --weights or --small")
     torch.manual_seed(0)

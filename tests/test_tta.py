@@ -1047,6 +1047,8 @@ def test_demo_runs(tmp_path):
     demo.main(["--small", "--out", str(out)])
     pixels = decode_png(out.read_bytes())
     assert pixels.shape == (3 * (64 + 4), 4 * (64 + 4), 3)
+    with pytest.raises(SystemExit):  # argparse's error: the folder is named, before any work
+        demo.main(["--small", "--out", str(tmp_path)])
 
 
 @needs_pil
