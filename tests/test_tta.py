@@ -926,7 +926,10 @@ def test_cli_user_errors_are_one_line(folders, capsys, monkeypatch):
     fails_with(
         [*tta_args, "--classifier", "clfmod:make", "--out", str(tmp / "p.csv")], "has no attribute 'make'"
     )
-    fails_with([*tta_args, "--classifier", "clfmod:LIMIT", "--out", str(tmp / "p.csv")], "not a callable")
+    fails_with(
+        [*tta_args, "--classifier", "clfmod:LIMIT", "--out", str(tmp / "p.csv")],
+        "names int 3, not a callable returning the classifier",
+    )
     (tmp / "bad.pt2").write_bytes(b"not an archive")
     fails_with(
         [*tta_args, "--classifier", str(tmp / "bad.pt2"), "--out", str(tmp / "p.csv")],

@@ -125,7 +125,9 @@ def load_classifier(spec: str, dev: torch.device, images: tuple[int, int, int, i
             raise SystemExit(f"error: --classifier {spec!r}: {module_name!r} has no attribute {attr!r}")
         factory = getattr(factory, part)
     if not callable(factory):
-        raise SystemExit(f"error: --classifier {spec!r} names a {type(factory).__name__}, not a callable")
+        raise SystemExit(
+            f"error: --classifier {spec!r} names {describe_value(factory)}, not a callable returning the classifier"
+        )
     classifier = factory()
     if not isinstance(classifier, nn.Module):
         raise SystemExit(
