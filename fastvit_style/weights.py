@@ -325,6 +325,8 @@ def load_pretrained_weights(model: nn.Module, backbone: str, dataset: str, map_l
         repo = configs.hub_repo_id(backbone, official)
     elif os.path.isdir(source):  # before the repo-id fallback, which a folder's name can match
         raise WeightsNotFound(f"{source!r} is a folder, not a weight file (.safetensors, .pth, .pt)")
+    elif os.path.exists(source):  # a pipe or a device, which the repo-id fallback would take too
+        raise WeightsNotFound(f"{source!r} is not a regular file (a pipe or a device), not a weight file")
     elif _REPO_ID.match(source) and not source.lower().endswith((SAFETENSORS_SUFFIX, *TORCH_SUFFIXES)):
         repo = source  # the official fallback: any other string is a repo id
     else:

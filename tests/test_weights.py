@@ -517,6 +517,9 @@ def test_a_folder_is_not_a_repo(no_hub, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="'imgs' is a folder, not a weight file"):
         W.load_pretrained_weights(make(), "tiny", "imgs")
+    os.mkfifo(tmp_path / "pipe")  # reading it would block until a writer comes
+    with pytest.raises(ValueError, match="'pipe' is not a regular file \\(a pipe or a device\\)"):
+        W.load_pretrained_weights(make(), "tiny", "pipe")
     (tmp_path / "camelyon17wilds").mkdir()  # a data folder named after its dataset: the id still wins
     with pytest.raises(W.WeightsError, match="huggingface_hub is not installed"):
         W.load_pretrained_weights(make(), "tiny", "camelyon17wilds")
