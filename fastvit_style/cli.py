@@ -3,6 +3,7 @@
 import argparse
 import importlib
 import os
+import stat
 import sys
 
 DESCRIPTION = (
@@ -31,7 +32,36 @@ def _user_error(exc: BaseException) -> bool:
     return isinstance(exc, (ValueError, OSError, WeightsError))
 
 
+def _tracebacks() -> bool:
+    return os.environ.get("FASTVIT_STYLE_TRACEBACK", "0") not in ("", "0")
+
+
+def _stdout_is_a_pipe() -> bool:
+    try:
+        return stat.S_ISFIFO(os.fstat(sys.stdout.fileno()).st_mode)
+    except (AttributeError, OSError, ValueError):  # no file behind it (captured, embedded, closed)
+        return False
+
+
 def main(argv=None) -> int:
+    """Run a command; its status: 0, 1 for a user's error (one `error:` line), 2 for a usage error,
+    130 after Ctrl-C, 141 when the reader of a piped stdout left (`| head`)."""
+    try:
+        status = _run_command(argv)
+        sys.stdout.flush()  # here, where a reader that left can still be told from a bug
+        return status
+    except KeyboardInterrupt:  # Ctrl-C is the user's, not a bug
+        if _tracebacks():
+            raise
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # stdout's: the commands' handler reports other pipes
+        # Python's exit flushes stdout again: onto /dev/null, or it reports the pipe after all.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # the shells' status for SIGPIPE, as a command killed by it gives
+
+
+def _run_command(argv) -> int:
     from ._version import __version__
 
     parser = argparse.ArgumentParser(prog="fastvit-style", description=DESCRIPTION)
@@ -55,19 +85,14 @@ def main(argv=None) -> int:
     args._given = frozenset(vars(parser.parse_args(argv))) - {"command", "_run"}
     try:
         return args._run(args) or 0
-    except BrokenPipeError:  # the reader of stdout left (`| head`): nothing to report
-        # Python's exit flushes stdout again: onto /dev/null, or it prints the error after all.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141  # the shells' status for SIGPIPE, as a command killed by it gives
-    except KeyboardInterrupt:  # Ctrl-C is the user's, not a bug: no traceback, the shells' status 130
-        if os.environ.get("FASTVIT_STYLE_TRACEBACK", "0") not in ("", "0"):
-            raise
-        print("interrupted", file=sys.stderr)
-        return 130
     except Exception as exc:
         # One line, as the commands' own checks print (SystemExit("error: ...")), with the same status 1;
         # argparse's usage errors exit 2. FASTVIT_STYLE_TRACEBACK=1 shows the traceback.
-        if not _user_error(exc) or os.environ.get("FASTVIT_STYLE_TRACEBACK", "0") not in ("", "0"):
+        if (
+            not _user_error(exc)
+            or _tracebacks()
+            or (isinstance(exc, BrokenPipeError) and _stdout_is_a_pipe())
+        ):
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 1

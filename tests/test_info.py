@@ -1,11 +1,13 @@
 """`fastvit-style info`: the versions a bug report needs and why each backend can or cannot run."""
 
 import importlib
+import os
 import platform
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 import fastvit_style
@@ -32,12 +34,29 @@ def test_info_lists_versions_and_backends(capsys):
     assert "backend xformers" in lines and "backend triton" in lines
 
 
-def test_a_reader_that_leaves_early_is_no_error():
+@pytest.mark.parametrize("unbuffered", ["", "1"])
+def test_a_reader_that_leaves_early_is_no_error(unbuffered):
     """`fastvit-style info | head -1`: stdout closed before the command writes is not reported (it said
-    'error: [Errno 32] Broken pipe'); the status is the shells' for SIGPIPE."""
+    'error: [Errno 32] Broken pipe'), whether the output is buffered (found at the last flush) or not;
+    the status is the shells' for SIGPIPE."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     child = subprocess.Popen(
-        [sys.executable, "-m", "fastvit_style.cli", "info"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        [sys.executable, "-m", "fastvit_style.cli", "info"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**env, "PYTHONUNBUFFERED": unbuffered} if unbuffered else env,
     )
     child.stdout.close()  # long before the command has imported torch and written anything
     err = child.stderr.read()
     assert child.wait(timeout=300) == 141 and err == b"", err
+
+
+def test_a_broken_pipe_that_is_not_stdouts_is_an_error(capsys, monkeypatch):
+    """stdout is no pipe here: the broken pipe is another one (a worker's), reported as before."""
+
+    def broken(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr("fastvit_style.info.run", broken)
+    assert main(["info"]) == 1
+    assert capsys.readouterr().err == "error: [Errno 32] Broken pipe\n"

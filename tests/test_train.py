@@ -529,6 +529,24 @@ def test_ctrl_c_says_how_to_resume_without_a_traceback(tmp_path, capsys, monkeyp
     assert err == f"--resume {str(out / 'last.pt')!r} continues from its last checkpoint\ninterrupted\n", err
     assert cli.main(["train", "--data", str(data), "--out", str(tmp_path / "new"), *TINY_ARGS]) == 130
     assert capsys.readouterr().err == "interrupted\n"  # no checkpoint yet: nothing to resume
+    os.utime(out / "last.pt", (0, 0))  # an older run's, which --overwrite replaces
+    assert cli.main([*argv, "--overwrite"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+
+    def interrupted_after_a_checkpoint(cfg, **kwargs):
+        os.utime(out / "last.pt")  # as this run's checkpoint would
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "train", interrupted_after_a_checkpoint)
+    assert cli.main([*argv, "--overwrite"]) == 130
+    assert (
+        capsys.readouterr().err
+        == f"--resume {str(out / 'last.pt')!r} continues from its last checkpoint\ninterrupted\n"
+    )
+    monkeypatch.setenv("RANK", "1")  # under torchrun one line, rank 0's
+    assert cli.main([*argv, "--resume", str(out / "last.pt")]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+    monkeypatch.delenv("RANK")
     monkeypatch.setenv("FASTVIT_STYLE_TRACEBACK", "1")
     with pytest.raises(KeyboardInterrupt):
         cli.main([*argv, "--resume", str(out / "last.pt")])

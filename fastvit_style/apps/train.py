@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 
 from .. import train as training
 from ..configs import check_backbone
@@ -98,11 +99,20 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def run(args: argparse.Namespace) -> int:
     check_backbone(args.backbone, args.model_kwargs)  # here, not in TrainConfig: old runs' names resume
     cfg = config_from_args(args)
+    started = time.time()
     try:
         training.train(cfg, given=args._given)
     except KeyboardInterrupt:
-        last = os.path.join(cfg.out, "last.pt")
-        if os.path.isfile(last):  # checkpoints are written atomically: the last one is whole
-            print(f"--resume {last!r} continues from its last checkpoint", file=sys.stderr)
+        if (resume := _resume_after_interrupt(cfg, started)) and int(os.environ.get("RANK", "0")) == 0:
+            print(f"--resume {resume!r} continues from its last checkpoint", file=sys.stderr)
         raise
     return 0
+
+
+def _resume_after_interrupt(cfg: TrainConfig, started: float) -> str | None:
+    """The checkpoint that continues a run interrupted now: the one it wrote (atomically: whole), else
+    the one it resumed from; None when there is none (an --out's older last.pt may be a replaced run's)."""
+    last = os.path.join(cfg.out, "last.pt")
+    if os.path.isfile(last) and os.path.getmtime(last) >= started - 2:  # FAT keeps 2-second times
+        return last
+    return cfg.resume
