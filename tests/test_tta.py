@@ -935,6 +935,15 @@ def test_cli_user_errors_are_one_line(folders, capsys, monkeypatch):
         [*tta_args, "--classifier", str(tmp / "bad.pt2"), "--out", str(tmp / "p.csv")],
         "not a readable torch.export archive",
     )
+    # A zip that is no export: torch.export.load logs the cause with a traceback, then raises a vaguer
+    # error; the one line gives both, and nothing else reaches stderr (fails_with: no traceback).
+    torch.save({"weights": torch.zeros(2)}, tmp / "saved.pt2")
+    with pytest.raises(SystemExit) as exit_:
+        cli_main([*tta_args, "--classifier", str(tmp / "saved.pt2"), "--out", str(tmp / "p.csv")])
+    said = str(exit_.value.code)
+    assert said.startswith("error: --classifier") and "(RuntimeError: PytorchStreamReader failed locating file " \
+        "archive_format" in said and "; then RuntimeError: We ran into an error" in said, said  # fmt: skip
+    assert capsys.readouterr().err == ""
     # Traced for one batch size, it would fail on the first other one, a guard's AssertionError.
     torch.export.save(torch.export.export(toy_classifier(2), (images(2, SIZE),)), str(tmp / "fixed.pt2"))
     fails_with(
@@ -988,7 +997,8 @@ def test_cli_user_errors_are_one_line(folders, capsys, monkeypatch):
     fails_with([*tta_clf, "--images", str(tmp / "nope"), "--out", str(tmp / "p.csv")],
                f"error: input folder {str(tmp / 'nope')!r} does not exist")  # fmt: skip
     fails_with([*tta_clf, "--out", str(tmp / "file")], "is not a predictions CSV of this command")
-    for own in ("path,pred\nimg0.png,1\n", "path,pred,p0,label\n", "path,pred,p1\n"):  # a user's tables
+    # A user's tables; the last one's line is beyond the csv module's field size limit.
+    for own in ("path,pred\nimg0.png,1\n", "path,pred,p0,label\n", "path,pred,p1\n", "x" * 200_000 + "\n"):
         (tmp / "own.csv").write_text(own)
         fails_with([*tta_clf, "--out", str(tmp / "own.csv")], "is not a predictions CSV of this command")
         assert (tmp / "own.csv").read_text() == own

@@ -64,6 +64,8 @@ def add_arguments(parser) -> None:
 
 
 class _Held(logging.Handler):
+    """Keeps the records it is given, for `_logs_only_on_success`."""
+
     def __init__(self):
         super().__init__()
         self.records = []
@@ -75,17 +77,23 @@ class _Held(logging.Handler):
 @contextlib.contextmanager
 def _logs_only_on_success(name: str):
     """The records of logger `name` (and of its children) are held back while the block runs and
-    passed on to its handlers only if it succeeds: torch.export.load logs a failed read with its
-    traceback before raising (torch 2.14), which the one-line error already reports."""
+    passed on to its handlers only if it succeeds; yields the handler holding them, whose records tell a
+    failure's cause: torch.export.load logs a failed read with its traceback and then raises a
+    different, vaguer error ("check the warnings above")."""
     logger, held = logging.getLogger(name), _Held()
     handlers, propagate = logger.handlers, logger.propagate
     logger.handlers, logger.propagate = [held], False
     try:
-        yield
+        yield held
     finally:
         logger.handlers, logger.propagate = handlers, propagate
     for record in held.records:
         logger.handle(record)
+
+
+def _said(e: BaseException) -> str:
+    """An exception in one line: its type and its message's first line."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 def load_classifier(spec: str, dev: torch.device, images: tuple[int, int, int, int]) -> nn.Module:
@@ -93,12 +101,13 @@ def load_classifier(spec: str, dev: torch.device, images: tuple[int, int, int, i
     channels, size) of what tta will pass, which a .pt2 export is checked against before any work."""
     if os.path.isfile(spec) and spec.endswith(".pt2"):  # torch.export archive
         try:
-            with _logs_only_on_success("torch.export"):
+            with _logs_only_on_success("torch.export") as held:
                 exported = torch.export.load(spec)
         except Exception as e:  # zipfile, pickle or version errors: all mean the archive cannot be used
-            first = str(e).splitlines()[0] if str(e) else ""
+            causes = [r.exc_info[1] for r in held.records if r.exc_info and r.exc_info[1]] + [e]
             raise SystemExit(
-                f"error: --classifier {spec!r} is not a readable torch.export archive ({type(e).__name__}: {first})"
+                f"error: --classifier {spec!r} is not a readable torch.export archive "
+                f"({'; then '.join(map(_said, causes))})"
             ) from None
         _check_exported_input(exported, spec, *images)
         return exported.module().to(dev)
@@ -190,12 +199,19 @@ def check_csv_path(path: str) -> None:
     check_file_folder(path, "--out")
 
 
+def _header(num_classes: int) -> list[str]:
+    return _HEADER + [f"p{c}" for c in range(num_classes)]
+
+
 def _is_predictions_csv(path: str) -> bool:
     """Whether the header is this command's whole header, `path,pred,p0,...,pN-1`: a user's own table
     that starts `path,pred` (ground truth, say) is not replaced."""
     with open(path, newline="", encoding="utf-8", errors="replace") as f:
-        header = next(csv.reader(f), [])
-    return len(header) > 2 and header == _HEADER + [f"p{c}" for c in range(len(header) - 2)]
+        try:
+            header = next(csv.reader(f), [])
+        except csv.Error:  # not CSV as this command writes it (a first line over the field size limit)
+            return False
+    return len(header) > 2 and header == _header(len(header) - 2)
 
 
 def _classify(tta: TTAClassifier, views: torch.Tensor, spec: str) -> torch.Tensor:
@@ -205,11 +221,10 @@ def _classify(tta: TTAClassifier, views: torch.Tensor, spec: str) -> torch.Tenso
         return tta.classify(views)
     except Exception as e:
         n, image = views.shape[0] * views.shape[1], tuple(views.shape[2:])
-        first = str(e).splitlines()[0] if str(e) else ""
         hint = ": lower --batch-size (or --k)" if isinstance(e, torch.OutOfMemoryError) else ""
         raise ValueError(
             f"--classifier {spec!r} failed on {n} images of shape {image}, {views.dtype}, normalized as the "
-            f"stylizer's inputs: {type(e).__name__}: {first}{hint}"
+            f"stylizer's inputs: {_said(e)}{hint}"
         ) from e
 
 
@@ -291,7 +306,7 @@ def run(args) -> int:
         open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f,
     ):
         writer = csv.writer(f)
-        writer.writerow(_HEADER + [f"p{c}" for c in range(num_classes)])
+        writer.writerow(_header(num_classes))
         writer.writerows([r[:2] + [f"{p:.6g}" for p in r[2:]] for r in rows])
     print(f"wrote predictions for {len(rows)} images to {args.out}")
     return 0
