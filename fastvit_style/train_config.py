@@ -176,7 +176,14 @@ def out_problem(cfg: TrainConfig) -> str | None:
             "replaces them (with --overwrite neither): move them, or choose another --out"
         )
     last = os.path.join(cfg.out, "last.pt")
-    if cfg.resume and os.path.exists(last) and _same_folder(cfg.resume, cfg.out):
+    # The run's other files are no training checkpoint; a checkpoint kept beside it (epoch3.pt) may be one.
+    other_files = ("config.json", *(f for f in RUN_FILES if f != "last.pt"))
+    if (
+        cfg.resume
+        and os.path.basename(cfg.resume) in other_files
+        and _same_folder(cfg.resume, cfg.out)
+        and os.path.exists(last)
+    ):
         return (
             f"--resume {cfg.resume!r}: the run in --out {cfg.out!r} continues from its training checkpoint, "
             f"pass --resume {last!r}"
@@ -196,6 +203,7 @@ def out_problem(cfg: TrainConfig) -> str | None:
 
 
 def _same_folder(path: str, folder: str) -> bool:
+    """Whether the file `path` lies directly in `folder` (links resolved)."""
     try:
         return os.path.samefile(os.path.dirname(os.path.abspath(path)), folder)
     except OSError:

@@ -7,6 +7,7 @@ import math
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 
@@ -30,7 +31,7 @@ from fastvit_style.configs import LOSS_WEIGHTS
 from fastvit_style.data import micro_batches
 from fastvit_style.imageio import denormalize
 from fastvit_style.train import Trainer, cosine_lr, psnr, train
-from fastvit_style.train_config import CHECKPOINT_KEYS, RUN_FILES, TrainConfig, resumed_config
+from fastvit_style.train_config import CHECKPOINT_KEYS, RUN_FILES, TrainConfig, out_problem, resumed_config
 from fastvit_style.weights import (
     WeightsError,
     load_state_dict,
@@ -682,6 +683,12 @@ def test_resume_never_writes_over_another_run_and_a_random_vgg_stays_random(tmp_
             train(
                 dataclasses.replace(config, resume=str(tmp_path / "a" / "config.json"), overwrite=overwrite)
             )
+    # A checkpoint kept beside the run (to roll back to) resumes with --overwrite, as from anywhere else.
+    shutil.copy(tmp_path / "a" / "last.pt", tmp_path / "a" / "step1.pt")
+    assert (
+        out_problem(dataclasses.replace(config, resume=str(tmp_path / "a" / "step1.pt"), overwrite=True))
+        is None
+    )
     assert b_files == {name: (tmp_path / "b" / name).read_bytes() for name in b_files}
     with pytest.raises(ValueError, match="--resume .*lats.pt' does not exist"):
         train(dataclasses.replace(config, resume=str(tmp_path / "a" / "lats.pt")))
