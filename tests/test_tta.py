@@ -1110,7 +1110,7 @@ def test_cli_outputs_never_overwrite_each_other_nor_become_inputs(folders, capsy
             f"fastvit_style.apps.{app}.folds_case", lambda folder: os.path.basename(folder) == "o"
         )
     for args in (case_argv, tta_argv):
-        with pytest.raises(SystemExit, match="same output name .* does not tell upper from lower case"):
+        with pytest.raises(SystemExit, match="same output name .* takes them for one name: it ignores case"):
             cli_main(args)
     assert not (tmp / "o").exists()
 
@@ -1150,7 +1150,10 @@ def test_output_names_that_differ_in_case_clash_where_the_file_system_ignores_ca
     from fastvit_style import atomic
     from fastvit_style.apps.common import output_names, pair_names
 
-    assert not atomic.folds_case(tmp_path / "new" / "out")  # this file system tells case apart
+    (tmp_path / "Probe").touch()  # what this file system does (macOS and Windows ignore case by default)
+    ignores_case = os.path.exists(tmp_path / "probe")
+    (tmp_path / "Probe").unlink()
+    assert atomic.folds_case(tmp_path / "new" / "out") == ignores_case
     assert os.listdir(tmp_path) == []  # and the probe is gone
 
     def exists_ignoring_case(path):
@@ -1166,12 +1169,14 @@ def test_output_names_that_differ_in_case_clash_where_the_file_system_ignores_ca
     paths = [os.path.join(root, "Img.png"), os.path.join(root, "img.png")]
     assert output_names(paths, root) == ["Img", "img"]
     with pytest.raises(SystemExit, match=r"Img.png' and .*img.png' give the same output name 'img' \(the output "
-                       "folder's file system does not tell upper from lower case\\)"):  # fmt: skip
+                       "folder's file system takes them for one name: it ignores case\\)"):  # fmt: skip
         output_names(paths, root, fold_case=True)
     accents = [os.path.join(root, "\u00c9.png"), os.path.join(root, "e\u0301.png")]  # É; e + combining acute
     assert output_names(accents, root) == ["\u00c9", "e\u0301"]
     with pytest.raises(SystemExit, match="same output name"):  # one name on APFS
         output_names(accents, root, fold_case=True)
+    sharp = [os.path.join(root, "stra\u00dfe.png"), os.path.join(root, "STRASSE.png")]  # two files there
+    assert output_names(sharp, root, fold_case=True) == ["stra\u00dfe", "STRASSE"]
     contents, styles = (
         [os.path.join(root, n) for n in ("a.png", "A__b.png")],
         [os.path.join(root, n) for n in ("c.png", "b__C.png")],

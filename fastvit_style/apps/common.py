@@ -247,12 +247,14 @@ def mean_std(args) -> tuple[tuple, tuple, str | None]:
         raise SystemExit(f"error: {e}") from None
 
 
-_CASE_NOTE = " (the output folder's file system does not tell upper from lower case)"
+_CASE_NOTE = " (the output folder's file system takes them for one name: it ignores case)"
 
 
 def _fold(name: str) -> str:
-    """`name` as a file system that ignores case compares it (approximately: Python's case folding)."""
-    return unicodedata.normalize("NFC", name).casefold()
+    """`name` as a file system that ignores case compares it, approximately: composed (APFS ignores how
+    accents are encoded), each character by its one-character upper case (NTFS and FAT's simple
+    mapping: `ß` stays, as `straße` and `strasse` stay two files)."""
+    return "".join(u if len(u := c.upper()) == 1 else c for c in unicodedata.normalize("NFC", name))
 
 
 def output_names(paths: list[str], root: str, fold_case: bool = False) -> list[str]:
