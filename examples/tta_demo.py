@@ -92,6 +92,8 @@ def main(argv=None) -> None:
 
     if os.path.isdir(args.out):
         p.error(f"--out {args.out!r} is a folder: name the PNG file to write")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        p.error(f"--out {args.out!r}: its folder does not exist")
     if args.small and args.weights:
         p.error("--small builds a reduced model that no checkpoint fits: drop --weights or --small")
     torch.manual_seed(0)

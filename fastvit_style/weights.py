@@ -416,7 +416,7 @@ def save_state_dict(model_or_sd, path, normalization=None) -> str:
     if os.path.isdir(path):
         raise ValueError(f"cannot save {path!r}: it is a folder; give a file name")
     if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-        raise ValueError(f"cannot save {path!r}: its folder does not exist")
+        raise ValueError(f"cannot save {path!r}: its folder does not exist (or is a file)")
     metadata = {"format": "pt"}
     if normalization is not None:
         if suffix != SAFETENSORS_SUFFIX:

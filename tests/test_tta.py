@@ -1052,7 +1052,7 @@ def test_cli_without_pil(folders, monkeypatch, capsys):
         )
 
 
-def test_demo_runs(tmp_path):
+def test_demo_runs(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("tta_demo", os.path.join(ROOT, "examples", "tta_demo.py"))
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
@@ -1060,8 +1060,13 @@ def test_demo_runs(tmp_path):
     demo.main(["--small", "--out", str(out)])
     pixels = decode_png(out.read_bytes())
     assert pixels.shape == (3 * (64 + 4), 4 * (64 + 4), 3)
-    with pytest.raises(SystemExit):  # argparse's error: the folder is named, before any work
-        demo.main(["--small", "--out", str(tmp_path)])
+    for out, message in (
+        (tmp_path, "is a folder: name the PNG file"),
+        (tmp_path / "no" / "g.png", "its folder does"),
+    ):
+        with pytest.raises(SystemExit):  # argparse's error, before any work
+            demo.main(["--small", "--out", str(out)])
+        assert message in capsys.readouterr().err
 
 
 @needs_pil

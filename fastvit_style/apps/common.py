@@ -23,16 +23,17 @@ from ..devices import resolve_device
 from ..imageio import list_images, normalization, require_pil
 from ..weights import read_normalization
 
+BACKBONE_HELP = (
+    "tiny, small, base, large or huge (or vit_tiny, ...), or a custom ViT's name with encoder_* keywords "
+    "in --model-kwargs"
+)
+
 
 def add_model_arguments(parser) -> None:
     parser.add_argument(
         "--weights", required=True, help="weight file (.safetensors/.pth) or official dataset id"
     )
-    parser.add_argument(
-        "--backbone",
-        default="base",
-        help="tiny, small, base, large or huge (or vit_tiny, ...), or a custom ViT's name with encoder_* keywords in --model-kwargs (default: base)",
-    )
+    parser.add_argument("--backbone", default="base", help=BACKBONE_HELP + " (default: base)")
     parser.add_argument(
         "--model-kwargs",
         default=None,

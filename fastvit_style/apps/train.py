@@ -10,6 +10,7 @@ import time
 from .. import train as training
 from ..configs import check_backbone
 from ..train_config import TrainConfig
+from .common import BACKBONE_HELP
 
 
 def _usable_cpus() -> int:
@@ -31,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--backbone",
         default=d.backbone,
-        help="tiny, small, base, large or huge (or vit_tiny, ...), or a custom ViT's name with encoder_* keywords in --model-kwargs (default: %(default)s)",
+        help=BACKBONE_HELP + " (default: %(default)s)",
     )
     p.add_argument("--model-kwargs", type=json.loads, default={}, metavar="JSON",
                    help='official StylizingViT keyword overrides, e.g. \'{"encoder_depth": 6}\'')  # fmt: skip
