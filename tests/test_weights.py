@@ -389,7 +389,9 @@ def test_non_tensor_entry_refused():
 
 def test_vgg_keys_dropped_for_eval_model(tmp_path):
     src = make(train=True, seed=8)
+    src.vgg_encoder.load_state_dict(src.vgg_encoder.state_dict())  # as ImageNet weights would be: saved
     path = W.save_state_dict(src, tmp_path / "full.safetensors")
+    assert any(k.startswith("vgg_encoder.") for k in W.read_state_dict(path))
     dst = W.load_state_dict(make(train=False), path)
     assert not any(k.startswith("vgg_encoder.") for k in dst.state_dict())
     assert torch.equal(dst.encoder.pos_embed, src.encoder.pos_embed)
