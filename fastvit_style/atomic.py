@@ -126,16 +126,27 @@ def folder_problem(path, flag: str) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _probe(folder, stem: str):
+    """A hidden empty file `.<stem>.<12 hex digits>.tmp` created in `folder` (or the nearest folder above
+    it that exists) for the block, then removed; yields (that folder, the file's name)."""
+    folder, name = _nearest_entry(folder), f".{stem}.{uuid.uuid4().hex[:12]}.tmp"
+    with open(os.path.join(folder, name), "xb"):
+        pass
+    try:
+        yield folder, name
+    finally:
+        os.remove(os.path.join(folder, name))
+
+
 def writable_problem(folder, flag: str) -> str | None:
     """Why no file can be written into `folder` (given by the option `flag`; it or the nearest folder
     above it that exists, where it would be created): found by writing and removing a hidden temporary,
     as the permissions alone do not tell (an immutable folder, a read-only file system). None when it
     can. Assumes `folder_problem` found none."""
     try:
-        probe = os.path.join(_nearest_entry(folder), f".write-test.{uuid.uuid4().hex[:12]}.tmp")
-        with open(probe, "xb"):
+        with _probe(folder, "write-test"):
             pass
-        os.remove(probe)
     except OSError as e:
         return f"{flag} {os.fspath(folder)!r} cannot be written to ({e.strerror or e})"
     return None
@@ -146,13 +157,18 @@ def folds_case(folder) -> bool:
     that differ only in case for one file, as macOS, Windows and FAT do by default: found by writing a
     hidden temporary with an upper-case name and looking for it by its lower-case one. Assumes
     `writable_problem` found none."""
-    folder, name = _nearest_entry(folder), f".CASE-TEST.{uuid.uuid4().hex[:12]}.tmp"
-    with open(os.path.join(folder, name), "xb"):
-        pass
-    try:
-        return os.path.exists(os.path.join(folder, name.lower()))
-    finally:
-        os.remove(os.path.join(folder, name))
+    with _probe(folder, "CASE-TEST") as (where, name):
+        return os.path.exists(os.path.join(where, name.lower()))
+
+
+def file_path_problem(path: str) -> str | None:
+    """Why no file can be written at `path` itself: it is a folder, or its folder does not exist (or is
+    a file); None when it can be. For the API's writers, which create no folders."""
+    if os.path.isdir(path):
+        return "it is a folder; give a file name"
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        return "its folder does not exist (or is a file)"
+    return None
 
 
 def check_replaceable(path: str, flag: str, what: str, ours, not_ours: str) -> None:

@@ -9,7 +9,7 @@ import weakref
 
 import torch
 
-from .atomic import atomic_path
+from .atomic import atomic_path, file_path_problem
 from .block import block_with_kv, project_kv
 from .configs import ModelConfig, is_int
 from .devices import autocast_dtype
@@ -246,10 +246,8 @@ class StyleBank:
         import safetensors.torch
 
         path = os.fspath(path)
-        if os.path.isdir(path):
-            raise ValueError(f"cannot save the style bank to {path!r}: it is a folder; give a file name")
-        if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            raise ValueError(f"cannot save the style bank to {path!r}: its folder does not exist")
+        if problem := file_path_problem(path):
+            raise ValueError(f"cannot save the style bank to {path!r}: {problem}")
         tensors = {"k": self.k.detach().to("cpu").contiguous(), "v": self.v.detach().to("cpu").contiguous()}
         meta = {
             "format": "pt",

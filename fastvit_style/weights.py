@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from . import configs
-from .atomic import atomic_path
+from .atomic import atomic_path, file_path_problem
 from .checkpoint import has_random_vgg
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
@@ -413,10 +413,8 @@ def save_state_dict(model_or_sd, path, normalization=None) -> str:
     suffix = os.path.splitext(path)[1].lower()
     if suffix != SAFETENSORS_SUFFIX and suffix not in TORCH_SUFFIXES:
         raise ValueError(f"cannot save {path!r}: use a .safetensors or .pth file name")
-    if os.path.isdir(path):
-        raise ValueError(f"cannot save {path!r}: it is a folder; give a file name")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-        raise ValueError(f"cannot save {path!r}: its folder does not exist (or is a file)")
+    if problem := file_path_problem(path):
+        raise ValueError(f"cannot save {path!r}: {problem}")
     metadata = {"format": "pt"}
     if normalization is not None:
         if suffix != SAFETENSORS_SUFFIX:
