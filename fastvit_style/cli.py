@@ -53,7 +53,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:  # Ctrl-C is the user's, not a bug
         if _tracebacks():
             raise
-        print("interrupted", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets the Ctrl-C: one line
+            print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # stdout's: the commands' handler reports other pipes
         # Python's exit flushes stdout again: onto /dev/null, or it reports the pipe after all.

@@ -13,7 +13,7 @@ from .atomic import atomic_path, file_path_problem
 from .block import block_with_kv, project_kv
 from .configs import ModelConfig, is_int
 from .devices import autocast_dtype
-from .weights import unwrap, weight_fingerprint
+from .weights import is_vgg_key, unwrap, weight_fingerprint
 
 _BANK_TAG = "fastvit_style.StyleBank"  # safetensors metadata "kind": tells a bank from a weight file
 
@@ -193,7 +193,7 @@ class StyleBank:
         model = unwrap(model)
         # The parameters the fingerprint covers (K/V depend on the encoder's alone, but a bank is refused
         # for other weights alike however it meets the model), held weakly: replaced ones are not kept alive.
-        refs = tuple(weakref.ref(p) for n, p in model.named_parameters() if not n.startswith("vgg_encoder."))
+        refs = tuple(weakref.ref(p) for n, p in model.named_parameters() if not is_vgg_key(n))
         self._checked[model] = (_model_dtype(model), refs, _version(refs))
 
     def check(self, model) -> None:

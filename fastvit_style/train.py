@@ -85,10 +85,12 @@ from .train_config import (
 from .weights import (
     WeightsError,
     clean_state_dict,
+    is_vgg_key,
     load_state_dict,
     load_vgg_weights,
     read_state_dict,
     save_state_dict,
+    without_vgg,
 )
 
 LOSS_NAMES = ("identity", "consistency", "anatomical", "style")
@@ -191,7 +193,7 @@ class Trainer:
             cfg = self.cfg
         self.model = model.to(device)
         # The official optimizer gets encoder, bottleneck and post_process_conv: all but the VGG.
-        self.params = [p for n, p in model.named_parameters() if not n.startswith("vgg_encoder.")]
+        self.params = [p for n, p in model.named_parameters() if not is_vgg_key(n)]
         self.optimizer = torch.optim.AdamW(
             self.params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
         )
@@ -256,14 +258,14 @@ class Trainer:
                 state = read_state_dict(cfg.init_weights)
                 sd = clean_state_dict(state, model)
                 if has_random_vgg(state):  # never pass a random VGG19 off as the ImageNet one
-                    sd = {k: v for k, v in sd.items() if not k.startswith("vgg_encoder.")}
+                    sd = without_vgg(sd)
                     random_note = (
                         f" (--init-weights {cfg.init_weights!r} is a --random-vgg run's: its VGG19 is random)"
                     )
-                if any(k.startswith("vgg_encoder.") for k in sd):
+                if any(map(is_vgg_key, sd)):
                     vgg_source = cfg.init_weights  # the official files carry the ImageNet VGG19
                 else:  # a train=False export: keep the model's VGG, check every other key strictly
-                    sd.update({k: v for k, v in model.state_dict().items() if k.startswith("vgg_encoder.")})
+                    sd.update({k: v for k, v in model.state_dict().items() if is_vgg_key(k)})
                 load_state_dict(model, sd, strict=True)
         if cfg.vgg_weights:
             with _naming("--vgg-weights"):
@@ -484,7 +486,7 @@ class Trainer:
         (the commands read them); without the VGG19 when it is random (module docstring)."""
         sd = self.model.state_dict()
         if self.cfg.random_vgg:
-            sd = {k: v for k, v in sd.items() if not k.startswith("vgg_encoder.")}
+            sd = without_vgg(sd)
         save_state_dict(sd, os.path.join(self.cfg.out, name), normalization=(self.cfg.mean, self.cfg.std))
 
     def _share_unreadable(self, dataset: ImageFolderDataset) -> torch.Tensor:

@@ -171,6 +171,16 @@ def _has_vgg(model) -> bool:
     return getattr(model, "vgg_encoder", None) is not None
 
 
+def is_vgg_key(name: str) -> bool:
+    """Whether a state_dict key or parameter name is the loss network's (VGG19, train=True only)."""
+    return name.startswith("vgg_encoder.")
+
+
+def without_vgg(sd: Mapping) -> dict:
+    """sd without the loss network's entries: what a train=False model holds."""
+    return {k: v for k, v in sd.items() if not is_vgg_key(k)}
+
+
 def clean_state_dict(sd: Mapping, model: nn.Module | None = None) -> dict:
     """Official cleanup (shared doc 2.3, step 4), a bit wider: unwrap 'model'/'state_dict' (repeatedly),
     strip leading `module.`/`_orig_mod.` (any order, repeated), drop `vgg_encoder.*` when `model` has
@@ -185,7 +195,7 @@ def clean_state_dict(sd: Mapping, model: nn.Module | None = None) -> dict:
     if bad:
         raise ValueError(f"state dict entry {bad[0]!r} is a {type(sd[bad[0]]).__name__}, not a tensor")
     if model is not None and not _has_vgg(model):
-        sd = {k: v for k, v in sd.items() if not k.startswith("vgg_encoder.")}
+        sd = without_vgg(sd)
     return sd
 
 
@@ -268,7 +278,7 @@ def load_state_dict(model: nn.Module, sd_or_path, strict: bool = True) -> nn.Mod
         lines = []
         if missing:
             lines.append(f"{len(missing)} missing keys: {_first(missing)}")
-            if all(k.startswith("vgg_encoder.") for k in missing):
+            if all(map(is_vgg_key, missing)):
                 lines.append(
                     "the weights have no VGG19 loss network: build the model with train=False, "
                     "or load strict=False and then load_vgg_weights(model, vgg19_file)"
@@ -291,7 +301,7 @@ def load_state_dict(model: nn.Module, sd_or_path, strict: bool = True) -> nn.Mod
         raise WeightsError(f"cannot load weights: non-floating-point tensors {_first(not_float)}")
     # strict=False loads what fits, as the official experiment scripts do, but not in silence: a
     # missing VGG19 alone is the documented way to a train=False file in a train=True model.
-    skipped = [k for k in missing if not k.startswith("vgg_encoder.")]
+    skipped = [k for k in missing if not is_vgg_key(k)]
     parts = (
         [f"left {len(skipped)} of the model's tensors as they were ({_first(skipped)})"] if skipped else []
     )
@@ -432,7 +442,7 @@ def save_state_dict(model_or_sd, path, normalization=None) -> str:
             "or with strict=False and then load_vgg_weights(model, vgg19_file)",
             stacklevel=2,
         )
-        plain = {k: v for k, v in plain.items() if not k.startswith("vgg_encoder.")}
+        plain = without_vgg(plain)
     sd = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in plain.items()}
     with atomic_path(path) as tmp:
         if suffix == SAFETENSORS_SUFFIX:
@@ -476,7 +486,7 @@ def weight_fingerprint(model_or_sd) -> str:
     train=False model and a compiled model with the same ViT weights share a fingerprint."""
     sd = _plain_state_dict(model_or_sd)
     h = hashlib.sha256()
-    for key in sorted(k for k in sd if not k.startswith("vgg_encoder.")):
+    for key in sorted(without_vgg(sd)):
         t = sd[key].detach().to("cpu").contiguous()
         h.update(f"{key}|{tuple(t.shape)}|{t.dtype}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())

@@ -544,9 +544,9 @@ def test_ctrl_c_says_how_to_resume_without_a_traceback(tmp_path, capsys, monkeyp
         capsys.readouterr().err
         == f"--resume {str(out / 'last.pt')!r} continues from its last checkpoint\ninterrupted\n"
     )
-    monkeypatch.setenv("RANK", "1")  # under torchrun one line, rank 0's
+    monkeypatch.setenv("RANK", "1")  # under torchrun the lines are rank 0's
     assert cli.main([*argv, "--resume", str(out / "last.pt")]) == 130
-    assert capsys.readouterr().err == "interrupted\n"
+    assert capsys.readouterr().err == ""
     monkeypatch.delenv("RANK")
     monkeypatch.setenv("FASTVIT_STYLE_TRACEBACK", "1")
     with pytest.raises(KeyboardInterrupt):
