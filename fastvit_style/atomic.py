@@ -13,10 +13,10 @@ def atomic_path(path):
     """Yield a temporary path in `path`'s folder; when the block succeeds it is fsynced and renamed onto
     `path` (os.replace, atomic on POSIX and Windows), otherwise removed. Any earlier file stays intact.
     A symbolic link at `path` is replaced by the file (its target stays as it was): a write never lands
-    outside `path`'s folder, where a run's checks and `remove_temporaries` look."""
+    outside `path`'s folder, where a run's checks and `temporaries` look."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    # Hidden (image listings skip it); `remove_temporaries` knows this pattern.
+    # Hidden (image listings skip it); `temporaries` knows this pattern (_TEMPORARY).
     tmp = os.path.join(directory, f".{_stem(os.path.basename(path))}.{uuid.uuid4().hex[:12]}.tmp")
     try:
         yield tmp
@@ -36,20 +36,36 @@ def atomic_path(path):
             os.close(fd)
 
 
-def remove_temporaries(folder, names) -> list[str]:
-    """Delete what `atomic_path` left in `folder` for the files `names` when its process was killed
-    mid-write (a kill runs no cleanup; a checkpoint's temporary is as large as the checkpoint). Only
-    names of atomic_path's pattern, `.<name>.<12 hex digits>.tmp`, go. Returns the paths removed."""
-    folder = os.fspath(folder)
-    stems = (re.escape(_stem(name)) for name in names)
-    pattern = re.compile(rf"\.(?:{'|'.join(stems)})\.[0-9a-f]{{12}}\.tmp")
-    removed = []
+# atomic_path's temporaries: `.<stem of the target's name>.<12 hex digits>.tmp`.
+_TEMPORARY = re.compile(r"\.(.+)\.[0-9a-f]{12}\.tmp", re.DOTALL)
+
+
+def temporaries(folder) -> dict[str, list[str]]:
+    """What `atomic_path` left in `folder` when its process was killed mid-write (a kill runs no cleanup;
+    a checkpoint's temporary is as large as the checkpoint): {stem of the target's name: [paths]}. A
+    user's file that merely starts like one (`.a.json.<hex>.tmp.bak`) is not among them."""
+    found = {}
     for entry in sorted(os.listdir(folder)):
-        if pattern.fullmatch(entry):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(folder, entry))
-                removed.append(os.path.join(folder, entry))
+        if match := _TEMPORARY.fullmatch(entry):
+            found.setdefault(match[1], []).append(os.path.join(folder, entry))
+    return found
+
+
+def remove_temporaries_of(found: dict[str, list[str]], name: str) -> list[str]:
+    """Delete the temporaries in `found` (`temporaries`) that were for the file `name`; the paths removed.
+    A writer calls it as it writes `name`: a leftover is a killed earlier write of that very file."""
+    removed = []
+    for path in found.pop(_stem(name), ()):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+            removed.append(path)
     return removed
+
+
+def remove_temporaries(folder, names) -> list[str]:
+    """Delete the temporaries in `folder` left for the files `names`; the paths removed."""
+    found = temporaries(folder)
+    return [path for name in names for path in remove_temporaries_of(found, name)]
 
 
 # The temporary adds 18 bytes to a name: a valid long output name (up to the common 255-byte limit)

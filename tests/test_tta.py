@@ -702,6 +702,33 @@ def test_cli_stylize(setup, folders):
 
 
 @needs_pil
+def test_cli_outputs_remove_the_temporaries_a_killed_run_left_for_them(folders, monkeypatch):
+    """A SIGKILL mid-write runs no cleanup: the next run writing that very file removes its temporary;
+    temporaries of files it does not write (an earlier run's other styles) and a user's files stay."""
+    tmp, base = folders
+    out = tmp / "out"
+    out.mkdir()
+    leftover = out / ".img1__img2.png.0123456789ab.tmp"
+    others = [out / ".img1__img9.png.0123456789ab.tmp", out / ".img1__img2.png.0123456789ab.tmp.bak"]
+    for path in (leftover, *others):
+        path.write_bytes(b"partial")
+    assert run_stylize(tmp, base, "out") == 0
+    assert not leftover.exists() and all(p.read_bytes() == b"partial" for p in others)
+    assert len(pngs(out)) == 2 * 3
+
+    (tmp / "toyclf.py").write_text(
+        "import torch.nn as nn\n"
+        "def make():\n    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2))\n"
+    )
+    monkeypatch.chdir(tmp)
+    csv_leftover = tmp / ".p.csv.0123456789ab.tmp"
+    csv_leftover.write_bytes(b"partial")
+    tta = ["tta", *base, "--refs", str(tmp / "styles"), "--images", str(tmp / "content"),
+           "--classifier", "toyclf:make", "--out", "p.csv"]  # fmt: skip
+    assert cli_main(tta) == 0 and not csv_leftover.exists() and (tmp / "p.csv").is_file()
+
+
+@needs_pil
 @pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
 def test_cli_tta(folders, monkeypatch):
     tmp, base = folders

@@ -10,7 +10,7 @@ import unicodedata
 
 import torch
 
-from ..atomic import atomic_path, folder_problem, writable_problem
+from ..atomic import atomic_path, folder_problem, remove_temporaries_of, temporaries, writable_problem
 from ..configs import (
     DEFAULT_DATASET,
     NORMALIZATION,
@@ -20,7 +20,7 @@ from ..configs import (
     weights_dataset,
 )
 from ..devices import resolve_device
-from ..imageio import list_images, normalization, require_pil
+from ..imageio import list_images, normalization, require_pil, save_png
 from ..weights import read_normalization
 
 BACKBONE_HELP = (
@@ -102,8 +102,9 @@ def check_file_folder(path: str, flag: str) -> None:
     check_output_folder(os.path.dirname(os.path.abspath(path)), f"{flag} {path!r}: the folder")
 
 
-def make_output_folder(path: str) -> None:
-    """Create the output folder `path` of images, marked as holding outputs (OUTPUTS_MARKER)."""
+def make_output_folder(path: str) -> dict[str, list[str]]:
+    """Create the output folder `path` of images, marked as holding outputs (OUTPUTS_MARKER). Returns the
+    temporaries a killed earlier run left there (`atomic.temporaries`), for `save_output_png`."""
     os.makedirs(path, exist_ok=True)
     marker = os.path.join(path, OUTPUTS_MARKER)
     if not os.path.exists(marker):
@@ -111,6 +112,14 @@ def make_output_folder(path: str) -> None:
             f.write(
                 "fastvit-style stylize/tta images: left out where this folder lies below an input folder\n"
             )
+    return temporaries(path)
+
+
+def save_output_png(image: torch.Tensor, folder: str, name: str, leftovers: dict[str, list[str]]) -> None:
+    """image (3, H, W) float in [0, 1] to folder/name, and away with the temporary a killed earlier run
+    left for that very file (leftovers: `make_output_folder`'s)."""
+    remove_temporaries_of(leftovers, name)
+    save_png(image, os.path.join(folder, name))
 
 
 def stylizer_config(args) -> tuple[ModelConfig, dict]:

@@ -8,12 +8,10 @@ references are encoded once into a StyleBank (about 2 * depth * 197 * width * 4 
 for tiny, 13.9 MiB for base), and each content image's stream is shared by its references.
 """
 
-import os
-
 import torch
 
 from ..atomic import folds_case
-from ..imageio import denormalize, load_batch, save_png
+from ..imageio import denormalize, load_batch
 from ..style_bank import StyleBank
 from ..tta import select_refs, stylize
 from .common import (
@@ -25,6 +23,7 @@ from .common import (
     mean_std,
     pair_names,
     progress,
+    save_output_png,
 )
 
 
@@ -64,7 +63,7 @@ def run(args) -> int:
         bank = StyleBank.from_images(
             model, load_batch(styles, size, mean, std).to(dev), batch_size=args.batch_size
         )
-        make_output_folder(args.out)
+        leftovers = make_output_folder(args.out)
         starts = range(0, len(contents), args.batch_size)
         for start in progress(starts, len(starts), "stylize"):
             paths = contents[start : start + args.batch_size]
@@ -74,6 +73,6 @@ def run(args) -> int:
             )
             for b, name in enumerate(content_names[start : start + len(paths)]):
                 for j, ref in enumerate(refs[b].tolist()):
-                    save_png(out[b, j], os.path.join(args.out, f"{name}__{style_names[ref]}.png"))
+                    save_output_png(out[b, j], args.out, f"{name}__{style_names[ref]}.png", leftovers)
     print(f"wrote {len(contents) * refs.shape[1]} images to {args.out}")
     return 0

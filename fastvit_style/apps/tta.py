@@ -20,8 +20,8 @@ import sympy
 import torch
 from torch import nn
 
-from ..atomic import atomic_path, check_replaceable, folds_case
-from ..imageio import denormalize, load_batch, save_png
+from ..atomic import atomic_path, check_replaceable, folds_case, remove_temporaries
+from ..imageio import denormalize, load_batch
 from ..style_bank import StyleBank, describe_value
 from ..tta import REDUCTIONS, TTAClassifier
 from .common import (
@@ -35,6 +35,7 @@ from .common import (
     mean_std,
     pair_names,
     progress,
+    save_output_png,
     stylizer_config,
 )
 
@@ -276,7 +277,7 @@ def run(args) -> int:
             generator=generator,
         )
         if saving:
-            make_output_folder(args.save_stylized)
+            leftovers = make_output_folder(args.save_stylized)
         # No tta.eval(): both parts are in eval mode already, and an exported (.pt2) module refuses train().
         starts = range(0, len(images), args.batch_size)
         for start in progress(starts, len(starts), "tta"):
@@ -295,11 +296,12 @@ def run(args) -> int:
                 stylized = denormalize(views[:, int(tta.include_original) :], mean, std)
                 for b, name in enumerate(names[start : start + len(paths)]):
                     for j, ref in enumerate(used[b].tolist()):
-                        save_png(
-                            stylized[b, j], os.path.join(args.save_stylized, f"{name}__{ref_names[ref]}.png")
-                        )
+                        name_j = f"{name}__{ref_names[ref]}.png"
+                        save_output_png(stylized[b, j], args.save_stylized, name_j, leftovers)
     num_classes = len(rows[0]) - 2
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    folder = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(folder, exist_ok=True)
+    remove_temporaries(folder, [os.path.basename(args.out)])  # of a run killed mid-write
     # UTF-8 whatever the locale; a file name that is not (undecodable bytes) is written as its bytes.
     with (
         atomic_path(args.out) as tmp,
