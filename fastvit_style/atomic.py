@@ -9,13 +9,17 @@ import uuid
 
 
 @contextlib.contextmanager
-def atomic_path(path):
+def atomic_path(path, remove_leftovers: bool = False):
     """Yield a temporary path in `path`'s folder; when the block succeeds it is fsynced and renamed onto
     `path` (os.replace, atomic on POSIX and Windows), otherwise removed. Any earlier file stays intact.
     A symbolic link at `path` is replaced by the file (its target stays as it was): a write never lands
-    outside `path`'s folder, where a run's checks and `temporaries` look."""
+    outside `path`'s folder, where a run's checks and `temporaries` look. remove_leftovers: first remove
+    the temporaries a killed earlier write of `path` left (one listing of the folder: for a single file;
+    writers of many files in one folder use `temporaries` once)."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
+    if remove_leftovers:
+        remove_temporaries(directory, [os.path.basename(path)])
     # Hidden (image listings skip it); `temporaries` knows this pattern (_TEMPORARY).
     tmp = os.path.join(directory, f".{_stem(os.path.basename(path))}.{uuid.uuid4().hex[:12]}.tmp")
     try:

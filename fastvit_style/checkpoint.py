@@ -67,7 +67,7 @@ def set_rng_state(state: dict, device: torch.device | None = None) -> None:
 def save_checkpoint(state: dict, path) -> str:
     """torch.save `state` (tensors and plain containers only) to `path` atomically."""
     path = os.fspath(path)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, remove_leftovers=True) as tmp:
         torch.save({"format": FORMAT, **state}, tmp)
     return path
 

@@ -255,7 +255,7 @@ class StyleBank:
             "config": json.dumps(self.config),
             "fingerprint": self.fingerprint,
         }
-        with atomic_path(path) as tmp:
+        with atomic_path(path, remove_leftovers=True) as tmp:
             safetensors.torch.save_file(tensors, tmp, metadata=meta)
         return path
 

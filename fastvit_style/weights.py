@@ -444,7 +444,7 @@ def save_state_dict(model_or_sd, path, normalization=None) -> str:
         )
         plain = without_vgg(plain)
     sd = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in plain.items()}
-    with atomic_path(path) as tmp:
+    with atomic_path(path, remove_leftovers=True) as tmp:
         if suffix == SAFETENSORS_SUFFIX:
             import safetensors.torch
 

@@ -20,7 +20,7 @@ import sympy
 import torch
 from torch import nn
 
-from ..atomic import atomic_path, check_replaceable, folds_case, remove_temporaries
+from ..atomic import atomic_path, check_replaceable, folds_case
 from ..imageio import denormalize, load_batch
 from ..style_bank import StyleBank, describe_value
 from ..tta import REDUCTIONS, TTAClassifier
@@ -299,12 +299,10 @@ def run(args) -> int:
                         name_j = f"{name}__{ref_names[ref]}.png"
                         save_output_png(stylized[b, j], args.save_stylized, name_j, leftovers)
     num_classes = len(rows[0]) - 2
-    folder = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(folder, exist_ok=True)
-    remove_temporaries(folder, [os.path.basename(args.out)])  # of a run killed mid-write
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     # UTF-8 whatever the locale; a file name that is not (undecodable bytes) is written as its bytes.
     with (
-        atomic_path(args.out) as tmp,
+        atomic_path(args.out, remove_leftovers=True) as tmp,
         open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f,
     ):
         writer = csv.writer(f)
