@@ -182,9 +182,12 @@ def folds_case(folder) -> bool:
 
 
 def file_path_problem(path: str) -> str | None:
-    """Why no file can be written at `path` itself: it is a folder, or its folder does not exist (or is
-    a file); None when it can be. For the API's writers, which create no folders."""
-    if os.path.isdir(path):
+    """Why no file can be written at `path` itself: it is empty or a folder (or ends as one does), or its
+    folder does not exist (or is a file); None when it can be. For the API's writers, which create no
+    folders."""
+    if not path:
+        return "it is empty; give a file name"
+    if os.path.isdir(path) or path.endswith(tuple(filter(None, (os.sep, os.altsep)))):
         return "it is a folder; give a file name"
     if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
         return "its folder does not exist (or is a file)"

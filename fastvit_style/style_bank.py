@@ -72,6 +72,17 @@ def describe_value(obj) -> str:
     return f"{type(obj).__name__} {obj!r:.60}"
 
 
+def as_stylizer(model, name: str = "model"):
+    """`model` inside its torch.compile, DDP or DataParallel wrappers, once that is a StylizingViT;
+    TypeError naming the argument otherwise (a swapped argument would fail deep inside)."""
+    from .model import StylizingViT  # here: the model module imports tta, which imports this one
+
+    inner = unwrap(model) if isinstance(model, torch.nn.Module) else model
+    if not isinstance(inner, StylizingViT):
+        raise TypeError(f"{name} must be a fastvit_style StylizingViT, got {describe_value(model)}")
+    return inner
+
+
 class StyleBank:
     """Per-layer keys/values of the style streams of R reference images, all a stylization needs from them.
 
@@ -125,6 +136,7 @@ class StyleBank:
         dtype and stored in the model's dtype.
         """
         check_count("batch_size", batch_size)
+        model = as_stylizer(model)
         _require_values(model)
         model._check_inputs(refs, None, names=("refs", ""))
         enc, cfg = model.encoder, model.config
@@ -233,10 +245,17 @@ class StyleBank:
         # dtype gives the same numbers and saves the cast (and half the memory) on every call.
         amp = autocast_dtype(device.type) or dtype
         if self.device != device or self.dtype not in (dtype, amp):
+            if torch.finfo(self.dtype).eps > torch.finfo(dtype).eps:  # converting up keeps the rounding
+                remedy = (
+                    f"rebuild it with StyleBank.from_images(model, refs) (converted to {dtype}, a "
+                    f"{self.dtype} bank keeps {self.dtype}'s rounding)"
+                )
+            else:
+                remedy = f"use bank.to({str(device)!r}, {dtype})"
             raise ValueError(
                 f"the style bank is {self.dtype} on {self.device} but the model is {dtype} on {device}: "
-                f"use bank.to({str(device)!r}, {dtype})"
-                + (f" (or {amp}, the autocast dtype)" if amp != dtype else "")
+                + remedy
+                + (f" (or bank.to({str(device)!r}, {amp}), the autocast dtype)" if amp != dtype else "")
             )
 
     # --------------------------------------------------------------------------------------------- files
@@ -290,6 +309,7 @@ class StyleBank:
             ) from e
         bank = cls(k, v, config, fingerprint)
         if model is not None:
+            model = as_stylizer(model)
             bank.check(model)
             bank = bank.to(model.encoder.pos_embed.device)
         return bank

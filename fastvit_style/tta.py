@@ -21,7 +21,7 @@ from torch import nn
 from .block import block_forward, block_with_kv, project_kv, project_q
 from .configs import is_int
 from .devices import to_device_async
-from .style_bank import StyleBank, check_count, describe_value
+from .style_bank import StyleBank, as_stylizer, check_count, describe_value
 
 REDUCTIONS = ("mean_prob", "vote")
 
@@ -49,7 +49,10 @@ def select_refs(num_refs: int, batch: int, refs=None, k: int | None = None, gene
     if refs is not None and k is not None:
         raise ValueError("give refs or k, not both")
     if refs is not None:
-        refs = torch.as_tensor(refs)
+        try:
+            refs = torch.as_tensor(refs)
+        except (TypeError, ValueError, RuntimeError) as e:  # a ragged list, strings
+            raise ValueError(f"refs must be a (B, K) tensor or nested list of bank indices ({e})") from e
         if refs.dim() != 2 or refs.shape[0] != batch or refs.shape[1] < 1:
             raise ValueError(
                 f"refs must have shape ({batch}, K) with K >= 1 (bank indices per image), got {tuple(refs.shape)}"
@@ -73,21 +76,24 @@ def select_refs(num_refs: int, batch: int, refs=None, k: int | None = None, gene
 def stylize(model, x: torch.Tensor, bank: StyleBank, refs=None, k=None, generator=None, chunk_size: int = 64):
     """Each image of x (B, C, H, W) stylized by K bank references -> (B, K, C, H, W) in the compute dtype.
 
-    refs: (B, K) bank indices per image; k: K drawn per image at random (see `select_refs`); default:
-    every bank entry. Equal to `model(x[b:b+1], ref_j)` for each pair. At most about chunk_size
-    (image, reference) pairs are in flight at once (one image's K pairs when K exceeds it, split into
-    chunk_size slices that each rerun its content stream). Honours the ambient grad mode and autocast;
+    refs: (B, K) bank indices per image; k: K drawn per image at random with `generator` (read only
+    then; see `select_refs`); default: every bank entry. Equal to `model(x[b:b+1], ref_j)` for each
+    pair. At most about chunk_size (image, reference) pairs are in flight at once (one image's K pairs
+    when K exceeds it, split into chunk_size slices that each rerun its content stream). Honours the ambient grad mode and autocast;
     the bank's K/V are constants to autograd (no gradient reaches the weights through the references).
     """
-    _check_stylize(model, x, bank, chunk_size)
+    model = _check_stylize(model, x, bank, chunk_size)
     return _stylize(model, x, bank, select_refs(len(bank), x.shape[0], refs, k, generator), chunk_size)
 
 
-def _check_stylize(model, x: torch.Tensor, bank: StyleBank, chunk_size) -> None:
+def _check_stylize(model, x: torch.Tensor, bank: StyleBank, chunk_size):
+    """The StylizingViT inside `model`'s wrappers, once x, bank and chunk_size fit it."""
+    model = as_stylizer(model)
     _check_bank(bank)
     check_count("chunk_size", chunk_size)
     model._check_inputs(x, None)
     bank.verify(model)
+    return model
 
 
 def _stylize(model, x: torch.Tensor, bank: StyleBank, index: torch.Tensor, chunk_size: int) -> torch.Tensor:
@@ -140,8 +146,10 @@ class TTAClassifier(nn.Module):
 
     classifier: nn.Module mapping (N, C, H, W) normalized images (the stylizer's space) to logits
     (N, num_classes); it sees all views of a batch at once, (B*V, C, H, W), in x's dtype. It may be
-    torch.compile'd. stylizer: a StylizingViT matching `bank`. k: references per image, drawn at random
-    with `generator` on every call (None: the whole bank, in order; the default 8 needs a bank of 8).
+    torch.compile'd. stylizer: a StylizingViT matching `bank` (kept without its torch.compile, DDP or
+    DataParallel wrappers: the stylization reads its layers, never calls it). k: references per image,
+    drawn at random with `generator` on every call (None: the whole bank, in order; the default 8 needs
+    a bank of 8).
     reduce: "mean_prob" averages the softmax over views; "vote" returns the normalized histogram of
     per-view argmax classes (a view's ties go to its lowest class index, and so does argmax of the
     histogram). The stylizer runs under no_grad (it is frozen); the classifier follows the ambient grad
@@ -167,6 +175,7 @@ class TTAClassifier(nn.Module):
             raise TypeError(
                 f"classifier must be an nn.Module (wrap a function in one), got {describe_value(classifier)}"
             )
+        stylizer = as_stylizer(stylizer, "stylizer")
         _check_bank(bank)
         _check_generator(generator)
         check_count("chunk_size", chunk_size)
@@ -189,10 +198,10 @@ class TTAClassifier(nn.Module):
     def make_views(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, C, H, W) -> views (B, V, C, H, W) in x's dtype (original first when included) and the
         bank indices used, (B, K) int64."""
-        _check_stylize(self.stylizer, x, self.bank, self.chunk_size)
+        stylizer = _check_stylize(self.stylizer, x, self.bank, self.chunk_size)
         refs = select_refs(len(self.bank), x.shape[0], k=self.k, generator=self.generator)
         with torch.no_grad():
-            stylized = _stylize(self.stylizer, x, self.bank, refs, self.chunk_size).to(x.dtype)
+            stylized = _stylize(stylizer, x, self.bank, refs, self.chunk_size).to(x.dtype)
         views = torch.cat([x.unsqueeze(1), stylized], dim=1) if self.include_original else stylized
         return views, refs
 

@@ -37,6 +37,22 @@ def test_replaces_n_rows_by_the_stylization_of_the_rolled_subset(stylizer, p, ex
     torch.testing.assert_close(out[idx], stylizer(x_sel, x_sel.roll(-1, 0)), rtol=1e-5, atol=1e-5)
 
 
+def test_any_callable_gets_the_rolled_subset_as_its_style(stylizer):
+    """Only a StylizingViT is given None (its exact shortcut for the roll); another callable gets the
+    roll itself, as officially."""
+    x = images(5, 32)
+    seen = []
+
+    def other(content, style):
+        seen.append(style)
+        return stylizer(content, style)
+
+    out, idx = StyleAugment(other, p=0.6, generator=torch.Generator().manual_seed(1))(x)
+    assert torch.equal(seen[0], x[idx].roll(-1, 0))
+    expected, _ = StyleAugment(stylizer, p=0.6, generator=torch.Generator().manual_seed(1))(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_references_mode_draws_styles_from_the_reference_set(stylizer):
     x, refs = images(4, 32, seed=1), images(3, 32, seed=2)
     gen = torch.Generator().manual_seed(5)

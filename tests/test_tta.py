@@ -354,6 +354,7 @@ def test_bank_of_a_compiled_model_serves_the_model_and_its_compiled_calls(setup)
         ({"k": 1, "refs": torch.zeros(1, 1, dtype=torch.long)}, "not both"),
         ({"chunk_size": 0}, "chunk_size"),
         ({"chunk_size": True}, "chunk_size"),
+        ({"refs": [[0, 1], [2]]}, r"refs must be a \(B, K\) tensor or nested list"),  # ragged
     ],
 )
 def test_bad_arguments(setup, kwargs, match):
@@ -412,6 +413,36 @@ def test_wrong_types_and_damaged_banks(setup, tmp_path):
         TTAClassifier(toy_classifier(), model, bank, chunk_size=0)
     half = bank.to(torch.float16)  # a dtype first, as for a tensor
     assert half.dtype == torch.float16 and half.device == bank.device
+    # Converting it back would keep half's rounding (7e-5 against the reference): rebuild instead.
+    with pytest.raises(ValueError, match=r"torch.float16 on cpu but the model is torch.float32.*rebuild it"):
+        stylize(model, x, half)
+    for path in ("", str(tmp_path / "new") + os.sep):  # no file name: the temporary would land above
+        with pytest.raises(ValueError, match="cannot save the style bank.*(empty|a folder)"):
+            bank.save(path)
+    assert not (tmp_path / "new").exists()
+    # Arguments swapped, or not a model: named, not an AttributeError from deep inside.
+    with pytest.raises(TypeError, match="stylizer must be a fastvit_style StylizingViT, got Sequential"):
+        TTAClassifier(model, toy_classifier(), bank)
+    with pytest.raises(TypeError, match="model must be a fastvit_style StylizingViT, got a torch.float32"):
+        StyleBank.from_images(images(2, SIZE), model)
+    with pytest.raises(TypeError, match="model must be a fastvit_style StylizingViT, got str 'tiny'"):
+        StyleBank.load(bank.save(tmp_path / "b.safetensors"), "tiny")
+    with pytest.raises(TypeError, match="model must be a fastvit_style StylizingViT"):
+        stylize(toy_classifier(), x, bank)
+
+
+def test_wrapped_models_build_and_use_banks(setup):
+    """DataParallel (or DDP, torch.compile) around the model: the bank, stylize and TTAClassifier use the
+    model inside."""
+    _, model, refs, bank = setup
+    wrapped = nn.DataParallel(model)
+    assert torch.equal(StyleBank.from_images(wrapped, refs, batch_size=3).k, bank.k)
+    x = images(2, SIZE)
+    with torch.no_grad():
+        assert torch.equal(stylize(wrapped, x, bank), stylize(model, x, bank))
+        tta = TTAClassifier(toy_classifier(), wrapped, bank, k=None).eval()
+        assert tta.stylizer is model
+        assert torch.equal(tta(x), TTAClassifier(toy_classifier(), model, bank, k=None).eval()(x))
 
 
 # ------------------------------------------------------------------------------------ TTAClassifier
