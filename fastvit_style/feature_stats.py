@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .reference.losses import channel_mean_std, normalized
+from .tracing import traced
 
 VAR_EPS = 1e-5  # the official clamp on the variance
 
@@ -104,7 +105,7 @@ def normalized_mse(
     within rounding to F.mse_loss(normalized(feat), target) and channel_mean_std(feat). First-order
     gradients only in eager mode (the losses of backend="reference" also take create_graph=True).
     """
-    if torch.compiler.is_compiling():
+    if traced(feat, target):  # compiled graphs fuse by themselves; torch.func cannot run the Function
         y, mean, std = _official_stats(feat)
         return F.mse_loss(y, target), mean, std
     return _NormalizedMSE.apply(feat, target)

@@ -114,6 +114,24 @@ def test_compiled_graphs_take_the_official_ops(monkeypatch):
     assert_close_rel(grad_c, grad, 1e-12, "d feat")
 
 
+def test_torch_func_transforms_take_the_official_ops():
+    """torch.func.grad and vmap cannot run the autograd Function (no setup_context): the official ops
+    run under them, with the same values and gradient."""
+    feat = feature_maps((2, 3, 5, 7), torch.float64)
+    target = normalized(feature_maps((2, 3, 5, 7), torch.float64, seed=1))
+
+    def objective(f):
+        loss, mean, std = normalized_mse(f, target)
+        return 3.0 * loss + mean.sum() + std.sum()
+
+    f = feat.clone().requires_grad_()
+    objective(f).backward()
+    assert_close_rel(torch.func.grad(objective)(feat), f.grad, 1e-12, "grad")
+    per_sample = torch.func.vmap(lambda f, t: normalized_mse(f[None], t[None])[0])(feat, target)
+    expected = torch.stack([normalized_mse(feat[i : i + 1], target[i : i + 1])[0] for i in range(2)])
+    assert_close_rel(per_sample, expected, 1e-12, "vmap")
+
+
 def test_create_graph_is_refused_clearly():
     """The fused backward records no graph: create_graph=True gets an error that says so, never a
     gradient silently left out of a higher-order one."""

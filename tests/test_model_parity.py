@@ -119,6 +119,23 @@ def test_shallow_encoder_exact_in_float64(rolled):
     assert worst[1] <= 1e-10, f"gradient of {worst[0]}: relative error {worst[1]:.3e}"
 
 
+def test_torch_func_grad_of_the_training_objective():
+    """torch.func.grad over functional_call (per-sample gradients, meta-learning): the fast losses give
+    way to plain ops where the transforms cannot run theirs, with the reference's numbers (float64)."""
+    from torch.func import functional_call, grad
+
+    truth, _ = make_pair("tiny", train=True, input_size=32, encoder_depth=2)
+    fast = copy.deepcopy(truth)
+    fast.backend = "torch"
+    params = {n: p.detach() for n, p in truth.named_parameters() if p.requires_grad}
+    x = images(2, size=32, seed=3, dtype=torch.float64)
+
+    def objective(model):
+        return lambda p: functional_call(model, p, (x,))[0].total()
+
+    assert global_grad_error(grad(objective(fast))(params), grad(objective(truth))(params)) <= 1e-12
+
+
 @pytest.mark.parametrize("rolled", [False, True], ids=["explicit-style", "roll"])
 def test_training_float64_nchw_vgg(rolled, monkeypatch):
     """The fast losses run VGG19 on channels-last maps (the default of the other tests); NCHW maps,

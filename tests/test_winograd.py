@@ -1,10 +1,14 @@
 """Winograd F(2x2, 3x3) convolutions (the fast losses' VGG on CPU) against F.conv2d."""
 
+import copy
+import pickle
+
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import TOLERANCE, assert_close_rel
 
+from fastvit_style.layers import winograd
 from fastvit_style.layers.vgg19 import VGG19_CONVS, VGG19Features
 from fastvit_style.layers.winograd import conv3x3, transform_weight, use_winograd, winograd_conv3x3
 
@@ -42,15 +46,54 @@ def test_autograd_path_and_cached_transforms():
     assert use_winograd(x, conv)
     assert torch.autograd.gradcheck(lambda t: conv3x3(t, conv), (x,), fast_mode=True)
     assert torch.autograd.gradgradcheck(lambda t: conv3x3(t, conv), (x,), fast_mode=True)  # create_graph
-    first = conv.__dict__["_winograd_transforms"]
+    first = winograd._transforms_of[conv]
     conv3x3(x, conv)
-    assert conv.__dict__["_winograd_transforms"] is first  # reused while the weight is unchanged
+    assert winograd._transforms_of[conv] is first  # reused while the weight is unchanged
     with torch.no_grad():
         conv.weight.mul_(2)  # a new version: the transforms follow it
     assert_close_rel(conv3x3(x, conv), F.conv2d(x, conv.weight, conv.bias, padding=1), 1e-12, "after update")
     conv.weight.data.mul_(1.5)  # behind the version counter (hand-written loaders, EMA): seen all the same
     assert_close_rel(conv3x3(x, conv), F.conv2d(x, conv.weight, conv.bias, padding=1), 1e-12, "after .data")
-    assert "_winograd_transforms" not in conv.state_dict()
+    assert not any("winograd" in name for name in (*conv.state_dict(), *vars(conv)))
+
+
+def test_transforms_are_neither_pickled_nor_kept_past_a_cast():
+    """Kept beside the convs, not on them: a pickle, deepcopy or torch.save of the model does not carry
+    4x its VGG19's size of transforms, and a cast or move drops them."""
+    vgg = VGG19Features()
+    with torch.no_grad():
+        vgg(torch.randn(1, 3, 32, 32), fast=True)
+    convs = [m for m in vgg.modules() if m in winograd._transforms_of]
+    assert len(convs) == sum(out_ch >= 512 for _, out_ch in VGG19_CONVS)
+    size = len(pickle.dumps(vgg))
+    assert size < 1.01 * sum(p.numel() * 4 for p in vgg.parameters())
+    assert not any(m in winograd._transforms_of for m in copy.deepcopy(vgg).modules())
+    vgg.double()
+    assert not any(m in winograd._transforms_of for m in vgg.modules())
+
+
+def test_weights_that_are_inference_tensors():
+    """A model built under torch.inference_mode has weights without version counters: the transforms
+    follow them through the sample, as for writes through .data."""
+    with torch.inference_mode():
+        conv = frozen_conv(4, 512, torch.float64)
+        x = torch.randn(1, 4, 4, 4, dtype=torch.float64)
+        assert_close_rel(conv3x3(x, conv), F.conv2d(x, conv.weight, conv.bias, padding=1), 1e-12, "first")
+        conv.weight.mul_(2)
+        assert_close_rel(conv3x3(x, conv), F.conv2d(x, conv.weight, conv.bias, padding=1), 1e-12, "after")
+
+
+def test_torch_func_transforms_take_the_direct_convolution():
+    """vmap and grad cannot run the Winograd Function (nor query channels-last layouts): the losses'
+    VGG19 gives way to the plain convolution under them, with the same numbers."""
+    vgg = VGG19Features().double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    fast = torch.func.vmap(lambda t: vgg(t[None], fast=True)[-1])(x)
+    assert_close_rel(fast[:, 0], vgg(x)[-1], 1e-12, "vmap")
+    g = torch.func.grad(lambda t: vgg(t, fast=True)[-2].square().sum())(x)
+    xr = x.clone().requires_grad_()
+    vgg(xr)[-2].square().sum().backward()
+    assert_close_rel(g, xr.grad, 1e-12, "grad")
 
 
 def test_cached_transforms_follow_an_in_place_edit_off_the_sample():

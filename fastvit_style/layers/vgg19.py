@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .winograd import conv3x3
+from ..tracing import traced
+from .winograd import conv3x3, forget_transforms
 
 # torchvision/timm VGG19 `features` indices of the 3x3 convs and their output channels; a max-pool
 # follows the last conv of each stage.
@@ -26,8 +27,9 @@ def use_channels_last(x: torch.Tensor) -> bool:
     call: measured on 2 AVX-512 cores (2026-11-29, 4 images, forward + input gradient), 1.3x-2.1x
     faster for stages 1 and 2 (81 -> 38 ms at 3 -> 64 channels and 224 px, 248 -> 166 at 64 -> 64),
     the same from 56 px down; the whole training step of tiny at 224 px 6% faster. Compiled graphs
-    choose their own layouts (inductor's layout optimization); other devices keep NCHW, unmeasured."""
-    return x.device.type in ("cpu", "cuda") and not torch.compiler.is_compiling()
+    choose their own layouts (inductor's layout optimization), and so do traced or transformed calls
+    (vmap cannot query a layout); other devices keep NCHW, unmeasured."""
+    return x.device.type in ("cpu", "cuda") and not traced(x)
 
 
 RANDOM_WARNING = (
@@ -103,6 +105,11 @@ class VGG19Features(nn.Module):
             return
         self.warn_if_random = False
         warnings.warn(RANDOM_WARNING, stacklevel=stacklevel + 1)
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .half(), .cuda(): transforms of the old weights would stay alive, unused
+        forget_transforms(self)
+        return super()._apply(fn, recurse)
 
     def train(self, mode: bool = True):
         # Frozen and always in eval mode, like the official loss network (it has no dropout/BN anyway).

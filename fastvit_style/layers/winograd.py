@@ -9,8 +9,12 @@ swapped, so the backward pass runs through Winograd too. CPU only: on CUDA cuDNN
 algorithms. The reference losses keep the direct convolution.
 """
 
+import weakref
+
 import torch
 import torch.nn.functional as F
+
+from ..tracing import traced
 
 _G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))  # kernel transform, 4x3
 
@@ -89,28 +93,41 @@ class _WinogradConv(torch.autograd.Function):
         return _WinogradConv.apply(grad, u_flipped, u, None), None, None, None
 
 
+# conv -> (key, U, U of the flipped kernel). Held beside the convs, not on them: a pickle, deepcopy or
+# torch.save of the model would carry 4x its VGG19's size of transforms that a copy recomputes anyway.
+_transforms_of: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _transforms(conv: torch.nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """U of the kernel and of its flipped, channel-swapped twin (the input gradient's), kept on the conv
-    (not in its state_dict) until its weight changes: a 512x512 transform costs as much as the saving.
-    A change is seen through the version counter (load_state_dict, in-place ops) and, for writes that
-    bypass it (`.data`, numpy aliases), through the sum of a strided sample of the weight: whole-tensor
-    rewrites (loaders, EMA, rescaling) are caught, an edit of a few elements off the sample is not."""
+    """U of the kernel and of its flipped, channel-swapped twin (the input gradient's), kept until the
+    weight changes (or `forget_transforms`): a 512x512 transform costs as much as the saving. A change is
+    seen through the version counter (load_state_dict, in-place ops; inference tensors have none) and,
+    for writes that bypass it (`.data`, numpy aliases), through the sum of a strided sample of the
+    weight: whole-tensor rewrites (loaders, EMA, rescaling) are caught, an edit of a few elements off
+    the sample is not."""
     w = conv.weight
     sample = w.detach().reshape(-1)[::61].sum().item()  # a CPU tensor (use_winograd): no device sync
-    key = (w.data_ptr(), w._version, w.dtype, w.device, sample)
-    cached = conv.__dict__.get("_winograd_transforms")
+    version = None if w.is_inference() else w._version
+    key = (w.data_ptr(), version, w.dtype, w.device, sample)
+    cached = _transforms_of.get(conv)
     if cached is None or cached[0] != key:
         # Normal tensors even when first built under torch.inference_mode (a validation pass): the
         # Function saves them for backward, which inference tensors refuse in every later training step.
         with torch.inference_mode(False):
             cached = (key, transform_weight(w), transform_weight(w.flip(2, 3).transpose(0, 1)))
-        conv.__dict__["_winograd_transforms"] = cached
+        _transforms_of[conv] = cached
     return cached[1], cached[2]
+
+
+def forget_transforms(module: torch.nn.Module) -> None:
+    """Drop the transforms kept for the convs in `module` (their weights are being moved or cast)."""
+    for m in module.modules():
+        _transforms_of.pop(m, None)
 
 
 def use_winograd(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
     """Where F(2x2, 3x3) beats oneDNN on CPU: >= 512 output channels, even sides, frozen weights,
-    float32/float64 outside autocast, eager (compiled graphs pick their own).
+    float32/float64 outside autocast, eager and untransformed (compiled graphs pick their own).
 
     The saving grows with in x out channels, the transforms' memory passes with in + out. Measured
     (2 cores, 12 images, forward, oneDNN direct -> Winograd, ms):
@@ -124,7 +141,7 @@ def use_winograd(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
         x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.float64)
         and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling()
+        and not traced(x, conv.weight)  # the torch.func transforms cannot run its Function; graphs pick
         and conv.out_channels >= 512
         and x.shape[0] > 0  # its tile views cannot infer a size from no elements
         and x.shape[2] % 2 == 0
