@@ -10,6 +10,7 @@ through `feature_stats` (fewer passes than the official ops in eager mode, same 
 import torch
 import torch.nn.functional as F
 
+from .devices import autocast_dtype
 from .feature_stats import normalized_mse, normalized_stats
 from .layers.vgg19 import VGG19Features
 from .reference.losses import Loss, channel_mean_std
@@ -85,4 +86,8 @@ def compute_loss(vgg, x, x_style, x_stylized, x_recon, x_style_recon) -> Loss:
         identity, consistency = 2 * identity, 2 * consistency
     else:
         identity = identity + F.mse_loss(x_style_recon, x_style)
+    if autocast_dtype(x.device.type) is None:
+        # The statistics of half maps are float32 (feature_stats); the official terms have the maps'
+        # dtype (float32 under autocast, whose MSE runs in it): so do these, rounded once at the end.
+        anatomical, style = anatomical.to(stylized[0].dtype), style.to(stylized[0].dtype)
     return Loss(identity, consistency, anatomical, style)

@@ -119,6 +119,23 @@ def test_shallow_encoder_exact_in_float64(rolled):
     assert worst[1] <= 1e-10, f"gradient of {worst[0]}: relative error {worst[1]:.3e}"
 
 
+@pytest.mark.parametrize(
+    "dtype,autocast", [(torch.bfloat16, False), (torch.float16, False), (torch.float32, True)]
+)
+def test_loss_terms_have_the_official_dtypes(dtype, autocast):
+    """A half model's terms are half, as officially (stacking them must work), although the fast
+    statistics run in float32; under autocast all four are float32 on both paths."""
+    model = StylizingViT("tiny", train=True, input_size=32, encoder_depth=1).to(dtype)
+    model.vgg_encoder.warn_if_random = False
+    x = images(2, size=32, seed=3, dtype=dtype)
+    dtypes = {}
+    for backend in CPU_BACKENDS:
+        model.backend = backend
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            dtypes[backend] = [t.dtype for t in model(x)[0]]
+    assert dtypes["torch"] == dtypes["reference"] == [torch.float32 if autocast else dtype] * 4
+
+
 def test_torch_func_grad_of_the_training_objective():
     """torch.func.grad over functional_call (per-sample gradients, meta-learning): the fast losses give
     way to plain ops where the transforms cannot run theirs, with the reference's numbers (float64)."""
