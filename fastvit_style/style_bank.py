@@ -95,8 +95,9 @@ class StyleBank:
     place (an optimizer step, load_state_dict; for inference tensors, which have no version counter, a
     few of their values are compared) or replaced and freed (load_state_dict(assign=True)): a bank of
     weights that have changed is refused, so rebuild it after training. Not seen: writes that leave
-    the version counters alone (`.data`, module.half().float(), fused optimizer steps), replaced
-    parameters still referenced elsewhere (by an optimizer), and any change between compiled calls. The
+    the version counters alone (`.data`, hence torch.nn.utils.vector_to_parameters;
+    module.half().float(), fused optimizer steps), replaced parameters still referenced elsewhere (by
+    an optimizer), and any change between compiled calls. The
     bank's K/V are constants to autograd: gradients through a stylization reach the content image and
     the weights of its content and stylized streams, not the references' stream.
     The fingerprint covers the dtype: build the bank with the model in the dtype it will run in (for
