@@ -7,6 +7,11 @@ import os
 import re
 import uuid
 
+try:  # POSIX: a writer holds a lock on its temporary, which tells it from a killed writer's leftover
+    import fcntl
+except ImportError:  # Windows: leftovers are never removed (nothing tells them from live ones)
+    fcntl = None
+
 
 @contextlib.contextmanager
 def atomic_path(path, remove_leftovers: bool = False):
@@ -14,15 +19,20 @@ def atomic_path(path, remove_leftovers: bool = False):
     `path` (os.replace, atomic on POSIX and Windows), otherwise removed. Any earlier file stays intact.
     A symbolic link at `path` is replaced by the file (its target stays as it was): a write never lands
     outside `path`'s folder, where a run's checks and `temporaries` look. remove_leftovers: first remove
-    the temporaries a killed earlier write of `path` left (one listing of the folder: for a single file;
-    writers of many files in one folder use `temporaries` once)."""
+    what killed earlier writes of `path` left (one listing of the folder: for a single file; writers of
+    many files in one folder use `temporaries` once). The temporary exists, empty and locked, when the
+    block starts: the writer writes it by name."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     if remove_leftovers:
         remove_temporaries(directory, [os.path.basename(path)])
     # Hidden (image listings skip it); `temporaries` knows this pattern (_TEMPORARY).
     tmp = os.path.join(directory, f".{_stem(os.path.basename(path))}.{uuid.uuid4().hex[:12]}.tmp")
+    lock = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
+        if fcntl is not None:  # held until the rename: a cleaner leaves this temporary alone
+            with contextlib.suppress(OSError):  # no locks here (some network mounts): nor for a cleaner
+                fcntl.flock(lock, fcntl.LOCK_EX)
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -32,6 +42,8 @@ def atomic_path(path, remove_leftovers: bool = False):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    finally:
+        os.close(lock)
     if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX only)
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -45,29 +57,40 @@ _TEMPORARY = re.compile(r"\.(.+)\.[0-9a-f]{12}\.tmp", re.DOTALL)
 
 
 def temporaries(folder) -> dict[str, list[str]]:
-    """What `atomic_path` left in `folder` when its process was killed mid-write (a kill runs no cleanup;
-    a checkpoint's temporary is as large as the checkpoint): {stem of the target's name: [paths]}. A
-    user's file that merely starts like one (`.a.json.<hex>.tmp.bak`) is not among them."""
+    """atomic_path's temporaries in `folder` by the stem of their target's name, {stem: [paths]}: live
+    writes' and what killed ones left (a kill runs no cleanup; a checkpoint's temporary is as large as
+    the checkpoint). A user's file that merely starts like one (`.a.json.<hex>.tmp.bak`) is not among
+    them. Empty where the folder cannot be listed, or on Windows (see `remove_temporaries_of`)."""
     found = {}
-    for entry in sorted(os.listdir(folder)):
-        if match := _TEMPORARY.fullmatch(entry):
-            found.setdefault(match[1], []).append(os.path.join(folder, entry))
+    if fcntl is None:
+        return found
+    with contextlib.suppress(OSError):
+        for entry in sorted(os.listdir(folder)):
+            if match := _TEMPORARY.fullmatch(entry):
+                found.setdefault(match[1], []).append(os.path.join(folder, entry))
     return found
 
 
 def remove_temporaries_of(found: dict[str, list[str]], name: str) -> list[str]:
-    """Delete the temporaries in `found` (`temporaries`) that were for the file `name`; the paths removed.
-    A writer calls it as it writes `name`: a leftover is a killed earlier write of that very file."""
+    """Delete the temporaries in `found` (`temporaries`) that a killed write of the file `name` left
+    (or of a file whose name shares its first 237 bytes); the paths removed. A writer calls it as it
+    writes `name`. Best effort: a temporary that a live writer holds locked (another process writing
+    that file), or that cannot be removed (another user's, in a shared folder), stays."""
     removed = []
     for path in found.pop(_stem(name), ()):
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
-            removed.append(path)
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while its writer lives
+                os.remove(path)
+                removed.append(path)
+            finally:
+                os.close(fd)
     return removed
 
 
 def remove_temporaries(folder, names) -> list[str]:
-    """Delete the temporaries in `folder` left for the files `names`; the paths removed."""
+    """Delete the temporaries in `folder` that killed writes of the files `names` left; the paths removed."""
     found = temporaries(folder)
     return [path for name in names for path in remove_temporaries_of(found, name)]
 

@@ -11,18 +11,17 @@ from __future__ import annotations
 import numbers
 
 import torch
-from torch import nn
 
 from .devices import to_device_async
-from .model import StylizingViT
-from .weights import unwrap
+from .style_bank import find_stylizer
 
 
 class StyleAugment:
     """augment(x) -> (x_out, idx) for a batch x (B, C, H, W) in the stylizer's normalized space.
 
     stylizer: a frozen StylizingViT built with train=False (any callable (content, style) -> image;
-    the rolled subset as the style, None for a StylizingViT: its exact shortcut for that roll).
+    the rolled subset as the style, None for a StylizingViT, also a wrapped one: its exact shortcut
+    for that roll, which a function around the model would forgo).
     p in (0, 1]: the fraction of the batch replaced; n = max(1, int(p*B)) images at indices idx
     (int64, on x's device, in randperm order). references: optional (R, C, H, W) style set; each
     selected image gets a style drawn uniformly (with replacement) from it. generator: a CPU
@@ -70,9 +69,6 @@ class StyleAugment:
                     f"normalized as the stylizer's inputs), got {tuple(references.shape)}"
                 )
         self.stylizer = stylizer
-        self.rolls_itself = isinstance(
-            unwrap(stylizer) if isinstance(stylizer, nn.Module) else None, StylizingViT
-        )
         self.p = p
         self.references = references
         self.generator = generator
@@ -90,7 +86,7 @@ class StyleAugment:
         idx = to_device_async(torch.randperm(B, generator=self.generator)[:n], x.device)
         x_sel = x[idx]
         if self.references is None:  # a StylizingViT's own roll(x_sel, -1) skips the style stream (exact)
-            style = None if self.rolls_itself else x_sel.roll(-1, 0)
+            style = None if find_stylizer(self.stylizer) is not None else x_sel.roll(-1, 0)
         else:
             pick = torch.randint(self.references.shape[0], (n,), generator=self.generator)
             style = self.references[to_device_async(pick, self.references.device)]

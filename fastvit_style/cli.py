@@ -53,7 +53,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:  # Ctrl-C is the user's, not a bug
         if _tracebacks():
             raise
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets the Ctrl-C: one line
+        from .devices import dist_env
+
+        if dist_env()[0] == 0:  # under torchrun every rank gets the Ctrl-C: one line
             print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # stdout's: the commands' handler reports other pipes

@@ -1,7 +1,14 @@
 """Devices: the one place where a device named by the user (`--device`, `TrainConfig.device`) is
 checked, and where small host tensors reach a GPU without making the host wait for it."""
 
+import os
+
 import torch
+
+
+def dist_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) as torchrun sets them; (0, 1, 0) otherwise."""
+    return tuple(int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
 
 
 def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:

@@ -72,13 +72,18 @@ def describe_value(obj) -> str:
     return f"{type(obj).__name__} {obj!r:.60}"
 
 
-def as_stylizer(model, name: str = "model"):
-    """`model` inside its torch.compile, DDP or DataParallel wrappers, once that is a StylizingViT;
-    TypeError naming the argument otherwise (a swapped argument would fail deep inside)."""
+def find_stylizer(obj):
+    """The StylizingViT inside obj's torch.compile, DDP or DataParallel wrappers, or None."""
     from .model import StylizingViT  # here: the model module imports tta, which imports this one
 
-    inner = unwrap(model) if isinstance(model, torch.nn.Module) else model
-    if not isinstance(inner, StylizingViT):
+    inner = unwrap(obj) if isinstance(obj, torch.nn.Module) else obj
+    return inner if isinstance(inner, StylizingViT) else None
+
+
+def as_stylizer(model, name: str = "model"):
+    """`find_stylizer(model)`; TypeError naming the argument where there is none (a swapped argument
+    would fail deep inside)."""
+    if (inner := find_stylizer(model)) is None:
         raise TypeError(f"{name} must be a fastvit_style StylizingViT, got {describe_value(model)}")
     return inner
 
@@ -246,7 +251,11 @@ class StyleBank:
         # dtype gives the same numbers and saves the cast (and half the memory) on every call.
         amp = autocast_dtype(device.type) or dtype
         if self.device != device or self.dtype not in (dtype, amp):
-            if torch.finfo(self.dtype).eps > torch.finfo(dtype).eps:  # converting up keeps the rounding
+            if self.dtype in (dtype, amp):  # only the device differs
+                remedy = f"use bank.to({str(device)!r})"
+            elif amp != dtype:
+                remedy = f"use bank.to({str(device)!r}, {amp}), the autocast dtype"
+            elif torch.finfo(self.dtype).eps > torch.finfo(dtype).eps:  # converting up keeps the rounding
                 remedy = (
                     f"rebuild it with StyleBank.from_images(model, refs) (converted to {dtype}, a "
                     f"{self.dtype} bank keeps {self.dtype}'s rounding)"
@@ -256,7 +265,6 @@ class StyleBank:
             raise ValueError(
                 f"the style bank is {self.dtype} on {self.device} but the model is {dtype} on {device}: "
                 + remedy
-                + (f" (or bank.to({str(device)!r}, {amp}), the autocast dtype)" if amp != dtype else "")
             )
 
     # --------------------------------------------------------------------------------------------- files

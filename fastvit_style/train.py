@@ -71,7 +71,7 @@ from tqdm import tqdm
 from .atomic import remove_temporaries, write_json
 from .checkpoint import has_random_vgg, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .data import ImageFolderDataset, collate_images, micro_batches
-from .devices import resolve_device, to_device_async
+from .devices import dist_env, resolve_device, to_device_async
 from .imageio import denormalize, normalization
 from .model import StylizingViT
 from .train_config import (
@@ -124,11 +124,6 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (10 * torch.log10(max_val**2 / (mse + 1e-10))).mean()
 
 
-def _dist_env() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) as torchrun sets them; (0, 1, 0) otherwise."""
-    return tuple(int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
-
-
 def train(cfg: TrainConfig, on_step=None, given=None) -> StylizingViT:
     """Run training; returns the trained model (train=True, unwrapped, on its device).
 
@@ -139,7 +134,7 @@ def train(cfg: TrainConfig, on_step=None, given=None) -> StylizingViT:
     info: step, epoch, lr, and this rank's mean losses of the step (total, identity, consistency,
     anatomical, style) as floats. For logging, or for tests that interrupt a run.
     """
-    rank, world, local_rank = _dist_env()
+    rank, world, local_rank = dist_env()
     device = resolve_device(cfg.device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)

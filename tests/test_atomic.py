@@ -103,6 +103,39 @@ def test_a_single_files_write_removes_what_a_killed_write_of_it_left(tmp_path):
     assert sorted(os.listdir(tmp_path)) == [other.name, "w.safetensors"]
 
 
+def test_a_live_writers_temporary_is_never_removed(tmp_path):
+    """Two writers of one file (every rank saving, two jobs): the second's cleanup leaves the first's
+    temporary, which it holds locked, and both writes succeed (the last rename wins)."""
+    target = tmp_path / "bank.safetensors"
+    first = atomic_path(target, remove_leftovers=True)
+    tmp = first.__enter__()
+    with open(tmp, "wb") as f:
+        f.write(b"first")
+    with atomic_path(target, remove_leftovers=True) as second, open(second, "wb") as f:
+        f.write(b"second")
+    assert os.path.exists(tmp)
+    first.__exit__(None, None, None)
+    assert target.read_bytes() == b"first" and os.listdir(tmp_path) == [target.name]
+
+
+def test_a_leftover_that_cannot_be_removed_does_not_stop_the_write(tmp_path, monkeypatch):
+    """Another user's leftover in a shared (sticky) folder cannot be removed: the cleanup is best
+    effort, the write goes on."""
+    leftover = tmp_path / f".w.json.{uuid.uuid4().hex[:12]}.tmp"
+    leftover.write_bytes(b"theirs")
+    real_remove = os.remove
+
+    def remove(path):
+        if os.fspath(path) == str(leftover):
+            raise PermissionError(1, "Operation not permitted", str(path))
+        real_remove(path)
+
+    monkeypatch.setattr(os, "remove", remove)
+    with atomic_path(tmp_path / "w.json", remove_leftovers=True) as tmp, open(tmp, "w") as f:
+        f.write("{}")
+    assert (tmp_path / "w.json").read_text() == "{}" and leftover.read_bytes() == b"theirs"
+
+
 def test_a_name_that_is_not_utf8_is_written(tmp_path):
     """A file name from a non-UTF-8 file system reaches Python with surrogate escapes."""
     name = os.fsdecode(b"caf\xe9.json")

@@ -53,6 +53,20 @@ def test_any_callable_gets_the_rolled_subset_as_its_style(stylizer):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_a_wrapped_stylizer_keeps_its_roll_shortcut(stylizer, monkeypatch):
+    """DataParallel (or DDP, torch.compile) around a StylizingViT: still given None, its exact shortcut."""
+    from fastvit_style import schedule
+
+    seen, encode = [], schedule.encode
+    monkeypatch.setattr(
+        schedule,
+        "encode",
+        lambda enc, x, x_style, *a, **k: seen.append(x_style) or encode(enc, x, x_style, *a, **k),
+    )
+    StyleAugment(torch.nn.DataParallel(stylizer), p=0.5)(images(4, 32))
+    assert seen == [None]
+
+
 def test_references_mode_draws_styles_from_the_reference_set(stylizer):
     x, refs = images(4, 32, seed=1), images(3, 32, seed=2)
     gen = torch.Generator().manual_seed(5)

@@ -431,7 +431,8 @@ def test_wrong_types_and_damaged_banks(setup, tmp_path):
         stylize(toy_classifier(), x, bank)
 
 
-def test_wrapped_models_build_and_use_banks(setup):
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")  # torch.compile's imports
+def test_wrapped_models_build_and_use_banks(setup, tmp_path):
     """DataParallel (or DDP, torch.compile) around the model: the bank, stylize and TTAClassifier use the
     model inside."""
     _, model, refs, bank = setup
@@ -443,6 +444,10 @@ def test_wrapped_models_build_and_use_banks(setup):
         tta = TTAClassifier(toy_classifier(), wrapped, bank, k=None).eval()
         assert tta.stylizer is model
         assert torch.equal(tta(x), TTAClassifier(toy_classifier(), model, bank, k=None).eval()(x))
+    compiled = torch.compile(model)  # nothing compiles: the stylization never calls the model
+    assert torch.equal(StyleBank.load(bank.save(tmp_path / "b.safetensors"), compiled).k, bank.k)
+    with torch.no_grad():
+        assert torch.equal(stylize(compiled, x, bank), stylize(model, x, bank))
 
 
 # ------------------------------------------------------------------------------------ TTAClassifier

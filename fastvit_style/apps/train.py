@@ -9,6 +9,7 @@ import time
 
 from .. import train as training
 from ..configs import check_backbone
+from ..devices import dist_env
 from ..train_config import TrainConfig
 from .common import BACKBONE_HELP
 
@@ -104,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         training.train(cfg, given=args._given)
     except KeyboardInterrupt:
-        if (resume := _resume_after_interrupt(cfg, started)) and int(os.environ.get("RANK", "0")) == 0:
+        if (resume := _resume_after_interrupt(cfg, started)) and dist_env()[0] == 0:
             print(f"--resume {resume!r} continues from its last checkpoint", file=sys.stderr)
         raise
     return 0
