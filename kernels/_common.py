@@ -18,6 +18,8 @@ UPCAST_TILES = INTERPRET
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
+# The kernels take scale * log2(e) as an fp32 argument.
+MAX_SCALE = torch.finfo(torch.float32).max / math.log2(math.e)
 # One K/V head row of BLOCK_D <= 128 lanes; tl.dot needs at least 16 along the reduction.
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 
@@ -271,14 +273,17 @@ def int32_addressable(name: str, t: torch.Tensor) -> torch.Tensor:
 
 def check_attention_inputs(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index: torch.Tensor, scale: float
-) -> None:
+) -> float:
     """The launchers' checks on q (Sq, Tq, H, d), k/v (Skv, Tk, H, d), kv_index (Sq,) and scale (a
-    finite real number: a kernel argument, not a tensor).
+    real number such that scale * log2(e), a kernel argument, is a finite fp32 number); returns scale as
+    a Python float (the interpreter cannot pass a NumPy scalar).
 
     kv_index values are not read (that would sync the device): the op checks them in eager mode.
     """
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite real number, got {scale!r}")
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not abs(scale) <= MAX_SCALE:
+        raise ValueError(
+            f"scale must be a finite real number of at most {MAX_SCALE:.3g} in magnitude, got {scale!r}"
+        )
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D (S, T, H, d), got shape {tuple(t.shape)}")
@@ -302,3 +307,4 @@ def check_attention_inputs(
         raise ValueError(
             f"k and v need at least one sequence and key (Skv, Tk >= 1) when Sq > 0, got Skv={Skv}, Tk={Tk}"
         )
+    return float(scale)

@@ -392,7 +392,7 @@ def shared_attention_bwd(
     Returns dq (Sq, Tq, H, d) and dk, dv (Skv, Tk, H, d), contiguous, in q's dtype.
     Two launches (dq, then dk/dv), or one where `_common.ONE_LAUNCH_BACKWARD_MIN_PROGRAMS` says so.
     """
-    _common.check_attention_inputs(q, k, v, kv_index, scale)
+    scale = _common.check_attention_inputs(q, k, v, kv_index, scale)
     Sq, Tq, H, d = q.shape
     Skv, Tk = k.shape[:2]
     _common.check_tensor("do", do, q.shape, (q.dtype,), q.device)

@@ -183,7 +183,7 @@ def shared_attention_fwd(
     Returns out (Sq, Tq, H, d) contiguous in q's dtype and lse (Sq, H, Tq) fp32, the log-sum-exp of
     each row of scaled logits in base 2 (log2(e) times the natural one).
     """
-    _common.check_attention_inputs(q, k, v, kv_index, scale)
+    scale = _common.check_attention_inputs(q, k, v, kv_index, scale)
     q, k, v = (_common.int32_addressable(n, t) for n, t in (("q", q), ("k", k), ("v", v)))
     Sq, Tq, H, d = q.shape
     Skv, Tk = k.shape[:2]

@@ -19,4 +19,13 @@ def shared_attention_torch(
     k = k.index_select(0, kv_index)
     v = v.index_select(0, kv_index)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
-    return out.transpose(1, 2)
+    return carry_nan_rows(out.transpose(1, 2), q)
+
+
+def carry_nan_rows(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """out (S, T, H, d), a fused kernel's fresh output, with NaN in every row whose query row holds a
+    NaN or inf, as the formula gives (and the Triton kernels): SDPA's CPU kernels give zeros there
+    (their running max skips NaN). Zero times the query row's sum carries it; in place where autograd
+    does not need the kernel's output (there about 4% of a CPU attention call, 9% out of place)."""
+    carrier = q.sum(-1, keepdim=True).mul_(0)
+    return out + carrier if torch.is_grad_enabled() else out.add_(carrier)

@@ -8,6 +8,8 @@ as a baseline; the Triton kernels read shared K/V in place.
 
 import torch
 
+from ._torch_impl import carry_nan_rows
+
 # Where xformers' memory_efficient_attention has kernels. The tests widen it to run a stand-in on CPU.
 DEVICES = ("cuda",)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -36,6 +38,7 @@ def shared_attention_xformers(
 
     # xformers reads each head's d values as one contiguous row; the projections' views already are.
     q = q if q.stride(-1) == 1 else q.contiguous()
-    return xops.memory_efficient_attention(
+    out = xops.memory_efficient_attention(
         q, k.index_select(0, kv_index), v.index_select(0, kv_index), scale=scale
     )
+    return carry_nan_rows(out, q)

@@ -449,7 +449,7 @@ def _property_example(data, monkeypatch, device, min_length=1):
     Sq, Skv = data.draw(st.integers(1, 4), "Sq"), data.draw(st.integers(1, 3), "Skv")
     kv_index = data.draw(st.lists(st.integers(0, Skv - 1), min_size=Sq, max_size=Sq), "kv_index")
     Tq, Tk = (data.draw(st.integers(min_length, 40), name) for name in ("Tq", "Tk"))
-    H, d = data.draw(st.integers(1, 2), "H"), data.draw(st.sampled_from([32, 64, 80, 128]), "d")
+    H, d = data.draw(st.integers(1, 2), "H"), data.draw(st.sampled_from([24, 32, 64, 80, 100, 128]), "d")
     dtype = data.draw(st.sampled_from([torch.float32, torch.bfloat16]), "dtype")
     layout = data.draw(st.sampled_from(LAYOUTS), "layout")
     blocks = data.draw(st.sampled_from([None, (16, 16), (16, 32), (32, 16)]), "blocks")
@@ -530,10 +530,20 @@ def test_launcher_errors(changes, message, device):
         shared_attention_fwd(scale=0.2, **inputs)
 
 
-@pytest.mark.parametrize("scale", [None, float("nan"), torch.tensor(0.3), True])
+@pytest.mark.parametrize("scale", [None, float("nan"), torch.tensor(0.3), True, 1e300])
 def test_launchers_take_a_finite_number_as_scale(scale):
-    with pytest.raises(ValueError, match="scale must be a finite real number"):
+    """1e300: finite in float64, but scale * log2(e) is the kernels' fp32 argument (inf there: all NaN)."""
+    with pytest.raises(ValueError, match="scale must be a finite real number of at most 2.36e"):
         shared_attention_fwd(scale=scale, **_valid(torch.device("cpu")))
+
+
+def test_launchers_take_a_numpy_scale():
+    """A NumPy scalar is a real number: passed on as a Python float (the interpreter refuses NumPy)."""
+    import numpy as np
+
+    inputs = _valid(torch.device("cpu"))
+    out, _ = shared_attention_fwd(scale=np.float32(0.5), **inputs)
+    assert torch.equal(out, shared_attention_fwd(scale=0.5, **inputs)[0])
 
 
 def test_backward_launcher_errors(device):

@@ -118,6 +118,23 @@ def test_huge_logits(backend_device):
     assert rel_err(out, reference(q.detach() * 1e4, k, v, kv_index, torch.zeros_like(out))[0]) <= 1e-5
 
 
+@pytest.mark.parametrize("grad_mode", [True, False], ids=["autograd", "no-grad"])
+def test_a_nan_stays_in_its_query_row(backend_device, grad_mode):
+    """A NaN in one query row gives NaN in that output row only, as the formula does (SDPA's CPU
+    kernels alone would give zeros there), in and out of autograd."""
+    backend, device = backend_device
+    q, k, v, kv_index = make_inputs(3, 2, 7, 9, 2, 32, [1, 0, 1], device=device)
+    q = q.detach().clone()
+    q[1, 4, 0, 5] = float("nan")
+    with torch.set_grad_enabled(grad_mode):
+        out = shared_attention(q, k, v, kv_index, backend=backend).detach()
+    nan_rows = out.isnan().any(-1)
+    assert nan_rows[1, 4, 0] and nan_rows.sum() == 1
+    q[1, 4, 0, 5] = 0.0
+    clean = shared_attention(q, k, v, kv_index, backend=backend).detach()
+    assert torch.equal(out[~nan_rows], clean[~nan_rows])
+
+
 @pytest.mark.parametrize("Sq, Skv", [(0, 0), (0, 2)], ids=["Skv0", "Skv2"])
 def test_empty_batch(Sq, Skv, backend_device):
     backend, device = backend_device
@@ -436,10 +453,12 @@ def test_inference_mode(backend):
     assert torch.equal(out, expected)
 
 
-def test_auto_backend_on_cpu_is_torch(monkeypatch):
-    """'auto' never runs Triton on CPU tensors, interpreter or not; it also takes float64."""
-    monkeypatch.setattr(op_module, "shared_attention_fwd_op", None)
-    q, k, v, kv_index = make_inputs(2, 2, 5, 5, 1, 32, [1, 0], dtype=torch.float64)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_auto_backend_on_cpu_is_torch(monkeypatch, dtype):
+    """'auto' never runs Triton on CPU tensors, interpreter or not (fp32, which Triton could run
+    there); it also takes float64."""
+    monkeypatch.setattr(op_module, "_triton_attention", None)
+    q, k, v, kv_index = make_inputs(2, 2, 5, 5, 1, 32, [1, 0], dtype=dtype)
     assert torch.equal(
         shared_attention(q, k, v, kv_index), shared_attention_torch(q, k, v, kv_index, 32**-0.5)
     )
@@ -472,6 +491,10 @@ def _valid(**changes):
         (
             lambda t: {"q": t["q"][..., :1, :]},
             r"same heads and head dim \(H, d\), got \(1, 32\) and \(2, 32\)",
+        ),
+        (
+            lambda t: {"q": t["q"][..., :16]},
+            r"same heads and head dim \(H, d\), got \(2, 16\) and \(2, 32\)",
         ),
         (lambda t: {"kv_index": t["kv_index"][:1]}, r"kv_index must have shape \(2,\)"),
         (lambda t: {"kv_index": t["kv_index"][None]}, r"kv_index must have shape \(2,\)"),
@@ -507,6 +530,7 @@ def _valid(**changes):
         "mixed-dtype",
         "kv-shape",
         "heads",
+        "head-dim",
         "index-length",
         "index-2d",
         "index-dtype",
