@@ -7,9 +7,10 @@ live in `fastvit_style.ops`.
 from ._common import INTERPRET
 
 if INTERPRET:
-    from ._interpreter import fix_scalar_index
+    from ._interpreter import fix_bf16_rounding, fix_scalar_index
 
     fix_scalar_index()
+    fix_bf16_rounding()
 
 from .shared_attention_bwd import shared_attention_bwd
 from .shared_attention_fwd import shared_attention_fwd
