@@ -2,15 +2,12 @@
 run replaces only files of its own kind."""
 
 import contextlib
+import hashlib
 import json
 import os
 import re
+import socket
 import uuid
-
-try:  # POSIX: a writer holds a lock on its temporary, which tells it from a killed writer's leftover
-    import fcntl
-except ImportError:  # Windows: leftovers are never removed (nothing tells them from live ones)
-    fcntl = None
 
 
 @contextlib.contextmanager
@@ -20,19 +17,15 @@ def atomic_path(path, remove_leftovers: bool = False):
     A symbolic link at `path` is replaced by the file (its target stays as it was): a write never lands
     outside `path`'s folder, where a run's checks and `temporaries` look. remove_leftovers: first remove
     what killed earlier writes of `path` left (one listing of the folder: for a single file; writers of
-    many files in one folder use `temporaries` once). The temporary exists, empty and locked, when the
-    block starts: the writer writes it by name."""
+    many files in one folder use `temporaries` once)."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     if remove_leftovers:
         remove_temporaries(directory, [os.path.basename(path)])
-    # Hidden (image listings skip it); `temporaries` knows this pattern (_TEMPORARY).
-    tmp = os.path.join(directory, f".{_stem(os.path.basename(path))}.{uuid.uuid4().hex[:12]}.tmp")
-    lock = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    # Hidden (image listings skip it), and named by its writer (_TEMPORARY), whatever the writer does
+    # with the file (safetensors writes a file of its own and renames it onto this name).
+    tmp = os.path.join(directory, f".{_stem(os.path.basename(path))}.{_OWNER}.{uuid.uuid4().hex[:6]}.tmp")
     try:
-        if fcntl is not None:  # held until the rename: a cleaner leaves this temporary alone
-            with contextlib.suppress(OSError):  # no locks here (some network mounts): nor for a cleaner
-                fcntl.flock(lock, fcntl.LOCK_EX)
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -42,8 +35,6 @@ def atomic_path(path, remove_leftovers: bool = False):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    finally:
-        os.close(lock)
     if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX only)
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -52,52 +43,66 @@ def atomic_path(path, remove_leftovers: bool = False):
             os.close(fd)
 
 
-# atomic_path's temporaries: `.<stem of the target's name>.<12 hex digits>.tmp`.
-_TEMPORARY = re.compile(r"\.(.+)\.[0-9a-f]{12}\.tmp", re.DOTALL)
+def _host() -> str:
+    return hashlib.sha1(socket.gethostname().encode(errors="surrogateescape")).hexdigest()[:6]
+
+
+# atomic_path's temporaries: `.<stem of the target's name>.<host>-<pid>.<6 hex digits>.tmp`, the host a
+# hash of its name: a leftover is one whose writer, a process of this host, no longer runs.
+_OWNER = f"{_host()}-{os.getpid()}"
+_TEMPORARY = re.compile(r"\.(.+)\.([0-9a-f]{6})-([0-9]{1,10})\.[0-9a-f]{6}\.tmp", re.DOTALL)
+
+
+def _gone(host: str, pid: int) -> bool:
+    """Whether the process that wrote a temporary is known to have ended: on this host (a network
+    folder's other hosts cannot be asked), and POSIX (Windows' os.kill would stop the process)."""
+    if os.name != "posix" or host != _host():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # another user's process (PermissionError) or no answer: alive as far as we know
+        return False
+    return False
 
 
 def temporaries(folder) -> dict[str, list[str]]:
-    """atomic_path's temporaries in `folder` by the stem of their target's name, {stem: [paths]}: live
-    writes' and what killed ones left (a kill runs no cleanup; a checkpoint's temporary is as large as
-    the checkpoint). A user's file that merely starts like one (`.a.json.<hex>.tmp.bak`) is not among
-    them. Empty where the folder cannot be listed, or on Windows (see `remove_temporaries_of`)."""
+    """What killed writes (a kill runs no cleanup; a checkpoint's temporary is as large as the
+    checkpoint) left in `folder`: atomic_path's temporaries whose writer, on this host, has ended, by
+    the stem of their target's name, {stem: [paths]}. A live writer's (another process writing the same
+    file), another host's and a user's file that merely looks like one (`.a.json.<...>.tmp.bak`) are not
+    among them. Empty where the folder cannot be listed."""
     found = {}
-    if fcntl is None:
-        return found
     with contextlib.suppress(OSError):
         for entry in sorted(os.listdir(folder)):
-            if match := _TEMPORARY.fullmatch(entry):
+            match = _TEMPORARY.fullmatch(entry)
+            if match and _gone(match[2], int(match[3])):
                 found.setdefault(match[1], []).append(os.path.join(folder, entry))
     return found
 
 
 def remove_temporaries_of(found: dict[str, list[str]], name: str) -> list[str]:
-    """Delete the temporaries in `found` (`temporaries`) that a killed write of the file `name` left
-    (or of a file whose name shares its first 237 bytes); the paths removed. A writer calls it as it
-    writes `name`. Best effort: a temporary that a live writer holds locked (another process writing
-    that file), or that cannot be removed (another user's, in a shared folder), stays."""
+    """Delete the leftovers in `found` (`temporaries`) of the file `name` (or of a file whose name shares
+    its first 225 bytes); the paths removed. A writer calls it as it writes `name`. Best effort: one that
+    cannot be removed (another user's, in a shared folder) stays."""
     removed = []
     for path in found.pop(_stem(name), ()):
         with contextlib.suppress(OSError):
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while its writer lives
-                os.remove(path)
-                removed.append(path)
-            finally:
-                os.close(fd)
+            os.remove(path)
+            removed.append(path)
     return removed
 
 
 def remove_temporaries(folder, names) -> list[str]:
-    """Delete the temporaries in `folder` that killed writes of the files `names` left; the paths removed."""
+    """Delete the leftovers of killed writes of the files `names` in `folder`; the paths removed."""
     found = temporaries(folder)
     return [path for name in names for path in remove_temporaries_of(found, name)]
 
 
-# The temporary adds 18 bytes to a name: a valid long output name (up to the common 255-byte limit)
-# must not fail for its temporary's.
-_STEM_BYTES = 255 - 18
+# The temporary adds at most 30 bytes to a name (`.` + stem + `.hhhhhh-<pid up to 10 digits>.xxxxxx.tmp`):
+# a valid long output name (up to the common 255-byte limit) must not fail for its temporary's.
+_STEM_BYTES = 255 - 30
 
 
 def _stem(name: str) -> str:

@@ -253,15 +253,15 @@ class StyleBank:
         if self.device != device or self.dtype not in (dtype, amp):
             if self.dtype in (dtype, amp):  # only the device differs
                 remedy = f"use bank.to({str(device)!r})"
-            elif amp != dtype:
-                remedy = f"use bank.to({str(device)!r}, {amp}), the autocast dtype"
             elif torch.finfo(self.dtype).eps > torch.finfo(dtype).eps:  # converting up keeps the rounding
                 remedy = (
                     f"rebuild it with StyleBank.from_images(model, refs) (converted to {dtype}, a "
                     f"{self.dtype} bank keeps {self.dtype}'s rounding)"
                 )
             else:
-                remedy = f"use bank.to({str(device)!r}, {dtype})"
+                remedy = f"use bank.to({str(device)!r}, {dtype})" + (
+                    f" (or {amp}, the autocast dtype)" if amp != dtype else ""
+                )
             raise ValueError(
                 f"the style bank is {self.dtype} on {self.device} but the model is {dtype} on {device}: "
                 + remedy

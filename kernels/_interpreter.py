@@ -76,11 +76,11 @@ _PROBE, _NEAREST, _TRUNCATED = 1 + 2**-8 + 2**-10, 0x3F81, 0x3F80
 
 def round_to_bf16(data) -> np.ndarray:
     """fp32 values -> bf16 bit patterns (uint16), rounded to the nearest (ties to even) as on the GPU;
-    a NaN stays a NaN (its top bits, made quiet), overflow becomes inf."""
+    a NaN becomes the GPU's canonical NaN (0x7FFF), overflow becomes inf."""
     a = np.asarray(data, dtype=np.float32)
     bits = np.ascontiguousarray(a).view(np.uint32).reshape(a.shape).astype(np.uint64)
     nearest = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    return np.where(np.isnan(a), (bits >> 16) | 0x40, nearest).astype(np.uint16)
+    return np.where(np.isnan(a), 0x7FFF, nearest).astype(np.uint16)
 
 
 def _bf16_bits_of_probe(builder) -> int | None:

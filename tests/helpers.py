@@ -1,5 +1,9 @@
 """Tolerances (one table), error measures and input factories shared by the tests."""
 
+import functools
+import subprocess
+import sys
+
 import torch
 
 from fastvit_style.configs import LOSS_WEIGHTS
@@ -93,3 +97,19 @@ def stylized_outputs(model, x, x_style, seed: int = 0):
     eval schedule's stylized-stream calls (cross-attention, re-anchor)."""
     out = model(x, x_style)
     return out.detach().double(), param_grads(model, linear_functional(out, seed))
+
+
+@functools.cache
+def ended_pid() -> int:
+    """The process id of a process of this host that has ended."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def leftover_name(name: str, pid: int | None = None) -> str:
+    """The name of the temporary that a killed write of the file `name` left (atomic_path's pattern;
+    its writer, a process of this host, ended), or that process `pid`'s write of it is using."""
+    from fastvit_style.atomic import _host, _stem
+
+    return f".{_stem(name)}.{_host()}-{ended_pid() if pid is None else pid}.0123ab.tmp"

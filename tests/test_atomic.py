@@ -2,9 +2,13 @@
 
 import json
 import os
-import uuid
+import subprocess
+import sys
+
+from helpers import leftover_name
 
 from fastvit_style.atomic import (
+    _host,
     _stem,
     atomic_path,
     holds_json_keys,
@@ -15,23 +19,23 @@ from fastvit_style.atomic import (
 
 
 def test_a_long_valid_name_is_written_and_its_leftover_temporary_found(tmp_path):
-    """A 250-byte name is valid (the usual limit is 255); its temporary, 18 bytes longer, must fit too."""
+    """A 250-byte name is valid (the usual limit is 255); its temporary, up to 30 bytes longer, must fit too."""
     name = "é" * 100 + "a" * 46 + ".json"  # 251 bytes, 151 characters
     assert len(name.encode()) == 251
     write_json(tmp_path / name, {"a": 1})
     assert os.listdir(tmp_path) == [name]
-    leftover = tmp_path / f".{_stem(name)}.{uuid.uuid4().hex[:12]}.tmp"  # of a run killed mid-write
+    leftover = tmp_path / leftover_name(name)  # of a run killed mid-write
     leftover.write_bytes(b"")
     assert remove_temporaries(tmp_path, [name]) == [str(leftover)]
     # Only names of the whole pattern go: a user's file that merely starts like one stays.
-    kept = tmp_path / f".b.json.{uuid.uuid4().hex[:12]}.tmp.bak"
+    kept = tmp_path / (leftover_name("b.json") + ".bak")
     kept.write_bytes(b"mine")
     assert remove_temporaries(tmp_path, ["b.json"]) == [] and kept.read_bytes() == b"mine"
 
 
 def test_a_long_name_is_cut_at_a_character_boundary():
-    name = "é" * 122 + ".csv"  # 248 bytes: the 237-byte cut falls inside an é
-    assert _stem(name) == "é" * 118 and len(_stem(name).encode()) == 236
+    name = "é" * 122 + ".csv"  # 248 bytes: the 225-byte cut falls inside an é
+    assert _stem(name) == "é" * 112 and len(_stem(name).encode()) == 224
 
 
 def test_a_link_is_replaced_and_its_target_left_alone(tmp_path):
@@ -80,8 +84,7 @@ def test_a_links_temporary_is_written_beside_the_link(tmp_path):
 
 def test_only_the_named_files_temporaries_are_removed(tmp_path):
     """A name is matched as it is written: the dot of 'last.pt' is no wildcard."""
-    hex12 = uuid.uuid4().hex[:12]
-    ours, mine = tmp_path / f".last.pt.{hex12}.tmp", tmp_path / f".lastXpt.{hex12}.tmp"
+    ours, mine = tmp_path / leftover_name("last.pt"), tmp_path / leftover_name("lastXpt")
     for path in (ours, mine):
         path.write_bytes(b"")
     assert remove_temporaries(tmp_path, ["last.pt"]) == [str(ours)]
@@ -91,8 +94,7 @@ def test_only_the_named_files_temporaries_are_removed(tmp_path):
 def test_a_single_files_write_removes_what_a_killed_write_of_it_left(tmp_path):
     """remove_leftovers (weights, checkpoints, style banks, the tta CSV): a SIGKILL mid-write leaves a
     temporary as large as the file, which the next write of that file removes; other files' stay."""
-    hex12 = uuid.uuid4().hex[:12]
-    ours, other = tmp_path / f".w.safetensors.{hex12}.tmp", tmp_path / f".v.safetensors.{hex12}.tmp"
+    ours, other = tmp_path / leftover_name("w.safetensors"), tmp_path / leftover_name("v.safetensors")
     for path in (ours, other):
         path.write_bytes(b"partial")
     with atomic_path(tmp_path / "w.safetensors") as tmp, open(tmp, "wb") as f:
@@ -105,23 +107,35 @@ def test_a_single_files_write_removes_what_a_killed_write_of_it_left(tmp_path):
 
 def test_a_live_writers_temporary_is_never_removed(tmp_path):
     """Two writers of one file (every rank saving, two jobs): the second's cleanup leaves the first's
-    temporary, which it holds locked, and both writes succeed (the last rename wins)."""
+    temporary, whose writer still runs, also after that writer (safetensors) renamed a file of its own
+    onto it, and both writes succeed (the last rename wins). Another live process's temporary and
+    another host's stay too."""
     target = tmp_path / "bank.safetensors"
     first = atomic_path(target, remove_leftovers=True)
     tmp = first.__enter__()
-    with open(tmp, "wb") as f:
-        f.write(b"first")
+    (tmp_path / ".own").write_bytes(b"first")
+    os.replace(tmp_path / ".own", tmp)
     with atomic_path(target, remove_leftovers=True) as second, open(second, "wb") as f:
         f.write(b"second")
     assert os.path.exists(tmp)
     first.__exit__(None, None, None)
     assert target.read_bytes() == b"first" and os.listdir(tmp_path) == [target.name]
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as running:
+        try:
+            theirs = tmp_path / leftover_name(target.name, pid=running.pid)
+            elsewhere = tmp_path / leftover_name(target.name).replace(_host(), "zzzzzz")
+            for path in (theirs, elsewhere):
+                path.write_bytes(b"")
+            assert remove_temporaries(tmp_path, [target.name]) == []
+        finally:
+            running.kill()
+    assert theirs.exists() and elsewhere.exists()
 
 
 def test_a_leftover_that_cannot_be_removed_does_not_stop_the_write(tmp_path, monkeypatch):
     """Another user's leftover in a shared (sticky) folder cannot be removed: the cleanup is best
     effort, the write goes on."""
-    leftover = tmp_path / f".w.json.{uuid.uuid4().hex[:12]}.tmp"
+    leftover = tmp_path / leftover_name("w.json")
     leftover.write_bytes(b"theirs")
     real_remove = os.remove
 

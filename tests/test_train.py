@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import leftover_name
 from safetensors.torch import load_file
 
 import fastvit_style.train as train_module
@@ -693,7 +694,7 @@ def test_resume_never_writes_over_another_run_and_a_random_vgg_stays_random(tmp_
     with pytest.raises(ValueError, match="--resume .*lats.pt' does not exist"):
         train(dataclasses.replace(config, resume=str(tmp_path / "a" / "lats.pt")))
 
-    stale = tmp_path / "b" / ".last.pt.0123456789ab.tmp"  # what a kill during a checkpoint write leaves
+    stale = tmp_path / "b" / leftover_name("last.pt")  # what a kill during a checkpoint write leaves
     stale.write_bytes(b"half a checkpoint")
     (tmp_path / "b" / "notes.txt").write_text("mine")
     train(dataclasses.replace(from_a, overwrite=True, random_vgg=False))  # random_vgg: the checkpoint's

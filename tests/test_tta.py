@@ -16,7 +16,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from helpers import TOLERANCE, assert_close_rel, images, linear_functional, randomize_
+from helpers import TOLERANCE, assert_close_rel, images, leftover_name, linear_functional, randomize_
 from torch import nn
 
 from fastvit_style import StyleBank, StylizingViT, TTAClassifier, reference
@@ -159,8 +159,11 @@ def test_autocast_and_grad(setup):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # references in the autocast dtype
         amp_bank = StyleBank.from_images(model, images(2, SIZE, seed=8).bfloat16())
     assert amp_bank.dtype == torch.float32  # stored in the model's dtype: usable outside autocast too
-    with pytest.raises(ValueError, match="autocast dtype"), torch.autocast("cpu", dtype=torch.bfloat16):
-        stylize(model, x, bank.to(dtype=torch.float16))
+    wide = r"bank.to\('cpu', torch.float32\) \(or torch.bfloat16, the autocast dtype\)"
+    with pytest.raises(ValueError, match=wide), torch.autocast("cpu", dtype=torch.bfloat16):
+        stylize(model, x, bank.to(dtype=torch.float64))
+    with pytest.raises(ValueError, match="rebuild it"), torch.autocast("cpu", dtype=torch.bfloat16):
+        stylize(model, x, bank.to(dtype=torch.float16))  # fp16's rounding would stay in a bf16 bank too
     x.requires_grad_(True)
     stylize(model, x, bank, k=1).sum().backward()  # grad mode is the caller's: gradients reach the input
     assert x.grad is not None and torch.isfinite(x.grad).all()
@@ -744,8 +747,8 @@ def test_cli_outputs_remove_the_temporaries_a_killed_run_left_for_them(folders, 
     tmp, base = folders
     out = tmp / "out"
     out.mkdir()
-    leftover = out / ".img1__img2.png.0123456789ab.tmp"
-    others = [out / ".img1__img9.png.0123456789ab.tmp", out / ".img1__img2.png.0123456789ab.tmp.bak"]
+    leftover = out / leftover_name("img1__img2.png")
+    others = [out / leftover_name("img1__img9.png"), out / (leftover_name("img1__img2.png") + ".bak")]
     for path in (leftover, *others):
         path.write_bytes(b"partial")
     assert run_stylize(tmp, base, "out") == 0
@@ -757,7 +760,7 @@ def test_cli_outputs_remove_the_temporaries_a_killed_run_left_for_them(folders, 
         "def make():\n    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2))\n"
     )
     monkeypatch.chdir(tmp)
-    csv_leftover = tmp / ".p.csv.0123456789ab.tmp"
+    csv_leftover = tmp / leftover_name("p.csv")
     csv_leftover.write_bytes(b"partial")
     tta = ["tta", *base, "--refs", str(tmp / "styles"), "--images", str(tmp / "content"),
            "--classifier", "toyclf:make", "--out", "p.csv"]  # fmt: skip

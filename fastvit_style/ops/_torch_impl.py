@@ -7,6 +7,8 @@ the CPU path and, evaluated in float64, the reference the Triton kernels are tes
 import torch
 import torch.nn.functional as F
 
+from ..tracing import traced
+
 
 def shared_attention_torch(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index: torch.Tensor, scale: float
@@ -25,7 +27,9 @@ def shared_attention_torch(
 def carry_nan_rows(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """out (S, T, H, d), a fused kernel's fresh output, with NaN in every row whose query row holds a
     NaN or inf, as the formula gives (and the Triton kernels): SDPA's CPU kernels give zeros there
-    (their running max skips NaN). Zero times the query row's sum carries it; in place where autograd
-    does not need the kernel's output (there about 4% of a CPU attention call, 9% out of place)."""
-    carrier = q.sum(-1, keepdim=True).mul_(0)
-    return out + carrier if torch.is_grad_enabled() else out.add_(carrier)
+    (their running max skips NaN). Zero times the row's largest magnitude carries it (a sum could
+    overflow a finite fp16 row, and CUDA autocast would widen it); in place where autograd does not
+    need the kernel's output (there about 4% of a CPU attention call, 9% out of place)."""
+    carrier = q.abs().amax(-1, keepdim=True) * 0  # amax's backward reads its output: not in place
+    # Traced, one op whatever the grad mode: torch.jit.trace checks its graph by tracing again under no_grad.
+    return out + carrier if torch.is_grad_enabled() or traced(out) else out.add_(carrier)

@@ -135,6 +135,14 @@ def test_a_nan_stays_in_its_query_row(backend_device, grad_mode):
     assert torch.equal(out[~nan_rows], clean[~nan_rows])
 
 
+def test_a_large_finite_half_row_stays_finite():
+    """fp16 rows whose sum overflows (64 x 1100 > 65504) are finite inputs: no NaN carried."""
+    q, k, v, kv_index = make_inputs(2, 2, 4, 4, 2, 64, [1, 0])
+    q = torch.full(q.shape, 1100.0, dtype=torch.float16)
+    out = shared_attention(q, k.detach().half(), v.detach().half(), kv_index, backend="torch")
+    assert out.isfinite().all()
+
+
 @pytest.mark.parametrize("Sq, Skv", [(0, 0), (0, 2)], ids=["Skv0", "Skv2"])
 def test_empty_batch(Sq, Skv, backend_device):
     backend, device = backend_device
