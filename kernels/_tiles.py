@@ -96,3 +96,13 @@ def store_rows(
     o_d = tl.arange(0, BLOCK_D)
     p_n = p + o_n[:, None] * stride_t + o_d[None, :] * stride_d
     tl.store(p_n, b.to(p.dtype.element_ty), mask=(o_n < T)[:, None] & (o_d < HEAD_DIM)[None, :])
+
+
+@triton.jit
+def gpu_rounded(b, p, UPCAST: tl.constexpr):
+    """b (fp32 scores or their gradient, about to be a dot operand in the inputs' dtype) with the
+    rounding the GPU gives it there, in that dtype of the tensor p points at: interpreted (UPCAST,
+    fp32 dots), rounded and widened again; on the GPU, b as it is (the dot operand's cast rounds it)."""
+    if UPCAST:
+        b = b.to(p.dtype.element_ty).to(tl.float32)
+    return b

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._tiles import load_rows, load_rows_t, program_tile, store_rows
+from ._tiles import gpu_rounded, load_rows, load_rows_t, program_tile, store_rows
 from .shared_attention_bwd_fused import kernel_configs as fused_kernel_configs
 from .shared_attention_bwd_fused import launch_fused
 
@@ -52,7 +52,7 @@ def _dq_tile(
     else:
         b_p = tl.where(m_m[:, None], b_p, 0.0)
     b_ds = b_p * (tl.dot(b_do, b_vt, input_precision=DOT) - b_delta[:, None])
-    return tl.dot(b_ds.to(b_kt.dtype), tl.trans(b_kt), b_dq, input_precision=DOT)
+    return tl.dot(gpu_rounded(b_ds, p_k, UPCAST).to(b_kt.dtype), tl.trans(b_kt), b_dq, input_precision=DOT)
 
 
 @triton.jit
@@ -149,10 +149,10 @@ def _dkdv_tile(
         b_pt = tl.where(m_n[:, None] & m_m[None, :], b_pt, 0.0)
     else:
         b_pt = tl.where(m_n[:, None], b_pt, 0.0)
-    b_dv = tl.dot(b_pt.to(b_do.dtype), b_do, b_dv, input_precision=DOT)
+    b_dv = tl.dot(gpu_rounded(b_pt, p_do, UPCAST).to(b_do.dtype), b_do, b_dv, input_precision=DOT)
     b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT)
     b_dst = b_pt * (b_dpt - b_delta[None, :])
-    b_dk = tl.dot(b_dst.to(b_qt.dtype), tl.trans(b_qt), b_dk, input_precision=DOT)
+    b_dk = tl.dot(gpu_rounded(b_dst, p_q, UPCAST).to(b_qt.dtype), tl.trans(b_qt), b_dk, input_precision=DOT)
     return b_dk, b_dv
 
 

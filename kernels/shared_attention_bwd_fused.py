@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._tiles import load_rows, load_rows_t, store_rows
+from ._tiles import gpu_rounded, load_rows, load_rows_t, store_rows
 
 # Keys a program can own: dk and dv of 256 keys at d = 64 are 128 KB of fp32 accumulators.
 MAX_KEYS = 256
@@ -62,8 +62,8 @@ def _key_part(
             b_pt = tl.where(m_n[:, None], b_pt, 0.0)
     elif MASK_M:
         b_pt = tl.where(m_m[None, :], b_pt, 0.0)
-    b_dv = tl.dot(b_pt.to(b_do.dtype), b_do, b_dv, input_precision=DOT)
-    b_dst = (b_pt * (tl.dot(b_v, b_dot, input_precision=DOT) - b_delta[None, :])).to(b_k.dtype)
+    b_dv = tl.dot(gpu_rounded(b_pt, p_k, UPCAST).to(b_do.dtype), b_do, b_dv, input_precision=DOT)
+    b_dst = gpu_rounded(b_pt * (tl.dot(b_v, b_dot, input_precision=DOT) - b_delta[None, :]), p_k, UPCAST).to(b_k.dtype)
     b_dk = tl.dot(b_dst, b_q, b_dk, input_precision=DOT)
     b_dqt = tl.dot(tl.trans(b_k), b_dst, b_dqt, input_precision=DOT)
     return b_dk, b_dv, b_dqt

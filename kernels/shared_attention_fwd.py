@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._tiles import load_rows, load_rows_t, program_tile, store_rows
+from ._tiles import gpu_rounded, load_rows, load_rows_t, program_tile, store_rows
 
 
 # Kernel signatures keep the four strides of each tensor on one line.
@@ -42,7 +42,7 @@ def _fwd_tile(
     b_alpha = tl.exp2(b_max - b_max_new)
     b_p = tl.exp2(b_s - b_max_new[:, None])
     b_sum = b_sum * b_alpha + tl.sum(b_p, 1)
-    b_acc = tl.dot(b_p.to(b_v.dtype), b_v, b_acc * b_alpha[:, None], input_precision=DOT)
+    b_acc = tl.dot(gpu_rounded(b_p, p_v, UPCAST).to(b_v.dtype), b_v, b_acc * b_alpha[:, None], input_precision=DOT)
     return b_max_new, b_sum, b_acc
 
 

@@ -7,8 +7,9 @@ import types
 import numpy as np
 import pytest
 import torch
+import triton
 import triton.language as tl
-from fastvit_style.kernels import INTERPRET, shared_attention_fwd
+from fastvit_style.kernels import INTERPRET
 from fastvit_style.kernels._interpreter import _NEAREST, _bf16_bits_of_probe, fix_bf16_rounding, round_to_bf16
 
 
@@ -68,13 +69,17 @@ def test_other_interpreters_are_left_alone(cast):
     assert interpreter.InterpreterBuilder.cast_impl is cast
 
 
+@triton.jit
+def _store(src, dst, N: tl.constexpr):
+    """dst[:N] = src[:N], converted to dst's dtype on the store, as the kernels store their tiles."""
+    o = tl.arange(0, N)
+    tl.store(dst + o, tl.load(src + o).to(dst.dtype.element_ty))
+
+
 @pytest.mark.skipif(not INTERPRET, reason="the interpreter's rounding: TRITON_INTERPRET=1 only")
-def test_bf16_forward_is_the_fp32_forward_rounded_to_nearest():
-    """Interpreted, the kernels widen bf16 tiles to fp32: a bf16 call computes what an fp32 call on the
-    same values does, and its output is that rounded to the nearest, as a GPU store rounds."""
-    gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(s, 20, 2, 32, generator=gen).bfloat16() for s in (3, 2, 2))
-    kv_index = torch.tensor([1, 0, 1], dtype=torch.int32)
-    out, _ = shared_attention_fwd(q, k, v, kv_index, 0.2)
-    wide, _ = shared_attention_fwd(q.float(), k.float(), v.float(), kv_index, 0.2)
-    assert torch.equal(out.view(torch.int16), wide.to(torch.bfloat16).view(torch.int16))
+def test_an_interpreted_bf16_store_rounds_to_nearest():
+    """What every bf16 store of the kernels (and `_tiles.dot_operand`) does: torch's conversion."""
+    x = torch.randn(1024, generator=torch.Generator().manual_seed(0)) * 100
+    out = torch.empty(1024, dtype=torch.bfloat16)
+    _store[(1,)](x, out, 1024)
+    assert torch.equal(out.view(torch.int16), x.to(torch.bfloat16).view(torch.int16))
