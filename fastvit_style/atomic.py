@@ -24,7 +24,8 @@ def atomic_path(path, remove_leftovers: bool = False):
         remove_temporaries(directory, [os.path.basename(path)])
     # Hidden (image listings skip it), and named by its writer (_TEMPORARY), whatever the writer does
     # with the file (safetensors writes a file of its own and renames it onto this name).
-    tmp = os.path.join(directory, f".{_stem(os.path.basename(path))}.{_OWNER}.{uuid.uuid4().hex[:6]}.tmp")
+    owner = f"{_host()}-{os.getpid()}"  # asked each time: a forked child is another writer
+    tmp = os.path.join(directory, f".{_stem(os.path.basename(path))}.{owner}.{uuid.uuid4().hex[:6]}.tmp")
     try:
         yield tmp
         with open(tmp, "rb+") as f:
@@ -49,7 +50,6 @@ def _host() -> str:
 
 # atomic_path's temporaries: `.<stem of the target's name>.<host>-<pid>.<6 hex digits>.tmp`, the host a
 # hash of its name: a leftover is one whose writer, a process of this host, no longer runs.
-_OWNER = f"{_host()}-{os.getpid()}"
 _TEMPORARY = re.compile(r"\.(.+)\.([0-9a-f]{6})-([0-9]{1,10})\.[0-9a-f]{6}\.tmp", re.DOTALL)
 
 

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from helpers import leftover_name
 
 from fastvit_style.atomic import (
@@ -130,6 +131,29 @@ def test_a_live_writers_temporary_is_never_removed(tmp_path):
         finally:
             running.kill()
     assert theirs.exists() and elsewhere.exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_killed_forked_writers_temporary_is_removed(tmp_path):
+    """A process forked from this one (a worker) that dies mid-write: its temporary carries its own pid,
+    not the parent's, so the parent's next write of that file removes it."""
+    target = tmp_path / "w.json"
+    child = os.fork()
+    if child == 0:  # the child: start a write, then die without any cleanup, as under SIGKILL
+        try:
+            writing = atomic_path(target)
+            with open(writing.__enter__(), "w") as f:
+                f.write("partial")
+        finally:
+            os._exit(0)
+    os.waitpid(child, 0)
+    (leftover,) = os.listdir(tmp_path)
+    assert f"-{child}." in leftover
+    write_json(target, {"a": 1})
+    assert sorted(os.listdir(tmp_path)) == [leftover, "w.json"]  # not asked: write_json cleans nothing
+    with atomic_path(target, remove_leftovers=True) as tmp, open(tmp, "w") as f:
+        f.write("{}")
+    assert os.listdir(tmp_path) == ["w.json"]
 
 
 def test_a_leftover_that_cannot_be_removed_does_not_stop_the_write(tmp_path, monkeypatch):
