@@ -5,8 +5,7 @@ import os
 import subprocess
 import sys
 
-import pytest
-from helpers import leftover_name
+from helpers import ended_pid, leftover_name
 
 from fastvit_style.atomic import (
     _host,
@@ -133,22 +132,18 @@ def test_a_live_writers_temporary_is_never_removed(tmp_path):
     assert theirs.exists() and elsewhere.exists()
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-def test_a_killed_forked_writers_temporary_is_removed(tmp_path):
-    """A process forked from this one (a worker) that dies mid-write: its temporary carries its own pid,
-    not the parent's, so the parent's next write of that file removes it."""
+def test_a_writer_is_named_by_its_pid_at_the_write(tmp_path, monkeypatch):
+    """The pid is read at each write: a child forked from this process (a worker) that dies mid-write
+    leaves a temporary of its own pid, which the parent's next write of that file removes (it carried
+    the parent's, which a live parent would never clean). The child is stood in for by getpid."""
     target = tmp_path / "w.json"
-    child = os.fork()
-    if child == 0:  # the child: start a write, then die without any cleanup, as under SIGKILL
-        try:
-            writing = atomic_path(target)
-            with open(writing.__enter__(), "w") as f:
-                f.write("partial")
-        finally:
-            os._exit(0)
-    os.waitpid(child, 0)
+    with monkeypatch.context() as child:
+        child.setattr(os, "getpid", ended_pid)
+        writing = atomic_path(target)  # never finished, as under SIGKILL
+        with open(writing.__enter__(), "w") as f:
+            f.write("partial")
     (leftover,) = os.listdir(tmp_path)
-    assert f"-{child}." in leftover
+    assert f"-{ended_pid()}." in leftover
     write_json(target, {"a": 1})
     assert sorted(os.listdir(tmp_path)) == [leftover, "w.json"]  # not asked: write_json cleans nothing
     with atomic_path(target, remove_leftovers=True) as tmp, open(tmp, "w") as f:
