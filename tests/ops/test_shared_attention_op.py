@@ -258,6 +258,35 @@ def test_compile_fullgraph(backend_device):
     ],
     indirect=True,
 )
+def test_compiled_path_clamps_an_out_of_range_map(backend_device):
+    """Compiled, the map's values are not checked (a data-dependent check would break the graph): an
+    out-of-range entry reads a clamped K/V sequence, forward and backward, never memory outside K/V."""
+    backend, device = backend_device
+    q, k, v, _ = make_inputs(3, 2, 7, 9, 2, 32, [0, 0, 0], device=device)
+    bad, clamped = (torch.tensor(m, dtype=torch.int32, device=device) for m in ([5, -3, 1], [1, 0, 1]))
+
+    def loss(q, k, v, kv_index):
+        return shared_attention(q, k, v, kv_index, backend=backend).square().sum()
+
+    torch._dynamo.reset()
+    value = torch.compile(loss, backend="aot_eager", fullgraph=True)(q, k, v, bad)
+    grads = torch.autograd.grad(value, (q, k, v))
+    expected = loss(q, k, v, clamped)
+    assert rel_err(value, expected) <= 1e-5
+    for a, e in zip(grads, torch.autograd.grad(expected, (q, k, v))):
+        assert rel_err(a, e) <= 1e-5
+    with pytest.raises(ValueError, match="kv_index values must lie in"):  # eager mode checks
+        loss(q, k, v, bad)
+
+
+@pytest.mark.parametrize(
+    "backend_device",
+    [
+        pytest.param(("triton", "cpu"), id="triton-cpu"),
+        pytest.param(("triton", "cuda"), id="triton-cuda", marks=pytest.mark.gpu),
+    ],
+    indirect=True,
+)
 def test_eager_path_skips_the_custom_ops_and_matches_them(backend_device, monkeypatch):
     """Eager calls on plain tensors run the same launchers without the custom ops' dispatch (host
     time); the numbers are those of the custom ops, bit for bit. A double backward raises, as it does
