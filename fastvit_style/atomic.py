@@ -24,7 +24,7 @@ def atomic_path(path, remove_leftovers: bool = False):
         remove_temporaries(directory, [os.path.basename(path)])
     # Hidden (image listings skip it), and named by its writer (_TEMPORARY), whatever the writer does
     # with the file (safetensors writes a file of its own and renames it onto this name).
-    owner = f"{_host()}-{os.getpid()}"  # asked each time: a forked child is another writer
+    owner = f"{_HOST}-{os.getpid()}"  # the pid asked each time: a forked child is another writer
     tmp = os.path.join(directory, f".{_stem(os.path.basename(path))}.{owner}.{uuid.uuid4().hex[:6]}.tmp")
     try:
         yield tmp
@@ -44,19 +44,16 @@ def atomic_path(path, remove_leftovers: bool = False):
             os.close(fd)
 
 
-def _host() -> str:
-    return hashlib.sha1(socket.gethostname().encode(errors="surrogateescape")).hexdigest()[:6]
-
-
 # atomic_path's temporaries: `.<stem of the target's name>.<host>-<pid>.<6 hex digits>.tmp`, the host a
 # hash of its name: a leftover is one whose writer, a process of this host, no longer runs.
+_HOST = hashlib.sha1(socket.gethostname().encode(errors="surrogateescape")).hexdigest()[:6]
 _TEMPORARY = re.compile(r"\.(.+)\.([0-9a-f]{6})-([0-9]{1,10})\.[0-9a-f]{6}\.tmp", re.DOTALL)
 
 
 def _gone(host: str, pid: int) -> bool:
     """Whether the process that wrote a temporary is known to have ended: on this host (a network
     folder's other hosts cannot be asked), and POSIX (Windows' os.kill would stop the process)."""
-    if os.name != "posix" or host != _host():
+    if os.name != "posix" or host != _HOST:
         return False
     try:
         os.kill(pid, 0)

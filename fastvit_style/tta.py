@@ -79,8 +79,9 @@ def stylize(model, x: torch.Tensor, bank: StyleBank, refs=None, k=None, generato
     refs: (B, K) bank indices per image; k: K drawn per image at random with `generator` (read only
     then; see `select_refs`); default: every bank entry. Equal to `model(x[b:b+1], ref_j)` for each
     pair. At most about chunk_size (image, reference) pairs are in flight at once (one image's K pairs
-    when K exceeds it, split into chunk_size slices that each rerun its content stream). Honours the ambient grad mode and autocast;
-    the bank's K/V are constants to autograd (no gradient reaches the weights through the references).
+    when K exceeds it, split into chunk_size slices that each rerun its content stream). Honours the
+    ambient grad mode and autocast; the bank's K/V are constants to autograd (no gradient reaches the
+    weights through the references).
     """
     model = _check_stylize(model, x, bank, chunk_size)
     return _stylize(model, x, bank, select_refs(len(bank), x.shape[0], refs, k, generator), chunk_size)

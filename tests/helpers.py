@@ -110,6 +110,6 @@ def ended_pid() -> int:
 def leftover_name(name: str, pid: int | None = None) -> str:
     """The name of the temporary that a killed write of the file `name` left (atomic_path's pattern;
     its writer, a process of this host, ended), or that process `pid`'s write of it is using."""
-    from fastvit_style.atomic import _host, _stem
+    from fastvit_style.atomic import _HOST, _stem
 
-    return f".{_stem(name)}.{_host()}-{ended_pid() if pid is None else pid}.0123ab.tmp"
+    return f".{_stem(name)}.{_HOST}-{ended_pid() if pid is None else pid}.0123ab.tmp"

@@ -8,7 +8,7 @@ import sys
 from helpers import ended_pid, leftover_name
 
 from fastvit_style.atomic import (
-    _host,
+    _HOST,
     _stem,
     atomic_path,
     holds_json_keys,
@@ -123,7 +123,7 @@ def test_a_live_writers_temporary_is_never_removed(tmp_path):
     with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as running:
         try:
             theirs = tmp_path / leftover_name(target.name, pid=running.pid)
-            elsewhere = tmp_path / leftover_name(target.name).replace(_host(), "zzzzzz")
+            elsewhere = tmp_path / leftover_name(target.name).replace(_HOST, "zzzzzz")
             for path in (theirs, elsewhere):
                 path.write_bytes(b"")
             assert remove_temporaries(tmp_path, [target.name]) == []
