@@ -16,7 +16,7 @@ from torch import Tensor
 from ..devices import autocast_dtype
 from ..tracing import has_values, traced
 from ._index_maps import check_index_range, inverse_kv_map, shared_inverse
-from ._torch_impl import shared_attention_torch
+from ._torch_impl import shared_attention_sliced
 from ._xformers_impl import shared_attention_xformers, xformers_unavailable_reason
 
 BACKENDS = ("auto", "torch", "triton", "xformers")
@@ -77,7 +77,7 @@ def shared_attention(
     backend = _resolve_backend(backend, q)
     scale = q.shape[-1] ** -0.5 if scale is None else _finite_scale(scale)
     if backend == "torch":
-        return _in_sequence_chunks(shared_attention_torch, q, k, v, kv_index, scale)
+        return _in_sequence_chunks(shared_attention_sliced, q, k, v, kv_index, scale)
     if backend == "xformers":
         return _in_sequence_chunks(shared_attention_xformers, q, k, v, kv_index, scale)
     return _triton_attention(q, k, v, kv_index, scale)

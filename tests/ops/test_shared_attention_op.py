@@ -15,7 +15,7 @@ import pytest
 import torch
 from helpers import TOLERANCE
 
-from fastvit_style.ops import shared_attention
+from fastvit_style.ops import _torch_impl, shared_attention
 from fastvit_style.ops._torch_impl import shared_attention_torch
 
 # The package exports the function under the module's name: reach the module itself.
@@ -141,6 +141,67 @@ def test_a_large_finite_half_row_stays_finite():
     q = torch.full(q.shape, 1100.0, dtype=torch.float16)
     out = shared_attention(q, k.detach().half(), v.detach().half(), kv_index, backend="torch")
     assert out.isfinite().all()
+
+
+@pytest.mark.parametrize(
+    "poison", [float("inf"), -float("inf"), 3e38], ids=["inf", "-inf", "fp32-sum-overflows"]
+)
+def test_nonfinite_or_overflowing_query_rows(poison):
+    """The CPU path skips the NaN carrier when the sum of q is finite: an infinity must still give its
+    row NaN, and finite values whose sum overflows must still leave every row finite."""
+    q, k, v, kv_index = (t.detach() for t in make_inputs(3, 2, 5, 5, 2, 32, [1, 0, 1]))
+    q = q.clone()
+    if poison == 3e38:
+        q.fill_(poison)  # the total overflows to inf; every logit is 3e38 * 0
+        k = torch.zeros_like(k)
+    else:
+        q[2, 3, 1, 0] = poison
+    with torch.no_grad():
+        out = shared_attention(q, k, v, kv_index, backend="torch")
+    nan_rows = out.isnan().any(-1)
+    assert nan_rows.sum() == (0 if poison == 3e38 else 1)
+    assert poison == 3e38 or nan_rows[2, 3, 1]
+
+
+# (Skv, kv_index): the model's maps at B = 3 (roll; explicit styles: [X; S; A] against [X; S]; all
+# styled by one image), a map of more runs than the sliced path takes, and a map onto the last K/V.
+SLICED_MAPS = [
+    pytest.param(3, [0, 1, 2, 1, 2, 0], id="roll"),
+    pytest.param(6, [0, 1, 2, 3, 4, 5, 3, 4, 5], id="explicit"),
+    pytest.param(2, [1, 1, 1], id="all_to_one"),
+    pytest.param(4, [3, 0, 2, 1], id="four-runs"),
+    pytest.param(4, [3, 3], id="last"),
+    pytest.param(3, [0, 1, 2], id="identity"),
+]
+
+
+@pytest.mark.parametrize("grad_mode", [True, False], ids=["autograd", "no-grad"])
+@pytest.mark.parametrize("Skv, kv_index", SLICED_MAPS)
+def test_sliced_path_matches_the_gather(Skv, kv_index, grad_mode, monkeypatch):
+    """The CPU backend reads K/V runs in place (shared_attention_sliced): the same output and gradients
+    as gathering K/V, and no gather where it takes the runs (no autograd and at most 3 runs; under
+    autograd one run)."""
+    q, k, v, kv_index = make_inputs(len(kv_index), Skv, 6, 7, 2, 32, kv_index)
+    gather = shared_attention_torch(q, k, v, kv_index, 0.2)
+    do = torch.randn(gather.shape, generator=torch.Generator().manual_seed(1))
+    expected = (gather, *torch.autograd.grad(gather, (q, k, v), do))
+    runs = len(_torch_impl._consecutive_runs(kv_index.tolist(), Skv))
+    if runs <= (1 if grad_mode else _torch_impl._MAX_RUNS):
+        monkeypatch.setattr(_torch_impl, "shared_attention_torch", None)  # a gather would fail
+    with torch.set_grad_enabled(grad_mode):
+        out = shared_attention(q, k, v, kv_index, scale=0.2, backend="torch")
+    torch.testing.assert_close(out, gather)
+    if grad_mode:
+        for got, want in zip(torch.autograd.grad(out, (q, k, v), do), expected[1:]):
+            torch.testing.assert_close(got, want)
+
+
+def test_sliced_path_leaves_a_bad_map_to_the_gather():
+    """An out-of-range entry (the model's schedule skips the range check) fails as the gather does,
+    never as a short slice read as a shorter K/V batch."""
+    q, k, v, _ = make_inputs(2, 2, 4, 4, 1, 32, [0, 1])
+    with pytest.raises(IndexError), torch.no_grad():
+        shared_attention(q, k, v, torch.tensor([1, 2], dtype=torch.int32), backend="torch", check_index=False)
 
 
 @pytest.mark.parametrize("Sq, Skv", [(0, 0), (0, 2)], ids=["Skv0", "Skv2"])
@@ -627,9 +688,10 @@ def test_sequence_chunks(backend, monkeypatch, request):
     calls = []
     monkeypatch.setattr(module, "_MAX_SEQUENCES_PER_CALL", 2)
     monkeypatch.setattr(module, "_CHUNKED_DEVICES", ("cpu",))
-    real = module.shared_attention_torch if backend == "torch" else module.shared_attention_xformers
+    name = {"torch": "shared_attention_sliced", "xformers": "shared_attention_xformers"}[backend]
+    real = getattr(module, name)
     spy = lambda q, *args: calls.append(q.shape[0]) or real(q, *args)
-    monkeypatch.setattr(module, f"shared_attention_{backend}", spy)
+    monkeypatch.setattr(module, name, spy)
     if backend == "xformers":  # the xformers backend refuses float64
         q, k, v, do = (t.detach().float().requires_grad_() for t in (q, k, v, do))
     out = shared_attention(q, k, v, kv_index, backend=backend)
