@@ -1,0 +1,33 @@
+"""fastvit_style.losses: pieces of the fast losses against the official ops (the whole losses are
+compared in test_model_parity)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastvit_style import losses
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "nchw", "mixed"])
+def test_map_mse_is_the_official_mse(layout, monkeypatch):
+    """map_mse gives F.mse_loss's value and gradient on maps of any layout, and
+    hands F.mse_loss contiguous operands where both maps are channels-last (torch's CPU backward runs
+    a slow strided loop on channels-last maps)."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(2, 5, 6, 7, generator=gen) for _ in range(2))
+    if layout != "nchw":
+        a = a.contiguous(memory_format=torch.channels_last)
+        b = b if layout == "mixed" else b.contiguous(memory_format=torch.channels_last)
+    a.requires_grad_()
+    expected = F.mse_loss(a, b)
+    (expected_grad,) = torch.autograd.grad(expected, a)
+    operands = []
+    real = F.mse_loss
+    monkeypatch.setattr(losses.F, "mse_loss", lambda x, y: operands.append((x, y)) or real(x, y))
+    got = losses.map_mse(a, b)
+    (grad,) = torch.autograd.grad(got, a)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-6, atol=0)
+    if layout == "channels_last":  # the layout of the VGG's maps, which its backward reads
+        assert grad.is_contiguous(memory_format=torch.channels_last)
+    assert all(t.is_contiguous() for t in operands[0]) == (layout != "mixed")
