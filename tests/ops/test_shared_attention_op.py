@@ -110,12 +110,14 @@ def test_one_input_needs_a_gradient(needs_grad, backend_device):
     assert rel_err(grad, ref_grads["qkv".index(needs_grad)]) <= TOLERANCE[torch.float32]
 
 
-def test_huge_logits(backend_device):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_huge_logits(backend_device, dtype):
     backend, device = backend_device
-    q, k, v, kv_index = make_inputs(2, 2, 16, 16, 1, 32, [1, 1], device=device)
-    out = shared_attention(q.detach() * 1e4, k, v, kv_index, backend=backend)
+    q, k, v, kv_index = make_inputs(2, 2, 16, 16, 1, 32, [1, 1], dtype=dtype, device=device)
+    q = q.detach() * 1e4
+    out = shared_attention(q, k, v, kv_index, backend=backend)
     assert torch.isfinite(out).all()
-    assert rel_err(out, reference(q.detach() * 1e4, k, v, kv_index, torch.zeros_like(out))[0]) <= 1e-5
+    assert rel_err(out, reference(q, k, v, kv_index, torch.zeros_like(out))[0]) <= TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("grad_mode", [True, False], ids=["autograd", "no-grad"])
