@@ -95,11 +95,21 @@ def load_checkpoint(path, required: tuple[str, ...] = ()) -> dict:
     except OSError:
         raise
     except Exception as e:  # torch.load's unpickling, zip and weights_only errors
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ValueError(f"{not_one}: torch.load fails ({type(e).__name__}: {first[:200]})") from e
+        raise ValueError(f"{not_one}: torch.load fails ({type(e).__name__}: {torch_load_reason(e)})") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(not_one)
     missing = [k for k in required if k not in state]
     if missing:
         raise ValueError(f"{path!r} is in the format {FORMAT} but has no {', '.join(map(repr, missing))}")
     return state
+
+
+def torch_load_reason(err: Exception) -> str:
+    """One line of a torch.load error: torch's weights_only message is a long essay whose first line
+    advises weights_only=False (which would run the file's code); keep the line that names the
+    offending global or opcode."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    hits = [ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln or "allowed global" in ln]
+    rest = [ln for ln in lines if "weights_only" not in ln]  # torch's essay and its advice
+    line = (hits or rest or ["no details"])[0]
+    return line.split(". Please", 1)[0][:200]

@@ -69,6 +69,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .atomic import remove_temporaries, write_json
+from .backends import resolve_backend
 from .checkpoint import has_random_vgg, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .data import ImageFolderDataset, collate_images, micro_batches
 from .devices import dist_env, resolve_device, to_device_async
@@ -227,6 +228,7 @@ class Trainer:
                     f"resuming a {saved['world_size']}-process run with {world}: the global batch changes"
                 )
 
+        resolve_backend(cfg.backend, device)  # a backend this device cannot run fails before --out is touched
         self.net = torch.compile(model) if cfg.compile else model
         self.forward = self.net
         if world > 1:
@@ -242,6 +244,14 @@ class Trainer:
                         os.remove(os.path.join(cfg.out, name))
             remove_temporaries(cfg.out, (*RUN_FILES, "config.json"))  # of a run killed mid-write
             write_json(os.path.join(cfg.out, "config.json"), dataclasses.asdict(cfg))
+            if self.best_val is not None and not os.path.exists(os.path.join(cfg.out, "best.safetensors")):
+                # Resumed into another --out, or rolled back with --overwrite: a later epoch must write
+                # best.safetensors even if it does not beat the weights no longer here.
+                warnings.warn(
+                    f"--out {cfg.out!r} holds no best.safetensors of the resumed run (its best validation loss "
+                    f"was {self.best_val:.5g}): the best weights are tracked afresh from this run's epochs"
+                )
+                self.best_val = None
 
     # ------------------------------------------------------------------------------------------- setup
 
@@ -368,14 +378,14 @@ class Trainer:
             periodic = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
             if group_end < n and (stop or periodic):
                 self._share_unreadable(self.train_set)  # every rank's findings into the checkpoint
+                if self.rank == 0:
+                    self._export("last.safetensors")
                 self._save_checkpoint()
             if on_step is not None:
                 on_step(dict(step=self.step, epoch=epoch, lr=lr, **dict(zip(("loss", *LOSS_NAMES), mean))))
             if stop:
                 bar.close()
                 self._require_readable(self.train_set, "--data")
-                if self.rank == 0:
-                    self._export("last.safetensors")
                 return False
         bar.close()
         return True

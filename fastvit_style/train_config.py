@@ -77,6 +77,11 @@ class TrainConfig:
             raise ValueError(
                 f"--input-size must be a positive multiple of the patch size {patch}, got {self.input_size}"
             )
+        if is_int(self.input_size) and self.input_size < VGG_MIN_SIZE:
+            raise ValueError(
+                f"--input-size must be at least {VGG_MIN_SIZE}: the VGG19 of the losses halves the image five "
+                f"times, got {self.input_size}"
+            )
         # The architecture, checked before any file is read or written.
         model = check_model_kwargs(
             "model_kwargs", self.backbone, self.model_kwargs, input_size=self.input_size
@@ -95,6 +100,8 @@ class TrainConfig:
             )
 
 
+# The least image side the losses take: VGG19's five 2x2 max-pools leave 1 px of 32.
+VGG_MIN_SIZE = 32
 # The integer options and their least values.
 _INTS = (("epochs", 1), ("batch_size", 1), ("accumulate", 1), ("input_size", 1), ("workers", 0),
          ("checkpoint_every", 0))  # fmt: skip
@@ -237,6 +244,8 @@ def resumed_config(cfg: TrainConfig, saved: dict, given=None) -> TrainConfig:
         if f.name in RUNTIME_FIELDS:
             if new is not None or f.name != "val_data":
                 setattr(merged, f.name, new)
+        elif f.name == "random_vgg" and (merged.vgg_weights or merged.init_weights):
+            continue  # --random-vgg beside VGG weights: the run recorded it as the no-op it was
         elif new != getattr(merged, f.name) and (
             f.name in given if given is not None else new != getattr(default, f.name)
         ):

@@ -22,7 +22,7 @@ from torch import nn
 
 from . import configs
 from .atomic import atomic_path, file_path_problem
-from .checkpoint import has_random_vgg
+from .checkpoint import has_random_vgg, torch_load_reason
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -131,7 +131,7 @@ def _read_torch(path: str):
         if isinstance(e, pickle.UnpicklingError) and (torch_file or "GLOBAL" in str(e)):
             raise ValueError(
                 f"{path!r} was refused for safety: it contains Python objects other than tensors, which "
-                f"torch.load(weights_only=True) does not allow ({_short_reason(e)}); it may also be corrupt. "
+                f"torch.load(weights_only=True) does not allow ({torch_load_reason(e)}); it may also be corrupt. "
                 + _CONVERT_HINT
             ) from e
         if not torch_file and os.path.getsize(path):  # an empty file is most likely a truncated write
@@ -145,14 +145,6 @@ def _read_torch(path: str):
         raise ValueError(
             f"{path!r} is truncated or corrupt: torch.load could not read it ({type(e).__name__}: {e})"
         ) from e
-
-
-def _short_reason(err: Exception) -> str:
-    # torch's message is a long essay; keep the line that names the offending global or opcode.
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    hits = [ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln or "allowed global" in ln]
-    line = (hits or lines or ["no details"])[0]
-    return line.split(". Please", 1)[0][:200]  # not torch's advice, which would unpickle the code
 
 
 # ----------------------------------------------------------------------------------------------- cleaning

@@ -341,6 +341,11 @@ def test_cosine_schedule_and_psnr_formula():
         ({"accumulate": -2}, "--accumulate must be an integer >= 1, got -2"),
         ({"input_size": 0}, "--input-size must be an integer >= 1"),
         ({"input_size": 30}, "--input-size must be a positive multiple of the patch size 16, got 30"),
+        (
+            {"input_size": 16},
+            "--input-size must be at least 32: the VGG19 of the losses halves the image five",
+        ),
+        ({"input_size": 24, "model_kwargs": {"encoder_patch_size": 8}}, "--input-size must be at least 32"),
         ({"input_size": 32, "model_kwargs": {"encoder_patch_size": 14}}, "of the patch size 14, got 32"),
         ({"checkpoint_every": -1}, "--checkpoint-every must be an integer >= 0, got -1"),
         ({"workers": -1}, "--workers must be an integer >= 0, got -1"),
@@ -662,6 +667,21 @@ def test_resume_refuses_other_settings_and_a_finished_run_trains_nothing(tmp_pat
     assert files == run_files()
 
 
+def test_resume_with_the_same_command_line_as_a_random_vgg_run_given_vgg_weights(tmp_path, capsys):
+    """--random-vgg beside --vgg-weights is a no-op the run records as random_vgg=False: repeating the
+    whole command line with --resume continues the run, not a refusal over random_vgg."""
+    data = write_images(tmp_path / "data", 2)
+    vgg = tmp_path / "vgg.pth"
+    torch.save(StylizingViT("tiny", train=True).vgg_encoder.state_dict(), vgg)
+    first = ["train", "--data", str(data), "--out", str(tmp_path / "a"), "--epochs", "2", "--batch-size", "1",
+             "--max-steps", "1", "--vgg-weights", str(vgg), *TINY_ARGS]  # fmt: skip
+    assert cli.main(first) == 0
+    capsys.readouterr()
+    assert cli.main([*first, "--max-steps", "2", "--resume", str(tmp_path / "a" / "last.pt")]) == 0
+    assert "differ" not in capsys.readouterr().err
+    assert load_checkpoint(tmp_path / "a" / "last.pt")["step"] == 2
+
+
 def test_resume_never_writes_over_another_run_and_a_random_vgg_stays_random(tmp_path):
     """--resume into an --out holding another run is refused (--overwrite replaces it, with what a killed
     write left there); the run's random VGG19 comes from its checkpoint and is never exported."""
@@ -919,12 +939,13 @@ def test_a_checkpoint_holds_the_training_gpus_rng_state_only(monkeypatch):
 def test_a_file_that_is_no_checkpoint_is_refused_by_name(tmp_path):
     with pytest.raises(FileNotFoundError):  # not a ValueError: the file is not there to be judged
         load_checkpoint(tmp_path / "gone.pt")
-    for content in (b"PK\x03\x04 garbage", b"\x89PNG not a checkpoint"):
+    for content in (b"PK\x03\x04 garbage", b"\x89PNG not a checkpoint", b"x = 1\n"):
         (tmp_path / "x.pt").write_bytes(content)
         with pytest.raises(
             ValueError, match=r"x.pt' is not a fastvit_style training checkpoint.*torch.load fails"
-        ):
+        ) as refused:
             load_checkpoint(tmp_path / "x.pt")
+        assert "weights_only" not in str(refused.value)  # torch's advice to unpickle the file's code
 
 
 def test_a_checkpoint_with_other_contents_is_refused_by_name(tmp_path):
@@ -991,6 +1012,63 @@ def test_best_safetensors_holds_the_epoch_of_lowest_validation_loss(tmp_path, mo
     assert set(best) == set(seen[1]) and all(torch.equal(best[k], v) for k, v in seen[1].items())
     assert not torch.equal(seen[1]["encoder.pos_embed"], seen[2]["encoder.pos_embed"])  # the epochs differ
     assert load_checkpoint(tmp_path / "out" / "last.pt")["best_val"] == 1.0
+
+
+@pytest.mark.parametrize("where", ["another_out", "rollback"])
+def test_a_resume_without_the_runs_best_safetensors_tracks_the_best_afresh(tmp_path, monkeypatch, where):
+    """Resumed into another --out, or rolled back with --overwrite from a checkpoint kept beside the run,
+    --out holds no best.safetensors of the best validation loss the checkpoint carries: the next
+    validated epoch writes one, although it does not beat that loss."""
+    data = write_images(tmp_path / "data", 1)
+    config = TrainConfig(data=str(data), val_data=str(data), out=str(tmp_path / "a"), epochs=3, batch_size=1,
+                         accumulate=1, max_steps=2, **TINY)  # fmt: skip
+    losses = iter([2.0, 1.0, 3.0])
+    monkeypatch.setattr(Trainer, "validate", lambda self: {"val_loss": next(losses), "val_psnr": 0.0})
+    train(config)
+    kept = tmp_path / "a" / "epoch2.pt"
+    kept.write_bytes((tmp_path / "a" / "last.pt").read_bytes())
+    out = tmp_path / ("b" if where == "another_out" else "a")
+    with pytest.warns(UserWarning, match=r"holds no best.safetensors of the resumed run .* tracked afresh"):
+        train(dataclasses.replace(config, out=str(out), resume=str(kept), max_steps=None,
+                                  overwrite=where == "rollback"))  # fmt: skip
+    best, last = (load_file(out / f"{name}.safetensors") for name in ("best", "last"))
+    assert all(torch.equal(best[k], v) for k, v in last.items())  # epoch 2's, the only one validated here
+    assert load_checkpoint(out / "last.pt")["best_val"] == 3.0
+
+
+def test_a_backend_the_device_cannot_run_fails_before_out_is_touched(tmp_path, monkeypatch):
+    """--backend triton on the CPU without the interpreter: refused before --overwrite removes anything."""
+    from fastvit_style.kernels import _common
+
+    data = write_images(tmp_path / "data", 1)
+    config = TrainConfig(data=str(data), out=str(tmp_path / "a"), epochs=1, batch_size=1, **TINY)
+    train(config)
+    files = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
+    monkeypatch.setattr(_common, "INTERPRET", False)
+    with pytest.raises(
+        ValueError, match="backend='triton' cannot run here: CPU tensors .* outside interpreter"
+    ):
+        train(dataclasses.replace(config, backend="triton", overwrite=True))
+    assert files == {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
+
+
+def test_every_checkpoint_exports_last_safetensors(tmp_path):
+    """The periodic mid-epoch checkpoints, not only the epoch's end, write last.safetensors beside last.pt
+    (the weights of a long first epoch that is killed)."""
+    data = write_images(tmp_path / "data", 3)
+    config = TrainConfig(data=str(data), out=str(tmp_path / "a"), epochs=1, batch_size=1, accumulate=1,
+                         checkpoint_every=1, **TINY)  # fmt: skip
+    exported = []
+
+    def on_step(info):
+        weights = load_file(tmp_path / "a" / "last.safetensors")
+        exported.append(
+            all(torch.equal(v, weights[k]) for k, v in trainer.model.state_dict().items() if k in weights)
+        )
+
+    trainer = Trainer(config, 0, 1, torch.device("cpu"))
+    trainer.fit(on_step)
+    assert exported[:2] == [True, True]  # the third step ends the epoch, which exports after it
 
 
 def test_validation_reports_the_mean_over_its_micro_batches(tmp_path):
