@@ -13,7 +13,8 @@ heads 3/6/12 (tiny/small/base) and B in 8/32/64/128. Methods:
   fused-1launch    as fused, with the backward forced to one launch (`shared_attention_bwd_fused`,
                    off by default: `_common.ONE_LAUNCH_BACKWARD_MIN_PROGRAMS`)
   sdpa-dup-X       SDPA backend X with K/V already duplicated per query sequence
-  sdpa-gather-X    as a user must run it: gather K/V by kv_index, SDPA, index_add of dK/dV
+  sdpa-gather-X    as a user must run it: gather K/V by kv_index (index_select), SDPA, index_add of
+                   dK/dV (index_select's backward)
   xformers-dup / xformers-gather   memory_efficient_attention, the same two ways
   flex             FlexAttention (compiled) on packed sequences with a block mask reading kv_index
 Every method is checked against an fp32 evaluation before it is timed (errors relative to the
@@ -36,10 +37,10 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from fastvit_style.atomic import write_json
 from fastvit_style.benchmark.report import git_commit, output_stem
+from fastvit_style.ops._torch_impl import _sdpa  # SDPA on (S, T, H, d) views, as the baselines call it
 
 D, T = 64, 197
 SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
@@ -201,24 +202,24 @@ def sdpa_dup(p, name):
 
     def fn():
         with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=p.scale
-            ).transpose(1, 2)
+            return _sdpa(q, k, v, p.scale)
 
     return fn, (q, k, v), lambda: (q.grad, p.sum_to_kv(k.grad), p.sum_to_kv(v.grad))
 
 
 def sdpa_gather(p, name):
+    """What a user runs: gather K/V by kv_index, SDPA, and index_select's backward (an index_add) sums
+    dK/dV back. Plain SDPA, not the library's shared_attention_torch, whose NaN-row carrier is work of
+    its own that no user of SDPA would do."""
     from torch.nn.attention import sdpa_kernel
-
-    from fastvit_style.ops._torch_impl import shared_attention_torch
 
     backend = _sdpa_backend(name)
     q, k, v = p.leaf(p.q), p.leaf(p.k), p.leaf(p.v)
 
     def fn():
+        kk, vv = k.index_select(0, p.kv_index), v.index_select(0, p.kv_index)
         with sdpa_kernel(backend):
-            return shared_attention_torch(q, k, v, p.kv_index, p.scale)
+            return _sdpa(q, kk, vv, p.scale)
 
     return fn, (q, k, v), lambda: (q.grad, k.grad, v.grad)
 
