@@ -427,3 +427,65 @@ def test_cpu_speed_script_holds_the_targets(monkeypatch, capsys, train_speedup, 
     monkeypatch.setattr(cpu_speed.report, "table_row", lambda row: (row["workload"],) * 8)
     assert cpu_speed.main([]) == status
     assert capsys.readouterr().out.count("PASS") == 3 - status
+
+
+def test_sweep_rows_keep_every_sample_beside_their_statistics():
+    sweep = _script("sweep_shared_attention")
+    fields = sweep.summary("fwd_graph", [2.0, 1.0, 3.0, 2.5, 1.5], flops=3e9)
+    assert fields["fwd_graph_ms_samples"] == [2.0, 1.0, 3.0, 2.5, 1.5]  # the raw numbers, in call order
+    assert (fields["fwd_graph_ms"], fields["fwd_graph_ms_min"]) == (2.0, 1.0)
+    assert fields["fwd_graph_ms_p20"] == pytest.approx(1.4) and fields["fwd_graph_ms_p80"] == pytest.approx(
+        2.6
+    )
+    assert fields["fwd_graph_tflops"] == pytest.approx(1.5)  # at the median: 3 GFLOP in 2 ms
+
+
+def test_sweep_phases_and_flex_order():
+    sweep = _script("sweep_shared_attention")
+    args = sweep.parse_args(["--heads", "3", "12", "--batches", "8", "32", "--flex-heads", "12", "3"])
+    assert sweep.plan(args) == [(8, 3), (32, 3), (8, 12), (32, 12)]
+    assert sweep.flex_plan(args) == [(8, 12), (32, 12), (8, 3), (32, 3)]  # flex in its own order
+    args = sweep.parse_args(["--flex-heads", "6", "--flex-batches", "128", "32"])
+    assert sweep.flex_plan(args) == [(128, 6), (32, 6)]
+    assert args.graph_from_batch is None  # device-time rows only when asked for
+
+
+def test_sweep_reads_issue7_targets_from_each_figure():
+    """Fused forward+backward against the fastest pre-duplicated and the fastest gather path at B >= 32,
+    each figure on its own; the forward's 200 TFLOP/s from the graph figure; rows that failed or
+    disagree with the reference are no baseline."""
+    sweep = _script("sweep_shared_attention")
+
+    def row(method, B, fwd_bwd, graph=None, ok=True, matches=True, fwd_tflops=100.0):
+        r = {"B": B, "H": 12, "method": method, "status": "ok" if ok else "error: x",
+             "matches_reference": matches, "fwd_bwd_ms": fwd_bwd, "fwd_tflops": fwd_tflops}  # fmt: skip
+        if graph is not None:
+            r.update(fwd_bwd_graph_ms=graph, fwd_graph_tflops=2 * fwd_tflops)
+        return r
+
+    rows = [
+        row("fused", 8, 1.0),  # below B = 32: no target
+        row("fused", 32, 1.0, graph=0.5, fwd_tflops=150.0),
+        row("sdpa-dup-cudnn", 32, 1.2, graph=0.8),
+        row("sdpa-dup-flash", 32, 1.5, graph=0.6),
+        row("sdpa-dup-efficient", 32, 0.1, matches=False),  # wrong: never the best
+        row("xformers-dup", 32, 0.1, ok=False),
+        row("sdpa-gather-cudnn", 32, 2.5, graph=0.9),
+        row("xformers-gather", 32, 2.2),
+        row("sdpa-dup-cudnn", 8, 0.2),
+    ]
+    (t,) = sweep.issue7_targets(rows)
+    assert (t["B"], t["H"], t["fwd_tflops_target_figure"]) == (32, 12, "graph")
+    events, graph = t["figures"]["events"], t["figures"]["graph"]
+    assert events["vs_best_dup"] == {
+        "baseline": "sdpa-dup-cudnn",
+        "speedup": 1.2,
+        "target": 1.3,
+        "met": False,
+    }
+    assert events["vs_best_gather"]["baseline"] == "xformers-gather"
+    assert events["vs_best_gather"]["speedup"] == pytest.approx(2.2) and events["vs_best_gather"]["met"]
+    assert "fwd_tflops_met" not in events  # the host-inclusive forward is no measure of the kernel's rate
+    assert graph["vs_best_dup"]["baseline"] == "sdpa-dup-flash" and graph["vs_best_dup"]["speedup"] == 1.2
+    assert graph["vs_best_gather"]["speedup"] == pytest.approx(1.8)  # xformers-gather has no graph time
+    assert (graph["fwd_tflops"], graph["fwd_tflops_met"]) == (300.0, True)
