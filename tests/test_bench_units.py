@@ -489,3 +489,54 @@ def test_sweep_reads_issue7_targets_from_each_figure():
     assert graph["vs_best_dup"]["baseline"] == "sdpa-dup-flash" and graph["vs_best_dup"]["speedup"] == 1.2
     assert graph["vs_best_gather"]["speedup"] == pytest.approx(1.8)  # xformers-gather has no graph time
     assert (graph["fwd_tflops"], graph["fwd_tflops_met"]) == (300.0, True)
+
+
+def test_batch_sizes_per_workload():
+    """Plain sizes go to every workload without sizes of its own; W=N to W alone (repeated for several);
+    workloads given none keep the device's table."""
+    workloads = ["stylize", "stylize-roll", "tta", "train"]
+    assert cli.parse_batch_sizes("4,2", workloads) == {w: [4, 2] for w in workloads}
+    assert cli.parse_batch_sizes("train=4,stylize=8,stylize=64,8", workloads) == {
+        "stylize": [8, 64], "stylize-roll": [8], "tta": [8], "train": [4]}  # fmt: skip
+    assert cli.parse_batch_sizes("train=4", workloads) == {"train": [4]}
+    for bad, message in (("train=0", "at least 1"), ("augment=8", "'augment', which is not in --workloads"),
+                         ("8,x", "at least 1"), (",", "at least 1")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            cli.parse_batch_sizes(bad, workloads)
+    cfg = cli.config_from_args(
+        _args("--device", "cpu", "--workloads", "stylize,train", "--batch-sizes", "train=4")
+    )
+    assert cfg.batch_sizes == {"stylize": cli.DEFAULT_BATCHES["cpu"]["stylize"], "train": [4]}
+
+
+def test_compiled_variants_run_official_first_at_the_sizes_asked_for():
+    """Timed one after another, each compiled variant goes over every case before the next (official first:
+    a budget cuts fast compiled rows before compiled baselines); --compile-every-size compiles at every
+    batch, else at each workload's largest; interleaved, a case's compiled variants run together."""
+    from fastvit_style.benchmark.plan import BenchConfig, plan_cases, plan_passes, plan_size
+
+    cfg = BenchConfig(workloads=("train", "stylize"), batch_sizes={"train": [4], "stylize": [8, 64]},
+                      dtypes=("bf16",), backends=("reference", "triton"),
+                      compile_backends=("reference", "triton"), compile_dtypes=("bf16",))  # fmt: skip
+    cases = plan_cases(cfg)
+    assert [c[1:] for c in cases] == [("train", 4, True), ("stylize", 8, False), ("stylize", 64, True)]
+
+    def order(cfg):
+        cases = plan_cases(cfg)
+        return [(cases[i][1], cases[i][2], [(v.backend.name, v.dtype, v.compile) for v in vs])
+                for i, vs in plan_passes(cfg)]  # fmt: skip
+
+    eager = [("reference", "fp32", False), ("triton", "bf16", False)]
+    assert order(cfg) == [
+        ("train", 4, eager), ("stylize", 8, eager), ("stylize", 64, eager),
+        ("train", 4, [("reference", "bf16", True)]), ("stylize", 64, [("reference", "bf16", True)]),
+        ("train", 4, [("triton", "bf16", True)]), ("stylize", 64, [("triton", "bf16", True)]),
+    ]  # fmt: skip
+    assert plan_size(cfg) == 3 * 2 + 2 * 2
+    cfg.compile_every_size = True
+    assert [c[3] for c in plan_cases(cfg)] == [True, True, True] and plan_size(cfg) == 3 * 2 + 3 * 2
+    cfg.interleave, cfg.compile_every_size = True, False
+    both = [("reference", "bf16", True), ("triton", "bf16", True)]
+    assert order(cfg)[3:] == [("train", 4, both), ("stylize", 64, both)]
+    flags = _args("--device", "cpu", "--compile", "--compile-every-size", "--batch-sizes", "2,3")
+    assert cli.config_from_args(flags).compile_every_size

@@ -30,11 +30,34 @@ def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def parse_batch_sizes(text: str, workloads: list[str]) -> dict[str, list[int]]:
+    """--batch-sizes: a comma list of N (for every workload without sizes of its own) and W=N (for
+    workload W; repeat W=N for several). Returns the sizes of the workloads it gives any to, in order.
+    ValueError for a size below 1 or a workload outside `workloads`."""
+    shared, own = [], {}
+    for item in _csv(text):
+        name, _, size = item.rpartition("=")
+        if not (size.isdigit() and int(size) >= 1):
+            raise ValueError(f"--batch-sizes must all be at least 1, got {text!r}")
+        if name and name not in workloads:
+            raise ValueError(
+                f"--batch-sizes names {name!r}, which is not in --workloads ({', '.join(workloads)})"
+            )
+        (own.setdefault(name, []) if name else shared).append(int(size))
+    if not shared and not own:
+        raise ValueError(f"--batch-sizes must all be at least 1, got {text!r}")
+    return {w: own.get(w, shared) for w in workloads if own.get(w, shared)}
+
+
 def add_arguments(p) -> None:
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--backbones", help="comma list (default: base on CUDA, tiny on CPU)")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma list of {', '.join(WORKLOADS)}")
-    p.add_argument("--batch-sizes", help="comma list for every workload (default: a table per device)")
+    p.add_argument(
+        "--batch-sizes",
+        help="comma list of sizes for every workload (8,32) and/or per workload (train=4,stylize=8,stylize=64); "
+        "workloads given none take the table per device",
+    )
     p.add_argument("--dtypes", help="fp32,bf16 (default: both on CUDA, fp32 on CPU); bf16 = autocast")
     p.add_argument(
         "--backends",
@@ -47,6 +70,11 @@ def add_arguments(p) -> None:
         help="also time torch.compile variants, at the largest batch of each workload (default: on CUDA "
         "yes unless --quick, on CPU no: compiling is slow there)",
     )  # fmt: skip
+    p.add_argument(
+        "--compile-every-size",
+        action="store_true",
+        help="compiled variants at every batch size, not the largest only",
+    )
     p.add_argument(
         "--compile-backends", help="comma list of the backends to compile (default: all timed ones)"
     )
@@ -118,14 +146,10 @@ def config_from_args(args) -> BenchConfig:
     for backbone in backbones:
         check_backbone(backbone, model_kwargs)  # make_config would take 'Tiny' or a typo for a custom ViT
         check_model_kwargs("--model-kwargs", backbone, model_kwargs)
+    table = QUICK_BATCHES if args.quick else DEFAULT_BATCHES[device.type]
+    batches = {w: table[w] for w in workloads}
     if args.batch_sizes:
-        sizes = _csv(args.batch_sizes)
-        if not sizes or not all(b.isdigit() and int(b) >= 1 for b in sizes):
-            raise ValueError(f"--batch-sizes must all be at least 1, got {args.batch_sizes!r}")
-        batches = {w: [int(b) for b in sizes] for w in workloads}
-    else:
-        table = QUICK_BATCHES if args.quick else DEFAULT_BATCHES[device.type]
-        batches = {w: table[w] for w in workloads}
+        batches.update(parse_batch_sizes(args.batch_sizes, workloads))
     if args.backends:
         backends = _csv(args.backends)
         if not backends:
@@ -159,6 +183,7 @@ def config_from_args(args) -> BenchConfig:
         backends=tuple(backends),
         compile_backends=tuple(compile_backends),
         compile_dtypes=tuple(compile_dtypes),
+        compile_every_size=args.compile_every_size,
         repeats=default_repeats if args.repeats is None else args.repeats,
         warmup=default_warmup if args.warmup is None else args.warmup,
         interleave=not cuda if args.interleave is None else args.interleave,

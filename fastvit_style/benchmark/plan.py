@@ -92,6 +92,7 @@ class BenchConfig:
     backends: tuple[str, ...] = ("reference", "torch")
     compile_backends: tuple[str, ...] = ()  # also timed under torch.compile ...
     compile_dtypes: tuple[str, ...] = ("fp32", "bf16")  # ... in these of `dtypes`
+    compile_every_size: bool = False  # ... at every batch size (else at each workload's largest only)
     repeats: int = 3
     warmup: int = 0  # calls after the first one (which is always made: it is the parity check)
     interleave: bool = False  # time the variants of a case round-robin (robust to a busy CPU)
@@ -126,15 +127,29 @@ def plan_variants(cfg: BenchConfig) -> tuple[list[Variant], list[Variant]]:
 
 def plan_cases(cfg: BenchConfig) -> list[tuple[str, str, int, bool]]:
     """(backbone, workload, batch, compiled variants too?): compiling is slow, so compiled variants run
-    at the largest batch of each workload only."""
+    at the largest batch of each workload only, unless compile_every_size."""
     return [
-        (backbone, w, batch, batch == max(cfg.batch_sizes[w]))
+        (backbone, w, batch, cfg.compile_every_size or batch == max(cfg.batch_sizes[w]))
         for backbone in cfg.backbones
         for w in cfg.workloads
         for batch in cfg.batch_sizes[w]
     ]
 
 
-def plan_size(cfg: BenchConfig) -> int:
+def plan_passes(cfg: BenchConfig) -> list[tuple[int, list[Variant]]]:
+    """(index into plan_cases(cfg), variants), in the order they run: each case's eager variants, then the
+    compiled ones. Timed one after another, the compiled variants go one at a time over every case, the
+    official computation's first: a --budget then cuts the fast compiled rows (whose eager rows ran)
+    before any compiled baseline. Interleaved, each case's compiled variants run together (timed
+    round-robin, they must all be prepared first)."""
     eager, compiled = plan_variants(cfg)
-    return sum(len(eager) + len(compiled) * with_compiled for *_, with_compiled in plan_cases(cfg))
+    cases = plan_cases(cfg)
+    with_compiled = [i for i, (*_, compiled_too) in enumerate(cases) if compiled_too and compiled]
+    passes = [(i, eager) for i in range(len(cases))]
+    if cfg.interleave:
+        return passes + [(i, compiled) for i in with_compiled]
+    return passes + [(i, [v]) for v in compiled for i in with_compiled]
+
+
+def plan_size(cfg: BenchConfig) -> int:
+    return sum(len(variants) for _, variants in plan_passes(cfg))

@@ -19,7 +19,7 @@ import torch
 
 from . import flops, timing
 from .parity import GRAD_TOLERANCE, TOLERANCE, compare, no_tf32
-from .plan import BenchConfig, Variant, plan_cases, plan_variants
+from .plan import BenchConfig, Variant, plan_cases, plan_passes
 from .telemetry import Telemetry
 from .workloads import make_workloads
 
@@ -31,7 +31,7 @@ def run_benchmark(cfg: BenchConfig, on_result: Callable[[dict | None, dict], Non
     killed mid-variant leaves a record of what it was doing.
 
     All eager variants run first, then the compiled ones (minutes of compilation each on a GPU), so
-    that a --budget cuts the slowest-to-warm-up variants first."""
+    that a --budget cuts the slowest-to-warm-up variants first (order: plan.plan_passes)."""
     if cfg.repeats < 1 or cfg.warmup < 0:  # no timed call: no median to report
         raise ValueError(
             f"repeats must be at least 1 and warmup at least 0, got {cfg.repeats} and {cfg.warmup}"
@@ -65,24 +65,19 @@ def _run(cfg: BenchConfig, device: torch.device, on_result) -> dict:
     if on_result:
         on_result(None, run)
     workloads = make_workloads(cfg.tta_k, cfg.augment_p)
-    eager, compiled = plan_variants(cfg)
     deadline = math.inf if cfg.budget_s is None else time.monotonic() + cfg.budget_s
     telemetry = Telemetry(device)
     cases = [
-        (_Case(cfg, device, workloads[w], workloads, backbone, batch, peak, telemetry), with_compiled)
-        for backbone, w, batch, with_compiled in plan_cases(cfg)
+        _Case(cfg, device, workloads[w], workloads, backbone, batch, peak, telemetry)
+        for backbone, w, batch, _ in plan_cases(cfg)
     ]
     with telemetry:
-        for variants, pass_cases in (
-            (eager, [c for c, _ in cases]),
-            (compiled, [c for c, with_compiled in cases if with_compiled]),
-        ):
-            for case in pass_cases:
-                for row in case.run(variants, deadline, starting):
-                    run["results"].append(row)
-                    if on_result:
-                        on_result(row, run)
-                case.release()
+        for index, variants in plan_passes(cfg):
+            for row in cases[index].run(variants, deadline, starting):
+                run["results"].append(row)
+                if on_result:
+                    on_result(row, run)
+            cases[index].release()
     run["telemetry"], run["in_flight"] = telemetry.to_json(), None
     return run
 
