@@ -117,7 +117,26 @@ def test_the_matmul_rate_is_flops_over_seconds(monkeypatch):
     monkeypatch.setattr(flops, "MATMUL_N", 8)
     randn = torch.randn
     monkeypatch.setattr(torch, "randn", lambda *shape, device=None, dtype=None: randn(*shape, dtype=dtype))
-    assert flops.bf16_matmul_flops(torch.device("cuda"), repeats=10) == 2 * 8**3 * 10 / 0.25
+    assert flops.bf16_matmul_flops(torch.device("cuda"), repeats=10, warmup_s=0) == 2 * 8**3 * 10 / 0.25
+
+
+def test_the_matmul_rate_is_timed_after_a_warm_up_by_time(monkeypatch):
+    """Matmuls in synchronized groups until warmup_s has passed (a fake clock: 0.4 s a group), then the
+    timed ones: an idle GPU's clocks need the time, not a number of calls."""
+    cuda = _FakeCuda(monkeypatch, elapsed_ms=250.0)
+    clock = types.SimpleNamespace(now=0.0, matmuls=0)
+    monkeypatch.setattr(flops, "time", types.SimpleNamespace(monotonic=lambda: clock.now))
+    monkeypatch.setattr(flops, "MATMUL_N", 8)
+
+    class Matrix:
+        def __matmul__(self, other):
+            clock.matmuls += 1
+            clock.now += 0.04
+
+    monkeypatch.setattr(torch, "randn", lambda *shape, device=None, dtype=None: Matrix())
+    flops.bf16_matmul_flops(torch.device("cuda"), repeats=10, warmup_s=1.0)
+    assert clock.matmuls == 3 * 10 + 10  # ceil(1.0 / 0.4) groups of warm-up, then the timed 10
+    assert cuda.log.count("synchronize") == 3
     assert flops.bf16_matmul_flops(torch.device("cpu")) is None
 
 

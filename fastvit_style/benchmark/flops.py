@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -41,13 +42,20 @@ def flops_per_image(workload, workloads: dict, backbone: str, model_kwargs: dict
     return workload.flops_per_image(lambda name: _count(workloads[name], backbone, key), batch)
 
 
-def bf16_matmul_flops(device: torch.device, repeats: int = 10) -> float | None:
-    """Measured FLOP/s of a large bf16 matmul on random data (zeros run faster and would flatter it)."""
+def bf16_matmul_flops(device: torch.device, repeats: int = 10, warmup_s: float = 1.0) -> float | None:
+    """Measured FLOP/s of a large bf16 matmul on random data (zeros run faster and would flatter it),
+    after `warmup_s` seconds of the same matmuls: an idle GPU's clocks take a while to ramp up (an H200
+    here read 345 MHz idle, 1980 under load), and a few calls would time part of the ramp."""
     if device.type != "cuda":
         return None
     a, b = (torch.randn(MATMUL_N, MATMUL_N, device=device, dtype=torch.bfloat16) for _ in range(2))
-    for _ in range(3):
-        a @ b
+    start = time.monotonic()
+    while True:  # in groups, synchronized: unsynchronized launches would queue far past warmup_s
+        for _ in range(repeats):
+            a @ b
+        torch.cuda.synchronize()
+        if time.monotonic() - start >= warmup_s:
+            break
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(repeats):
