@@ -294,9 +294,17 @@ def test_the_json_is_replaced_whole_or_not_at_all(tmp_path):
 
 
 def test_the_environment_names_commit_time_and_threads(monkeypatch):
-    monkeypatch.setenv("FASTVIT_STYLE_GIT_COMMIT", "0123abc")
+    monkeypatch.setattr(report, "source_hash", lambda: "f" * 64)
+    monkeypatch.setenv("FASTVIT_STYLE_GIT_COMMIT", "0123abc")  # no full commit: kept, but not as one
+    assert report.environment()["git"] == {
+        "commit": "unknown",
+        "dirty": None,
+        "given": "0123abc",
+        "sources": "f" * 64,
+    }
+    monkeypatch.setenv("FASTVIT_STYLE_GIT_COMMIT", "0123abc" * 5 + "01234")
     env = report.environment()
-    assert env["git"] == {"commit": "0123abc", "dirty": None}
+    assert env["git"] == {"commit": "0123abc" * 5 + "01234", "dirty": None, "sources": "f" * 64}
     assert datetime.datetime.fromisoformat(env["time_utc"]).utcoffset() == datetime.timedelta(0)
     device = report.describe_device(torch.device("cpu"))
     assert device["type"] == "cpu" and device["name"] and device["threads"] == torch.get_num_threads()
@@ -312,9 +320,26 @@ def test_the_environment_names_commit_time_and_threads(monkeypatch):
         )
 
     monkeypatch.setattr(report.subprocess, "run", git)
-    assert report.git_commit() == {"commit": "0123abc", "dirty": False}
+    assert report.git_commit() == {"commit": "0123abc", "dirty": False, "sources": "f" * 64}
     status["out"] = " M fastvit_style/model.py\n"
-    assert report.git_commit() == {"commit": "0123abc", "dirty": True}
+    assert report.git_commit() == {"commit": "0123abc", "dirty": True, "sources": "f" * 64}
+
+
+def test_the_source_hash_follows_the_python_sources_only(tmp_path):
+    for path, text in (
+        ("fastvit_style/a.py", "x = 1"),
+        ("kernels/k.py", "y = 2"),
+        ("fastvit_style/n.txt", ""),
+    ):
+        (tmp_path / path).parent.mkdir(exist_ok=True)
+        (tmp_path / path).write_text(text)
+    (tmp_path / "fastvit_style" / "kernels").symlink_to(tmp_path / "kernels")  # as a checkout links it
+    before = report.source_hash(str(tmp_path))
+    assert len(before) == 64 and before == report.source_hash(str(tmp_path))
+    (tmp_path / "fastvit_style" / "n.txt").write_text("notes")
+    assert report.source_hash(str(tmp_path)) == before
+    (tmp_path / "kernels" / "k.py").write_text("y = 3")
+    assert report.source_hash(str(tmp_path)) != before
 
 
 def _args(*argv):

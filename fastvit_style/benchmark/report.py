@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 import platform
 import re
@@ -43,23 +44,47 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def source_hash(root: str = _ROOT) -> str:
+    """sha256 of the Python sources of fastvit_style/ and kernels/ under root (each file's path relative
+    to root, then its bytes, in path order; links to folders not followed: fastvit_style/kernels may
+    link to kernels/): it ties results to the code that ran where a commit cannot, a dirty tree or a
+    copy without .git."""
+    digest = hashlib.sha256()
+    for top in ("fastvit_style", "kernels"):
+        for folder, _, files in sorted(os.walk(os.path.join(root, top))):
+            for name in sorted(f for f in files if f.endswith(".py")):
+                path = os.path.join(folder, name)
+                digest.update(os.path.relpath(path, root).encode() + b"\0")
+                with open(path, "rb") as f:
+                    digest.update(f.read() + b"\0")
+    return digest.hexdigest()
+
+
 def git_commit() -> dict:
-    """HEAD of the checkout this package runs from, and whether tracked files differ from it (untracked
-    ones, such as result JSONs not yet committed, do not); 'unknown' outside one.
-    FASTVIT_STYLE_GIT_COMMIT names it where the tree was copied without .git (a GPU machine)."""
-    if os.environ.get("FASTVIT_STYLE_GIT_COMMIT"):
-        return {"commit": os.environ["FASTVIT_STYLE_GIT_COMMIT"], "dirty": None}
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    """HEAD of the checkout this package runs from, whether tracked files differ from it (untracked
+    ones, such as result JSONs not yet committed, do not; 'unknown' outside one), and `sources`, the
+    source_hash. FASTVIT_STYLE_GIT_COMMIT names the commit where the tree was copied without .git (a GPU
+    machine); a value that is no full commit hash (40 hex digits) is kept as `given`, the commit unknown."""
+    sources = {"sources": source_hash()}
+    given = os.environ.get("FASTVIT_STYLE_GIT_COMMIT")
+    if given:
+        if re.fullmatch(r"[0-9a-f]{40}", given):
+            return {"commit": given, "dirty": None, **sources}
+        return {"commit": "unknown", "dirty": None, "given": given, **sources}
+    root = _ROOT
     try:
         head, dirty = (
             subprocess.run(["git", *cmd], cwd=root, capture_output=True, text=True, timeout=10, check=False)
             for cmd in (["rev-parse", "HEAD"], ["status", "--porcelain", "--untracked-files=no"])
         )
     except (OSError, subprocess.SubprocessError):
-        return {"commit": "unknown", "dirty": None}
+        return {"commit": "unknown", "dirty": None, **sources}
     if head.returncode:
-        return {"commit": "unknown", "dirty": None}
-    return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+        return {"commit": "unknown", "dirty": None, **sources}
+    return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip()), **sources}
 
 
 def environment() -> dict:
