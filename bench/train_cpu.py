@@ -16,6 +16,7 @@ device (by host time on CPU), and the largest kernels: what a faster training st
 """
 
 import argparse
+import datetime
 import platform
 import statistics
 import time
@@ -24,7 +25,7 @@ import torch
 
 from fastvit_style import StylizingViT
 from fastvit_style.apps.common import non_negative_int, positive_int
-from fastvit_style.benchmark.report import check_output_file
+from fastvit_style.benchmark.report import check_output_file, git_commit
 from fastvit_style.benchmark.timing import synchronize
 
 
@@ -34,7 +35,11 @@ def parse_args(argv=None):
     p.add_argument("--backbone", default="tiny")
     p.add_argument("--input-size", type=int, default=224)
     p.add_argument("--batch", type=int, default=4, help="micro-batch B (one roll group)")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (the official run is fp32)")
+    p.add_argument(
+        "--bf16",
+        action="store_true",
+        help="bfloat16 autocast, for both paths (the reference runs under it too)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
     p.add_argument("--steps", type=positive_int, default=3, help="timed steps per path")
     p.add_argument("--warmup", type=non_negative_int, default=1)
@@ -101,6 +106,7 @@ def main(argv=None) -> dict:
         "machine": platform.processor() or platform.machine(),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "results": results, "fast_over_reference": speedup,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "git": git_commit(),
     }  # fmt: skip
     print(f"{args.backbone}, {args.input_size} px, B={args.batch}, {device}, bf16={args.bf16}, "
           f"compile={args.compile}, {report['threads']} threads")  # fmt: skip

@@ -420,6 +420,9 @@ def test_train_script_ratio_excludes_its_warm_up(monkeypatch):
     fast = report_["results"]["fast"]
     assert fast["all_step_seconds"] == [1.0] and fast["images_per_s"] == 2.0
     assert report_["fast_over_reference"] == 3.0
+    assert (
+        report_["git"]["sources"] and datetime.datetime.fromisoformat(report_["date"]).utcoffset() is not None
+    )
 
 
 class _StubModel(torch.nn.Module):
