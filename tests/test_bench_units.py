@@ -587,3 +587,102 @@ def test_compiled_variants_run_official_first_at_the_sizes_asked_for():
     assert order(cfg)[3:] == [("train", 4, both), ("stylize", 64, both)]
     flags = _args("--device", "cpu", "--compile", "--compile-every-size", "--batch-sizes", "2,3")
     assert cli.config_from_args(flags).compile_every_size
+
+
+def _plan_command(plan, part, name, limit=300):
+    (step,) = (s for s in plan.PARTS[part] if s.name == name)
+    return step.argv(limit, "/out")
+
+
+@pytest.mark.parametrize("part", ["all", "model"])
+def test_gpu_plan_benchmarks_issue5s_workloads_with_their_baselines(monkeypatch, part):
+    """The bench step's flags, read by the CLI's own parser: base, train at B=4, both stylizations and TTA
+    at B=8, Triton in bf16 against the official fp32 baseline and the official bf16 + compile, every
+    compiled variant at those sizes, the official training step compiled first."""
+    from fastvit_style.benchmark.plan import plan_cases, plan_passes
+
+    plan = _script("gpu_plan")
+    argv = _plan_command(plan, part, "bench", limit=400)
+    assert argv[:4] == ["python3", "-m", "fastvit_style.cli", "bench"]
+    monkeypatch.setattr(cli, "resolve_device", lambda name: torch.device("cuda", 0))
+    cfg = cli.config_from_args(_args(*argv[4:]))
+    assert cfg.budget_s == 400 - plan.BENCH_IN_FLIGHT and cfg.backbones == ("base",)
+    assert cfg.batch_sizes == {"train": [4], "stylize": [8], "stylize-roll": [8], "tta": [8]}
+    cases = plan_cases(cfg)
+    assert all(compiled for *_, compiled in cases)
+    variants = [
+        (cases[i][1], [(v.backend.name, v.dtype, v.compile) for v in vs]) for i, vs in plan_passes(cfg)
+    ]
+    assert variants[:4] == [
+        (w, [("reference", "fp32", False), ("triton", "bf16", False)]) for w in cfg.workloads
+    ]
+    assert variants[4] == ("train", [("reference", "bf16", True)])
+    assert ("train", [("triton", "bf16", True)]) in variants[5:]
+
+
+@pytest.mark.parametrize("part", ["all", "kernels"])
+def test_gpu_plan_sweeps_every_row_of_issue7(part):
+    """The sweep step's flags, read by the sweep's parser: every head count and batch, device times from
+    B = 32, FlexAttention at every head count (B >= 32 first) with a budget of its own, no tile rows
+    (their recompiles come last, in a step of their own)."""
+    plan, sweep = _script("gpu_plan"), _script("sweep_shared_attention")
+    argv = _plan_command(plan, part, "sweep", limit=plan.PARTS[part][2].cap)
+    args = sweep.parse_args(argv[2:])
+    assert sorted(sweep.plan(args)) == sorted((B, H) for B in (8, 32, 64, 128) for H in (3, 6, 12))
+    assert sorted(sweep.flex_plan(args)) == sorted(sweep.plan(args)) and sweep.flex_plan(args)[0] == (32, 12)
+    assert args.graph_from_batch == 32 and not args.tune_blocks and args.flex_budget >= 30
+    assert args.budget + args.flex_budget + 2 * plan.SWEEP_IN_FLIGHT <= plan.PARTS[part][2].cap
+
+
+def test_gpu_plan_fits_the_call_and_runs_the_issues_first():
+    """By the expected durations (bench/README.md, "Time plan"), every step of `all` runs within the call;
+    the core GPU tests run before the sweep; its bench leaves time for the eager rows (about 45 s) and the
+    official compiled training step before its budget ends; each part ends before its total."""
+    plan = _script("gpu_plan")
+    for part in plan.PARTS:
+        course = plan.schedule(part)
+        assert course[-1]["end"] <= plan.TOTAL - plan.PACKING
+        assert all(s.least <= s.cap for s in plan.PARTS[part])
+    course = {s["name"]: s for s in plan.schedule("all")}
+    assert all(s["limit"] is not None for s in course.values())
+    assert course["tests-core"]["end"] <= course["sweep"]["start"]
+    assert course["bench"]["limit"] - plan.BENCH_IN_FLIGHT >= 45
+    model = {s["name"]: s for s in plan.schedule("model")}
+    assert model["bench"]["limit"] >= 400  # issue 5's call: every compiled variant (bench/README.md)
+
+
+def test_gpu_check_runs_the_plan_with_stubbed_tools(tmp_path):
+    """bench/gpu_check.sh end to end with python3 and nvidia-smi stubbed (the planner runs for real): the
+    steps in the plan's order, each command as planned, the logs packed, a short commit refused."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    stub, log = tmp_path / "bin", tmp_path / "calls.log"
+    stub.mkdir()
+    (stub / "python3").write_text(
+        "#!/bin/bash\n"
+        f'if [[ $1 == bench/gpu_plan.py ]]; then exec {sys.executable} "$@"; fi\n'
+        'if [[ $1 == -c && $2 == *"import fastvit_style.kernels"* ]]; then exit 0; fi\n'
+        f'echo "python3 $*" >> {log}\n'
+    )
+    (stub / "nvidia-smi").write_text("#!/bin/bash\n")
+    for f in stub.iterdir():
+        f.chmod(0o755)
+    env = {**os.environ, "PATH": f"{stub}:{os.environ['PATH']}", "GIT_DIR": str(tmp_path / "no-git"),
+           "FASTVIT_STYLE_GIT_COMMIT": "abc123"}  # fmt: skip
+    done = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh"), str(tmp_path / "out"), "model"],
+                          check=False, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "is no 40-hex commit" in done.stderr
+    calls = [line.split()[1:4] for line in log.read_text().splitlines() if line.startswith("python3 ")]
+    assert ["-m", "fastvit_style.cli", "bench"] in calls and [
+        "bench/train_cpu.py",
+        "--device",
+        "cuda",
+    ] in calls
+    assert calls.index(["-m", "fastvit_style.cli", "bench"]) < calls.index(
+        ["bench/train_cpu.py", "--device", "cuda"]
+    )
+    assert sorted(os.listdir(tmp_path / "out")) == ["logs.tar.gz"]
