@@ -103,14 +103,18 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export PYTHONPATH=$PWD${SITE:+:$SITE}
 
-( while sleep 20; do pack_logs; done ) >/dev/null 2>&1 &
+# The packer finishes a pack before it exits (TERM waits for the sleep), and goes with the script.
+( trap 'exit' TERM; while sleep 20; do pack_logs; done ) >/dev/null 2>&1 &
 PACKER=$!
+trap 'kill "$PACKER" 2>/dev/null; wait "$PACKER" 2>/dev/null' EXIT
 python3 bench/gpu_plan.py "$PART" >"$LOGS/plan.tsv"
 while IFS=$'\t' read -r name cap least; do
     step "$name" "$cap" "$least"
 done <"$LOGS/plan.tsv"
 kill "$PACKER"
+wait "$PACKER" 2>/dev/null
 
 say "done; files in $OUT:"
 ls -la "$OUT" | tee -a "$LOGS/gpu_check.log"
 pack_logs
+rm -f "$OUT"/.logs-*.tar.gz  # a pack cut short by a kill

@@ -8,7 +8,7 @@ Parts (each one device call of at most 600 s; gpu_check.sh keeps to GPU_CHECK_SE
   all      the best single call: issue 7's core GPU tests and its sweep (main rows with device times,
            some FlexAttention), then issue 5's workloads, official compiled baselines first
   kernels  issue 7 alone: core tests, the whole sweep (FlexAttention at every size), the other
-           kernel and op tests, then tile rows and the host/device profile with what is left
+           kernel and op tests, then the host/device profile and tile rows with what is left
   model    issue 5 alone: its workloads with every compiled variant, then the model-level GPU tests,
            the micro-benchmarks and a profile of the training step with what is left
 Steps run in this order, each with min(cap, time left); one with fewer than `least` seconds left is
@@ -126,8 +126,8 @@ PARTS = {
             200,
             pytest("tests/kernels", "tests/ops", "-m", "gpu", "-k", f"not ({CORE_TESTS})"),
         ),
-        Step("tiles", 60, 40, 60, tiles),
         PROFILE,
+        Step("tiles", 60, 40, 60, tiles),
     ),
     "model": (
         ENV,

@@ -14,6 +14,7 @@ from .devices import autocast_dtype
 from .feature_stats import normalized_mse, normalized_stats
 from .layers.vgg19 import VGG19Features
 from .reference.losses import Loss, channel_mean_std
+from .tracing import traced
 
 
 def check_loss_images(x, x_style, x_stylized, x_recon, x_style_recon) -> None:
@@ -50,8 +51,11 @@ def map_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """F.mse_loss(a, b) of two (B, C, H, W) maps, taken in their memory order: on channels-last maps
     (the fast VGG's) torch's CPU backward of F.mse_loss runs a strided loop, 3.9x slower than over
     the same maps seen as contiguous NHWC tensors (147 vs 38 ms forward + backward at 64 channels,
-    224 px, 4 images; torch 2.13); the numbers are the same, and the gradient is channels-last."""
-    if all(t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) for t in (a, b)):
+    224 px, 4 images; torch 2.13); the numbers are the same, and the gradient is channels-last.
+    Traced or transformed calls (vmap cannot query a layout) take F.mse_loss as it is."""
+    if not traced(a, b) and all(
+        t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) for t in (a, b)
+    ):
         a, b = a.permute(0, 2, 3, 1), b.permute(0, 2, 3, 1)
     return F.mse_loss(a, b)
 

@@ -31,3 +31,12 @@ def test_map_mse_is_the_official_mse(layout, monkeypatch):
     if layout == "channels_last":  # the layout of the VGG's maps, which its backward reads
         assert grad.is_contiguous(memory_format=torch.channels_last)
     assert all(t.is_contiguous() for t in operands[0]) == (layout != "mixed")
+
+
+def test_map_mse_under_vmap():
+    """Per-sample MSEs through torch.func.vmap, which cannot query a memory format (as in per-sample
+    losses of the whole model)."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(3, 2, 4, 5, 6, generator=gen) for _ in range(2))
+    got = torch.func.vmap(losses.map_mse)(a, b)
+    torch.testing.assert_close(got, torch.stack([F.mse_loss(x, y) for x, y in zip(a, b)]), rtol=1e-6, atol=0)

@@ -71,13 +71,16 @@ def _run(cfg: BenchConfig, device: torch.device, on_result) -> dict:
         _Case(cfg, device, workloads[w], workloads, backbone, batch, peak, telemetry)
         for backbone, w, batch, _ in plan_cases(cfg)
     ]
+    passes = plan_passes(cfg)
+    last_pass = {index: n for n, (index, _) in enumerate(passes)}  # a case is built once, for all its passes
     with telemetry:
-        for index, variants in plan_passes(cfg):
+        for n, (index, variants) in enumerate(passes):
             for row in cases[index].run(variants, deadline, starting):
                 run["results"].append(row)
                 if on_result:
                     on_result(row, run)
-            cases[index].release()
+            if last_pass[index] == n:
+                cases[index].release()
     run["telemetry"], run["in_flight"] = telemetry.to_json(), None
     return run
 

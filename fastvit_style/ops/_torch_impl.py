@@ -25,6 +25,8 @@ def shared_attention_torch(
 
 # Most SDPA calls the sliced path makes for one op call; the model's maps take at most 3 (the roll).
 _MAX_RUNS = 3
+# Longest map the sliced path reads on the host (a Python loop): far beyond the model's 3B sequences.
+_MAX_READ = 4096
 
 
 def shared_attention_sliced(
@@ -37,9 +39,9 @@ def shared_attention_sliced(
     autograd, for one run only (a slice's backward is as cheap as the gather's; several would each
     allocate a full dK/dV). Same shapes, dtypes and numbers as shared_attention_torch."""
     runs = None
-    if kv_index.device.type == "cpu" and not traced(q, k, v, kv_index):
-        runs = _consecutive_runs(kv_index.tolist(), k.shape[0])
-    if not runs or len(runs) > (1 if torch.is_grad_enabled() else _MAX_RUNS):  # None, or no query
+    if kv_index.device.type == "cpu" and kv_index.numel() <= _MAX_READ and not traced(q, k, v, kv_index):
+        runs = _consecutive_runs(kv_index.tolist(), k.shape[0], 1 if torch.is_grad_enabled() else _MAX_RUNS)
+    if not runs:  # None, or no query sequence
         return shared_attention_torch(q, k, v, kv_index, scale)
     outs = []
     for start, first, n in runs:
@@ -49,9 +51,10 @@ def shared_attention_sliced(
     return carry_nan_rows(outs[0] if len(outs) == 1 else torch.cat(outs), q)
 
 
-def _consecutive_runs(index: list[int], n_kv: int) -> list[tuple[int, int, int]] | None:
+def _consecutive_runs(index: list[int], n_kv: int, most: int) -> list[tuple[int, int, int]] | None:
     """(first query sequence, first K/V sequence, length) of each run of consecutive K/V sequences in
-    index, or None where an entry is out of [0, n_kv) (the gather then raises its own error)."""
+    index, or None where there are more than `most` or an entry is out of [0, n_kv) (the gather then
+    raises its own error)."""
     runs = []
     for s, j in enumerate(index):
         if not 0 <= j < n_kv:
@@ -59,6 +62,8 @@ def _consecutive_runs(index: list[int], n_kv: int) -> list[tuple[int, int, int]]
         if runs and runs[-1][1] + runs[-1][2] == j:
             start, first, n = runs[-1]
             runs[-1] = (start, first, n + 1)
+        elif len(runs) == most:
+            return None
         else:
             runs.append((s, j, 1))
     return runs

@@ -187,8 +187,7 @@ def test_sliced_path_matches_the_gather(Skv, kv_index, grad_mode, monkeypatch):
     gather = shared_attention_torch(q, k, v, kv_index, 0.2)
     do = torch.randn(gather.shape, generator=torch.Generator().manual_seed(1))
     expected = (gather, *torch.autograd.grad(gather, (q, k, v), do))
-    runs = len(_torch_impl._consecutive_runs(kv_index.tolist(), Skv))
-    if runs <= (1 if grad_mode else _torch_impl._MAX_RUNS):
+    if _torch_impl._consecutive_runs(kv_index.tolist(), Skv, 1 if grad_mode else _torch_impl._MAX_RUNS):
         monkeypatch.setattr(_torch_impl, "shared_attention_torch", None)  # a gather would fail
     with torch.set_grad_enabled(grad_mode):
         out = shared_attention(q, k, v, kv_index, scale=0.2, backend="torch")
@@ -196,6 +195,18 @@ def test_sliced_path_matches_the_gather(Skv, kv_index, grad_mode, monkeypatch):
     if grad_mode:
         for got, want in zip(torch.autograd.grad(out, (q, k, v), do), expected[1:]):
             torch.testing.assert_close(got, want)
+
+
+def test_sliced_path_reads_no_long_map(monkeypatch):
+    """A map longer than _MAX_READ is not read on the host (a Python loop over it): the gather runs."""
+    q, k, v, kv_index = make_inputs(3, 3, 4, 4, 1, 32, [0, 1, 2])
+    gathers = []
+    real = _torch_impl.shared_attention_torch
+    monkeypatch.setattr(_torch_impl, "shared_attention_torch", lambda *a: gathers.append(1) or real(*a))
+    monkeypatch.setattr(_torch_impl, "_MAX_READ", 2)
+    with torch.no_grad():
+        shared_attention(q, k, v, kv_index, backend="torch")
+    assert gathers == [1]
 
 
 def test_sliced_path_leaves_a_bad_map_to_the_gather():
@@ -825,7 +836,7 @@ def test_sweep_bookkeeping_without_gpu(monkeypatch, tmp_path):
     spec.loader.exec_module(sweep)
     seen = []
 
-    def fake_run_method(problem, builder, args):
+    def fake_run_method(problem, builder, args, graph=True):
         blocks = _common.attention_blocks("bwd_fused", 197, 197, 64, torch.bfloat16)
         seen.append((_common.ONE_LAUNCH_BACKWARD_MIN_PROGRAMS, blocks))
         return {
@@ -851,14 +862,13 @@ def test_sweep_bookkeeping_without_gpu(monkeypatch, tmp_path):
     data = json.loads(written.read_text())
     methods = {r["method"]: r["status"] for r in data["rows"]}
     assert methods["fused"] == methods["fused-1launch"] == "ok"
-    # Method rows: fused, fused-api, fused-1launch, then the other methods (xformers skipped here).
+    # Method rows: fused, fused-api, fused-1launch, then the other methods (xformers skipped here), then
+    # FlexAttention's phase; the tile rows come last (a faulting tile config cannot spoil flex rows).
     ran = [r["method"] for r in data["rows"] if r["status"] == "ok"]
     assert ran[-1] == "flex" and "flex" not in ran[:-1]
-    ran = ran[:-1]
     assert [knob for knob, _ in seen[: len(ran)]] == [0 if m == "fused-1launch" else 1234 for m in ran]
-    # Tile rows: the two-launch configs, then the one-launch ones under their own blocks; FlexAttention's
-    # rows (a compile each) come last, after the rows that decide the kernels' defaults.
-    tiles = seen[len(ran) : -1]
+    # Tile rows: the two-launch configs, then the one-launch ones under their own blocks.
+    tiles = seen[len(ran) :]
     configs, one_launch = sweep.block_configs(), sweep.one_launch_block_configs()
     assert [knob for knob, _ in tiles] == [None] * len(configs) + [0] * len(one_launch)
     assert [tuple(b) for _, b in tiles[len(configs) :]] == [tuple(b) for b in one_launch]
@@ -930,14 +940,15 @@ def test_sweep_baselines_rates_and_check_on_cpu(monkeypatch, fake_xformers, one_
 
     grad_modes, timed_grads = [], []
 
-    def do_bench(step, warmup, rep, grad_to_none, quantiles):
+    def do_bench(step, warmup, rep, grad_to_none, return_mode):
+        assert return_mode == "all"  # the raw samples, kept in the row
         grad_modes.append([])
         for _ in range(3):  # do_bench's calls, gradients reset in between
             for leaf in grad_to_none:
                 leaf.grad = None
             step()
         timed_grads.append([leaf.grad for leaf in grad_to_none])
-        return [{0.5: 2.0, 0.2: 1.0, 0.8: 4.0}[q] for q in quantiles]
+        return [1.0, 1.0, 2.0, 4.0, 4.0]  # p20 1.0, median 2.0, p80 4.0
 
     monkeypatch.setattr(triton.testing, "do_bench", do_bench)
 
@@ -972,6 +983,7 @@ def test_sweep_baselines_rates_and_check_on_cpu(monkeypatch, fake_xformers, one_
         assert dk is not None and dk.shape[0] == rows, name
         for key, backward in (("fwd", False), ("fwd_bwd", True)):
             assert (row[f"{key}_ms"], row[f"{key}_ms_p20"], row[f"{key}_ms_p80"]) == (2.0, 1.0, 4.0)
+            assert row[f"{key}_ms_samples"] == [1.0, 1.0, 2.0, 4.0, 4.0]
             flop = sweep.attention_flops(p.Sq, H, T, T, D, backward)
             assert row[f"{key}_tflops"] == pytest.approx(flop / 2e-3 / 1e12)
 
