@@ -103,8 +103,9 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export PYTHONPATH=$PWD${SITE:+:$SITE}
 
-# The packer finishes a pack before it exits (TERM waits for the sleep), and goes with the script.
-( trap 'exit' TERM; while sleep 20; do pack_logs; done ) >/dev/null 2>&1 &
+# The packer goes with the script: TERM ends its wait at once (a plain sleep would hold the trap for up
+# to 20 s), and a pack it cuts short leaves only a temporary, removed at the end.
+( trap 'exit' TERM; while :; do sleep 20 & wait $!; pack_logs; done ) >/dev/null 2>&1 &
 PACKER=$!
 trap 'kill "$PACKER" 2>/dev/null; wait "$PACKER" 2>/dev/null' EXIT
 python3 bench/gpu_plan.py "$PART" >"$LOGS/plan.tsv"
