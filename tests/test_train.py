@@ -849,6 +849,19 @@ def test_skipped_images_survive_a_resume(tmp_path):
     assert '"skipped_images": 0' in (tmp_path / "b" / "metrics.jsonl").read_text()  # found before: unknown
 
 
+@pytest.mark.filterwarnings("ignore:skipping unreadable image")
+def test_loader_workers_report_the_unreadable_files_they_find(tmp_path):
+    """A corrupt file found by a DataLoader worker process reaches the trainer (shared memory): counted
+    in metrics.jsonl and flagged in the checkpoint, as with --workers 0."""
+    data = write_images(tmp_path / "data", 4)
+    first = micro_batches(4, 1, 0, TrainConfig.seed)[0][0]
+    (data / f"{first}.png").write_bytes(b"not an image")
+    train(TrainConfig(data=str(data), out=str(tmp_path / "out"), epochs=1, batch_size=1, accumulate=1,
+                      **{**TINY, "workers": 2}))  # fmt: skip
+    assert '"skipped_images": 1' in (tmp_path / "out" / "metrics.jsonl").read_text()
+    assert load_checkpoint(tmp_path / "out" / "last.pt")["train_unreadable"].nonzero().tolist() == [[first]]
+
+
 def test_a_dataset_of_unreadable_files_resumed_mid_epoch_stops_at_that_epochs_end(tmp_path):
     (tmp_path / "junk").mkdir()
     for i in range(3):
