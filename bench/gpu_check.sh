@@ -30,6 +30,12 @@ TOTAL=${GPU_CHECK_SECONDS:-540}  # the device tool stops a command at 600 s
 START=$SECONDS
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 LOGS=$(mktemp -d)
+# The temporary folders go with the script however it ends (the logs are packed into OUT as it runs).
+cleanup() {
+    [[ -n ${PACKER:-} ]] && { kill "$PACKER" 2>/dev/null; wait "$PACKER" 2>/dev/null; }
+    rm -rf "$LOGS" ${SITE:+"$SITE"} ${COPY:+"${COPY%/repo}"}
+}
+trap cleanup EXIT
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 # The commit the results are recorded against: .git where the tree has one, else the caller's, if it is a
@@ -107,7 +113,6 @@ export PYTHONPATH=$PWD${SITE:+:$SITE}
 # to 20 s), and a pack it cuts short leaves only a temporary, removed at the end.
 ( trap 'exit' TERM; while :; do sleep 20 & wait $!; pack_logs; done ) >/dev/null 2>&1 &
 PACKER=$!
-trap 'kill "$PACKER" 2>/dev/null; wait "$PACKER" 2>/dev/null' EXIT
 python3 bench/gpu_plan.py "$PART" >"$LOGS/plan.tsv"
 while IFS=$'\t' read -r name cap least; do
     step "$name" "$cap" "$least"
