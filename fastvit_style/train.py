@@ -378,8 +378,6 @@ class Trainer:
             periodic = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
             if group_end < n and (stop or periodic):
                 self._share_unreadable(self.train_set)  # every rank's findings into the checkpoint
-                if self.rank == 0:
-                    self._export("last.safetensors")
                 self._save_checkpoint()
             if on_step is not None:
                 on_step(dict(step=self.step, epoch=epoch, lr=lr, **dict(zip(("loss", *LOSS_NAMES), mean))))
@@ -459,7 +457,6 @@ class Trainer:
             return
         if improved:
             self._export("best.safetensors")
-        self._export("last.safetensors")
         # The epoch's line goes out before the checkpoint that marks the epoch done: a crash in between
         # repeats the line on resume rather than losing it.
         with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
@@ -474,7 +471,6 @@ class Trainer:
         """Checkpoint the epoch's training where validation failed, at the epoch's end position: `--resume`
         validates that epoch first, then goes on as an uninterrupted run would. Says so, for the error."""
         if self.rank == 0:
-            self._export("last.safetensors")
             # Not the validation flags: every file is marked, and a folder fixed in place (as many files)
             # would stay unreadable for the resumed run.
             self._save_checkpoint(val_flags=False)
@@ -518,8 +514,10 @@ class Trainer:
         return self.cfg.max_steps is not None and self.step >= self.cfg.max_steps
 
     def _save_checkpoint(self, val_flags: bool = True) -> None:
+        """last.safetensors (the weights, official format), then last.pt (the training state); rank 0."""
         if self.rank != 0:
             return
+        self._export("last.safetensors")
         state = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
