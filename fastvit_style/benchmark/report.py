@@ -68,23 +68,22 @@ def git_commit() -> dict:
     ones, such as result JSONs not yet committed, do not; 'unknown' outside one), and `sources`, the
     source_hash. FASTVIT_STYLE_GIT_COMMIT names the commit where the tree was copied without .git (a GPU
     machine); a value that is no full commit hash (40 hex digits) is kept as `given`, the commit unknown."""
-    sources = {"sources": source_hash()}
+    unknown = {"commit": "unknown", "dirty": None, "sources": source_hash()}
     given = os.environ.get("FASTVIT_STYLE_GIT_COMMIT")
+    if given and re.fullmatch(r"[0-9a-f]{40}", given):
+        return {**unknown, "commit": given}
     if given:
-        if re.fullmatch(r"[0-9a-f]{40}", given):
-            return {"commit": given, "dirty": None, **sources}
-        return {"commit": "unknown", "dirty": None, "given": given, **sources}
-    root = _ROOT
+        return {**unknown, "given": given}
     try:
         head, dirty = (
-            subprocess.run(["git", *cmd], cwd=root, capture_output=True, text=True, timeout=10, check=False)
+            subprocess.run(["git", *cmd], cwd=_ROOT, capture_output=True, text=True, timeout=10, check=False)
             for cmd in (["rev-parse", "HEAD"], ["status", "--porcelain", "--untracked-files=no"])
         )
     except (OSError, subprocess.SubprocessError):
-        return {"commit": "unknown", "dirty": None, **sources}
+        return unknown
     if head.returncode:
-        return {"commit": "unknown", "dirty": None, **sources}
-    return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip()), **sources}
+        return unknown
+    return {**unknown, "commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
 
 
 def environment() -> dict:
