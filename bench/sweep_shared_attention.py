@@ -35,7 +35,6 @@ recorded as skipped: the main rows, then FlexAttention's (a compile per shape), 
 
 import argparse
 import contextlib
-import datetime
 import os
 import platform
 import sys
@@ -46,7 +45,7 @@ from typing import NamedTuple
 import torch
 
 from fastvit_style.atomic import write_json
-from fastvit_style.benchmark.report import git_commit, output_stem
+from fastvit_style.benchmark.report import git_commit, output_stem, utc_now
 from fastvit_style.benchmark.timing import summarize
 from fastvit_style.ops._torch_impl import _sdpa  # SDPA on (S, T, H, d) views, as the baselines call it
 
@@ -130,7 +129,7 @@ def environment():
     import triton
 
     env = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": utc_now(),
         "device": torch.cuda.get_device_name(),
         "capability": list(torch.cuda.get_device_capability()),
         "torch": torch.__version__,

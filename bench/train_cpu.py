@@ -16,7 +16,6 @@ device (by host time on CPU), and the largest kernels: what a faster training st
 """
 
 import argparse
-import datetime
 import platform
 import statistics
 import time
@@ -25,7 +24,7 @@ import torch
 
 from fastvit_style import StylizingViT
 from fastvit_style.apps.common import non_negative_int, positive_int
-from fastvit_style.benchmark.report import check_output_file, git_commit
+from fastvit_style.benchmark.report import check_output_file, git_commit, utc_now
 from fastvit_style.benchmark.timing import synchronize
 
 
@@ -106,7 +105,7 @@ def main(argv=None) -> dict:
         "machine": platform.processor() or platform.machine(),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "results": results, "fast_over_reference": speedup,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "git": git_commit(),
+        "date": utc_now(), "git": git_commit(),
     }  # fmt: skip
     print(f"{args.backbone}, {args.input_size} px, B={args.batch}, {device}, bf16={args.bf16}, "
           f"compile={args.compile}, {report['threads']} threads")  # fmt: skip

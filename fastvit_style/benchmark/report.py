@@ -63,6 +63,11 @@ def source_hash(root: str = _ROOT) -> str:
     return digest.hexdigest()
 
 
+def utc_now() -> str:
+    """The time of a result, UTC, to the second (ISO 8601)."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
 def git_commit() -> dict:
     """HEAD of the checkout this package runs from, whether tracked files differ from it (untracked
     ones, such as result JSONs not yet committed, do not; 'unknown' outside one), and `sources`, the
@@ -92,7 +97,7 @@ def environment() -> dict:
         **env,
         "git": git_commit(),
         "argv": sys.argv,
-        "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "time_utc": utc_now(),
         "hostname": platform.node(),
     }
 
