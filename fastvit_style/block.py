@@ -18,7 +18,7 @@ def project_kv(blk, kv_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     attn, ln_ctx = blk.attn, blk.norm_context
     H = attn.num_heads
     cn = F.layer_norm(kv_in, (L,), ln_ctx.weight, ln_ctx.bias, ln_ctx.eps)
-    w_kv = torch.cat([attn.k_proj.weight, attn.v_proj.weight])
+    w_kv = (attn.k_proj.weight, attn.v_proj.weight)  # one GEMM
     k_bias, v_bias = attn.k_proj.bias, attn.v_proj.bias
     if k_bias is None and v_bias is None:
         b_kv = None

@@ -1,5 +1,8 @@
 """The block's linear layers: oneDNN's fused GEMM epilogues (CPU inference) against their torch twins."""
 
+import copy
+import pickle
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,6 +11,7 @@ from torch.autograd import forward_ad
 from torch.utils.flop_counter import FlopCounterMode
 
 from fastvit_style.layers import fused_linear
+from fastvit_style.layers.attention_block import CrossAttentionBlock
 
 needs_onednn = pytest.mark.skipif(fused_linear._ONEDNN_LINEAR is None, reason="torch without oneDNN (mkldnn)")
 
@@ -148,6 +152,72 @@ def test_transforms_and_modes_see_the_torch_ops(monkeypatch):
         with torch.backends.mkldnn.flags(enabled=False):
             twins(x, weight, bias, residual)
     assert calls == []
+
+
+@needs_onednn
+def test_packed_weights_follow_every_change_of_their_weights():
+    """The packed copy of a weight is reused while the weight is unchanged and rebuilt after every kind
+    of write: in place through the version counter (optimizer steps, load_state_dict), behind it
+    (`.data`: EMA updates, hand-written loaders; numpy aliases), and a new tensor under the same
+    Parameter. A stack (the K and V projections) follows each of its parts."""
+    x, weight, bias, _ = operands(seed=11)
+    gen = torch.Generator().manual_seed(12)
+    w = torch.nn.Parameter(weight.clone())
+    k, v = (torch.nn.Parameter(torch.randn(n, 48, generator=gen) / 7) for n in (24, 16))
+    b_kv = torch.randn(40, generator=gen)
+
+    def check(what):
+        assert_close_rel(fused_linear.linear(x, w, bias), F.linear(x, w, bias), 1e-5, what)
+        stacked = F.linear(x, torch.cat([k, v]), b_kv)
+        assert_close_rel(fused_linear.linear(x, (k, v), b_kv), stacked, 1e-5, what + " (stack)")
+
+    with torch.no_grad():
+        check("first call")
+        packed = fused_linear._packed_of[w][1], fused_linear._packed_of[k][1]
+        check("unchanged")
+        assert (fused_linear._packed_of[w][1], fused_linear._packed_of[k][1]) == packed  # the same objects
+        w.mul_(2), v.add_(0.5)
+        check("in place")
+        w.data.mul_(1.5), v.data.mul_(-1)
+        check("through .data")
+        w.detach().numpy()[:] = torch.randn(w.shape, generator=gen).numpy()
+        k.detach().numpy()[:] *= 3
+        check("through a numpy alias")
+        w.data = torch.randn(w.shape, generator=gen)
+        k.data = torch.randn(k.shape, generator=gen)
+        check("a new tensor under the Parameter")
+
+
+@needs_onednn
+def test_packed_weights_of_inference_tensors():
+    """Weights built under torch.inference_mode have no version counter: their packed copies follow
+    them through the sample all the same."""
+    x, weight, bias, _ = operands(seed=13)
+    with torch.inference_mode():
+        w = weight.clone()
+        assert_close_rel(fused_linear.linear(x, w, bias), F.linear(x, w, bias), 1e-5, "first call")
+        w.mul_(-2)
+        assert_close_rel(fused_linear.linear(x, w, bias), F.linear(x, w, bias), 1e-5, "after a write")
+    with torch.no_grad():  # and outside inference mode
+        assert_close_rel(fused_linear.linear(x, w, bias), F.linear(x, w, bias), 1e-5, "no_grad")
+
+
+@needs_onednn
+def test_packed_weights_are_neither_pickled_nor_kept_past_a_cast():
+    """Kept beside the weights, not on them: a pickle or deepcopy of a block carries none, and a cast
+    or move drops them."""
+    blk = CrossAttentionBlock(48, 4)
+    x = torch.randn(2, 5, 48)
+    size = len(pickle.dumps(blk))
+    with torch.no_grad():
+        fused_linear.linear(x, blk.attn.q_proj.weight, blk.attn.q_proj.bias)
+        fused_linear.linear(x, (blk.attn.k_proj.weight, blk.attn.v_proj.weight), None)
+    firsts = (blk.attn.q_proj.weight, blk.attn.k_proj.weight)
+    assert all(p in fused_linear._packed_of for p in firsts)
+    assert len(pickle.dumps(blk)) == size
+    assert not any(p in fused_linear._packed_of for p in copy.deepcopy(blk).parameters())
+    blk.double()
+    assert not any(p in fused_linear._packed_of for p in firsts)
 
 
 class _Counting:

@@ -343,3 +343,30 @@ def test_inputs_in_any_layout(layout):
         bank = StyleBank.from_images(model, x_style)
         expected = stylize(model, dense(x), StyleBank.from_images(model, dense(x_style)))
         assert_close_rel(stylize(model, x, bank), expected, FP32, "style bank")
+
+
+def test_eval_follows_changed_weights():
+    """CPU eval keeps oneDNN-packed copies of the block weights between calls (layers/fused_linear):
+    after the weights change, by an optimizer-like step, load_state_dict or behind the version
+    counters (`.data`), the next call computes with the new ones."""
+    truth, model = make_pair("tiny", input_size=32, encoder_depth=2)
+    x = images(2, size=32, seed=11)
+
+    def check(what):
+        with torch.no_grad():
+            expected = run(truth, "reference", x.double(), None)
+            assert_close_rel(run(model, "torch", x, None), expected, FP32, what)
+
+    check("first call")
+    randomize_(truth, seed=1)
+    with torch.no_grad():
+        for p_truth, p in zip(truth.parameters(), model.parameters()):
+            p.copy_(p_truth)
+    check("after in-place writes")
+    truth.load_state_dict(randomize_(copy.deepcopy(truth), seed=2).state_dict())
+    model.load_state_dict(truth.state_dict())
+    check("after load_state_dict")
+    for p_truth, p in zip(truth.parameters(), model.parameters()):
+        p_truth.data.mul_(-1)
+        p.data.mul_(-1)
+    check("after writes through .data")

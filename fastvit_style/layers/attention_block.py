@@ -2,6 +2,7 @@ import torch
 from torch import nn
 
 from ..reference.attention import cross_attention, cross_attention_block
+from .fused_linear import forget_packed
 from .mlp import Mlp
 
 
@@ -46,6 +47,11 @@ class CrossAttentionBlock(nn.Module):
         self.norm_context = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads, qkv_bias)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .half(), .cuda(): the packed CPU copies of the old weights would stay alive, unused
+        forget_packed(self)
+        return super()._apply(fn, recurse)
 
     def forward(self, X: torch.Tensor, Y: torch.Tensor | None = None) -> torch.Tensor:
         """The official block call: X (B, T, L) queries, Y (B, T, L) keys/values; with Y None, X as it is

@@ -11,51 +11,85 @@ invisible to dispatch modes as aten.linear: it is taken only for plain fp32 CPU 
 shapes, without autograd, forward-mode AD or torch.func transforms, outside autocast, dispatch modes
 (FLOP counters, make_fx), compiled graphs (inductor fuses by itself) and tracing, and while
 torch.backends.mkldnn.enabled.
+
+Given a plain weight, the op reorders it into oneDNN's blocked layout on every call (about 0.12 ms
+for a 768x192 weight); the packed weight is therefore kept beside the weight until it changes
+(`weight_stamp`): 5-10% off each GEMM at tiny's shapes, about 5% off a CPU eval call, bit-identical
+results (bench/results/README.md, session 25). The packed copies hold as much memory as the block
+weights they come from, while those live on the CPU; `forget_packed` drops them.
 """
 
 import torch
 import torch.nn.functional as F
 from torch.autograd import forward_ad
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..tracing import traced
+from .weight_stamp import weight_stamp
 
 _ONEDNN_LINEAR = (
     getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 )
 
 
-def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_like=None) -> bool:
-    """Whether the oneDNN op may replace the torch ops here; out_like: a residual, which must have the
-    output's shape."""
-    operands = (x, weight) + (() if bias is None else (bias,)) + (() if out_like is None else (out_like,))
+# first weight of a stack -> (the stack's stamps, packed weight). Beside the weights, not on them: a
+# pickle, deepcopy or torch.save of the model carries none.
+_packed_of = WeakIdKeyDictionary()
+
+
+def _packed(weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """torch.cat(weights) in oneDNN's layout, built again only when one of them has changed."""
+    stamps = tuple(weight_stamp(w) for w in weights)
+    cached = _packed_of.get(weights[0])
+    if cached is None or cached[0] != stamps:
+        stack = torch.cat(weights) if len(weights) > 1 else weights[0]
+        cached = (stamps, torch.ops.mkldnn._reorder_linear_weight(stack.detach().contiguous(), None))
+        _packed_of[weights[0]] = cached
+    return cached[1]
+
+
+def forget_packed(module: torch.nn.Module) -> None:
+    """Drop the packed copies of `module`'s weights (its weights are being moved or cast)."""
+    for p in module.parameters():
+        _packed_of.pop(p, None)
+
+
+def _onednn(x: torch.Tensor, weights: tuple[torch.Tensor, ...], bias: torch.Tensor | None, out_like=None) -> bool:
+    """Whether the oneDNN op may replace the torch ops here; weights: stacked along the output features;
+    out_like: a residual, which must have the output's shape."""
+    operands = weights + (() if bias is None else (bias,)) + (() if out_like is None else (out_like,))
+    n_out = sum(w.shape[0] for w in weights if w.dim() == 2)
     return (
         _ONEDNN_LINEAR is not None
         and not traced(*operands)  # first: under dynamo it ends the checks as a constant
         and torch.backends.mkldnn.enabled
-        and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in operands)
-        and weight.dim() == 2
-        and x.shape[-1:] == weight.shape[1:]
-        and weight.shape[1] > 0  # K = 0: F.linear gives the bias, the op has no primitive for it
+        and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (x,) + operands)
+        and all(w.dim() == 2 and x.shape[-1:] == w.shape[1:] for w in weights)
+        and x.shape[-1] > 0  # K = 0: F.linear gives the bias, the op has no primitive for it
         # the op reads its bias as dense, whatever its strides
-        and (bias is None or (bias.shape == weight.shape[:1] and bias.is_contiguous()))
-        and (out_like is None or out_like.shape == x.shape[:-1] + weight.shape[:1])
+        and (bias is None or (bias.shape == (n_out,) and bias.is_contiguous()))
+        and (out_like is None or out_like.shape == x.shape[:-1] + (n_out,))
         and not torch.is_grad_enabled()
         and forward_ad._current_level < 0
         and not torch.is_autocast_enabled("cpu")
     )
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x (..., K) @ weight (N, K)^T + bias (N,) -> (..., N), as F.linear."""
-    if _onednn(x, weight, bias):
-        return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
-    return F.linear(x, weight, bias)
+def linear(
+    x: torch.Tensor, weight: torch.Tensor | tuple[torch.Tensor, ...], bias: torch.Tensor | None
+) -> torch.Tensor:
+    """x (..., K) @ weight (N, K)^T + bias (N,) -> (..., N), as F.linear. weight may be a tuple of
+    (N_i, K) weights, stacked along N (one GEMM for the K and V projections of the same tokens)."""
+    weights = weight if isinstance(weight, tuple) else (weight,)
+    if _onednn(x, weights, bias):
+        return _ONEDNN_LINEAR(x, _packed(weights), bias, "none", [], "")
+    return F.linear(x, torch.cat(weights) if len(weights) > 1 else weights[0], bias)
 
 
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """GELU(F.linear(x, weight, bias)), the exact (erf) GELU of nn.GELU."""
-    if _onednn(x, weight, bias):
-        return _ONEDNN_LINEAR(x, weight, bias, "gelu", [], "none")
+    if _onednn(x, (weight,), bias):
+        return _ONEDNN_LINEAR(x, _packed((weight,)), bias, "gelu", [], "none")
     hidden = F.linear(x, weight, bias)
     # Without autograd GELU overwrites its input: one map of 4L per token fewer to allocate, which on
     # CPU is a fresh mmap and its page faults each time (measured 3% of an eval call). Traced, one op
@@ -68,6 +102,6 @@ def linear_add(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor
 ) -> torch.Tensor:
     """residual + F.linear(x, weight, bias); residual has the output's shape."""
-    if _onednn(x, weight, bias, residual):
-        return _ONEDNN_LINEAR.binary(x, residual, weight, bias, "add")
+    if _onednn(x, (weight,), bias, residual):
+        return _ONEDNN_LINEAR.binary(x, residual, _packed((weight,)), bias, "add")
     return residual + F.linear(x, weight, bias)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..tracing import traced
+from .weight_stamp import weight_stamp
 
 _G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))  # kernel transform, 4x3
 
@@ -100,15 +101,10 @@ _transforms_of: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def _transforms(conv: torch.nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor]:
     """U of the kernel and of its flipped, channel-swapped twin (the input gradient's), kept until the
-    weight changes (or `forget_transforms`): a 512x512 transform costs as much as the saving. A change is
-    seen through the version counter (load_state_dict, in-place ops; inference tensors have none) and,
-    for writes that bypass it (`.data`, numpy aliases), through the sum of a strided sample of the
-    weight: whole-tensor rewrites (loaders, EMA, rescaling) are caught, an edit of a few elements off
-    the sample is not."""
+    weight changes (`weight_stamp`, which says what it sees) or `forget_transforms`: a 512x512
+    transform costs as much as the saving."""
     w = conv.weight
-    sample = w.detach().reshape(-1)[::61].sum().item()  # a CPU tensor (use_winograd): no device sync
-    version = None if w.is_inference() else w._version
-    key = (w.data_ptr(), version, w.dtype, w.device, sample)
+    key = weight_stamp(w)  # a CPU tensor (use_winograd)
     cached = _transforms_of.get(conv)
     if cached is None or cached[0] != key:
         # Normal tensors even when first built under torch.inference_mode (a validation pass): the
