@@ -54,7 +54,9 @@ def forget_packed(module: torch.nn.Module) -> None:
         _packed_of.pop(p, None)
 
 
-def _onednn(x: torch.Tensor, weights: tuple[torch.Tensor, ...], bias: torch.Tensor | None, out_like=None) -> bool:
+def _onednn(
+    x: torch.Tensor, weights: tuple[torch.Tensor, ...], bias: torch.Tensor | None, out_like=None
+) -> bool:
     """Whether the oneDNN op may replace the torch ops here; weights: stacked along the output features;
     out_like: a residual, which must have the output's shape."""
     operands = weights + (() if bias is None else (bias,)) + (() if out_like is None else (out_like,))
