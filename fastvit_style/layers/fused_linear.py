@@ -14,8 +14,8 @@ torch.backends.mkldnn.enabled.
 
 Given a plain weight, the op reorders it into oneDNN's blocked layout on every call (about 0.12 ms
 for a 768x192 weight); the packed weight is therefore kept beside the weight until it changes
-(`weight_stamp`): 5-10% off each GEMM at tiny's shapes, about 5% off a CPU eval call, bit-identical
-results (bench/results/README.md, session 25). The packed copies hold as much memory as the block
+(`weight_stamp`): 5-10% off each GEMM at tiny's shapes, 2.5-3% off a CPU eval call with the roll,
+bit-identical results (bench/results/README.md, session 25). The packed copies hold as much memory as the block
 weights they come from, while those live on the CPU; `forget_packed` drops them.
 """
 
