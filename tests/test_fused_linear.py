@@ -220,6 +220,19 @@ def test_packed_weights_are_neither_pickled_nor_kept_past_a_cast():
     assert not any(p in fused_linear._packed_of for p in firsts)
 
 
+@needs_onednn
+def test_no_output_features_give_the_torch_results():
+    """N = 0 (a weight with no rows, a stack of empty parts): F.linear gives an empty map; oneDNN has no
+    primitive for it, and packing such a weight raised where the op given the plain weight had not."""
+    x, weight, bias, residual = operands(seed=14)
+    none, no_bias, empty = weight[:0], bias[:0], residual[..., :0]
+    with torch.no_grad():
+        assert torch.equal(fused_linear.linear(x, none, no_bias), F.linear(x, none, no_bias))
+        assert torch.equal(fused_linear.linear(x, (none, none), None), F.linear(x, none))
+        assert torch.equal(fused_linear.linear_gelu(x, none, no_bias), F.linear(x, none, no_bias))
+        assert torch.equal(fused_linear.linear_add(x, none, no_bias, empty), empty)
+
+
 class _Counting:
     """The oneDNN op, recording the epilogue of each call."""
 

@@ -68,6 +68,7 @@ def _onednn(
         and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (x,) + operands)
         and all(w.dim() == 2 and x.shape[-1:] == w.shape[1:] for w in weights)
         and x.shape[-1] > 0  # K = 0: F.linear gives the bias, the op has no primitive for it
+        and n_out > 0  # N = 0: nor for no outputs (given a plain weight it coped; a packed one fails)
         # the op reads its bias as dense, whatever its strides
         and (bias is None or (bias.shape == (n_out,) and bias.is_contiguous()))
         and (out_like is None or out_like.shape == x.shape[:-1] + (n_out,))
