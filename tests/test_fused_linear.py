@@ -189,6 +189,24 @@ def test_packed_weights_follow_every_change_of_their_weights():
 
 
 @needs_onednn
+@pytest.mark.parametrize("optimizer", [torch.optim.AdamW, torch.optim.SGD])
+def test_packed_weights_follow_fused_optimizer_steps(optimizer):
+    """A fused optimizer step (fused=True) writes the weights without raising their version counters:
+    the packed copy follows it through the sample (every element moves)."""
+    x, weight, bias, _ = operands(seed=15)
+    w = torch.nn.Parameter(weight.clone())
+    opt = optimizer([w], lr=0.1, fused=True)
+    with torch.no_grad():
+        fused_linear.linear(x, w, bias)
+    w.grad = torch.randn(w.shape, generator=torch.Generator().manual_seed(16))
+    version = w._version
+    opt.step()
+    assert w._version == version  # what the sample is there for
+    with torch.no_grad():
+        assert_close_rel(fused_linear.linear(x, w, bias), F.linear(x, w, bias), 1e-5, "after a fused step")
+
+
+@needs_onednn
 def test_packed_weights_of_inference_tensors():
     """Weights built under torch.inference_mode have no version counter: their packed copies follow
     them through the sample all the same."""

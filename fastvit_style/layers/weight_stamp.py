@@ -8,8 +8,9 @@ def weight_stamp(w: torch.Tensor) -> tuple:
     """(address, version, dtype, shape, strides, sum of a strided sample) of w, a CPU tensor (the sample
     is read without a device sync). A change is seen through the version counter (load_state_dict,
     optimizer steps, in-place ops; inference tensors have none) and, for writes that bypass it
-    (`.data`, numpy aliases), through the sample: whole-tensor rewrites (loaders, EMA, rescaling) are
-    caught, an edit of a few elements off the sample is not."""
+    (`.data`, numpy aliases, fused optimizer steps: `fused=True` leaves the counters as they were),
+    through the sample: whole-tensor rewrites (loaders, EMA, rescaling, dense updates) are caught, an
+    edit of a few elements off the sample is not."""
     sample = w.detach().reshape(-1)[::61].sum().item()
     version = None if w.is_inference() else w._version
     return (w.data_ptr(), version, w.dtype, tuple(w.shape), w.stride(), sample)
