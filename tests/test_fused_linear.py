@@ -239,6 +239,24 @@ def test_packed_weights_are_neither_pickled_nor_kept_past_a_cast():
 
 
 @needs_onednn
+def test_packed_weights_are_not_kept_past_a_cast_of_part_of_a_block():
+    """A cast or move of the block's attention or MLP alone (a model split between devices below the
+    block) drops their packed copies too: kept, they would hold the old fp32 weights' memory, unused."""
+    blk = CrossAttentionBlock(48, 4)
+    x = torch.randn(2, 5, 48)
+    attn, mlp = blk.attn, blk.mlp
+    with torch.no_grad():
+        fused_linear.linear(x, attn.q_proj.weight, attn.q_proj.bias)
+        fused_linear.linear(x, (attn.k_proj.weight, attn.v_proj.weight), None)
+        fused_linear.linear_gelu(x, mlp.fc1.weight, mlp.fc1.bias)
+    mlp.half()
+    assert mlp.fc1.weight not in fused_linear._packed_of
+    assert attn.q_proj.weight in fused_linear._packed_of  # the rest of the block is untouched
+    attn.double()
+    assert not any(p in fused_linear._packed_of for p in (attn.q_proj.weight, attn.k_proj.weight))
+
+
+@needs_onednn
 def test_no_output_features_give_the_torch_results():
     """N = 0 (a weight with no rows, a stack of empty parts): F.linear gives an empty map; oneDNN has no
     primitive for it, and packing such a weight raised where the op given the plain weight had not."""

@@ -17,6 +17,12 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(dim, dim, bias=qkv_bias)
         self.out_proj = nn.Linear(dim, dim)
 
+    def _apply(self, fn, recurse=True):
+        # .to(), .half(), .cuda() of this module or one above it (the block): the packed CPU copies of
+        # the old weights (layers/fused_linear) would stay alive, unused
+        forget_packed(self)
+        return super()._apply(fn, recurse)
+
     @property
     def head_dim(self) -> int:
         return self.q_proj.in_features // self.num_heads
@@ -47,11 +53,6 @@ class CrossAttentionBlock(nn.Module):
         self.norm_context = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads, qkv_bias)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
-
-    def _apply(self, fn, recurse=True):
-        # .to(), .half(), .cuda(): the packed CPU copies of the old weights would stay alive, unused
-        forget_packed(self)
-        return super()._apply(fn, recurse)
 
     def forward(self, X: torch.Tensor, Y: torch.Tensor | None = None) -> torch.Tensor:
         """The official block call: X (B, T, L) queries, Y (B, T, L) keys/values; with Y None, X as it is
