@@ -14,9 +14,10 @@ torch.backends.mkldnn.enabled.
 
 Given a plain weight, the op reorders it into oneDNN's blocked layout on every call (about 0.12 ms
 for a 768x192 weight); the packed weight is therefore kept beside the weight until it changes
-(`weight_stamp`): 5-10% off each GEMM at tiny's shapes, 2.5-3% off a CPU eval call with the roll,
-bit-identical results (bench/results/README.md, session 25). The packed copies hold as much memory as the block
-weights they come from, while those live on the CPU; `forget_packed` drops them.
+(`weight_stamp`): 5-10% off each GEMM at tiny's shapes, 2.5-3% off a CPU eval call with the roll
+(bench/results/README.md, session 25). Results are bit-identical for two rows or more; a single row
+(M = 1, another oneDNN kernel) differs by up to about 2e-6. The packed copies hold as much memory as
+the block weights they come from, while those live on the CPU; `forget_packed` drops them.
 """
 
 import torch
