@@ -11,6 +11,7 @@ from __future__ import annotations
 import numbers
 
 import torch
+from torch import nn
 
 from .devices import to_device_async
 from .style_bank import find_stylizer
@@ -20,8 +21,9 @@ class StyleAugment:
     """augment(x) -> (x_out, idx) for a batch x (B, C, H, W) in the stylizer's normalized space.
 
     stylizer: a frozen StylizingViT built with train=False (any callable (content, style) -> image;
-    the rolled subset as the style, None for a StylizingViT, also a wrapped one: its exact shortcut
-    for that roll, which a function around the model would forgo).
+    the rolled subset as the style, None for a StylizingViT, also one wrapped by torch.compile or DDP:
+    its exact shortcut for that roll, which a function around the model would forgo; not through
+    DataParallel, whose replicas would each roll only their own slice of the subset).
     p in (0, 1]: the fraction of the batch replaced; n = max(1, int(p*B)) images at indices idx
     (int64, on x's device, in randperm order). references: optional (R, C, H, W) style set; each
     selected image gets a style drawn uniformly (with replacement) from it. generator: a CPU
@@ -55,12 +57,13 @@ class StyleAugment:
                 "generator must be a CPU torch.Generator or None (the draws are made on the host, as "
                 f"officially), got {generator!r:.60}"
             )
-        if getattr(stylizer, "training_mode", False):
+        model = find_stylizer(stylizer)  # also inside DataParallel/DDP, whose attributes hide the model's
+        if getattr(stylizer if model is None else model, "training_mode", False):
             raise ValueError(
                 "StyleAugment needs a stylizer built with train=False (a train=True model returns its "
                 "losses, not images): create_model(backbone, weights=...) or StylizingViT(..., train=False)"
             )
-        config = getattr(stylizer, "config", None)
+        config = getattr(stylizer if model is None else model, "config", None)
         if references is not None and config is not None:
             expected = (config.in_channel, config.input_size, config.input_size)
             if tuple(references.shape[1:]) != expected:
@@ -78,15 +81,16 @@ class StyleAugment:
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4 or x.shape[0] == 0:
             raise ValueError(f"x must be a non-empty (B, C, H, W) batch, got {tuple(x.shape)}")
-        if hasattr(self.stylizer, "_check_inputs"):  # the whole batch, before a subset is drawn
-            self.stylizer._check_inputs(x, None)
+        model = find_stylizer(self.stylizer)
+        if model is not None:  # the whole batch, before a subset is drawn
+            model._check_inputs(x, None)
         B = x.shape[0]
         n = max(1, int(self.p * B))
         # Drawn on the host (a CPU generator, as officially), sent without a sync.
         idx = to_device_async(torch.randperm(B, generator=self.generator)[:n], x.device)
         x_sel = x[idx]
         if self.references is None:  # a StylizingViT's own roll(x_sel, -1) skips the style stream (exact)
-            style = None if find_stylizer(self.stylizer) is not None else x_sel.roll(-1, 0)
+            style = None if model is not None and not _scatters(self.stylizer) else x_sel.roll(-1, 0)
         else:
             pick = torch.randint(self.references.shape[0], (n,), generator=self.generator)
             style = self.references[to_device_async(pick, self.references.device)]
@@ -96,3 +100,14 @@ class StyleAugment:
         out = x.clone()
         out[idx] = stylized.to(x.dtype)
         return out, idx
+
+
+def _scatters(stylizer) -> bool:
+    """Whether a DataParallel is among stylizer's wrappers: it splits the batch over its GPUs and gives
+    each replica a style of None, which would roll that replica's slice alone."""
+    parallel = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    while stylizer is not None:  # the wrappers `weights.unwrap` walks through
+        if isinstance(stylizer, nn.DataParallel):
+            return True
+        stylizer = stylizer.module if isinstance(stylizer, parallel) else getattr(stylizer, "_orig_mod", None)
+    return False

@@ -54,7 +54,7 @@ def test_any_callable_gets_the_rolled_subset_as_its_style(stylizer):
 
 
 def test_a_wrapped_stylizer_keeps_its_roll_shortcut(stylizer, monkeypatch):
-    """DataParallel (or DDP, torch.compile) around a StylizingViT: still given None, its exact shortcut."""
+    """torch.compile (or DDP) around a StylizingViT: still given None, its exact shortcut."""
     from fastvit_style import schedule
 
     seen, encode = [], schedule.encode
@@ -63,8 +63,42 @@ def test_a_wrapped_stylizer_keeps_its_roll_shortcut(stylizer, monkeypatch):
         "encode",
         lambda enc, x, x_style, *a, **k: seen.append(x_style) or encode(enc, x, x_style, *a, **k),
     )
-    StyleAugment(torch.nn.DataParallel(stylizer), p=0.5)(images(4, 32))
+    StyleAugment(torch.compile(stylizer, backend="eager"), p=0.5)(images(4, 32))
     assert seen == [None]
+
+
+class _RecordingDataParallel(torch.nn.DataParallel):
+    def forward(self, *inputs, **kwargs):
+        self.seen = inputs
+        return super().forward(*inputs, **kwargs)
+
+
+def test_a_data_parallel_stylizer_gets_the_whole_subsets_roll(stylizer):
+    """DataParallel splits its inputs over its GPUs and hands each replica a style of None, which would
+    roll each slice alone (on 2 GPUs, image 1 of 4 styled by image 0, not 2): it gets the roll itself."""
+    x = images(6, 32, seed=4)
+    dp = _RecordingDataParallel(stylizer)
+    out, idx = StyleAugment(dp, p=0.7, generator=torch.Generator().manual_seed(2))(x)
+    x_sel = x[idx]
+    assert torch.equal(dp.seen[1], x_sel.roll(-1, 0))
+    torch.testing.assert_close(out[idx], stylizer(x_sel, x_sel.roll(-1, 0)), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # what 2 replicas would compute from (x_sel, None): not the official roll
+        split = torch.cat([stylizer(part, None) for part in x_sel.chunk(2)])
+    assert not torch.allclose(split, out[idx], rtol=1e-3, atol=1e-3)
+
+
+def test_a_wrapped_stylizer_is_checked_as_a_bare_one(stylizer):
+    """DataParallel/DDP hide the model's attributes: a train=True model inside is refused, the
+    references and the batch are checked against its config, all before any draw."""
+    train = StylizingViT("tiny", train=True, input_size=32, encoder_depth=1)
+    with pytest.raises(ValueError, match="train=False"):
+        StyleAugment(torch.nn.DataParallel(train))
+    with pytest.raises(
+        ValueError, match=r"references must have shape \(R, 3, 32, 32\).*got \(2, 3, 16, 16\)"
+    ):
+        StyleAugment(torch.nn.DataParallel(stylizer), references=torch.randn(2, 3, 16, 16))
+    with pytest.raises(ValueError, match=r"x must have shape \(B, 3, 32, 32\).*got \(4, 3, 48, 48\)"):
+        StyleAugment(torch.nn.DataParallel(stylizer))(torch.randn(4, 3, 48, 48))
 
 
 def test_references_mode_draws_styles_from_the_reference_set(stylizer):
