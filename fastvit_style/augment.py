@@ -15,6 +15,7 @@ from torch import nn
 
 from .devices import to_device_async
 from .style_bank import find_stylizer
+from .weights import wrappers
 
 
 class StyleAugment:
@@ -105,9 +106,4 @@ class StyleAugment:
 def _scatters(stylizer) -> bool:
     """Whether a DataParallel is among stylizer's wrappers: it splits the batch over its GPUs and gives
     each replica a style of None, which would roll that replica's slice alone."""
-    parallel = (nn.DataParallel, nn.parallel.DistributedDataParallel)
-    while stylizer is not None:  # the wrappers `weights.unwrap` walks through
-        if isinstance(stylizer, nn.DataParallel):
-            return True
-        stylizer = stylizer.module if isinstance(stylizer, parallel) else getattr(stylizer, "_orig_mod", None)
-    return False
+    return any(isinstance(m, nn.DataParallel) for m in wrappers(stylizer))

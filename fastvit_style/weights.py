@@ -217,15 +217,19 @@ def _first(keys: list[str], n: int = 5) -> str:
     return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
 
 
+def wrappers(model):
+    """model, then each module inside its torch.compile, DDP or DataParallel wrappers, outermost first."""
+    parallel = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    while model is not None:
+        yield model
+        model = model.module if isinstance(model, parallel) else getattr(model, "_orig_mod", None)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside its torch.compile, DDP or DataParallel wrappers (their state dicts prefix the
     official key names)."""
-    parallel = (nn.DataParallel, nn.parallel.DistributedDataParallel)
-    while True:
-        inner = model.module if isinstance(model, parallel) else getattr(model, "_orig_mod", None)
-        if inner is None:
-            return model
-        model = inner
+    *_, inner = wrappers(model)
+    return inner
 
 
 def load_state_dict(model: nn.Module, sd_or_path, strict: bool = True) -> nn.Module:
