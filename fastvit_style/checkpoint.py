@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections import OrderedDict
 from collections.abc import Mapping
 
 import numpy as np
@@ -65,11 +66,43 @@ def set_rng_state(state: dict, device: torch.device | None = None) -> None:
 
 
 def save_checkpoint(state: dict, path) -> str:
-    """torch.save `state` (tensors and plain containers only) to `path` atomically."""
+    """torch.save `state` (tensors and plain containers only) to `path` atomically.
+
+    Paths (os.PathLike) are stored as str and numpy scalars as Python numbers: torch.load(weights_only=True)
+    reads neither (a TrainConfig given a pathlib.Path or a numpy float would write a checkpoint that no
+    run can resume). ValueError, before anything replaces `path`, for any other object it could not
+    read back."""
     path = os.fspath(path)
+    plain = _plain({"format": FORMAT, **state})
     with atomic_path(path, remove_leftovers=True) as tmp:
-        torch.save({"format": FORMAT, **state}, tmp)
+        torch.save(plain, tmp)
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(tmp)
+        if unsafe:
+            raise ValueError(
+                f"cannot save the checkpoint {path!r}: it would hold objects that torch.load(weights_only=True) "
+                f"cannot read back ({', '.join(unsafe[:5])}); a checkpoint holds tensors, str, numbers, "
+                "bool, None and lists, tuples and dicts of them"
+            )
     return path
+
+
+def _plain(obj):
+    """obj with its paths as str and its numpy scalars as Python numbers, in new containers (tensors as
+    they are)."""
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):  # an OrderedDict stays one (a state dict); other subclasses become dicts
+        items = [(_plain(k), _plain(v)) for k, v in obj.items()]
+        return OrderedDict(items) if type(obj) is OrderedDict else dict(items)
+    if isinstance(obj, list):
+        return [_plain(v) for v in obj]
+    if type(obj) is tuple:  # a namedtuple stays itself: the check after writing names it
+        return tuple(_plain(v) for v in obj)
+    return obj
 
 
 def has_random_vgg(state) -> bool:

@@ -2,6 +2,7 @@
 against one accumulating process, kill-and-resume, interrupted checkpoint writes, the formulas."""
 
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -1128,6 +1129,41 @@ def test_a_checkpoint_is_never_unpickled_and_must_be_in_the_format(tmp_path):
     torch.save({k: 0 for k in CHECKPOINT_KEYS}, tmp_path / "plain.pt")
     with pytest.raises(ValueError, match=r"plain.pt' is not a fastvit_style training checkpoint \(format"):
         load_checkpoint(tmp_path / "plain.pt", required=CHECKPOINT_KEYS)
+
+
+def test_a_checkpoint_stores_paths_and_numpy_scalars_plainly(tmp_path):
+    """A TrainConfig given pathlib.Paths or numpy numbers (through the Python API) once wrote a last.pt that
+    load_checkpoint refused ('Unsupported global: numpy...scalar'): a run that could never be resumed."""
+    state = {"config": {"data": tmp_path / "data", "lr": np.float64(1e-3), "epochs": np.int64(3),
+                        "flags": [np.bool_(True), (np.float32(0.5), tmp_path)]}}  # fmt: skip
+    save_checkpoint(state, tmp_path / "last.pt")
+    config = load_checkpoint(tmp_path / "last.pt")["config"]
+    assert config == {
+        "data": str(tmp_path / "data"),
+        "lr": 1e-3,
+        "epochs": 3,
+        "flags": [True, (0.5, str(tmp_path))],
+    }
+    assert type(config["lr"]) is float and type(config["epochs"]) is int
+
+
+def test_a_checkpoint_that_could_not_be_read_back_is_not_written(tmp_path):
+    """Any other object is refused when saving, not when resuming: the previous checkpoint stays."""
+    save_checkpoint({"step": 1}, tmp_path / "last.pt")
+    with pytest.raises(ValueError, match="cannot save the checkpoint .*last.pt.*datetime.date"):
+        save_checkpoint({"step": 2, "config": {"when": datetime.date(2024, 1, 1)}}, tmp_path / "last.pt")
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 1
+    assert sorted(os.listdir(tmp_path)) == ["last.pt"]
+
+
+def test_a_run_configured_with_paths_and_numpy_numbers_resumes(tmp_path):
+    data = write_images(tmp_path / "data", 2)
+    config = dict(data=data, out=tmp_path / "out", batch_size=2, accumulate=1, lr=np.float64(1e-3), **TINY)
+    train(TrainConfig(epochs=1, **config))
+    trainer = Trainer(
+        TrainConfig(epochs=1, resume=tmp_path / "out" / "last.pt", **config), 0, 1, torch.device("cpu")
+    )
+    assert trainer.step == 1
 
 
 def test_a_resumed_run_continues_the_random_states_of_its_checkpoint(tmp_path):
