@@ -60,6 +60,8 @@ def read_state_dict(path) -> dict:
     'model'/'state_dict'; `clean_state_dict` unwraps). Dtypes are kept as stored (official files: fp32)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
+        if os.path.exists(path) and not os.path.isdir(path):  # reading a pipe could block forever
+            raise ValueError(f"weight file {path!r} is not a regular file (a pipe or a device)")
         what = "is a directory, not a weight file" if os.path.isdir(path) else "does not exist"
         raise FileNotFoundError(f"weight file {path!r} {what}")
     suffix = os.path.splitext(path)[1].lower()
@@ -78,9 +80,13 @@ def read_state_dict(path) -> dict:
             except ValueError as pt_err:
                 if "refused for safety" in str(pt_err):
                     raise
+                with open(path, "rb") as f:
+                    safetensors_like = f.read(9)[8:] == b"{"  # a header length and '{', not the whole file
+                if "is not a weight file" in str(pt_err) and not safetensors_like:
+                    raise pt_err from None  # neither format's start: it says how the file starts
                 raise ValueError(
                     f"{path!r} is truncated or corrupt, or not a weight file: neither safetensors "
-                    f"({str(st_err.__cause__)[:120]}) nor torch.load ({str(pt_err.__cause__)[:120]}) "
+                    f"({str(st_err.__cause__)[:120]}) nor torch.load ({torch_load_reason(pt_err.__cause__)[:120]}) "
                     "can read it"
                 ) from None
     if not isinstance(sd, Mapping):
@@ -153,6 +159,8 @@ def _read_torch(path: str):
 def _strip_prefixes(sd: Mapping) -> dict:
     out = {}
     for key, value in sd.items():
+        if not isinstance(key, str):  # any file may hold any keys; a state dict's are parameter names
+            raise ValueError(f"state dict key {key!r} is a {type(key).__name__}, not a parameter name (str)")
         while key.startswith(_PREFIXES):
             key = key.split(".", 1)[1]
         out[key] = value

@@ -258,6 +258,34 @@ def test_unknown_extension_reads_either_format(tmp_path):
         assert_same_state(W.load_state_dict(make(), tmp_path / "weights.model"), make(seed=2))
 
 
+def test_a_pipe_is_not_called_missing(tmp_path):
+    os.mkfifo(tmp_path / "w.pth")
+    with pytest.raises(ValueError, match="w.pth' is not a regular file"):
+        W.load_state_dict(make(), tmp_path / "w.pth")
+
+
+def test_a_compressed_file_with_an_unknown_suffix_says_how_it_starts(tmp_path):
+    """Was 'truncated or corrupt, or not a weight file: ... nor torch.load (Weights only load failed. In
+    PyTorch 2.6, we changed the default value of the `weights_only` argument...)'."""
+    (tmp_path / "w.pth.gz").write_bytes(b"\x1f\x8b\x08\x00" + bytes(100))
+    with pytest.raises(
+        ValueError, match=r"w.pth.gz' is not a weight file: it starts with b'\\x1f\\x8b"
+    ) as err:
+        W.read_state_dict(tmp_path / "w.pth.gz")
+    assert "weights_only" not in str(err.value)
+
+
+@pytest.mark.parametrize("key", [0, ("encoder",)])
+def test_keys_that_are_not_names_are_refused_by_name(tmp_path, key):
+    """Not AttributeError: 'int' object has no attribute 'startswith', from inside the cleanup."""
+    torch.save({key: torch.zeros(1), **make().state_dict()}, tmp_path / "w.pth")
+    for load in (W.load_state_dict, W.load_vgg_weights):
+        with pytest.raises(
+            ValueError, match=rf"state dict key {re.escape(repr(key))} is a .*not a parameter name"
+        ):
+            load(make(train=True), tmp_path / "w.pth")
+
+
 def test_not_a_dict_refused(tmp_path):
     torch.save([torch.zeros(2)], tmp_path / "list.pth")
     with pytest.raises(ValueError, match="not a dict of tensors"):
