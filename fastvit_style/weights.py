@@ -131,6 +131,21 @@ def _read_torch(path: str):
         raise
     except Exception as e:
         torch_file = _sniff(path) == "torch"
+        written_by, protocol = _pickle_origin(path) if torch_file else (None, None)
+        if written_by == "pickle.dump":  # torch.load reads no such file, even with weights_only=False
+            raise ValueError(
+                f"{path!r} was refused for safety: it is a plain Python pickle (pickle.dump), not a torch.save "
+                "or safetensors file, and unpickling it could run code. If you trust its source, convert it "
+                "once: `sd = pickle.load(open(path, 'rb'))`, then `fastvit_style.weights.save_state_dict(sd, "
+                "'model.safetensors')` (sd['model'] or whichever entry holds the tensors), and load the "
+                ".safetensors file."
+            ) from e
+        if protocol is not None and protocol >= 4 and "Unsupported operand" in str(e):
+            raise ValueError(
+                f"{path!r} was refused for safety: it was written with pickle protocol {protocol} "
+                f"(torch.save(..., pickle_protocol={protocol})), which torch.load(weights_only=True) cannot "
+                "read, so its contents cannot be checked. " + _CONVERT_HINT
+            ) from e
         # The weights-only unpickler met something other than tensors and containers in a pickle (a
         # torch file, or any pickle naming a global): code could run (a `__reduce__` payload) if we
         # unpickled it, so we never do. A damaged pickle also lands here.
@@ -151,6 +166,30 @@ def _read_torch(path: str):
         raise ValueError(
             f"{path!r} is truncated or corrupt: torch.load could not read it ({type(e).__name__}: {e})"
         ) from e
+
+
+# The first pickle of a legacy torch.save file: torch's magic number, 0x1950a86a20f9469cfc6c (LONG1).
+_TORCH_MAGIC = b"\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+
+
+def _pickle_origin(path: str) -> tuple[str | None, int | None]:
+    """Who wrote a file that `_sniff` calls 'torch', and its pickle protocol: ('torch.save', p) for a zip
+    archive (its data.pkl's) or a legacy torch.save file (which starts with torch's magic number),
+    ('pickle.dump', p) for any other pickle; (None, None) where it cannot be told (a damaged archive)."""
+    import zipfile
+
+    with open(path, "rb") as f:
+        head = f.read(32)
+    if head.startswith(b"PK"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                name = next(n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl")
+                with archive.open(name) as f:
+                    data = f.read(2)
+        except (OSError, zipfile.BadZipFile, StopIteration, RuntimeError, ValueError):
+            return None, None
+        return "torch.save", data[1] if data[:1] == b"\x80" and len(data) == 2 else None
+    return ("torch.save" if _TORCH_MAGIC in head else "pickle.dump"), head[1]
 
 
 # ----------------------------------------------------------------------------------------------- cleaning

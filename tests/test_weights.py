@@ -168,11 +168,45 @@ def test_evil_pickle_refused(tmp_path, how, suffix):
             pickle.dump(payload, f)
     with pytest.raises(ValueError, match="refused for safety") as err:
         W.read_state_dict(path)
-    assert "other than tensors" in str(err.value) and str(path) in str(err.value)
-    assert "weights_only=False" in str(err.value)  # says how to convert a trusted file
+    assert str(path) in str(err.value)
+    if how == "torch.save":
+        assert "other than tensors" in str(err.value)
+        assert "weights_only=False" in str(err.value)  # says how to convert a trusted file
+    else:  # torch.load cannot read a pickle.dump file at all, weights_only=False or not
+        assert "plain Python pickle (pickle.dump)" in str(err.value) and "pickle.load(" in str(err.value)
     # Without torch's advice: add_safe_globals would let the code run.
     assert "add_safe_globals" not in str(err.value)
     assert not marker.exists()
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_a_pickle_dump_state_dict_is_refused_with_a_conversion_that_works(tmp_path, protocol):
+    """Was 'truncated or corrupt ... Invalid magic number' (protocol 2) or 'contains Python objects other than
+    tensors ... torch.load(path, weights_only=False)' (4), a conversion that fails on such a file too."""
+    path = tmp_path / "w.pth"
+    with open(path, "wb") as f:
+        pickle.dump(make(seed=1).state_dict(), f, protocol=protocol)
+    with pytest.raises(
+        ValueError, match=r"w.pth' was refused for safety: it is a plain Python pickle"
+    ) as err:
+        W.read_state_dict(path)
+    assert "truncated" not in str(err.value) and "weights_only=False" not in str(err.value)
+    with open(path, "rb") as f:  # the conversion the message gives
+        W.save_state_dict(pickle.load(f), tmp_path / "model.safetensors")
+    assert_same_state(W.load_state_dict(make(), tmp_path / "model.safetensors"), make(seed=1))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("zipped", [True, False])
+def test_a_torch_file_of_pickle_protocol_4_is_named_as_such(tmp_path, zipped):
+    """torch's weights_only unpickler stops at protocol 4's first opcode (FRAME): the file is not known to
+    hold Python objects, its protocol is what stops it."""
+    path = tmp_path / "w.pth"
+    torch.save(make().state_dict(), path, pickle_protocol=4, _use_new_zipfile_serialization=zipped)
+    with pytest.raises(ValueError, match=r"refused for safety: it was written with pickle protocol 4") as err:
+        W.read_state_dict(path)
+    assert "other than tensors" not in str(err.value)
 
 
 def test_a_protocol_0_pickle_naming_a_global_is_refused(tmp_path):
