@@ -1,11 +1,11 @@
 """Which computation a model runs: backend names, availability with reasons, and 'auto' resolution."""
 
 import functools
-import warnings
 
 import torch
 
 from .ops import shared_attention, triton_unavailable_reason, xformers_unavailable_reason
+from .ops.shared_attention import warn_auto_fallback
 
 BACKENDS = ("auto", "reference", "torch", "triton", "xformers")
 
@@ -48,7 +48,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         reason = unavailable_reason("triton", device)
         if reason is None:
             return "triton"
-        _warn_fallback(reason)
+        warn_auto_fallback(reason, stacklevel=2)  # once per reason, shared with the op's own fallback
         return "torch"
     reason = unavailable_reason(backend, device)
     if reason:
@@ -66,8 +66,3 @@ def attention_for(backend: str, device: torch.device):
     resolved = resolve_backend(backend, device)
     op_backend = "auto" if backend == "auto" else "torch" if resolved == "reference" else resolved
     return functools.partial(shared_attention, backend=op_backend, check_index=False)
-
-
-@functools.cache
-def _warn_fallback(reason: str) -> None:
-    warnings.warn(f"backend='auto' falls back to the PyTorch path: {reason}", stacklevel=3)

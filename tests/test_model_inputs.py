@@ -176,24 +176,24 @@ def test_a_backend_that_cannot_run_anywhere_fails_at_construction(monkeypatch):
 def test_auto_falls_back_with_one_warning_on_cuda_only(monkeypatch):
     """'auto' means PyTorch off CUDA, silently; on CUDA where Triton cannot run, PyTorch with a warning
     that says why (once per reason)."""
+    import importlib
+
     from fastvit_style import backends
 
-    backends._warn_fallback.cache_clear()
+    op_module = importlib.import_module("fastvit_style.ops.shared_attention")
+    monkeypatch.setattr(op_module, "_fallbacks_warned", set())
     monkeypatch.setattr(backends, "triton_unavailable_reason", lambda device, **kw: "no Triton in this test")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            for device in ("cpu", "meta"):
-                assert backends.resolve_backend("auto", torch.device(device)) == "torch"
-        with pytest.warns(
-            UserWarning, match="backend='auto' falls back to the PyTorch path: no Triton in this test"
-        ):
-            assert backends.resolve_backend("auto", torch.device("cuda")) == "torch"
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # the same reason again: no second warning
-            assert backends.resolve_backend("auto", torch.device("cuda")) == "torch"
-    finally:
-        backends._warn_fallback.cache_clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for device in ("cpu", "meta"):
+            assert backends.resolve_backend("auto", torch.device(device)) == "torch"
+    with pytest.warns(
+        UserWarning, match="backend='auto' falls back to the PyTorch path: no Triton in this test"
+    ):
+        assert backends.resolve_backend("auto", torch.device("cuda")) == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same reason again: no second warning
+        assert backends.resolve_backend("auto", torch.device("cuda")) == "torch"
 
 
 def test_fast_path_skips_the_index_range_check(model, monkeypatch):

@@ -9,6 +9,7 @@ when the Triton backend runs.
 import importlib.util
 import math
 import numbers
+import warnings
 
 import torch
 from torch import Tensor
@@ -166,8 +167,23 @@ def _resolve_backend(backend: str, q: Tensor) -> str:
             + ("" if transform == "jvp" else ", or torch.autograd.grad")
         )
     if backend == "auto":
+        if not torch.compiler.is_compiling():  # eager calls warn; a compiled graph warns nothing
+            warn_auto_fallback(reason, stacklevel=3)  # the caller of shared_attention
         return "torch"
     raise ValueError(f"backend='triton' cannot run here: {reason}")
+
+
+# The reasons backend='auto' has warned about, the op's and the model's (`backends.resolve_backend`) alike.
+_fallbacks_warned: set[str] = set()
+
+
+def warn_auto_fallback(reason: str, stacklevel: int = 1) -> None:
+    """Warn that backend='auto' runs the PyTorch path where the Triton one cannot run, once per reason
+    and process. stacklevel as for warnings.warn, counted from the function that calls this one."""
+    if reason in _fallbacks_warned:
+        return
+    _fallbacks_warned.add(reason)
+    warnings.warn(f"backend='auto' falls back to the PyTorch path: {reason}", stacklevel=stacklevel + 1)
 
 
 def _differentiating_transform() -> str | None:

@@ -575,6 +575,37 @@ def test_auto_backend_on_cpu_is_torch(monkeypatch, dtype):
     )
 
 
+def test_auto_backend_on_cuda_falls_back_with_one_warning(monkeypatch):
+    """On CUDA tensors the Triton kernels cannot take (triton missing, a dtype or head dim they lack),
+    'auto' runs the PyTorch path with one warning per reason, shared with the model's own fallback
+    warning; on CPU tensors it stays silent (PyTorch is its choice there, not a fallback). Fake CUDA
+    tensors stand in for real ones."""
+    import warnings
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fastvit_style import backends
+
+    monkeypatch.setattr(op_module, "_fallbacks_warned", set())
+    monkeypatch.setattr(op_module, "triton_unavailable_reason", lambda *args: "no Triton in this test")
+    monkeypatch.setattr(backends, "triton_unavailable_reason", lambda *args, **kw: "no Triton in this test")
+    message = "backend='auto' falls back to the PyTorch path: no Triton in this test"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # CPU tensors: PyTorch without a word
+        q, k, v, kv_index = make_inputs(2, 2, 5, 5, 1, 32, [1, 0])
+        shared_attention(q, k, v, kv_index)
+    with FakeTensorMode():
+        q, k, v = (torch.empty(2, 5, 1, 32, device="cuda") for _ in range(3))
+        kv_index = torch.zeros(2, dtype=torch.int32, device="cuda")
+        with pytest.warns(UserWarning, match=message) as record:
+            assert shared_attention(q, k, v, kv_index).shape == q.shape
+        assert len(record) == 1 and record[0].filename == __file__  # names the caller's line
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the same reason again, from the op or the model: silent
+            shared_attention(q, k, v, kv_index)
+            assert backends.resolve_backend("auto", torch.device("cuda")) == "torch"
+
+
 @pytest.mark.gpu
 def test_auto_backend_on_cuda_is_triton(monkeypatch):
     from fastvit_style.kernels import INTERPRET
