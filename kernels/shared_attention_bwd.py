@@ -388,7 +388,7 @@ def shared_attention_bwd(
     do, out: (Sq, Tq, H, d) in q's dtype, any strides; q, k, v, kv_index as for the forward;
     lse: (Sq, H, Tq) fp32 from the forward (base 2). The inverse of kv_index in CSR form:
     kv_offsets (Skv + 1,) int64 and kv_queries (Sq,) int64, the query ids of K/V sequence j being
-    kv_queries[kv_offsets[j]:kv_offsets[j + 1]].
+    kv_queries[kv_offsets[j]:kv_offsets[j + 1]]. lse and the inverse map may have any strides.
     Returns dq (Sq, Tq, H, d) and dk, dv (Skv, Tk, H, d), contiguous, in q's dtype.
     Two launches (dq, then dk/dv), or one where `_common.ONE_LAUNCH_BACKWARD_MIN_PROGRAMS` says so.
     """
@@ -413,7 +413,8 @@ def shared_attention_bwd(
         # No query reads K/V: their gradients are zero (the kernels need Tq >= 1 to launch).
         return dq, dk.zero_(), dv.zero_()
 
-    lse = lse.contiguous()
+    # The kernels read these as plain arrays (entry i at base + i): any layout in, contiguous copies read.
+    lse, kv_offsets, kv_queries = lse.contiguous(), kv_offsets.contiguous(), kv_queries.contiguous()
     with _common.on_device(q):
         _launch(do, q, k, v, out, lse, kv_index, kv_offsets, kv_queries, dq, dk, dv, scale)
     return dq, dk, dv

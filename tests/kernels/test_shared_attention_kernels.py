@@ -575,6 +575,21 @@ def test_backward_lse_any_strides(device):
         assert torch.equal(a, b)
 
 
+def test_backward_inverse_map_any_strides(device, backward):
+    """The backward launcher takes the inverse map (kv_offsets, kv_queries) in any layout, as it takes
+    lse: the kernels read contiguous copies. A strided one was read as a plain array, offsets and query
+    ids of other entries: a segfault under the interpreter (an illegal address on a GPU)."""
+    q, k, v, kv_index, do = make_inputs(3, 2, 5, 6, 1, 16, [1, 0, 1], torch.float32, device)
+    out, lse = shared_attention_fwd(q, k, v, kv_index, 0.2)
+    kv_offsets, kv_queries = inverse_kv_map(kv_index, 2)
+    # Every other entry of a (n, 2) tensor whose second column holds out-of-range values.
+    strided = [torch.stack([t, torch.full_like(t, 7)], 1)[:, 0] for t in (kv_offsets, kv_queries)]
+    expected = shared_attention_bwd(do, q, k, v, out, lse, kv_index, kv_offsets, kv_queries, 0.2)
+    for inverse in ((strided[0], kv_queries), (kv_offsets, strided[1])):
+        for a, b in zip(shared_attention_bwd(do, q, k, v, out, lse, kv_index, *inverse, 0.2), expected):
+            assert torch.equal(a, b)
+
+
 def test_cpu_outside_interpreter(monkeypatch):
     monkeypatch.setattr(_common, "INTERPRET", False)
     with pytest.raises(ValueError, match="CPU tensors given to the Triton backend outside interpreter mode"):
