@@ -317,6 +317,77 @@ def test_offsets_past_int32(device):
         assert torch.equal(a, b), name
 
 
+def test_sequence_offsets_past_int32(device, backward):
+    """q, k, v, out and dO 2**30 elements apart per sequence: views of one fp16 storage of 2**31 + a few
+    elements (4 GiB of address space, of which the kernels touch a few pages, so that it runs under the
+    interpreter too). Sequence 2 then starts 2**31 elements in, where a 32-bit product of the sequence
+    index and its stride wraps to -2**31, on the GPU as in the interpreter: the kernels take sequence
+    offsets in 64 bits (program ids, kv_index and kv_queries entries widened before the product), so
+    the results equal those of contiguous copies, bit for bit."""
+    S, T, H, d, stride = 3, 20, 2, 16, 2**30
+    chunk = T * H * d
+    if device.type == "cuda" and torch.cuda.mem_get_info(device)[0] < 6 * 2**30:
+        pytest.skip("needs about 4 GB of free GPU memory")
+    storage = torch.UntypedStorage(2 * (2 * stride + 5 * chunk), device=device)  # fp16: 2 bytes each
+
+    def view(i):  # (S, T, H, d), sequence stride 2**30, the i-th of five disjoint views
+        return torch.tensor([], dtype=torch.float16, device=device).set_(
+            storage, i * chunk, (S, T, H, d), (stride, H * d, d, 1)
+        )
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, o, do = (view(i).copy_(torch.randn(S, T, H, d, generator=gen)) for i in range(5))
+    assert (S - 1) * q.stride(0) == 2**31
+    kv_index = torch.tensor([2, 0, 2], dtype=torch.int32, device=device)  # K/V 2 from two queries, 1 unused
+    inverse = inverse_kv_map(kv_index, S)
+    out, lse = shared_attention_fwd(q, k, v, kv_index, 0.25)
+    o.copy_(out)
+    strided = (out, lse, *shared_attention_bwd(do, q, k, v, o, lse, kv_index, *inverse, 0.25))
+    q, k, v, do = (t.contiguous() for t in (q, k, v, do))
+    out, lse = shared_attention_fwd(q, k, v, kv_index, 0.25)
+    contiguous = (out, lse, *shared_attention_bwd(do, q, k, v, out, lse, kv_index, *inverse, 0.25))
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), strided, contiguous):
+        assert torch.isfinite(a).all() and torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("stride", [2**30, 2**30 - 16], ids=["at_2**31", "below_2**31"])
+def test_row_and_head_offsets_near_int32(stride, device, backward):
+    """Row and head offsets within a sequence are 32-bit products in the kernels: q, k and v with a row
+    stride, out and dO with a head stride, of `stride`, at 3 rows and 3 heads, views of one fp16 storage
+    (4 GiB of address space, a few pages touched). At 2**30 the last row or head starts 2**31 elements
+    in, past int32: the launchers hand the kernels contiguous copies; 32 elements less, they pass the
+    views as they are. Either way the results equal those of contiguous inputs, bit for bit (a wrapped
+    offset reads 4 GiB below the storage: a segfault here, an illegal address on a GPU)."""
+    S, T, H, d = 2, 3, 3, 16
+    small = S * max(H, T) * d  # what a view spans besides its one large stride
+    if device.type == "cuda" and torch.cuda.mem_get_info(device)[0] < 6 * 2**30:
+        pytest.skip("needs about 4 GB of free GPU memory")
+    storage = torch.UntypedStorage(2 * (2 * stride + 5 * small), device=device)  # fp16: 2 bytes each
+
+    def view(i, strides):  # the i-th of five disjoint (S, T, H, d) views
+        return torch.tensor([], dtype=torch.float16, device=device).set_(
+            storage, i * small, (S, T, H, d), strides
+        )
+
+    rows_far, heads_far = (H * d, stride, d, 1), (T * d, d, stride, 1)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, o, do = (
+        view(i, rows_far if i < 3 else heads_far).copy_(torch.randn(S, T, H, d, generator=gen))
+        for i in range(5)
+    )
+    assert max((T - 1) * q.stride(1), (H - 1) * do.stride(2)) == 2 * stride
+    kv_index = torch.tensor([1, 1], dtype=torch.int32, device=device)  # K/V 0 unused
+    inverse = inverse_kv_map(kv_index, S)
+    out, lse = shared_attention_fwd(q, k, v, kv_index, 0.25)
+    o.copy_(out)
+    strided = (out, lse, *shared_attention_bwd(do, q, k, v, o, lse, kv_index, *inverse, 0.25))
+    q, k, v, do = (t.contiguous() for t in (q, k, v, do))
+    out, lse = shared_attention_fwd(q, k, v, kv_index, 0.25)
+    contiguous = (out, lse, *shared_attention_bwd(do, q, k, v, out, lse, kv_index, *inverse, 0.25))
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), strided, contiguous):
+        assert torch.isfinite(a).all() and torch.equal(a, b), name
+
+
 @pytest.mark.parametrize(
     "length, block, narrow, expected",
     [
