@@ -317,6 +317,20 @@ def test_offsets_past_int32(device):
         assert torch.equal(a, b), name
 
 
+def assert_views_match_contiguous(q, k, v, o, do, kv_index):
+    """Forward and backward of the views q, k, v (the output written into the view o, dO read from the
+    view do) equal those of contiguous copies, bit for bit, and are finite."""
+    inverse = inverse_kv_map(kv_index, k.shape[0])
+    out, lse = shared_attention_fwd(q, k, v, kv_index, 0.25)
+    o.copy_(out)
+    strided = (out, lse, *shared_attention_bwd(do, q, k, v, o, lse, kv_index, *inverse, 0.25))
+    q, k, v, do = (t.contiguous() for t in (q, k, v, do))
+    out, lse = shared_attention_fwd(q, k, v, kv_index, 0.25)
+    contiguous = (out, lse, *shared_attention_bwd(do, q, k, v, out, lse, kv_index, *inverse, 0.25))
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), strided, contiguous):
+        assert torch.isfinite(a).all() and torch.equal(a, b), name
+
+
 def test_sequence_offsets_past_int32(device, backward):
     """q, k, v, out and dO 2**30 elements apart per sequence: views of one fp16 storage of 2**31 + a few
     elements (4 GiB of address space, of which the kernels touch a few pages, so that it runs under the
@@ -339,15 +353,7 @@ def test_sequence_offsets_past_int32(device, backward):
     q, k, v, o, do = (view(i).copy_(torch.randn(S, T, H, d, generator=gen)) for i in range(5))
     assert (S - 1) * q.stride(0) == 2**31
     kv_index = torch.tensor([2, 0, 2], dtype=torch.int32, device=device)  # K/V 2 from two queries, 1 unused
-    inverse = inverse_kv_map(kv_index, S)
-    out, lse = shared_attention_fwd(q, k, v, kv_index, 0.25)
-    o.copy_(out)
-    strided = (out, lse, *shared_attention_bwd(do, q, k, v, o, lse, kv_index, *inverse, 0.25))
-    q, k, v, do = (t.contiguous() for t in (q, k, v, do))
-    out, lse = shared_attention_fwd(q, k, v, kv_index, 0.25)
-    contiguous = (out, lse, *shared_attention_bwd(do, q, k, v, out, lse, kv_index, *inverse, 0.25))
-    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), strided, contiguous):
-        assert torch.isfinite(a).all() and torch.equal(a, b), name
+    assert_views_match_contiguous(q, k, v, o, do, kv_index)
 
 
 @pytest.mark.parametrize("stride", [2**30, 2**30 - 16], ids=["at_2**31", "below_2**31"])
@@ -377,15 +383,7 @@ def test_row_and_head_offsets_near_int32(stride, device, backward):
     )
     assert max((T - 1) * q.stride(1), (H - 1) * do.stride(2)) == 2 * stride
     kv_index = torch.tensor([1, 1], dtype=torch.int32, device=device)  # K/V 0 unused
-    inverse = inverse_kv_map(kv_index, S)
-    out, lse = shared_attention_fwd(q, k, v, kv_index, 0.25)
-    o.copy_(out)
-    strided = (out, lse, *shared_attention_bwd(do, q, k, v, o, lse, kv_index, *inverse, 0.25))
-    q, k, v, do = (t.contiguous() for t in (q, k, v, do))
-    out, lse = shared_attention_fwd(q, k, v, kv_index, 0.25)
-    contiguous = (out, lse, *shared_attention_bwd(do, q, k, v, out, lse, kv_index, *inverse, 0.25))
-    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), strided, contiguous):
-        assert torch.isfinite(a).all() and torch.equal(a, b), name
+    assert_views_match_contiguous(q, k, v, o, do, kv_index)
 
 
 @pytest.mark.parametrize(
