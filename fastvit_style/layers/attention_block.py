@@ -2,11 +2,11 @@ import torch
 from torch import nn
 
 from ..reference.attention import cross_attention, cross_attention_block
-from .fused_linear import forget_packed
+from .fused_linear import HoldsPackedWeights
 from .mlp import Mlp
 
 
-class Attention(nn.Module):
+class Attention(HoldsPackedWeights):
     """Parameters of one multi-head attention: separate q/k/v/out projections, as in the official checkpoints."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
@@ -16,12 +16,6 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(dim, dim, bias=qkv_bias)
         self.v_proj = nn.Linear(dim, dim, bias=qkv_bias)
         self.out_proj = nn.Linear(dim, dim)
-
-    def _apply(self, fn, recurse=True):
-        # .to(), .half(), .cuda() of this module or one above it (the block): the packed CPU copies of
-        # the old weights (layers/fused_linear) would stay alive, unused
-        forget_packed(self)
-        return super()._apply(fn, recurse)
 
     @property
     def head_dim(self) -> int:

@@ -38,14 +38,18 @@ _ONEDNN_LINEAR = (
 _packed_of = WeakIdKeyDictionary()
 
 
+def _stack(weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The weights stacked along the output features; a single one as it is (no copy)."""
+    return torch.cat(weights) if len(weights) > 1 else weights[0]
+
+
 def _packed(weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """torch.cat(weights) in oneDNN's layout, built again only when one of them has changed."""
+    """_stack(weights) in oneDNN's layout, built again only when one of them has changed."""
     stamps = tuple(weight_stamp(w) for w in weights)
     cached = _packed_of.get(weights[0])
     if cached is None or cached[0] != stamps:
-        stack = torch.cat(weights) if len(weights) > 1 else weights[0]
-        cached = (stamps, torch.ops.mkldnn._reorder_linear_weight(stack.detach().contiguous(), None))
-        _packed_of[weights[0]] = cached
+        packed = torch.ops.mkldnn._reorder_linear_weight(_stack(weights).detach().contiguous(), None)
+        cached = _packed_of[weights[0]] = (stamps, packed)
     return cached[1]
 
 
@@ -53,6 +57,16 @@ def forget_packed(module: torch.nn.Module) -> None:
     """Drop the packed copies of `module`'s weights (its weights are being moved or cast)."""
     for p in module.parameters():
         _packed_of.pop(p, None)
+
+
+class HoldsPackedWeights(torch.nn.Module):
+    """A module whose weights the functions here pack (the block's Attention and Mlp): a cast or move
+    (.to(), .half(), .cuda()) of it, or of a module above it, drops the packed CPU copies of its old
+    weights, which would otherwise stay alive, unused."""
+
+    def _apply(self, fn, recurse=True):
+        forget_packed(self)
+        return super()._apply(fn, recurse)
 
 
 def _onednn(
@@ -87,7 +101,7 @@ def linear(
     weights = weight if isinstance(weight, tuple) else (weight,)
     if _onednn(x, weights, bias):
         return _ONEDNN_LINEAR(x, _packed(weights), bias, "none", [], "")
-    return F.linear(x, torch.cat(weights) if len(weights) > 1 else weights[0], bias)
+    return F.linear(x, _stack(weights), bias)
 
 
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
