@@ -58,13 +58,14 @@ class StyleAugment:
                 "generator must be a CPU torch.Generator or None (the draws are made on the host, as "
                 f"officially), got {generator!r:.60}"
             )
-        model = find_stylizer(stylizer)  # also inside DataParallel/DDP, whose attributes hide the model's
-        if getattr(stylizer if model is None else model, "training_mode", False):
+        # the StylizingViT also inside DataParallel/DDP, whose attributes hide the model's
+        inner = find_stylizer(stylizer) or stylizer
+        if getattr(inner, "training_mode", False):
             raise ValueError(
                 "StyleAugment needs a stylizer built with train=False (a train=True model returns its "
                 "losses, not images): create_model(backbone, weights=...) or StylizingViT(..., train=False)"
             )
-        config = getattr(stylizer if model is None else model, "config", None)
+        config = getattr(inner, "config", None)
         if references is not None and config is not None:
             expected = (config.in_channel, config.input_size, config.input_size)
             if tuple(references.shape[1:]) != expected:

@@ -15,6 +15,7 @@ import os
 import pickle
 import re
 import warnings
+import zipfile
 from collections.abc import Mapping
 
 import torch
@@ -176,8 +177,6 @@ def _pickle_origin(path: str) -> tuple[str | None, int | None]:
     """Who wrote a file that `_sniff` calls 'torch', and its pickle protocol: ('torch.save', p) for a zip
     archive (its data.pkl's) or a legacy torch.save file (which starts with torch's magic number),
     ('pickle.dump', p) for any other pickle; (None, None) where it cannot be told (a damaged archive)."""
-    import zipfile
-
     with open(path, "rb") as f:
         head = f.read(32)
     if head.startswith(b"PK"):
