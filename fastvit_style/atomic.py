@@ -153,13 +153,30 @@ def _nearest_entry(path) -> str:
     return entry
 
 
+NAME_MAX = 255  # bytes in a file name on ext4, XFS and btrfs (APFS and NTFS count characters)
+
+
+def _long_name_problem(path: str, flag: str) -> str | None:
+    """Why `path` can never be created: a name in it is longer than NAME_MAX bytes (the OS then says
+    only ENAMETOOLONG, and only once a run writes there, after its work)."""
+    for name in path.split(os.sep):
+        if (size := len(name.encode(errors="surrogateescape"))) > NAME_MAX:
+            return (
+                f"{flag} {path!r}: the name {name[:20]!r}... is {size} bytes, longer than the {NAME_MAX} "
+                "bytes file systems allow"
+            )
+    return None
+
+
 def folder_problem(path, flag: str) -> str | None:
-    """Why `path` (given by the option `flag`) cannot be an output folder: it is empty, or it or a folder
-    above it is a broken link, or it exists and is not a folder, or lies below a file. None when it is
-    one or can be created."""
+    """Why `path` (given by the option `flag`) cannot be an output folder: it is empty, or a name in it
+    is too long, or it or a folder above it is a broken link, or it exists and is not a folder, or lies
+    below a file. None when it is one or can be created."""
     path = os.fspath(path)
     if not path:
         return f"{flag} is empty: name a folder"
+    if problem := _long_name_problem(path, flag):
+        return problem
     entry = _nearest_entry(path)
     if not os.path.exists(entry):
         named = "" if entry == os.path.abspath(path) else f": {entry!r}"
@@ -222,9 +239,11 @@ def file_path_problem(path: str) -> str | None:
 def check_replaceable(path: str, flag: str, what: str, ours, not_ours: str) -> None:
     """Before a run that writes the file `path`, given as option `flag`: SystemExit when it names a
     folder, or an existing file that `ours(path)` does not recognise as this tool's `what` (the message
-    says it `not_ours`); never a file the user made."""
+    says it `not_ours`); never a file the user made. A name too long to create is refused too."""
     if not path:
         raise SystemExit(f"error: {flag} is empty: name the {what} to write")
+    if problem := _long_name_problem(path, flag):
+        raise SystemExit(f"error: {problem}")
     if path.endswith((os.sep, "/")) or os.path.isdir(path):
         raise SystemExit(f"error: {flag} {path!r} is a folder; it names the {what} to write")
     if os.path.exists(path) and not os.path.isfile(path):  # reading a pipe to recognise it would hang

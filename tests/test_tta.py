@@ -1260,7 +1260,7 @@ def test_output_names_that_differ_in_case_clash_where_the_file_system_ignores_ca
 def test_cli_outputs_are_checked_before_any_work(folders, capsys, monkeypatch):
     """An output that cannot be written is refused before the model loads (a run then loses no work):
     an empty name, a broken link, a folder below a file, an unwritable place, a pipe, a name too long
-    for the file system; NaN logits stop tta rather than predict a class."""
+    for the file system (an output's, or one the run would create); NaN logits stop tta rather than predict a class."""
     tmp, base = folders
     stylize = ["stylize", *base, "--content", str(tmp / "content"), "--styles", str(tmp / "styles")]
     tta = ["tta", *base, "--images", str(tmp / "content"), "--refs", str(tmp / "styles"), "--k", "1"]
@@ -1286,6 +1286,10 @@ def test_cli_outputs_are_checked_before_any_work(folders, capsys, monkeypatch):
         ([*tta, "--classifier", "nanclf:NaNs", "--out", str(tmp / "pipe.csv")], "is not a regular file"),
         ([*tta, "--classifier", "nanclf:NaNs", "--out", "p.csv", "--save-stylized", str(tmp / "broken")],
          "is a broken symbolic link"),
+        ([*stylize, "--out", str(tmp / ("d" * 256) / "o")], "is 256 bytes, longer than the 255"),
+        ([*tta, "--classifier", "nanclf:NaNs", "--out", "p" * 252 + ".csv"], "is 256 bytes, longer than the 255"),
+        ([*tta, "--classifier", "nanclf:NaNs", "--out", str(tmp / ("d" * 256) / "p.csv")], "is 256 bytes"),
+        ([*tta, "--classifier", "nanclf:NaNs", "--out", "p.csv", "--save-stylized", "é" * 128], "is 256 bytes"),
     ]:  # fmt: skip
         with pytest.raises(SystemExit, match=message):
             cli_main(argv)

@@ -10,7 +10,14 @@ import unicodedata
 
 import torch
 
-from ..atomic import atomic_path, folder_problem, remove_temporaries_of, temporaries, writable_problem
+from ..atomic import (
+    NAME_MAX,
+    atomic_path,
+    folder_problem,
+    remove_temporaries_of,
+    temporaries,
+    writable_problem,
+)
 from ..configs import (
     DEFAULT_DATASET,
     NORMALIZATION,
@@ -281,9 +288,6 @@ def output_names(paths: list[str], root: str, fold_case: bool = False) -> list[s
             )
         seen[key] = path
     return names
-
-
-NAME_MAX = 255  # bytes in a file name on ext4, XFS and btrfs (APFS and NTFS count characters)
 
 
 def _bytes(name: str) -> int:
