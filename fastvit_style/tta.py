@@ -216,6 +216,12 @@ class TTAClassifier(nn.Module):
             raise ValueError(
                 f"the classifier must return logits of shape ({n}, num_classes) for {n} images, got {got}"
             )
+        if shape[1] == 1:  # its softmax is 1 for every image: every prediction would be class 0
+            raise ValueError(
+                f"the classifier returned one logit per image, shape {shape}: probabilities are a softmax over "
+                "num_classes >= 2 logits; for a binary classifier's logit z return torch.cat([torch.zeros_like(z), "
+                "z], 1) (softmax gives class 1 sigmoid(z))"
+            )
         return logits.float().softmax(dim=-1).unflatten(0, views.shape[:2])
 
     def aggregate(self, view_probs: torch.Tensor) -> torch.Tensor:

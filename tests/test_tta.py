@@ -533,6 +533,13 @@ def test_a_classifier_without_per_view_logits_is_named(setup, output):
         TTAClassifier(Odd(), model, bank, k=2)(images(2, SIZE))
 
 
+def test_a_classifier_with_one_logit_is_refused(setup):
+    """A binary classifier's single logit would give a softmax of 1: class 0 for every image."""
+    _, model, _, bank = setup
+    with pytest.raises(ValueError, match=r"one logit per image, shape \(6, 1\).*torch.zeros_like"):
+        TTAClassifier(toy_classifier(1), model, bank, k=2)(images(2, SIZE))
+
+
 def test_tta_vote_and_all_refs(setup):
     _, model, _, bank = setup
     tta = TTAClassifier(toy_classifier(3), model, bank, k=None, reduce="vote").eval()
