@@ -748,6 +748,22 @@ def test_cli_stylize(setup, folders):
 
 
 @needs_pil
+def test_cli_stylize_refuses_non_finite_outputs(setup, folders, capsys):
+    """Weights holding a NaN (a diverged run's) give NaN images, which a PNG would show as black: the
+    run stops with an error line naming a pair instead of writing them."""
+    _, model, _, _ = setup
+    tmp, base = folders
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.encoder.blocks[0].attn.q_proj.weight[0, 0] = float("nan")
+    base[1] = save_state_dict(broken, tmp / "nan.safetensors")
+    assert run_stylize(tmp, base, "out") == 1
+    err = capsys.readouterr().err
+    assert "error: the stylizer gave NaN or infinite values for 6 images of this batch (first: content" in err
+    assert repr(str(tmp / "content" / "img0.png")) in err and pngs(tmp / "out") == []
+
+
+@needs_pil
 def test_cli_outputs_remove_the_temporaries_a_killed_run_left_for_them(folders, monkeypatch):
     """A SIGKILL mid-write runs no cleanup: the next run writing that very file removes its temporary;
     temporaries of files it does not write (an earlier run's other styles) and a user's files stay."""

@@ -42,6 +42,18 @@ def add_arguments(parser) -> None:
     )
 
 
+def _check_finite(out, paths: list[str], refs, styles: list[str]) -> None:
+    """out (B, K, 3, S, S) of content `paths` by styles[refs] ((B, K)): ValueError where an image holds
+    NaN or inf (as from weights that do), which the PNG's clamp and uint8 cast would write as black."""
+    bad = ~out.isfinite().flatten(2).all(2)
+    if bad.any():
+        b, j = bad.nonzero()[0].tolist()
+        raise ValueError(
+            f"the stylizer gave NaN or infinite values for {int(bad.sum())} images of this batch (first: "
+            f"content {paths[b]!r} with style {styles[refs[b, j]]!r}): check --weights"
+        )
+
+
 def run(args) -> int:
     check_output_folder(args.out, "--out")
     contents, styles = find_images(
@@ -68,9 +80,9 @@ def run(args) -> int:
         for start in progress(starts, len(starts), "stylize"):
             paths = contents[start : start + args.batch_size]
             refs = select_refs(len(bank), len(paths), k=args.k, generator=generator)
-            out = denormalize(
-                stylize(model, load_batch(paths, size, mean, std).to(dev), bank, refs=refs), mean, std
-            )
+            out = stylize(model, load_batch(paths, size, mean, std).to(dev), bank, refs=refs)
+            _check_finite(out, paths, refs, styles)
+            out = denormalize(out, mean, std)
             for b, name in enumerate(content_names[start : start + len(paths)]):
                 for j, ref in enumerate(refs[b].tolist()):
                     save_output_png(out[b, j], args.out, f"{name}__{style_names[ref]}.png", leftovers)
