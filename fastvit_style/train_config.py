@@ -154,8 +154,13 @@ RUNTIME_FIELDS = ("data", "val_data", "out", "resume", "max_steps", "workers", "
 # What a run leaves in `out` besides config.json (which a run that dies before its first checkpoint
 # leaves alone, and which the next run rewrites).
 RUN_FILES = ("last.pt", "last.safetensors", "best.safetensors", "metrics.jsonl")
-# Keys every version's config.json has held: a JSON object with them is a run's, which a new run may replace.
-RUN_CONFIG_KEYS = ("data", "out", "epochs", "batch_size", "seed")
+# Keys every version's config.json has held (the fields of the first TrainConfig): a JSON object with them
+# all is a run's, which a new run may replace. A few generic ones (data, out, epochs, batch_size, seed) would
+# take a user's own training config for a run's, and replace it unasked.
+RUN_CONFIG_KEYS = ("data", "out", "val_data", "backbone", "model_kwargs", "epochs", "batch_size", "accumulate",
+                   "lr", "weight_decay", "betas", "eps", "clip_norm", "loss_weights", "dataset", "mean", "std",
+                   "input_size", "bf16", "compile", "backend", "device", "vgg_weights", "init_weights", "resume",
+                   "seed", "workers", "max_steps", "checkpoint_every")  # fmt: skip
 # What every version's last.pt has held (train_images and the corrupt-file flags came later: optional).
 CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "batch", "step", "best_val", "world_size", "rng", "config")
 

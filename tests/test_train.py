@@ -510,21 +510,27 @@ def test_a_new_run_never_replaces_another_runs_files(tmp_path):
 
 
 def test_a_config_json_no_run_wrote_is_never_replaced(tmp_path):
-    """A user's own config.json in --out is refused, --overwrite or not, before anything is written; a
-    run's (of any version: it has data, out, epochs, batch_size, seed) is a run's to replace."""
+    """A user's own config.json in --out is refused, --overwrite or not, before anything is written, also
+    one with the generic keys of a training config; a run's (of any version: it has every field of the
+    first TrainConfig) is a run's to replace."""
     data = write_images(tmp_path / "data", 1)
     out = tmp_path / "out"
     out.mkdir()
     config = TrainConfig(data=str(data), out=str(out), **TINY)
+    generic = {"data": "images", "out": "results", "epochs": 90, "batch_size": 256, "seed": 0, "model": "r50"}
     for mine in (b'{"lr": 0.1, "notes": "my settings"}', b"\x89PNG not even JSON", b"[1, 2]",
-                 b'{"data": "images", "out": "results"}'):  # fmt: skip
+                 b'{"data": "images", "out": "results"}', json.dumps(generic).encode()):  # fmt: skip
         (out / "config.json").write_bytes(mine)
         for overwrite in (False, True):
             with pytest.raises(ValueError, match="holds a config.json that no run wrote.*move that file, or "
                                "choose another --out"):  # fmt: skip
                 Trainer(dataclasses.replace(config, overwrite=overwrite), 0, 1, torch.device("cpu"))
             assert (out / "config.json").read_bytes() == mine and os.listdir(out) == ["config.json"]
-    old = {"data": "d", "out": str(out), "epochs": 3, "batch_size": 8, "seed": 1, "a_later_field": 0}
+    first_fields = ("data", "out", "val_data", "backbone", "model_kwargs", "epochs", "batch_size", "accumulate",
+                    "lr", "weight_decay", "betas", "eps", "clip_norm", "loss_weights", "dataset", "mean", "std",
+                    "input_size", "bf16", "compile", "backend", "device", "vgg_weights", "init_weights", "resume",
+                    "seed", "workers", "max_steps", "checkpoint_every")  # fmt: skip
+    old = {**dict.fromkeys(first_fields), "out": str(out), "epochs": 3, "a_later_field": 0}
     (out / "config.json").write_text(json.dumps(old))
     Trainer(config, 0, 1, torch.device("cpu"))
     assert json.loads((out / "config.json").read_text())["epochs"] == config.epochs
