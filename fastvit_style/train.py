@@ -39,12 +39,13 @@ end; `--resume last.pt` continues with the very next step: on CPU it reproduces 
 bit for bit; on CUDA up to non-deterministic kernels), `last.safetensors` and `best.safetensors`
 (official-format weights, VGG keys included as in the official files, the run's normalization
 constants in their metadata, which the commands read; best = lowest validation loss),
-`metrics.jsonl` (one line per epoch). A run whose VGG19 is random (--random-vgg) exports no VGG keys:
-they would pass for the ImageNet VGG19 (`--init-weights` of such a file asks for VGG weights, as a
-train=False export does). The training state holds model, AdamW state, position (epoch,
-micro-batch, step), best val loss, RNG states, the corrupt files found and the config; the lr and the
-data order are functions of the epoch (and seed), so they need no state of their own. No GradScaler:
-the only reduced precision offered is bf16, which needs none.
+`metrics.jsonl` (one line per epoch). A run whose weights turn NaN or inf (diverged) stops with an error
+at its next checkpoint or epoch end, before any of these files would hold them. A run whose VGG19 is
+random (--random-vgg) exports no VGG keys: they would pass for the ImageNet VGG19 (`--init-weights` of
+such a file asks for VGG weights, as a train=False export does). The training state holds model, AdamW
+state, position (epoch, micro-batch, step), best val loss, RNG states, the corrupt files found and the
+config; the lr and the data order are functions of the epoch (and seed), so they need no state of their
+own. No GradScaler: the only reduced precision offered is bf16, which needs none.
 Validation (each epoch, if --val-data): total loss and PSNR (shared doc 6) on denormalized images,
 each the mean over micro-batches; under DDP the val micro-batches are sharded like the training ones,
 without the padding repeats (each counts once, whatever the number of processes).
@@ -377,6 +378,7 @@ class Trainer:
             terms = []
             periodic = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
             if group_end < n and (stop or periodic):
+                self._require_finite()
                 self._share_unreadable(self.train_set)  # every rank's findings into the checkpoint
                 self._save_checkpoint()
             if on_step is not None:
@@ -441,6 +443,7 @@ class Trainer:
     def _end_epoch(self) -> None:
         cfg = self.cfg
         metrics = {"epoch": self.epoch, "step": self.step, "lr": cosine_lr(cfg.lr, self.epoch, cfg.epochs)}
+        self._require_finite()  # before a NaN model is validated, exported as best or checkpointed
         self._require_readable(self.train_set, "--data")
         if self.val_set is not None:
             metrics.update(self.validate())
@@ -509,6 +512,19 @@ class Trainer:
                 f"every image under {flag} {dataset.root!r} is unreadable ({len(dataset)} files; see the "
                 "warnings above)"
             )
+
+    def _require_finite(self) -> None:
+        """ValueError once a weight is NaN or inf (training diverged: AdamW never recovers from it), before
+        a checkpoint or export would replace the last finite one. One host read per checkpoint; the
+        ranks' weights are alike under DDP, so every rank raises."""
+        if bool(torch.stack([torch.isfinite(p).all() for p in self.params]).all()):
+            return
+        lr = self.optimizer.param_groups[0]["lr"]
+        raise ValueError(
+            f"training diverged: the weights hold NaN or inf after step {self.step} (lr {lr:g}), so they are "
+            "not saved: the checkpoints and weights already in --out keep their finite values. Start again "
+            "with a lower --lr (a new run, or --init-weights with the weights of one of them)"
+        )
 
     def _reached_max_steps(self) -> bool:
         return self.cfg.max_steps is not None and self.step >= self.cfg.max_steps

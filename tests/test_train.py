@@ -1080,6 +1080,35 @@ def test_a_backend_the_device_cannot_run_fails_before_out_is_touched(tmp_path, m
     assert files == {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
 
 
+def test_a_run_whose_weights_diverge_stops_before_saving_them(tmp_path):
+    """NaN weights (a diverged run: AdamW never recovers) are never checkpointed, exported or validated:
+    the run stops with an error, and last.pt keeps the last finite weights."""
+    data = write_images(tmp_path / "data", 4)
+    out = tmp_path / "out"
+    config = TrainConfig(data=str(data), val_data=str(data), out=str(out), epochs=1, batch_size=1, accumulate=1,
+                         checkpoint_every=1, **TINY)  # fmt: skip
+    trainer = Trainer(config, 0, 1, torch.device("cpu"))
+
+    def diverge_after_step_1(info):
+        if info["step"] == 1:
+            with torch.no_grad():
+                trainer.params[0].view(-1)[0] = math.nan
+
+    with pytest.raises(ValueError, match="training diverged: the weights hold NaN or inf after step 2"):
+        trainer.fit(diverge_after_step_1)
+    state = load_checkpoint(out / "last.pt")
+    assert state["step"] == 1 and all(v.isfinite().all() for v in state["model"].values())
+    assert all(v.isfinite().all() for v in load_file(out / "last.safetensors").values())
+    assert not (out / "best.safetensors").exists() and not (out / "metrics.jsonl").exists()
+    # At an epoch's end: before validation, whose NaN loss would become the best one.
+    trainer = Trainer(
+        dataclasses.replace(config, overwrite=True, checkpoint_every=0), 0, 1, torch.device("cpu")
+    )
+    with pytest.raises(ValueError, match="after step 4"):
+        trainer.fit(diverge_after_step_1)
+    assert set(os.listdir(out)) == {"config.json"}
+
+
 def test_every_checkpoint_exports_last_safetensors(tmp_path):
     """The periodic mid-epoch checkpoints, not only the epoch's end, write last.safetensors beside last.pt
     (the weights of a long first epoch that is killed)."""
