@@ -452,7 +452,9 @@ class Trainer:
             except ValueError as e:
                 raise ValueError(f"{e}. {self._save_unvalidated()}") from None
         self.epoch, self.batch = self.epoch + 1, 0
-        improved = "val_loss" in metrics and (self.best_val is None or metrics["val_loss"] < self.best_val)
+        # As in the official loop, whose best starts at inf: a NaN or inf loss is never an improvement.
+        best = math.inf if self.best_val is None else self.best_val
+        improved = "val_loss" in metrics and metrics["val_loss"] < best
         if improved:
             self.best_val = metrics["val_loss"]
         metrics["skipped_images"] = self.train_set.skipped + (self.val_set.skipped if self.val_set else 0)

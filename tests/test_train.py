@@ -1024,11 +1024,14 @@ def test_every_step_clips_the_gradient_norm_before_the_optimizer_step(tmp_path, 
     assert len(norms) == 2 and norms == pytest.approx([1e-3] * 2, rel=1e-4), norms
 
 
-def test_best_safetensors_holds_the_epoch_of_lowest_validation_loss(tmp_path, monkeypatch):
+@pytest.mark.parametrize("first", [2.0, math.nan, math.inf])
+def test_best_safetensors_holds_the_epoch_of_lowest_validation_loss(tmp_path, monkeypatch, first):
+    """A NaN or infinite validation loss is never the best (as in the official loop, which starts from
+    inf): taken as the first best, a NaN would stop every later epoch from counting as an improvement."""
     data = write_images(tmp_path / "data", 1)
     config = TrainConfig(data=str(data), val_data=str(data), out=str(tmp_path / "out"), epochs=3, batch_size=1,
                          accumulate=1, **TINY)  # fmt: skip
-    losses, seen = iter([2.0, 1.0, 3.0]), []
+    losses, seen = iter([first, 1.0, 3.0]), []
 
     def scripted(self):  # the weights each epoch's validation saw, and the loss it reports
         seen.append({k: v.clone() for k, v in self.model.state_dict().items() if not k.startswith("vgg_")})
