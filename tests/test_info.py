@@ -60,3 +60,17 @@ def test_a_broken_pipe_that_is_not_stdouts_is_an_error(capsys, monkeypatch):
     monkeypatch.setattr("fastvit_style.info.run", broken)
     assert main(["info"]) == 1
     assert capsys.readouterr().err == "error: [Errno 32] Broken pipe\n"
+
+
+def test_python_m_fastvit_style_is_the_command():
+    """`python -m fastvit_style` where the console script is not on PATH: the same command and statuses."""
+
+    def command(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "fastvit_style", *args], capture_output=True, text=True, check=False
+        )
+
+    ran = command("--version")
+    assert ran.returncode == 0 and ran.stdout == f"fastvit-style {fastvit_style.__version__}\n", ran
+    ran = command("no-such-command")
+    assert ran.returncode == 2 and "no-such-command" in ran.stderr, ran
