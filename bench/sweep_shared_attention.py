@@ -626,11 +626,10 @@ def one_launch_threshold(rows):
     paired = sorted((key, t["fused-1launch"] / t["fused"]) for key, t in times.items() if len(t) == 2)
     if not paired:
         return {"min_programs": None, "evidence": "no size with both methods measured"}
-    threshold = None
-    for (programs, _, _), ratio in reversed(paired):  # from the largest size down, while it wins
-        if ratio >= 1:
-            break
-        threshold = programs
+    # Above the largest Skv * H where it does not win; sizes of equal Skv * H (B=32 H=12, B=128 H=3)
+    # get the same launch, so one loss there rules that Skv * H out.
+    lost = max((programs for (programs, _, _), ratio in paired if ratio >= 1), default=-1)
+    threshold = min((programs for (programs, _, _), _ in paired if programs > lost), default=None)
     evidence = ", ".join(f"B={b} H={h}: {ratio:.2f}x the time" for (_, b, h), ratio in paired)
     return {"min_programs": threshold, "evidence": evidence}
 

@@ -538,6 +538,22 @@ def test_sweep_reads_issue7_targets_from_each_figure():
     assert (graph["fwd_tflops"], graph["fwd_tflops_met"]) == (300.0, True)
 
 
+def test_sweep_one_launch_threshold_needs_every_size_of_equal_skv_h():
+    """Sizes of one Skv * H get the same backward (`Skv * H >= ONE_LAUNCH_BACKWARD_MIN_PROGRAMS`): where
+    one of them loses, that Skv * H is no threshold, whichever of them sorts last."""
+    sweep = _script("sweep_shared_attention")
+
+    def rows(times):  # {(B, H): (two launches, one launch)}; Skv = 2B, so B=32 H=12 and B=64 H=6: 768
+        return [{"B": B, "H": H, "Skv": 2 * B, "method": m, "status": "ok", "matches_reference": True,
+                 "fwd_bwd_ms": t} for (B, H), pair in times.items()
+                for m, t in zip(("fused", "fused-1launch"), pair)]  # fmt: skip
+
+    tie = {(32, 12): (1.0, 0.9), (64, 6): (1.0, 1.2), (128, 3): (1.0, 0.9), (128, 12): (1.0, 0.8)}
+    assert sweep.one_launch_threshold(rows(tie))["min_programs"] == 3072
+    tie[(64, 6)] = (1.0, 0.95)
+    assert sweep.one_launch_threshold(rows(tie))["min_programs"] == 768
+
+
 def test_batch_sizes_per_workload():
     """Plain sizes go to every workload without sizes of its own; W=N to W alone (repeated for several);
     workloads given none keep the device's table."""
