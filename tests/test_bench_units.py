@@ -554,6 +554,19 @@ def test_sweep_one_launch_threshold_needs_every_size_of_equal_skv_h():
     assert sweep.one_launch_threshold(rows(tie))["min_programs"] == 768
 
 
+def test_sweep_keeps_the_row_of_a_kernel_that_faulted_the_context(monkeypatch):
+    """After an illegal memory access every CUDA call fails, torch.cuda.empty_cache too: the faulting
+    row still comes back with its error, to be saved, instead of the error escaping without it."""
+    sweep = _script("sweep_shared_attention")
+
+    def fault(*_):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch.cuda, "empty_cache", fault)
+    row = sweep.guarded({"method": "fused"}, fault)
+    assert row["status"] == "error: RuntimeError: CUDA error: an illegal memory access was encountered"
+
+
 def test_batch_sizes_per_workload():
     """Plain sizes go to every workload without sizes of its own; W=N to W alone (repeated for several);
     workloads given none keep the device's table."""
