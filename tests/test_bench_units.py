@@ -567,6 +567,20 @@ def test_sweep_keeps_the_row_of_a_kernel_that_faulted_the_context(monkeypatch):
     assert row["status"] == "error: RuntimeError: CUDA error: an illegal memory access was encountered"
 
 
+def test_a_faulted_cuda_context_does_not_end_the_benchmark(monkeypatch):
+    """After an illegal memory access every CUDA call fails, torch.cuda.empty_cache too: the runner's
+    cleanup between variants must not raise it past the row that recorded the fault."""
+    from fastvit_style.benchmark import runner
+
+    def fault(*_):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch.cuda, "empty_cache", fault)
+    case = object.__new__(runner._Case)
+    case.device = torch.device("cuda")
+    case._cleanup()
+
+
 def test_batch_sizes_per_workload():
     """Plain sizes go to every workload without sizes of its own; W=N to W alone (repeated for several);
     workloads given none keep the device's table."""
