@@ -21,6 +21,7 @@ from torch import nn
 from fastvit_style import StylizingViT, create_model
 from fastvit_style.apps.common import positive_int
 from fastvit_style.augment import StyleAugment
+from fastvit_style.configs import NORMALIZATION
 from fastvit_style.imageio import normalization, normalize
 
 
@@ -55,6 +56,7 @@ def main(argv=None) -> float:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--weights", default=None, help="official Stylizing ViT weights (then images are 224 px)")
     p.add_argument("--backbone", default="tiny")
+    p.add_argument("--dataset", default="camelyon17wilds", choices=sorted(NORMALIZATION), help="the weights' data")
     p.add_argument("--steps", type=positive_int, default=40)
     p.add_argument("--batch", type=positive_int, default=16)
     p.add_argument("--p", type=float, default=0.33, help="fraction of each batch restyled")
@@ -67,7 +69,7 @@ def main(argv=None) -> float:
     else:
         stylizer, size = StylizingViT(args.backbone, input_size=64, encoder_depth=2), 64
     stylizer.eval().requires_grad_(False)
-    mean, std = normalization("camelyon17wilds")  # the space the stylizer works in
+    mean, std = normalization(args.dataset)  # the space the stylizer works in
     augment = StyleAugment(stylizer, p=args.p, generator=torch.Generator().manual_seed(args.seed))
 
     classifier = TinyCNN()
