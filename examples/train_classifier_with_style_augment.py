@@ -56,7 +56,9 @@ def main(argv=None) -> float:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--weights", default=None, help="official Stylizing ViT weights (then images are 224 px)")
     p.add_argument("--backbone", default="tiny")
-    p.add_argument("--dataset", default="camelyon17wilds", choices=sorted(NORMALIZATION), help="the weights' data")
+    p.add_argument(
+        "--dataset", default="camelyon17wilds", choices=sorted(NORMALIZATION), help="the weights' data"
+    )
     p.add_argument("--steps", type=positive_int, default=40)
     p.add_argument("--batch", type=positive_int, default=16)
     p.add_argument("--p", type=float, default=0.33, help="fraction of each batch restyled")
