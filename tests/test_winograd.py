@@ -153,6 +153,33 @@ def test_direct_off_the_cpu():
     assert not use_winograd(torch.empty(1, 4, 6, 6, device="meta"), conv)
 
 
+class _HalvedConv(torch.nn.Conv2d):
+    def forward(self, x):
+        return super().forward(x) * 0.5
+
+
+@pytest.mark.parametrize("change", ["pre_hook", "subclass", "wrapper"])
+def test_a_replaced_or_hooked_conv_is_called_as_a_module(change):
+    """Surgery on a deep VGG conv (512 channels: Winograd's) takes effect in the fast losses' VGG as in
+    the reference's: a pre-hook that edits the input, a subclass with its own forward, a wrapper
+    without a weight of its own (which Winograd read, an AttributeError)."""
+    torch.manual_seed(0)
+    vgg = VGG19Features().double()
+    conv = vgg.features_28
+    if change == "pre_hook":
+        conv.register_forward_pre_hook(lambda module, args: (args[0] * 0.5,))
+    elif change == "subclass":
+        vgg.features_28 = _HalvedConv(512, 512, 3, padding=1).double().requires_grad_(False)
+        vgg.features_28.load_state_dict(conv.state_dict())
+    else:
+        vgg.features_28 = torch.nn.Sequential(conv)
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        direct, fast = vgg(x), vgg(x, fast=True)
+    for j, (a, e) in enumerate(zip(fast, direct)):
+        assert_close_rel(a, e, 1e-12, f"level {j}")
+
+
 # (1, 3, 32, 48): non-square images (compute_loss takes any H, W) whose stage-5 maps are 2x3, an
 # even height and an odd width: the direct convolution there, not a Winograd tile short of a column.
 @pytest.mark.parametrize("shape", [(2, 3, 32, 32), (1, 3, 32, 48)])

@@ -77,8 +77,10 @@ def _problem(module, cls) -> str | None:
     return None
 
 
-def _exact(module, cls) -> bool:
-    # type() first: a missing child (None) or another module is no `cls`, whatever its attributes.
+def is_exact(module, cls) -> bool:
+    """Whether module is a `cls` itself, unhooked and with its class's forward: what calling it does is
+    what the class computes. type() first: a missing child (None) or another module is no `cls`,
+    whatever its attributes."""
     return type(module) is cls and not _has_hooks(module) and "forward" not in module.__dict__
 
 
@@ -86,11 +88,11 @@ def _untouched_block(blk) -> bool:
     """_BLOCK's common case unrolled, exact classes only (a parametrized layer takes `_find`): it runs
     before every fast forward, in half the time of the walk (about 30 against 52 us for base's 12
     blocks). False sends the block to `_find`, which names what differs."""
-    if not _exact(blk, CrossAttentionBlock):
+    if not is_exact(blk, CrossAttentionBlock):
         return False
     b = blk._modules
     attn, mlp = b.get("attn"), b.get("mlp")
-    if not (_exact(attn, Attention) and _exact(mlp, Mlp)):
+    if not (is_exact(attn, Attention) and is_exact(mlp, Mlp)):
         return False
     a, m = attn._modules, mlp._modules
     linears = (
@@ -102,10 +104,10 @@ def _untouched_block(blk) -> bool:
         m.get("fc2"),
     )
     return (
-        all(_exact(lin, nn.Linear) for lin in linears)
-        and _exact(b.get("norm_input"), nn.LayerNorm)
-        and _exact(b.get("norm_context"), nn.LayerNorm)
-        and _exact(m.get("act"), nn.GELU)
+        all(is_exact(lin, nn.Linear) for lin in linears)
+        and is_exact(b.get("norm_input"), nn.LayerNorm)
+        and is_exact(b.get("norm_context"), nn.LayerNorm)
+        and is_exact(m.get("act"), nn.GELU)
         and m["act"].approximate == "none"
     )
 

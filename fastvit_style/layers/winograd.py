@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..tracing import traced
+from .unmodified import is_exact
 from .weight_stamp import weight_stamp
 
 _G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))  # kernel transform, 4x3
@@ -148,7 +149,10 @@ def use_winograd(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
 
 
 def conv3x3(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
-    """conv(x) for a frozen 3x3/stride 1/padding 1 conv, by Winograd where it pays (see use_winograd)."""
-    if use_winograd(x, conv):
+    """conv(x) for a frozen 3x3/stride 1/padding 1 conv, by Winograd where it pays (see use_winograd).
+
+    A conv that is no plain nn.Conv2d (a subclass or wrapper put in its place) or is hooked is called
+    as a module, as officially: Winograd reads its weight and would skip its forward and hooks."""
+    if is_exact(conv, torch.nn.Conv2d) and use_winograd(x, conv):
         return _WinogradConv.apply(x, *_transforms(conv), conv.bias)
     return conv(x)
