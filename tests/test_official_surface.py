@@ -56,6 +56,16 @@ def test_submodule_forwards_compute_the_official_calls():
         model.compute_loss(*(images(1, 32),) * 5)
 
 
+@pytest.mark.parametrize("side", [47, 64])
+def test_the_encoder_takes_only_its_input_size(side):
+    """model.encoder(x, x_style) called directly, as officially (timm's strict_img_size): 47 px would
+    give the 32 px grid (the last rows and columns dropped, silently), 64 px a broadcast error."""
+    enc = StylizingViT("tiny", **KW).encoder
+    x = images(2, side)
+    with pytest.raises(ValueError, match=rf"takes 32x32 images .* got shape \(2, 3, {side}, {side}\)"):
+        enc(x, x)
+
+
 def test_official_attributes():
     enc = StylizingViT("tiny", **KW).encoder
     assert [getattr(enc, name) for name in ENCODER_ATTRIBUTES] == [32, 3, 16, 192, 2, 3, 4.0, True, 4]

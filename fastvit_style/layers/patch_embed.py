@@ -10,6 +10,14 @@ class PatchEmbed(nn.Module):
         self._input_size = input_size  # None: unknown, and so are the attributes below (None too)
 
     def forward(self, x):
+        # timm's strict_img_size: the convolution alone would drop the rows and columns past the last
+        # whole patch (the encoder's T still matching the position embedding), or fail on a broadcast.
+        size = self.img_size
+        if size is not None and tuple(x.shape[-2:]) != size:
+            raise ValueError(
+                f"the patch embedding takes {size[0]}x{size[1]} images (the model's input_size), "
+                f"got shape {tuple(x.shape)}"
+            )
         return self.proj(x).flatten(2).transpose(1, 2)
 
     # timm's attributes, read-only: the convolution and the position embedding fix them.
