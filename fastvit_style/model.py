@@ -54,6 +54,7 @@ class StylizingViT(nn.Module):
     def forward(self, x: torch.Tensor, x_style: torch.Tensor | None = None):
         self._check_inputs(x, x_style)
         if self.training_mode:
+            _check_loss_targets(x, x_style)
             self._warn_if_random_vgg(stacklevel=4)  # past nn.Module's two call frames
         if self.backend == "reference":
             return reference.forward(self, x, x_style)
@@ -114,6 +115,7 @@ class StylizingViT(nn.Module):
         if not self.training_mode:
             raise ValueError("compute_loss needs the VGG19 of a model built with train=True")
         check_loss_images(x, x_style, x_stylized, x_recon, x_style_recon)
+        _check_loss_targets(x, x_style)
         self._warn_if_random_vgg(stacklevel=2)
         if self.backend == "reference":  # the official ops (higher-order gradients too)
             if x_style is None:
@@ -178,6 +180,21 @@ class StylizingViT(nn.Module):
             raise ValueError(
                 f"{names[1]} must have the same shape as {names[0]} (one style image per content image), "
                 f"got {names[0]} {tuple(x.shape)} and {names[1]} {tuple(x_style.shape)}"
+            )
+
+
+def _check_loss_targets(x: torch.Tensor, x_style: torch.Tensor | None) -> None:
+    """ValueError when x or x_style would carry a gradient: the losses take them as fixed targets (their
+    VGG19 features run without a graph), so a gradient to them would miss terms. The official losses
+    assert that they require no grad."""
+    if not torch.is_grad_enabled():
+        return
+    for name, t in (("x", x), ("x_style", x_style)):
+        if t is not None and t.requires_grad:
+            raise ValueError(
+                f"{name} requires grad, but a train=True model's losses take x and x_style as fixed "
+                "targets (their VGG19 features are computed without a graph; the official losses assert "
+                f"that they require no grad): pass {name}.detach(), or run under torch.no_grad()"
             )
 
 

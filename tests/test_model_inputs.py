@@ -260,6 +260,27 @@ def test_compute_loss_inputs():
     assert g.requires_grad
 
 
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_loss_targets_that_require_grad_are_refused(backend):
+    """The losses take x and x_style as fixed targets (their VGG19 features without a graph): a gradient
+    to them would miss those terms (measured: half the directional derivative), so an x or x_style that
+    requires grad is refused while grad mode is on, as the official losses assert; under no_grad it
+    computes nothing wrong and runs."""
+    model = StylizingViT("tiny", train=True, backend=backend, **SMALL)
+    model.vgg_encoder.warn_if_random = False
+    x, t, r = (torch.randn(2, 3, 32, 32) for _ in range(3))
+    xg = x.clone().requires_grad_()
+    with pytest.raises(ValueError, match=r"x requires grad, .* fixed targets .* pass x\.detach\(\)"):
+        model(xg)
+    with pytest.raises(ValueError, match=r"x_style requires grad, .* pass x_style\.detach\(\)"):
+        model(x, xg)
+    with pytest.raises(ValueError, match="x requires grad"):
+        model.compute_loss(xg, None, t, r, None)
+    with torch.no_grad():
+        loss, _ = model(xg, xg)
+    assert torch.isfinite(loss.total())
+
+
 def test_compute_loss_gradients_reach_every_generated_image():
     """model.compute_loss differentiates in x_stylized, x_recon and x_style_recon as the official ops
     do: float64, the fast losses against backend='reference' (the rolled style's shortcuts are covered
