@@ -15,6 +15,7 @@ from helpers import (
     linear_functional,
     param_grads,
     randomize_,
+    rel_err,
     stylized_outputs,
     train_outputs,
 )
@@ -151,6 +152,33 @@ def test_torch_func_grad_of_the_training_objective():
         return lambda p: functional_call(model, p, (x,))[0].total()
 
     assert global_grad_error(grad(objective(fast))(params), grad(objective(truth))(params)) <= 1e-12
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "training"])
+def test_torch_func_jvp_over_the_parameters(train):
+    """Forward-mode AD (torch.func.jvp over functional_call): the torch backend's attention carries the
+    tangents through SDPA's math kernel, with the reference's numbers (float64)."""
+    from torch.func import functional_call, jvp
+
+    truth, _ = make_pair("tiny", train=train, input_size=32, encoder_depth=2)
+    fast = copy.deepcopy(truth)
+    fast.backend = "torch"
+    params = {n: p.detach() for n, p in truth.named_parameters() if p.requires_grad}
+    gen = torch.Generator().manual_seed(4)
+    tangents = {n: torch.randn(p.shape, generator=gen, dtype=p.dtype) for n, p in params.items()}
+    x = images(2, size=32, seed=3, dtype=torch.float64)
+
+    def outputs(model):
+        def run(p):
+            out = functional_call(model, p, (x,))
+            return torch.stack(list(out[0])) if train else out  # the four loss terms, or the image
+
+        return run
+
+    (value, tangent), (expected_value, expected) = (
+        jvp(outputs(m), (params,), (tangents,)) for m in (fast, truth)
+    )
+    assert rel_err(value, expected_value) <= 1e-12 and rel_err(tangent, expected) <= 1e-12
 
 
 @pytest.mark.parametrize("rolled", [False, True], ids=["explicit-style", "roll"])

@@ -70,10 +70,13 @@ def _consecutive_runs(index: list[int], n_kv: int, most: int) -> list[tuple[int,
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """SDPA on (S, T, H, d) views, whose sequences pair up one to one -> (S, Tq, H, d)."""
-    return F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale
-    ).transpose(1, 2)
+    """SDPA on (S, T, H, d) views, whose sequences pair up one to one -> (S, Tq, H, d). Under forward-mode
+    AD (torch.func.jvp, dual tensors) SDPA's math composite, the one SDPA kernel with a forward
+    derivative (the fused ones raise NotImplementedError)."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    if torch.autograd.forward_ad._current_level >= 0:
+        return torch.ops.aten._scaled_dot_product_attention_math(q, k, v, scale=scale)[0].transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2)
 
 
 def carry_nan_rows(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

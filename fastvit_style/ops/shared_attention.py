@@ -64,8 +64,8 @@ def shared_attention(
     triton is installed and supports the dtype and d, else torch; never xformers).
     check_index=False skips the eager range check of kv_index (a device sync): for callers that
     build the map themselves, like the model's schedule.
-    Returns (Sq, Tq, H, d) in q's dtype; differentiable in q, k and v (reverse mode: the Triton backend
-    refuses forward-mode AD, as PyTorch's SDPA does). Under the differentiating torch.func transforms
+    Returns (Sq, Tq, H, d) in q's dtype; differentiable in q, k and v (reverse mode; forward mode on the
+    PyTorch path only: the Triton backend refuses it). Under the differentiating torch.func transforms
     (grad, vjp, jacrev, jvp), whose derivatives the custom ops cannot take, "auto" runs the PyTorch path
     and "triton" raises NotImplementedError; vmap alone runs either.
     """

@@ -490,14 +490,33 @@ def test_batched_gradients():
         assert rel_err(batched[i], expected.double()) <= 1e-6
 
 
-def test_forward_mode_ad_is_refused():
-    """No forward-mode formula: torch.func.jvp and dual tensors raise (the custom op alone would carry a
-    zero tangent silently)."""
+def test_forward_mode_ad_runs_the_torch_path_or_is_refused():
+    """The PyTorch path carries tangents (torch.func.jvp, dual tensors) through SDPA's math kernel, the
+    fused SDPA kernels having no forward formula: against central differences in float64. The Triton
+    path has none either: it raises (the custom op alone would carry a zero tangent silently)."""
     import torch.autograd.forward_ad as fwAD
 
+    def attend(kv_index, backend="torch"):
+        return lambda q, k, v: shared_attention(q, k, v, kv_index, backend=backend)
+
+    for kv_map in ([1, 0], [2, 2, 0]):  # the sliced path's runs, and the gather
+        *qkv, kv_index = make_inputs(len(kv_map), 3, 5, 5, 2, 16, kv_map, dtype=torch.float64)
+        primals = tuple(t.detach() for t in qkv)
+        tangents = tuple(torch.randn_like(t) for t in primals)
+        eps = 1e-6
+        ahead, behind = (
+            attend(kv_index)(*(p + sign * eps * t for p, t in zip(primals, tangents))) for sign in (1, -1)
+        )
+        expected = (ahead - behind) / (2 * eps)
+        for backend in ("torch", "auto"):
+            out, tangent = torch.func.jvp(attend(kv_index, backend), primals, tangents)
+            assert rel_err(out, attend(kv_index)(*primals)) <= 1e-12 and rel_err(tangent, expected) <= 1e-8
+        with fwAD.dual_level():
+            dual = shared_attention(*(fwAD.make_dual(p, t) for p, t in zip(primals, tangents)), kv_index)
+            assert rel_err(fwAD.unpack_dual(dual).tangent, expected) <= 1e-8
     q, k, v, kv_index = make_inputs(2, 2, 5, 5, 1, 16, [1, 0])
     q, k, v = (t.detach() for t in (q, k, v))
-    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+    with pytest.raises(NotImplementedError, match="forward-mode AD.*backend='torch'"):
         torch.func.jvp(lambda q: shared_attention(q, k, v, kv_index, backend="triton"), (q,), (q,))
     with fwAD.dual_level(), pytest.raises(NotImplementedError, match="jvp"):
         shared_attention(fwAD.make_dual(q, q), k, v, kv_index, backend="triton")
