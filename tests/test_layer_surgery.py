@@ -201,6 +201,23 @@ def test_the_fast_path_refuses_what_it_would_skip(model, change, message):
         fast(images(1, SIZE))
 
 
+@pytest.mark.parametrize("layer", ["", "features_0", "features_28"])
+def test_a_hook_on_the_losses_vgg19_is_refused(layer):
+    """The fast losses call VGG19 3 times in a rolled training step, not 5 as officially (the style
+    batches' features are rolls): a hook on it or on a layer of it is refused; the reference fires it 5
+    times, as the official code does."""
+    model = StylizingViT("tiny", train=True, backend="reference", **KW)
+    calls = []
+    model.vgg_encoder.get_submodule(layer).register_forward_hook(lambda *_: calls.append(1))
+    x = images(2, SIZE)
+    model(x)
+    assert len(calls) == 5
+    fast = with_backend(model, "torch")
+    path = re.escape(f"model.vgg_encoder{'.' + layer if layer else ''} has hooks")
+    with pytest.raises(ValueError, match=path + ".*backend='reference'"):
+        fast(x)
+
+
 BLOCK_LAYERS = ("norm_input", "norm_context", "attn", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj",
                 "mlp", "mlp.fc1", "mlp.act", "mlp.fc2")  # fmt: skip
 

@@ -3,8 +3,9 @@
 The fast schedule, the style bank and TTA never call the encoder's modules: they read their weights and
 run their own batched ops. A layer replaced there (a quantized or LoRA-wrapped linear, another norm or
 activation, a forward patched on the instance) or hooked (pruning masks, feature capture) would be
-skipped without a word. The patch embedding and the head are called as modules, but on other batches
-than officially (streams concatenated, CLS rows dropped): a hook there would see other tensors. Such a
+skipped without a word. The patch embedding, the head and the losses' VGG19 are called as modules, but
+on other batches than officially (streams concatenated, CLS rows dropped, 3 VGG19 calls of a rolled
+training step instead of 5): a hook there would see other tensors, or fewer calls. Such a
 model is refused, with the layer's name, and so is a model while a global module hook
 (`torch.nn.modules.module.register_module_forward_hook` and kin) is registered, except those of
 torch's own observers (FlopCounterMode's ModuleTracker, CommDebugMode), which only follow the module
@@ -154,7 +155,7 @@ def _global_hook() -> str | None:
 
 
 # Called as modules by the fast path, on other batches than officially: hooks only are refused.
-_CALLED_ON_OTHER_BATCHES = ("patch_embed", "bottleneck", "post_process_conv")
+_CALLED_ON_OTHER_BATCHES = ("patch_embed", "bottleneck", "post_process_conv", "vgg_encoder")
 
 
 def check_unmodified(model, remedy: str) -> None:
