@@ -147,11 +147,12 @@ class StylizingViT(nn.Module):
         cfg = self.config
         C, S = cfg.in_channel, cfg.input_size
         param = self.encoder.pos_embed
-        # Under autocast a float32 model (officially too) takes images in the autocast dtype: its
-        # convolutions cast them as they cast float32 ones. Autocast leaves other parameter dtypes alone.
+        # Under autocast its convolutions cast the images to the autocast dtype, as officially: a float32
+        # model, or one in that dtype, takes images in either. Autocast leaves other parameter dtypes alone.
         dtypes = {param.dtype}
-        if param.dtype == torch.float32 and (amp := autocast_dtype(param.device.type)) is not None:
-            dtypes.add(amp)
+        amp = autocast_dtype(param.device.type)
+        if amp is not None and param.dtype in (torch.float32, amp):
+            dtypes |= {torch.float32, amp}
         for name, t in zip(names, (x, x_style)):
             if t is None:
                 continue
@@ -165,13 +166,9 @@ class StylizingViT(nn.Module):
             if t.shape[0] == 0:
                 raise ValueError(f"{name} is an empty batch: at least one image is needed")
             if t.dtype not in dtypes:
-                amp = (
-                    f" (or {', '.join(str(d) for d in dtypes - {param.dtype})}, autocast's)"
-                    if len(dtypes) > 1
-                    else ""
-                )
+                others = "".join(f" (or {d} under autocast)" for d in dtypes - {param.dtype})
                 raise ValueError(
-                    f"{name} has dtype {t.dtype} but the model's parameters are {param.dtype}{amp}: convert "
+                    f"{name} has dtype {t.dtype} but the model's parameters are {param.dtype}{others}: convert "
                     "one of them (for mixed precision keep the model in float32 and use torch.autocast)"
                 )
             if t.device != param.device:

@@ -1,5 +1,6 @@
 """Construction and forward reject bad input with a message that says what was expected."""
 
+import copy
 import functools
 import sys
 import warnings
@@ -118,8 +119,10 @@ def test_dtype_mismatch(model):
     ):
         model(torch.randn(1, 3, 32, 32, dtype=torch.bfloat16))
     amp = torch.autocast("cpu", dtype=torch.bfloat16)
-    with amp, pytest.raises(ValueError, match=r"torch.float32 \(or torch.bfloat16, autocast's\)"):
+    with amp, pytest.raises(ValueError, match=r"torch.float32 \(or torch.bfloat16 under autocast\)"):
         model(torch.randn(1, 3, 32, 32, dtype=torch.float16))
+    with amp, pytest.raises(ValueError, match=r"torch.bfloat16 \(or torch.float32 under autocast\)"):
+        copy.deepcopy(model).bfloat16()(torch.randn(1, 3, 32, 32, dtype=torch.float16))
 
 
 @pytest.mark.parametrize("backend", ["torch", "reference"])
@@ -132,6 +135,8 @@ def test_images_in_the_autocast_dtype_are_taken_under_autocast(backend):
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
         assert torch.equal(m(x.bfloat16(), s.bfloat16()), m(x, s))
         assert torch.equal(m(x.bfloat16()), m(x))
+        half = copy.deepcopy(m).bfloat16()  # float32 images reach a bfloat16 model cast, as officially
+        assert torch.equal(half(x, s), half(x.bfloat16(), s.bfloat16()))
     with (
         torch.autocast("cpu", dtype=torch.bfloat16),
         pytest.raises(ValueError, match="model's parameters are torch.float64:"),
