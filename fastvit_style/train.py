@@ -452,8 +452,9 @@ class Trainer:
             except ValueError as e:
                 raise ValueError(f"{e}. {self._save_unvalidated()}") from None
         self.epoch, self.batch = self.epoch + 1, 0
-        # As in the official loop, whose best starts at inf: a NaN or inf loss is never an improvement.
-        best = math.inf if self.best_val is None else self.best_val
+        # As in the official loop, whose best starts at inf: a NaN or inf loss is never an improvement. A
+        # NaN best (in the last.pt of a version that took it) is none: no loss would ever beat it.
+        best = math.inf if self.best_val is None or math.isnan(self.best_val) else self.best_val
         improved = "val_loss" in metrics and metrics["val_loss"] < best
         if improved:
             self.best_val = metrics["val_loss"]

@@ -1045,6 +1045,25 @@ def test_best_safetensors_holds_the_epoch_of_lowest_validation_loss(tmp_path, mo
     assert load_checkpoint(tmp_path / "out" / "last.pt")["best_val"] == 1.0
 
 
+def test_a_resumed_nan_best_is_no_best(tmp_path, monkeypatch):
+    """A last.pt whose best validation loss is NaN (earlier versions took a NaN loss as the first best,
+    and exported that epoch as best.safetensors): the resumed run's next validated epoch is the best, as
+    no loss beats a NaN."""
+    data = write_images(tmp_path / "data", 1)
+    out = tmp_path / "out"
+    config = TrainConfig(data=str(data), val_data=str(data), out=str(out), epochs=3, batch_size=1, accumulate=1,
+                         max_steps=1, **TINY)  # fmt: skip
+    losses = iter([2.0, 1.0, 3.0])
+    monkeypatch.setattr(Trainer, "validate", lambda self: {"val_loss": next(losses), "val_psnr": 0.0})
+    train(config)
+    state = load_checkpoint(out / "last.pt")
+    save_checkpoint({**state, "best_val": math.nan}, out / "last.pt")  # as such a version wrote it
+    train(dataclasses.replace(config, resume=str(out / "last.pt"), max_steps=2))
+    assert load_checkpoint(out / "last.pt")["best_val"] == 1.0
+    best, last = (load_file(out / f"{name}.safetensors") for name in ("best", "last"))
+    assert all(torch.equal(best[k], v) for k, v in last.items())
+
+
 @pytest.mark.parametrize("where", ["another_out", "rollback"])
 def test_a_resume_without_the_runs_best_safetensors_tracks_the_best_afresh(tmp_path, monkeypatch, where):
     """Resumed into another --out, or rolled back with --overwrite from a checkpoint kept beside the run,
