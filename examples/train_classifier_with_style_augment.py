@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastvit_style import StylizingViT, create_model
-from fastvit_style.apps.common import positive_int
+from fastvit_style.apps.common import mean_std, positive_int
 from fastvit_style.augment import StyleAugment
 from fastvit_style.configs import NORMALIZATION
 from fastvit_style.imageio import normalization, normalize
@@ -57,7 +57,10 @@ def main(argv=None) -> float:
     p.add_argument("--weights", default=None, help="official Stylizing ViT weights (then images are 224 px)")
     p.add_argument("--backbone", default="tiny")
     p.add_argument(
-        "--dataset", default="camelyon17wilds", choices=sorted(NORMALIZATION), help="the weights' data"
+        "--dataset",
+        default=None,
+        choices=sorted(NORMALIZATION),
+        help="the weights' data (default: the dataset the weights name or record, as the commands take)",
     )
     p.add_argument("--steps", type=positive_int, default=40)
     p.add_argument("--batch", type=positive_int, default=16)
@@ -66,12 +69,18 @@ def main(argv=None) -> float:
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
+    # The space the stylizer works in: as the commands pick it (a training export records its constants,
+    # an official dataset id names its dataset's); camelyon17wilds for the random stylizer.
     if args.weights:
+        named = argparse.Namespace(weights=args.weights, dataset=args.dataset, mean=None, std=None)
+        mean, std, note = mean_std(named)
         stylizer, size = create_model(args.backbone, weights=args.weights), 224
+        if note:
+            print(note)
     else:
         stylizer, size = StylizingViT(args.backbone, input_size=64, encoder_depth=2), 64
+        mean, std = normalization(args.dataset)
     stylizer.eval().requires_grad_(False)
-    mean, std = normalization(args.dataset)  # the space the stylizer works in
     augment = StyleAugment(stylizer, p=args.p, generator=torch.Generator().manual_seed(args.seed))
 
     classifier = TinyCNN()

@@ -173,15 +173,44 @@ def test_bad_inputs_name_what_the_user_passed(stylizer):
         StyleAugment(stylizer, references=torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
 
 
-def test_the_classifier_example_runs(capsys):
-    """examples/train_classifier_with_style_augment.py, two steps: its accuracy is a fraction, and each
-    step restyled max(1, int(p * batch)) images."""
+def _classifier_example():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     path = os.path.join(root, "examples", "train_classifier_with_style_augment.py")
     spec = importlib.util.spec_from_file_location("classifier_example", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
+    return example
+
+
+def test_the_classifier_example_runs(capsys):
+    """examples/train_classifier_with_style_augment.py, two steps: its accuracy is a fraction, and each
+    step restyled max(1, int(p * batch)) images."""
+    example = _classifier_example()
     accuracy = example.main(["--steps", "2", "--batch", "6"])
     assert 0 <= accuracy <= 1
     out = capsys.readouterr().out
     assert "step   2: loss" in out and "1/6 restyled" in out  # int(0.33 * 6) = 1
+
+
+def test_the_classifier_example_normalizes_as_the_weights_say(tmp_path, monkeypatch):
+    """With --weights, the example's normalization is the commands' (apps.common.mean_std): the constants a
+    training export records, the dataset an official id names, --dataset over both; not camelyon17wilds's
+    whatever the weights."""
+    from fastvit_style.configs import NORMALIZATION
+    from fastvit_style.weights import save_state_dict
+
+    example = _classifier_example()
+    monkeypatch.setattr(example, "create_model", lambda *a, **k: StylizingViT("tiny", encoder_depth=1))
+    used = []
+    monkeypatch.setattr(example, "normalize", lambda x, mean, std: used.append((mean, std)) or x)
+    recorded = ((0.5, 0.4, 0.3), (0.2, 0.2, 0.2))
+    mine = save_state_dict(StylizingViT("tiny", input_size=32, encoder_depth=1), tmp_path / "mine.safetensors",
+                           normalization=recorded)  # fmt: skip
+    for argv, expected in (
+        (["--weights", mine], recorded),
+        (["--weights", "fitzpatrick17k"], NORMALIZATION["fitzpatrick17k"]),
+        (["--weights", mine, "--dataset", "epistr"], NORMALIZATION["epistr"]),
+    ):
+        used.clear()
+        example.main([*argv, "--steps", "1", "--batch", "2"])
+        assert used[0] == tuple(expected), argv
