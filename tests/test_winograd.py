@@ -158,11 +158,12 @@ class _HalvedConv(torch.nn.Conv2d):
         return super().forward(x) * 0.5
 
 
-@pytest.mark.parametrize("change", ["pre_hook", "subclass", "wrapper"])
+@pytest.mark.parametrize("change", ["pre_hook", "subclass", "wrapper", "reflect", "dilated", "grouped"])
 def test_a_replaced_or_hooked_conv_is_called_as_a_module(change):
     """Surgery on a deep VGG conv (512 channels: Winograd's) takes effect in the fast losses' VGG as in
     the reference's: a pre-hook that edits the input, a subclass with its own forward, a wrapper
-    without a weight of its own (which Winograd read, an AttributeError)."""
+    without a weight of its own (which Winograd read, an AttributeError), a plain conv with reflect
+    padding, dilation or groups (which Winograd computed as a zero-padded dense 3x3)."""
     torch.manual_seed(0)
     vgg = VGG19Features().double()
     conv = vgg.features_28
@@ -171,8 +172,14 @@ def test_a_replaced_or_hooked_conv_is_called_as_a_module(change):
     elif change == "subclass":
         vgg.features_28 = _HalvedConv(512, 512, 3, padding=1).double().requires_grad_(False)
         vgg.features_28.load_state_dict(conv.state_dict())
-    else:
+    elif change == "wrapper":
         vgg.features_28 = torch.nn.Sequential(conv)
+    else:  # a plain nn.Conv2d of another geometry, which Winograd computed as a zero-padded dense 3x3
+        kwargs = {"reflect": {"padding_mode": "reflect"}, "dilated": {"padding": 2, "dilation": 2},
+                  "grouped": {"groups": 2}}[change]  # fmt: skip
+        vgg.features_28 = (
+            torch.nn.Conv2d(512, 512, 3, **{"padding": 1, **kwargs}).double().requires_grad_(False)
+        )
     x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
     with torch.no_grad():
         direct, fast = vgg(x), vgg(x, fast=True)

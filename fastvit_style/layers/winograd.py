@@ -152,7 +152,21 @@ def conv3x3(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
     """conv(x) for a frozen 3x3/stride 1/padding 1 conv, by Winograd where it pays (see use_winograd).
 
     A conv that is no plain nn.Conv2d (a subclass or wrapper put in its place) or is hooked is called
-    as a module, as officially: Winograd reads its weight and would skip its forward and hooks."""
-    if is_exact(conv, torch.nn.Conv2d) and use_winograd(x, conv):
+    as a module, as officially: Winograd reads its weight and would skip its forward and hooks. So is
+    a plain one of another geometry (reflect padding, dilation, groups), which Winograd would compute
+    as a zero-padded dense 3x3."""
+    if is_exact(conv, torch.nn.Conv2d) and _is_3x3_same(conv) and use_winograd(x, conv):
         return _WinogradConv.apply(x, *_transforms(conv), conv.bias)
     return conv(x)
+
+
+def _is_3x3_same(conv: torch.nn.Conv2d) -> bool:
+    # The one convolution F(2x2, 3x3) computes here: the VGG's own layers, not every conv in their place.
+    return (
+        conv.kernel_size == (3, 3)
+        and conv.stride == (1, 1)
+        and conv.padding == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+    )
