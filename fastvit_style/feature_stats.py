@@ -105,7 +105,9 @@ def normalized_mse(
     within rounding to F.mse_loss(normalized(feat), target) and channel_mean_std(feat). First-order
     gradients only in eager mode (the losses of backend="reference" also take create_graph=True).
     """
-    if traced(feat, target):  # compiled graphs fuse by themselves; torch.func cannot run the Function
+    # Compiled graphs fuse by themselves; torch.func cannot run the Function, nor dual tensors (forward-mode
+    # AD: it has no forward derivative).
+    if traced(feat, target) or torch.autograd.forward_ad._current_level >= 0:
         y, mean, std = _official_stats(feat)
         return F.mse_loss(y, target), mean, std
     return _NormalizedMSE.apply(feat, target)

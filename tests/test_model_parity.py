@@ -156,8 +156,9 @@ def test_torch_func_grad_of_the_training_objective():
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "training"])
 def test_torch_func_jvp_over_the_parameters(train):
-    """Forward-mode AD (torch.func.jvp over functional_call): the torch backend's attention carries the
-    tangents through SDPA's math kernel, with the reference's numbers (float64)."""
+    """Forward-mode AD (torch.func.jvp over functional_call, and dual tensors): the torch backend's
+    attention carries the tangents through SDPA's math kernel, with the reference's numbers (float64)."""
+    import torch.autograd.forward_ad as fwAD
     from torch.func import functional_call, jvp
 
     truth, _ = make_pair("tiny", train=train, input_size=32, encoder_depth=2)
@@ -178,6 +179,13 @@ def test_torch_func_jvp_over_the_parameters(train):
     (value, tangent), (expected_value, expected) = (
         jvp(outputs(m), (params,), (tangents,)) for m in (fast, truth)
     )
+    assert rel_err(value, expected_value) <= 1e-12 and rel_err(tangent, expected) <= 1e-12
+    # Dual tensors too, which no torch.func transform announces: in training the fast losses' VGG19
+    # (Winograd at its 512-channel convs) and statistics run their plain ops, their Functions having no
+    # forward derivative.
+    with fwAD.dual_level():
+        dual = {n: fwAD.make_dual(p, tangents[n]) for n, p in params.items()}
+        value, tangent = fwAD.unpack_dual(outputs(fast)(dual))
     assert rel_err(value, expected_value) <= 1e-12 and rel_err(tangent, expected) <= 1e-12
 
 

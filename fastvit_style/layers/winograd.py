@@ -124,7 +124,8 @@ def forget_transforms(module: torch.nn.Module) -> None:
 
 def use_winograd(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
     """Where F(2x2, 3x3) beats oneDNN on CPU: >= 512 output channels, even sides, frozen weights,
-    float32/float64 outside autocast, eager and untransformed (compiled graphs pick their own).
+    float32/float64 outside autocast, eager and untransformed (compiled graphs pick their own), outside
+    forward-mode AD.
 
     The saving grows with in x out channels, the transforms' memory passes with in + out. Measured
     (2 cores, 12 images, forward, oneDNN direct -> Winograd, ms):
@@ -139,6 +140,7 @@ def use_winograd(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
         and x.dtype in (torch.float32, torch.float64)
         and not torch.is_autocast_enabled("cpu")
         and not traced(x, conv.weight)  # the torch.func transforms cannot run its Function; graphs pick
+        and torch.autograd.forward_ad._current_level < 0  # nor dual tensors: it has no forward derivative
         and conv.out_channels >= 512
         and x.shape[0] > 0  # its tile views cannot infer a size from no elements
         and x.shape[2] % 2 == 0
