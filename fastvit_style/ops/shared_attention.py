@@ -160,11 +160,14 @@ def _resolve_backend(backend: str, q: Tensor) -> str:
             return "triton"
         if backend == "auto":
             return "torch"
-        what = "forward-mode AD (torch.func.jvp)" if transform == "jvp" else "torch.func.grad, vjp and jacrev"
+        what, why = (
+            ("forward-mode AD (torch.func.jvp, dual tensors)", "its kernels have no forward derivative")
+            if transform == "jvp"
+            else ("torch.func.grad, vjp and jacrev", "its custom ops cannot be differentiated inside them")
+        )
         raise NotImplementedError(
-            f"the Triton backend of shared_attention does not implement {what} (its custom ops cannot "
-            "be differentiated inside torch.func transforms): use backend='torch' or 'auto'"
-            + ("" if transform == "jvp" else ", or torch.autograd.grad")
+            f"the Triton backend of shared_attention does not implement {what} ({why}): use backend='torch' "
+            "or 'auto'" + ("" if transform == "jvp" else ", or torch.autograd.grad")
         )
     if backend == "auto":
         if not torch.compiler.is_compiling():  # eager calls warn; a compiled graph warns nothing
@@ -187,7 +190,11 @@ def warn_auto_fallback(reason: str, stacklevel: int = 1) -> None:
 
 
 def _differentiating_transform() -> str | None:
-    """'jvp' or 'grad' (grad, vjp, jacrev) when such a torch.func transform wraps this eager call, else None."""
+    """'jvp' or 'grad' (grad, vjp, jacrev) when such a torch.func transform wraps this eager call, else None.
+    'jvp' too inside torch.autograd.forward_ad.dual_level (dual tensors), whose tangents the Triton
+    path cannot carry either."""
+    if torch.autograd.forward_ad._current_level >= 0 and not torch.compiler.is_compiling():
+        return "jvp"
     if not torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
         return None
     from torch._C._functorch import TransformType, get_interpreter_stack

@@ -518,8 +518,24 @@ def test_forward_mode_ad_runs_the_torch_path_or_is_refused():
     q, k, v = (t.detach() for t in (q, k, v))
     with pytest.raises(NotImplementedError, match="forward-mode AD.*backend='torch'"):
         torch.func.jvp(lambda q: shared_attention(q, k, v, kv_index, backend="triton"), (q,), (q,))
-    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="jvp"):
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="dual tensors.*backend='torch'"):
         shared_attention(fwAD.make_dual(q, q), k, v, kv_index, backend="triton")
+
+
+def test_dual_tensors_on_cuda_take_the_torch_path_with_auto(monkeypatch):
+    """'auto' picks Triton for CUDA tensors, except under forward-mode AD, torch.func.jvp's or dual
+    tensors' (fake CUDA tensors stand in for real ones; Triton said to be able to run them)."""
+    import torch.autograd.forward_ad as fwAD
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(op_module, "triton_unavailable_reason", lambda *args: None)
+    with FakeTensorMode():
+        q = torch.empty(2, 5, 1, 32, device="cuda")
+    assert op_module._resolve_backend("auto", q) == "triton"
+    with fwAD.dual_level():
+        assert op_module._resolve_backend("auto", q) == "torch"
+        with pytest.raises(NotImplementedError, match="dual tensors"):
+            op_module._resolve_backend("triton", q)
 
 
 def test_torch_func_gradients_take_the_torch_path_or_are_refused():
