@@ -157,9 +157,11 @@ NAME_MAX = 255  # bytes in a file name on ext4, XFS and btrfs (APFS and NTFS cou
 
 
 def _long_name_problem(path: str, flag: str) -> str | None:
-    """Why `path` can never be created: a name in it is longer than NAME_MAX bytes (the OS then says
-    only ENAMETOOLONG, and only once a run writes there, after its work)."""
-    for name in path.split(os.sep):
+    """Why `path` can never be created: a name in it that does not exist yet is longer than NAME_MAX
+    bytes (the OS then says only ENAMETOOLONG, and only once a run writes there, after its work). Names
+    that exist are left alone: file systems that count characters (APFS, NTFS) hold longer ones."""
+    to_create = os.path.relpath(os.path.abspath(path), _nearest_entry(path))
+    for name in to_create.replace(os.altsep or os.sep, os.sep).split(os.sep):
         if (size := len(name.encode(errors="surrogateescape"))) > NAME_MAX:
             return (
                 f"{flag} {path!r}: the name {name[:20]!r}... is {size} bytes, longer than the {NAME_MAX} "

@@ -7,6 +7,7 @@ import sys
 
 from helpers import ended_pid, leftover_name
 
+from fastvit_style import atomic
 from fastvit_style.atomic import (
     _HOST,
     _stem,
@@ -202,3 +203,14 @@ def test_the_write_check_leaves_nothing_behind(tmp_path):
     assert writable_problem(tmp_path, "--out") is None
     assert writable_problem(tmp_path / "new" / "sub", "--out") is None  # probed where it would be created
     assert os.listdir(tmp_path) == []
+
+
+def test_only_names_still_to_create_are_held_to_name_max(tmp_path, monkeypatch):
+    """A name that exists fits its file system (APFS and NTFS count characters, not bytes): only the
+    names an output would create are checked against NAME_MAX, also after a '/' on Windows."""
+    monkeypatch.setattr(atomic, "NAME_MAX", 10)
+    existing = tmp_path / "eleven_byte"
+    existing.mkdir()
+    assert atomic.folder_problem(str(existing / "new"), "--out") is None
+    assert "is 11 bytes, longer than the 10" in atomic.folder_problem(str(existing / "eleven_byte"), "--out")
+    assert "is 11 bytes" in atomic.folder_problem(f"{tmp_path}/new/eleven_byte", "--out")
