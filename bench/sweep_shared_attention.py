@@ -423,7 +423,7 @@ def guarded(row, action):
     except Exception as exc:  # any failure of one method is that row's result
         row["status"] = f"error: {type(exc).__name__}: {exc}"[:400]
     # A kernel that faulted (an illegal memory access) leaves the context failing every call, this one
-    # too: the row keeps its status and is saved, the rows after it fail on their own.
+    # too: the row keeps its status and is saved; the sweep then ends at its next unguarded CUDA call.
     with contextlib.suppress(RuntimeError):
         torch.cuda.empty_cache()
     return row
