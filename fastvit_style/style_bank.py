@@ -248,8 +248,9 @@ class StyleBank:
         ):
             self.check(model)
         # Under autocast the attention casts K/V to the autocast dtype anyway: a bank already in that
-        # dtype gives the same numbers and saves the cast (and half the memory) on every call.
-        amp = autocast_dtype(device.type) or dtype
+        # dtype gives the same numbers and saves the cast (and half the memory) on every call. Autocast
+        # leaves float64 alone: a float64 model's attention would get such a bank uncast.
+        amp = (autocast_dtype(device.type) if dtype != torch.float64 else None) or dtype
         if self.device != device or self.dtype not in (dtype, amp):
             if self.dtype in (dtype, amp):  # only the device differs
                 remedy = f"use bank.to({str(device)!r})"

@@ -317,6 +317,18 @@ def test_bank_sees_a_write_to_any_one_parameter_or_its_replacement(setup):
         stylize(m, x, bank)
 
 
+def test_a_float64_models_bank_is_not_taken_in_the_autocast_dtype(setup):
+    """Autocast leaves float64 alone: a float64 model's attention would get a bf16 bank as it is (the
+    op's 'q, k and v must share one dtype' from deep inside). The bank check names the problem."""
+    truth, _, refs, _ = setup
+    bank = StyleBank.from_images(truth, refs[:2].double())
+    x = images(1, SIZE, dtype=torch.float64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(stylize(truth, x, bank), stylize(truth, x, bank.to(torch.float64)))
+        with pytest.raises(ValueError, match="torch.bfloat16 on cpu but the model is torch.float64.*rebuild"):
+            stylize(truth, x, bank.to(torch.bfloat16))
+
+
 def test_a_converted_bank_keeps_the_models_it_was_checked_against(setup, monkeypatch):
     """bank.to(dtype) carries the verified models: no second hash of the weights under autocast."""
     _, model, refs, _ = setup
