@@ -215,7 +215,9 @@ class StyleBank:
         self._checked[model] = (_model_dtype(model), refs, _version(refs))
 
     def check(self, model) -> None:
-        """Raise ValueError unless `model` has this bank's config and weights. Hashes every weight."""
+        """Raise ValueError unless `model` (also inside its wrappers) has this bank's config and weights.
+        Hashes every weight."""
+        model = as_stylizer(model)
         _require_values(model)
         config = model.config.to_dict()
         if config != self.config:
@@ -237,6 +239,7 @@ class StyleBank:
     def verify(self, model) -> None:
         """Weights (`check`, once per model object and dtype, and again after in-place writes to its
         parameters) and placement (every call) before a stylization."""
+        model = as_stylizer(model)
         dtype, device = _model_dtype(model), model.encoder.pos_embed.device
         seen = self._checked.get(unwrap(model))
         # Weights first: a bank of other weights (or of these in another dtype) is rebuilt, not moved.

@@ -446,6 +446,16 @@ def test_wrong_types_and_damaged_banks(setup, tmp_path):
         stylize(toy_classifier(), x, bank)
 
 
+def test_bank_check_and_verify_take_wrapped_models_and_name_other_arguments(setup):
+    """The public checks see through DataParallel as from_images, load and stylize do; anything else is
+    named, not an AttributeError ('DataParallel' object has no attribute 'encoder')."""
+    _, model, _, bank = setup
+    for check in (bank.check, bank.verify):
+        check(nn.DataParallel(model))
+        with pytest.raises(TypeError, match="model must be a fastvit_style StylizingViT, got str 'tiny'"):
+            check("tiny")
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")  # torch.compile's imports
 def test_wrapped_models_build_and_use_banks(setup, tmp_path):
     """DataParallel (or DDP, torch.compile) around the model: the bank, stylize and TTAClassifier use the
