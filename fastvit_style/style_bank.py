@@ -293,7 +293,9 @@ class StyleBank:
 
     @classmethod
     def load(cls, path, model=None) -> StyleBank:
-        """Read a bank onto the CPU; with `model`, check it against the model and move it to its device."""
+        """Read a bank onto the CPU; with `model`, check it against the model and move it to its device.
+        Without, its first stylization checks it (hashing the weights), which torch.compile(fullgraph=True)
+        cannot trace: pass `model` here, or call `bank.check(model)`, before a compiled use."""
         from safetensors import SafetensorError, safe_open
 
         path = os.fspath(path)
