@@ -1150,10 +1150,29 @@ def test_every_checkpoint_exports_last_safetensors(tmp_path):
     assert exported[:2] == [True, True]  # the third step ends the epoch, which exports after it
 
 
+def test_a_step_weighs_its_loss_terms_by_the_configs_loss_weights(tmp_path):
+    """loss_weights, not the official defaults, weigh the terms of the loss a step reports and follows:
+    its gradient is the configured weighted sum's."""
+    weights = (2.0, 0.0, 0.5, 0.0)
+    trainer = Trainer(TrainConfig(data=str(write_images(tmp_path / "data", 2)), out=str(tmp_path / "out"),
+                                  loss_weights=weights, **TINY), 0, 1, torch.device("cpu"))  # fmt: skip
+    x = torch.stack([trainer.train_set[i] for i in range(2)])
+    reported = trainer._micro_step(x, 1.0)
+    got = [p.grad.clone() for p in trainer.params]
+    trainer.optimizer.zero_grad()
+    loss, _ = trainer.model(x)
+    sum(w * t for w, t in zip(weights, loss)).backward()
+    total, *terms = reported.tolist()
+    assert total == pytest.approx(sum(w * t for w, t in zip(weights, terms)), rel=1e-5)
+    for g, p in zip(got, trainer.params):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-7)
+
+
 def test_validation_reports_the_mean_over_its_micro_batches(tmp_path):
     data, val = write_images(tmp_path / "data", 1), write_images(tmp_path / "val", 3)
-    trainer = Trainer(TrainConfig(data=str(data), val_data=str(val), out=str(tmp_path / "out"), batch_size=2, **TINY),
-                      0, 1, torch.device("cpu"))  # fmt: skip
+    # Other weights than the official ones: the validation loss is the configured weighted sum.
+    trainer = Trainer(TrainConfig(data=str(data), val_data=str(val), out=str(tmp_path / "out"), batch_size=2,
+                                  loss_weights=(2.0, 0.0, 0.5, 0.0), **TINY), 0, 1, torch.device("cpu"))  # fmt: skip
     cfg, totals, psnrs = trainer.cfg, [], []
     with torch.no_grad():
         for batch in ([0, 1], [2]):  # 3 images in micro-batches of 2: each batch counts once
