@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .reference.losses import channel_mean_std, normalized
-from .tracing import traced
+from .tracing import forward_ad_active, traced
 
 VAR_EPS = 1e-5  # the official clamp on the variance
 
@@ -107,7 +107,7 @@ def normalized_mse(
     """
     # Compiled graphs fuse by themselves; torch.func cannot run the Function, nor dual tensors (forward-mode
     # AD: it has no forward derivative).
-    if traced(feat, target) or torch.autograd.forward_ad._current_level >= 0:
+    if traced(feat, target) or forward_ad_active():
         y, mean, std = _official_stats(feat)
         return F.mse_loss(y, target), mean, std
     return _NormalizedMSE.apply(feat, target)

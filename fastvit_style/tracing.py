@@ -21,6 +21,12 @@ def traced(*tensors: Tensor) -> bool:
     )
 
 
+def forward_ad_active() -> bool:
+    """Whether forward-mode AD is on (inside torch.autograd.forward_ad.dual_level, which torch.func.jvp
+    enters too): where the fused ops without a forward derivative give way to plain ones."""
+    return torch.autograd.forward_ad._current_level >= 0
+
+
 def has_values(t: Tensor) -> bool:
     """Whether t's values can be read here: a plain tensor with storage, not on the meta device (fake,
     functional and batched tensors have none)."""

@@ -22,10 +22,9 @@ the block weights they come from, while those live on the CPU; `forget_packed` d
 
 import torch
 import torch.nn.functional as F
-from torch.autograd import forward_ad
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..tracing import traced
+from ..tracing import forward_ad_active, traced
 from .weight_stamp import weight_stamp
 
 _ONEDNN_LINEAR = (
@@ -88,7 +87,7 @@ def _onednn(
         and (bias is None or (bias.shape == (n_out,) and bias.is_contiguous()))
         and (out_like is None or out_like.shape == x.shape[:-1] + (n_out,))
         and not torch.is_grad_enabled()
-        and forward_ad._current_level < 0
+        and not forward_ad_active()
         and not torch.is_autocast_enabled("cpu")
     )
 

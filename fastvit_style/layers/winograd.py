@@ -14,7 +14,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from ..tracing import traced
+from ..tracing import forward_ad_active, traced
 from .unmodified import is_exact
 from .weight_stamp import weight_stamp
 
@@ -140,7 +140,7 @@ def use_winograd(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
         and x.dtype in (torch.float32, torch.float64)
         and not torch.is_autocast_enabled("cpu")
         and not traced(x, conv.weight)  # the torch.func transforms cannot run its Function; graphs pick
-        and torch.autograd.forward_ad._current_level < 0  # nor dual tensors: it has no forward derivative
+        and not forward_ad_active()  # nor dual tensors: it has no forward derivative
         and conv.out_channels >= 512
         and x.shape[0] > 0  # its tile views cannot infer a size from no elements
         and x.shape[2] % 2 == 0

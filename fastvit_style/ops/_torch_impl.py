@@ -8,7 +8,7 @@ shared_attention_sliced, the CPU backend, reads K/V slices in place where the ma
 import torch
 import torch.nn.functional as F
 
-from ..tracing import traced
+from ..tracing import forward_ad_active, traced
 
 
 def shared_attention_torch(
@@ -74,7 +74,7 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> to
     AD (torch.func.jvp, dual tensors) SDPA's math composite, the one SDPA kernel with a forward
     derivative (the fused ones raise NotImplementedError)."""
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    if torch.autograd.forward_ad._current_level >= 0:
+    if forward_ad_active():
         return torch.ops.aten._scaled_dot_product_attention_math(q, k, v, scale=scale)[0].transpose(1, 2)
     return F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2)
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..devices import autocast_dtype
-from ..tracing import has_values, traced
+from ..tracing import forward_ad_active, has_values, traced
 from ._index_maps import check_index_range, inverse_kv_map, shared_inverse
 from ._torch_impl import shared_attention_sliced
 from ._xformers_impl import shared_attention_xformers, xformers_unavailable_reason
@@ -193,9 +193,11 @@ def _differentiating_transform() -> str | None:
     """'jvp' or 'grad' (grad, vjp, jacrev) when such a torch.func transform wraps this eager call, else None.
     'jvp' too inside torch.autograd.forward_ad.dual_level (dual tensors), whose tangents the Triton
     path cannot carry either."""
-    if torch.autograd.forward_ad._current_level >= 0 and not torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
+        return None
+    if forward_ad_active():
         return "jvp"
-    if not torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+    if not torch._C._are_functorch_transforms_active():
         return None
     from torch._C._functorch import TransformType, get_interpreter_stack
 
@@ -350,7 +352,7 @@ def _triton_attention(q: Tensor, k: Tensor, v: Tensor, kv_index: Tensor, scale: 
     if traced(q, k, v, kv_index):  # tracers and transforms must see the custom op, not launches
         return shared_attention_fwd_op(q, k, v, kv_index, scale)[0]
     backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if not backward and torch.autograd.forward_ad._current_level < 0:
+    if not backward and not forward_ad_active():
         # No derivative can follow (eval, TTA): the launcher alone, without the Function's bookkeeping.
         # Dual tensors (forward-mode AD) still go to the Function, which refuses them.
         return _triton_forward(q, k, v, kv_index, scale)[0]
