@@ -241,7 +241,7 @@ class StyleBank:
         parameters) and placement (every call) before a stylization."""
         model = as_stylizer(model)
         dtype, device = _model_dtype(model), model.encoder.pos_embed.device
-        seen = self._checked.get(unwrap(model))
+        seen = self._checked.get(model)  # as_stylizer unwrapped it
         # Weights first: a bank of other weights (or of these in another dtype) is rebuilt, not moved.
         # Dynamo cannot trace the version check (is_inference): a compiled call leaves it to eager ones.
         if (
