@@ -264,8 +264,9 @@ def launch_fused(do, q, k, v, out, lse, kv_offsets, kv_queries, dq, dk, dv, scal
     """Fill dq (Sq, Tq, H, d) and dk, dv (Skv, Tk, H, d), any strides, in q's dtype; the other
     arguments as for `shared_attention_bwd`, which checks and allocates them; meta from kernel_configs."""
     H = q.shape[2]
+    grid = _common.launch_grid(False, 1, 1, k.shape[0], H)  # one program per (K/V sequence, head)
     # fmt: off
-    _shared_attention_bwd_fused_kernel[(k.shape[0] * H,)](
+    _shared_attention_bwd_fused_kernel[grid](
         q, k, v, out, do, lse, kv_offsets, kv_queries, dq, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *do.stride(), *dq.stride(), *dk.stride(),
         *dv.stride(), H, q.shape[1], k.shape[1], scale, scale * math.log2(math.e), **meta,

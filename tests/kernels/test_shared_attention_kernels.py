@@ -256,6 +256,17 @@ def test_launch_grid():
         _common.launch_grid(True, 197, 16, 2**28, 1)
 
 
+def test_one_launch_backward_grid_limit():
+    """The one-launch backward's grid, one program per K/V sequence and head, is checked like the others:
+    2**30 sequences at 2 heads raise before any launch (expanded tensors: no memory)."""
+    q = torch.empty(1, 1, 2, 16)
+    k = torch.empty(1, 1, 2, 16).expand(2**30, 1, 2, 16)
+    with pytest.raises(ValueError, match="too many programs for a CUDA grid: 2147483648 on the first axis"):
+        shared_attention_bwd_fused.launch_fused(
+            None, q, k, k, None, None, None, None, None, None, None, 1.0, {}
+        )
+
+
 def test_many_sequences(device):
     """Sq * H and Skv * H above 65535 (CUDA's limit on a grid's second axis): 5462 sequences at 12 heads."""
     if device.type == "cpu":
