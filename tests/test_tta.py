@@ -7,6 +7,7 @@ import csv
 import importlib.util
 import json
 import os
+import re
 import shutil
 import struct
 import sys
@@ -786,6 +787,50 @@ def test_cli_stylize_refuses_non_finite_outputs(setup, folders, capsys):
 
 
 @needs_pil
+def test_cli_refuses_a_folder_at_an_output_name_before_any_work(folders, monkeypatch):
+    """A folder in the output folder named as an output image (`<content>__<style>.png`) would fail that
+    image's write, after the work of every batch before it: stylize and tta --save-stylized refuse it
+    before the model loads; a folder no output is named as, and a file at an output name, are fine."""
+    tmp, base = folders
+    out = tmp / "out"
+    (out / "img1__img2.png").mkdir(parents=True)
+    (out / "img1__img2.png" / "mine.txt").write_text("mine")
+    (out / "img1__img9.png").mkdir()
+    monkeypatch.setattr(
+        "fastvit_style.apps.stylize.load_stylizer", lambda *a: pytest.fail("loaded the model")
+    )
+    message = (
+        f"--out {str(out)!r} holds a folder 'img1__img2.png', the name of the output of content "
+        f"{str(tmp / 'content' / 'img1.png')!r} with style {str(tmp / 'styles' / 'img2.png')!r}: move or rename "
+        "that folder"
+    )
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        run_stylize(tmp, base, "out")
+    tta = [
+        "tta",
+        *base,
+        "--refs",
+        str(tmp / "styles"),
+        "--images",
+        str(tmp / "content"),
+        "--out",
+        str(tmp / "p.csv"),
+    ]
+    with pytest.raises(SystemExit, match="--save-stylized .* holds a folder 'img1__img2.png'"):
+        cli_main([*tta, "--classifier", "x:y", "--save-stylized", str(out)])
+    assert (out / "img1__img2.png" / "mine.txt").read_text() == "mine" and pngs(out) == [
+        "img1__img2.png",
+        "img1__img9.png",
+    ]
+    monkeypatch.undo()
+    (out / "img1__img2.png" / "mine.txt").unlink()
+    (out / "img1__img2.png").rmdir()
+    (out / "img0__img0.png").write_bytes(b"an earlier output")
+    assert run_stylize(tmp, base, "out") == 0
+    assert len(pngs(out)) == 7 and (out / "img1__img9.png").is_dir()
+
+
+@needs_pil
 def test_cli_outputs_remove_the_temporaries_a_killed_run_left_for_them(folders, monkeypatch):
     """A SIGKILL mid-write runs no cleanup: the next run writing that very file removes its temporary;
     temporaries of files it does not write (an earlier run's other styles) and a user's files stay."""
@@ -1221,10 +1266,9 @@ def test_cli_outputs_never_overwrite_each_other_nor_become_inputs(folders, capsy
     ]
     tta_argv = ["tta", *base, "--images", str(tmp / "c3"), "--refs", str(tmp / "s2"), "--classifier", "x:y",
                 "--out", str(tmp / "p.csv"), "--save-stylized", str(tmp / "o")]  # fmt: skip
-    for app in ("stylize", "tta"):
-        monkeypatch.setattr(
-            f"fastvit_style.apps.{app}.folds_case", lambda folder: os.path.basename(folder) == "o"
-        )
+    monkeypatch.setattr(
+        "fastvit_style.apps.common.folds_case", lambda folder: os.path.basename(folder) == "o"
+    )
     for args in (case_argv, tta_argv):
         with pytest.raises(SystemExit, match="same output name .* takes them for one name: it ignores case"):
             cli_main(args)
@@ -1257,9 +1301,10 @@ def test_output_names_join_subfolders_and_fit_the_file_system(tmp_path):
     assert output_names(nested, root) == ["a_b", "ab"]  # folders joined by '_'
     style = [os.path.join(root, "s.png")]
     longest = "c" * (NAME_MAX - len("__s.png"))  # <longest>__s.png takes exactly NAME_MAX bytes
-    assert pair_names([os.path.join(root, longest + ".png")], root, style, root) == ([longest], ["s"])
+    out = ("--out", os.path.join(root, "out"))
+    assert pair_names([os.path.join(root, longest + ".png")], root, style, root, out) == ([longest], ["s"])
     with pytest.raises(SystemExit, match=f"longer than the {NAME_MAX} bytes"):
-        pair_names([os.path.join(root, longest + "c.png")], root, style, root)
+        pair_names([os.path.join(root, longest + "c.png")], root, style, root, out)
 
 
 def test_output_names_that_differ_in_case_clash_where_the_file_system_ignores_case(tmp_path, monkeypatch):
@@ -1297,9 +1342,12 @@ def test_output_names_that_differ_in_case_clash_where_the_file_system_ignores_ca
         [os.path.join(root, n) for n in ("a.png", "A__b.png")],
         [os.path.join(root, n) for n in ("c.png", "b__C.png")],
     )
-    assert pair_names(contents, root, styles, root) == (["a", "A__b"], ["c", "b__C"])
+    out = ("--out", os.path.join(root, "out"))
+    monkeypatch.setattr("fastvit_style.apps.common.folds_case", lambda folder: False)
+    assert pair_names(contents, root, styles, root, out) == (["a", "A__b"], ["c", "b__C"])
+    monkeypatch.setattr("fastvit_style.apps.common.folds_case", lambda folder: True)
     with pytest.raises(SystemExit, match=r"would both be written to A__b__c.png \(the output folder"):
-        pair_names(contents, root, styles, root, fold_case=True)
+        pair_names(contents, root, styles, root, out)
 
 
 def test_cli_outputs_are_checked_before_any_work(folders, capsys, monkeypatch):

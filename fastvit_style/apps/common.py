@@ -14,6 +14,7 @@ from ..atomic import (
     NAME_MAX,
     atomic_path,
     folder_problem,
+    folds_case,
     remove_temporaries_of,
     temporaries,
     writable_problem,
@@ -295,15 +296,17 @@ def _bytes(name: str) -> int:
 
 
 def pair_names(
-    contents: list[str], content_root: str, styles: list[str], style_root: str, fold_case: bool = False
+    contents: list[str], content_root: str, styles: list[str], style_root: str, output: tuple[str, str]
 ):
-    """Output stems of the content and style images, such that every `<content>__<style>` is unique
-    (`fold_case`: also when names that differ only in case count as the same, see `folds_case`).
+    """Output stems of the content and style images, such that every `<content>__<style>` is unique in the
+    output folder (output: its option and path), also where its file system takes names that differ
+    only in case for one (`folds_case`), and no folder there holds the name of an output.
 
     Pairs (shorter, s1) and (shorter + t, s2) collide when `__` + s1 == t + `__` + s2, which needs t to
     be `_` or to start with `__` (`a` + `b__c` and `a__b` + `c`; `a` + `_b` and `a_` + `b`): found from
     the content names that extend another, so a run refuses before one output overwrites another.
     """
+    fold_case = folds_case(output[1])
     content_names = output_names(contents, content_root, fold_case)
     style_names = output_names(styles, style_root, fold_case)
     longest = max(content_names, key=_bytes) + "__" + max(style_names, key=_bytes) + ".png"
@@ -329,7 +332,30 @@ def pair_names(
                         f"written to {content_of[longer][0]}__{style_of[style][0]}.png"
                         f"{_CASE_NOTE if fold_case else ''}: rename one"
                     )
+    _check_no_folder_at_outputs(output, content_of, style_of, key)
     return content_names, style_names
+
+
+def _check_no_folder_at_outputs(output: tuple[str, str], content_of: dict, style_of: dict, key) -> None:
+    """SystemExit where a folder in the output folder has the name of an output `<content>__<style>.png`
+    (content_of, style_of: keyed by key(stem)), which a run would meet at that write, after its work; a
+    file there is replaced, as an earlier run's output is. Reads the folder once, not once per pair."""
+    flag, folder = output
+    if not os.path.isdir(folder):
+        return
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            stem, suffix = os.path.splitext(entry.name)
+            if key(suffix) != key(".png") or not entry.is_dir(follow_symlinks=False):
+                continue
+            stem = key(stem)
+            for cut in range(1, len(stem) - 2):
+                if stem[cut : cut + 2] == "__" and stem[:cut] in content_of and stem[cut + 2 :] in style_of:
+                    raise SystemExit(
+                        f"error: {flag} {folder!r} holds a folder {entry.name!r}, the name of the output of "
+                        f"content {content_of[stem[:cut]][1]!r} with style {style_of[stem[cut + 2 :]][1]!r}: "
+                        "move or rename that folder"
+                    )
 
 
 def progress(iterable, total: int, desc: str):

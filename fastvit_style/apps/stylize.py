@@ -1,16 +1,16 @@
 """`fastvit-style stylize`: every content image stylized by every style image (or --k random ones).
 
 Outputs OUT/<content>__<style>.png, denormalized and clamped to [0, 1]; a run whose pairs would
-share a name (or names that differ only in case, where OUT's file system ignores case) is refused
-before any work, and the images a run writes (the files directly in OUT, all of OUT when it lies
-inside an input folder) are never read as inputs; OUT itself cannot be an input folder. The style
+share a name (or names that differ only in case, where OUT's file system ignores case), or whose
+output name a folder in OUT holds, is refused before any work, and the images a run writes (the files
+directly in OUT, all of OUT when it lies inside an input folder) are never read as inputs; OUT itself
+cannot be an input folder. The style
 references are encoded once into a StyleBank (about 2 * depth * 197 * width * 4 bytes each: 3.5 MiB
 for tiny, 13.9 MiB for base), and each content image's stream is shared by its references.
 """
 
 import torch
 
-from ..atomic import folds_case
 from ..imageio import denormalize, load_batch
 from ..style_bank import StyleBank
 from ..tta import select_refs, stylize
@@ -59,9 +59,7 @@ def run(args) -> int:
     contents, styles = find_images(
         ("content", args.content), ("style", args.styles), output=("--out", args.out)
     )
-    content_names, style_names = pair_names(
-        contents, args.content, styles, args.styles, fold_case=folds_case(args.out)
-    )
+    content_names, style_names = pair_names(contents, args.content, styles, args.styles, ("--out", args.out))
     if args.k is not None and not 0 <= args.k <= len(styles):
         raise SystemExit(
             f"error: --k must lie in 0..{len(styles)} (the number of style images; 0: all), got {args.k}"

@@ -20,7 +20,7 @@ import sympy
 import torch
 from torch import nn
 
-from ..atomic import atomic_path, check_replaceable, folds_case
+from ..atomic import atomic_path, check_replaceable
 from ..imageio import denormalize, load_batch
 from ..style_bank import StyleBank, describe_value
 from ..tta import REDUCTIONS, TTAClassifier
@@ -243,7 +243,7 @@ def run(args) -> int:
     )
     if saving:
         names, ref_names = pair_names(
-            images, args.images, refs, args.refs, fold_case=folds_case(args.save_stylized)
+            images, args.images, refs, args.refs, ("--save-stylized", args.save_stylized)
         )
     if args.k is None:
         args.k = min(8, len(refs))
