@@ -156,11 +156,12 @@ def _nearest_entry(path) -> str:
 NAME_MAX = 255  # bytes in a file name on ext4, XFS and btrfs (APFS and NTFS count characters)
 
 
-def _long_name_problem(path: str, flag: str) -> str | None:
+def _long_name_problem(path: str, flag: str, entry: str | None = None) -> str | None:
     """Why `path` can never be created: a name in it that does not exist yet is longer than NAME_MAX
     bytes (the OS then says only ENAMETOOLONG, and only once a run writes there, after its work). Names
-    that exist are left alone: file systems that count characters (APFS, NTFS) hold longer ones."""
-    to_create = os.path.relpath(os.path.abspath(path), _nearest_entry(path))
+    that exist are left alone: file systems that count characters (APFS, NTFS) hold longer ones.
+    entry: `_nearest_entry(path)`, where the caller has it."""
+    to_create = os.path.relpath(os.path.abspath(path), entry or _nearest_entry(path))
     for name in to_create.replace(os.altsep or os.sep, os.sep).split(os.sep):
         if (size := len(name.encode(errors="surrogateescape"))) > NAME_MAX:
             return (
@@ -177,9 +178,9 @@ def folder_problem(path, flag: str) -> str | None:
     path = os.fspath(path)
     if not path:
         return f"{flag} is empty: name a folder"
-    if problem := _long_name_problem(path, flag):
-        return problem
     entry = _nearest_entry(path)
+    if problem := _long_name_problem(path, flag, entry):
+        return problem
     if not os.path.exists(entry):
         named = "" if entry == os.path.abspath(path) else f": {entry!r}"
         return f"{flag} {path!r}{named} is a broken symbolic link"
