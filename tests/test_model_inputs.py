@@ -332,3 +332,20 @@ def test_cuda_devices_are_resolved_by_rank_and_checked(monkeypatch):
         monkeypatch.setattr(torch.version, "cuda", cuda)
         with pytest.raises(ValueError, match=rf"device 'cuda': this torch build \(.*\) {build}"):
             resolve_device("cuda")
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_a_batch_of_one_gives_every_parameter_a_gradient_with_its_strides(backend):
+    """DDP's buckets take each parameter's strides and warn at every step where a gradient has others,
+    even along a size-1 dim: a batch of 1 per process once handed cls_token a strided view of the
+    tokens' gradient."""
+    torch.manual_seed(0)
+    model = StylizingViT("tiny", train=True, backend=backend, **SMALL)
+    x = torch.rand(1, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the random VGG19's warning
+        loss, _ = model(x)
+    loss.total().backward()
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            assert p.grad.stride() == p.stride(), name

@@ -102,5 +102,8 @@ class ViTEncoder(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) images -> (B, T, L) tokens: patches, CLS prepended, position embedding added."""
         tokens = self.patch_embed(x)
-        cls = self.cls_token.expand(tokens.shape[0], -1, -1)
+        # Expanded from (1, L), so its backward is a sum into a fresh tensor at any batch size: expanded
+        # in place, a batch of 1 handed cls_token a strided view of the tokens' gradient as its .grad,
+        # which DDP warns about at every step (its bucket views take the parameter's strides).
+        cls = self.cls_token[0].expand(tokens.shape[0], 1, -1)
         return torch.cat([cls, tokens], dim=1) + self.pos_embed
