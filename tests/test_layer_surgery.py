@@ -219,7 +219,8 @@ def test_a_hook_on_the_losses_vgg19_is_refused(layer):
 
 
 BLOCK_LAYERS = ("norm_input", "norm_context", "attn", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj",
-                "mlp", "mlp.fc1", "mlp.act", "mlp.fc2")  # fmt: skip
+                "attn.attn_drop", "attn.proj_drop", "mlp", "mlp.fc1", "mlp.act", "mlp.drop1", "mlp.norm", "mlp.fc2",
+                "mlp.drop2", "drop_path")  # fmt: skip
 
 
 @pytest.mark.parametrize("layer", BLOCK_LAYERS)
@@ -353,3 +354,62 @@ def test_a_removed_key_or_value_bias_is_honoured(model, removed):
             assert torch.equal(grads[name], torch.zeros_like(grad)), name  # softmax cancels it exactly
         else:
             assert_close_rel(grads[name], grad, FP32, name)
+
+
+def test_the_official_dropouts_are_honoured_by_the_reference_and_refused_by_the_fast_path(model):
+    """The official dropouts and drop_path (identities at p = 0, `layers.placeholders`): a raised p or a
+    stochastic depth assigned to drop_path takes effect on the reference, as officially, and is refused
+    by the fast path, which would skip it; in eval mode a dropout of any p is an identity."""
+    x, s = images(2, SIZE), images(2, SIZE, seed=1)
+    with torch.no_grad():
+        expected = model(x, s)
+    fast = with_backend(model, "torch")
+    changes = {
+        r"blocks\.1\.attn\.attn_drop is a Dropout with p=0\.5 in training mode": lambda blk: setattr(
+            blk.attn.attn_drop, "p", 0.5
+        ),
+        r"blocks\.1\.mlp\.drop2 is a Dropout with p=0\.5": lambda blk: setattr(blk.mlp.drop2, "p", 0.5),
+        r"blocks\.1\.drop_path is a torch.nn.*Dropout, not the torch.nn.*Identity": lambda blk: setattr(
+            blk, "drop_path", nn.Dropout(0.5)
+        ),
+    }
+    for message, change in changes.items():
+        ref, fast = copy.deepcopy(model).train(), with_backend(model, "torch").train()
+        change(ref.encoder.blocks[1])
+        change(fast.encoder.blocks[1])
+        with pytest.raises(ValueError, match=message + ".*backend='reference'"), torch.no_grad():
+            fast(x, s)
+        with torch.no_grad():
+            assert (ref(x, s) - ref(x, s)).abs().max() > 1e-3, message  # dropped at random
+            if isinstance(fast.encoder.blocks[1].drop_path, nn.Identity):
+                assert_close_rel(fast.eval()(x, s), expected, FP32, message)  # eval mode: no dropout
+
+
+def test_a_hook_on_attn_drop_captures_the_attention_weights_on_the_reference(model):
+    """The official way to read the attention maps: attn_drop receives the softmax weights, (B, nh, T, T),
+    four block calls per layer."""
+    maps = []
+    handle = model.encoder.blocks[0].attn.attn_drop.register_forward_hook(lambda m, i, o: maps.append(o))
+    try:
+        with torch.no_grad():
+            model(images(2, SIZE))
+    finally:
+        handle.remove()
+    T = model.encoder.num_patches + 1
+    assert len(maps) == 4 and all(w.shape == (2, 3, T, T) for w in maps)
+    torch.testing.assert_close(maps[0].sum(-1), torch.ones(2, 3, T))
+
+
+def test_a_pickle_from_before_the_official_dropouts_gets_them(model):
+    old = copy.deepcopy(model)
+    for blk in old.encoder.blocks:
+        for module, names in ((blk, ["drop_path"]), (blk.attn, ["attn_drop", "proj_drop"]),
+                              (blk.mlp, ["drop1", "norm", "drop2"])):  # fmt: skip
+            for name in names:
+                del module._modules[name]
+    del old.encoder.patch_embed._modules["norm"], old.bottleneck._modules["drop1"]
+    loaded = with_backend(old, "torch")  # deepcopy: through __setstate__, as a pickle
+    assert sorted(n for n, _ in loaded.named_modules()) == sorted(n for n, _ in model.named_modules())
+    x = images(2, SIZE)
+    with torch.no_grad():
+        assert_close_rel(loaded(x), model(x), FP32, "fast forward of an old pickle")

@@ -213,10 +213,14 @@ def layout(model) -> list:
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("backbone", ["tiny", "small", "vit_base"])
 def test_state_dict_layout(official, backbone, train):
-    """Same keys, order, shapes and dtypes as the official model (VGG19 keys included with train=True)."""
+    """Same keys, order, shapes and dtypes as the official model (VGG19 keys included with train=True),
+    and the same submodule names (the VGG19's inner ones aside), its dropouts and identities included."""
     with offline_vgg():
         theirs = official.StylizingViT(backbone, train=train)
-    assert layout(StylizingViT(backbone, train=train)) == layout(theirs)
+    ours = StylizingViT(backbone, train=train)
+    assert layout(ours) == layout(theirs)
+    names = lambda m: [n for n, _ in m.named_modules() if not n.startswith("vgg_encoder.")]
+    assert names(ours) == names(theirs)
 
 
 @pytest.mark.parametrize("backbone", ["tiny", "small"])

@@ -4,6 +4,7 @@ from torch import nn
 from ..reference.attention import cross_attention, cross_attention_block
 from .fused_linear import HoldsPackedWeights
 from .mlp import Mlp
+from .placeholders import add_missing, no_dropout
 
 
 class Attention(HoldsPackedWeights):
@@ -16,6 +17,12 @@ class Attention(HoldsPackedWeights):
         self.k_proj = nn.Linear(dim, dim, bias=qkv_bias)
         self.v_proj = nn.Linear(dim, dim, bias=qkv_bias)
         self.out_proj = nn.Linear(dim, dim)
+        self.attn_drop = no_dropout()  # official identities (`placeholders`)
+        self.proj_drop = no_dropout()
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        add_missing(self, attn_drop=no_dropout, proj_drop=no_dropout)
 
     @property
     def head_dim(self) -> int:
@@ -47,6 +54,11 @@ class CrossAttentionBlock(nn.Module):
         self.norm_context = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads, qkv_bias)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = nn.Identity()  # an official identity (`placeholders`)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        add_missing(self, drop_path=nn.Identity)
 
     def forward(self, X: torch.Tensor, Y: torch.Tensor | None = None) -> torch.Tensor:
         """The official block call: X (B, T, L) queries, Y (B, T, L) keys/values; with Y None, X as it is

@@ -1,5 +1,7 @@
 from torch import nn
 
+from .placeholders import add_missing
+
 
 class PatchEmbed(nn.Module):
     """timm's PatchEmbed (no norm): (B, C, H, W) -> (B, N, L), tokens in row-major patch order."""
@@ -7,6 +9,7 @@ class PatchEmbed(nn.Module):
     def __init__(self, patch_size: int, in_channel: int, embed_dim: int, input_size: int | None = None):
         super().__init__()
         self.proj = nn.Conv2d(in_channel, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.Identity()  # timm's, without a norm layer (`placeholders`)
         self._input_size = input_size  # None: unknown, and so are the attributes below (None too)
 
     def forward(self, x):
@@ -18,7 +21,11 @@ class PatchEmbed(nn.Module):
                 f"the patch embedding takes {size[0]}x{size[1]} images (the model's input_size), "
                 f"got shape {tuple(x.shape)}"
             )
-        return self.proj(x).flatten(2).transpose(1, 2)
+        return self.norm(self.proj(x).flatten(2).transpose(1, 2))
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        add_missing(self, norm=nn.Identity)
 
     # timm's attributes, read-only: the convolution and the position embedding fix them.
     @property
