@@ -160,12 +160,19 @@ def _find(module, spec) -> tuple[list[str], str] | None:
     return None
 
 
-def _find_hooked(module) -> tuple[list[str], str] | None:
-    """(path below module, problem) of the first hooked module in module's tree, or None."""
+def _find_batch_dependent(module) -> tuple[list[str], str] | None:
+    """(path below module, problem) of the first module in module's tree whose effect depends on the
+    batches it is called on, or None: a hook, or a dropout drawing masks (where the official code draws
+    independent masks for the style stream, the roll shortcut would reuse the content stream's)."""
     if (problem := _hooked(module)) is not None:
         return [], problem
+    if isinstance(module, nn.modules.dropout._DropoutNd) and not _idle(module):
+        return [], (
+            f"is a {type(module).__name__} with p={module.p} in training mode, whose masks the fast path would "
+            "draw on other batches than the official computation"
+        )
     for child, sub in module._modules.items():
-        if sub is not None and (found := _find_hooked(sub)) is not None:
+        if sub is not None and (found := _find_batch_dependent(sub)) is not None:
             found[0].insert(0, child)
             return found
     return None
@@ -189,7 +196,7 @@ def _global_hook() -> str | None:
     return None
 
 
-# Called as modules by the fast path, on other batches than officially: hooks only are refused.
+# Called as modules by the fast path, on other batches than officially: hooks and active dropouts are refused.
 _CALLED_ON_OTHER_BATCHES = ("patch_embed", "bottleneck", "post_process_conv", "vgg_encoder")
 
 
@@ -234,7 +241,7 @@ def _check(model, remedy: str) -> None:
             break
         owner = encoder if name == "patch_embed" else model
         module = owner._modules.get(name)
-        if module is not None and (found := _find_hooked(module)) is not None:
+        if module is not None and (found := _find_batch_dependent(module)) is not None:
             found[0][:0] = ["encoder", name] if owner is encoder else [name]
     if found is not None:
         path, problem = found
