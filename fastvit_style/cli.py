@@ -36,6 +36,14 @@ def _tracebacks() -> bool:
     return os.environ.get("FASTVIT_STYLE_TRACEBACK", "0") not in ("", "0")
 
 
+def importable_cwd() -> None:
+    """Put the current folder on sys.path, as `python -m fastvit_style` does and a console script does
+    not, so that the options that name module:callable (tta --classifier, bench --backends) find a
+    module there from either entry point."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+
+
 def _stdout_is_a_pipe() -> bool:
     try:
         return stat.S_ISFIFO(os.fstat(sys.stdout.fileno()).st_mode)

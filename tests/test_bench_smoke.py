@@ -298,6 +298,23 @@ def test_a_backend_that_cannot_be_loaded_is_unavailable():
     assert get_backend("json:loads").unavailable(cpu) is None
 
 
+def test_cli_backends_finds_a_factory_in_the_current_folder(tmp_path, monkeypatch):
+    """`--backends module:factory` imports from the current folder, as tta's --classifier does: the
+    `fastvit-style` console script, unlike `python -m`, does not put that folder on sys.path."""
+    import sys
+
+    (tmp_path / "cwd_backend_h85.py").write_text("def make(model):\n    return model\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    argv = ["bench", "--device", "cpu", "--workloads", "stylize", "--backends", "reference,cwd_backend_h85:make",
+            "--batch-sizes", "1", "--repeats", "1", "--model-kwargs", json.dumps(TOY), "--out", "o"]  # fmt: skip
+    assert main(argv) == 0
+    (path,) = glob.glob(str(tmp_path / "o" / "*_bench.json"))
+    with open(path) as f:
+        rows = {r["backend"]: r for r in json.load(f)["results"]}
+    assert rows["cwd_backend_h85:make"]["status"] == "ok", rows["cwd_backend_h85:make"]["reason"]
+
+
 def test_a_cuda_benchmark_runs_with_its_gpu_current(monkeypatch):
     """CUDA events, synchronize and the peak-memory counters act on the current device, so the whole
     run happens with the benchmarked GPU current (with --device cuda:1 they would time cuda:0)."""

@@ -14,13 +14,13 @@ import csv
 import importlib
 import logging
 import os
-import sys
 
 import sympy
 import torch
 from torch import nn
 
 from ..atomic import atomic_path, check_replaceable
+from ..cli import importable_cwd
 from ..imageio import denormalize, load_batch
 from ..style_bank import StyleBank, describe_value
 from ..tta import REDUCTIONS, TTAClassifier
@@ -124,8 +124,7 @@ def load_classifier(spec: str, dev: torch.device, images: tuple[int, int, int, i
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise SystemExit(f"error: --classifier {spec!r} is neither a file nor module:callable")
-    if os.getcwd() not in sys.path:  # console scripts do not put the current folder on the path
-        sys.path.insert(0, os.getcwd())
+    importable_cwd()
     try:
         factory = importlib.import_module(module_name)
     except ImportError as e:

@@ -10,6 +10,7 @@ import sys
 import torch
 
 from ..backends import unavailable_reason
+from ..cli import importable_cwd
 from ..configs import check_backbone, check_model_kwargs
 from ..devices import resolve_device
 from . import report
@@ -154,6 +155,7 @@ def config_from_args(args) -> BenchConfig:
         backends = _csv(args.backends)
         if not backends:
             raise ValueError(f"--backends names no backend: {args.backends!r}")
+        importable_cwd()  # a module:factory in the current folder
         for name in backends:
             get_backend(name)  # ValueError for an unknown name, before any file is made
     else:  # the interpreter would time numpy, not the kernels: Triton on CPU only when asked for
