@@ -1024,6 +1024,19 @@ def test_a_failed_archive_read_logs_nothing_as_a_successful_one_logs_all():
 
 @needs_pil
 @pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+def test_fixed_batch_export_error_suggests_a_call_that_exports_this_classifier():
+    """The hint for an archive traced at one batch size runs as written on any single-input classifier,
+    an nn.Sequential too (its forward's argument is `input`: a dict keyed by 'x' would not export)."""
+    from fastvit_style.apps.tta import _check_exported_input
+
+    model, x = toy_classifier(2), images(2, SIZE)
+    with pytest.raises(SystemExit) as exit_:
+        _check_exported_input(torch.export.export(model, (x,)), "fixed.pt2", 2, 6, 3, SIZE)
+    call = re.search(r"e\.g\. (torch\.export\.export\(.*\))$", str(exit_.value.code)).group(1)
+    exported = eval(call, {"torch": torch, "model": model, "x": x})
+    _check_exported_input(exported, "dynamic.pt2", 2, 6, 3, SIZE)
+
+
 def test_cli_user_errors_are_one_line(folders, capsys, monkeypatch):
     """A user's mistake gives one `error:` line and exit status 1 (2 for argparse's usage errors), and
     the commands' own checks run before any work; a bug keeps its traceback."""

@@ -166,7 +166,7 @@ def _check_exported_input(exported, spec: str, fewest: int, most: int, channels:
             f"error: --classifier {spec!r} was exported for batches of exactly {shape[0]} images; tta "
             "classifies --batch-size x views images at a time, fewer in the last batch: export it with a "
             "dynamic batch dimension, e.g. torch.export.export(model, (x,), "
-            "dynamic_shapes={'x': {0: torch.export.Dim('batch')}})"
+            "dynamic_shapes=({0: torch.export.Dim('batch')},))"
         )
     bounds = exported.range_constraints.get(shape[0].node.expr)
     if bounds is None:
