@@ -53,7 +53,7 @@ def add_model_arguments(parser) -> None:
         "--batch-size",
         type=positive_int,
         default=8,
-        help="content images loaded and stylized at a time (the references are all loaded at once)",
+        help="content images loaded and stylized at a time (default: 8; the references are all loaded at once)",
     )
     parser.add_argument("--seed", type=seed_int, default=0, help="seed of the random reference draws (--k)")
     norm = parser.add_mutually_exclusive_group()

@@ -59,7 +59,12 @@ def add_arguments(parser) -> None:
         default=None,
         help="random references per image; 0: all (default: 8, or all when fewer)",
     )
-    parser.add_argument("--reduce", choices=REDUCTIONS, default="mean_prob", help="how views are combined")
+    parser.add_argument(
+        "--reduce",
+        choices=REDUCTIONS,
+        default="mean_prob",
+        help="how views are combined (default: mean_prob)",
+    )
     parser.add_argument("--no-original", action="store_true", help="classify stylized views only")
     parser.add_argument("--save-stylized", metavar="DIR", help="also write the stylized views as PNG")
 
