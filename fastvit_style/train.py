@@ -336,59 +336,63 @@ class Trainer:
             group["lr"] = lr
         batches = micro_batches(len(self.train_set), cfg.batch_size, epoch, cfg.seed, self.rank, self.world)
         n, A = len(batches), cfg.accumulate
-        bar = tqdm(total=n, initial=self.batch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
-                   disable=self.rank != 0, dynamic_ncols=True)  # fmt: skip
-        terms, images, t0, shown = [], 0, time.perf_counter(), -math.inf
-        loader = iter(self._loader(self.train_set, batches[self.batch :], cfg.seed + epoch))
-        for group_start in range(self.batch, n, A):  # a run stops and resumes at step ends only
-            group_end = min(group_start + A, n)
-            # The step's micro-batches are all loaded first (A of them in host memory) for their image count.
-            group = [next(loader) for _ in range(group_start, group_end)]
-            rank_images = sum(x.shape[0] for x in group)
-            step_images = self._sum_over_ranks(rank_images)
-            for j, x in enumerate(group):
-                # Gradients are all-reduced once per step, on its last micro-batch.
-                last = j + 1 == len(group)
-                sync = self.forward.no_sync() if self.world > 1 and not last else contextlib.nullcontext()
-                # DDP averages over ranks: the world factor makes that a mean over the step's images
-                # (step_images >= x's images > 0 where they count; an empty x gets weight 0 anyway).
-                weight = x.shape[0] * self.world / step_images if x.shape[0] else 0.0
-                with sync:
-                    term = self._micro_step(x.to(self.device, non_blocking=True), weight)
-                if term is not None:
-                    terms.append(term * x.shape[0])
-                    images += x.shape[0]
-                bar.update(1)
-            # Every rank skips alike (module docstring); only a rank without images reads the sum.
-            if rank_images or step_images:
-                torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_norm)
-                self.optimizer.step()
-            self.optimizer.zero_grad()
-            self.step, self.batch = self.step + 1, group_end
-            # A stop at the epoch's last step ends the epoch as usual (validation, metrics, checkpoint).
-            stop = self._reached_max_steps() and group_end < n
-            show = not bar.disable and (stop or group_end == n or time.perf_counter() - shown >= BAR_SECONDS)
-            if on_step is not None or show:
-                # This rank's losses, over its images, as the step weighs them.
-                mean = (torch.stack(terms).sum(0) / rank_images).tolist() if terms else [float("nan")] * 5
-                shown = time.perf_counter()  # after the read: the step's work is done
-                rate = images * self.world / (shown - t0)
-                losses = {k[:4]: f"{v:.3g}" for k, v in zip(LOSS_NAMES, mean[1:])}
-                bar.set_postfix(loss=f"{mean[0]:.4g}", **losses, img_s=f"{rate:.1f}")
-            terms = []
-            periodic = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
-            if group_end < n and (stop or periodic):
-                self._require_finite()
-                self._share_unreadable(self.train_set)  # every rank's findings into the checkpoint
-                self._save_checkpoint()
-            if on_step is not None:
-                on_step(dict(step=self.step, epoch=epoch, lr=lr, **dict(zip(("loss", *LOSS_NAMES), mean))))
-            if stop:
-                bar.close()
-                self._require_readable(self.train_set, "--data")
-                return False
-        bar.close()
-        return True
+        # Closed however the epoch ends: the line of a Ctrl-C or an error starts a line of its own, and no
+        # bar is drawn again after it.
+        with tqdm(total=n, initial=self.batch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+                  disable=self.rank != 0, dynamic_ncols=True) as bar:  # fmt: skip
+            terms, images, t0, shown = [], 0, time.perf_counter(), -math.inf
+            loader = iter(self._loader(self.train_set, batches[self.batch :], cfg.seed + epoch))
+            for group_start in range(self.batch, n, A):  # a run stops and resumes at step ends only
+                group_end = min(group_start + A, n)
+                # The step's micro-batches are all loaded first (A of them in host memory) for their image count.
+                group = [next(loader) for _ in range(group_start, group_end)]
+                rank_images = sum(x.shape[0] for x in group)
+                step_images = self._sum_over_ranks(rank_images)
+                for j, x in enumerate(group):
+                    # Gradients are all-reduced once per step, on its last micro-batch.
+                    last = j + 1 == len(group)
+                    sync = self.forward.no_sync() if self.world > 1 and not last else contextlib.nullcontext()
+                    # DDP averages over ranks: the world factor makes that a mean over the step's images
+                    # (step_images >= x's images > 0 where they count; an empty x gets weight 0 anyway).
+                    weight = x.shape[0] * self.world / step_images if x.shape[0] else 0.0
+                    with sync:
+                        term = self._micro_step(x.to(self.device, non_blocking=True), weight)
+                    if term is not None:
+                        terms.append(term * x.shape[0])
+                        images += x.shape[0]
+                    bar.update(1)
+                # Every rank skips alike (module docstring); only a rank without images reads the sum.
+                if rank_images or step_images:
+                    torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_norm)
+                    self.optimizer.step()
+                self.optimizer.zero_grad()
+                self.step, self.batch = self.step + 1, group_end
+                # A stop at the epoch's last step ends the epoch as usual (validation, metrics, checkpoint).
+                stop = self._reached_max_steps() and group_end < n
+                show = not bar.disable and (
+                    stop or group_end == n or time.perf_counter() - shown >= BAR_SECONDS
+                )
+                if on_step is not None or show:
+                    # This rank's losses, over its images, as the step weighs them.
+                    mean = (torch.stack(terms).sum(0) / rank_images).tolist() if terms else [float("nan")] * 5
+                    shown = time.perf_counter()  # after the read: the step's work is done
+                    rate = images * self.world / (shown - t0)
+                    losses = {k[:4]: f"{v:.3g}" for k, v in zip(LOSS_NAMES, mean[1:])}
+                    bar.set_postfix(loss=f"{mean[0]:.4g}", **losses, img_s=f"{rate:.1f}")
+                terms = []
+                periodic = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
+                if group_end < n and (stop or periodic):
+                    self._require_finite()
+                    self._share_unreadable(self.train_set)  # every rank's findings into the checkpoint
+                    self._save_checkpoint()
+                if on_step is not None:
+                    on_step(
+                        dict(step=self.step, epoch=epoch, lr=lr, **dict(zip(("loss", *LOSS_NAMES), mean)))
+                    )
+                if stop:
+                    self._require_readable(self.train_set, "--data")
+                    return False
+            return True
 
     def _sum_over_ranks(self, count: int) -> int | torch.Tensor:
         """count (this rank's readable images of a step) summed over the ranks: the int itself in one

@@ -574,6 +574,30 @@ def test_ctrl_c_says_how_to_resume_without_a_traceback(tmp_path, capsys, monkeyp
         cli.main([*argv, "--resume", str(out / "last.pt")])
 
 
+def test_a_ctrl_c_mid_epoch_ends_the_progress_bar_before_its_lines(tmp_path, capsys, monkeypatch):
+    """The bar is closed as the interrupt leaves the epoch: the resume line starts a line of its own, and
+    no bar is drawn after `interrupted`."""
+    data, out = write_images(tmp_path / "data", 4), tmp_path / "out"
+    steps = 0
+    micro_step = Trainer._micro_step
+
+    def interrupted_at_step_3(self, *args):
+        nonlocal steps
+        steps += 1
+        if steps == 3:
+            raise KeyboardInterrupt
+        return micro_step(self, *args)
+
+    monkeypatch.setattr(Trainer, "_micro_step", interrupted_at_step_3)
+    argv = ["train", "--data", str(data), "--out", str(out), *TINY_ARGS, "--batch-size", "1", "--accumulate", "1",
+            "--checkpoint-every", "1"]  # fmt: skip
+    assert cli.main(argv) == 130
+    lines = capsys.readouterr().err.split("\n")  # the bar's redraws are \r-separated within its line
+    resume = f"--resume {str(out / 'last.pt')!r} continues from its last checkpoint"
+    assert lines[-3:] == [resume, "interrupted", ""]
+    assert "epoch 1/50:  50%" in lines[-4]
+
+
 def test_run_file_names_without_a_runs_config_json_are_never_replaced(tmp_path):
     """Files named as a run's (metrics.jsonl, best.safetensors, ...) in an --out without a run's
     config.json, which every run writes first, are a user's: refused, --overwrite or not."""
