@@ -69,7 +69,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .atomic import remove_temporaries, write_json
+from .atomic import atomic_path, remove_temporaries, write_json
 from .backends import resolve_backend
 from .checkpoint import has_random_vgg, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .data import ImageFolderDataset, collate_images, micro_batches
@@ -124,6 +124,28 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     mse = (x - y).pow(2).flatten(1).mean(1)
     max_val = torch.maximum(x.max(), y.max())
     return (10 * torch.log10(max_val**2 / (mse + 1e-10))).mean()
+
+
+def write_metrics(path: str, metrics: dict) -> None:
+    """Write metrics.jsonl at `path` whole (temp + rename) with `metrics` (a dict with an int "epoch") as
+    its last line, after the complete lines of the epochs before it that the file held. Dropped: this
+    epoch's and later epochs' lines, which a run killed before its epoch-end checkpoint left for its
+    resumed run to write again, and a partial last line (a full disk, an append of an earlier version),
+    to which the new line would be glued."""
+    kept = []
+    with contextlib.suppress(FileNotFoundError), open(path, errors="replace") as f:
+        kept = [line for line in f if _epoch_of(line) < metrics["epoch"]]
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.writelines([*kept, json.dumps(metrics) + "\n"])
+
+
+def _epoch_of(line: str) -> float:
+    """The "epoch" of a complete metrics.jsonl line; inf for a partial or unrecognised one."""
+    try:
+        epoch = json.loads(line)["epoch"] if line.endswith("\n") else None
+    except (ValueError, TypeError, KeyError):  # not JSON, not an object, no epoch
+        return math.inf
+    return epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else math.inf
 
 
 def train(cfg: TrainConfig, on_step=None, given=None) -> StylizingViT:
@@ -468,9 +490,8 @@ class Trainer:
         if improved:
             self._export("best.safetensors")
         # The epoch's line goes out before the checkpoint that marks the epoch done: a crash in between
-        # repeats the line on resume rather than losing it.
-        with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(metrics) + "\n")
+        # leaves the line, which the resumed run writes again in its place, rather than losing it.
+        write_metrics(os.path.join(cfg.out, "metrics.jsonl"), metrics)
         self._save_checkpoint()
         # metrics.jsonl counts epochs from 0 (epoch 0 is the first); the line says which one ended.
         shown = " ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
