@@ -13,7 +13,7 @@ from .atomic import atomic_path, file_path_problem
 from .block import block_with_kv, project_kv
 from .configs import ModelConfig, is_int
 from .devices import autocast_dtype
-from .weights import is_vgg_key, unwrap, weight_fingerprint
+from .weights import is_vgg_key, unwrap, weight_fingerprint, write_safetensors
 
 _BANK_TAG = "fastvit_style.StyleBank"  # safetensors metadata "kind": tells a bank from a weight file
 
@@ -275,8 +275,6 @@ class StyleBank:
 
     def save(self, path) -> str:
         """Write k, v and (as JSON metadata) config and fingerprint to a .safetensors file, atomically."""
-        import safetensors.torch
-
         path = os.fspath(path)
         if problem := file_path_problem(path):
             raise ValueError(f"cannot save the style bank to {path!r}: {problem}")
@@ -288,7 +286,7 @@ class StyleBank:
             "fingerprint": self.fingerprint,
         }
         with atomic_path(path, remove_leftovers=True) as tmp:
-            safetensors.torch.save_file(tensors, tmp, metadata=meta)
+            write_safetensors(tensors, tmp, meta)
         return path
 
     @classmethod

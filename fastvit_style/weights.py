@@ -488,12 +488,21 @@ def save_state_dict(model_or_sd, path, normalization=None) -> str:
     sd = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in plain.items()}
     with atomic_path(path, remove_leftovers=True) as tmp:
         if suffix == SAFETENSORS_SUFFIX:
-            import safetensors.torch
-
-            safetensors.torch.save_file(sd, tmp, metadata=metadata)
+            write_safetensors(sd, tmp, metadata)
         else:
             torch.save(sd, tmp)
     return path
+
+
+def write_safetensors(tensors: dict, tmp: str, metadata: dict) -> None:
+    """Write `tensors` (CPU, contiguous) with `metadata` (str -> str) as a .safetensors file at `tmp` (an
+    `atomic_path` temporary). Serialized in memory (a copy of the tensors' bytes for the time of the
+    write) and written here: safetensors' save_file writes a hidden temporary of its own (`.tmpXXXXXX`)
+    that a killed write leaves behind and no later write recognises as a leftover to remove."""
+    import safetensors.torch
+
+    with open(tmp, "wb") as f:
+        f.write(safetensors.torch.save(tensors, metadata=metadata))
 
 
 def read_normalization(path) -> tuple[tuple, tuple] | None:

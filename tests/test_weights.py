@@ -4,6 +4,8 @@ import json
 import os
 import pickle
 import re
+import signal
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -594,16 +596,17 @@ def test_a_folder_is_not_a_repo(no_hub, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "suffix, writer", [(".safetensors", "safetensors.torch.save_file"), (".pth", "torch.save")]
+    "suffix, writer", [(".safetensors", "safetensors.torch.save"), (".pth", "torch.save")]
 )
 def test_interrupted_save_keeps_old_file(tmp_path, monkeypatch, suffix, writer):
     path = tmp_path / f"w{suffix}"
     W.save_state_dict(make(seed=11), path)
     before = path.read_bytes()
 
-    def dies_midway(obj, filename, *args, **kwargs):
-        with open(filename, "wb") as f:
-            f.write(b"\0" * 1000)
+    def dies_midway(obj, *args, **kwargs):
+        if writer == "torch.save":  # safetensors' save serializes to bytes: the temporary is opened already
+            with open(args[0], "wb") as f:
+                f.write(b"\0" * 1000)
         raise KeyboardInterrupt("killed while writing")
 
     monkeypatch.setattr(writer, dies_midway)
@@ -611,6 +614,26 @@ def test_interrupted_save_keeps_old_file(tmp_path, monkeypatch, suffix, writer):
         W.save_state_dict(make(seed=12), path)
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == [path.name]  # no temp file left behind
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_a_write_killed_mid_file_leaves_only_what_the_next_write_removes(tmp_path, suffix):
+    """Killed by the kernel mid-write (SIGXFSZ past a file-size limit, as a SIGKILL would), a save leaves
+    its temporary, which the next save of that file removes: safetensors' save_file wrote one of its
+    own (`.tmpXXXXXX`) that stayed."""
+    path = tmp_path / f"w{suffix}"
+    code = (
+        "import resource, signal, sys, torch; from fastvit_style.weights import save_state_dict; "
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096)); signal.signal(signal.SIGXFSZ, signal.SIG_DFL); "
+        "save_state_dict({'w': torch.zeros(100_000)}, sys.argv[1])"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(path)], check=False, capture_output=True, timeout=120
+    )
+    assert done.returncode == -signal.SIGXFSZ, done.stderr[-2000:]
+    assert len(os.listdir(tmp_path)) == 1  # the killed write's temporary
+    W.save_state_dict(make(seed=11), path)
+    assert os.listdir(tmp_path) == [path.name]
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
