@@ -44,6 +44,24 @@ def atomic_path(path, remove_leftovers: bool = False):
             os.close(fd)
 
 
+@contextlib.contextmanager
+def plain_write_errors(path):
+    """Re-raise what writing `path` failed with as Python raises it. An OSError (a full disk, a read-only
+    file system) names `path`: Python's write errors name no file, the OS's open names the temporary.
+    torch's zip writer turns what the file object it writes to raises into a RuntimeError of its own
+    ('unexpected pos ...') whose context it is: an OSError, or a Ctrl-C (KeyboardInterrupt), which the
+    commands answer with `interrupted` and no traceback."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        error = e if isinstance(e, OSError) else e.__context__
+        if isinstance(error, KeyboardInterrupt):
+            raise error from None
+        if not isinstance(error, OSError) or error.errno is None:
+            raise
+        raise OSError(error.errno, error.strerror, os.fspath(path)) from e
+
+
 # atomic_path's temporaries: `.<stem of the target's name>.<host>-<pid>.<6 hex digits>.tmp`, the host a
 # hash of its name: a leftover is one whose writer, a process of this host, no longer runs.
 _HOST = hashlib.sha1(socket.gethostname().encode(errors="surrogateescape")).hexdigest()[:6]
@@ -130,7 +148,7 @@ def _umask() -> int:
 
 def write_json(path, obj, indent: int = 1) -> None:
     """json.dump(obj) to `path` atomically; objects JSON cannot encode are written as str()."""
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
+    with plain_write_errors(path), atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=indent, default=str)
 
 

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from .atomic import atomic_path
+from .atomic import atomic_path, plain_write_errors
 
 FORMAT = "fastvit_style.train/1"
 
@@ -71,11 +71,12 @@ def save_checkpoint(state: dict, path) -> str:
     Paths (os.PathLike) are stored as str and numpy scalars as Python numbers: torch.load(weights_only=True)
     reads neither (a TrainConfig given a pathlib.Path or a numpy float would write a checkpoint that no
     run can resume). ValueError, before anything replaces `path`, for any other object it could not
-    read back."""
+    read back; OSError naming `path` where the OS refused the write (a full disk)."""
     path = os.fspath(path)
     plain = _plain({"format": FORMAT, **state})
-    with atomic_path(path, remove_leftovers=True) as tmp:
-        torch.save(plain, tmp)
+    with plain_write_errors(path), atomic_path(path, remove_leftovers=True) as tmp:
+        with open(tmp, "wb") as f:  # a file object: torch keeps its OSError (a full disk) as the context
+            torch.save(plain, f)
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(tmp)
         if unsafe:
             raise ValueError(

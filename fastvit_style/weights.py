@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import configs
-from .atomic import atomic_path, file_path_problem
+from .atomic import atomic_path, file_path_problem, plain_write_errors
 from .checkpoint import has_random_vgg, torch_load_reason
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
@@ -486,11 +486,12 @@ def save_state_dict(model_or_sd, path, normalization=None) -> str:
         )
         plain = without_vgg(plain)
     sd = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in plain.items()}
-    with atomic_path(path, remove_leftovers=True) as tmp:
+    with plain_write_errors(path), atomic_path(path, remove_leftovers=True) as tmp:
         if suffix == SAFETENSORS_SUFFIX:
             write_safetensors(sd, tmp, metadata)
         else:
-            torch.save(sd, tmp)
+            with open(tmp, "wb") as f:  # a file object: torch keeps its OSError (a full disk) as the context
+                torch.save(sd, f)
     return path
 
 

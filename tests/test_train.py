@@ -263,8 +263,7 @@ def test_an_interrupted_checkpoint_write_leaves_the_previous_one_loadable(tmp_pa
     save_checkpoint({"model": model.state_dict(), "step": 1}, path)
 
     def dies_midway(obj, f, *args, **kwargs):
-        with open(f, "wb") as fh:
-            fh.write(b"PK\x03\x04 half a zip file")
+        f.write(b"PK\x03\x04 half a zip file")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch, "save", dies_midway)

@@ -1,5 +1,6 @@
 """fastvit_style.weights: official key layout, safe reading, cleanup, clear errors, atomic writing."""
 
+import io
 import json
 import os
 import pickle
@@ -14,8 +15,9 @@ import pytest
 import safetensors.torch
 import torch
 
-from fastvit_style import StylizingViT, create_model
+from fastvit_style import StylizingViT, checkpoint, create_model
 from fastvit_style import weights as W
+from fastvit_style.checkpoint import save_checkpoint
 from fastvit_style.layers import VGG19Features
 
 DATA = Path(__file__).parent / "data"
@@ -604,9 +606,8 @@ def test_interrupted_save_keeps_old_file(tmp_path, monkeypatch, suffix, writer):
     before = path.read_bytes()
 
     def dies_midway(obj, *args, **kwargs):
-        if writer == "torch.save":  # safetensors' save serializes to bytes: the temporary is opened already
-            with open(args[0], "wb") as f:
-                f.write(b"\0" * 1000)
+        if writer == "torch.save":  # into the temporary's file object; save serializes to bytes first
+            args[0].write(b"\0" * 1000)
         raise KeyboardInterrupt("killed while writing")
 
     monkeypatch.setattr(writer, dies_midway)
@@ -634,6 +635,61 @@ def test_a_write_killed_mid_file_leaves_only_what_the_next_write_removes(tmp_pat
     assert len(os.listdir(tmp_path)) == 1  # the killed write's temporary
     W.save_state_dict(make(seed=11), path)
     assert os.listdir(tmp_path) == [path.name]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize("writer", ["checkpoint", ".pth", ".safetensors"])
+def test_a_full_disk_is_an_os_error_naming_the_file(tmp_path, monkeypatch, writer):
+    """Not torch's RuntimeError ('unexpected pos ...'), which the commands show as a crash, nor an
+    OSError naming no file; the earlier file stays."""
+    path = tmp_path / ("last.pt" if writer == "checkpoint" else f"w{writer}")
+
+    def save(model):
+        if writer == "checkpoint":
+            return save_checkpoint({"model": model.state_dict()}, path)
+        return W.save_state_dict(model, path)
+
+    save(make(seed=11))
+    before = path.read_bytes()
+    real_open = open
+
+    def full_disk(file, mode="r", *args, **kwargs):  # unbuffered: torch meets the error, not close()
+        return (
+            real_open("/dev/full", mode, buffering=0)
+            if "w" in mode
+            else real_open(file, mode, *args, **kwargs)
+        )
+
+    monkeypatch.setattr(checkpoint if writer == "checkpoint" else W, "open", full_disk, raising=False)
+    with pytest.raises(OSError, match=re.escape(f"[Errno 28] No space left on device: {str(path)!r}")):
+        save(make(seed=12))
+    assert path.read_bytes() == before and os.listdir(tmp_path) == [path.name]
+
+
+@pytest.mark.parametrize("writer", ["checkpoint", ".pth"])
+def test_a_ctrl_c_inside_torch_save_stays_a_keyboard_interrupt(tmp_path, monkeypatch, writer):
+    """torch's zip writer turns what the file object's write raises into a RuntimeError: a Ctrl-C there
+    would end the commands with a traceback instead of `interrupted`."""
+    path = tmp_path / ("last.pt" if writer == "checkpoint" else f"w{writer}")
+    save = (lambda m: save_checkpoint({"model": m.state_dict()}, path)) if writer == "checkpoint" else (
+        lambda m: W.save_state_dict(m, path)
+    )  # fmt: skip
+    save(make(seed=11))
+    before = path.read_bytes()
+
+    class CtrlC(io.FileIO):  # pressed while torch writes the records (not at its first write)
+        writes = 0
+
+        def write(self, b):
+            CtrlC.writes += 1
+            if CtrlC.writes > 3:
+                raise KeyboardInterrupt
+            return super().write(b)
+
+    monkeypatch.setattr(checkpoint if writer == "checkpoint" else W, "open", CtrlC, raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        save(make(seed=12))
+    assert path.read_bytes() == before and os.listdir(tmp_path) == [path.name]
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
