@@ -11,6 +11,8 @@ micro-batch can come out smaller than asked, or even empty (the trainer handles 
 from __future__ import annotations
 
 import errno
+import functools
+import hashlib
 import os
 import warnings
 
@@ -98,6 +100,13 @@ class ImageFolderDataset(Dataset):
                 f"flags must have shape ({len(self)},) for {self.root!r}, got {tuple(flags.shape)}"
             )
         self._bad |= flags.to("cpu", torch.bool)
+
+    @functools.cached_property
+    def names_digest(self) -> str:
+        """SHA-1 (hex) of the files' paths below `root`, in order: the same wherever the folder moves,
+        another for other files (how a resumed run tells its folder from another with as many)."""
+        names = "\n".join(os.path.relpath(p, self.root) for p in self.paths)
+        return hashlib.sha1(names.encode(errors="surrogateescape")).hexdigest()
 
     @property
     def skipped_paths(self) -> list[str]:

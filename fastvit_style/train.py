@@ -227,7 +227,25 @@ class Trainer:
                 saved[k] for k in ("epoch", "batch", "step", "best_val")
             )
             set_rng_state(saved["rng"], device)
-            for dataset, key in ((self.train_set, "train_unreadable"), (self.val_set, "val_unreadable")):
+            # Not the run's folder moved but other images: warned, as other --data is; their losses do not
+            # compare with the run's, and the run's flags would mark other files.
+            val_digest = saved.get("val_names_digest")
+            other_val = self.val_set is not None and val_digest not in (None, self.val_set.names_digest)
+            if other_val:
+                best = "" if self.best_val is None else (
+                    f", and best.safetensors is replaced only by an epoch that beats the run's best validation loss, "
+                    f"{self.best_val:.5g}, on these (move best.safetensors out of --out before resuming to track "
+                    "the best afresh)"
+                )  # fmt: skip
+                warnings.warn(
+                    f"--val-data {cfg.val_data!r} holds other images ({len(self.val_set)} files) than the run "
+                    f"validated on ({saved.get('val_images')} under {saved['config'].get('val_data')!r}): their "
+                    f"losses do not compare with the earlier epochs'{best}"
+                )
+            for dataset, key in (
+                (self.train_set, "train_unreadable"),
+                (None if other_val else self.val_set, "val_unreadable"),
+            ):
                 flags = saved.get(key)
                 # Flags of a folder that now holds another number of files would mark the wrong ones.
                 if dataset is not None and isinstance(flags, torch.Tensor) and flags.shape == (len(dataset),):
@@ -576,6 +594,9 @@ class Trainer:
             "val_unreadable": self.val_set.unreadable.clone()
             if self.val_set is not None and val_flags
             else None,
+            # What the run validated on, told apart from the same folder moved (a resumed run warns).
+            "val_images": len(self.val_set) if self.val_set is not None else None,
+            "val_names_digest": self.val_set.names_digest if self.val_set is not None else None,
             "rng": rng_state(self.device),
             "config": dataclasses.asdict(self.cfg),
         }

@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -1047,6 +1048,31 @@ def test_resuming_on_a_dataset_of_another_size_warns(tmp_path):
     write_images(tmp_path / "data", 3)
     with pytest.warns(UserWarning, match="trained on 2 images, --data .* now holds 3"):
         train(dataclasses.replace(config, resume=str(tmp_path / "out" / "last.pt"), max_steps=2))
+
+
+@pytest.mark.filterwarnings("ignore:skipping unreadable image")
+def test_resuming_with_other_val_images_warns_and_drops_the_runs_flags(tmp_path):
+    """--val-data naming the run's folder moved resumes silently; naming other images, as many, warns
+    (their losses do not compare with the run's best) and the run's corrupt-file flags stay off them."""
+    data, val = write_images(tmp_path / "data", 2), write_images(tmp_path / "val", 2)
+    (val / "0.png").write_bytes(b"not an image")
+    config = TrainConfig(data=str(data), val_data=str(val), out=str(tmp_path / "out"), epochs=3, batch_size=1,
+                         accumulate=1, max_steps=2, **TINY)  # fmt: skip
+    train(config)
+    last = str(tmp_path / "out" / "last.pt")
+    val.rename(tmp_path / "moved")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(dataclasses.replace(config, val_data=str(tmp_path / "moved"), resume=last, max_steps=4))
+    other = write_images(tmp_path / "other", 2)
+    (other / "0.png").rename(other / "a.png")
+    said = (
+        r"holds other images \(2 files\) than the run validated on \(2 under .*moved.*\): their losses do not"
+    )
+    with pytest.warns(UserWarning, match=rf"--val-data .*other.* {said} compare .* best validation"):
+        train(dataclasses.replace(config, val_data=str(other), resume=last, max_steps=None))
+    lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["skipped_images"] for m in lines] == [1, 1, 0]
 
 
 def test_every_step_clips_the_gradient_norm_before_the_optimizer_step(tmp_path, monkeypatch):
