@@ -227,34 +227,7 @@ class Trainer:
                 saved[k] for k in ("epoch", "batch", "step", "best_val")
             )
             set_rng_state(saved["rng"], device)
-            # Not the run's folder moved but other images: warned, as other --data is; their losses do not
-            # compare with the run's, and the run's flags would mark other files.
-            val_digest = saved.get("val_names_digest")
-            other_val = self.val_set is not None and val_digest not in (None, self.val_set.names_digest)
-            if other_val:
-                best = "" if self.best_val is None else (
-                    f", and best.safetensors is replaced only by an epoch that beats the run's best validation loss, "
-                    f"{self.best_val:.5g}, on these (move best.safetensors out of --out before resuming to track "
-                    "the best afresh)"
-                )  # fmt: skip
-                warnings.warn(
-                    f"--val-data {cfg.val_data!r} holds other images ({len(self.val_set)} files) than the run "
-                    f"validated on ({saved.get('val_images')} under {saved['config'].get('val_data')!r}): their "
-                    f"losses do not compare with the earlier epochs'{best}"
-                )
-            for dataset, key in (
-                (self.train_set, "train_unreadable"),
-                (None if other_val else self.val_set, "val_unreadable"),
-            ):
-                flags = saved.get(key)
-                # Flags of a folder that now holds another number of files would mark the wrong ones.
-                if dataset is not None and isinstance(flags, torch.Tensor) and flags.shape == (len(dataset),):
-                    dataset.mark_unreadable(flags)
-            if saved.get("train_images", len(self.train_set)) != len(self.train_set):
-                warnings.warn(
-                    f"{cfg.resume!r} was trained on {saved['train_images']} images, --data {cfg.data!r} now holds "
-                    f"{len(self.train_set)}: the data order of the resumed run differs from an uninterrupted one"
-                )
+            self._resume_data(saved)
             if saved["world_size"] != world:
                 # The position counts this rank's micro-batches, and the global batch is world * A * b. At
                 # the epoch's end (trained, not validated: `_save_unvalidated`) it is this world's end.
@@ -295,6 +268,48 @@ class Trainer:
                 self.best_val = None
 
     # ------------------------------------------------------------------------------------------- setup
+
+    def _resume_data(self, saved: dict) -> None:
+        """Skip the files the resumed run found corrupt, unless --data or --val-data holds other images than
+        the run's (not its folder moved): the flags would mark other files. Warn of those, whose data order
+        (another number of images) or validation losses differ from the run's."""
+        cfg, train_set, val_set = self.cfg, self.train_set, self.val_set
+        other_train = saved.get("train_names_digest") not in (None, train_set.names_digest)
+        other_val = val_set is not None and saved.get("val_names_digest") not in (None, val_set.names_digest)
+        if saved.get("train_images", len(train_set)) != len(train_set):
+            warnings.warn(
+                f"{cfg.resume!r} was trained on {saved['train_images']} images, --data {cfg.data!r} now holds "
+                f"{len(train_set)}: the data order of the resumed run differs from an uninterrupted one"
+            )
+        elif other_train:
+            warnings.warn(
+                f"--data {cfg.data!r} holds other images than {cfg.resume!r} was trained on (as many, "
+                f"{len(train_set)}): the resumed run differs from an uninterrupted one"
+            )
+        if other_val:
+            best = "" if self.best_val is None else (
+                f", and best.safetensors is replaced only by an epoch that beats the run's best validation loss, "
+                f"{self.best_val:.5g}, on these (move best.safetensors out of --out before resuming to track "
+                "the best afresh)"
+            )  # fmt: skip
+            warnings.warn(
+                f"--val-data {cfg.val_data!r} holds other images ({len(val_set)} files) than the run validated "
+                f"on ({saved.get('val_images')} under {saved['config'].get('val_data')!r}): their losses do not "
+                f"compare with the earlier epochs'{best}"
+            )
+        for dataset, key, other in (
+            (train_set, "train_unreadable", other_train),
+            (val_set, "val_unreadable", other_val),
+        ):
+            flags = saved.get(key)
+            # Also the flags of a folder that now holds another number of files would mark the wrong ones.
+            if (
+                dataset is not None
+                and not other
+                and isinstance(flags, torch.Tensor)
+                and flags.shape == (len(dataset),)
+            ):
+                dataset.mark_unreadable(flags)
 
     def _init_weights(self, model: StylizingViT) -> None:
         cfg = self.cfg
@@ -594,7 +609,8 @@ class Trainer:
             "val_unreadable": self.val_set.unreadable.clone()
             if self.val_set is not None and val_flags
             else None,
-            # What the run validated on, told apart from the same folder moved (a resumed run warns).
+            # What the run trained and validated on, told apart from its folders moved (`_resume_data`).
+            "train_names_digest": self.train_set.names_digest,
             "val_images": len(self.val_set) if self.val_set is not None else None,
             "val_names_digest": self.val_set.names_digest if self.val_set is not None else None,
             "rng": rng_state(self.device),

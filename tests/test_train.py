@@ -1075,6 +1075,27 @@ def test_resuming_with_other_val_images_warns_and_drops_the_runs_flags(tmp_path)
     assert [m["skipped_images"] for m in lines] == [1, 1, 0]
 
 
+@pytest.mark.filterwarnings("ignore:skipping unreadable image")
+def test_resuming_on_other_training_images_as_many_warns_and_drops_the_runs_flags(tmp_path):
+    data = write_images(tmp_path / "data", 2)
+    (data / "0.png").write_bytes(b"not an image")
+    config = TrainConfig(data=str(data), out=str(tmp_path / "out"), epochs=2, batch_size=1, accumulate=1,
+                         max_steps=2, **TINY)  # fmt: skip
+    train(config)
+    other = write_images(tmp_path / "other", 2)
+    (other / "0.png").rename(other / "a.png")
+    with pytest.warns(
+        UserWarning, match=r"--data .*other.* holds other images than .* trained on \(as many, 2\)"
+    ):
+        train(
+            dataclasses.replace(
+                config, data=str(other), resume=str(tmp_path / "out" / "last.pt"), max_steps=None
+            )
+        )
+    lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["skipped_images"] for m in lines] == [1, 0]
+
+
 def test_every_step_clips_the_gradient_norm_before_the_optimizer_step(tmp_path, monkeypatch):
     """The update sees gradients of total norm clip_norm at most (shared doc 3.4: clip 1.0 before every
     step; a small clip_norm here, which the tiny model's gradients exceed)."""
