@@ -9,7 +9,7 @@ import numbers
 import os
 from dataclasses import dataclass, field
 
-from .atomic import folder_problem, holds_json_keys
+from .atomic import folder_problem, holds_json_keys, writable_problem
 from .configs import BACKBONES, LOSS_WEIGHTS, ModelConfig, check_model_kwargs, is_int
 from .imageio import normalization
 
@@ -168,7 +168,8 @@ CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "batch", "step", "best_val", "
 def out_problem(cfg: TrainConfig) -> str | None:
     """Why `cfg.out` cannot take a new run (a new run never silently replaces another run's files), or
     None."""
-    if problem := folder_problem(cfg.out, "--out"):
+    # Writable found by writing (a read-only file system), before the model and the datasets are built.
+    if problem := folder_problem(cfg.out, "--out") or writable_problem(cfg.out, "--out"):
         return problem
     if cfg.resume and not os.path.isfile(cfg.resume):
         return f"--resume {cfg.resume!r} does not exist or is not a file"

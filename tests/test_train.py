@@ -479,6 +479,9 @@ def test_the_extreme_seeds_run_and_bad_ones_stop_the_cli_before_any_file(tmp_pat
                          (["--val-data", str(png)], f"error: --val-data: image folder {str(png)!r} is a file")]:  # fmt: skip
         assert cli.main([*argv, *extra]) == 1
         assert match in capsys.readouterr().err and not (tmp_path / "out").exists()
+    if os.path.isdir("/proc/self"):  # a place nobody can create files in, not even root
+        assert cli.main([*argv[:4], "/proc/self/o", *argv[5:]]) == 1
+        assert "error: --out '/proc/self/o' cannot be written to" in capsys.readouterr().err
 
 
 def test_a_new_run_never_replaces_another_runs_files(tmp_path):
