@@ -17,21 +17,24 @@ def atomic_path(path, remove_leftovers: bool = False):
     A symbolic link at `path` is replaced by the file (its target stays as it was): a write never lands
     outside `path`'s folder, where a run's checks and `temporaries` look. remove_leftovers: first remove
     what killed earlier writes of `path` left (one listing of the folder: for a single file; writers of
-    many files in one folder use `temporaries` once)."""
+    many files in one folder use `temporaries` once). An error of the write is raised as
+    `_plain_write_errors` says: an OSError names `path`, not the temporary."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     if remove_leftovers:
         remove_temporaries(directory, [os.path.basename(path)])
-    # Hidden (image listings skip it), and named by its writer (_TEMPORARY), whatever the writer does
-    # with the file (safetensors writes a file of its own and renames it onto this name).
+    # Hidden (image listings skip it), and named by its writer (_TEMPORARY): writers write this very file
+    # (not one of their own renamed onto it, as safetensors' save_file does), so a killed write leaves
+    # only what `remove_temporaries` recognises.
     owner = f"{_HOST}-{os.getpid()}"  # the pid asked each time: a forked child is another writer
     tmp = os.path.join(directory, f".{_stem(os.path.basename(path))}.{owner}.{uuid.uuid4().hex[:6]}.tmp")
     try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, _mode_for(path))
-        os.replace(tmp, path)
+        with _plain_write_errors(path):
+            yield tmp
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp, _mode_for(path))
+            os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -45,7 +48,7 @@ def atomic_path(path, remove_leftovers: bool = False):
 
 
 @contextlib.contextmanager
-def plain_write_errors(path):
+def _plain_write_errors(path):
     """Re-raise what writing `path` failed with as Python raises it. An OSError (a full disk, a read-only
     file system) names `path`: Python's write errors name no file, the OS's open names the temporary.
     torch's zip writer turns what the file object it writes to raises into a RuntimeError of its own
@@ -148,7 +151,7 @@ def _umask() -> int:
 
 def write_json(path, obj, indent: int = 1) -> None:
     """json.dump(obj) to `path` atomically; objects JSON cannot encode are written as str()."""
-    with plain_write_errors(path), atomic_path(path) as tmp, open(tmp, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=indent, default=str)
 
 

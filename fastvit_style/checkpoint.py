@@ -18,7 +18,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from .atomic import atomic_path, plain_write_errors
+from .atomic import atomic_path
 
 FORMAT = "fastvit_style.train/1"
 
@@ -74,7 +74,7 @@ def save_checkpoint(state: dict, path) -> str:
     read back; OSError naming `path` where the OS refused the write (a full disk)."""
     path = os.fspath(path)
     plain = _plain({"format": FORMAT, **state})
-    with plain_write_errors(path), atomic_path(path, remove_leftovers=True) as tmp:
+    with atomic_path(path, remove_leftovers=True) as tmp:
         with open(tmp, "wb") as f:  # a file object: torch keeps its OSError (a full disk) as the context
             torch.save(plain, f)
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(tmp)

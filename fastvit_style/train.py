@@ -69,7 +69,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .atomic import atomic_path, plain_write_errors, remove_temporaries, write_json
+from .atomic import atomic_path, remove_temporaries, write_json
 from .backends import resolve_backend
 from .checkpoint import has_random_vgg, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .data import ImageFolderDataset, collate_images, micro_batches
@@ -135,7 +135,7 @@ def write_metrics(path: str, metrics: dict) -> None:
     kept = []
     with contextlib.suppress(FileNotFoundError), open(path, errors="replace") as f:
         kept = [line for line in f if _epoch_of(line) < metrics["epoch"]]
-    with plain_write_errors(path), atomic_path(path) as tmp, open(tmp, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.writelines([*kept, json.dumps(metrics) + "\n"])
 
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import configs
-from .atomic import atomic_path, file_path_problem, plain_write_errors
+from .atomic import atomic_path, file_path_problem
 from .checkpoint import has_random_vgg, torch_load_reason
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
@@ -486,7 +486,7 @@ def save_state_dict(model_or_sd, path, normalization=None) -> str:
         )
         plain = without_vgg(plain)
     sd = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in plain.items()}
-    with plain_write_errors(path), atomic_path(path, remove_leftovers=True) as tmp:
+    with atomic_path(path, remove_leftovers=True) as tmp:
         if suffix == SAFETENSORS_SUFFIX:
             write_safetensors(sd, tmp, metadata)
         else:

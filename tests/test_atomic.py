@@ -1,10 +1,13 @@
 """fastvit_style.atomic: names and links (interrupted writes and permissions: test_weights.py)."""
 
+import errno
 import json
 import os
+import re
 import subprocess
 import sys
 
+import pytest
 from helpers import ended_pid, leftover_name
 
 from fastvit_style import atomic
@@ -214,3 +217,25 @@ def test_only_names_still_to_create_are_held_to_name_max(tmp_path, monkeypatch):
     assert atomic.folder_problem(str(existing / "new"), "--out") is None
     assert "is 11 bytes, longer than the 10" in atomic.folder_problem(str(existing / "eleven_byte"), "--out")
     assert "is 11 bytes" in atomic.folder_problem(f"{tmp_path}/new/eleven_byte", "--out")
+
+
+def test_a_failed_write_names_the_target_and_leaves_no_temporary(tmp_path):
+    """Python's write errors name no file and the OS's open names the hidden temporary: every atomic write
+    (images, CSV, banks, checkpoints) raises an OSError naming the target instead; torch's zip writer
+    wraps such an error (or a Ctrl-C) in a RuntimeError, which is unwrapped."""
+    target = tmp_path / "out.png"
+    full = OSError(errno.ENOSPC, "No space left on device")
+    message = re.escape(f"[Errno 28] No space left on device: '{target}'")
+    with pytest.raises(OSError, match=message), atomic_path(target) as tmp, open(tmp, "wb") as f:
+        f.write(b"partial")
+        raise full
+    for context in (full, KeyboardInterrupt()):
+        with pytest.raises(type(context)) as raised, atomic_path(target) as tmp:
+            try:
+                raise context
+            except BaseException:
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos") from None
+        assert isinstance(context, KeyboardInterrupt) or str(target) in str(raised.value)
+    with pytest.raises(ValueError, match="not a write error"), atomic_path(target):
+        raise ValueError("not a write error")
+    assert os.listdir(tmp_path) == []
