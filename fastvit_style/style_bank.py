@@ -91,7 +91,8 @@ def as_stylizer(model, name: str = "model"):
 class StyleBank:
     """Per-layer keys/values of the style streams of R reference images, all a stylization needs from them.
 
-    k, v: (D, R, T, H, d) each, in the model's dtype: k[i, j], v[i, j] = LN_ctx and K/V projections of
+    k, v: (D, R, T, H, d) each, in the dtype they were computed in (the model's; under autocast, the
+    autocast dtype, except for a float64 model): k[i, j], v[i, j] = LN_ctx and K/V projections of
     layer i applied to S^i of reference j (k_proj bias left out, as in `block.project_kv`).
     config: the model's config dict; fingerprint: `weight_fingerprint` of the model that built it.
 
@@ -106,8 +107,9 @@ class StyleBank:
     bank's K/V are constants to autograd: gradients through a stylization reach the content image and
     the weights of its content and stylized streams, not the references' stream.
     The fingerprint covers the dtype: build the bank with the model in the dtype it will run in (for
-    mixed precision keep the model in float32 and use torch.autocast; the bank may then be converted
-    to the autocast dtype with `bank.to(dtype=torch.bfloat16)`, same results, half the memory).
+    mixed precision keep the model in float32 and use torch.autocast: a bank built outside autocast
+    serves it too, and may be converted to the autocast dtype with `bank.to(dtype=torch.bfloat16)`, same
+    results, half the memory; one built under autocast holds that dtype's rounding, so is refused outside).
     """
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, config: dict, fingerprint: str):
@@ -138,8 +140,9 @@ class StyleBank:
     def from_images(cls, model, refs: torch.Tensor, batch_size: int = 32) -> StyleBank:
         """Run the style stream once per reference. refs: (R, C, H, W) normalized images, model's dtype/device.
 
-        batch_size references are encoded at a time; under autocast the K/V are computed in the autocast
-        dtype and stored in the model's dtype.
+        batch_size references are encoded at a time; under autocast the K/V are computed and stored in the
+        autocast dtype (float64 models excepted): stored wider, a float32 stylization would take their
+        rounding for float32's.
         """
         check_count("batch_size", batch_size)
         model = as_stylizer(model)
@@ -148,14 +151,15 @@ class StyleBank:
         enc, cfg = model.encoder, model.config
         attend = model._fast_attention(refs.device)
         shape = (cfg.depth, refs.shape[0], cfg.num_tokens, cfg.num_heads, cfg.head_dim)
-        k_all = refs.new_empty(shape, dtype=_model_dtype(model))
-        v_all = torch.empty_like(k_all)
+        k_all = v_all = None
         for start in range(0, refs.shape[0], batch_size):
             S = enc.embed(refs[start : start + batch_size])
             rows = slice(start, start + S.shape[0])
             own = torch.arange(S.shape[0], device=refs.device, dtype=torch.int32)
             for i, blk in enumerate(enc.blocks):
                 k, v = project_kv(blk, S)
+                if k_all is None:  # in the compute dtype (docstring)
+                    k_all, v_all = k.new_empty(shape), v.new_empty(shape)
                 k_all[i, rows], v_all[i, rows] = k, v
                 if i < cfg.depth - 1:  # S^D is never read
                     S = block_with_kv(blk, S, k, v, own, attend)

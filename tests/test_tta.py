@@ -159,7 +159,7 @@ def test_autocast_and_grad(setup):
     assert torch.equal(low_bank, low)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # references in the autocast dtype
         amp_bank = StyleBank.from_images(model, images(2, SIZE, seed=8).bfloat16())
-    assert amp_bank.dtype == torch.float32  # stored in the model's dtype: usable outside autocast too
+    assert amp_bank.dtype == torch.bfloat16  # computed in it: stored in it (next test)
     wide = r"bank.to\('cpu', torch.float32\) \(or torch.bfloat16, the autocast dtype\)"
     with pytest.raises(ValueError, match=wide), torch.autocast("cpu", dtype=torch.bfloat16):
         stylize(model, x, bank.to(dtype=torch.float64))
@@ -168,6 +168,23 @@ def test_autocast_and_grad(setup):
     x.requires_grad_(True)
     stylize(model, x, bank, k=1).sum().backward()  # grad mode is the caller's: gradients reach the input
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_a_bank_built_under_autocast_is_refused_outside_it(setup):
+    """Under autocast the references' K/V are computed in the autocast dtype, so the bank holds that dtype:
+    a float32 stylization refuses it, as it refuses a bank converted to bf16, rather than reading bf16
+    roundings (measured: 2.5e-3 off the float64 truth where a float32 bank is 1e-6 off)."""
+    truth, model, refs, _ = setup
+    x = images(2, SIZE, seed=5)
+    index = torch.arange(R).expand(2, R)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            amp_bank = StyleBank.from_images(model, refs)
+            low = stylize(model, x, amp_bank)
+        assert amp_bank.dtype == torch.bfloat16 and low.dtype == torch.bfloat16
+        assert_close_rel(low, naive(truth, x, refs, index), TOLERANCE[torch.bfloat16], "bf16 autocast bank")
+        with pytest.raises(ValueError, match="bfloat16 on cpu but the model is torch.float32.*rebuild it"):
+            stylize(model, x, amp_bank)
 
 
 def test_stylize_gradient_reaches_the_image_as_the_official_forward_does(setup):
