@@ -148,9 +148,18 @@ class StylizingViT(nn.Module):
         C, S = cfg.in_channel, cfg.input_size
         param = self.encoder.pos_embed
         # Under autocast its convolutions cast the images to the autocast dtype, as officially: a float32
-        # model, or one in that dtype, takes images in either. Autocast leaves other parameter dtypes alone.
+        # model, or one in that dtype, takes images in either. Autocast leaves float64 parameters alone.
         dtypes = {param.dtype}
         amp = autocast_dtype(param.device.type)
+        if amp is not None and param.dtype in (torch.float16, torch.bfloat16) and param.dtype != amp:
+            # Autocast casts the weights of its GEMMs and convolutions, not the class token and position
+            # embedding: their concatenation with the patch tokens mixes the two half dtypes, which
+            # autocast refuses deep inside ("Unexpected floating ScalarType").
+            raise ValueError(
+                f"the model's parameters are {param.dtype}, which {amp} autocast cannot run (it casts "
+                f"only some of them to {amp}): run the model outside autocast, or keep it in float32 "
+                "under autocast"
+            )
         if amp is not None and param.dtype in (torch.float32, amp):
             dtypes |= {torch.float32, amp}
         for name, t in zip(names, (x, x_style)):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastvit_style import StylizingViT, create_model
+from fastvit_style import StyleAugment, StyleBank, StylizingViT, create_model
 
 SMALL = {"input_size": 32, "encoder_depth": 1}
 
@@ -123,6 +123,24 @@ def test_dtype_mismatch(model):
         model(torch.randn(1, 3, 32, 32, dtype=torch.float16))
     with amp, pytest.raises(ValueError, match=r"torch.bfloat16 \(or torch.float32 under autocast\)"):
         copy.deepcopy(model).bfloat16()(torch.randn(1, 3, 32, 32, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("dtype,amp", [(torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16)])
+def test_a_half_model_under_the_other_half_autocast_is_refused(backend, dtype, amp):
+    """Autocast casts the GEMMs' and convolutions' weights but not the class token: the embedding's
+    concatenation failed inside autocast ("Unexpected floating ScalarType in at::autocast::prioritize"),
+    in the forward, StyleBank.from_images, stylize and StyleAugment alike."""
+    m = StylizingViT("tiny", backend=backend, **SMALL).to(dtype).eval()
+    x = torch.randn(2, 3, 32, 32, dtype=dtype)
+    match = f"parameters are {dtype}, which {amp} autocast cannot run"
+    with torch.autocast("cpu", dtype=amp), torch.no_grad():
+        with pytest.raises(ValueError, match=match):
+            m(x)
+        with pytest.raises(ValueError, match=match):
+            StyleBank.from_images(m, x)
+        with pytest.raises(ValueError, match=match):
+            StyleAugment(m, p=1.0)(x)
 
 
 @pytest.mark.parametrize("backend", ["torch", "reference"])
