@@ -59,7 +59,9 @@ def select_refs(num_refs: int, batch: int, refs=None, k: int | None = None, gene
             )
         if refs.dtype.is_floating_point or refs.dtype.is_complex or refs.dtype == torch.bool:
             raise ValueError(f"refs must hold integer bank indices, got dtype {refs.dtype}")
-        lo, hi = torch.stack([refs.min(), refs.max()]).tolist()  # on a GPU: one sync, on the user's refs
+        # torch's min and max know no uint16-64 (numpy's unsigned index arrays): float64, exact below 2**53
+        wide = refs.double() if refs.dtype in (torch.uint16, torch.uint32, torch.uint64) else refs
+        lo, hi = (int(v) for v in torch.stack([wide.min(), wide.max()]).tolist())  # on a GPU: one sync
         if lo < 0 or hi >= num_refs:
             raise ValueError(
                 f"refs must lie in [0, {num_refs}) (the bank has {num_refs} references), got min {lo} and max {hi}"

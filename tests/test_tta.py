@@ -396,6 +396,17 @@ def test_bad_arguments(setup, kwargs, match):
         stylize(model, images(1, SIZE), bank, **kwargs)
 
 
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64])
+def test_unsigned_indices_are_taken_and_checked(dtype):
+    """Unsigned indices (numpy's np.uint64 arrays become torch.uint64) were a NotImplementedError of
+    torch's min ("min_all" not implemented for 'UInt64')."""
+    refs = torch.tensor([[1, 7], [0, 3]])
+    assert torch.equal(select_refs(R, 2, refs=refs.to(dtype)), refs)
+    assert torch.equal(select_refs(R, 2, refs=refs.numpy().astype(np.uint64)), refs)
+    with pytest.raises(ValueError, match=r"\[0, 8\).*got min 0 and max 65535"):
+        select_refs(R, 1, refs=torch.tensor([[0, 65535]]).to(dtype))
+
+
 def test_bad_images(setup):
     _, model, _, bank = setup
     with pytest.raises(ValueError, match="shape"):
