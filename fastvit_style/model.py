@@ -174,6 +174,11 @@ class StylizingViT(nn.Module):
                 )
             if t.shape[0] == 0:
                 raise ValueError(f"{name} is an empty batch: at least one image is needed")
+            if not t.is_floating_point():  # "convert one of them" would invite image.float(), 0-255 values
+                raise ValueError(
+                    f"{name} has dtype {t.dtype}, but the model takes floating-point images normalized as in "
+                    f"training, {param.dtype} (e.g. image.to({param.dtype}) / 255, then the dataset's mean and std)"
+                )
             if t.dtype not in dtypes:
                 others = "".join(f" (or {d} under autocast)" for d in dtypes - {param.dtype})
                 raise ValueError(

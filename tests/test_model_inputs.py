@@ -111,6 +111,17 @@ def test_style_shape_must_match(model):
         model(torch.randn(2, 3, 32, 32), torch.randn(3, 3, 32, 32))
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64, torch.bool])
+def test_integer_images_are_refused_naming_the_normalization(model, dtype):
+    """Not "convert one of them": an image.float() of 0-255 pixels would be stylized, silently wrong."""
+    x = torch.zeros(1, 3, 32, 32, dtype=dtype)
+    match = rf"^x has dtype {dtype}, but the model takes floating-point images normalized .* / 255"
+    with pytest.raises(ValueError, match=match):
+        model(x)
+    with pytest.raises(ValueError, match=match.replace("^x", "^refs")):
+        StyleBank.from_images(model, x)
+
+
 def test_dtype_mismatch(model):
     with pytest.raises(ValueError, match="dtype torch.float64 but the model's parameters are torch.float32"):
         model(torch.randn(1, 3, 32, 32, dtype=torch.float64))
