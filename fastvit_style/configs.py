@@ -274,5 +274,8 @@ NORMALIZATION: dict[str, tuple[tuple[float, float, float], tuple[float, float, f
     "fitzpatrick17k_12_34_56": ((0.6219, 0.4917, 0.4478), (0.2279, 0.1982, 0.1991)),
 }
 
+# The least image side the losses take: VGG19's five 2x2 max-pools leave 1 px of 32.
+VGG_MIN_SIZE = 32
+
 # Official loss weights (PretrainingConfiguration): identity, consistency, anatomical, style.
 LOSS_WEIGHTS = (70.0, 1.0, 7.0, 10.0)

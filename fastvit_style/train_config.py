@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 
 from .atomic import folder_problem, holds_json_keys, writable_problem
-from .configs import BACKBONES, LOSS_WEIGHTS, ModelConfig, check_model_kwargs, is_int
+from .configs import BACKBONES, LOSS_WEIGHTS, VGG_MIN_SIZE, ModelConfig, check_model_kwargs, is_int
 from .imageio import normalization
 
 OFFICIAL_SEED = 265017005
@@ -100,8 +100,6 @@ class TrainConfig:
             )
 
 
-# The least image side the losses take: VGG19's five 2x2 max-pools leave 1 px of 32.
-VGG_MIN_SIZE = 32
 # The integer options and their least values.
 _INTS = (("epochs", 1), ("batch_size", 1), ("accumulate", 1), ("input_size", 1), ("workers", 0),
          ("checkpoint_every", 0))  # fmt: skip

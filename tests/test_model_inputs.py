@@ -315,6 +315,31 @@ def test_loss_targets_that_require_grad_are_refused(backend):
     assert torch.isfinite(loss.total())
 
 
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (
+            {"post_process_conv_padding": 0},
+            r"makes x_recon 28 px wide, not input_size 32: .* 2 \* padding \+ 1",
+        ),
+        ({"post_process_conv_kernel_size": 4}, r"makes x_recon 33 px wide"),
+        ({"in_channel": 1}, "in_channel=1: the VGG19 loss network .* takes 3 channels"),
+        ({"input_size": 16}, "input_size=16: the VGG19 loss network .* at least 32 px"),
+    ],
+)
+def test_train_configs_whose_losses_cannot_run_are_refused(kwargs, match, backend):
+    """Configs the official constructor accepts but whose losses crash (after the whole encoder) with a
+    bare shape error are refused at the training forward with what they need; eval still runs them."""
+    cfg = {**SMALL, **kwargs}
+    model = StylizingViT("tiny", train=True, backend=backend, **cfg)
+    x = torch.randn(2, cfg.get("in_channel", 3), cfg["input_size"], cfg["input_size"])
+    with pytest.raises(ValueError, match=match):
+        model(x)
+    model.training_mode = False
+    assert torch.isfinite(model(x)).all()
+
+
 def test_compute_loss_gradients_reach_every_generated_image():
     """model.compute_loss differentiates in x_stylized, x_recon and x_style_recon as the official ops
     do: float64, the fast losses against backend='reference' (the rolled style's shortcuts are covered
