@@ -419,3 +419,12 @@ def test_a_pickle_from_before_the_official_dropouts_gets_them(model):
     x = images(2, SIZE)
     with torch.no_grad():
         assert_close_rel(loaded(x), model(x), FP32, "fast forward of an old pickle")
+
+
+def test_an_eval_pickle_from_before_the_official_dropouts_gets_them_in_eval_mode(model):
+    """The placeholders an old eval-mode pickle gets are in eval mode too: a p raised on one then drops
+    nothing until the model is put in training mode, as for a model built now."""
+    old = copy.deepcopy(model).eval()
+    del old.encoder.blocks[0].attn._modules["attn_drop"]
+    loaded = copy.deepcopy(old)  # through __setstate__, as a pickle
+    assert not any(m.training for m in loaded.modules())

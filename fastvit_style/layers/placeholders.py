@@ -18,7 +18,8 @@ def no_dropout() -> nn.Dropout:
 
 
 def add_missing(module: nn.Module, **factories) -> None:
-    """Give `module` the placeholder children (name=factory) that a pickle from before them lacks."""
+    """Give `module` the placeholder children (name=factory) that a pickle from before them lacks, in
+    `module`'s mode: a dropout given p > 0 later then drops only where its model trains."""
     for name, make in factories.items():
         if module._modules.get(name) is None:
-            module._modules[name] = make()
+            module._modules[name] = make().train(module.training)
