@@ -78,7 +78,9 @@ class StylizingViT(nn.Module):
         names neither the cause nor the remedy (the trainer refuses them too, in train_config)."""
         cfg = self.config
         k, p = cfg.post_process_conv_kernel_size, cfg.post_process_conv_padding
-        if k != 2 * p + 1:  # a stride-1 conv keeps the size only then
+        conv = self.post_process_conv  # a replaced one, as a replaced loss network, takes what it takes
+        built = isinstance(conv, nn.Conv2d) and conv.kernel_size == (k, k) and conv.padding == (p, p)
+        if built and k != 2 * p + 1:  # a stride-1 conv keeps the size only then
             raise ValueError(
                 f"post_process_conv_kernel_size={k} with post_process_conv_padding={p} makes x_recon "
                 f"{cfg.input_size + 2 * p - k + 1} px wide, not input_size {cfg.input_size}: the losses of a "

@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from fastvit_style import StyleAugment, StyleBank, StylizingViT, create_model
 
@@ -338,6 +339,16 @@ def test_train_configs_whose_losses_cannot_run_are_refused(kwargs, match, backen
         model(x)
     model.training_mode = False
     assert torch.isfinite(model(x)).all()
+
+
+def test_a_replaced_post_process_conv_is_not_judged_by_the_config():
+    """A post conv replaced by one that keeps the size trains, as officially: the config's kernel size and
+    padding describe the conv they built, not its replacement."""
+    model = StylizingViT("tiny", train=True, backend="torch", **{**SMALL, "post_process_conv_padding": 0})
+    model.post_process_conv = nn.Conv2d(3, 3, 3, padding=1)
+    loss, x_recon = model(torch.randn(2, 3, SMALL["input_size"], SMALL["input_size"]))
+    assert x_recon.shape == (2, 3, SMALL["input_size"], SMALL["input_size"])
+    assert torch.isfinite(loss.total())
 
 
 def test_compute_loss_gradients_reach_every_generated_image():
