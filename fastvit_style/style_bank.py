@@ -103,7 +103,9 @@ class StyleBank:
     weights that have changed is refused, so rebuild it after training. Not seen: writes that leave
     the version counters alone (`.data`, hence torch.nn.utils.vector_to_parameters;
     module.half().float(), fused optimizer steps), replaced parameters still referenced elsewhere (by
-    an optimizer), and any change between compiled calls. The
+    an optimizer), and in compiled calls any change since the bank's last eager check of the model (a
+    trace cannot read the version counters: a change made before the first compiled call is missed
+    too; `check(model)` before it). The
     bank's K/V are constants to autograd: gradients through a stylization reach the content image and
     the weights of its content and stylized streams, not the references' stream.
     The fingerprint covers the dtype: build the bank with the model in the dtype it will run in (for
