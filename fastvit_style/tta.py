@@ -71,8 +71,11 @@ def select_refs(num_refs: int, batch: int, refs=None, k: int | None = None, gene
         return torch.arange(num_refs).expand(batch, num_refs)
     _check_generator(generator)
     _check_k(k, num_refs)
+    # generator=None is left out, not passed: torch.compile (2.13) cannot run torch.rand(..., generator=None)
+    # at a dynamic batch size (a compiled TTAClassifier failed at its second batch size).
     device = generator.device if generator is not None else "cpu"
-    return torch.rand(batch, num_refs, generator=generator, device=device).argsort(dim=1)[:, : int(k)]
+    given = {"generator": generator} if generator is not None else {}
+    return torch.rand(batch, num_refs, device=device, **given).argsort(dim=1)[:, : int(k)]
 
 
 def stylize(model, x: torch.Tensor, bank: StyleBank, refs=None, k=None, generator=None, chunk_size: int = 64):

@@ -632,6 +632,23 @@ def test_tta_autocast_and_compiled_classifier(setup):
     torch.testing.assert_close(probs, exact, atol=2e-2, rtol=0)
 
 
+def test_a_compiled_tta_classifier_takes_batches_of_any_size(setup):
+    """torch.compile around a TTAClassifier drawing k references from the global RNG: the draw is in
+    the graph, at a dynamic batch size from the second size on (a dataset's short last batch), with
+    the draws of an eager call from the same seed."""
+    _, model, _, bank = setup
+    torch._dynamo.reset()
+    tta = TTAClassifier(toy_classifier(), model, bank, k=2)
+    compiled = torch.compile(tta, backend="eager", fullgraph=True)
+    for B in (1, 3, 2):
+        x = images(B, SIZE, seed=B)
+        with torch.no_grad():
+            torch.manual_seed(B)
+            probs = compiled(x)
+            torch.manual_seed(B)
+            assert_close_rel(probs, tta(x), FP32, f"compiled TTA, {B} images")
+
+
 def test_views_are_in_the_images_dtype_under_autocast(setup):
     """make_views hands the classifier x's dtype under autocast, also without the original view (whose
     concatenation would otherwise promote the bf16 stylizations)."""
