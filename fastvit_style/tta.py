@@ -17,6 +17,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import guard_or_true
 
 from .block import block_forward, block_with_kv, project_kv, project_q
 from .configs import is_int
@@ -61,11 +62,15 @@ def select_refs(num_refs: int, batch: int, refs=None, k: int | None = None, gene
             raise ValueError(f"refs must hold integer bank indices, got dtype {refs.dtype}")
         # torch's min and max know no uint16-64 (numpy's unsigned index arrays): float64, exact below 2**53
         wide = refs.double() if refs.dtype in (torch.uint16, torch.uint32, torch.uint64) else refs
-        lo, hi = (int(v) for v in torch.stack([wide.min(), wide.max()]).tolist())  # on a GPU: one sync
-        if lo < 0 or hi >= num_refs:
+        lo, hi = torch.stack([wide.min(), wide.max()]).tolist()  # on a GPU: one sync, on the user's refs
+        if not (guard_or_true(lo >= 0) and guard_or_true(hi < num_refs)):
             raise ValueError(
-                f"refs must lie in [0, {num_refs}) (the bank has {num_refs} references), got min {lo} and max {hi}"
+                f"refs must lie in [0, {num_refs}) (the bank has {num_refs} references), got min {int(lo)} and max {int(hi)}"
             )
+        # Traced whole (torch.compile(fullgraph=True)), lo and hi are known only when the graph runs, where
+        # no branch can read them: runtime asserts instead (the Triton kernels would clamp such an index).
+        torch._check(lo >= 0, lambda: f"refs must lie in [0, {num_refs})")
+        torch._check(hi < num_refs, lambda: f"refs must lie in [0, {num_refs})")
         return refs.long()
     if k is None:
         return torch.arange(num_refs).expand(batch, num_refs)

@@ -373,6 +373,23 @@ def test_bank_of_a_compiled_model_serves_the_model_and_its_compiled_calls(setup)
     assert_close_rel(compiled, eager, FP32, "compiled stylization")
 
 
+def test_a_stylization_with_given_refs_compiles_whole(setup):
+    """refs given to a torch.compile(fullgraph=True) stylization: their range check is a runtime assert
+    of the graph (a branch on their values stopped the compile), so refs out of the bank still raise."""
+    _, model, _, bank = setup
+    torch._dynamo.reset()
+    compiled = torch.compile(
+        lambda x, refs: stylize(model, x, bank, refs=refs), backend="eager", fullgraph=True
+    )
+    x = images(2, SIZE)
+    with torch.no_grad():
+        for refs in ([[0, 7], [3, 3]], [[5, 1], [2, 6]]):
+            refs = torch.tensor(refs)
+            assert_close_rel(compiled(x, refs), stylize(model, x, bank, refs=refs), FP32, "compiled refs")
+        with pytest.raises(RuntimeError, match="Runtime assertion failed"):
+            compiled(x, torch.tensor([[0, R], [1, 2]]))
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
