@@ -60,8 +60,12 @@ def select_refs(num_refs: int, batch: int, refs=None, k: int | None = None, gene
             )
         if refs.dtype.is_floating_point or refs.dtype.is_complex or refs.dtype == torch.bool:
             raise ValueError(f"refs must hold integer bank indices, got dtype {refs.dtype}")
-        # torch's min and max know no uint16-64 (numpy's unsigned index arrays): float64, exact below 2**53
-        wide = refs.double() if refs.dtype in (torch.uint16, torch.uint32, torch.uint64) else refs
+        # torch's min and max know no uint16-64 (numpy's unsigned index arrays) and dynamo's tolist no unsigned
+        # dtype: int64 holds uint8-32 exactly; uint64 goes to float64 (exact below 2**53; eager only)
+        unsigned = (torch.uint8, torch.uint16, torch.uint32)
+        wide = (
+            refs.long() if refs.dtype in unsigned else refs.double() if refs.dtype == torch.uint64 else refs
+        )
         lo, hi = torch.stack([wide.min(), wide.max()]).tolist()  # on a GPU: one sync, on the user's refs
         if not (guard_or_true(lo >= 0) and guard_or_true(hi < num_refs)):
             raise ValueError(

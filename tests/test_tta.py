@@ -383,8 +383,13 @@ def test_a_stylization_with_given_refs_compiles_whole(setup):
     )
     x = images(2, SIZE)
     with torch.no_grad():
-        for refs in ([[0, 7], [3, 3]], [[5, 1], [2, 6]]):
-            refs = torch.tensor(refs)
+        # uint8: dynamo's tolist takes no unsigned dtype
+        for refs, dtype in (
+            ([[0, 7], [3, 3]], torch.long),
+            ([[5, 1], [2, 6]], torch.long),
+            ([[4, 0], [1, 7]], torch.uint8),
+        ):
+            refs = torch.tensor(refs, dtype=dtype)
             assert_close_rel(compiled(x, refs), stylize(model, x, bank, refs=refs), FP32, "compiled refs")
         with pytest.raises(RuntimeError, match="Runtime assertion failed"):
             compiled(x, torch.tensor([[0, R], [1, 2]]))
