@@ -277,5 +277,27 @@ NORMALIZATION: dict[str, tuple[tuple[float, float, float], tuple[float, float, f
 # The least image side the losses take: VGG19's five 2x2 max-pools leave 1 px of 32.
 VGG_MIN_SIZE = 32
 
+
+def untrainable(cfg: ModelConfig, *, post_conv: bool = True, vgg: bool = True) -> str | None:
+    """Why a train=True model of `cfg` cannot run its losses, or None: the official code accepts such a
+    config and crashes inside the losses with a shape error that names neither cause nor remedy. post_conv
+    and vgg: whether the config's own post conv and VGG19 are used (a replaced one takes what it takes)."""
+    k, p = cfg.post_process_conv_kernel_size, cfg.post_process_conv_padding
+    if post_conv and k != 2 * p + 1:  # a stride-1 conv keeps the size only then
+        return (
+            f"post_process_conv_kernel_size={k} with post_process_conv_padding={p} makes the reconstruction "
+            f"{cfg.input_size + 2 * p - k + 1} px wide, not input_size {cfg.input_size}: the losses compare it "
+            "with the image and need kernel_size = 2 * padding + 1"
+        )
+    if vgg and cfg.in_channel != 3:
+        return f"in_channel={cfg.in_channel}: the VGG19 loss network takes 3 channels (RGB)"
+    if vgg and cfg.input_size < VGG_MIN_SIZE:
+        return (
+            f"input_size={cfg.input_size}: the VGG19 loss network halves the image five times and needs at "
+            f"least {VGG_MIN_SIZE} px"
+        )
+    return None
+
+
 # Official loss weights (PretrainingConfiguration): identity, consistency, anatomical, style.
 LOSS_WEIGHTS = (70.0, 1.0, 7.0, 10.0)

@@ -7,7 +7,7 @@ from torch import nn
 
 from . import reference, schedule
 from .backends import attention_for, check_backend
-from .configs import DEFAULT_DATASET, VGG_MIN_SIZE, config_property, make_config
+from .configs import DEFAULT_DATASET, config_property, make_config, untrainable
 from .devices import autocast_dtype
 from .layers import Mlp, VGG19Features, ViTEncoder
 from .layers.unmodified import check_unmodified
@@ -73,30 +73,14 @@ class StylizingViT(nn.Module):
         return compute_loss(self.vgg_encoder, x, x_style, x_stylized, x_recon, x_style_recon), x_recon
 
     def _check_trainable(self) -> None:
-        """ValueError where this train=True model's losses cannot run: the official code accepts such a
-        config and crashes inside the losses, after the whole encoder has run, with a shape error that
-        names neither the cause nor the remedy (the trainer refuses them too, in train_config)."""
+        """ValueError where this train=True model's losses cannot run (the trainer refuses them too)."""
         cfg = self.config
         k, p = cfg.post_process_conv_kernel_size, cfg.post_process_conv_padding
         conv = self.post_process_conv  # a replaced one, as a replaced loss network, takes what it takes
         built = isinstance(conv, nn.Conv2d) and conv.kernel_size == (k, k) and conv.padding == (p, p)
-        if built and k != 2 * p + 1:  # a stride-1 conv keeps the size only then
-            raise ValueError(
-                f"post_process_conv_kernel_size={k} with post_process_conv_padding={p} makes x_recon "
-                f"{cfg.input_size + 2 * p - k + 1} px wide, not input_size {cfg.input_size}: the losses of a "
-                "train=True model compare it with x and need kernel_size = 2 * padding + 1"
-            )
-        if not isinstance(self.vgg_encoder, VGG19Features):  # a replaced loss network takes what it takes
-            return
-        if cfg.in_channel != 3:
-            raise ValueError(
-                f"in_channel={cfg.in_channel}: the VGG19 loss network of a train=True model takes 3 channels"
-            )
-        if cfg.input_size < VGG_MIN_SIZE:
-            raise ValueError(
-                f"input_size={cfg.input_size}: the VGG19 loss network of a train=True model halves the image "
-                f"five times and needs at least {VGG_MIN_SIZE} px"
-            )
+        problem = untrainable(cfg, post_conv=built, vgg=isinstance(self.vgg_encoder, VGG19Features))
+        if problem:
+            raise ValueError(f"this train=True model cannot compute its losses: {problem}")
 
     def _warn_if_random_vgg(self, stacklevel: int) -> None:
         # Ours only: a replaced loss network is the user's business.

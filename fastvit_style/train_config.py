@@ -10,7 +10,15 @@ import os
 from dataclasses import dataclass, field
 
 from .atomic import folder_problem, holds_json_keys, writable_problem
-from .configs import BACKBONES, LOSS_WEIGHTS, VGG_MIN_SIZE, ModelConfig, check_model_kwargs, is_int
+from .configs import (
+    BACKBONES,
+    LOSS_WEIGHTS,
+    VGG_MIN_SIZE,
+    ModelConfig,
+    check_model_kwargs,
+    is_int,
+    untrainable,
+)
 from .imageio import normalization
 
 OFFICIAL_SEED = 265017005
@@ -86,18 +94,9 @@ class TrainConfig:
         model = check_model_kwargs(
             "model_kwargs", self.backbone, self.model_kwargs, input_size=self.input_size
         )
-        if model.in_channel != 3:
-            raise ValueError(
-                f"model_kwargs in_channel={model.in_channel} cannot be trained here: the images are read as "
-                "RGB and the VGG19 loss network takes 3 channels"
-            )
-        k, p = model.post_process_conv_kernel_size, model.post_process_conv_padding
-        if k != 2 * p + 1:  # a stride-1 conv keeps the size only then; the losses compare x_recon with x
-            raise ValueError(
-                f"model_kwargs post_process_conv_kernel_size={k} with post_process_conv_padding={p} makes "
-                f"the reconstruction {self.input_size + 2 * p - k + 1} px wide, not input_size "
-                f"{self.input_size}: training needs kernel_size = 2 * padding + 1"
-            )
+        problem = untrainable(model)
+        if problem:
+            raise ValueError(f"model_kwargs cannot be trained: {problem}")
 
 
 # The integer options and their least values.

@@ -322,11 +322,11 @@ def test_loss_targets_that_require_grad_are_refused(backend):
     [
         (
             {"post_process_conv_padding": 0},
-            r"makes x_recon 28 px wide, not input_size 32: .* 2 \* padding \+ 1",
+            r"cannot compute its losses: .* makes the reconstruction 28 px wide, not input_size 32: .* 2 \* padding \+ 1",
         ),
-        ({"post_process_conv_kernel_size": 4}, r"makes x_recon 33 px wide"),
-        ({"in_channel": 1}, "in_channel=1: the VGG19 loss network .* takes 3 channels"),
-        ({"input_size": 16}, "input_size=16: the VGG19 loss network .* at least 32 px"),
+        ({"post_process_conv_kernel_size": 4}, r"makes the reconstruction 33 px wide"),
+        ({"in_channel": 1}, "in_channel=1: the VGG19 loss network takes 3 channels"),
+        ({"input_size": 16}, "input_size=16: the VGG19 loss network halves .* at least 32 px"),
     ],
 )
 def test_train_configs_whose_losses_cannot_run_are_refused(kwargs, match, backend):

@@ -380,7 +380,10 @@ def test_cosine_schedule_and_psnr_formula():
         ({"model_kwargs": {"colour": 1}}, "unexpected keyword argument 'colour'"),
         ({"model_kwargs": {"encoder_depth": 0}}, "depth must be an integer >= 1"),
         # What the trainer cannot use although the model builds: RGB data, x_recon compared with x.
-        ({"model_kwargs": {"in_channel": 1}}, "in_channel=1 cannot be trained here: .* RGB"),
+        (
+            {"model_kwargs": {"in_channel": 1}},
+            r"model_kwargs cannot be trained: in_channel=1: .* 3 channels \(RGB\)",
+        ),
         (
             {"model_kwargs": {"post_process_conv_kernel_size": 4}},
             "kernel_size=4 with .*padding=2 makes the reconstruction 225 px wide, not input_size 224: .*"
@@ -469,7 +472,7 @@ def test_the_extreme_seeds_run_and_bad_ones_stop_the_cli_before_any_file(tmp_pat
     argv = ["train", "--data", str(data), "--out", str(tmp_path / "out"), *TINY_ARGS]
     nope, png = tmp_path / "nope", data / "0.png"
     for extra, match in [(["--seed", str(2**64)], "--seed must be an integer"),
-                         (["--model-kwargs", '{"in_channel": 1}'], "in_channel=1 cannot be trained"),
+                         (["--model-kwargs", '{"in_channel": 1}'], "cannot be trained: in_channel=1"),
                          (["--epochs", "0"], "error: --epochs must be an integer >= 1, got 0"),
                          (["--lr", "-1"], "error: --lr must be a finite number >= 0, got -1.0"),
                          (["--weight-decay", "nan"], "error: --weight-decay must be a finite number >= 0"),
