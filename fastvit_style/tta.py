@@ -118,6 +118,9 @@ def _stylize(model, x: torch.Tensor, bank: StyleBank, index: torch.Tensor, chunk
     B, K = index.shape
     attend = model._fast_attention(x.device)
     per, kc = max(1, chunk_size // K), min(K, chunk_size)
+    # One chunk skips the loops: their ranges would fix B, and torch.compile would recompile per batch size.
+    if B <= per and K <= kc:
+        return _stylize_pairs(model, x, bank, index, attend)
     rows = []
     for b in range(0, B, per):
         pairs = [

@@ -657,18 +657,20 @@ def test_tta_autocast_and_compiled_classifier(setup):
 def test_a_compiled_tta_classifier_takes_batches_of_any_size(setup):
     """torch.compile around a TTAClassifier drawing k references from the global RNG: the draw is in
     the graph, at a dynamic batch size from the second size on (a dataset's short last batch), with
-    the draws of an eager call from the same seed."""
+    the draws of an eager call from the same seed; the sizes within one chunk share that graph."""
     _, model, _, bank = setup
     torch._dynamo.reset()
     tta = TTAClassifier(toy_classifier(), model, bank, k=2)
-    compiled = torch.compile(tta, backend="eager", fullgraph=True)
-    for B in (1, 3, 2):
+    graphs = []
+    compiled = torch.compile(tta, backend=lambda gm, _: graphs.append(gm) or gm.forward, fullgraph=True)
+    for B in (1, 3, 2, 4):
         x = images(B, SIZE, seed=B)
         with torch.no_grad():
             torch.manual_seed(B)
             probs = compiled(x)
             torch.manual_seed(B)
             assert_close_rel(probs, tta(x), FP32, f"compiled TTA, {B} images")
+    assert len(graphs) == 2, f"{len(graphs)} graphs for 4 batch sizes: a loop fixed the batch size"
 
 
 def test_views_are_in_the_images_dtype_under_autocast(setup):
