@@ -126,6 +126,27 @@ def test_wide_greys_are_scaled_not_clipped(tmp_path):
         read_rgb(tmp_path / "big.tif")
 
 
+def test_min_is_white_wide_greys_are_inverted_as_8_bit_ones_are(tmp_path):
+    """A TIFF whose PhotometricInterpretation is 0 (min-is-white, as MONOCHROME1 X-rays are exported)
+    stores 0 for white. Pillow inverts such greys of 8 bits or fewer as it decodes them, but hands 16-bit
+    and float ones over as stored: read_rgb inverts those itself, or the scan would come out negative."""
+    from PIL import TiffImagePlugin
+
+    from fastvit_style.imageio import read_rgb
+
+    stored = np.linspace(0, 65535, 256).astype(np.uint16).reshape(16, 16)
+    info = TiffImagePlugin.ImageFileDirectory_v2()
+    info[262] = 0  # PhotometricInterpretation: WhiteIsZero
+    expected = torch.from_numpy(1 - stored.astype(np.float32) / 65535).expand(3, 16, 16)
+    for name, values in (("x16.tif", stored), ("xf.tif", stored.astype(np.float32) / 65535)):
+        Image.fromarray(values).save(tmp_path / name, tiffinfo=info)
+        with Image.open(tmp_path / name) as im:  # written as given, and marked min-is-white
+            assert im.tag_v2[262] == 0 and np.array_equal(np.array(im), values), name
+        torch.testing.assert_close(read_rgb(tmp_path / name), expected, rtol=0, atol=1e-7, msg=name)
+    Image.fromarray(stored).save(tmp_path / "black_is_zero.tif")
+    torch.testing.assert_close(read_rgb(tmp_path / "black_is_zero.tif"), 1 - expected, rtol=0, atol=1e-7)
+
+
 def test_an_absurdly_large_image_is_a_bad_file_not_a_crash(tmp_path, monkeypatch):
     """Pillow's DecompressionBombError is no OSError: read_rgb makes it the ValueError of a bad file, which
     the dataset skips (and the commands report in one line)."""
