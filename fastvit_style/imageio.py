@@ -92,10 +92,10 @@ def read_rgb(path) -> torch.Tensor:
 
     8-bit images (and every mode Pillow converts to RGB) are divided by 255. Wide greys, which Pillow's
     convert("RGB") would clip to 0..255 (a 16-bit scan turns black and white), are scaled instead:
-    16- and 32-bit integer greys by 65535 (ValueError for values outside 0..65535), float greys taken
-    as they are (ValueError unless all lie in [0, 1]); the grey is repeated on the 3 channels. A TIFF's
-    min-is-white greys (PhotometricInterpretation 0, as of MONOCHROME1 X-rays) are inverted, as Pillow
-    inverts those of 8 bits or fewer but not wide ones.
+    16- and 32-bit integer greys by 65535 (ValueError for values outside 0..65535), a TIFF's 12-bit ones
+    by 4095, float greys taken as they are (ValueError unless all lie in [0, 1]); the grey is repeated
+    on the 3 channels. A TIFF's min-is-white greys (PhotometricInterpretation 0, as of MONOCHROME1
+    X-rays) are inverted, as Pillow inverts those of 8 bits or fewer but not wide ones.
     """
     Image = require_pil()
     path = os.fspath(path)
@@ -103,8 +103,10 @@ def read_rgb(path) -> torch.Tensor:
         with Image.open(path) as im:
             mode = im.mode
             wide = mode in ("I", "F") or mode.startswith("I;16")
-            # Only 16-bit and float min-is-white TIFFs open (Pillow knows no 32-bit integer ones).
-            min_is_white = wide and im.format == "TIFF" and im.tag_v2.get(262) == 0
+            # Only 16-bit and float min-is-white TIFFs open (Pillow knows no 32-bit integer ones), and
+            # 12-bit ones as 'I;16' with their values as stored (0..4095).
+            tags = im.tag_v2 if wide and im.format == "TIFF" else {}
+            min_is_white, white = tags.get(262) == 0, 4095 if tags.get(258) == (12,) else 65535
             pixels = np.array(im if wide else im.convert("RGB"))
     except MemoryError:
         raise
@@ -117,13 +119,13 @@ def read_rgb(path) -> torch.Tensor:
     except Exception as e:  # DecompressionBombError (an absurd size) and odder failures on damaged files
         raise ValueError(f"cannot decode image {path!r} ({type(e).__name__}: {e})") from e
     if wide:
-        return _wide_grey(pixels, mode, path, min_is_white).expand(3, -1, -1).contiguous()
+        return _wide_grey(pixels, mode, path, white, min_is_white).expand(3, -1, -1).contiguous()
     return torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255)
 
 
-def _wide_grey(pixels: np.ndarray, mode: str, path: str, min_is_white: bool = False) -> torch.Tensor:
-    """(h, w) integer or float pixels of a Pillow 'I;16*', 'I' or 'F' image -> (1, h, w) float32 in [0, 1];
-    min_is_white: the stored 0 is white (inverted)."""
+def _wide_grey(pixels: np.ndarray, mode: str, path: str, white: int, min_is_white: bool) -> torch.Tensor:
+    """(h, w) integer or float pixels of a Pillow 'I;16*', 'I' or 'F' image -> (1, h, w) float32 in [0, 1].
+    white: the intensity of white of integer pixels (65535; 4095 for 12 bits); min_is_white: 0 is white."""
     values = pixels.astype(np.float64)
     lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
     if mode == "F":
@@ -137,7 +139,7 @@ def _wide_grey(pixels: np.ndarray, mode: str, path: str, min_is_white: bool = Fa
             raise ValueError(
                 f"{path}: {mode} image with values in [{lo:g}, {hi:g}]: expected 16-bit intensities in 0..65535"
             )
-        values /= 65535
+        values /= white
     if min_is_white:
         values = 1 - values
     return torch.from_numpy(values.astype(np.float32))[None]

@@ -147,6 +147,29 @@ def test_min_is_white_wide_greys_are_inverted_as_8_bit_ones_are(tmp_path):
     torch.testing.assert_close(read_rgb(tmp_path / "black_is_zero.tif"), 1 - expected, rtol=0, atol=1e-7)
 
 
+def test_12_bit_tiff_greys_are_scaled_by_4095(tmp_path):
+    """Pillow opens a 12-bit grey TIFF (BitsPerSample 12, packed, as some X-ray detectors write) as 'I;16'
+    with its values as stored, 0..4095: divided by 65535 the scan's white would come out at 1/16."""
+    import struct
+
+    from fastvit_style.imageio import read_rgb
+
+    stored = np.linspace(0, 4095, 256).astype(np.uint16).reshape(16, 16)
+    packed = bytes(
+        b for x, y in stored.reshape(-1, 2).tolist() for b in (x >> 4, (x & 15) << 4 | y >> 8, y & 255)
+    )
+    # Little-endian TIFF of one uncompressed strip after the header and the 9 tags: width, height, bits,
+    # compression, photometric, strip offset, samples per pixel, rows per strip, strip bytes.
+    offset = 8 + 2 + 12 * 9 + 4
+    tags = {256: 16, 257: 16, 258: 12, 259: 1, 262: 1, 273: offset, 277: 1, 278: 16, 279: len(packed)}
+    ifd = b"".join(struct.pack("<HHII", tag, 4, 1, value) for tag, value in tags.items())
+    (tmp_path / "x12.tif").write_bytes(b"II*\x00" + struct.pack("<IH", 8, 9) + ifd + bytes(4) + packed)
+    with Image.open(tmp_path / "x12.tif") as im:
+        assert np.array_equal(np.array(im), stored)  # decoded as stored
+    expected = torch.from_numpy(stored.astype(np.float32) / 4095).expand(3, 16, 16)
+    torch.testing.assert_close(read_rgb(tmp_path / "x12.tif"), expected, rtol=0, atol=1e-7)
+
+
 def test_an_absurdly_large_image_is_a_bad_file_not_a_crash(tmp_path, monkeypatch):
     """Pillow's DecompressionBombError is no OSError: read_rgb makes it the ValueError of a bad file, which
     the dataset skips (and the commands report in one line)."""
