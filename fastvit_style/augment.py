@@ -103,6 +103,22 @@ class StyleAugment:
         out[idx] = stylized.to(x.dtype)
         return out, idx
 
+    def __getstate__(self) -> dict:
+        # torch.Generator pickles its state as a tensor, which the multiprocessing pickler of spawn and
+        # forkserver workers (DataLoader's on macOS and Windows) cannot send (pytorch#146828: the worker
+        # dies with "unable to resize file"): the state goes as bytes.
+        state = dict(self.__dict__)
+        if self.generator is not None:
+            state["generator"] = self.generator.get_state().numpy().tobytes()
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        if isinstance(state["generator"], bytes):  # a Generator itself where pickled before this method
+            generator = torch.Generator()
+            generator.set_state(torch.frombuffer(bytearray(state["generator"]), dtype=torch.uint8))
+            state = {**state, "generator": generator}
+        self.__dict__.update(state)
+
 
 def _scatters(stylizer) -> bool:
     """Whether a DataParallel is among stylizer's wrappers: it splits the batch over its GPUs and gives

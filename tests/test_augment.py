@@ -214,3 +214,28 @@ def test_the_classifier_example_normalizes_as_the_weights_say(tmp_path, monkeypa
         used.clear()
         example.main([*argv, "--steps", "1", "--batch", "2"])
         assert used[0] == tuple(expected), argv
+
+
+def _style_is_the_stylization(content, style):
+    """A stylizer a spawned worker can import by name (a lambda cannot be sent to one)."""
+    return style
+
+
+def _augment_in_worker(batch):
+    augment, x = batch[0]
+    return augment(x)[1]
+
+
+def test_a_generator_reaches_spawned_workers():
+    """spawn/forkserver workers (DataLoader's default on macOS and Windows, Python 3.14's on Linux) get a
+    copy of the augmentation through the multiprocessing pickler, which cannot send a torch.Generator
+    (pytorch#146828: the worker died with "unable to resize file"): the copy draws as the original."""
+    from torch.utils.data import DataLoader
+
+    augment = StyleAugment(_style_is_the_stylization, p=0.5, generator=torch.Generator().manual_seed(4))
+    loader = DataLoader(
+        [(augment, images(6, 8))], batch_size=1, num_workers=1, collate_fn=_augment_in_worker,
+        multiprocessing_context="spawn",
+    )  # fmt: skip
+    (idx,) = list(loader)
+    assert torch.equal(idx, torch.randperm(6, generator=torch.Generator().manual_seed(4))[:3])
