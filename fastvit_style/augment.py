@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .devices import to_device_async
-from .style_bank import find_stylizer
+from .style_bank import describe_value, find_stylizer
 from .weights import wrappers
 
 
@@ -99,6 +99,17 @@ class StyleAugment:
             style = to_device_async(style, x.device).to(x.dtype)
         with torch.no_grad():
             stylized = self.stylizer(x_sel, style)
+        # Checked: a batch of another size would broadcast into out[idx] (one image over all n rows).
+        if not isinstance(stylized, torch.Tensor):
+            raise TypeError(
+                f"the stylizer must return the stylized images, a tensor of shape {tuple(x_sel.shape)}, got "
+                f"{describe_value(stylized)} (a train=True model returns its losses)"
+            )
+        if stylized.shape != x_sel.shape:
+            raise ValueError(
+                f"the stylizer must return one image per content image, shape {tuple(x_sel.shape)}, got "
+                f"{tuple(stylized.shape)}"
+            )
         out = x.clone()
         out[idx] = stylized.to(x.dtype)
         return out, idx

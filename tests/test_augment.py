@@ -239,3 +239,15 @@ def test_a_generator_reaches_spawned_workers():
     )  # fmt: skip
     (idx,) = list(loader)
     assert torch.equal(idx, torch.randperm(6, generator=torch.Generator().manual_seed(4))[:3])
+
+
+def test_a_stylizer_that_returns_no_image_per_content_image_is_refused(stylizer):
+    """A batch of another size would broadcast into the selected rows (one image copied over all of them);
+    a train=True model inside a user's wrapper returns its losses."""
+    x = images(8, 32)
+    with pytest.raises(
+        ValueError, match=r"one image per content image, shape \(4, 3, 32, 32\), got \(1, 3, 32, 32\)"
+    ):
+        StyleAugment(lambda c, s: stylizer(c[:1], s[:1]), p=0.5)(x)
+    with pytest.raises(TypeError, match=r"must return the stylized images.*got a tuple of 2"):
+        StyleAugment(lambda c, s: (c, s), p=0.5)(x)
