@@ -41,7 +41,9 @@ class StyleAugment:
         if references is not None and not isinstance(references, torch.Tensor):
             raise TypeError(f"references must be a torch.Tensor, got {type(references).__name__}")
         if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 < p <= 1:
-            raise ValueError(f"p is the fraction of each batch to stylize and must be in (0, 1], got {p!r}")
+            raise ValueError(
+                f"p is the fraction of each batch to stylize and must be a number in (0, 1], got {describe_value(p)}"
+            )
         if references is not None and (references.dim() != 4 or references.shape[0] == 0):
             raise ValueError(
                 f"references must be a non-empty (R, C, H, W) batch, got {tuple(references.shape)}"

@@ -147,7 +147,16 @@ def test_a_generator_that_is_not_a_cpu_generator_is_refused(stylizer):
 
 @pytest.mark.parametrize("p", [0, -0.1, 1.5, True, "0.5", None])
 def test_bad_p_is_refused(stylizer, p):
-    with pytest.raises(ValueError, match=r"p .* must be in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"p .* must be a number in \(0, 1\]"):
+        StyleAugment(stylizer, p=p)
+
+
+@pytest.mark.parametrize(
+    "p, shown", [(torch.tensor(0.5), r"a torch.float32 tensor of shape \(\)"), ("0.5", "str '0.5'")]
+)
+def test_a_p_that_is_no_number_is_named_by_its_type(stylizer, p, shown):
+    """A 0-d tensor or a string holding a value in (0, 1] was refused as if its value were out of range."""
+    with pytest.raises(ValueError, match=rf"must be a number in \(0, 1\], got {shown}$"):
         StyleAugment(stylizer, p=p)
 
 
