@@ -20,7 +20,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .imageio import list_images, load_image, normalization, normalize, read_rgb, require_pil, resize_pad
+from .imageio import (
+    IMAGE_KINDS,
+    list_images,
+    load_image,
+    normalization,
+    normalize,
+    read_rgb,
+    require_pil,
+    resize_pad,
+)
 
 # What decoding a damaged file raises: PIL's UnidentifiedImageError is an OSError ("truncated"
 # too), bad headers raise SyntaxError/ValueError; read_rgb turns the rest (an absurd size's
@@ -45,7 +54,7 @@ def _warn_skipped(path: str, e: Exception) -> None:
 
 
 class ImageFolderDataset(Dataset):
-    """Every png/jpg/tif/... image under `root` (recursive, sorted by path), no labels.
+    """Every image (IMAGE_SUFFIXES) under `root` (recursive, sorted by path), no labels.
 
     Item i: (3, input_size, input_size) float32, aspect-preserving resize, centre zero padding, then
     (x - mean) / std (padding becomes -mean/std, as officially); None when the file is corrupt.
@@ -58,7 +67,7 @@ class ImageFolderDataset(Dataset):
         self.root = os.fspath(root)
         self.paths = list_images(self.root)
         if not self.paths:
-            raise ValueError(f"no images (png/jpg/jpeg/tif/tiff/bmp) found under {self.root!r}")
+            raise ValueError(f"no images ({IMAGE_KINDS}) found under {self.root!r}")
         require_pil()  # fail at construction, not in the first worker
         self.input_size = input_size
         self.mean, self.std = normalization(dataset, mean, std)

@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from .atomic import atomic_path
 from .configs import DEFAULT_DATASET, NORMALIZATION
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+# torchvision's IMG_EXTENSIONS, whose ImageFolder the official datasets read through.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".ppm", ".pgm", ".webp")
+IMAGE_KINDS = "/".join(suffix[1:] for suffix in IMAGE_SUFFIXES)  # for messages
 PIL_HINT = "reading images needs Pillow: pip install pillow (from a checkout: pip install '.[images]')"
 
 
@@ -32,7 +34,7 @@ def require_pil():
 
 
 def list_images(folder, name: str = "image folder") -> list[str]:
-    """Image files under `folder`, recursively (png/jpg/jpeg/tif/tiff/bmp, any case), sorted by path;
+    """Image files under `folder`, recursively (IMAGE_SUFFIXES, any case), sorted by path;
     FileNotFoundError or NotADirectoryError, calling the folder `name`, where there is no such folder.
 
     Linked folders are followed (as torchvision's ImageFolder does), each real folder once: a link

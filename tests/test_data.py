@@ -352,11 +352,31 @@ def test_every_image_suffix_is_listed_and_broken_links_kept(tmp_path):
     """A broken link stays in the listing, to be reported (and skipped) when it is read."""
     from fastvit_style.imageio import list_images
 
-    names = ["a.png", "b.JPG", "c.jpeg", "d.tif", "e.TIFF", "f.bmp"]
-    for name in [*names, "g.gif", "h.txt"]:
+    names = ["a.png", "b.JPG", "c.jpeg", "d.tif", "e.TIFF", "f.bmp", "g.ppm", "h.PGM", "i.webp"]
+    for name in [*names, "j.gif", "k.txt"]:
         (tmp_path / name).write_bytes(b"")
-    os.symlink(tmp_path / "gone.png", tmp_path / "i.png")
-    assert [os.path.basename(p) for p in list_images(tmp_path)] == [*names, "i.png"]
+    os.symlink(tmp_path / "gone.png", tmp_path / "l.png")
+    assert [os.path.basename(p) for p in list_images(tmp_path)] == [*names, "l.png"]
+
+
+def test_netpbm_and_webp_images_are_read(tmp_path):
+    """The formats torchvision's ImageFolder (the official datasets') takes besides png/jpg/tif/bmp: a
+    16-bit PGM of any maxval is scaled to 0..65535 by Pillow and read as a wide grey."""
+    from PIL import Image
+
+    from fastvit_style.imageio import read_rgb
+
+    (tmp_path / "g.pgm").write_bytes(b"P5\n3 1\n4095\n" + np.array([0, 1365, 4095], dtype=">u2").tobytes())
+    torch.testing.assert_close(
+        read_rgb(tmp_path / "g.pgm"), torch.tensor([0, 1 / 3, 1]).expand(3, 1, 3), atol=1e-4, rtol=0
+    )
+    rgb = torch.randint(0, 256, (5, 4, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    Image.fromarray(rgb.numpy()).save(tmp_path / "c.webp", lossless=True)
+    Image.fromarray(rgb.numpy()).save(tmp_path / "c.ppm")
+    for name in ("c.webp", "c.ppm"):
+        torch.testing.assert_close(
+            read_rgb(tmp_path / name), rgb.permute(2, 0, 1).float() / 255, atol=0, rtol=0
+        )
 
 
 def test_the_short_side_is_truncated_and_never_zero():

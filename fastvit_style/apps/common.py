@@ -28,7 +28,7 @@ from ..configs import (
     weights_dataset,
 )
 from ..devices import resolve_device
-from ..imageio import list_images, normalization, require_pil, save_png
+from ..imageio import IMAGE_KINDS, list_images, normalization, require_pil, save_png
 from ..weights import read_normalization
 
 BACKBONE_HELP = (
@@ -195,7 +195,7 @@ def find_images(*named_folders: tuple[str, str], output: tuple[str, str] | None 
     found = [_without_earlier_outputs(paths, folder) for (_, folder), paths in zip(named_folders, found)]
     for (what, folder), paths in zip(named_folders, found):
         if not paths:
-            raise SystemExit(f"error: no {what} images (png/jpg/jpeg/tif/tiff/bmp) under {folder!r}")
+            raise SystemExit(f"error: no {what} images ({IMAGE_KINDS}) under {folder!r}")
     return found
 
 
