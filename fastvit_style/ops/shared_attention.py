@@ -67,7 +67,9 @@ def shared_attention(
     Returns (Sq, Tq, H, d) in q's dtype; differentiable in q, k and v (reverse mode; forward mode on the
     PyTorch path only: the Triton backend refuses it). Under the differentiating torch.func transforms
     (grad, vjp, jacrev, jvp), whose derivatives the custom ops cannot take, "auto" runs the PyTorch path
-    and "triton" raises NotImplementedError; vmap alone runs either.
+    and "triton" raises NotImplementedError; vmap alone runs either. On the Triton backend, K/V
+    made under inference_mode pass a gradient to q in eager mode only: compiled, AOT autograd cannot save
+    them for backward ("Inference tensors cannot be saved"); clone them before the compiled call.
     """
     for name, t in (("q", q), ("k", k), ("v", v), ("kv_index", kv_index)):
         if not isinstance(t, Tensor):
