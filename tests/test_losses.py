@@ -40,3 +40,20 @@ def test_map_mse_under_vmap():
     a, b = (torch.randn(3, 2, 4, 5, 6, generator=gen) for _ in range(2))
     got = torch.func.vmap(losses.map_mse)(a, b)
     torch.testing.assert_close(got, torch.stack([F.mse_loss(x, y) for x, y in zip(a, b)]), rtol=1e-6, atol=0)
+
+
+def test_half_style_statistics_are_float32_with_a_given_style_as_with_the_roll():
+    """The style's statistics of half maps are float32 with an explicit x_style as with the roll: an
+    fp16 variance of a map with std above 256 is inf, which made the style loss inf with one and finite
+    with the other."""
+    gen = torch.Generator().manual_seed(0)
+    x, x_stylized, x_recon = (torch.randn(4, 3, 8, 8, generator=gen).half() for _ in range(3))
+
+    def vgg(images):  # a replaced loss network, whose maps have std 1000
+        return [images.float().mul(1000).half()]
+
+    rolled = losses.compute_loss(vgg, x, None, x_stylized, x_recon, None)
+    given = losses.compute_loss(vgg, x, x.roll(-1, 0), x_stylized, x_recon, x_recon.roll(-1, 0))
+    assert rolled.style.isfinite()
+    for name in ("identity", "consistency", "anatomical", "style"):
+        torch.testing.assert_close(getattr(given, name), getattr(rolled, name), rtol=2e-3, atol=0)
