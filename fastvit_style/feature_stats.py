@@ -34,7 +34,10 @@ def normalized_stats(feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
 
 
 def _official_stats(feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The twin's ops, differentiable: what compiled graphs run (see the module docstring)."""
+    """The twin's ops, differentiable: what compiled graphs run (see the module docstring); on float32
+    maps for half ones, as `channel_stats` (in fp16 a std above 256 has an inf variance)."""
+    if feat.dtype in (torch.float16, torch.bfloat16):
+        feat = feat.float()
     mean, std = channel_mean_std(feat)
     return normalized(feat), mean, std
 

@@ -42,18 +42,26 @@ def test_map_mse_under_vmap():
     torch.testing.assert_close(got, torch.stack([F.mse_loss(x, y) for x, y in zip(a, b)]), rtol=1e-6, atol=0)
 
 
-def test_half_style_statistics_are_float32_with_a_given_style_as_with_the_roll():
-    """The style's statistics of half maps are float32 with an explicit x_style as with the roll: an
-    fp16 variance of a map with std above 256 is inf, which made the style loss inf with one and finite
-    with the other."""
+@pytest.mark.parametrize("compiled", [False, True])
+def test_half_style_statistics_are_float32_with_a_given_style_as_with_the_roll(compiled):
+    """The statistics of half maps are float32 with an explicit x_style as with the roll, compiled as
+    in eager mode: an fp16 variance of a map with std above 256 is inf, which made the style loss inf
+    with one and finite with the other, and compiled ones 0 (anatomical) and NaN (style)."""
     gen = torch.Generator().manual_seed(0)
     x, x_stylized, x_recon = (torch.randn(4, 3, 8, 8, generator=gen).half() for _ in range(3))
 
     def vgg(images):  # a replaced loss network, whose maps have std 1000
         return [images.float().mul(1000).half()]
 
-    rolled = losses.compute_loss(vgg, x, None, x_stylized, x_recon, None)
-    given = losses.compute_loss(vgg, x, x.roll(-1, 0), x_stylized, x_recon, x_recon.roll(-1, 0))
-    assert rolled.style.isfinite()
+    loss = losses.compute_loss
+    if compiled:
+        torch._dynamo.reset()
+        loss = torch.compile(loss, backend="eager", fullgraph=True)
+    rolled = loss(vgg, x, None, x_stylized, x_recon, None)
+    given = loss(vgg, x, x.roll(-1, 0), x_stylized, x_recon, x_recon.roll(-1, 0))
+    eager = losses.compute_loss(vgg, x, None, x_stylized, x_recon, None)
+    assert eager.style.isfinite() and eager.anatomical > 0
+    torch.testing.assert_close(rolled.style, eager.style, rtol=2e-3, atol=0)
+    torch.testing.assert_close(rolled.anatomical, eager.anatomical, rtol=2e-3, atol=0)
     for name in ("identity", "consistency", "anatomical", "style"):
         torch.testing.assert_close(getattr(given, name), getattr(rolled, name), rtol=2e-3, atol=0)
