@@ -248,6 +248,12 @@ def test_plan():
         (["--workloads", "foo"], "--workloads: unknown or none"),
         (["--compile", "--compile-backends", "bogus"], r"--compile-backends \['bogus'\] are not timed"),
         (["--compile", "--compile-dtypes", "bf16"], r"--compile-dtypes \['bf16'\] are not timed"),
+        # compile options without compiled variants (off by default on CPU) would be dropped, silently
+        (["--compile-backends", "torch"], "--compile-backends only act on compiled variants.*add --compile"),
+        (
+            ["--no-compile", "--compile-dtypes", "fp32", "--compile-every-size"],
+            r"--compile-dtypes, --compile-every-size only act on compiled variants, which are off \(--no-compile\)",
+        ),
     ],
 )
 def test_option_values_no_variant_could_run_with_are_refused_first(tmp_path, capsys, option, message):

@@ -162,6 +162,20 @@ def config_from_args(args) -> BenchConfig:
         fast = [b for b in FAST_BACKENDS if unavailable_reason(b, device) is None and (cuda or b != "triton")]
         backends = ["reference", *fast]
     compile_ = (cuda and not args.quick) if args.compile is None else args.compile
+    compile_only = [
+        flag
+        for flag, value in (
+            ("--compile-backends", args.compile_backends),
+            ("--compile-dtypes", args.compile_dtypes),
+            ("--compile-every-size", args.compile_every_size),
+        )
+        if value
+    ]
+    if compile_only and not compile_:  # they would be dropped, silently
+        raise ValueError(
+            f"{', '.join(compile_only)} only act on compiled variants, which are off "
+            f"({'--no-compile' if args.compile is False else 'the default on CPU and with --quick'}): add --compile"
+        )
     compile_backends = _csv(args.compile_backends or ",".join(backends)) if compile_ else []
     compile_dtypes = _csv(args.compile_dtypes or ("bf16" if "bf16" in dtypes else ",".join(dtypes)))
     # Names outside the timed sets would compile nothing, silently.
