@@ -10,7 +10,7 @@ Methods, same process and weights (random), each stylizing B test images by K re
   reference  the same call with backend="reference": the official computation, 4 block calls per layer
   reference-K  the naive TTA loop: K official forwards, each of the B images against one reference
 The bank build is timed apart (it is paid once per reference set, not per test image). Times are the
-median of --repeats rounds after one warm-up, the methods taking turns in each round. CPU numbers are
+median of --repeats rounds after one warm-up (each round's kept in the JSON), the methods taking turns in each round. CPU numbers are
 noisy on shared machines.
 """
 
@@ -23,7 +23,7 @@ import torch
 
 from fastvit_style import StyleBank, StylizingViT
 from fastvit_style.apps.common import positive_int
-from fastvit_style.benchmark.report import check_output_file
+from fastvit_style.benchmark.report import check_output_file, git_commit, utc_now
 from fastvit_style.benchmark.timing import synchronize
 from fastvit_style.tta import stylize
 
@@ -47,7 +47,7 @@ def parse_args(argv=None):
 
 
 def timed(fns: dict, device: torch.device, repeats: int) -> tuple[dict, dict]:
-    """Median seconds of each fn() over `repeats` rounds after one warm-up, and its last output. The
+    """Seconds of each fn() in each of `repeats` rounds after one warm-up, and its last output. The
     methods take turns within each round, so a load change on a shared machine hits them alike."""
     outs = {name: fn() for name, fn in fns.items()}
     times = {name: [] for name in fns}
@@ -58,7 +58,7 @@ def timed(fns: dict, device: torch.device, repeats: int) -> tuple[dict, dict]:
             outs[name] = fn()
             synchronize(device)
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}, outs
+    return times, outs
 
 
 def main(argv=None) -> dict:
@@ -107,12 +107,14 @@ def main(argv=None) -> dict:
         "reference": lambda: forward("reference"),
         "reference-K": k_forwards,
     }
-    seconds, outs = timed(fns, device, args.repeats)
+    samples, outs = timed(fns, device, args.repeats)
+    seconds = {name: statistics.median(t) for name, t in samples.items()}
     expected = outs["reference"]
     results = {}
     for name, t in seconds.items():
         results[name] = {
             "seconds": t,
+            "all_seconds": samples[name],
             "images_per_s": B / t,
             "speedup_vs_reference": seconds["reference"] / t,
             "speedup_vs_k_forwards": seconds["reference-K"] / t,
@@ -134,6 +136,8 @@ def main(argv=None) -> dict:
         "bank_build_seconds": bank_build,
         "bank_mib": bank.nbytes / 2**20,
         "results": results,
+        "date": utc_now(),
+        "git": git_commit(),
     }
     print(
         f"{args.backbone}, {device}, {args.dtype}, B={B}, K={K}, {report['threads']} threads; "

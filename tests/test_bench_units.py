@@ -435,18 +435,29 @@ class _StubModel(torch.nn.Module):
 
 
 def test_tta_script_rates_per_test_image(monkeypatch):
-    """bench/tta_cpu.py, its timing faked: test images per second (B, not B x K views) and speedups
-    over the reference and over K forwards."""
+    """bench/tta_cpu.py, its timing faked: test images per second (B, not B x K views) at the median
+    round and speedups over the reference and over K forwards; every round's seconds, the date and
+    the commit kept."""
     tta_cpu = _script("tta_cpu")
-    seconds = {"bank": 0.5, "fast-fwd": 1.0, "reference": 2.0, "reference-K": 4.0}
+    seconds = {
+        "bank": [0.5, 9.0, 0.4],
+        "fast-fwd": [1.0] * 3,
+        "reference": [2.0] * 3,
+        "reference-K": [4.0] * 3,
+    }
     monkeypatch.setattr(tta_cpu, "StylizingViT", _StubModel)
     monkeypatch.setattr(tta_cpu.StyleBank, "from_images", lambda model, refs: types.SimpleNamespace(nbytes=0))
     monkeypatch.setattr(
         tta_cpu, "timed", lambda fns, device, repeats: (seconds, {n: torch.ones(6, 3) for n in fns})
     )
-    results = tta_cpu.main(["--batch", "2", "--k", "3"])["results"]
+    report_ = tta_cpu.main(["--batch", "2", "--k", "3"])
+    results = report_["results"]
     assert results["bank"]["images_per_s"] == 4.0 and results["reference"]["images_per_s"] == 1.0
     assert results["bank"]["speedup_vs_reference"] == 4.0 and results["bank"]["speedup_vs_k_forwards"] == 8.0
+    assert results["bank"]["all_seconds"] == [0.5, 9.0, 0.4]
+    assert (
+        report_["git"]["sources"] and datetime.datetime.fromisoformat(report_["date"]).utcoffset() is not None
+    )
 
 
 @pytest.mark.parametrize("train_speedup, status", [(1.9, 0), (1.6, 1)])
