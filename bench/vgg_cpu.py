@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from fastvit_style.apps.common import positive_int
 from fastvit_style.layers import winograd
 from fastvit_style.layers.vgg19 import _STAGE_ENDS, VGG19_CONVS
 
@@ -29,6 +30,17 @@ def layer_shapes(size: int) -> list[tuple[int, int, int]]:
         if idx in _STAGE_ENDS:
             side //= 2
     return shapes
+
+
+def input_side(text: str) -> int:
+    """--size: a multiple of 32, so that every stage's side is even after VGG19's four poolings
+    (Winograd's 2x2 output tiles need even sides; it is timed at every layer)."""
+    value = positive_int(text)
+    if value % 32:
+        raise argparse.ArgumentTypeError(
+            f"must be a multiple of 32 (each stage's side even for Winograd's 2x2 tiles), got {value}"
+        )
+    return value
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -61,10 +73,12 @@ def layer_ms(conv: torch.nn.Conv2d, x: torch.Tensor, g: torch.Tensor, repeats: i
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch", type=int, default=4, help="images per call (a training step's VGG batch)")
-    p.add_argument("--size", type=int, default=224)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--batch", type=positive_int, default=4, help="images per call (a training step's VGG batch)"
+    )
+    p.add_argument("--size", type=input_side, default=224, help="input side in px, a multiple of 32")
+    p.add_argument("--repeats", type=positive_int, default=5)
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

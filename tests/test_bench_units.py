@@ -460,6 +460,23 @@ def test_tta_script_rates_per_test_image(monkeypatch):
     )
 
 
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--size", "48"], "--size: must be a multiple of 32"),  # a 3-px last stage: Winograd's tiles crashed
+        (["--repeats", "0"], "--repeats: must be at least 1"),  # no median: StatisticsError after a layer
+        (["--batch", "0"], "--batch: must be at least 1"),
+        (["--threads", "0"], "--threads: must be at least 1"),  # was ignored
+    ],
+)
+def test_vgg_script_refuses_values_it_cannot_time_with(capsys, option, message):
+    """bench/vgg_cpu.py names the value it expected before timing anything."""
+    vgg_cpu = _script("vgg_cpu")
+    with pytest.raises(SystemExit) as exit_:
+        vgg_cpu.main(["--size", "32", "--batch", "1", "--repeats", "1", *option])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("train_speedup, status", [(1.9, 0), (1.6, 1)])
 def test_cpu_speed_script_holds_the_targets(monkeypatch, capsys, train_speedup, status):
     """bench/cpu_speed.py, its run faked: the targets of bench/README.md (eval explicit styles 1.15x,
