@@ -27,6 +27,8 @@ import time
 
 import torch
 
+from fastvit_style.apps.common import positive_int
+
 CALLS = 200
 
 
@@ -50,8 +52,8 @@ def stub_kernel_launches() -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--heads", type=int, default=3)
+    p.add_argument("--batch", type=positive_int, default=8)
+    p.add_argument("--heads", type=positive_int, default=3)
     p.add_argument("--host", action="store_true", help="CPU, launches stubbed: host time only")
     p.add_argument("--out", help="also write the numbers as JSON into this folder")
     args = p.parse_args(argv)

@@ -44,6 +44,7 @@ from typing import NamedTuple
 
 import torch
 
+from fastvit_style.apps.common import positive_int
 from fastvit_style.atomic import write_json
 from fastvit_style.benchmark.report import git_commit, output_stem, utc_now
 from fastvit_style.benchmark.timing import summarize
@@ -70,17 +71,20 @@ def model_kv_index(B: int, device="cpu") -> torch.Tensor:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="bench/results", help="folder for the JSON file")
-    p.add_argument("--heads", type=int, nargs="+", default=[3, 6, 12])
-    p.add_argument("--batches", type=int, nargs="+", default=[8, 32, 64, 128])
+    p.add_argument("--heads", type=positive_int, nargs="+", default=[3, 6, 12])
+    p.add_argument("--batches", type=positive_int, nargs="+", default=[8, 32, 64, 128])
     p.add_argument(
         "--flex-heads",
-        type=int,
+        type=positive_int,
         nargs="+",
         default=[12],
         help="FlexAttention compiles per shape: heads to run it at, in this order",
     )
     p.add_argument(
-        "--flex-batches", type=int, nargs="+", help="batches to run FlexAttention at (default: --batches)"
+        "--flex-batches",
+        type=positive_int,
+        nargs="+",
+        help="batches to run FlexAttention at (default: --batches)",
     )
     p.add_argument("--warmup", type=int, default=10, help="do_bench warm-up, ms")
     p.add_argument("--rep", type=int, default=40, help="do_bench repetition time, ms")

@@ -33,7 +33,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--backbone", default="tiny")
     p.add_argument("--input-size", type=int, default=224)
-    p.add_argument("--batch", type=int, default=4, help="micro-batch B (one roll group)")
+    p.add_argument("--batch", type=positive_int, default=4, help="micro-batch B (one roll group)")
     p.add_argument(
         "--bf16",
         action="store_true",

@@ -477,6 +477,24 @@ def test_vgg_script_refuses_values_it_cannot_time_with(capsys, option, message):
     assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "script, argv, flag",
+    [
+        ("train_cpu", ["--batch", "-1"], "--batch"),  # was a RuntimeError about a negative dimension
+        ("profile_shared_attention", ["--host", "--batch", "0"], "--batch"),  # timed empty work
+        ("profile_shared_attention", ["--host", "--heads", "0"], "--heads"),
+        ("sweep_shared_attention", ["--dry-run", "--batches", "8", "0"], "--batches"),  # a plan of 0 GFLOP
+        ("sweep_shared_attention", ["--dry-run", "--flex-heads", "0"], "--flex-heads"),
+    ],
+)
+def test_bench_scripts_refuse_sizes_below_one(capsys, script, argv, flag):
+    """A batch or head count below 1 is refused by the parser, naming the flag and the least value."""
+    module = _script(script)
+    with pytest.raises(SystemExit) as exit_:
+        (module.parse_args if hasattr(module, "parse_args") else module.main)(argv)
+    assert exit_.value.code == 2 and f"argument {flag}: must be at least 1" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("train_speedup, status", [(1.9, 0), (1.6, 1)])
 def test_cpu_speed_script_holds_the_targets(monkeypatch, capsys, train_speedup, status):
     """bench/cpu_speed.py, its run faked: the targets of bench/README.md (eval explicit styles 1.15x,
