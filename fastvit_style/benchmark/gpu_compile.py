@@ -179,7 +179,9 @@ def main(argv=None) -> int:
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.add_argument("--quick", action="store_true", help=f"only the first shape, {SHAPES[0]}")
-    p.add_argument("--out", help="also write the rows, with the triton version and target, to this JSON file")
+    p.add_argument(
+        "--out", help="also write the rows, with the target, versions, date and commit, to this JSON file"
+    )
     p.add_argument(
         "--tf32", action="store_true", help="fp32 kernels as with TF32 allowed (exact dots otherwise)"
     )
@@ -225,8 +227,11 @@ def main(argv=None) -> int:
         import triton
 
         from ..atomic import write_json
+        from .report import git_commit, utc_now
 
-        write_json(args.out, {"target": f"cuda sm_{args.arch}", "triton": triton.__version__, "rows": rows})
+        # The rows are the kernels' registers and spills: they belong to the code (commit, sources hash).
+        write_json(args.out, {"target": f"cuda sm_{args.arch}", "triton": triton.__version__, "rows": rows,
+                              "torch": torch.__version__, "date": utc_now(), "git": git_commit()})  # fmt: skip
     if args.json:
         print(json.dumps(rows))
         return 0

@@ -69,3 +69,21 @@ def test_exact_fp32_other_lengths():
     assert {r["kernel"] for r in rows} == {"fwd", "bwd_dq", "bwd_dkdv"} and len(rows) == 9
     for r in rows:
         assert r["spill_stack_bytes"] == 0, r
+
+
+def test_the_json_names_the_code_and_the_date(tmp_path, monkeypatch):
+    """--out: the rows belong to the kernels' code, so the file carries the commit (with the sources hash),
+    the date and the versions beside the target. Compiles faked: this checks the file, not the kernels."""
+    import datetime
+
+    import torch
+
+    from fastvit_style.benchmark import gpu_compile as module
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", torch.backends.cuda.matmul.allow_tf32)
+    monkeypatch.setattr(module, "compile_report", lambda *args: [])
+    out = tmp_path / "compile.json"
+    assert module.main(["--out", str(out), "--json"]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["target"] == "cuda sm_90" and saved["rows"] == [] and saved["torch"] == torch.__version__
+    assert saved["git"]["sources"] and datetime.datetime.fromisoformat(saved["date"]).utcoffset() is not None
