@@ -140,6 +140,28 @@ def test_bf16_is_judged_against_the_official_bf16_error():
     assert bf16["tolerances"]["out"] == max(bf16["tolerance"], 2 * bf16["official_own_err"]["out"])
 
 
+@pytest.mark.parametrize("nan_under", ["fp32", "bf16"])
+def test_a_non_finite_official_output_passes_no_backend(monkeypatch, nan_under):
+    """A NaN in the official fp32 output (every variant's reference), or in its bf16 twin (which widens
+    the bf16 limits), must not let a wrong backend through: before, the reference's NaN vanished from
+    the max-norm (error 0) and the twin's gave an infinite limit."""
+    import fastvit_style.reference
+
+    official = fastvit_style.reference.forward
+
+    def forward(*args):
+        out = official(*args)
+        bf16 = torch.is_autocast_enabled("cpu")
+        return out.index_fill(2, torch.tensor([0]), float("nan")) if bf16 == (nan_under == "bf16") else out
+
+    monkeypatch.setattr(fastvit_style.reference, "forward", forward)
+    register_backend("far_off", _far_off)
+    cfg = BenchConfig(workloads=("stylize",), batch_sizes={"stylize": [2]}, dtypes=(nan_under,),
+                      backends=("reference", "far_off"), repeats=1, model_kwargs=TOY)  # fmt: skip
+    rows = {r["backend"]: r for r in run_benchmark(cfg)["results"]}
+    assert rows["far_off"]["status"] == "failed", rows["far_off"]
+
+
 def test_a_backend_with_wrong_gradients_fails_the_training_check():
     register_backend("wrong_gradients", _wrong_gradients)
     cfg = BenchConfig(workloads=("train",), batch_sizes={"train": [2]},

@@ -241,6 +241,9 @@ def test_compare_is_relative_to_the_reference_and_never_passes_non_finite_output
     assert parity.compare({"out": torch.tensor([1.0, -3.0, 2.0])}, {"out": ref}) == {"out": (1.0, 0.25)}
     for bad in (float("nan"), float("inf")):
         assert parity.compare({"out": torch.tensor([1.0, bad, 2.0])}, {"out": ref})["out"][1] == math.inf
+        # in the reference too: its NaN would drop out of the max-norm, and the 4.0 off with it
+        off = parity.compare({"out": torch.tensor([5.0, 0.0, 2.0])}, {"out": torch.tensor([1.0, bad, 2.0])})
+        assert off["out"][1] == math.inf
     # Gradients: the L2 norm of the error over all tensors, over the reference's: 4 / 5 (max-norm: 4 / 4).
     got, expected = (
         [torch.tensor([4.0, 3.0]), torch.tensor([4.0])],

@@ -57,8 +57,9 @@ def _flat(value) -> list:
 
 def compare(got: dict, expected: dict) -> dict[str, tuple[float, float]]:
     """{output: (max abs error, relative error)} over the keys of `expected`. Relative is max-norm,
-    except for "grads" (a list of tensors): L2 norm over all of them. Non-finite outputs give inf; a
-    shape mismatch raises."""
+    except for "grads" (a list of tensors): L2 norm over all of them. Non-finite outputs give inf, on
+    either side (a NaN in the reference would vanish from the max-norm and pass any output); a shape
+    mismatch raises."""
     errors = {}
     for key, exp in expected.items():
         gs, es = _flat(got[key]), _flat(exp)
@@ -67,7 +68,7 @@ def compare(got: dict, expected: dict) -> dict[str, tuple[float, float]]:
             if g.shape != e.shape:
                 raise ValueError(f"output {key!r} has shape {tuple(g.shape)}, the reference {tuple(e.shape)}")
             g, e = g.detach().double(), e.detach().double()
-            if not torch.isfinite(g).all():
+            if not (torch.isfinite(g).all() and torch.isfinite(e).all()):
                 max_abs = sq_err = math.inf
                 break
             d = g - e
