@@ -24,6 +24,12 @@ from .tracing import forward_ad_active, traced
 VAR_EPS = 1e-5  # the official clamp on the variance
 
 
+def widen_half(t: torch.Tensor) -> torch.Tensor:
+    """t in float32 where it is fp16 or bf16, else t itself: the statistics of half maps accumulate and are
+    kept in float32 (in fp16 a std above 256 has an inf variance)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def normalized_stats(feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """feat (B, C, H, W) -> normalized (B, C, H, W), mean (B, C), std (B, C), for maps that need no
     gradient (the losses' targets); float32 for half inputs, else feat's dtype."""
@@ -35,9 +41,8 @@ def normalized_stats(feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
 
 def _official_stats(feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The twin's ops, differentiable: what compiled graphs run (see the module docstring); on float32
-    maps for half ones, as `channel_stats` (in fp16 a std above 256 has an inf variance)."""
-    if feat.dtype in (torch.float16, torch.bfloat16):
-        feat = feat.float()
+    maps for half ones, as `channel_stats`."""
+    feat = widen_half(feat)
     mean, std = channel_mean_std(feat)
     return normalized(feat), mean, std
 
@@ -47,9 +52,7 @@ def channel_stats(feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
 
     The variance is taken of the centred values (two passes), as accurate as torch.var.
     """
-    f = feat.flatten(2)
-    if f.dtype in (torch.float16, torch.bfloat16):  # statistics accumulate and are kept in float32
-        f = f.float()
+    f = widen_half(feat.flatten(2))
     mean = f.mean(dim=2)
     centred = f - mean[..., None]
     var = _channel_dot(centred, centred) / f.shape[2]

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .devices import autocast_dtype
-from .feature_stats import normalized_mse, normalized_stats
+from .feature_stats import normalized_mse, normalized_stats, widen_half
 from .layers.vgg19 import VGG19Features
 from .reference.losses import Loss, channel_mean_std
 from .tracing import traced
@@ -92,10 +92,7 @@ def compute_loss(vgg, x, x_style, x_stylized, x_recon, x_style_recon) -> Loss:
             if rolled:
                 mu_s, sd_s = mu_s.roll(-1, 0), sd_s.roll(-1, 0)
             else:  # only the statistics: torch.var's one pass, no normalized map to build and drop
-                # float32, as the roll's (an fp16 variance is inf from a std of 256)
-                mu_s, sd_s = channel_mean_std(
-                    fs.float() if fs.dtype in (torch.float16, torch.bfloat16) else fs
-                )
+                mu_s, sd_s = channel_mean_std(widen_half(fs))  # float32 for half maps, as the roll's
         anatomical_j, mu_t, sd_t = normalized_mse(ft, normalized_x)
         anatomical = anatomical + anatomical_j
         style = style + F.mse_loss(mu_t, mu_s) + F.mse_loss(sd_t, sd_s)
