@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import struct
+import warnings
 import zlib
 
 import numpy as np
@@ -39,7 +40,9 @@ def list_images(folder, name: str = "image folder") -> list[str]:
 
     Linked folders are followed (as torchvision's ImageFolder does), each real folder once: a link
     cycle ends, and two links to one folder do not list its images twice. Hidden files and folders are
-    left out, and so are pipes, sockets and devices."""
+    left out, and so are pipes, sockets and devices. A subfolder that cannot be listed is skipped with a
+    warning (os.walk, torchvision's, skips it silently); the folder itself raises its OSError's type with
+    a message that names it."""
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         if not os.path.exists(folder):
@@ -55,7 +58,11 @@ def list_images(folder, name: str = "image folder") -> list[str]:
         seen.add(real)
         try:
             entries = sorted(os.scandir(root), key=lambda e: e.name)
-        except OSError:  # unreadable: skipped, as os.walk does
+        except OSError as e:
+            if root == folder:  # else "no images" would hide why
+                raise type(e)(f"{name} {folder!r} cannot be listed ({e.strerror or e})") from e
+            # Its images would be missing from a dataset or a TTA run with no word.
+            warnings.warn(f"skipping unreadable folder {root!r} ({type(e).__name__}: {e})")
             return
         # The entries' types come with the listing: no stat per file but for links.
         # A pipe, socket or device could block a read forever; a broken link stays, to be reported

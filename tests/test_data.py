@@ -212,6 +212,28 @@ def test_a_missing_folder_and_a_file_are_told_apart(tmp_path):
         list_images(tmp_path / "t0.png", "--data")
 
 
+def test_an_unreadable_subfolder_is_skipped_with_a_warning_and_an_unreadable_folder_raises(
+    tmp_path, monkeypatch
+):
+    from fastvit_style.imageio import list_images
+
+    (tmp_path / "data" / "locked").mkdir(parents=True)
+    solid(tmp_path / "data" / "a.png", (1, 2, 3))
+    solid(tmp_path / "data" / "locked" / "b.png", (1, 2, 3))
+    scandir = os.scandir
+
+    def refusing(path):  # chmod 000 would not stop root, who runs CI
+        if os.path.basename(path) == "locked":
+            raise PermissionError(13, "Permission denied", path)
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    with pytest.warns(UserWarning, match=r"skipping unreadable folder '.*locked' \(PermissionError"):
+        assert list_images(tmp_path / "data") == [str(tmp_path / "data" / "a.png")]
+    with pytest.raises(PermissionError, match=r"^--data '.*locked' cannot be listed \(Permission denied\)$"):
+        list_images(tmp_path / "data" / "locked", "--data")
+
+
 def test_passing_os_errors_propagate_and_mark_nothing(tmp_path, monkeypatch):
     """Too many open files (or an I/O error on a network filesystem) says nothing about the file: it
     propagates instead of marking a good image unreadable for the rest of the run; a vanished file is

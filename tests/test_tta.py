@@ -1130,6 +1130,17 @@ def test_cli_user_errors_are_one_line(folders, capsys, monkeypatch):
                f"error: style folder {str(tmp / 'nope')!r} does not exist")  # fmt: skip
     fails_with([*stylize_args[:-4], "--content", str(tmp / "file"), "--styles", str(tmp / "styles"), "--out",
                 str(tmp / "o")], f"error: content folder {str(tmp / 'file')!r} is a file, not a folder")  # fmt: skip
+    scandir = os.scandir
+
+    def refusing_styles(path):  # a folder it may not list (chmod would not stop root, who runs CI)
+        if os.path.basename(path) == "styles":
+            raise PermissionError(13, "Permission denied", path)
+        return scandir(path)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "scandir", refusing_styles)
+        fails_with([*stylize_args, "--out", str(tmp / "o")],
+                   f"error: style folder {str(tmp / 'styles')!r} cannot be listed (Permission denied)")  # fmt: skip
     fails_with([*stylize_args, "--out", str(tmp / "file")], "exists and is not a folder")
     fails_with([*stylize_args, "--out", str(tmp / "o"), "--batch-size", "0"], "must be at least 1", 2)
     fails_with([*stylize_args, "--out", str(tmp / "o"), "--seed", str(2**64)], "--seed: must lie in", 2)
