@@ -1170,6 +1170,10 @@ def test_cli_user_errors_are_one_line(folders, capsys, monkeypatch):
     fails_with(
         [*tta_args, "--classifier", "no_such_module:make", "--out", str(tmp / "p.csv")], "cannot import"
     )
+    fails_with(  # a path where a module name goes: import_module took it for a relative import
+        [*tta_args, "--classifier", "./clfmod:make", "--out", str(tmp / "p.csv")],
+        "'./clfmod' is not a module name (module:callable takes one as Python imports it, e.g. clf:make",
+    )
     monkeypatch.chdir(tmp)
     (tmp / "clfmod.py").write_text("LIMIT = 3\n")
     fails_with(
@@ -1180,10 +1184,12 @@ def test_cli_user_errors_are_one_line(folders, capsys, monkeypatch):
         "names int 3, not a callable returning the classifier",
     )
     (tmp / "bad.pt2").write_bytes(b"not an archive")
-    fails_with(
-        [*tta_args, "--classifier", str(tmp / "bad.pt2"), "--out", str(tmp / "p.csv")],
-        "not a readable torch.export archive",
-    )
+    (tmp / "BAD.PT2").write_bytes(b"not an archive")  # any case, as the image suffixes
+    for name in ("bad.pt2", "BAD.PT2"):
+        fails_with(
+            [*tta_args, "--classifier", str(tmp / name), "--out", str(tmp / "p.csv")],
+            "not a readable torch.export archive",
+        )
     # A zip that is no export: torch.export.load logs the cause with a traceback, then raises a vaguer
     # error; the one line gives both, and nothing else reaches stderr (fails_with: no traceback).
     torch.save({"weights": torch.zeros(2)}, tmp / "saved.pt2")

@@ -105,7 +105,7 @@ def _said(e: BaseException) -> str:
 def load_classifier(spec: str, dev: torch.device, images: tuple[int, int, int, int]) -> nn.Module:
     """The classifier of --classifier on `dev`, in eval mode. images: (fewest and most images per call,
     channels, size) of what tta will pass, which a .pt2 export is checked against before any work."""
-    if os.path.isfile(spec) and spec.endswith(".pt2"):  # torch.export archive
+    if os.path.isfile(spec) and spec.lower().endswith(".pt2"):  # torch.export archive
         try:
             with _logs_only_on_success("torch.export") as held:
                 exported = torch.export.load(spec)
@@ -129,6 +129,11 @@ def load_classifier(spec: str, dev: torch.device, images: tuple[int, int, int, i
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise SystemExit(f"error: --classifier {spec!r} is neither a file nor module:callable")
+    if not all(part.isidentifier() for part in module_name.split(".")):  # './clf' raised a TypeError
+        raise SystemExit(
+            f"error: --classifier {spec!r}: {module_name!r} is not a module name (module:callable takes one "
+            "as Python imports it, e.g. clf:make for clf.py in the current folder, not a path)"
+        )
     importable_cwd()
     try:
         factory = importlib.import_module(module_name)
