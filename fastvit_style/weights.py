@@ -21,7 +21,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from . import configs
+from . import configs, imageio
 from .atomic import atomic_path, file_path_problem
 from .checkpoint import has_random_vgg, torch_load_reason
 
@@ -471,11 +471,17 @@ def save_state_dict(model_or_sd, path, normalization=None) -> str:
     if normalization is not None:
         if suffix != SAFETENSORS_SUFFIX:
             raise ValueError(f"cannot save {path!r} with its normalization: only .safetensors files keep it")
-        mean, std = normalization
-        metadata[NORMALIZATION_KEY] = json.dumps({"mean": list(mean), "std": list(std)})
+        mean, std = _checked_normalization(normalization, f"cannot save {path!r} with normalization")
+        metadata[NORMALIZATION_KEY] = json.dumps({"mean": mean, "std": std})
     # Own CPU copies: contiguous and storage-disjoint (safetensors refuses shared or strided tensors,
     # and torch.save would otherwise write whole shared storages).
     plain = _plain_state_dict(model_or_sd)
+    entry = next((k for k, v in plain.items() if not isinstance(v, torch.Tensor)), None)
+    if entry is not None:  # a training checkpoint ({"model": ..., "optimizer": ...}), say
+        raise ValueError(
+            f"cannot save {path!r}: a state dict maps names to tensors, but its entry {entry!r} holds "
+            f"{type(plain[entry]).__name__}; pass the model or its state_dict (a checkpoint's 'model' entry)"
+        )
     model = unwrap(model_or_sd) if isinstance(model_or_sd, nn.Module) else None
     if _has_vgg(model) and not getattr(model.vgg_encoder, "loaded", True):
         warnings.warn(
@@ -523,12 +529,30 @@ def read_normalization(path) -> tuple[tuple, tuple] | None:
         return None
     try:
         obj = json.loads(raw)
-        return tuple(map(float, obj["mean"])), tuple(map(float, obj["std"]))
+        pair = obj["mean"], obj["std"]
     except (ValueError, KeyError, TypeError):
         raise ValueError(
             f"weight file {path!r}: its {NORMALIZATION_KEY!r} metadata is not "
             f'{{"mean": [3 numbers], "std": [3 numbers]}}, got {raw[:80]!r}'
         ) from None
+    mean, std = _checked_normalization(pair, f"weight file {path!r}: its {NORMALIZATION_KEY!r} metadata")
+    return tuple(mean), tuple(std)
+
+
+def _checked_normalization(pair, what: str) -> tuple[list[float], list[float]]:
+    """(mean, std) of `pair` as lists of floats, checked as the commands' --mean/--std; ValueError that
+    starts with `what` otherwise."""
+    try:
+        mean, std = ([float(v) for v in values] for values in pair)
+    except (ValueError, TypeError):
+        raise ValueError(
+            f"{what}: (mean, std) must be two sequences of 3 numbers, got {pair!r:.200}"
+        ) from None
+    try:
+        imageio.normalization(mean=mean, std=std)
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from None
+    return mean, std
 
 
 def weight_fingerprint(model_or_sd) -> str:

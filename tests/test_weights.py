@@ -716,6 +716,46 @@ def test_save_rejects_unknown_suffix(tmp_path):
 # ------------------------------------------------------------------------------------------ fingerprint
 
 
+def test_save_refuses_a_whole_checkpoint_by_its_entry(tmp_path):
+    checkpoint_dict = {"model": {"w": torch.zeros(1)}, "step": 3}
+    with pytest.raises(ValueError, match=r"its entry 'model' holds dict; pass the model or its state_dict"):
+        W.save_state_dict(checkpoint_dict, tmp_path / "w.safetensors")
+    assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "given, said",
+    [
+        (((0.5,) * 3, (0.0, 0.2, 0.2)), "mean and std need 3 finite values each"),
+        (((0.5,) * 3, (float("nan"),) * 3), "mean and std need 3 finite values each"),
+        (((0.5, 0.5), (0.2, 0.2)), "mean and std need 3 finite values each"),
+        (((128.0,) * 3, (60.0,) * 3), r"mean and std are for images in \[0, 1\]"),
+        (((0.5,) * 3,), r"\(mean, std\) must be two sequences of 3 numbers"),
+        (("abc", "def"), r"\(mean, std\) must be two sequences of 3 numbers"),
+    ],
+)
+def test_save_checks_the_normalization_it_records(tmp_path, given, said):
+    """The commands would divide every image by a recorded std of 0 (or 255 times too much): checked as
+    --mean/--std are, before anything is written."""
+    with pytest.raises(ValueError, match=r"^cannot save '.*w.safetensors' with normalization: " + said):
+        W.save_state_dict({"w": torch.zeros(1)}, tmp_path / "w.safetensors", normalization=given)
+    assert not os.listdir(tmp_path)
+    # Tensors and numpy numbers are recorded as plain floats (JSON could not write them).
+    W.save_state_dict({"w": torch.zeros(1)}, tmp_path / "w.safetensors",
+                      normalization=(torch.tensor([0.5, 0.25, 0.5]), [0.2] * 3))  # fmt: skip
+    assert W.read_normalization(tmp_path / "w.safetensors") == ((0.5, 0.25, 0.5), (0.2,) * 3)
+
+
+def test_a_recorded_normalization_is_checked_when_read(tmp_path):
+    path = tmp_path / "w.safetensors"
+    recorded = json.dumps({"mean": [0.5] * 3, "std": [0.0] * 3})
+    safetensors.torch.save_file({"w": torch.zeros(1)}, path, metadata={W.NORMALIZATION_KEY: recorded})
+    with pytest.raises(
+        ValueError, match=r"^weight file '.*w.safetensors': its .* metadata: mean and std need 3"
+    ):
+        W.read_normalization(path)
+
+
 def test_weight_fingerprint():
     a = make(seed=13)
     fp = W.weight_fingerprint(a)
