@@ -195,13 +195,20 @@ def _pickle_origin(path: str) -> tuple[str | None, int | None]:
 
 
 def _strip_prefixes(sd: Mapping) -> dict:
-    out = {}
+    out, source = {}, {}
     for key, value in sd.items():
         if not isinstance(key, str):  # any file may hold any keys; a state dict's are parameter names
             raise ValueError(f"state dict key {key!r} is a {type(key).__name__}, not a parameter name (str)")
-        while key.startswith(_PREFIXES):
-            key = key.split(".", 1)[1]
-        out[key] = value
+        name = key
+        while name.startswith(_PREFIXES):
+            name = name.split(".", 1)[1]
+        if name in source:  # one of the two would silently win
+            first, second = sorted((source[name], key), key=len, reverse=True)
+            raise ValueError(
+                f"state dict keys {first!r} and {second!r} are both {name!r} once the wrapper prefixes "
+                f"{' and '.join(map(repr, _PREFIXES))} are stripped; keep one of them"
+            )
+        out[name], source[name] = value, key
     return out
 
 

@@ -325,6 +325,18 @@ def test_keys_that_are_not_names_are_refused_by_name(tmp_path, key):
             load(make(train=True), tmp_path / "w.pth")
 
 
+def test_two_names_that_strip_to_one_are_refused(tmp_path):
+    """A file with both 'module.X' and 'X' (a DDP save merged into a plain one, say) kept whichever came
+    last, with no word."""
+    sd = make().state_dict()
+    name = "encoder.pos_embed"
+    torch.save({**sd, f"module._orig_mod.{name}": torch.randn_like(sd[name])}, tmp_path / "w.pth")
+    with pytest.raises(
+        ValueError, match=rf"keys 'module._orig_mod.{name}' and '{name}' are both '{name}' once"
+    ):
+        W.load_state_dict(make(), tmp_path / "w.pth")
+
+
 def test_not_a_dict_refused(tmp_path):
     torch.save([torch.zeros(2)], tmp_path / "list.pth")
     with pytest.raises(ValueError, match="not a dict of tensors"):
