@@ -1183,6 +1183,21 @@ def test_cli_user_errors_are_one_line(folders, capsys, monkeypatch):
         [*tta_args, "--classifier", "clfmod:LIMIT", "--out", str(tmp / "p.csv")],
         "names int 3, not a callable returning the classifier",
     )
+    (tmp / "clfmod2.py").write_text("def make(classes):\n    raise AssertionError('not called')\n")
+    fails_with(  # was a TypeError traceback from the call
+        [*tta_args, "--classifier", "clfmod2:make", "--out", str(tmp / "p.csv")],
+        "error: --classifier 'clfmod2:make' needs arguments (classes), but tta calls it with none: "
+        "name a callable that takes none",
+    )
+    fails_with(
+        [*tta_args, "--classifier", "json:loads", "--out", str(tmp / "p.csv")],
+        "'json:loads' needs arguments (s), but tta calls it with none",
+    )
+    (tmp / "clfmod3.py").write_text("def make():\n    raise FileNotFoundError('weights.pth is missing')\n")
+    fails_with(
+        [*tta_args, "--classifier", "clfmod3:make", "--out", str(tmp / "p.csv")],
+        "error: --classifier 'clfmod3:make' failed when called: FileNotFoundError: weights.pth is missing",
+    )
     (tmp / "bad.pt2").write_bytes(b"not an archive")
     (tmp / "BAD.PT2").write_bytes(b"not an archive")  # any case, as the image suffixes
     for name in ("bad.pt2", "BAD.PT2"):

@@ -12,6 +12,7 @@ Every form of classifier is code that runs here (torch.export.load unpickles): t
 import contextlib
 import csv
 import importlib
+import inspect
 import logging
 import os
 
@@ -147,12 +148,32 @@ def load_classifier(spec: str, dev: torch.device, images: tuple[int, int, int, i
         raise SystemExit(
             f"error: --classifier {spec!r} names {describe_value(factory)}, not a callable returning the classifier"
         )
-    classifier = factory()
+    _check_takes_no_arguments(factory, spec)
+    try:
+        classifier = factory()
+    except Exception as e:  # the user's code, as the classifier's failures in _classify
+        raise ValueError(f"--classifier {spec!r} failed when called: {_said(e)}") from e
     if not isinstance(classifier, nn.Module):
         raise SystemExit(
             f"error: --classifier {spec!r} returned {describe_value(classifier)}, not an nn.Module"
         )
     return classifier.to(dev).eval()
+
+
+def _check_takes_no_arguments(factory, spec: str) -> None:
+    """Calling a factory that needs arguments raised a TypeError traceback from inside this command."""
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # some builtins have no signature: the call will tell
+        return
+    needed = [
+        p.name for p in params if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+    if needed:
+        raise SystemExit(
+            f"error: --classifier {spec!r} needs arguments ({', '.join(needed)}), but tta calls it with none: "
+            "name a callable that takes none and returns the classifier"
+        )
 
 
 def _check_exported_input(exported, spec: str, fewest: int, most: int, channels: int, size: int) -> None:
