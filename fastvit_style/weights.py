@@ -489,6 +489,11 @@ def save_state_dict(model_or_sd, path, normalization=None) -> str:
             f"cannot save {path!r}: a state dict maps names to tensors, but its entry {entry!r} holds "
             f"{type(plain[entry]).__name__}; pass the model or its state_dict (a checkpoint's 'model' entry)"
         )
+    if meta := next((k for k, v in plain.items() if v.is_meta), None):  # was torch's NotImplementedError
+        raise ValueError(
+            f"cannot save {path!r}: {meta!r} is on the meta device (shapes only, no values); load or "
+            "initialize the weights (model.to_empty(device=...) then load) before saving"
+        )
     model = unwrap(model_or_sd) if isinstance(model_or_sd, nn.Module) else None
     if _has_vgg(model) and not getattr(model.vgg_encoder, "loaded", True):
         warnings.warn(

@@ -735,6 +735,14 @@ def test_save_refuses_a_whole_checkpoint_by_its_entry(tmp_path):
     assert not os.listdir(tmp_path)
 
 
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_save_refuses_a_model_on_the_meta_device(tmp_path, suffix):
+    """Was NotImplementedError: Cannot copy out of meta tensor; no data!"""
+    with pytest.raises(ValueError, match=r"'encoder\.cls_token' is on the meta device \(shapes only"):
+        W.save_state_dict(make().to("meta"), tmp_path / f"w{suffix}")
+    assert not os.listdir(tmp_path)
+
+
 @pytest.mark.parametrize(
     "given, said",
     [
