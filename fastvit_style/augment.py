@@ -13,7 +13,7 @@ import numbers
 import torch
 from torch import nn
 
-from .devices import to_device_async
+from .devices import generator_from_state, generator_state, to_device_async
 from .style_bank import describe_value, find_stylizer
 from .weights import wrappers
 
@@ -117,19 +117,18 @@ class StyleAugment:
         return out, idx
 
     def __getstate__(self) -> dict:
-        # torch.Generator pickles its state as a tensor, which the multiprocessing pickler of spawn and
-        # forkserver workers (DataLoader's on macOS and Windows) cannot send (pytorch#146828: the worker
-        # dies with "unable to resize file"): the state goes as bytes.
-        state = dict(self.__dict__)
+        state = dict(self.__dict__)  # the generator as bytes: see generator_state
         if self.generator is not None:
-            state["generator"] = self.generator.get_state().numpy().tobytes()
+            state["generator"] = generator_state(self.generator)
         return state
 
     def __setstate__(self, state: dict) -> None:
-        if isinstance(state["generator"], bytes):  # a Generator itself where pickled before this method
-            generator = torch.Generator()
-            generator.set_state(torch.frombuffer(bytearray(state["generator"]), dtype=torch.uint8))
-            state = {**state, "generator": generator}
+        # Older pickles hold the CPU state's bare bytes, or (before __getstate__) the Generator itself.
+        generator = state["generator"]
+        if isinstance(generator, bytes):
+            generator = ("cpu", generator)
+        if isinstance(generator, tuple):
+            state = {**state, "generator": generator_from_state(generator)}
         self.__dict__.update(state)
 
 

@@ -1,5 +1,6 @@
 """Devices: the one place where a device named by the user (`--device`, `TrainConfig.device`) is
-checked, and where small host tensors reach a GPU without making the host wait for it."""
+checked, where small host tensors reach a GPU without making the host wait for it, and where a
+torch.Generator is pickled."""
 
 import os
 
@@ -65,3 +66,26 @@ def to_device_async(t: torch.Tensor, device) -> torch.Tensor:
     # the queued copy reads it) and keeps t's strides, which an expanded t cannot be copied into.
     staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
     return staged.to(device, non_blocking=True)
+
+
+def generator_state(generator: torch.Generator) -> tuple[str, bytes]:
+    """(device name, state bytes) of `generator`, for a holder's __getstate__.
+
+    torch.Generator pickles its state as a tensor, which the multiprocessing pickler of spawn and
+    forkserver workers (DataLoader's on macOS and Windows) cannot send (pytorch#146828: the worker dies
+    with "unable to resize file"); bytes it can."""
+    return str(generator.device), generator.get_state().numpy().tobytes()
+
+
+def generator_from_state(state: tuple[str, bytes]) -> torch.Generator:
+    """The torch.Generator that generator_state gave `state` for, on the same device. ValueError naming
+    that device where it is absent here: the state is not moved to another device, whose generator draws
+    other numbers (a CUDA state is a Philox seed and offset, a CPU one a Mersenne Twister's)."""
+    name, data = state
+    try:
+        device = resolve_device(name)
+    except ValueError as e:
+        raise ValueError(f"cannot restore a torch.Generator's state: {e}") from None
+    generator = torch.Generator(device)
+    generator.set_state(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    return generator

@@ -21,7 +21,7 @@ from torch.fx.experimental.symbolic_shapes import guard_or_true
 
 from .block import block_forward, block_with_kv, project_kv, project_q
 from .configs import is_int
-from .devices import to_device_async
+from .devices import generator_from_state, generator_state, to_device_async
 from .style_bank import StyleBank, as_stylizer, check_count, describe_value
 
 REDUCTIONS = ("mean_prob", "vote")
@@ -208,6 +208,17 @@ class TTAClassifier(nn.Module):
         super()._apply(fn, recurse)
         self.bank = self.bank.to(self.stylizer.encoder.pos_embed.device)
         return self
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()  # the generator as bytes: see generator_state
+        if self.generator is not None:
+            state["generator"] = generator_state(self.generator)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        if isinstance(state.get("generator"), tuple):
+            state = {**state, "generator": generator_from_state(state["generator"])}
+        super().__setstate__(state)
 
     @property
     def num_views(self) -> int:

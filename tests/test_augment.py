@@ -250,6 +250,17 @@ def test_a_generator_reaches_spawned_workers():
     assert torch.equal(idx, torch.randperm(6, generator=torch.Generator().manual_seed(4))[:3])
 
 
+def test_a_pickle_holding_the_generators_state_as_bare_bytes_still_loads():
+    """Pickles written before the state carried its device hold the CPU state's bytes alone."""
+    generator = torch.Generator().manual_seed(4)
+    augment = StyleAugment(_style_is_the_stylization, p=0.5, generator=generator)
+    old = StyleAugment.__new__(StyleAugment)
+    old.__setstate__({**augment.__dict__, "generator": generator.get_state().numpy().tobytes()})
+    assert torch.equal(
+        old(images(6, 8))[1], torch.randperm(6, generator=torch.Generator().manual_seed(4))[:3]
+    )
+
+
 def test_a_stylizer_that_returns_no_image_per_content_image_is_refused(stylizer):
     """A batch of another size would broadcast into the selected rows (one image copied over all of them);
     a train=True model inside a user's wrapper returns its losses."""

@@ -1572,6 +1572,67 @@ def test_bank_pickles(setup):
         )
 
 
+def _views_in_worker(batch):
+    tta, x = batch[0]
+    return tta.make_views(x)[1]
+
+
+def test_a_generator_reaches_spawned_workers(setup):
+    """spawn/forkserver workers get the classifier through the multiprocessing pickler, which cannot send
+    a torch.Generator (pytorch#146828: the worker died with "unable to resize file"): the copy draws as
+    the parent's."""
+    from torch.utils.data import DataLoader
+
+    _, model, _, bank = setup
+    tta = TTAClassifier(toy_classifier(2), model, bank, k=3, generator=torch.Generator().manual_seed(5))
+    x = images(2, SIZE)
+    loader = DataLoader(
+        [(tta, x)], batch_size=1, num_workers=1, collate_fn=_views_in_worker, multiprocessing_context="spawn"
+    )
+    (refs,) = list(loader)
+    assert torch.equal(refs, tta.make_views(x)[1])
+
+
+def test_a_pickled_tta_classifier_keeps_its_generators_state(setup):
+    """A copy's generator is its own, at the state the original had; a classifier without one stays so."""
+    import pickle
+
+    _, model, _, bank = setup
+    tta = TTAClassifier(toy_classifier(2), model, bank, k=2, generator=torch.Generator().manual_seed(6))
+    torch.rand(5, generator=tta.generator)  # a state no seed gives
+    copy_ = pickle.loads(pickle.dumps(tta))
+    assert copy_.generator is not tta.generator
+    assert torch.equal(copy_.generator.get_state(), tta.generator.get_state())
+    assert torch.equal(
+        select_refs(R, 3, k=2, generator=copy_.generator), select_refs(R, 3, k=2, generator=tta.generator)
+    )
+    assert pickle.loads(pickle.dumps(TTAClassifier(toy_classifier(2), model, bank, k=2))).generator is None
+
+
+def test_a_generator_pickled_on_an_absent_gpu_is_refused_by_name(setup):
+    """A CUDA generator's state is restored on its GPU only: another device's generator would draw
+    other numbers (and select_refs would place the draws there)."""
+    _, model, _, bank = setup
+    state = TTAClassifier(toy_classifier(2), model, bank, k=2).__getstate__()
+    state["generator"] = ("cuda:64", bytes(16))
+    with pytest.raises(ValueError, match=r"cannot restore a torch.Generator's state: device 'cuda:64'"):
+        TTAClassifier.__new__(TTAClassifier).__setstate__(state)
+
+
+@pytest.mark.gpu
+def test_a_cuda_generator_is_pickled_on_its_device(setup):
+    import pickle
+
+    _, model, _, bank = setup
+    generator = torch.Generator("cuda").manual_seed(7)
+    torch.rand(5, generator=generator, device="cuda")
+    copy_ = pickle.loads(
+        pickle.dumps(TTAClassifier(toy_classifier(2), model, bank, k=2, generator=generator))
+    )
+    assert copy_.generator.device == generator.device
+    assert torch.equal(copy_.generator.get_state(), generator.get_state())
+
+
 def test_cli_normalization_follows_the_weights(tmp_path, monkeypatch):
     """Without --dataset or --mean/--std, official weights named by dataset id or hub repo id bring their
     dataset's constants, and a training export those it records; weights that have none are refused
