@@ -132,6 +132,12 @@ def _read_torch(path: str):
         raise
     except Exception as e:
         torch_file = _sniff(path) == "torch"
+        other = _other_archive(path) if torch_file else None
+        if other:
+            raise ValueError(
+                f"{path!r} is not a weight file: it is {other}, then "
+                "`fastvit_style.weights.save_state_dict(sd, 'model.safetensors')`, and load that file"
+            ) from e
         written_by, protocol = _pickle_origin(path) if torch_file else (None, None)
         if written_by == "pickle.dump":  # torch.load reads no such file, even with weights_only=False
             raise ValueError(
@@ -167,6 +173,34 @@ def _read_torch(path: str):
         raise ValueError(
             f"{path!r} is truncated or corrupt: torch.load could not read it ({type(e).__name__}: {e})"
         ) from e
+
+
+def _other_archive(path: str) -> str | None:
+    """What a zip that is no torch.save archive is, by its member names, and how to get a state dict out of
+    it; None for a torch.save archive, a damaged zip or no zip."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile, RuntimeError, ValueError):
+        return None
+    records = {name.split("/", 1)[-1] for name in names}  # torch writes its records under one folder
+    if "constants.pkl" in records:  # what torch.load itself tells TorchScript by
+        return (
+            "a TorchScript archive (torch.jit.save); if you trust its source (loading it runs it), "
+            "`sd = torch.jit.load(path).state_dict()`"
+        )
+    # 'archive_format': the pt2 archive of torch >= 2.8; 'serialized_exported_program.json': the older layout
+    if records & {"archive_format", "serialized_exported_program.json"}:
+        return (
+            "a torch.export archive (torch.export.save); if you trust its source (loading it unpickles), "
+            "`sd = torch.export.load(path).state_dict`"
+        )
+    if names and all(name.endswith(".npy") for name in names):
+        return (
+            "a numpy .npz archive (numpy.savez); its arrays as tensors: "
+            "`sd = {k: torch.from_numpy(v) for k, v in numpy.load(path).items()}`"
+        )
+    return None
 
 
 # The first pickle of a legacy torch.save file: torch's magic number, 0x1950a86a20f9469cfc6c (LONG1).

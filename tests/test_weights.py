@@ -11,6 +11,7 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
@@ -312,6 +313,70 @@ def test_a_compressed_file_with_an_unknown_suffix_says_how_it_starts(tmp_path):
     ) as err:
         W.read_state_dict(tmp_path / "w.pth.gz")
     assert "weights_only" not in str(err.value)
+
+
+def _tiny_linear():
+    torch.manual_seed(0)
+    return torch.nn.Linear(2, 3)
+
+
+def _save_other_archive(kind, path):
+    """A zip that is no torch.save state dict, as users pass them, of `_tiny_linear()`."""
+    lin = _tiny_linear()
+    if kind == "torch.jit.script":
+        torch.jit.save(torch.jit.script(lin), path)
+    elif kind == "torch.jit.trace":
+        torch.jit.save(torch.jit.trace(lin, torch.zeros(1, 2)), path)
+    elif kind == "torch.export":
+        torch.export.save(torch.export.export(lin, (torch.zeros(1, 2),)), path)
+    else:
+        np.savez(path, **{k: v.detach().numpy() for k, v in lin.state_dict().items()})
+
+
+_CALLED = {  # what the error calls each kind, and the first step of the conversion it gives
+    "torch.jit.script": ("a TorchScript archive (torch.jit.save)", "torch.jit.load(path).state_dict()"),
+    "torch.jit.trace": ("a TorchScript archive (torch.jit.save)", "torch.jit.load(path).state_dict()"),
+    "torch.export": ("a torch.export archive (torch.export.save)", "torch.export.load(path).state_dict"),
+    "numpy.savez": ("a numpy .npz archive (numpy.savez)", "torch.from_numpy(v) for k, v in numpy.load(path)"),
+}
+
+
+@pytest.mark.filterwarnings("ignore:'torch.load' received a zip file that looks like a TorchScript")
+@pytest.mark.filterwarnings("ignore:`torch.jit.:DeprecationWarning")
+@pytest.mark.parametrize(
+    "kind, name",
+    [
+        ("torch.jit.script", "m.pt"),
+        ("torch.jit.trace", "m.pth"),
+        ("torch.export", "m.pt2"),
+        ("torch.export", "m.pt"),
+        ("numpy.savez", "m.npz"),
+    ],
+)
+def test_a_zip_that_is_no_torch_save_file_says_what_it_is_and_how_to_convert_it(tmp_path, kind, name):
+    """Was '... is truncated or corrupt: torch.load could not read it (RuntimeError: Cannot use
+    ``weights_only=True`` with TorchScript archives ...' / '... failed locating file data.pkl ...' /
+    '... file in archive is not in a subdirectory: weight.npy)': the file is whole, just not a state dict."""
+    path = tmp_path / name
+    _save_other_archive(kind, path)
+    called, convert = _CALLED[kind]
+    for read in (W.read_state_dict, lambda p: W.load_state_dict(make(), p)):
+        with pytest.raises(
+            ValueError, match=re.escape(f"{str(path)!r} is not a weight file: it is {called}")
+        ) as err:
+            read(path)
+        assert convert in str(err.value) and "save_state_dict" in str(err.value)
+        assert "truncated" not in str(err.value) and "weights_only" not in str(err.value)
+    if kind.startswith("torch.jit"):  # the conversion the message gives
+        sd = torch.jit.load(path).state_dict()
+    elif kind == "torch.export":
+        sd = torch.export.load(path).state_dict
+    else:
+        sd = {k: torch.from_numpy(v) for k, v in np.load(path).items()}
+    W.save_state_dict(sd, tmp_path / "model.safetensors")
+    lin = torch.nn.Linear(2, 3)
+    lin.load_state_dict(W.read_state_dict(tmp_path / "model.safetensors"))
+    assert_same_state(lin, _tiny_linear())
 
 
 @pytest.mark.parametrize("key", [0, ("encoder",)])
