@@ -169,6 +169,15 @@ def _read_torch(path: str):
                 f"{path!r} is not a weight file: it starts with {head!r}, neither a torch file (a zip "
                 "archive or a pickle) nor safetensors (an 8-byte header length, then '{')"
             ) from e
+        # torch's own words: were they to change, the file reads as corrupt with them quoted
+        newer = re.search(
+            r"file with version (\d+), but the maximum supported version for reading is (\d+)", str(e)
+        )
+        if newer:
+            raise ValueError(
+                f"{path!r} was written by a newer PyTorch: its format version {newer[1]} is newer than "
+                f"{newer[2]}, the newest that torch {torch.__version__} reads; upgrade torch to read it"
+            ) from e
         # zip/EOF/struct errors: the bytes are damaged, not dangerous
         raise ValueError(
             f"{path!r} is truncated or corrupt: torch.load could not read it ({type(e).__name__}: {e})"

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import types
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -377,6 +378,21 @@ def test_a_zip_that_is_no_torch_save_file_says_what_it_is_and_how_to_convert_it(
     lin = torch.nn.Linear(2, 3)
     lin.load_state_dict(W.read_state_dict(tmp_path / "model.safetensors"))
     assert_same_state(lin, _tiny_linear())
+
+
+def test_a_torch_save_file_of_a_newer_format_says_to_upgrade_torch(tmp_path):
+    """Was '... is truncated or corrupt: torch.load could not read it (RuntimeError: [enforce fail at
+    inline_container.cc:230] . Attempted to read a PyTorch file with version 99, ...'."""
+    torch.save(_tiny_linear().state_dict(), tmp_path / "new.pt")
+    with zipfile.ZipFile(tmp_path / "new.pt") as src, zipfile.ZipFile(tmp_path / "w.pt", "w") as dst:
+        for info in src.infolist():  # its version record as a future torch.save would write it
+            dst.writestr(info, b"99\n" if info.filename.endswith("/version") else src.read(info))
+    with pytest.raises(
+        ValueError,
+        match=r"w.pt' was written by a newer PyTorch: its format version 99 is newer than \d+, .*upgrade torch",
+    ) as err:
+        W.read_state_dict(tmp_path / "w.pt")
+    assert "truncated" not in str(err.value) and "enforce fail" not in str(err.value)
 
 
 @pytest.mark.parametrize("key", [0, ("encoder",)])
