@@ -96,6 +96,8 @@ from .weights import (
 )
 
 LOSS_NAMES = ("identity", "consistency", "anatomical", "style")
+# The checkpoint's record of the validation images: their number, `names_digest` and folder.
+VALIDATED_ON = ("val_images", "val_names_digest", "val_folder")
 # Reading a step's losses on the host waits for its GPU work, and the queue runs dry while the next step
 # launches: without on_step, rank 0's progress bar reads them at the first step, then at most this often,
 # and where the epoch or the run ends; the other ranks never.
@@ -218,6 +220,9 @@ class Trainer:
         )
 
         self.epoch, self.batch, self.step, self.best_val = 0, 0, 0, None
+        # What the run validated on, kept through a resume with --val-data '' (the run's best is a loss on
+        # those images), so a later --val-data is compared with it (`_resume_data`).
+        self.validated_on = {k: (saved or {}).get(k) for k in VALIDATED_ON}
         # Named when --max-steps stops the run: a resumed run that took no step has written no checkpoint.
         self.saved_to = cfg.resume
         if saved:
@@ -292,10 +297,12 @@ class Trainer:
                 f"{self.best_val:.5g}, on these (move best.safetensors out of --out before resuming to track "
                 "the best afresh)"
             )  # fmt: skip
+            # A checkpoint from before val_folder was kept validated on its config's folder.
+            folder = saved.get("val_folder", saved["config"].get("val_data"))
             warnings.warn(
                 f"--val-data {cfg.val_data!r} holds other images ({len(val_set)} files) than the run validated "
-                f"on ({saved.get('val_images')} under {saved['config'].get('val_data')!r}): their losses do not "
-                f"compare with the earlier epochs'{best}"
+                f"on ({saved.get('val_images')} under {folder!r}): their losses do not compare with the earlier "
+                f"epochs'{best}"
             )
         for dataset, key, other in (
             (train_set, "train_unreadable", other_train),
@@ -310,6 +317,12 @@ class Trainer:
                 and flags.shape == (len(dataset),)
             ):
                 dataset.mark_unreadable(flags)
+
+    def _validated_on(self) -> dict:
+        """The checkpoint's VALIDATED_ON: this run's --val-data, else what the resumed run validated on."""
+        if self.val_set is None:
+            return self.validated_on
+        return dict(zip(VALIDATED_ON, (len(self.val_set), self.val_set.names_digest, self.cfg.val_data)))
 
     def _init_weights(self, model: StylizingViT) -> None:
         cfg = self.cfg
@@ -611,8 +624,7 @@ class Trainer:
             else None,
             # What the run trained and validated on, told apart from its folders moved (`_resume_data`).
             "train_names_digest": self.train_set.names_digest,
-            "val_images": len(self.val_set) if self.val_set is not None else None,
-            "val_names_digest": self.val_set.names_digest if self.val_set is not None else None,
+            **self._validated_on(),
             "rng": rng_state(self.device),
             "config": dataclasses.asdict(self.cfg),
         }

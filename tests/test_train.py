@@ -1081,6 +1081,22 @@ def test_resuming_with_other_val_images_warns_and_drops_the_runs_flags(tmp_path)
     assert [m["skipped_images"] for m in lines] == [1, 1, 0]
 
 
+def test_other_val_images_after_a_resume_that_stopped_validating_still_warn(tmp_path):
+    """A run resumed with --val-data '' keeps what it validated on (and its best) in its checkpoints: a
+    later --val-data is compared with those images, not taken for the run's own."""
+    data, val, other = (
+        write_images(tmp_path / name, n) for name, n in (("data", 2), ("val", 2), ("other", 3))
+    )
+    config = TrainConfig(data=str(data), val_data=str(val), out=str(tmp_path / "out"), epochs=3, batch_size=1,
+                         accumulate=1, max_steps=2, **TINY)  # fmt: skip
+    train(config)
+    last = str(tmp_path / "out" / "last.pt")
+    train(dataclasses.replace(config, val_data="", resume=last, max_steps=4))
+    said = r"holds other images \(3 files\) than the run validated on \(2 under .*val'\)"
+    with pytest.warns(UserWarning, match=rf"--val-data .*other.* {said}: their losses do not compare"):
+        train(dataclasses.replace(config, val_data=str(other), resume=last, max_steps=None))
+
+
 @pytest.mark.filterwarnings("ignore:skipping unreadable image")
 def test_resuming_on_other_training_images_as_many_warns_and_drops_the_runs_flags(tmp_path):
     data = write_images(tmp_path / "data", 2)
