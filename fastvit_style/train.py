@@ -132,22 +132,28 @@ def write_metrics(path: str, metrics: dict) -> None:
     """Write metrics.jsonl at `path` whole (temp + rename) with `metrics` (a dict with an int "epoch") as
     its last line, after the complete lines of the epochs before it that the file held. Dropped: this
     epoch's and later epochs' lines, which a run killed before its epoch-end checkpoint left for its
-    resumed run to write again, and a partial last line (a full disk, an append of an earlier version),
-    to which the new line would be glued."""
-    kept = []
+    resumed run to write again; and, with a warning naming the file, lines that are no epoch's: a partial
+    last line (a full disk, an append of an earlier version), to which the new line would be glued."""
+    lines = []
     with contextlib.suppress(FileNotFoundError), open(path, errors="replace") as f:
-        kept = [line for line in f if _epoch_of(line) < metrics["epoch"]]
+        lines = [(line, _epoch_of(line)) for line in f]
+    if torn := sum(epoch is None for _, epoch in lines):
+        warnings.warn(
+            f"{path!r}: dropped {torn} line(s) that held no complete metrics (a write cut short, as by a full "
+            "disk or a kill, or an edit)"
+        )
+    kept = [line for line, epoch in lines if epoch is not None and epoch < metrics["epoch"]]
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.writelines([*kept, json.dumps(metrics) + "\n"])
 
 
-def _epoch_of(line: str) -> float:
-    """The "epoch" of a complete metrics.jsonl line; inf for a partial or unrecognised one."""
+def _epoch_of(line: str) -> int | None:
+    """The "epoch" of a complete metrics.jsonl line; None for a partial or unrecognised one."""
     try:
         epoch = json.loads(line)["epoch"] if line.endswith("\n") else None
     except (ValueError, TypeError, KeyError):  # not JSON, not an object, no epoch
-        return math.inf
-    return epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else math.inf
+        return None
+    return epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None
 
 
 def train(cfg: TrainConfig, on_step=None, given=None) -> StylizingViT:

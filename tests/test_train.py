@@ -634,10 +634,11 @@ def test_max_steps_at_an_epochs_last_step_still_ends_the_epoch(tmp_path):
     assert (state["epoch"], state["batch"], state["step"]) == (1, 0, 2)
 
 
-@pytest.mark.parametrize("left", ['{"epoch": 1, "step": 4, "lr": 0.0}\n', '{"epoch": 1, "st'])
+@pytest.mark.parametrize("left", ['{"epoch": 1, "step": 4, "lr": 0.0}\n', '{"epoch": 1, "st', "no json\n"])
 def test_metrics_jsonl_holds_one_line_per_epoch_after_a_crash_at_an_epochs_end(tmp_path, left):
     """What a run killed at epoch 1's end left in metrics.jsonl before its checkpoint (the whole line,
-    or part of it: a full disk) is replaced by the resumed run's line, not repeated or glued to it."""
+    or part of it: a full disk) is replaced by the resumed run's line, not repeated or glued to it; a
+    line that is no complete metrics line is dropped with a warning naming the file."""
     data = write_images(tmp_path / "data", 2)
     config = TrainConfig(data=str(data), out=str(tmp_path / "out"), epochs=2, batch_size=1, accumulate=1,
                          max_steps=3, **TINY)  # fmt: skip
@@ -646,7 +647,12 @@ def test_metrics_jsonl_holds_one_line_per_epoch_after_a_crash_at_an_epochs_end(t
     first = metrics.read_text()
     with open(metrics, "a") as f:
         f.write(left)
-    train(dataclasses.replace(config, max_steps=None, resume=str(tmp_path / "out" / "last.pt")))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(dataclasses.replace(config, max_steps=None, resume=str(tmp_path / "out" / "last.pt")))
+    said = [str(w.message) for w in caught if "metrics.jsonl" in str(w.message)]
+    torn = f"{str(metrics)!r}: dropped 1 line(s) that held no complete metrics (a write cut short"
+    assert len(said) == (not left.startswith('{"epoch": 1, "step"')) and all(m.startswith(torn) for m in said)
     text = metrics.read_text()
     lines = [json.loads(line) for line in text.splitlines()]
     assert text.startswith(first) and [m["epoch"] for m in lines] == [0, 1] and lines[1]["step"] == 4
