@@ -271,10 +271,10 @@ def test_plan():
         (["--compile", "--compile-backends", "bogus"], r"--compile-backends \['bogus'\] are not timed"),
         (["--compile", "--compile-dtypes", "bf16"], r"--compile-dtypes \['bf16'\] are not timed"),
         # compile options without compiled variants (off by default on CPU) would be dropped, silently
-        (["--compile-backends", "torch"], "--compile-backends only act on compiled variants.*add --compile"),
+        (["--compile-backends", "torch"], "--compile-backends acts only on compiled variants.*add --compile"),
         (
             ["--no-compile", "--compile-dtypes", "fp32", "--compile-every-size"],
-            r"--compile-dtypes, --compile-every-size only act on compiled variants, which are off \(--no-compile\)",
+            r"--compile-dtypes, --compile-every-size act only on compiled variants, which are off \(--no-compile\)",
         ),
     ],
 )

@@ -173,7 +173,8 @@ def config_from_args(args) -> BenchConfig:
     ]
     if compile_only and not compile_:  # they would be dropped, silently
         raise ValueError(
-            f"{', '.join(compile_only)} only act on compiled variants, which are off "
+            f"{', '.join(compile_only)} {'acts' if len(compile_only) == 1 else 'act'} only on compiled variants, "
+            "which are off "
             f"({'--no-compile' if args.compile is False else 'the default on CPU and with --quick'}): add --compile"
         )
     compile_backends = _csv(args.compile_backends or ",".join(backends)) if compile_ else []
