@@ -79,15 +79,20 @@ class ModelConfig:
         L, C, P = self.embed_dim, self.in_channel, self.patch_size
         if L % self.num_heads:
             raise ValueError(f"embed_dim {L} is not divisible by num_heads {self.num_heads}")
+        if L % 4:
+            raise ValueError(
+                "embed_dim must be a multiple of 4 (the 2-D sin-cos position embedding gives the patch column "
+                f"and row L/2 channels each, as sin-cos pairs), got {L}"
+            )
         size = self.input_size
         if not is_int(size) or size < P or size % P:
             raise ValueError(
                 f"input_size must be a positive multiple of patch_size {P}, got {self.input_size}"
             )
-        if L % 2 or (L // 2) % (C * P):
+        if (L // 2) % (C * P):
             raise ValueError(
                 f"embed_dim {L} is unsupported with patch_size {P} and {C} channels: the reconstruction "
-                f"head views each half of the bottleneck output (L/2 = {L / 2:g} values) as a "
+                f"head views each half of the bottleneck output (L/2 = {L // 2} values) as a "
                 f"{C}x{P}xK matrix, so L/2 must be divisible by C*P = {C * P} (the official 'large' and "
                 f"'huge' backbones fail this and crash in the official code too)"
             )

@@ -58,6 +58,13 @@ def test_bad_constructor_arguments():
             StylizingViT("tiny", encoder_norm_layer=norm_layer, **SMALL)
 
 
+def test_an_embed_dim_not_divisible_by_4_is_refused_by_name():
+    """The 2-D sin-cos position embedding gives the patch column and row L/2 channels each, as sin-cos
+    pairs: L = 18 (which the head's L/2 = C*P*K takes with P = 3, K = 1) failed with a bare size mismatch."""
+    with pytest.raises(ValueError, match="embed_dim must be a multiple of 4 .*position embedding.*got 18"):
+        StylizingViT("mine", encoder_embed_dim=18, encoder_num_heads=1, encoder_patch_size=3, input_size=6)
+
+
 def test_a_misspelt_backbone_warns():
     """Officially any other name is a custom ViT with base defaults: kept, with a warning where no
     encoder_* keyword makes it one (a misspelt 'Tiny' would be base)."""
