@@ -89,6 +89,12 @@ class ModelConfig:
             raise ValueError(
                 f"input_size must be a positive multiple of patch_size {P}, got {self.input_size}"
             )
+        k, p = self.post_process_conv_kernel_size, self.post_process_conv_padding
+        if k > size + 2 * p:
+            raise ValueError(
+                f"post_process_conv_kernel_size {k} is larger than the {size + 2 * p} px of input_size {size} "
+                f"padded by {p} on each side (post_process_conv_padding): the post conv has nothing to slide over"
+            )
         if (L // 2) % (C * P):
             raise ValueError(
                 f"embed_dim {L} is unsupported with patch_size {P} and {C} channels: the reconstruction "

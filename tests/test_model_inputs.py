@@ -65,6 +65,16 @@ def test_an_embed_dim_not_divisible_by_4_is_refused_by_name():
         StylizingViT("mine", encoder_embed_dim=18, encoder_num_heads=1, encoder_patch_size=3, input_size=6)
 
 
+def test_a_post_process_kernel_larger_than_the_padded_image_is_refused_at_build():
+    """Officially built, then a raw conv error at every forward ("Kernel size can't be greater than
+    actual input size")."""
+    match = "post_process_conv_kernel_size 37 is larger than the 36 px of input_size 32 padded by 2"
+    with pytest.raises(ValueError, match=match):
+        StylizingViT("tiny", post_process_conv_kernel_size=37, **SMALL)
+    model = StylizingViT("tiny", post_process_conv_kernel_size=36, backend="reference", **SMALL)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3, 1, 1)  # eval keeps a size-changing conv
+
+
 def test_a_misspelt_backbone_warns():
     """Officially any other name is a custom ViT with base defaults: kept, with a warning where no
     encoder_* keyword makes it one (a misspelt 'Tiny' would be base)."""
