@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 import warnings
 from dataclasses import asdict, dataclass
@@ -70,8 +71,8 @@ class ModelConfig:
                 raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
         for name in ("mlp_ratio", "bottleneck_mlp_ratio", "norm_eps"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
-                raise ValueError(f"{name} must be a positive number, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+                raise ValueError(f"{name} must be a finite positive number, got {value!r}")
         for name in _BOOLS:
             value = getattr(self, name)
             if not (isinstance(value, numbers.Integral) and value in (0, 1)):  # 0 and 1 as officially

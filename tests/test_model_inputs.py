@@ -41,7 +41,7 @@ def test_bad_constructor_arguments():
         ({"encoder_depth": "6"}, "depth must be an integer >= 1, got '6'"),
         ({"encoder_patch_size": 0}, "patch_size must be an integer >= 1, got 0"),
         ({"encoder_num_heads": 2.0}, "num_heads must be an integer >= 1, got 2.0"),
-        ({"encoder_mlp_ratio": 0}, "mlp_ratio must be a positive number, got 0"),
+        ({"encoder_mlp_ratio": 0}, "mlp_ratio must be a finite positive number, got 0"),
         ({"post_process_conv_padding": -1}, "post_process_conv_padding must be an integer >= 0, got -1"),
         ({"encoder_embed_dim": 192, "encoder_num_heads": 5}, "embed_dim 192 is not divisible by num_heads 5"),
     ]:
@@ -73,6 +73,20 @@ def test_a_post_process_kernel_larger_than_the_padded_image_is_refused_at_build(
         StylizingViT("tiny", post_process_conv_kernel_size=37, **SMALL)
     model = StylizingViT("tiny", post_process_conv_kernel_size=36, backend="reference", **SMALL)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3, 1, 1)  # eval keeps a size-changing conv
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        ({"encoder_mlp_ratio": float("inf")}, "mlp_ratio"),  # was an OverflowError from int(L * ratio)
+        ({"bottleneck_mlp_ratio": float("inf")}, "bottleneck_mlp_ratio"),
+        ({"encoder_norm_layer": functools.partial(torch.nn.LayerNorm, eps=float("inf"))}, "norm_eps"),
+    ],
+)
+def test_an_infinite_ratio_or_eps_is_refused_by_name(kwargs, name):
+    """An infinite eps zeroed every normalized row: the model built and gave the same image for any input."""
+    with pytest.raises(ValueError, match=f"^{name} must be a finite positive number, got inf$"):
+        StylizingViT("tiny", **kwargs, **SMALL)
 
 
 def test_a_misspelt_backbone_warns():
