@@ -78,6 +78,13 @@ class ModelConfig:
             if not (isinstance(value, numbers.Integral) and value in (0, 1)):  # 0 and 1 as officially
                 raise ValueError(f"{name} must be True or False, got {value!r}")
         L, C, P = self.embed_dim, self.in_channel, self.patch_size
+        for name in ("mlp_ratio", "bottleneck_mlp_ratio"):
+            ratio = getattr(self, name)
+            if int(L * ratio) < 1:  # the width the layers round it to; at 0 an MLP outputs its bias alone
+                raise ValueError(
+                    f"{name} {ratio!r} leaves int({L} * {ratio!r}) = 0 hidden units in the MLP: it needs at "
+                    f"least 1 (a ratio >= 1/{L})"
+                )
         if L % self.num_heads:
             raise ValueError(f"embed_dim {L} is not divisible by num_heads {self.num_heads}")
         if L % 4:

@@ -89,6 +89,17 @@ def test_an_infinite_ratio_or_eps_is_refused_by_name(kwargs, name):
         StylizingViT("tiny", **kwargs, **SMALL)
 
 
+@pytest.mark.parametrize("name", ["encoder_mlp_ratio", "bottleneck_mlp_ratio"])
+def test_a_ratio_that_leaves_an_mlp_no_hidden_unit_is_refused(name):
+    """int(192 * 0.005) = 0: torch built zero-width layers with a warning, and a zero-width bottleneck gave
+    the same image for any input."""
+    field = name.removeprefix("encoder_")
+    match = f"^{field} 0.005 leaves int\\(192 \\* 0.005\\) = 0 hidden units in the MLP: .* >= 1/192"
+    with pytest.raises(ValueError, match=match):
+        StylizingViT("tiny", **{name: 0.005}, **SMALL)
+    assert StylizingViT("tiny", **{name: 1 / 192}, **SMALL).config.embed_dim == 192
+
+
 def test_a_misspelt_backbone_warns():
     """Officially any other name is a custom ViT with base defaults: kept, with a warning where no
     encoder_* keyword makes it one (a misspelt 'Tiny' would be base)."""
