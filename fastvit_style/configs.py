@@ -237,11 +237,12 @@ def _layernorm_eps(norm_layer) -> float:
         and not norm_layer.args
         and all(norm_layer.keywords.get(k, True) is True for k in ("elementwise_affine", "bias"))
         and set(norm_layer.keywords) <= {"eps", "elementwise_affine", "bias"}
+        and isinstance(norm_layer.keywords.get("eps", 1e-5), numbers.Real)
     ):
         return float(norm_layer.keywords.get("eps", 1e-5))
     raise ValueError(
         f"encoder_norm_layer={norm_layer!r} is not supported: only nn.LayerNorm with affine weights, "
-        "as a class, a functools.partial setting eps, or 'nn.LayerNorm'"
+        "as a class, a functools.partial setting eps (a number), or 'nn.LayerNorm'"
     )
 
 

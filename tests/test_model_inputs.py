@@ -53,6 +53,8 @@ def test_bad_constructor_arguments():
         torch.nn.BatchNorm1d,
         functools.partial(torch.nn.LayerNorm, bias=False),
         functools.partial(torch.nn.LayerNorm, 192),  # a shape of its own: the model sets that
+        functools.partial(torch.nn.LayerNorm, eps=None),  # was float()'s TypeError, naming no parameter
+        functools.partial(torch.nn.LayerNorm, eps="1e-6"),  # officially layer_norm's TypeError at forward
     ):
         with pytest.raises(ValueError, match="encoder_norm_layer=.* is not supported"):
             StylizingViT("tiny", encoder_norm_layer=norm_layer, **SMALL)
