@@ -10,13 +10,19 @@ from dataclasses import asdict, dataclass
 
 _POSITIVE_INTS = ("patch_size", "embed_dim", "depth", "num_heads", "in_channel",
                   "post_process_conv_kernel_size")  # fmt: skip
-# Officially passed on as nn.Linear/nn.Conv2d `bias`, which only tests truth: a JSON "false" would mean True.
 _BOOLS = ("qkv_bias", "bottleneck_bias", "post_process_conv_bias")
 
 
 def is_int(value) -> bool:
     """Whether value is an integer (Python's or NumPy's), a bool not counting as one."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_flag(name: str, value) -> None:
+    """ValueError unless value is True or False (0 and 1 too, as officially): the official code only tests
+    these flags' truth, so a JSON "false" would mean True."""
+    if not (isinstance(value, numbers.Integral) and value in (0, 1)):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -73,10 +79,8 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
                 raise ValueError(f"{name} must be a finite positive number, got {value!r}")
-        for name in _BOOLS:
-            value = getattr(self, name)
-            if not (isinstance(value, numbers.Integral) and value in (0, 1)):  # 0 and 1 as officially
-                raise ValueError(f"{name} must be True or False, got {value!r}")
+        for name in _BOOLS:  # nn.Linear/nn.Conv2d `bias`
+            check_flag(name, getattr(self, name))
         L, C, P = self.embed_dim, self.in_channel, self.patch_size
         for name in ("mlp_ratio", "bottleneck_mlp_ratio"):
             ratio = getattr(self, name)

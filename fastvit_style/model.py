@@ -7,7 +7,7 @@ from torch import nn
 
 from . import reference, schedule
 from .backends import attention_for, check_backend
-from .configs import DEFAULT_DATASET, config_property, make_config, untrainable
+from .configs import DEFAULT_DATASET, check_flag, config_property, make_config, untrainable
 from .devices import autocast_dtype
 from .layers import Mlp, VGG19Features, ViTEncoder
 from .layers.unmodified import check_unmodified
@@ -33,6 +33,7 @@ class StylizingViT(nn.Module):
 
     def __init__(self, backbone: str = "base", train: bool = False, backend: str = "auto", **kwargs):
         super().__init__()
+        check_flag("train", train)
         self.config = cfg = make_config(backbone, **kwargs)
         self.backbone = backbone
         self.training_mode = train

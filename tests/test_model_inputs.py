@@ -102,6 +102,15 @@ def test_a_ratio_that_leaves_an_mlp_no_hidden_unit_is_refused(name):
     assert StylizingViT("tiny", **{name: 1 / 192}, **SMALL).config.embed_dim == 192
 
 
+@pytest.mark.parametrize("train", ["False", "no", None, 2])
+def test_a_train_flag_other_than_true_or_false_is_refused(train):
+    """Officially only its truth counts: train="False" (from a config file) built a VGG19 and forward gave
+    (Loss, x_recon) where an image was expected. 0 and 1 still count, as for the bias flags."""
+    with pytest.raises(ValueError, match=f"^train must be True or False, got {train!r}$"):
+        StylizingViT("tiny", train=train, **SMALL)
+    assert StylizingViT("tiny", train=0, **SMALL).training_mode == 0
+
+
 def test_a_misspelt_backbone_warns():
     """Officially any other name is a custom ViT with base defaults: kept, with a warning where no
     encoder_* keyword makes it one (a misspelt 'Tiny' would be base)."""
