@@ -175,9 +175,17 @@ def make_config(backbone: str = "base", **kwargs) -> ModelConfig:
                 )
         else:
             raise TypeError(f"unexpected keyword argument {key!r}")
-    config = ModelConfig(**fields)
+    config = ModelConfig(**{key: _python_number(value) for key, value in fields.items()})
     config.validate()
     return config
+
+
+def _python_number(value):
+    """Python's int or float for a number of another type (NumPy's, a Fraction), which JSON (a StyleBank's
+    metadata) cannot write; other values as they are, for `validate` to judge."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return value
+    return int(value) if is_int(value) else float(value)
 
 
 def unknown_backbone(backbone, kwargs: dict) -> str | None:

@@ -111,6 +111,17 @@ def test_a_train_flag_other_than_true_or_false_is_refused(train):
     assert StylizingViT("tiny", train=0, **SMALL).training_mode == 0
 
 
+def test_numpy_numbers_become_python_numbers_so_a_style_bank_saves(tmp_path):
+    """A sweep's np.int64 / np.float32 values built the model but stayed in its config, and a StyleBank of
+    it failed to save ("Object of type int64 is not JSON serializable")."""
+    kwargs = {"input_size": np.int64(32), "encoder_mlp_ratio": np.float32(2), "bottleneck_bias": np.int64(0)}
+    model = StylizingViT("tiny", backend="torch", encoder_depth=1, **kwargs)
+    types = {"input_size": int, "mlp_ratio": float, "bottleneck_bias": int}
+    assert {k: type(getattr(model.config, k)) for k in types} == types
+    bank = StyleBank.from_images(model, torch.randn(1, 3, 32, 32))
+    assert StyleBank.load(bank.save(tmp_path / "bank.safetensors"), model).config == model.config.to_dict()
+
+
 def test_a_misspelt_backbone_warns():
     """Officially any other name is a custom ViT with base defaults: kept, with a warning where no
     encoder_* keyword makes it one (a misspelt 'Tiny' would be base)."""
