@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -230,6 +232,11 @@ def create_model(
 ) -> StylizingViT:
     """Official factory: `weights` (or a string `pretrained`) is a dataset id, a local file or a hub repo id;
     pretrained=True means the camelyon17wilds checkpoint."""
+    if weights is not None and not isinstance(weights, (str, os.PathLike)):
+        raise TypeError(
+            "weights must be a str or os.PathLike (a dataset id, a local weight file or a Hugging Face repo "
+            f"id), got {type(weights).__name__}"
+        )
     model = StylizingViT(backbone, train=train, **kwargs)
     # The official precedence, to the letter: weights="" loads nothing, nor does a truthy non-bool pretrained.
     if weights is not None:

@@ -673,6 +673,18 @@ def test_create_model_chooses_weights_as_officially(no_hub):
         create_model("tiny", pretrained=True, **kwargs)
 
 
+@pytest.mark.parametrize("weights", [123, b"camelyon17wilds", ["model.safetensors"]])
+def test_create_model_refuses_weights_that_are_no_str_or_path_by_name(weights):
+    """They failed inside the loader with os.fspath's or re's TypeError, naming no argument, after the model
+    was built."""
+    from fastvit_style import create_model
+
+    with pytest.raises(
+        TypeError, match=f"^weights must be a str or os.PathLike .*, got {type(weights).__name__}$"
+    ):
+        create_model("tiny", weights=weights, input_size=32, encoder_depth=1)
+
+
 def test_a_folder_is_not_a_repo(no_hub, tmp_path, monkeypatch):
     """A relative folder name also matches the repo-id pattern: the folder wins."""
     (tmp_path / "imgs").mkdir()
