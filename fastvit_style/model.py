@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
@@ -232,11 +230,10 @@ def create_model(
 ) -> StylizingViT:
     """Official factory: `weights` (or a string `pretrained`) is a dataset id, a local file or a hub repo id;
     pretrained=True means the camelyon17wilds checkpoint."""
-    if weights is not None and not isinstance(weights, (str, os.PathLike)):
-        raise TypeError(
-            "weights must be a str or os.PathLike (a dataset id, a local weight file or a Hugging Face repo "
-            f"id), got {type(weights).__name__}"
-        )
+    from .weights import load_pretrained_weights, weight_source
+
+    if weights is not None:
+        weight_source(weights, "weights")  # before the build
     model = StylizingViT(backbone, train=train, **kwargs)
     # The official precedence, to the letter: weights="" loads nothing, nor does a truthy non-bool pretrained.
     if weights is not None:
@@ -246,7 +243,5 @@ def create_model(
     else:
         source = DEFAULT_DATASET if pretrained is True else None
     if source:
-        from .weights import load_pretrained_weights
-
         load_pretrained_weights(model, backbone, source)
     return model

@@ -420,7 +420,7 @@ def load_pretrained_weights(model: nn.Module, backbone: str, dataset: str, map_l
     Hugging Face repo id. Hub files need the optional `huggingface_hub`; without it, or offline, this
     fails at once with the repo to download by hand. `map_location` is accepted for the official
     signature only: tensors are always read on the CPU and copied onto the model's device."""
-    source = os.fspath(dataset)
+    source = weight_source(dataset, "dataset")
     if os.path.isfile(source):
         return load_state_dict(model, source, strict=True)
     if (official := configs.official_dataset(source)) is not None:
@@ -437,6 +437,17 @@ def load_pretrained_weights(model: nn.Module, backbone: str, dataset: str, map_l
             f"or a Hugging Face repo id"
         )
     return load_state_dict(model, _download(repo, backbone), strict=True)
+
+
+def weight_source(value, name: str) -> str:
+    """`value` (str or os.PathLike) as a str; TypeError naming the argument `name` otherwise (os.fspath's
+    and the repo-id match's own errors name none)."""
+    if not isinstance(value, (str, os.PathLike)) or not isinstance(source := os.fspath(value), str):
+        raise TypeError(
+            f"{name} must be a str or os.PathLike (a dataset id, a local weight file or a Hugging Face repo "
+            f"id), got {type(value).__name__}"
+        )
+    return source
 
 
 def _download(repo: str, backbone: str) -> str:

@@ -683,6 +683,10 @@ def test_create_model_refuses_weights_that_are_no_str_or_path_by_name(weights):
         TypeError, match=f"^weights must be a str or os.PathLike .*, got {type(weights).__name__}$"
     ):
         create_model("tiny", weights=weights, input_size=32, encoder_depth=1)
+    with pytest.raises(
+        TypeError, match=f"^dataset must be a str or os.PathLike .*, got {type(weights).__name__}$"
+    ):
+        W.load_pretrained_weights(make(), "tiny", weights)
 
 
 def test_a_folder_is_not_a_repo(no_hub, tmp_path, monkeypatch):
