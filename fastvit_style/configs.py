@@ -8,6 +8,8 @@ import numbers
 import warnings
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 _POSITIVE_INTS = ("patch_size", "embed_dim", "depth", "num_heads", "in_channel",
                   "post_process_conv_kernel_size")  # fmt: skip
 _BOOLS = ("qkv_bias", "bottleneck_bias", "post_process_conv_bias")
@@ -18,11 +20,14 @@ def is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def check_flag(name: str, value) -> None:
-    """ValueError unless value is True or False (0 and 1 too, as officially): the official code only tests
-    these flags' truth, so a JSON "false" would mean True."""
+def check_flag(name: str, value):
+    """`value`, NumPy's bool as Python's; ValueError unless it is True or False (0 and 1 too, as
+    officially): the official code only tests these flags' truth, so a JSON "false" would mean True."""
+    if isinstance(value, np.bool_):
+        return bool(value)
     if not (isinstance(value, numbers.Integral) and value in (0, 1)):
         raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -181,8 +186,10 @@ def make_config(backbone: str = "base", **kwargs) -> ModelConfig:
 
 
 def _python_number(value):
-    """Python's int or float for a number of another type (NumPy's, a Fraction), which JSON (a StyleBank's
+    """Python's bool, int or float for a number of another type (NumPy's, a Fraction), which JSON (a StyleBank's
     metadata) cannot write; other values as they are, for `validate` to judge."""
+    if isinstance(value, np.bool_):
+        return bool(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return value
     return int(value) if is_int(value) else float(value)

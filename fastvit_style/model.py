@@ -33,7 +33,7 @@ class StylizingViT(nn.Module):
 
     def __init__(self, backbone: str = "base", train: bool = False, backend: str = "auto", **kwargs):
         super().__init__()
-        check_flag("train", train)
+        train = check_flag("train", train)
         self.config = cfg = make_config(backbone, **kwargs)
         self.backbone = backbone
         self.training_mode = train

@@ -122,6 +122,13 @@ def test_numpy_numbers_become_python_numbers_so_a_style_bank_saves(tmp_path):
     assert StyleBank.load(bank.save(tmp_path / "bank.safetensors"), model).config == model.config.to_dict()
 
 
+def test_numpy_bools_count_as_flags_as_officially():
+    """The official code tests the flags' truth, so np.True_ (a sweep's, a mask's item) built its model;
+    here it was refused as no True or False, and kept it would not have saved as JSON."""
+    model = StylizingViT("tiny", train=np.True_, bottleneck_bias=np.False_, **SMALL)
+    assert model.training_mode is True and model.config.bottleneck_bias is False
+
+
 def test_a_misspelt_backbone_warns():
     """Officially any other name is a custom ViT with base defaults: kept, with a warning where no
     encoder_* keyword makes it one (a misspelt 'Tiny' would be base)."""
