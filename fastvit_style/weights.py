@@ -125,6 +125,12 @@ def _sniff(path: str) -> str | None:
 
 
 def _read_torch(path: str):
+    # Named before torch.load, which would first warn of 'dispatching to torch.jit.load' (it does not).
+    if other := _other_archive(path):
+        raise ValueError(
+            f"{path!r} is not a weight file: it is {other}, then "
+            "`fastvit_style.weights.save_state_dict(sd, 'model.safetensors')`, and load that file"
+        )
     try:
         with open(path, "rb") as f:  # a file, not a name: torch >= 2.13 reads any *.safetensors name as one
             return torch.load(f, map_location="cpu", weights_only=True)
@@ -132,12 +138,6 @@ def _read_torch(path: str):
         raise
     except Exception as e:
         torch_file = _sniff(path) == "torch"
-        other = _other_archive(path) if torch_file else None
-        if other:
-            raise ValueError(
-                f"{path!r} is not a weight file: it is {other}, then "
-                "`fastvit_style.weights.save_state_dict(sd, 'model.safetensors')`, and load that file"
-            ) from e
         written_by, protocol = _pickle_origin(path) if torch_file else (None, None)
         if written_by == "pickle.dump":  # torch.load reads no such file, even with weights_only=False
             raise ValueError(
@@ -188,6 +188,9 @@ def _other_archive(path: str) -> str | None:
     """What a zip that is no torch.save archive is, by its member names, and how to get a state dict out of
     it; None for a torch.save archive, a damaged zip or no zip."""
     try:
+        with open(path, "rb") as f:  # zipfile would also take a file whose tail looks like a zip's
+            if f.read(4) != b"PK\x03\x04":
+                return None
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
     except (OSError, zipfile.BadZipFile, RuntimeError, ValueError):

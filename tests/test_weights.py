@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import types
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -342,7 +343,6 @@ _CALLED = {  # what the error calls each kind, and the first step of the convers
 }
 
 
-@pytest.mark.filterwarnings("ignore:'torch.load' received a zip file that looks like a TorchScript")
 @pytest.mark.filterwarnings("ignore:`torch.jit.:DeprecationWarning")
 @pytest.mark.parametrize(
     "kind, name",
@@ -357,15 +357,21 @@ _CALLED = {  # what the error calls each kind, and the first step of the convers
 def test_a_zip_that_is_no_torch_save_file_says_what_it_is_and_how_to_convert_it(tmp_path, kind, name):
     """Was '... is truncated or corrupt: torch.load could not read it (RuntimeError: Cannot use
     ``weights_only=True`` with TorchScript archives ...' / '... failed locating file data.pkl ...' /
-    '... file in archive is not in a subdirectory: weight.npy)': the file is whole, just not a state dict."""
+    '... file in archive is not in a subdirectory: weight.npy)': the file is whole, just not a state dict.
+    Named before torch.load, which warned first that it was 'dispatching to torch.jit.load' (it did not)."""
     path = tmp_path / name
     _save_other_archive(kind, path)
     called, convert = _CALLED[kind]
     for read in (W.read_state_dict, lambda p: W.load_state_dict(make(), p)):
-        with pytest.raises(
-            ValueError, match=re.escape(f"{str(path)!r} is not a weight file: it is {called}")
-        ) as err:
+        with (
+            pytest.raises(
+                ValueError, match=re.escape(f"{str(path)!r} is not a weight file: it is {called}")
+            ) as err,
+            warnings.catch_warnings(record=True) as warned,
+        ):
+            warnings.simplefilter("always")
             read(path)
+        assert not warned, [str(w.message) for w in warned]
         assert convert in str(err.value) and "save_state_dict" in str(err.value)
         assert "truncated" not in str(err.value) and "weights_only" not in str(err.value)
     if kind.startswith("torch.jit"):  # the conversion the message gives
