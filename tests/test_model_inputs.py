@@ -256,6 +256,30 @@ def test_device_mismatch(model):
 def test_not_a_tensor(model):
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         model([[0.0]])
+    with pytest.raises(TypeError, match="^x must be a torch.Tensor, got NoneType"):
+        model(None)  # was an AttributeError on None.device: only x_style may be None
+
+
+_IMAGES = torch.randn(2, 3, 32, 32)
+
+
+@pytest.mark.parametrize(
+    "X,X_style,error,match",
+    [
+        (_IMAGES, torch.randn(3, 3, 32, 32), ValueError, r"^X_style must have the same shape as X .*X \(2,"),
+        (_IMAGES, torch.randn(2, 1, 32, 32), ValueError, r"^X_style must have shape \(B, 3, 32, 32\)"),
+        (_IMAGES, None, TypeError, "^X_style must be a torch.Tensor, got NoneType"),
+        (None, _IMAGES, TypeError, "^X must be a torch.Tensor, got NoneType"),
+        (_IMAGES.double(), _IMAGES.double(), ValueError, "^X has dtype torch.float64 but the model's"),
+        (_IMAGES, _IMAGES.to("meta"), ValueError, "^X_style is on meta but the model is on cpu"),
+    ],
+)
+def test_the_encoder_forward_checks_its_inputs_as_the_model_does(model, X, X_style, error, match):
+    """model.encoder(X, X_style), part of the official surface, failed deep inside: a bare reshape error
+    for a style batch of another size, a raw conv error for other channels, an AttributeError for None
+    (which the official encoder does not take either: only the model rolls x into a missing style)."""
+    with pytest.raises(error, match=match):
+        model.encoder(X, X_style)
 
 
 def test_triton_backend_on_cpu_without_interpreter(monkeypatch):

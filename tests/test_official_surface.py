@@ -62,8 +62,10 @@ def test_the_encoder_takes_only_its_input_size(side):
     give the 32 px grid (the last rows and columns dropped, silently), 64 px a broadcast error."""
     enc = StylizingViT("tiny", **KW).encoder
     x = images(2, side)
-    with pytest.raises(ValueError, match=rf"takes 32x32 images .* got shape \(2, 3, {side}, {side}\)"):
+    with pytest.raises(ValueError, match=rf"^X must have shape \(B, 3, 32, 32\).* \(2, 3, {side}, {side}\)"):
         enc(x, x)
+    with pytest.raises(ValueError, match=rf"takes 32x32 images .* got shape \(2, 3, {side}, {side}\)"):
+        enc.patch_embed(x)  # timm's PatchEmbed, called on its own
 
 
 def test_official_attributes():

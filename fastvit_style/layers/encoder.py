@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from ..configs import ModelConfig, config_property
+from ..devices import autocast_dtype
 from ..reference.model import encode
 from .attention_block import CrossAttentionBlock
 from .patch_embed import PatchEmbed
@@ -70,7 +71,61 @@ class ViTEncoder(nn.Module):
 
     def forward(self, X: torch.Tensor, X_style: torch.Tensor):
         """The official encoder forward: final-normed content, style and stylized tokens, each (B, T, L)."""
+        self.check_images(X, X_style)
         return encode(self, X, X_style)
+
+    def check_images(
+        self, x, x_style, names: tuple[str, str] = ("X", "X_style"), style_optional: bool = False
+    ) -> None:
+        """ValueError/TypeError naming the argument (`names`: what the caller calls x and x_style)
+        unless both are (B, C, S, S) image batches of the model's dtype and device; with
+        style_optional, x_style may be None (the model's forward rolls x into it)."""
+        cfg = self.config
+        C, S = cfg.in_channel, cfg.input_size
+        param = self.pos_embed
+        # Under autocast its convolutions cast the images to the autocast dtype, as officially: a float32
+        # model, or one in that dtype, takes images in either. Autocast leaves float64 parameters alone.
+        dtypes = {param.dtype}
+        amp = autocast_dtype(param.device.type)
+        if amp is not None and param.dtype in (torch.float16, torch.bfloat16) and param.dtype != amp:
+            # Autocast casts the weights of its GEMMs and convolutions, not the class token and position
+            # embedding: their concatenation with the patch tokens mixes the two half dtypes, which
+            # autocast refuses deep inside ("Unexpected floating ScalarType").
+            raise ValueError(
+                f"the model's parameters are {param.dtype}, which {amp} autocast cannot run (it casts "
+                f"only some of them to {amp}): run the model outside autocast, or keep it in float32 "
+                "under autocast"
+            )
+        if amp is not None and param.dtype in (torch.float32, amp):
+            dtypes |= {torch.float32, amp}
+        for name, t in zip(names, (x,) if x_style is None and style_optional else (x, x_style)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dim() != 4 or t.shape[1] != C or tuple(t.shape[2:]) != (S, S):
+                raise ValueError(
+                    f"{name} must have shape (B, {C}, {S}, {S}) (a batch of {C}-channel {S}x{S} images, "
+                    f"resized and normalized as in training), got {tuple(t.shape)}"
+                )
+            if t.shape[0] == 0:
+                raise ValueError(f"{name} is an empty batch: at least one image is needed")
+            if not t.is_floating_point():  # "convert one of them" would invite image.float(), 0-255 values
+                raise ValueError(
+                    f"{name} has dtype {t.dtype}, but the model takes floating-point images normalized as in "
+                    f"training, {param.dtype} (e.g. image.to({param.dtype}) / 255, then the dataset's mean and std)"
+                )
+            if t.dtype not in dtypes:
+                others = "".join(f" (or {d} under autocast)" for d in dtypes - {param.dtype})
+                raise ValueError(
+                    f"{name} has dtype {t.dtype} but the model's parameters are {param.dtype}{others}: convert "
+                    "one of them (for mixed precision keep the model in float32 and use torch.autocast)"
+                )
+            if t.device != param.device:
+                raise ValueError(f"{name} is on {t.device} but the model is on {param.device}")
+        if x_style is not None and x_style.shape != x.shape:
+            raise ValueError(
+                f"{names[1]} must have the same shape as {names[0]} (one style image per content image), "
+                f"got {names[0]} {tuple(x.shape)} and {names[1]} {tuple(x_style.shape)}"
+            )
 
     # The official encoder's attributes, read-only (the weights' shapes fix them), and its getters.
     input_size = config_property("input_size")
