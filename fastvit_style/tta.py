@@ -20,7 +20,7 @@ from torch import nn
 from torch.fx.experimental.symbolic_shapes import guard_or_true
 
 from .block import block_forward, block_with_kv, project_kv, project_q
-from .configs import is_int
+from .configs import check_flag, is_int
 from .devices import generator_from_state, generator_state, to_device_async
 from .style_bank import StyleBank, as_stylizer, check_count, describe_value
 
@@ -197,6 +197,7 @@ class TTAClassifier(nn.Module):
         _check_bank(bank)
         _check_generator(generator)
         check_count("chunk_size", chunk_size)
+        include_original = check_flag("include_original", include_original)
         if k is not None:
             _check_k(k, len(bank))
         self.classifier, self.stylizer, self.bank = classifier, stylizer, bank

@@ -556,6 +556,15 @@ def test_tta_mean_prob(setup, include_original):
     torch.testing.assert_close(views, expected)
 
 
+@pytest.mark.parametrize("flag", ["False", None, 2])
+def test_include_original_must_be_a_bool(setup, flag):
+    """A string "False" is truthy: the original view was silently kept (None dropped it, and num_views failed)."""
+    _, model, _, bank = setup
+    with pytest.raises(ValueError, match="include_original must be True or False"):
+        TTAClassifier(toy_classifier(), model, bank, k=2, include_original=flag)
+    assert TTAClassifier(toy_classifier(), model, bank, k=2, include_original=np.False_).num_views == 2
+
+
 def test_tta_stylizer_runs_without_autograd(setup):
     """The stylizer is frozen: under grad mode the gradient reaches x through the original view only,
     and no stylizer weight (the classifier's weights get theirs)."""
