@@ -237,6 +237,10 @@ class TTAClassifier(nn.Module):
 
     def classify(self, views: torch.Tensor) -> torch.Tensor:
         """views (B, V, C, H, W) -> per-view class probabilities (B, V, num_classes), float32."""
+        if not isinstance(views, torch.Tensor) or views.dim() != 5:
+            raise ValueError(
+                f"views must be a (B, V, C, H, W) batch, as make_views returns, got {describe_value(views)}"
+            )
         logits = self.classifier(views.flatten(0, 1))
         n = views.shape[0] * views.shape[1]
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else None
@@ -256,6 +260,16 @@ class TTAClassifier(nn.Module):
     def aggregate(self, view_probs: torch.Tensor) -> torch.Tensor:
         """(B, V, num_classes) -> (B, num_classes), each row summing to 1 (NaN where a view's
         probabilities are not all finite)."""
+        if (
+            not isinstance(view_probs, torch.Tensor)
+            or not view_probs.is_floating_point()
+            or view_probs.dim() != 3
+            or 0 in view_probs.shape[1:]
+        ):
+            raise ValueError(
+                "view_probs must be a floating-point (B, V, num_classes) tensor with V, num_classes >= 1, as "
+                f"classify returns, got {describe_value(view_probs)}"
+            )
         if self.reduce == "mean_prob":
             return view_probs.mean(dim=1)
         votes = F.one_hot(view_probs.argmax(dim=-1), view_probs.shape[-1]).sum(dim=1)

@@ -622,6 +622,24 @@ def test_a_classifier_with_one_logit_is_refused(setup):
         TTAClassifier(toy_classifier(1), model, bank, k=2)(images(2, SIZE))
 
 
+@pytest.mark.parametrize("reduce", ["mean_prob", "vote"])
+def test_classify_and_aggregate_refuse_inputs_without_a_view_axis(setup, reduce):
+    """aggregate averaged (B, num_classes) over the classes, (B, 0, num_classes) gave NaN and vote an
+    IndexError for no class; classify of (B, C, H, W) failed inside the classifier."""
+    _, model, _, bank = setup
+    tta = TTAClassifier(toy_classifier(), model, bank, k=2, reduce=reduce)
+    for probs in (
+        torch.rand(3, 4),
+        torch.rand(3, 0, 4),
+        torch.rand(3, 2, 0),
+        torch.zeros(3, 2, 4, dtype=torch.long),
+    ):
+        with pytest.raises(ValueError, match=r"view_probs must be a floating-point \(B, V, num_classes\)"):
+            tta.aggregate(probs)
+    with pytest.raises(ValueError, match=r"views must be a \(B, V, C, H, W\) batch.*shape \(2, 3, 32, 32\)"):
+        tta.classify(images(2, SIZE))
+
+
 def test_tta_vote_and_all_refs(setup):
     _, model, _, bank = setup
     tta = TTAClassifier(toy_classifier(3), model, bank, k=None, reduce="vote").eval()
