@@ -47,6 +47,10 @@ def _check_k(k, num_refs: int) -> None:
 def select_refs(num_refs: int, batch: int, refs=None, k: int | None = None, generator=None) -> torch.Tensor:
     """Bank indices per image, (batch, K) int64: `refs` checked, or `k` drawn per image uniformly without
     replacement with `generator` (a torch.Generator; its device is used), or all num_refs by default."""
+    check_count("num_refs", num_refs)
+    # A traced batch size (torch.compile's dynamic shapes) is a SymInt, an int at run time.
+    if not isinstance(batch, torch.SymInt) and not (is_int(batch) and batch >= 0):
+        raise ValueError(f"batch must be an int >= 0, got {batch!r}")
     if refs is not None and k is not None:
         raise ValueError("give refs or k, not both")
     if refs is not None:

@@ -418,6 +418,16 @@ def test_bad_arguments(setup, kwargs, match):
         stylize(model, images(1, SIZE), bank, **kwargs)
 
 
+def test_select_refs_names_a_bad_bank_size_or_batch():
+    """select_refs(0, 2) returned (2, 0) indices, a float batch failed in Tensor.expand."""
+    for args, match in (((0, 2), "num_refs must be a positive int"), ((R, 2.0), "batch must be an int >= 0")):
+        with pytest.raises(ValueError, match=match):
+            select_refs(*args)
+    with pytest.raises(ValueError, match="batch must be an int >= 0, got -1"):
+        select_refs(R, -1, k=2)
+    assert select_refs(R, 0, k=2).shape == (0, 2) and select_refs(np.int64(R), np.int64(1)).shape == (1, R)
+
+
 @pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64])
 def test_unsigned_indices_are_taken_and_checked(dtype):
     """Unsigned indices (numpy's np.uint64 arrays become torch.uint64) were a NotImplementedError of
