@@ -453,6 +453,20 @@ def test_bad_images(setup):
         stylize(copy.deepcopy(model).to("meta"), images(1, SIZE).to("meta"), bank)
 
 
+def test_missing_images_are_named(setup):
+    """None for the images passed the checks (taken as an absent style) and failed later on None.shape."""
+    _, model, _, bank = setup
+    calls = (
+        lambda: stylize(model, None, bank),
+        lambda: StyleBank.from_images(model, None),
+        lambda: TTAClassifier(toy_classifier(), model, bank, k=2)(None),
+        lambda: model(None),
+    )
+    for call, name in zip(calls, ("x", "refs", "x", "x")):
+        with pytest.raises(TypeError, match=f"^{name} must be a torch.Tensor, got NoneType"):
+            call()
+
+
 def test_wrong_types_and_damaged_banks(setup, tmp_path):
     _, model, _, bank = setup
     x = images(1, SIZE)
