@@ -183,8 +183,8 @@ def create_model(
     pretrained=True means the camelyon17wilds checkpoint."""
     from .weights import load_pretrained_weights, weight_source
 
-    if weights is not None:
-        weight_source(weights, "weights")  # before the build
+    if weights:  # before the build; a falsy one loads nothing, officially
+        weight_source(weights, "weights")
     model = StylizingViT(backbone, train=train, **kwargs)
     # The official precedence, to the letter: weights="" loads nothing, nor does a truthy non-bool pretrained.
     if weights is not None:

@@ -679,6 +679,14 @@ def test_create_model_chooses_weights_as_officially(no_hub):
         create_model("tiny", pretrained=True, **kwargs)
 
 
+@pytest.mark.parametrize("weights", [False, 0, b"", []])
+def test_create_model_loads_nothing_for_a_falsy_weights_as_officially(no_hub, weights):
+    """Officially `if dataset_to_load:` skips the loader for any falsy weights, whatever its type."""
+    from fastvit_style import create_model
+
+    create_model("tiny", weights=weights, pretrained=True, input_size=32, encoder_depth=1)
+
+
 @pytest.mark.parametrize("weights", [123, b"camelyon17wilds", ["model.safetensors"]])
 def test_create_model_refuses_weights_that_are_no_str_or_path_by_name(weights):
     """They failed inside the loader with os.fspath's or re's TypeError, naming no argument, after the model
