@@ -72,7 +72,11 @@ class ModelConfig:
         return self.embed_dim // (2 * self.in_channel * self.patch_size)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields as JSON writes them: a NumPy (or other) float as Python's, the same value."""
+        return {
+            k: float(v) if isinstance(v, numbers.Real) and not isinstance(v, (int, float)) else v
+            for k, v in asdict(self).items()
+        }
 
     def validate(self) -> None:
         """Raise ValueError for configurations the official code crashes on inside forward."""
@@ -186,13 +190,13 @@ def make_config(backbone: str = "base", **kwargs) -> ModelConfig:
 
 
 def _python_number(value):
-    """Python's bool, int or float for a number of another type (NumPy's, a Fraction), which JSON (a StyleBank's
-    metadata) cannot write; other values as they are, for `validate` to judge."""
+    """Python's bool or int for NumPy's (exact; JSON, a StyleBank's metadata, writes no NumPy number); other
+    values as they are, for `validate` to judge. A float of another type is kept: the layers' widths
+    int(L * ratio) are computed in its arithmetic, as officially (np.float32 rounds L * ratio in float32,
+    which can give one unit more); `to_dict` writes it as Python's float."""
     if isinstance(value, np.bool_):
         return bool(value)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return value
-    return int(value) if is_int(value) else float(value)
+    return int(value) if is_int(value) and not isinstance(value, int) else value
 
 
 def unknown_backbone(backbone, kwargs: dict) -> str | None:

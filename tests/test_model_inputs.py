@@ -116,10 +116,28 @@ def test_numpy_numbers_become_python_numbers_so_a_style_bank_saves(tmp_path):
     it failed to save ("Object of type int64 is not JSON serializable")."""
     kwargs = {"input_size": np.int64(32), "encoder_mlp_ratio": np.float32(2), "bottleneck_bias": np.int64(0)}
     model = StylizingViT("tiny", backend="torch", encoder_depth=1, **kwargs)
-    types = {"input_size": int, "mlp_ratio": float, "bottleneck_bias": int}
+    types = {
+        "input_size": int,
+        "mlp_ratio": np.float32,
+        "bottleneck_bias": int,
+    }  # the float: see the next test
     assert {k: type(getattr(model.config, k)) for k in types} == types
     bank = StyleBank.from_images(model, torch.randn(1, 3, 32, 32))
     assert StyleBank.load(bank.save(tmp_path / "bank.safetensors"), model).config == model.config.to_dict()
+
+
+def test_a_numpy_float_ratio_gives_the_official_widths():
+    """The official width is int(L * ratio) in the ratio's arithmetic: for np.float32(5 / 192) at L = 192
+    float32 rounds the product to 5.0, where float64 gives 4.999...; converted to Python's float, the MLP
+    had 4 hidden units, not the official 5, and the official weights' shapes did not fit."""
+    ratio = np.float32(5 / 192)
+    assert int(192 * ratio) == 5 and int(192 * float(ratio)) == 4
+    model = StylizingViT("tiny", encoder_mlp_ratio=ratio, bottleneck_mlp_ratio=ratio, **SMALL)
+    assert model.encoder.blocks[0].mlp.fc1.out_features == 5 and model.bottleneck.fc1.out_features == 5
+    assert (
+        model.config.to_dict()["mlp_ratio"] == float(ratio)
+        and type(model.config.to_dict()["mlp_ratio"]) is float
+    )
 
 
 def test_numpy_bools_count_as_flags_as_officially():
