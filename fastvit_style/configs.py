@@ -184,9 +184,27 @@ def make_config(backbone: str = "base", **kwargs) -> ModelConfig:
                 )
         else:
             raise TypeError(f"unexpected keyword argument {key!r}")
+    if isinstance(fields.get("post_process_conv_padding"), str):
+        fields["post_process_conv_padding"] = _conv_padding(
+            fields["post_process_conv_padding"],
+            fields.get("post_process_conv_kernel_size", ModelConfig.post_process_conv_kernel_size),
+        )
     config = ModelConfig(**{key: _python_number(value) for key, value in fields.items()})
     config.validate()
     return config
+
+
+def _conv_padding(mode: str, kernel) -> int:
+    """nn.Conv2d's padding modes, which the official post conv takes, as the padding they give: 'valid'
+    none, 'same' (k - 1) / 2 on each side for an odd kernel k."""
+    if mode == "valid":
+        return 0
+    if mode == "same" and is_int(kernel) and kernel % 2:
+        return (kernel - 1) // 2
+    raise ValueError(
+        f"post_process_conv_padding={mode!r} is not supported: an integer, 'valid', or 'same' with an odd "
+        f"post_process_conv_kernel_size (an even one pads unevenly), got kernel size {kernel!r}"
+    )
 
 
 def _python_number(value):

@@ -140,6 +140,25 @@ def test_a_numpy_float_ratio_gives_the_official_widths():
     )
 
 
+def test_the_post_convs_padding_modes_are_taken_as_officially():
+    """nn.Conv2d takes padding='same' and 'valid', so the official constructor does: they were refused as
+    'must be an integer >= 0'. They are the padding they give; an uneven 'same' is refused by name."""
+    same = StylizingViT("tiny", post_process_conv_kernel_size=3, post_process_conv_padding="same", **SMALL)
+    assert same.config.post_process_conv_padding == 1 and same.post_process_conv.padding == (1, 1)
+    x = torch.randn(2, 3, 32, 32)
+    reference = StylizingViT("tiny", post_process_conv_kernel_size=3, post_process_conv_padding=1, **SMALL)
+    reference.load_state_dict(same.state_dict())
+    torch.testing.assert_close(same(x), reference(x), rtol=0, atol=0)
+    assert (
+        StylizingViT("tiny", post_process_conv_padding="valid", **SMALL).config.post_process_conv_padding == 0
+    )
+    for kernel, mode in [(4, "same"), (5, "reflect")]:
+        with pytest.raises(ValueError, match=f"post_process_conv_padding={mode!r} is not supported"):
+            StylizingViT(
+                "tiny", post_process_conv_kernel_size=kernel, post_process_conv_padding=mode, **SMALL
+            )
+
+
 def test_numpy_bools_count_as_flags_as_officially():
     """The official code tests the flags' truth, so np.True_ (a sweep's, a mask's item) built its model;
     here it was refused as no True or False, and kept it would not have saved as JSON."""
