@@ -21,9 +21,10 @@ def is_int(value) -> bool:
 
 
 def check_flag(name: str, value):
-    """`value`, NumPy's bool as Python's; ValueError unless it is True or False (0 and 1 too, as
-    officially): the official code only tests these flags' truth, so a JSON "false" would mean True."""
-    if isinstance(value, np.bool_):
+    """`value`, NumPy's bool and None (officially false) as Python's bool; ValueError unless it is True or
+    False (0 and 1 too, as officially): the official code only tests these flags' truth, so a JSON "false"
+    would mean True."""
+    if value is None or isinstance(value, np.bool_):
         return bool(value)
     if not (isinstance(value, numbers.Integral) and value in (0, 1)):
         raise ValueError(f"{name} must be True or False, got {value!r}")
@@ -184,6 +185,9 @@ def make_config(backbone: str = "base", **kwargs) -> ModelConfig:
                 )
         else:
             raise TypeError(f"unexpected keyword argument {key!r}")
+    for name in _BOOLS:
+        if name in fields:
+            fields[name] = check_flag(name, fields[name])
     if isinstance(fields.get("post_process_conv_padding"), str):
         fields["post_process_conv_padding"] = _conv_padding(
             fields["post_process_conv_padding"],
@@ -208,12 +212,10 @@ def _conv_padding(mode: str, kernel) -> int:
 
 
 def _python_number(value):
-    """Python's bool or int for NumPy's (exact; JSON, a StyleBank's metadata, writes no NumPy number); other
-    values as they are, for `validate` to judge. A float of another type is kept: the layers' widths
+    """Python's int for NumPy's (exact; JSON, a StyleBank's metadata, writes no NumPy number); other values
+    as they are, for `validate` to judge. A float of another type is kept: the layers' widths
     int(L * ratio) are computed in its arithmetic, as officially (np.float32 rounds L * ratio in float32,
     which can give one unit more); `to_dict` writes it as Python's float."""
-    if isinstance(value, np.bool_):
-        return bool(value)
     return int(value) if is_int(value) and not isinstance(value, int) else value
 
 

@@ -102,7 +102,7 @@ def test_a_ratio_that_leaves_an_mlp_no_hidden_unit_is_refused(name):
     assert StylizingViT("tiny", **{name: 1 / 192}, **SMALL).config.embed_dim == 192
 
 
-@pytest.mark.parametrize("train", ["False", "no", None, 2])
+@pytest.mark.parametrize("train", ["False", "no", 2.0, 2])
 def test_a_train_flag_other_than_true_or_false_is_refused(train):
     """Officially only its truth counts: train="False" (from a config file) built a VGG19 and forward gave
     (Loss, x_recon) where an image was expected. 0 and 1 still count, as for the bias flags."""
@@ -164,6 +164,10 @@ def test_numpy_bools_count_as_flags_as_officially():
     here it was refused as no True or False, and kept it would not have saved as JSON."""
     model = StylizingViT("tiny", train=np.True_, bottleneck_bias=np.False_, **SMALL)
     assert model.training_mode is True and model.config.bottleneck_bias is False
+    # None is false officially too (`if train:`, nn.Linear's `if bias:`), a config's "not set"
+    model = StylizingViT("tiny", train=None, encoder_qkv_bias=None, **SMALL)
+    assert model.training_mode is False and model.config.qkv_bias is False
+    assert not hasattr(model, "vgg_encoder") and model.encoder.blocks[0].attn.q_proj.bias is None
 
 
 def test_a_misspelt_backbone_warns():
