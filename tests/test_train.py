@@ -393,7 +393,7 @@ def test_cosine_schedule_and_psnr_formula():
         # Officially only their truth counts: a JSON "false" would silently mean True.
         ({"model_kwargs": {"encoder_qkv_bias": "false"}}, "qkv_bias must be True or False, got 'false'"),
         ({"model_kwargs": {"bottleneck_bias": 2}}, "bottleneck_bias must be True or False, got 2"),
-        ({"model_kwargs": {"post_process_conv_bias": None}}, "post_process_conv_bias must be True or False"),
+        ({"model_kwargs": {"post_process_conv_bias": "no"}}, "post_process_conv_bias must be True or False"),
         # Epoch e seeds torch with seed + e, which must stay within [-2**63, 2**64).
         (
             {"seed": 2**64 - 1, "epochs": 2},

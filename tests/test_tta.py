@@ -580,13 +580,15 @@ def test_tta_mean_prob(setup, include_original):
     torch.testing.assert_close(views, expected)
 
 
-@pytest.mark.parametrize("flag", ["False", None, 2])
+@pytest.mark.parametrize("flag", ["False", 2.0, 2])
 def test_include_original_must_be_a_bool(setup, flag):
-    """A string "False" is truthy: the original view was silently kept (None dropped it, and num_views failed)."""
+    """A string "False" is truthy: the original view was silently kept (and None dropped it, after which
+    num_views failed). NumPy's bools and None are taken, as the model's flags."""
     _, model, _, bank = setup
     with pytest.raises(ValueError, match="include_original must be True or False"):
         TTAClassifier(toy_classifier(), model, bank, k=2, include_original=flag)
-    assert TTAClassifier(toy_classifier(), model, bank, k=2, include_original=np.False_).num_views == 2
+    for false in (np.False_, None):
+        assert TTAClassifier(toy_classifier(), model, bank, k=2, include_original=false).num_views == 2
 
 
 def test_tta_stylizer_runs_without_autograd(setup):

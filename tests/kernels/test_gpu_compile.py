@@ -80,10 +80,15 @@ def test_the_json_names_the_code_and_the_date(tmp_path, monkeypatch):
 
     from fastvit_style.benchmark import gpu_compile as module
 
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", torch.backends.cuda.matmul.allow_tf32)
     monkeypatch.setattr(module, "compile_report", lambda *args: [])
     out = tmp_path / "compile.json"
-    assert module.main(["--out", str(out), "--json"]) == 0
+    # main sets this switch for the process; restored by hand: pytest >= 9.2's monkeypatch takes the
+    # module's __getattr__-served flag for absent and deletes it at teardown, which fails
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        assert module.main(["--out", str(out), "--json"]) == 0
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     saved = json.loads(out.read_text())
     assert saved["target"] == "cuda sm_90" and saved["rows"] == [] and saved["torch"] == torch.__version__
     assert saved["git"]["sources"] and datetime.datetime.fromisoformat(saved["date"]).utcoffset() is not None
