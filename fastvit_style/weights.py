@@ -546,7 +546,8 @@ def save_state_dict(model_or_sd, path, normalization=None) -> str:
             f"cannot save {path!r}: a state dict maps names to tensors, but its entry {entry!r} holds "
             f"{type(plain[entry]).__name__}; pass the model or its state_dict (a checkpoint's 'model' entry)"
         )
-    if meta := next((k for k, v in plain.items() if v.is_meta), None):  # was torch's NotImplementedError
+    meta = next((k for k, v in plain.items() if v.is_meta), None)
+    if meta is not None:  # torch.save would raise NotImplementedError: Cannot copy out of meta tensor
         raise ValueError(
             f"cannot save {path!r}: {meta!r} is on the meta device (shapes only, no values); load or "
             "initialize the weights (model.to_empty(device=...) then load) before saving"
