@@ -48,7 +48,6 @@ Gradient criterion (training), measured with the official package (small, B=3, x
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 from pathlib import Path
@@ -67,6 +66,9 @@ from helpers import (
 )
 
 from fastvit_style import StylizingViT
+from fastvit_style.benchmark import BenchConfig, register_backend, run_benchmark
+from fastvit_style.benchmark import official as official_backend
+from fastvit_style.benchmark.official import offline_vgg
 
 FP32 = TOLERANCE[torch.float32]
 FP64_EXACT = 1e-9
@@ -178,24 +180,6 @@ def test_golden_official_training():
 @pytest.fixture(scope="module")
 def official():
     return pytest.importorskip("stylizing_vit", reason="official stylizing-vit package not installed")
-
-
-@contextlib.contextmanager
-def offline_vgg():
-    """Make the official train=True constructor build its timm VGG19 without downloading weights."""
-    import timm
-
-    create = timm.create_model
-
-    def create_offline(*args, **kwargs):
-        kwargs["pretrained"] = False
-        return create(*args, **kwargs)
-
-    timm.create_model = create_offline
-    try:
-        yield
-    finally:
-        timm.create_model = create
 
 
 def build_official(official, backbone: str, train: bool, seed: int = 0, **kw) -> torch.nn.Module:
@@ -386,3 +370,23 @@ def test_official_surface_beyond_forward(official):
     assert ours_u8.dtype == theirs_u8.dtype and (ours_u8.int() - theirs_u8.int()).abs().max() <= 1
     pil = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 30, 3), dtype=np.uint8))
     assert (resize_image(pil, 32).int() - official_util.resize_image(pil, 32).int()).abs().max() <= 1
+
+
+@pytest.mark.parametrize("workload", ["stylize", "stylize-roll", "train"])
+def test_official_benchmark_backend(official, workload):
+    """`bench/cpu_speed.py --official`: the official package, built with a custom config's kwargs and given
+    the reference's weights, passes the benchmark's parity check against the reference."""
+    register_backend("official", official_backend.factory, official=True)
+    cfg = BenchConfig(
+        workloads=(workload,),
+        batch_sizes={workload: [2]},
+        backends=("reference", "official"),
+        model_kwargs={
+            "input_size": TRAIN_SIZE,
+            "encoder_depth": 2,
+            "encoder_norm_layer": functools.partial(torch.nn.LayerNorm, eps=1e-5),
+        },
+    )
+    rows = run_benchmark(cfg)["results"]
+    assert [(r["backend"], r["status"]) for r in rows] == [("reference", "ok"), ("official", "ok")], rows
+    assert rows[1]["rel_err"] <= (0 if workload != "train" else FP32)
