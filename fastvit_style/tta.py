@@ -77,8 +77,9 @@ def select_refs(num_refs: int, batch: int, refs=None, k: int | None = None, gene
             )
         # Traced whole (torch.compile(fullgraph=True)), lo and hi are known only when the graph runs, where
         # no branch can read them: runtime asserts instead (the Triton kernels would clamp such an index).
-        torch._check(lo >= 0, lambda: f"refs must lie in [0, {num_refs})")
-        torch._check(hi < num_refs, lambda: f"refs must lie in [0, {num_refs})")
+        # Their messages read no local variable: torch 2.11's dynamo cannot trace a closure there.
+        torch._check(lo >= 0, lambda: "refs must lie in [0, len(bank))")
+        torch._check(hi < num_refs, lambda: "refs must lie in [0, len(bank))")
         return refs.long()
     if k is None:
         return torch.arange(num_refs).expand(batch, num_refs)
