@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import math
 import numbers
 import warnings
@@ -244,6 +245,17 @@ def check_backbone(backbone, kwargs: dict) -> None:
     (the API warns)."""
     if (message := unknown_backbone(backbone, kwargs)) is not None:
         raise ValueError(message)
+
+
+def parse_model_kwargs(name: str, text: str) -> dict:
+    """The JSON object of a command's `name` option (--model-kwargs), or a ValueError naming it."""
+    try:
+        kwargs = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{name} is not valid JSON ({e})") from None
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"{name} must be a JSON object, got {text!r}")
+    return kwargs
 
 
 def check_model_kwargs(name: str, backbone: str, kwargs: dict, **fixed) -> ModelConfig:

@@ -110,6 +110,14 @@ def test_one_epoch_through_the_cli_lowers_the_loss_and_exports_official_weights(
         assert cli.main([*argv, "--backbone", backbone, "--model-kwargs", kwargs]) == 1
         err = capsys.readouterr().err
         assert f"error: backbone {backbone!r} is no official name" in err and not (tmp_path / "out").exists()
+    # --model-kwargs that is no JSON object: named as such (argparse's usage error, exit status 2).
+    for kwargs, message in (
+        ("{", "is not valid JSON (Expecting property name"),
+        ("[1]", "must be a JSON object"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([*argv, "--model-kwargs", kwargs])
+        assert exit_info.value.code == 2 and f"--model-kwargs: the value {message}" in capsys.readouterr().err
     # A missing weight file, or one that does not fit: the error names its option.
     save_state_dict({"features.0.weight": torch.zeros(1)}, tmp_path / "notvgg.pth")
     for path, message in (("nope.pth", "weight file"), ("notvgg.pth", "")):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import unicodedata
@@ -25,6 +24,7 @@ from ..configs import (
     ModelConfig,
     check_backbone,
     check_model_kwargs,
+    parse_model_kwargs,
     weights_dataset,
 )
 from ..devices import resolve_device
@@ -133,11 +133,9 @@ def save_output_png(image: torch.Tensor, folder: str, name: str, leftovers: dict
 def stylizer_config(args) -> tuple[ModelConfig, dict]:
     """The config of the model --backbone and --model-kwargs describe, and those kwargs; no weights read."""
     try:
-        kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"error: --model-kwargs is not valid JSON ({e})") from None
-    if not isinstance(kwargs, dict):
-        raise SystemExit(f"error: --model-kwargs must be a JSON object, got {args.model_kwargs!r}")
+        kwargs = parse_model_kwargs("--model-kwargs", args.model_kwargs) if args.model_kwargs else {}
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     check_backbone(args.backbone, kwargs)
     config = check_model_kwargs("--model-kwargs", args.backbone, kwargs)
     if config.in_channel != 3:

@@ -2,13 +2,12 @@
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
 
 from .. import train as training
-from ..configs import check_backbone
+from ..configs import check_backbone, parse_model_kwargs
 from ..devices import dist_env
 from ..train_config import TrainConfig
 from .common import BACKBONE_HELP
@@ -35,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=d.backbone,
         help=BACKBONE_HELP + " (default: %(default)s)",
     )
-    p.add_argument("--model-kwargs", type=json.loads, default={}, metavar="JSON",
+    p.add_argument("--model-kwargs", type=_json_object, default={}, metavar="JSON",
                    help='official StylizingViT keyword overrides, e.g. \'{"encoder_depth": 6}\'')  # fmt: skip
 
     def number(flag: str, kind: type, what: str = "") -> None:
@@ -91,6 +90,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="replace the run already in --out (its checkpoints, weights and metrics are deleted)",
     )
+
+
+def _json_object(text: str) -> dict:
+    try:
+        return parse_model_kwargs("the value", text)
+    except ValueError as e:  # argparse names the option and shows this message as it is
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -11,7 +10,7 @@ import torch
 
 from ..backends import unavailable_reason
 from ..cli import importable_cwd
-from ..configs import check_backbone, check_model_kwargs
+from ..configs import check_backbone, check_model_kwargs, parse_model_kwargs
 from ..devices import resolve_device
 from . import report
 from .plan import DTYPES, FAST_BACKENDS, WORKLOADS, BenchConfig, get_backend, plan_size
@@ -136,12 +135,7 @@ def config_from_args(args) -> BenchConfig:
     if not dtypes or not set(dtypes) <= set(DTYPES):
         raise ValueError(f"--dtypes must be a comma list of {', '.join(DTYPES)}, got {args.dtypes!r}")
     backbones = _csv(args.backbones or ("base" if cuda else "tiny"))
-    try:
-        model_kwargs = json.loads(args.model_kwargs)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--model-kwargs is not valid JSON ({e})") from None
-    if not isinstance(model_kwargs, dict):
-        raise ValueError(f"--model-kwargs must be a JSON object, got {args.model_kwargs!r}")
+    model_kwargs = parse_model_kwargs("--model-kwargs", args.model_kwargs)
     if not backbones:
         raise ValueError(f"--backbones names no backbone: {args.backbones!r}")
     for backbone in backbones:
