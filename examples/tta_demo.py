@@ -86,8 +86,8 @@ def main(argv=None) -> None:
     p.add_argument("--weights", default=None, help="official checkpoint file (default: random weights)")
     p.add_argument("--dataset", default="camelyon17wilds", help="normalization constants")
     p.add_argument("--small", action="store_true", help="64 px, 2 layers: a quick run with random weights")
-    p.add_argument("--contents", type=positive_int, default=2, help="content images (rows)")
-    p.add_argument("--styles", type=positive_int, default=3, help="style references (columns)")
+    p.add_argument("--contents", type=positive_int, default=2, help="how many content images (rows)")
+    p.add_argument("--styles", type=positive_int, default=3, help="how many style references (columns)")
     args = p.parse_args(argv)
 
     if os.path.isdir(args.out):

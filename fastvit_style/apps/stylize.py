@@ -84,5 +84,6 @@ def run(args) -> int:
             for b, name in enumerate(content_names[start : start + len(paths)]):
                 for j, ref in enumerate(refs[b].tolist()):
                     save_output_png(out[b, j], args.out, f"{name}__{style_names[ref]}.png", leftovers)
-    print(f"wrote {len(contents) * refs.shape[1]} images to {args.out}")
+    written = len(contents) * refs.shape[1]
+    print(f"wrote {written} image{'s' * (written != 1)} to {args.out}")
     return 0

@@ -338,5 +338,5 @@ def run(args) -> int:
         writer = csv.writer(f)
         writer.writerow(_header(num_classes))
         writer.writerows([r[:2] + [f"{p:.6g}" for p in r[2:]] for r in rows])
-    print(f"wrote predictions for {len(rows)} images to {args.out}")
+    print(f"wrote predictions for {len(rows)} image{'s' * (len(rows) != 1)} to {args.out}")
     return 0
