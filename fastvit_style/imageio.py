@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .atomic import atomic_path
-from .configs import DEFAULT_DATASET, NORMALIZATION
+from .configs import DEFAULT_DATASET, NORMALIZATION, official_dataset
 
 # torchvision's IMG_EXTENSIONS, whose ImageFolder the official datasets read through.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".ppm", ".pgm", ".webp")
@@ -223,6 +223,13 @@ def normalization(dataset: str | None = None, mean=None, std=None) -> tuple[tupl
         raise ValueError(f"the dataset name is empty: use one of {sorted(NORMALIZATION)}, or mean and std")
     key = (dataset or DEFAULT_DATASET).replace("-", "_")
     if key not in NORMALIZATION:
+        if official := official_dataset(key):  # a dataset of official weights whose code records none
+            named = "" if official == dataset else f" ({official})"
+            raise ValueError(
+                f"no normalization constants are known for dataset {dataset!r}{named}, and the official code has "
+                "none either: give the mean and std of its images (fastvit_style.data.compute_normalization"
+                "(folder) computes them)"
+            )
         raise ValueError(
             f"no normalization constants for dataset {dataset!r}: use one of {sorted(NORMALIZATION)} or mean/std"
         )

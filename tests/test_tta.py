@@ -779,6 +779,10 @@ def test_png_and_preprocessing(tmp_path):
     assert normalization(mean=[0.5] * 3, std=[0.2] * 3) == ((0.5,) * 3, (0.2,) * 3)
     with pytest.raises(ValueError, match="no normalization constants"):
         normalization("imagenet")
+    # Datasets of official weights without constants (none in the official code either) say so.
+    for name, named in (("ddi", "'ddi' (ddi_12_34_56), and"), ("cholec80", "'cholec80', and")):
+        with pytest.raises(ValueError, match=rf"dataset {re.escape(named)} the official code has none"):
+            normalization(name)
     for bad in (float("nan"), float("inf")):  # NaN slips through `std <= 0`: all-NaN inputs, silently
         with pytest.raises(ValueError, match="3 finite values each"):
             normalization(mean=[0.5] * 3, std=[bad, 1, 1])
