@@ -40,6 +40,33 @@ def test_forward_and_input_gradient_match_conv2d(shape, dtype):
     assert_close_rel(winograd_conv3x3(g, transform_weight(flipped), None), xr.grad, TOLERANCE[dtype], "d x")
 
 
+@pytest.mark.skipif(not winograd.onednn_ready(torch.float32), reason="torch without oneDNN (mkldnn)")
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # from mkldnn.flags()
+def test_onednn_tile_products_match_conv2d_and_follow_the_switch():
+    """float32: the 16 tile-position GEMMs as oneDNN matmuls on packed transforms (forward and input
+    gradient, against float64); with oneDNN switched off, the bmm on plain transforms again."""
+    conv = frozen_conv(6, 512, torch.float32, seed=1)
+    x = torch.randn(2, 6, 10, 6, dtype=torch.float64).relu()
+    expected = F.conv2d(x, conv.weight.double(), conv.bias.double(), padding=1)
+    packed = winograd.pack_for_onednn(transform_weight(conv.weight))
+    assert len(packed) == 16
+    assert_close_rel(
+        winograd_conv3x3(x.float(), packed, conv.bias), expected, TOLERANCE[torch.float32], "packed"
+    )
+    xr = x.float().requires_grad_()
+    g = torch.randn_like(expected)
+    out = conv3x3(xr, conv)
+    assert isinstance(winograd._transforms_of[conv][1], tuple)  # packed where oneDNN is ready
+    out.backward(g.float())
+    x64 = x.clone().requires_grad_()
+    F.conv2d(x64, conv.weight.double(), conv.bias.double(), padding=1).backward(g)
+    assert_close_rel(out, expected, TOLERANCE[torch.float32], "conv3x3")
+    assert_close_rel(xr.grad, x64.grad, TOLERANCE[torch.float32], "d x")
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert_close_rel(conv3x3(x.float(), conv), expected, TOLERANCE[torch.float32], "bmm")
+        assert isinstance(winograd._transforms_of[conv][1], torch.Tensor)
+
+
 def test_autograd_path_and_cached_transforms():
     conv = frozen_conv(4, 512, torch.float64)
     x = torch.randn(1, 4, 4, 4, dtype=torch.float64, requires_grad=True)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..tracing import forward_ad_active, traced
+from . import fused_linear
 from .unmodified import is_exact
 from .weight_stamp import weight_stamp
 
@@ -28,6 +29,30 @@ def transform_weight(weight: torch.Tensor) -> torch.Tensor:
     return u.reshape(16, weight.shape[1], weight.shape[0])
 
 
+def onednn_ready(dtype: torch.dtype) -> bool:
+    """Whether the 16 tile-position GEMMs run as oneDNN matmuls (float32, torch built with oneDNN and
+    it enabled) rather than as one MKL bmm. On an AMD EPYC with Zen 5 flags (2026-12-02, 2 threads)
+    MKL ran its GEMMs at under half of oneDNN's speed (6.55 against 2.86 ms at 2352 x 512 x 512; the
+    16 products of a 512 -> 512 convolution at 28 px over 12 images 123.6 against 68.6 ms), which made
+    Winograd a loss there (`bench/results/README.md`, session 31)."""
+    return (
+        fused_linear._ONEDNN_LINEAR is not None and torch.backends.mkldnn.enabled and dtype == torch.float32
+    )
+
+
+def pack_for_onednn(u: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """U (16, Cin, Cout) -> its 16 tile positions' (Cout, Cin) weights in oneDNN's blocked layout."""
+    return tuple(torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous(), None) for w in u)
+
+
+def _tile_products(v: torch.Tensor, u) -> list[torch.Tensor]:
+    """v (16, P, Cin) @ U for each tile position -> 16 (P, Cout) products; u: U (16, Cin, Cout), or its
+    `pack_for_onednn` form."""
+    if isinstance(u, torch.Tensor):
+        return list(torch.bmm(v, u).unbind(0))
+    return [fused_linear._ONEDNN_LINEAR(v[i], u[i], None, "none", [], "") for i in range(16)]
+
+
 def _rows_into(r0, r1, r2, r3, out: torch.Tensor) -> torch.Tensor:
     """B^T applied along one tile axis: the four transformed rows of a 4-row tile, written into
     out[0..3] (out= spares a fresh tensor and a copy per row: 20 of each per convolution)."""
@@ -38,8 +63,9 @@ def _rows_into(r0, r1, r2, r3, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def winograd_conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """conv2d(x, w, bias, padding=1) for x (N, Cin, H, W) with even H, W and u = transform_weight(w).
+def winograd_conv3x3(x: torch.Tensor, u, bias: torch.Tensor | None) -> torch.Tensor:
+    """conv2d(x, w, bias, padding=1) for x (N, Cin, H, W) with even H, W and u = transform_weight(w), or
+    pack_for_onednn of it (float32 x only).
 
     Returns (N, Cout, H, W) in channels_last memory (the transforms work on (N, H, W, C) rows). Not
     differentiable itself (its transforms write with out=): `conv3x3` gives it a backward.
@@ -51,17 +77,18 @@ def winograd_conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None
     v = x.new_empty(4, 4, N, th, tw, C)
     for a in range(4):
         _rows_into(*(rows[a][:, :, k : k + W : 2] for k in range(4)), out=v[a])
-    m = torch.bmm(v.view(16, N * th * tw, C), u).view(4, 4, N, th, tw, -1)
-    Cout = u.shape[2]
+    m = [p.view(N, th, tw, -1) for p in _tile_products(v.view(16, N * th * tw, C), u)]  # m[4 a + b]
+    Cout = m[0].shape[-1]
     # A plain channels_last tensor, not a permuted view: autograd lets callers modify it in place (ReLU).
     out = torch.empty(N, Cout, H, W, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     out_rows = out.permute(0, 2, 3, 1)
     # A^T along rows, then along columns, each sum left to right; the last one lands in its strided
     # place in out, with the bias.
-    s = m.new_empty(2, 4, N, th, tw, Cout)
-    torch.add(m[0], m[1], out=s[0]).add_(m[2])
-    torch.sub(m[1], m[2], out=s[1]).sub_(m[3])
-    t = m.new_empty(N, th, tw, Cout)
+    s = x.new_empty(2, 4, N, th, tw, Cout)
+    for b in range(4):
+        torch.add(m[b], m[4 + b], out=s[0, b]).add_(m[8 + b])
+        torch.sub(m[4 + b], m[8 + b], out=s[1, b]).sub_(m[12 + b])
+    t = x.new_empty(N, th, tw, Cout)
     for a in range(2):
         torch.add(s[a, 0], s[a, 1], out=t).add_(s[a, 2])
         _place(t, bias, out_rows[:, a::2, 0::2])
@@ -83,12 +110,14 @@ class _WinogradConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, u, u_flipped, bias):
-        ctx.save_for_backward(u, u_flipped)
+        # Kept on ctx, not saved: the transforms may be tuples of packed weights, and they are frozen
+        # constants that nothing writes in place (`_transforms` builds new ones when the weight changes).
+        ctx.transforms = (u, u_flipped)
         return winograd_conv3x3(x, u, bias)
 
     @staticmethod
     def backward(ctx, grad):
-        u, u_flipped = ctx.saved_tensors
+        u, u_flipped = ctx.transforms
         # The input gradient is the convolution with the flipped kernel, linear in grad: through this
         # Function again (kernels swapped), so that create_graph=True records it. winograd_conv3x3
         # itself writes with out=, which autograd cannot record.
@@ -100,19 +129,21 @@ class _WinogradConv(torch.autograd.Function):
 _transforms_of: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _transforms(conv: torch.nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """U of the kernel and of its flipped, channel-swapped twin (the input gradient's), kept until the
-    weight changes (`weight_stamp`, which says what it sees) or `forget_transforms`: a 512x512
-    transform costs as much as the saving."""
+def _transforms(conv: torch.nn.Conv2d) -> tuple:
+    """U of the kernel and of its flipped, channel-swapped twin (the input gradient's), packed for oneDNN
+    where `onednn_ready`, kept until the weight changes (`weight_stamp`, which says what it sees), oneDNN
+    is switched on or off, or `forget_transforms`: a 512x512 transform costs as much as the saving."""
     w = conv.weight
-    key = weight_stamp(w)  # a CPU tensor (use_winograd)
+    key = (weight_stamp(w), onednn_ready(w.dtype))  # a CPU tensor (use_winograd)
     cached = _transforms_of.get(conv)
     if cached is None or cached[0] != key:
         # Normal tensors even when first built under torch.inference_mode (a validation pass): the
         # Function saves them for backward, which inference tensors refuse in every later training step.
         with torch.inference_mode(False):
-            cached = (key, transform_weight(w), transform_weight(w.flip(2, 3).transpose(0, 1)))
-        _transforms_of[conv] = cached
+            u, u_flipped = transform_weight(w), transform_weight(w.flip(2, 3).transpose(0, 1))
+            if key[1]:
+                u, u_flipped = pack_for_onednn(u), pack_for_onednn(u_flipped)
+        cached = _transforms_of[conv] = (key, u, u_flipped)
     return cached[1], cached[2]
 
 
@@ -133,8 +164,13 @@ def use_winograd(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
       channels and 56 px, 1.7x at 512 -> 512 at 28 and 14 px, slower at 128 channels and 112 px;
     - an AMD EPYC VM with AVX-512 (2026-11-29), whose direct convolutions run 2.5x faster: 125 -> 212 at
       128->256 and 56 px, 232 -> 305 at 256->256 and 56 px (slower), 98 -> 81 at 256->512 and 28 px,
-      190 -> 140-185 at 512->512 and 28 px, 46 -> 33 at 512->512 and 14 px.
-    512 output channels is where it wins on both. `bench/vgg_cpu.py` times every layer three ways."""
+      190 -> 140-185 at 512->512 and 28 px, 46 -> 33 at 512->512 and 14 px;
+    - an AMD EPYC VM with Zen 5 flags (2026-12-02; `bench/vgg_cpu.py`, 4 images, forward and input
+      gradient, channels-last direct -> Winograd with its GEMMs through oneDNN, `onednn_ready`):
+      33.0 -> 23.4 at 256->512 and 28 px, 64.3 -> 39.7 at 512->512, 19.2 -> 11.5 at 14 px; also
+      64.9 -> 51.5 at 256->256 and 56 px, where the rule keeps the direct convolution for the other
+      VMs' sake (with MKL's bmm it lost there too: 33.7 -> 43.7 at 256->512 and 28 px).
+    512 output channels is where it wins on all three. `bench/vgg_cpu.py` times every layer three ways."""
     return (
         x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.float64)
