@@ -110,6 +110,23 @@ def test_weights_that_are_inference_tensors():
         assert_close_rel(conv3x3(x, conv), F.conv2d(x, conv.weight, conv.bias, padding=1), 1e-12, "after")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_transforms_built_in_inference_mode_serve_training(dtype):
+    """A validation pass under torch.inference_mode builds the transforms (inference tensors); the next
+    training step's backward, and a double backward, use them."""
+    conv = frozen_conv(8, 512, dtype)
+    x = torch.randn(2, 8, 6, 6, dtype=dtype)
+    with torch.inference_mode():
+        conv3x3(x, conv)
+    xr = x.clone().requires_grad_()
+    conv3x3(xr, conv).square().sum().backward()
+    x64 = x.double().requires_grad_()
+    F.conv2d(x64, conv.weight.double(), conv.bias.double(), padding=1).square().sum().backward()
+    assert_close_rel(xr.grad, x64.grad, TOLERANCE[dtype], "d x")
+    if dtype == torch.float64:
+        assert torch.autograd.gradgradcheck(lambda t: conv3x3(t, conv), (xr,), fast_mode=True)
+
+
 def test_torch_func_transforms_take_the_direct_convolution():
     """vmap and grad cannot run the Winograd Function (nor query channels-last layouts): the losses'
     VGG19 gives way to the plain convolution under them, with the same numbers."""

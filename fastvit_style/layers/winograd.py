@@ -137,12 +137,11 @@ def _transforms(conv: torch.nn.Conv2d) -> tuple:
     key = (weight_stamp(w), onednn_ready(w.dtype))  # a CPU tensor (use_winograd)
     cached = _transforms_of.get(conv)
     if cached is None or cached[0] != key:
-        # Normal tensors even when first built under torch.inference_mode (a validation pass): the
-        # Function saves them for backward, which inference tensors refuse in every later training step.
-        with torch.inference_mode(False):
-            u, u_flipped = transform_weight(w), transform_weight(w.flip(2, 3).transpose(0, 1))
-            if key[1]:
-                u, u_flipped = pack_for_onednn(u), pack_for_onednn(u_flipped)
+        # Built under torch.inference_mode (a validation pass), they serve later training steps too: the
+        # Function keeps them on its ctx, not as saved tensors, which inference tensors could not be.
+        u, u_flipped = transform_weight(w), transform_weight(w.flip(2, 3).transpose(0, 1))
+        if key[1]:
+            u, u_flipped = pack_for_onednn(u), pack_for_onednn(u_flipped)
         cached = _transforms_of[conv] = (key, u, u_flipped)
     return cached[1], cached[2]
 
