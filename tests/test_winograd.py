@@ -65,6 +65,18 @@ def test_onednn_tile_products_match_conv2d_and_follow_the_switch():
     with torch.backends.mkldnn.flags(enabled=False):
         assert_close_rel(conv3x3(x.float(), conv), expected, TOLERANCE[torch.float32], "bmm")
         assert isinstance(winograd._transforms_of[conv][1], torch.Tensor)
+    # One tile (a single GEMM row, another oneDNN kernel), and a double backward through packed transforms.
+    one = torch.randn(1, 6, 2, 2, dtype=torch.float64)
+    single = F.conv2d(one, conv.weight.double(), conv.bias.double(), padding=1)
+    assert_close_rel(conv3x3(one.float(), conv), single, TOLERANCE[torch.float32], "one tile")
+    xr, x64 = x.float().requires_grad_(), x.clone().requires_grad_()
+    grads = []
+    for t, weight, bias in ((xr, conv.weight, conv.bias), (x64, conv.weight.double(), conv.bias.double())):
+        y = conv3x3(t, conv) if t is xr else F.conv2d(t, weight, bias, padding=1)
+        (gx,) = torch.autograd.grad(y.square().sum(), t, create_graph=True)
+        gx.square().sum().backward()
+        grads.append(t.grad)
+    assert_close_rel(grads[0], grads[1], TOLERANCE[torch.float32], "double backward")
 
 
 def test_autograd_path_and_cached_transforms():

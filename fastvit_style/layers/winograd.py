@@ -168,7 +168,8 @@ def use_winograd(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
       gradient, channels-last direct -> Winograd with its GEMMs through oneDNN, `onednn_ready`):
       33.0 -> 23.4 at 256->512 and 28 px, 64.3 -> 39.7 at 512->512, 19.2 -> 11.5 at 14 px; also
       64.9 -> 51.5 at 256->256 and 56 px, where the rule keeps the direct convolution for the other
-      VMs' sake (with MKL's bmm it lost there too: 33.7 -> 43.7 at 256->512 and 28 px).
+      VMs' sake (with MKL's bmm it lost even at 512 channels on this VM: 33.7 -> 43.7 at 256->512 and
+      28 px).
     512 output channels is where it wins on all three. `bench/vgg_cpu.py` times every layer three ways."""
     return (
         x.device.type == "cpu"
