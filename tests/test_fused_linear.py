@@ -1,4 +1,5 @@
-"""The block's linear layers: oneDNN's fused GEMM epilogues (CPU inference) against their torch twins."""
+"""The block's linear layers: oneDNN's fused GEMM epilogues (CPU inference) and oneDNN GEMMs under
+autograd (CPU training) against their torch twins."""
 
 import copy
 import pickle
@@ -27,6 +28,10 @@ def operands(seed: int, dtype=torch.float32):
     return randn(3, 18, 48)[:, 1:], randn(40, 48) / 7, randn(40), randn(3, 17, 80)[..., ::2]
 
 
+def plain_gelu(x, weight, bias):
+    return F.gelu(F.linear(x, weight, bias))
+
+
 def twins(x, weight, bias, residual):
     """(what the fused functions return, what plain torch ops give) for the three of them."""
     fused = (
@@ -36,7 +41,7 @@ def twins(x, weight, bias, residual):
     )
     plain = (
         F.linear(x, weight, bias),
-        F.gelu(F.linear(x, weight, bias)),
+        plain_gelu(x, weight, bias),
         residual + F.linear(x, weight, bias),
     )
     return fused, plain
@@ -93,13 +98,44 @@ def test_strided_biases_give_the_torch_results():
                 assert_close_rel(got, want, 1e-5, name)
 
 
+@needs_onednn
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_onednn_under_autograd_matches_torch(with_bias, monkeypatch):
+    """Under autograd the forward and the input gradient run as oneDNN matmuls (no epilogue: GELU and the
+    add stay torch ops, which autograd records): outputs and the gradients of x, weight, bias and
+    residual as the torch ops give them, also a double backward (create_graph=True)."""
+    x, weight, bias, residual = operands(seed=5)
+    bias = bias if with_bias else None
+    calls = []
+    monkeypatch.setattr(fused_linear, "_ONEDNN_LINEAR", _Counting(fused_linear._ONEDNN_LINEAR, calls))
+    leaves = [t.requires_grad_() for t in (x, weight, residual, bias) if t is not None]
+    fused, plain = twins(x, weight, bias, residual)
+    assert calls == ["none"] * 3  # every forward took the op
+    gen = torch.Generator().manual_seed(6)
+    for got, want, name in zip(fused, plain, ("linear", "linear_gelu", "linear_add")):
+        assert_close_rel(got, want, 1e-5, name)
+        g = torch.randn(got.shape, generator=gen)
+        for a, b in zip(*(torch.autograd.grad(out, leaves, g, allow_unused=True) for out in (got, want))):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert_close_rel(a, b, 1e-5, f"{name} gradient")
+    assert calls.count("none") > 3  # the input gradients took it too
+    second = []
+    for out in (twins(x, weight, bias, residual)[0][1], plain_gelu(x, weight, bias)):
+        # a gradient penalty: the norm of the input gradient, differentiated
+        (gx,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+        second.append(torch.autograd.grad(gx.square().sum(), (x, weight)))
+    for a, b in zip(*second):
+        assert_close_rel(a, b, 1e-5, "double backward")
+
+
 @pytest.mark.parametrize(
     "setting",
-    ["autograd", "float64", "autocast", "no-onednn"],
+    ["float64", "autocast", "no-onednn"],
 )
 def test_torch_ops_where_onednn_does_not_apply(setting, monkeypatch):
-    """With autograd (the op has no derivative), in float64 (unsupported) and under autocast (whose
-    casts the op would bypass), the plain torch ops run: gradients flow, dtypes are autocast's."""
+    """In float64 (unsupported), under autocast (whose casts the op would bypass) and without oneDNN, the
+    plain torch ops run, with or without autograd: gradients flow, dtypes are autocast's."""
     x, weight, bias, residual = operands(
         seed=2, dtype=torch.float64 if setting == "float64" else torch.float32
     )
@@ -108,14 +144,18 @@ def test_torch_ops_where_onednn_does_not_apply(setting, monkeypatch):
         monkeypatch.setattr(fused_linear, "_ONEDNN_LINEAR", _Counting(fused_linear._ONEDNN_LINEAR, calls))
     if setting == "no-onednn":
         monkeypatch.setattr(fused_linear, "_ONEDNN_LINEAR", None)
-    x.requires_grad_(setting == "autograd")
+    x.requires_grad_()
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=setting == "autocast")
-    with autocast, torch.set_grad_enabled(setting == "autograd"):
+    with autocast:
+        with torch.no_grad():
+            fused, plain = twins(x, weight, bias, residual)
+        for got, want in zip(fused, plain):
+            assert got.dtype == want.dtype and torch.equal(got, want)
         fused, plain = twins(x, weight, bias, residual)
     assert calls == []
     for got, want in zip(fused, plain):
         assert got.dtype == want.dtype and torch.equal(got, want)
-    if setting == "autograd":
+    if setting != "autocast":
         residual.requires_grad_()
         sum(t.sum() for t in fused[:2]).backward()
         assert x.grad is not None and x.grad.abs().sum() > 0

@@ -1,5 +1,6 @@
 """The block's linear layers, with their epilogue (bias, GELU, residual add) inside one oneDNN GEMM
-for CPU inference, and plain torch ops everywhere else (their twins, which tests compare them with).
+for CPU inference, through oneDNN GEMMs with autograd for CPU training, and plain torch ops everywhere
+else (their twins, which tests compare them with).
 
 torch's CPU addmm first writes the broadcast bias into its output, then runs an MKL GEMM over it;
 GELU and the residual add are one more pass each over a map. oneDNN's matmul applies all three in
@@ -18,6 +19,12 @@ for a 768x192 weight); the packed weight is therefore kept beside the weight unt
 (bench/results/README.md, session 25). Results are bit-identical for two rows or more; a single row
 (M = 1, another oneDNN kernel) differs by up to about 2e-6. The packed copies hold as much memory as
 the block weights they come from, while those live on the CPU; `forget_packed` drops them.
+
+In training (autograd, the same conditions otherwise) the forward and the input gradient run as oneDNN
+matmuls too, the weight gradient as torch's mm (`_OneDNNLinear`): where MKL runs its GEMMs at under
+half of oneDNN's speed (an AMD EPYC with Zen 5 flags, 2026-12-02, 2 threads), the training step of
+tiny at 224 px took 2.49 s against 2.66 s by median (6 alternating steps; bench/results/README.md,
+session 31). The weights change at every step, so they go to the op unpacked.
 """
 
 import torch
@@ -69,10 +76,15 @@ class HoldsPackedWeights(torch.nn.Module):
 
 
 def _onednn(
-    x: torch.Tensor, weights: tuple[torch.Tensor, ...], bias: torch.Tensor | None, out_like=None
+    x: torch.Tensor,
+    weights: tuple[torch.Tensor, ...],
+    bias: torch.Tensor | None,
+    out_like=None,
+    grad: bool = False,
 ) -> bool:
     """Whether the oneDNN op may replace the torch ops here; weights: stacked along the output features;
-    out_like: a residual, which must have the output's shape."""
+    out_like: a residual, which must have the output's shape. grad: asked for a call under autograd
+    (`_OneDNNLinear`), else for one without."""
     operands = weights + (() if bias is None else (bias,)) + (() if out_like is None else (out_like,))
     n_out = sum(w.shape[0] for w in weights if w.dim() == 2)
     return (
@@ -86,10 +98,45 @@ def _onednn(
         # the op reads its bias as dense, whatever its strides
         and (bias is None or (bias.shape == (n_out,) and bias.is_contiguous()))
         and (out_like is None or out_like.shape == x.shape[:-1] + (n_out,))
-        and not torch.is_grad_enabled()
+        and torch.is_grad_enabled() == grad
         and not forward_ad_active()
         and not torch.is_autocast_enabled("cpu")
     )
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """F.linear(x, weight, bias) with its forward and input gradient as oneDNN matmuls, its weight
+    gradient as torch's mm (oneDNN would need both operands transposed into copies first)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: ops that autograd records
+            dx = grad @ weight if need_x else None
+        else:
+            dx = (
+                _ONEDNN_LINEAR(grad.contiguous(), weight.t().contiguous(), None, "none", [], "")
+                if need_x
+                else None
+            )
+        rows = grad.reshape(-1, grad.shape[-1])
+        dw = rows.t() @ x.reshape(-1, x.shape[-1]) if need_w else None
+        db = rows.sum(0) if ctx.has_bias and need_b else None
+        return dx, dw, db
+
+
+def _linear(x: torch.Tensor, weights: tuple[torch.Tensor, ...], bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear with the stacked weights, its GEMMs through oneDNN under autograd where it applies."""
+    if _onednn(x, weights, bias, grad=True):
+        return _OneDNNLinear.apply(x, _stack(weights), bias)
+    return F.linear(x, _stack(weights), bias)
 
 
 def linear(
@@ -100,14 +147,14 @@ def linear(
     weights = weight if isinstance(weight, tuple) else (weight,)
     if _onednn(x, weights, bias):
         return _ONEDNN_LINEAR(x, _packed(weights), bias, "none", [], "")
-    return F.linear(x, _stack(weights), bias)
+    return _linear(x, weights, bias)
 
 
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """GELU(F.linear(x, weight, bias)), the exact (erf) GELU of nn.GELU."""
     if _onednn(x, (weight,), bias):
         return _ONEDNN_LINEAR(x, _packed((weight,)), bias, "gelu", [], "none")
-    hidden = F.linear(x, weight, bias)
+    hidden = _linear(x, (weight,), bias)
     # Without autograd GELU overwrites its input: one map of 4L per token fewer to allocate, which on
     # CPU is a fresh mmap and its page faults each time (measured 3% of an eval call). Traced, one op
     # whatever the grad mode: torch.jit.trace checks its graph by tracing again under no_grad.
@@ -121,4 +168,4 @@ def linear_add(
     """residual + F.linear(x, weight, bias); residual has the output's shape."""
     if _onednn(x, (weight,), bias, residual):
         return _ONEDNN_LINEAR.binary(x, residual, _packed((weight,)), bias, "add")
-    return residual + F.linear(x, weight, bias)
+    return residual + _linear(x, (weight,), bias)
