@@ -129,6 +129,35 @@ def test_onednn_under_autograd_matches_torch(with_bias, monkeypatch):
         assert_close_rel(a, b, 1e-5, "double backward")
 
 
+@needs_onednn
+def test_onednn_under_autograd_saves_what_torch_saves():
+    """Like F.linear, the op keeps x only for the weight gradient and the weight only for the input
+    gradient: an inference tensor as x before a frozen weight and a trained bias, and an in-place change
+    of x after the call (frozen weight) or of the weight (x without gradient), are no errors."""
+    x, weight, bias, _ = operands(seed=7)
+    with torch.inference_mode():
+        frozen_x = x.clone()
+    for f in (fused_linear.linear, F.linear):
+        trained_bias = bias.clone().requires_grad_()
+        f(frozen_x, weight, trained_bias).sum().backward()
+        assert torch.equal(trained_bias.grad, torch.full_like(bias, 51.0))
+    grads = []
+    for f in (fused_linear.linear, F.linear):
+        leaf = x.clone().requires_grad_()
+        h = leaf * 1
+        out = f(h, weight, bias)
+        h.add_(1)
+        out.sum().backward()
+        trained_weight = weight.clone().requires_grad_()
+        out = f(x, trained_weight, bias)
+        with torch.no_grad():
+            trained_weight.add_(1)
+        out.sum().backward()
+        grads.append((leaf.grad, trained_weight.grad))
+    for a, b in zip(*grads):
+        assert_close_rel(a, b, 1e-5, "gradient")
+
+
 @pytest.mark.parametrize(
     "setting",
     ["float64", "autocast", "no-onednn"],

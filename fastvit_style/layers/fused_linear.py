@@ -110,7 +110,10 @@ class _OneDNNLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
+        # as F.linear: x only for the weight gradient, the weight only for x's; saving both would fail
+        # on an inference tensor and on an in-place change that F.linear allows, and keep x alive
+        need_x, need_w, _ = ctx.needs_input_grad
+        ctx.save_for_backward(x if need_w else None, weight if need_x else None)
         ctx.has_bias = bias is not None
         return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
 
