@@ -9,9 +9,10 @@ one AVX-512 core at tiny's shapes, a plain linear 6-15% faster, fc1 + GELU 10-25
 about 15%, the same results to the last bit or within 1e-6 (bench/results/README.md, session 14).
 The op has no derivative of either kind, runs fp32 (not float64), bypasses autocast's casts and is
 invisible to dispatch modes as aten.linear: it is taken only for plain fp32 CPU tensors of matching
-shapes, without autograd, forward-mode AD or torch.func transforms, outside autocast, dispatch modes
-(FLOP counters, make_fx), compiled graphs (inductor fuses by itself) and tracing, and while
-torch.backends.mkldnn.enabled.
+shapes, without forward-mode AD or torch.func transforms, outside autocast, dispatch modes (FLOP
+counters, make_fx), compiled graphs (inductor fuses by itself) and tracing, and while
+torch.backends.mkldnn.enabled; with its epilogues where no operand needs a gradient, under autograd
+without them (below).
 
 Given a plain weight, the op reorders it into oneDNN's blocked layout on every call (about 0.12 ms
 for a 768x192 weight); the packed weight is therefore kept beside the weight until it changes
@@ -23,8 +24,8 @@ the block weights they come from, while those live on the CPU; `forget_packed` d
 In training (autograd, the same conditions otherwise) the forward and the input gradient run as oneDNN
 matmuls too, the weight gradient as torch's mm (`_OneDNNLinear`): where MKL runs its GEMMs at under
 half of oneDNN's speed (an AMD EPYC with Zen 5 flags, 2026-12-02, 2 threads), the training step of
-tiny at 224 px took 2.49 s against 2.66 s by median (6 alternating steps; bench/results/README.md,
-session 31). The weights change at every step, so they go to the op unpacked.
+tiny at 224 px took 2.49 s against 2.66 s by median (6 alternating steps, in one process; session 31).
+The weights change at every step, so they go to the op unpacked.
 """
 
 import torch
@@ -83,8 +84,9 @@ def _onednn(
     grad: bool = False,
 ) -> bool:
     """Whether the oneDNN op may replace the torch ops here; weights: stacked along the output features;
-    out_like: a residual, which must have the output's shape. grad: asked for a call under autograd
-    (`_OneDNNLinear`), else for one without."""
+    out_like: a residual, which must have the output's shape. grad: asked for a call that autograd must
+    differentiate (`_OneDNNLinear`), else for one that needs no gradient (grad mode off, or no operand
+    requiring one: a model run without torch.no_grad takes the packed epilogues all the same)."""
     operands = weights + (() if bias is None else (bias,)) + (() if out_like is None else (out_like,))
     n_out = sum(w.shape[0] for w in weights if w.dim() == 2)
     return (
@@ -98,7 +100,7 @@ def _onednn(
         # the op reads its bias as dense, whatever its strides
         and (bias is None or (bias.shape == (n_out,) and bias.is_contiguous()))
         and (out_like is None or out_like.shape == x.shape[:-1] + (n_out,))
-        and torch.is_grad_enabled() == grad
+        and (torch.is_grad_enabled() and any(t.requires_grad for t in (x,) + operands)) == grad
         and not forward_ad_active()
         and not torch.is_autocast_enabled("cpu")
     )
