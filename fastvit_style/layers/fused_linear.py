@@ -40,6 +40,11 @@ _ONEDNN_LINEAR = (
 )
 
 
+def onednn_enabled() -> bool:
+    """Whether torch has oneDNN's matmul op and it is switched on (torch.backends.mkldnn.enabled)."""
+    return _ONEDNN_LINEAR is not None and torch.backends.mkldnn.enabled
+
+
 # first weight of a stack -> (the stack's stamps, packed weight). Beside the weights, not on them: a
 # pickle, deepcopy or torch.save of the model carries none.
 _packed_of = WeakIdKeyDictionary()
@@ -90,9 +95,8 @@ def _onednn(
     operands = weights + (() if bias is None else (bias,)) + (() if out_like is None else (out_like,))
     n_out = sum(w.shape[0] for w in weights if w.dim() == 2)
     return (
-        _ONEDNN_LINEAR is not None
-        and not traced(*operands)  # first: under dynamo it ends the checks as a constant
-        and torch.backends.mkldnn.enabled
+        not traced(*operands)  # first: under dynamo it ends the checks as a constant
+        and onednn_enabled()
         and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (x,) + operands)
         and all(w.dim() == 2 and x.shape[-1:] == w.shape[1:] for w in weights)
         and x.shape[-1] > 0  # K = 0: F.linear gives the bias, the op has no primitive for it

@@ -35,9 +35,7 @@ def onednn_ready(dtype: torch.dtype) -> bool:
     MKL ran its GEMMs at under half of oneDNN's speed (6.55 against 2.86 ms at 2352 x 512 x 512; the
     16 products of a 512 -> 512 convolution at 28 px over 12 images 123.6 against 68.6 ms), which made
     Winograd a loss there (`bench/results/README.md`, session 31)."""
-    return (
-        fused_linear._ONEDNN_LINEAR is not None and torch.backends.mkldnn.enabled and dtype == torch.float32
-    )
+    return fused_linear.onednn_enabled() and dtype == torch.float32
 
 
 def pack_for_onednn(u: torch.Tensor) -> tuple[torch.Tensor, ...]:
