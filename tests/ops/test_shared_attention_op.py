@@ -324,6 +324,49 @@ def test_compile_fullgraph(backend_device):
         assert rel_err(a, e) <= 1e-5
 
 
+@pytest.mark.parametrize("path", ["eager", "custom_op", "compiled"])
+def test_launchers_get_the_callers_views(path, monkeypatch):
+    """Strides are handled inside the kernels, never by a copy in the autograd formula: the launchers
+    get q, k, v as the caller's projection views (and, outside AOT autograd, which makes tangents
+    dense, dO as given), forward and backward, on the eager Function, through the custom ops'
+    registered autograd, and compiled (where only the strides can be compared)."""
+    from fastvit_style import kernels
+
+    q, k, v, kv_index = make_inputs(3, 2, 9, 10, 2, 32, [1, 1, 0])
+    do = torch.randn(3, 2, 9, 32, generator=torch.Generator().manual_seed(1)).transpose(1, 2)
+    seen = {}
+
+    def spy(name, real, positions):
+        def launcher(*args):
+            seen[name] = [(args[i].data_ptr(), args[i].stride()) for i in positions]
+            return real(*args)
+
+        monkeypatch.setattr(kernels, name, launcher)
+
+    spy("shared_attention_fwd", kernels.shared_attention_fwd, (0, 1, 2))  # q, k, v
+    spy("shared_attention_bwd", kernels.shared_attention_bwd, (1, 2, 3, 0))  # q, k, v, do
+    if path == "eager":
+        out = shared_attention(q, k, v, kv_index, scale=0.2, backend="triton")
+    elif path == "custom_op":
+        out = op_module.shared_attention_fwd_op(q, k, v, kv_index, 0.2)[0]
+    else:
+        torch._dynamo.reset()
+        attend = torch.compile(
+            lambda q, k, v: shared_attention(q, k, v, kv_index, scale=0.2, backend="triton"),
+            backend="aot_eager",
+            fullgraph=True,
+        )
+        out = attend(q, k, v)
+    torch.autograd.grad(out, (q, k, v), do)
+    views = [(t.data_ptr(), t.stride()) for t in (q, k, v, do)]
+    assert not any(t.is_contiguous() for t in (q, k, v, do))
+    if path == "compiled":
+        assert [s for _, s in seen["shared_attention_fwd"]] == [s for _, s in views[:3]]
+        assert [s for _, s in seen["shared_attention_bwd"][:3]] == [s for _, s in views[:3]]
+    else:
+        assert seen["shared_attention_fwd"] == views[:3] and seen["shared_attention_bwd"] == views
+
+
 @pytest.mark.parametrize(
     "backend_device",
     [
