@@ -642,6 +642,30 @@ def test_inference_mode(backend):
     assert torch.equal(out, expected)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_each_backend_runs_its_path(backend, monkeypatch):
+    """backend="triton" runs the kernels (CPU tensors: through the interpreter), forward and backward,
+    and never the PyTorch path; backend="torch" runs the PyTorch path and never a kernel."""
+    from fastvit_style import kernels
+
+    calls = []
+
+    def spy(module, name):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *args: calls.append(name) or real(*args))
+
+    spy(kernels, "shared_attention_fwd")
+    spy(kernels, "shared_attention_bwd")
+    spy(op_module, "shared_attention_sliced")
+    q, k, v, kv_index = make_inputs(3, 2, 5, 6, 1, 32, [1, 0, 1])
+    out = shared_attention(q, k, v, kv_index, backend=backend)
+    torch.autograd.grad(out.sum(), (q, k, v))
+    if backend == "triton":
+        assert calls == ["shared_attention_fwd", "shared_attention_bwd"]
+    else:
+        assert calls == ["shared_attention_sliced"]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_auto_backend_on_cpu_is_torch(monkeypatch, dtype):
     """'auto' never runs Triton on CPU tensors, interpreter or not (fp32, which Triton could run
