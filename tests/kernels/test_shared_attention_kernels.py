@@ -9,6 +9,7 @@ held to the fp32 tolerance. Outputs are NaN-poisoned (conftest), so an element n
 import contextlib
 import importlib
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -516,6 +517,16 @@ def test_backward_deterministic(device, backward):
     first, second = run_kernels(q, k, v, kv_index, do, 0.125), run_kernels(q, k, v, kv_index, do, 0.125)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+def test_no_atomics():
+    """The backward sums dk/dv of a K/V sequence in the one program that owns the tile (inverse map),
+    so no kernel needs an atomic: none may appear in the kernels' code. (Determinism is tested above,
+    but the interpreter runs programs one by one, where float atomics would be deterministic too.)"""
+    sources = sorted(Path(_common.__file__).parent.glob("*.py"))
+    assert {p.name for p in sources} >= {"shared_attention_fwd.py", "shared_attention_bwd.py", "_tiles.py"}
+    for path in sources:
+        assert "atomic_" not in path.read_text(), path  # tl.atomic_add, atomic_cas, ...
 
 
 @pytest.mark.parametrize("Sq, Skv, Tq, Tk", [(0, 0, 5, 5), (0, 2, 5, 5), (2, 2, 0, 5)], ids=str)
