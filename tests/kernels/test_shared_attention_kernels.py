@@ -529,6 +529,19 @@ def test_no_atomics():
         assert "atomic_" not in path.read_text(), path  # tl.atomic_add, atomic_cas, ...
 
 
+def test_outputs_start_as_nan(monkeypatch, device, backward):
+    """Every output the launchers return (out, lse, dq, dk, dv) is a tensor the NaN-poisoning
+    torch.empty of conftest made, so that the tests here catch an element no program writes."""
+    made = []
+    empty = torch.empty  # conftest's poisoned one
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: made.append(empty(*a, **kw)) or made[-1])
+    q, k, v, kv_index, do = make_inputs(3, 2, 9, 9, 2, 32, [1, 0, 1], torch.float32, device)
+    outputs = run_kernels(q, k, v, kv_index, do, 0.2)
+    for name, t in zip(("out", "lse", "dq", "dk", "dv"), outputs):
+        assert any(t is m for m in made), f"{name} was not allocated by torch.empty"
+    assert torch.empty(2, device=device).isnan().all()
+
+
 @pytest.mark.parametrize("Sq, Skv, Tq, Tk", [(0, 0, 5, 5), (0, 2, 5, 5), (2, 2, 0, 5)], ids=str)
 def test_empty(Sq, Skv, Tq, Tk, device, backward):
     """No query sequence (or no query row): empty outputs, and K/V that nothing reads get zero grads."""
