@@ -44,6 +44,8 @@ def test_kernels_compile_for_sm90(tf32):
         # for fp32 matmuls) on the FMA units.
         tensor_cores = r["dtype"] == "bf16" or tf32
         assert r["registers"] > 0 and (r["wgmma"] + r["mma"] > 0) == tensor_cores, r
+        # bf16 tiles stay bf16 dot operands on the GPU: only the interpreter widens them after the load.
+        assert r["meta"]["UPCAST"] is False, r
         if not tensor_cores:  # the exact-fp32 tiles were chosen not to spill
             assert r["spill_stack_bytes"] == 0, r
 
