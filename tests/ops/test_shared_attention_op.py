@@ -324,6 +324,37 @@ def test_compile_fullgraph(backend_device):
         assert rel_err(a, e) <= 1e-5
 
 
+def test_compiled_graphs_run_the_custom_ops():
+    """Compiled with fullgraph=True, the forward graph calls the forward custom op and the backward
+    graph the backward one, with no copy of their inputs: the Triton kernels run compiled, forward and
+    backward. (test_compile_fullgraph compares numbers with eager only, which the PyTorch path would
+    match as well.)"""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    codes = {}
+
+    def recorder(kind):
+        def compiler(gm, example_inputs):
+            codes[kind] = gm.code
+            return make_boxed_func(gm.forward)
+
+        return compiler
+
+    q, k, v, kv_index = make_inputs(3, 2, 9, 10, 2, 32, [1, 1, 0])
+    torch._dynamo.reset()
+    loss = torch.compile(
+        lambda q, k, v: shared_attention(q, k, v, kv_index, backend="triton").square().sum(),
+        backend=aot_autograd(fw_compiler=recorder("forward"), bw_compiler=recorder("backward")),
+        fullgraph=True,
+    )
+    torch.autograd.grad(loss(q, k, v), (q, k, v))
+    assert "torch.ops.fastvit_style.shared_attention_fwd.default(" in codes["forward"]
+    assert "torch.ops.fastvit_style.shared_attention_bwd.default(" in codes["backward"]
+    for code in codes.values():
+        assert "clone" not in code and "contiguous" not in code, code
+
+
 @pytest.mark.parametrize("path", ["eager", "custom_op", "compiled"])
 def test_launchers_get_the_callers_views(path, monkeypatch):
     """Strides are handled inside the kernels, never by a copy in the autograd formula: the launchers
