@@ -501,6 +501,29 @@ def test_huge_logits(device, backward, dtype):
     assert (dk.double() - expected[3]).abs().max() <= tol * size * q.abs().max().double()
 
 
+def test_bf16_probabilities_round_as_on_the_gpu(device, backward):
+    """In bf16 the GPU rounds P to bf16 before the P V and P^T dO dots; the interpreter, whose dots run
+    in fp32, must round it the same way (`_tiles.gpu_rounded`) for its bf16 numbers to be the GPU's.
+    Two keys whose values cancel (-1000, +1000) and a logit gap of 2^-12 (in base 2): P = [1, 0.99983]
+    before normalization rounds to [1, 1] and the output row is exactly 0, where exact arithmetic
+    gives -0.087; in the backward, P = [0.50004, 0.49996] rounds to [0.5, 0.5], and dO rows of +1000
+    and -1000 give dv exactly 0 (exact: +-0.043)."""
+    q = torch.zeros(1, 2, 1, 16)
+    q[0, 0, 0, 0] = 1.0  # row 1 stays 0: equal logits
+    k = torch.zeros(1, 2, 1, 16)
+    k[0, 1, 0, 0] = -1.0
+    v = torch.tensor([-1000.0, 1000.0])[None, :, None, None].expand(1, 2, 1, 16)
+    do = torch.tensor([1000.0, -1000.0])[None, :, None, None].expand(1, 2, 1, 16)
+    q, k, v, do = (t.to(device=device, dtype=torch.bfloat16) for t in (q, k, v, do))
+    kv_index = torch.zeros(1, dtype=torch.int32, device=device)
+    scale = 2**-12 / math.log2(math.e)
+    out, _, _, _, dv = run_kernels(q, k, v, kv_index, do, scale)
+    expected = reference(q, k, v, kv_index, do, scale)
+    assert expected[0][0, 0].abs().min() > 0.08 and expected[4].abs().min() > 0.04  # exact: not 0
+    assert (out == 0).all(), out[0, 0, 0]
+    assert (dv == 0).all(), dv[0, :, 0]
+
+
 def test_negative_logits(device, backward):
     """Every logit below -88 (k shifted to +4, q to -5), so that lse < -128 in base 2: exp2 of a
     padded key's logit (0: its row is zeroed) overflows to inf in the backward, and only the key mask
