@@ -22,7 +22,7 @@ from helpers import (
 
 from fastvit_style import StylizingViT, backends
 from fastvit_style import model as fast_model
-from fastvit_style.layers import vgg19
+from fastvit_style.layers import Mlp, vgg19
 from fastvit_style.reference import model as reference_model
 from fastvit_style.reference.losses import Loss
 
@@ -227,6 +227,34 @@ def test_schedule_skips_what_no_output_reads(train, rolled, monkeypatch):
     streams = 2 if rolled else 3  # [X; A] or [X; S; A]
     last = (streams * B if train else B, T - 1)
     assert shapes == [(streams * B, T), (B, T)] * (D - 1) + [last]
+
+
+@pytest.mark.parametrize("rolled", [False, True], ids=["explicit-style", "roll"])
+def test_training_roll_skips_the_style_recon_and_two_vgg_passes(rolled, monkeypatch):
+    """Shared doc 3.6: with the rolled style the training forward reconstructs 2 image batches, not 3
+    (x_style_recon = roll(x_recon)), and runs VGG19 on 3 batches, not 5 (phi(x_style) = roll(phi(x)),
+    phi(x_style_recon) = roll(phi(x_recon))); with an explicit style all of them run. The numbers would
+    be the same either way (test_training_float64_exact), so only counting the calls sees it."""
+    vgg_images, head_rows = [], []
+    vgg_forward, mlp_forward = vgg19.VGG19Features.forward, Mlp.forward
+
+    def counting_vgg(self, x, *args, **kw):
+        vgg_images.append(x.shape[0])
+        return vgg_forward(self, x, *args, **kw)
+
+    def counting_mlp(self, x):
+        head_rows.append(x.shape[0])  # the bottleneck is the only Mlp the fast path calls as a module
+        return mlp_forward(self, x)
+
+    monkeypatch.setattr(vgg19.VGG19Features, "forward", counting_vgg)
+    monkeypatch.setattr(Mlp, "forward", counting_mlp)
+    B = 3
+    model = StylizingViT("tiny", train=True, backend="torch", input_size=32, encoder_depth=2)
+    model.vgg_encoder.warn_if_random = False
+    with torch.no_grad():
+        model(images(B, size=32, seed=5), None if rolled else images(B, size=32, seed=6))
+    assert vgg_images == [B] * (3 if rolled else 5)
+    assert head_rows == [(2 if rolled else 3) * B]
 
 
 def training_stylized_grads(model, backend, x, x_style):
