@@ -257,6 +257,24 @@ def test_training_roll_skips_the_style_recon_and_two_vgg_passes(rolled, monkeypa
     assert head_rows == [(2 if rolled else 3) * B]
 
 
+def test_key_bias_is_skipped_in_compute_and_kept_in_the_state_dict():
+    """The k_proj bias adds q.b_k, constant along the keys, which softmax cancels (shared doc 1.3): the
+    fast path leaves it out of its numbers (a huge one changes no bit of the output, where the
+    reference's float32 logits lose digits to it), and it stays in the state_dict as it was loaded."""
+    model = randomize_(StylizingViT("tiny", backend="torch", input_size=32, encoder_depth=2))
+    x = images(2, size=32, seed=13)
+    with torch.no_grad():
+        before = model(x)
+        for blk in model.encoder.blocks:
+            blk.attn.k_proj.bias.fill_(1e4)
+        after = model(x)
+    assert torch.equal(after, before)
+    keys = model.state_dict()
+    assert all(
+        torch.equal(keys[f"encoder.blocks.{i}.attn.k_proj.bias"], torch.full((192,), 1e4)) for i in (0, 1)
+    )
+
+
 def training_stylized_grads(model, backend, x, x_style):
     """Gradients of a linear functional of the training forward's x_stylized, which only the VGG terms
     read: the losses are stubbed out (no VGG), the stylized stream's backward is what runs."""
