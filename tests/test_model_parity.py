@@ -352,13 +352,29 @@ def test_xformers_backend_wiring(rolled, fake_xformers, monkeypatch):
     assert calls, "backend='xformers' never called memory_efficient_attention"
 
 
-def check_small_model(backend, rolled):
+def check_small_model(backend, rolled, backbone="tiny", batch=2):
     """check_float32 on `backend`; a small config keeps the Triton interpreter's per-program cost
     affordable."""
-    truth, model = make_pair("tiny", train=True, input_size=32, encoder_depth=2)
-    x = images(2, size=32, seed=7)
-    x_style = None if rolled else images(2, size=32, seed=8)
+    truth, model = make_pair(backbone, train=True, input_size=32, encoder_depth=2)
+    x = images(batch, size=32, seed=7)
+    x_style = None if rolled else images(batch, size=32, seed=8)
     check_float32(truth, model, backend, x, x_style)
+
+
+# The batch sizes and width the tests above leave out for the fused backends: batch 1 (the rolled
+# style is the image itself: one K/V sequence read by every query stream), an odd batch of 5, small.
+OTHER_SHAPES = [("tiny", 1, True), ("tiny", 5, True), ("tiny", 5, False), ("small", 2, True)]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("backbone,batch,rolled", OTHER_SHAPES)
+def test_triton_backend_other_shapes(backbone, batch, rolled):
+    check_small_model("triton", rolled, backbone, batch)
+
+
+@pytest.mark.parametrize("backbone,batch,rolled", OTHER_SHAPES)
+def test_xformers_backend_other_shapes(backbone, batch, rolled, fake_xformers):
+    check_small_model("xformers", rolled, backbone, batch)
 
 
 def relaid(t: torch.Tensor) -> torch.Tensor:
