@@ -38,16 +38,24 @@ def run(model, backend, x, x_style, autocast):
         return out.detach().float(), None, param_grads(model, linear_functional(out.float()))
 
 
+# Every fast backend: triton through the interpreter (which rounds bf16 as the GPU does,
+# kernels/_interpreter.py), xformers through its CPU stand-in (tests/conftest.py).
+FAST_BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.interpret), "xformers"]
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "training"])
 @pytest.mark.parametrize("rolled", [False, True], ids=["explicit-style", "roll"])
 @pytest.mark.parametrize("seed", SEEDS)
-def test_bf16_error_within_reference_error(train, rolled, seed):
+def test_bf16_error_within_reference_error(train, rolled, seed, backend, request):
+    if backend == "xformers":
+        request.getfixturevalue("fake_xformers")
     size = 32 if train else 64
     model = randomize_(StylizingViT("tiny", train=train, input_size=size, encoder_depth=4))
     x, x_style = images(2, size, seed=seed), None if rolled else images(2, size, seed=seed + 1)
     exact, exact_terms, exact_grads = run(model, "reference", x, x_style, autocast=False)
     ref, _, ref_grads = run(model, "reference", x, x_style, autocast=True)
-    fast, fast_terms, fast_grads = run(model, "torch", x, x_style, autocast=True)
+    fast, fast_terms, fast_grads = run(model, backend, x, x_style, autocast=True)
     ref_err = norm_err(ref, exact)
     assert 1e-4 < ref_err < TOLERANCE[torch.bfloat16], ref_err  # autocast really ran in bf16
     assert norm_err(fast, exact) <= 1.5 * ref_err, (norm_err(fast, exact), ref_err)
