@@ -33,16 +33,28 @@ INDUCTOR_FLOAT64_SDPA = pytest.mark.xfail(
 )
 
 
-@pytest.mark.parametrize("compiler", ["aot_eager", pytest.param("inductor", marks=INDUCTOR_FLOAT64_SDPA)])
-def test_compiled_training_step_matches_eager(compiler):
+# The explicit style runs the style stream, its reconstruction and all five VGG19 passes that the roll
+# skips: another graph, checked up to AOT autograd (inductor's CPU code generation costs minutes).
+TRAIN_CASES = [
+    ("aot_eager", True),
+    ("aot_eager", False),
+    pytest.param("inductor", True, marks=INDUCTOR_FLOAT64_SDPA),
+]
+
+
+@pytest.mark.parametrize(
+    "compiler,rolled", TRAIN_CASES, ids=["aot_eager-roll", "aot_eager-explicit-style", "inductor-roll"]
+)
+def test_compiled_training_step_matches_eager(compiler, rolled):
     # float64: eager runs the deep VGG convs by Winograd, the compiled graph by direct convolution, and
     # float32 gradients through 16 ReLU masks differ by more than 1e-5 between any two conv algorithms.
     model = randomize_(StylizingViT("tiny", train=True, backend="torch", **CFG)).double()
     twin = copy.deepcopy(model)
     x = images(2, 32, seed=3, dtype=torch.float64)
+    x_style = None if rolled else images(2, 32, seed=4, dtype=torch.float64)
 
     def step(m):
-        loss, recon = m(x)
+        loss, recon = m(x, x_style)
         loss.total().backward()
         return torch.stack(list(loss)), recon
 
