@@ -38,6 +38,11 @@ class StyleAugment:
     """
 
     def __init__(self, stylizer, p: float = 0.33, references: torch.Tensor | None = None, generator=None):
+        if not callable(stylizer):  # else the first batch fails with "'NoneType' object is not callable"
+            raise TypeError(
+                "stylizer must be a StylizingViT or a callable (content, style) -> images, got "
+                f"{describe_value(stylizer)}"
+            )
         if references is not None and not isinstance(references, torch.Tensor):
             raise TypeError(f"references must be a torch.Tensor, got {type(references).__name__}")
         if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 < p <= 1:

@@ -151,6 +151,13 @@ def test_bad_p_is_refused(stylizer, p):
         StyleAugment(stylizer, p=p)
 
 
+@pytest.mark.parametrize("bad, shown", [(None, "NoneType None"), ("model", "str 'model'")])
+def test_a_stylizer_that_cannot_be_called_is_refused_at_construction(bad, shown):
+    """It was taken, and the first batch failed with Python's "'NoneType' object is not callable"."""
+    with pytest.raises(TypeError, match=rf"stylizer must be a StylizingViT or a callable .*, got {shown}$"):
+        StyleAugment(bad)
+
+
 @pytest.mark.parametrize(
     "p, shown", [(torch.tensor(0.5), r"a torch.float32 tensor of shape \(\)"), ("0.5", "str '0.5'")]
 )
