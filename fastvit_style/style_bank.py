@@ -52,6 +52,16 @@ def _same_version(a, b) -> bool:
     return a == b
 
 
+def _bank_path(path) -> str:
+    """`path` (str or os.PathLike) as a str; TypeError otherwise (a bytes path failed deep inside the
+    file checks or safetensors, an int with os.fspath's message, which names no argument)."""
+    if not isinstance(path, (str, os.PathLike)) or not isinstance(name := os.fspath(path), str):
+        raise TypeError(
+            f"path must be a str or os.PathLike naming the style bank file, got {describe_value(path)}"
+        )
+    return name
+
+
 def check_count(name: str, value) -> None:
     """ValueError unless value is a positive integer (a bool is not one)."""
     if not is_int(value) or value < 1:
@@ -281,7 +291,7 @@ class StyleBank:
 
     def save(self, path) -> str:
         """Write k, v and (as JSON metadata) config and fingerprint to a .safetensors file, atomically."""
-        path = os.fspath(path)
+        path = _bank_path(path)
         if problem := file_path_problem(path):
             raise ValueError(f"cannot save the style bank to {path!r}: {problem}")
         tensors = {"k": self.k.detach().to("cpu").contiguous(), "v": self.v.detach().to("cpu").contiguous()}
@@ -302,7 +312,7 @@ class StyleBank:
         cannot trace: pass `model` here, or call `bank.check(model)`, before a compiled use."""
         from safetensors import SafetensorError, safe_open
 
-        path = os.fspath(path)
+        path = _bank_path(path)
         if not os.path.isfile(path):
             what = "is a folder, not a StyleBank file" if os.path.isdir(path) else "does not exist"
             raise FileNotFoundError(f"style bank {path!r} {what}")

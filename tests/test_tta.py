@@ -225,6 +225,21 @@ def test_bank_layout_and_save_load(setup, tmp_path):
         StyleBank.load(tmp_path / "junk.safetensors")
 
 
+@pytest.mark.parametrize("path, shown", [(b"bank.safetensors", "bytes b'bank.safetensors'"), (3, "int 3")])
+def test_a_bank_path_that_is_no_str_or_pathlike_is_refused_by_name(setup, tmp_path, monkeypatch, path, shown):
+    """A bytes path failed inside (save: "a bytes-like object is required, not 'str'"; load of an existing
+    file: safetensors' "argument 'filename': 'bytes' object is not an instance of 'str'"), an int with
+    os.fspath's message, which names no argument."""
+    monkeypatch.chdir(tmp_path)
+    bank = setup[3]
+    bank.save("bank.safetensors")
+    match = rf"path must be a str or os.PathLike naming the style bank file, got {re.escape(shown)}$"
+    with pytest.raises(TypeError, match=match):
+        bank.save(path)
+    with pytest.raises(TypeError, match=match):
+        StyleBank.load(path)
+
+
 def test_bank_refused_for_other_weights(setup, tmp_path, monkeypatch):
     _, model, _, bank = setup
     other = copy.deepcopy(model)
