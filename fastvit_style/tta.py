@@ -64,6 +64,8 @@ def select_refs(num_refs: int, batch: int, refs=None, k: int | None = None, gene
             )
         if refs.dtype.is_floating_point or refs.dtype.is_complex or refs.dtype == torch.bool:
             raise ValueError(f"refs must hold integer bank indices, got dtype {refs.dtype}")
+        if refs.device.type == "meta":  # the range check reads the values
+            raise ValueError("refs must hold bank indices with values, got a tensor on the meta device")
         # torch's min and max know no uint16-64 (numpy's unsigned index arrays) and dynamo's tolist no unsigned
         # dtype: int64 holds uint8-32 exactly; uint64 goes to float64 (exact below 2**53; eager only)
         unsigned = (torch.uint8, torch.uint16, torch.uint32)

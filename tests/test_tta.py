@@ -443,6 +443,14 @@ def test_select_refs_names_a_bad_bank_size_or_batch():
     assert select_refs(R, 0, k=2).shape == (0, 2) and select_refs(np.int64(R), np.int64(1)).shape == (1, R)
 
 
+def test_refs_on_the_meta_device_are_refused_by_name():
+    """Their range check read their values: NotImplementedError "Cannot copy out of meta tensor"."""
+    with pytest.raises(
+        ValueError, match="refs must hold bank indices with values, got a tensor on the meta device"
+    ):
+        select_refs(R, 1, refs=torch.zeros(1, 2, dtype=torch.long, device="meta"))
+
+
 @pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64])
 def test_unsigned_indices_are_taken_and_checked(dtype):
     """Unsigned indices (numpy's np.uint64 arrays become torch.uint64) were a NotImplementedError of
