@@ -53,6 +53,8 @@ class StyleAugment:
             raise ValueError(
                 f"references must be a non-empty (R, C, H, W) batch, got {tuple(references.shape)}"
             )
+        if references is not None and references.device.type == "meta":  # each batch draws from them
+            raise ValueError("references must be images with values, got a tensor on the meta device")
         if references is not None and not references.is_floating_point():
             raise ValueError(
                 f"references must be floating-point images normalized as the stylizer's inputs, got "

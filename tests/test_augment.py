@@ -189,6 +189,14 @@ def test_bad_inputs_name_what_the_user_passed(stylizer):
         StyleAugment(stylizer, references=torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
 
 
+def test_references_on_the_meta_device_are_refused_at_construction(stylizer):
+    """They were taken, and every batch failed with torch's "Cannot copy out of meta tensor; no data!"."""
+    with pytest.raises(
+        ValueError, match="references must be images with values, got a tensor on the meta device"
+    ):
+        StyleAugment(stylizer, references=torch.zeros(2, 3, 32, 32, device="meta"))
+
+
 def _classifier_example():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     path = os.path.join(root, "examples", "train_classifier_with_style_augment.py")
