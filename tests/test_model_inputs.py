@@ -432,6 +432,24 @@ def test_compute_loss_inputs():
 
 
 @pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("hw", [(31, 31), (48, 16)])
+def test_compute_loss_refuses_images_too_small_for_the_vgg19(backend, hw):
+    """They failed inside VGG19's last pooling: "Given input size: (512x1x1). Calculated output size:
+    (512x0x0). Output size is too small" (the official code too)."""
+    model = StylizingViT("tiny", train=True, backend=backend, **SMALL)
+    x = torch.randn(2, 3, *hw)
+    with pytest.raises(ValueError, match=rf"{hw[0]}x{hw[1]} px.*VGG19.*at least 32 px"):
+        model.compute_loss(x, None, x, x, None)
+
+    class OneMap(nn.Module):  # a replaced loss network takes what it takes
+        def forward(self, images):
+            return [images]
+
+    model.vgg_encoder = OneMap()
+    assert all(torch.isfinite(loss) for loss in model.compute_loss(x, None, x, x, None))
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
 def test_loss_targets_that_require_grad_are_refused(backend):
     """The losses take x and x_style as fixed targets (their VGG19 features without a graph): a gradient
     to them would miss those terms (measured: half the directional derivative), so an x or x_style that
