@@ -18,9 +18,9 @@ from .tracing import traced
 
 
 def check_loss_images(x, x_style, x_stylized, x_recon, x_style_recon) -> None:
-    """TypeError/ValueError unless the images are (B, 3, H, W) tensors of one shape, x_style and
-    x_style_recon both tensors or both None (the rolled style). Mismatched batches would broadcast
-    in the MSEs: wrong numbers with only a warning."""
+    """TypeError/ValueError unless the images are floating-point (B, 3, H, W) tensors of one shape,
+    x_style and x_style_recon both tensors or both None (the rolled style). Mismatched batches would
+    broadcast in the MSEs: wrong numbers with only a warning."""
     if (x_style is None) != (x_style_recon is None):
         raise ValueError(
             "x_style and x_style_recon must both be tensors, or both None (the style is then roll(x), "
@@ -30,6 +30,7 @@ def check_loss_images(x, x_style, x_stylized, x_recon, x_style_recon) -> None:
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
     if x.dim() != 4 or x.shape[1] != 3:
         raise ValueError(f"x must be a (B, 3, H, W) image batch, got shape {tuple(x.shape)}")
+    _check_floating("x", x)
     images = {
         "x_style": x_style,
         "x_stylized": x_stylized,
@@ -45,6 +46,15 @@ def check_loss_images(x, x_style, x_stylized, x_recon, x_style_recon) -> None:
             raise ValueError(
                 f"{name} must be a (B, 3, H, W) image batch of x's shape {tuple(x.shape)}, got {tuple(t.shape)}"
             )
+        _check_floating(name, t)
+
+
+def _check_floating(name: str, t: torch.Tensor) -> None:
+    # VGG19's convolutions would refuse it naming no argument ("Input type (unsigned char) and bias ...").
+    if not t.is_floating_point():
+        raise ValueError(
+            f"{name} must hold floating-point images normalized as the model's inputs, got {t.dtype}"
+        )
 
 
 def map_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -431,6 +431,16 @@ def test_compute_loss_inputs():
     assert g.requires_grad
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64, torch.bool])
+def test_compute_loss_refuses_images_that_are_not_floating_point(dtype):
+    """They failed inside VGG19 with "Input type (unsigned char) and bias type (float) should be the
+    same", which names no argument."""
+    model = StylizingViT("tiny", train=True, backend="torch", **SMALL)
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.raises(ValueError, match=rf"x_recon must hold floating-point images.*got {dtype}"):
+        model.compute_loss(x, None, x, x.to(dtype), None)
+
+
 @pytest.mark.parametrize("backend", ["torch", "reference"])
 @pytest.mark.parametrize("hw", [(31, 31), (48, 16)])
 def test_compute_loss_refuses_images_too_small_for_the_vgg19(backend, hw):
