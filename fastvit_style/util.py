@@ -3,6 +3,8 @@ under their official names and arguments, for code written against the official 
 
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 import torch
 
@@ -22,6 +24,18 @@ def resize_image(inpt, size: int, fill: float = 0) -> torch.Tensor:
         inpt = inpt.permute(2, 0, 1) if inpt.dim() == 3 else inpt[None]
     if inpt.dim() < 3:
         raise ValueError(f"resize_image needs a (..., C, H, W) image, got shape {tuple(inpt.shape)}")
+    # Each failed inside: interpolate, int(size * w / h), a reshape, torch.iinfo.
+    try:
+        side = None if isinstance(size, bool) else operator.index(size)  # NumPy's, a 0-d int tensor
+    except TypeError:
+        side = None
+    if side is None or side < 1:
+        raise ValueError(f"resize_image: size must be a positive int, got {size!r}")
+    size = side
+    if 0 in inpt.shape[-2:]:
+        raise ValueError(f"resize_image needs an image of at least 1x1 pixels, got shape {tuple(inpt.shape)}")
+    if inpt.is_complex():
+        raise ValueError(f"resize_image needs a real-valued image, got {inpt.dtype}")
     if tuple(inpt.shape[-2:]) == (size, size):
         return inpt
     exact = inpt.dtype in (torch.float32, torch.float64)  # CPU antialiasing knows no half precision

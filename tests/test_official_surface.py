@@ -164,3 +164,30 @@ def test_resize_image_rounds_and_thresholds_what_it_returns_as_given():
         resize_image(torch.rand(12, 6), 8)
     with pytest.raises(ValueError, match="N a square"):
         util.unpatchify_image(torch.zeros(2, 5, 768), 16, 3)
+
+
+@pytest.mark.parametrize(
+    "image, size, match",
+    [
+        (torch.rand(3, 12, 6), 0, "size must be a positive int, got 0"),
+        (torch.rand(3, 12, 6), -8, "size must be a positive int, got -8"),
+        (torch.rand(3, 12, 6), 8.5, "size must be a positive int, got 8.5"),
+        (torch.rand(3, 12, 6), "8", "size must be a positive int, got '8'"),
+        (torch.rand(3, 12, 6), True, "size must be a positive int, got True"),
+        (torch.rand(3, 12, 6), torch.tensor(8.0), r"size must be a positive int, got tensor\(8.\)"),
+        (torch.rand(3, 0, 6), 8, r"needs an image of at least 1x1 pixels, got shape \(3, 0, 6\)"),
+        (torch.rand(3, 12, 6, dtype=torch.complex64), 8, "real-valued image, got torch.complex64"),
+    ],
+)
+def test_resize_image_refuses_a_bad_size_an_empty_or_a_complex_image(image, size, match):
+    """They failed inside: a size of 0 in interpolate ("Input and output sizes should be greater than 0"), a
+    float or str one in it or in int(size * w / h), an empty image in a reshape, a complex one in
+    torch.iinfo ("requires an integer input type"); True made a 1x1 image."""
+    with pytest.raises(ValueError, match=match):
+        resize_image(image, size)
+
+
+def test_resize_image_takes_numpy_and_0d_tensor_sizes():
+    wide = torch.rand(3, 10, 20)
+    for size in (np.int64(8), torch.tensor(8)):
+        assert torch.equal(resize_image(wide, size), resize_image(wide, 8))
