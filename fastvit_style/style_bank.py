@@ -294,6 +294,8 @@ class StyleBank:
         path = _bank_path(path)
         if problem := file_path_problem(path):
             raise ValueError(f"cannot save the style bank to {path!r}: {problem}")
+        if self.k.is_meta:
+            raise ValueError("the style bank is on the meta device, which holds no values: nothing to save")
         tensors = {"k": self.k.detach().to("cpu").contiguous(), "v": self.v.detach().to("cpu").contiguous()}
         meta = {
             "format": "pt",

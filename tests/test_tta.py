@@ -240,6 +240,13 @@ def test_a_bank_path_that_is_no_str_or_pathlike_is_refused_by_name(setup, tmp_pa
         StyleBank.load(path)
 
 
+def test_a_bank_on_the_meta_device_is_refused_by_save(setup, tmp_path):
+    """Its save failed in the copy to the CPU: NotImplementedError "Cannot copy out of meta tensor"."""
+    with pytest.raises(ValueError, match="the style bank is on the meta device, which holds no values"):
+        setup[3].to("meta").save(tmp_path / "bank.safetensors")
+    assert not os.listdir(tmp_path)
+
+
 def test_bank_refused_for_other_weights(setup, tmp_path, monkeypatch):
     _, model, _, bank = setup
     other = copy.deepcopy(model)
