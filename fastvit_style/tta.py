@@ -297,6 +297,7 @@ class TTAClassifier(nn.Module):
                 "statistics change and its predictions vary; call .eval() on the TTAClassifier for inference",
                 stacklevel=2,
             )
+        return_views = check_flag("return_views", return_views)  # a string "no" would be true
         view_probs = self.classify(self.make_views(x)[0])
         probs = self.aggregate(view_probs)
         return (probs, view_probs) if return_views else probs

@@ -588,6 +588,14 @@ def toy_classifier(num_classes: int = 4) -> nn.Module:
     return nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(12, num_classes)).eval()
 
 
+def test_return_views_must_be_a_flag(setup):
+    """A string "no" was true: the views came back where the caller asked for none."""
+    _, model, _, bank = setup
+    tta = TTAClassifier(toy_classifier(), model, bank, k=2)
+    with torch.no_grad(), pytest.raises(ValueError, match="return_views must be True or False, got 'no'"):
+        tta(images(1, SIZE, seed=6), return_views="no")
+
+
 @pytest.mark.parametrize("include_original", [True, False])
 def test_tta_mean_prob(setup, include_original):
     _, model, _, bank = setup

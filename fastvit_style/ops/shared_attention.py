@@ -74,6 +74,8 @@ def shared_attention(
     for name, t in (("q", q), ("k", k), ("v", v), ("kv_index", kv_index)):
         if not isinstance(t, Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not isinstance(check_index, bool):  # a string "no" would be true
+        raise ValueError(f"check_index must be True or False, got {check_index!r}")
     if (dtype := autocast_dtype(q.device.type)) is not None:
         q, k, v = (t.to(dtype) if t.dtype in _TRITON_DTYPES else t for t in (q, k, v))
     _check_inputs(q, k, v, kv_index, check_index)

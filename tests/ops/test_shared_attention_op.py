@@ -797,6 +797,7 @@ def _valid(**changes):
             lambda t: {"q": t["q"][..., :0], "k": t["k"][..., :0], "v": t["v"][..., :0]},
             r"head dim d of q, k and v must be at least 1",
         ),
+        (lambda t: {"check_index": "no"}, r"check_index must be True or False, got 'no'"),
     ],
     ids=[
         "not-tensor",
@@ -823,6 +824,7 @@ def _valid(**changes):
         "scale-bool",
         "scale-overflows-fp32",
         "d0",
+        "check-index-str",
     ],
 )
 @pytest.mark.parametrize("backend", ["torch", "triton"])
