@@ -20,7 +20,7 @@ def shared_attention_torch(
     by index_select's backward.
     """
     out = _sdpa(q, k.index_select(0, kv_index), v.index_select(0, kv_index), scale)
-    return carry_nan_rows(out, q)
+    return carry_nan_rows(out, q, k, kv_index)
 
 
 # Most SDPA calls the sliced path makes for one op call; the model's maps take at most 3 (the roll).
@@ -48,7 +48,7 @@ def shared_attention_sliced(
         kv = slice(first, first + n)
         k_run, v_run = (k, v) if n == k.shape[0] else (k[kv], v[kv])
         outs.append(_sdpa(q[start : start + n], k_run, v_run, scale))
-    return carry_nan_rows(outs[0] if len(outs) == 1 else torch.cat(outs), q)
+    return carry_nan_rows(outs[0] if len(outs) == 1 else torch.cat(outs), q, k, kv_index)
 
 
 def _consecutive_runs(index: list[int], n_kv: int, most: int) -> list[tuple[int, int, int]] | None:
@@ -79,16 +79,31 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> to
     return F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2)
 
 
-def carry_nan_rows(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """out (S, T, H, d), a fused kernel's fresh output, with NaN in every row whose query row holds a
-    NaN or inf, as the formula gives (and the Triton kernels): SDPA's CPU kernels give zeros there
-    (their running max skips NaN). Zero times the row's largest magnitude carries it (a sum could
-    overflow a finite fp16 row, and CUDA autocast would widen it); in place where autograd does not
-    need the kernel's output. On the CPU in eager mode it is skipped where q's sum is finite (no NaN
-    or inf in q; finite values whose sum overflows take the long way): one reduction, read without a
-    sync, instead of a map of |q| (the carrier was 3% of a CPU eval call)."""
-    if q.device.type == "cpu" and not traced(out, q) and torch.isfinite(q.detach().sum()):
+def carry_nan_rows(
+    out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, kv_index: torch.Tensor
+) -> torch.Tensor:
+    """out (S, T, H, d), a fused kernel's fresh output, with NaN in every row the formula makes NaN
+    where SDPA's CPU kernels give zeros (their running max skips NaN, and a row of no logit above -inf
+    reads as masked), as the Triton kernels do: rows whose query row holds a NaN or inf, and rows of a
+    head whose K/V sequence has a NaN or inf in every key (each logit is then NaN or +-inf; while a
+    key is finite, so is its logit and SDPA is right). Zero times the query row's largest magnitude
+    carries the first (a sum could overflow a finite fp16 row, and CUDA autocast would widen it); in
+    place where autograd does not need the kernel's output. On the CPU in eager mode it is skipped
+    where the sums of q and k are finite (no NaN or inf in them; finite values whose sum overflows
+    take the long way): two reductions, read without a sync, instead of maps of |q| and k (the carrier
+    was 3% of a CPU eval call)."""
+    if q.device.type == "cpu" and not traced(out, q, k) and torch.isfinite(_total(q) + _total(k)):
         return out
-    carrier = q.abs().amax(-1, keepdim=True) * 0  # amax's backward reads its output: not in place
+    no_finite_key = k.detach().isfinite().all(-1).any(1).logical_not().index_select(0, kv_index)  # (S, H)
+    # amax's backward reads its output: not in place.
+    carrier = (q.abs().amax(-1, keepdim=True) * 0).masked_fill(
+        no_finite_key.unsqueeze(-1).unsqueeze(1), float("nan")
+    )
     # Traced, one op whatever the grad mode: torch.jit.trace checks its graph by tracing again under no_grad.
     return out + carrier if torch.is_grad_enabled() or traced(out) else out.add_(carrier)
+
+
+def _total(t: torch.Tensor) -> torch.Tensor:
+    """The sum of t, over tokens first: a whole sum of the projections' strided views (the model's q
+    and k) takes about twice as long on the CPU."""
+    return t.detach().sum(1).sum()

@@ -41,4 +41,4 @@ def shared_attention_xformers(
     out = xops.memory_efficient_attention(
         q, k.index_select(0, kv_index), v.index_select(0, kv_index), scale=scale
     )
-    return carry_nan_rows(out, q)
+    return carry_nan_rows(out, q, k, kv_index)

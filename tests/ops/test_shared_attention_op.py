@@ -165,6 +165,26 @@ def test_nonfinite_or_overflowing_query_rows(poison):
     assert poison == 3e38 or nan_rows[2, 3, 1]
 
 
+@pytest.mark.parametrize("grad_mode", [True, False], ids=["autograd", "no-grad"])
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+def test_keys_without_a_finite_logit(backend_device, poison, grad_mode):
+    """Finite queries over a K/V sequence whose every key holds a NaN or an infinity (in one head): each
+    logit of the rows reading it is NaN or +-inf, so the formula gives NaN there, never a finite row.
+    SDPA's CPU kernels give zeros where no logit is finite or +inf (they read the row as masked); the
+    other rows keep their values."""
+    backend, device = backend_device
+    q, k, v, kv_index = (t.detach().clone() for t in make_inputs(3, 2, 5, 6, 2, 32, [1, 0, 1], device=device))
+    q[:, :, 0, 0] = 1.0  # -inf keys then give -inf logits throughout, the masked-looking row
+    clean = shared_attention(q, k, v, kv_index, backend=backend)
+    k[1, :, 0, 0] = poison  # every key of K/V sequence 1, head 0: query sequences 0 and 2 read it
+    with torch.set_grad_enabled(grad_mode):
+        out = shared_attention(q, k, v, kv_index, backend=backend)
+    expected = torch.zeros(out.shape[:-1], dtype=torch.bool, device=device)
+    expected[[0, 2], :, 0] = True
+    assert torch.equal(~out.isfinite().all(-1), expected)
+    assert torch.equal(out[~expected], clean[~expected])
+
+
 # (Skv, kv_index): the model's maps at B = 3 (roll; explicit styles: [X; S; A] against [X; S]; all
 # styled by one image), a map of more runs than the sliced path takes, and a map onto the last K/V.
 SLICED_MAPS = [
