@@ -10,6 +10,14 @@ import socket
 import uuid
 
 
+def str_path(value) -> str | None:
+    """`value` as a str when it is a str or an os.PathLike that gives one (not bytes), else None: for
+    callers that refuse other values with a TypeError naming their argument (os.fspath's names none)."""
+    if isinstance(value, (str, os.PathLike)) and isinstance(path := os.fspath(value), str):
+        return path
+    return None
+
+
 @contextlib.contextmanager
 def atomic_path(path, remove_leftovers: bool = False):
     """Yield a temporary path in `path`'s folder; when the block succeeds it is fsynced and renamed onto

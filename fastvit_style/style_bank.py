@@ -9,7 +9,7 @@ import weakref
 
 import torch
 
-from .atomic import atomic_path, file_path_problem
+from .atomic import atomic_path, file_path_problem, str_path
 from .block import block_with_kv, project_kv
 from .configs import ModelConfig, is_int
 from .devices import autocast_dtype
@@ -55,7 +55,7 @@ def _same_version(a, b) -> bool:
 def _bank_path(path) -> str:
     """`path` (str or os.PathLike) as a str; TypeError otherwise (a bytes path failed deep inside the
     file checks or safetensors, an int with os.fspath's message, which names no argument)."""
-    if not isinstance(path, (str, os.PathLike)) or not isinstance(name := os.fspath(path), str):
+    if (name := str_path(path)) is None:
         raise TypeError(
             f"path must be a str or os.PathLike naming the style bank file, got {describe_value(path)}"
         )

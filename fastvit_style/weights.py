@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import configs, imageio
-from .atomic import atomic_path, file_path_problem
+from .atomic import atomic_path, file_path_problem, str_path
 from .checkpoint import has_random_vgg, torch_load_reason
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
@@ -445,7 +445,7 @@ def load_pretrained_weights(model: nn.Module, backbone: str, dataset: str, map_l
 def weight_source(value, name: str) -> str:
     """`value` (str or os.PathLike) as a str; TypeError naming the argument `name` otherwise (os.fspath's
     and the repo-id match's own errors name none)."""
-    if not isinstance(value, (str, os.PathLike)) or not isinstance(source := os.fspath(value), str):
+    if (source := str_path(value)) is None:
         raise TypeError(
             f"{name} must be a str or os.PathLike (a dataset id, a local weight file or a Hugging Face repo "
             f"id), got {type(value).__name__}"
