@@ -137,6 +137,11 @@ class StyleBank:
                     f"bank {name} must have shape (D={cfg.depth}, R>=1, T={cfg.num_tokens}, H={cfg.num_heads}, "
                     f"d={cfg.head_dim}) for its config, got {tuple(t.shape)}"
                 )
+        if not isinstance(fingerprint, str) or not fingerprint:
+            raise TypeError(
+                f"bank fingerprint must be a non-empty str (weight_fingerprint of the model that built it), "
+                f"got {describe_value(fingerprint)}"
+            )
         if k.dtype != v.dtype or k.device != v.device:
             raise ValueError(
                 f"bank k and v must share dtype and device, got {k.dtype}/{k.device} and {v.dtype}/{v.device}"
@@ -290,7 +295,8 @@ class StyleBank:
     # --------------------------------------------------------------------------------------------- files
 
     def save(self, path) -> str:
-        """Write k, v and (as JSON metadata) config and fingerprint to a .safetensors file, atomically."""
+        """Write k, v and (as JSON metadata) config, fingerprint and a fingerprint of k and v themselves
+        (checked by `load`) to a .safetensors file, atomically."""
         path = _bank_path(path)
         if problem := file_path_problem(path):
             raise ValueError(f"cannot save the style bank to {path!r}: {problem}")
@@ -302,6 +308,8 @@ class StyleBank:
             "kind": _BANK_TAG,
             "config": json.dumps(self.config),
             "fingerprint": self.fingerprint,
+            # The header is checked by reading it, the values by this: a changed byte would load silently.
+            "kv_fingerprint": weight_fingerprint(tensors),
         }
         with atomic_path(path, remove_leftovers=True) as tmp:
             write_safetensors(tensors, tmp, meta)
@@ -338,6 +346,12 @@ class StyleBank:
                 f"{path!r} is a StyleBank file with damaged metadata, or one written by another version "
                 f"({type(e).__name__}: {e})"
             ) from e
+        recorded = meta.get("kv_fingerprint")  # None in files written before it was recorded
+        if recorded is not None and recorded != weight_fingerprint({"k": k, "v": v}):
+            raise ValueError(
+                f"{path!r} is a damaged or edited StyleBank file: its K/V values differ from those it was "
+                "saved with (their fingerprint does not match the one recorded at save)"
+            )
         bank = cls(k, v, config, fingerprint)
         if model is not None:
             model = as_stylizer(model)

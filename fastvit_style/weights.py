@@ -635,5 +635,5 @@ def weight_fingerprint(model_or_sd) -> str:
     for key in sorted(without_vgg(sd)):
         t = sd[key].detach().to("cpu").contiguous()
         h.update(f"{key}|{tuple(t.shape)}|{t.dtype}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no copy of the bytes
     return h.hexdigest()[:16]

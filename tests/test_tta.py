@@ -13,6 +13,7 @@ import struct
 import sys
 import warnings
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -238,6 +239,34 @@ def test_a_bank_path_that_is_no_str_or_pathlike_is_refused_by_name(setup, tmp_pa
         bank.save(path)
     with pytest.raises(TypeError, match=match):
         StyleBank.load(path)
+
+
+def test_a_bank_file_whose_k_v_bytes_changed_is_refused(setup, tmp_path):
+    """The header (shapes, dtype, config) is checked by reading it; the K/V bytes by a fingerprint of
+    them written at save: one changed byte loaded without complaint and stylized with it."""
+    bank = setup[3]
+    path = bank.save(tmp_path / "bank.safetensors")
+    data = bytearray(Path(path).read_bytes())
+    data[-5] ^= 0x40  # inside v's last element
+    (tmp_path / "edited.safetensors").write_bytes(bytes(data))
+    with pytest.raises(
+        ValueError, match=r"edited\.safetensors'.* K/V values differ from those it was saved with"
+    ):
+        StyleBank.load(tmp_path / "edited.safetensors")
+    # A file written before the fingerprint was recorded still loads (nothing to check it against).
+    import safetensors.torch
+
+    meta = {k: v for k, v in safetensors.safe_open(path, "pt").metadata().items() if k != "kv_fingerprint"}
+    safetensors.torch.save_file({"k": bank.k, "v": bank.v}, tmp_path / "old.safetensors", metadata=meta)
+    assert torch.equal(StyleBank.load(tmp_path / "old.safetensors").v, bank.v)
+
+
+@pytest.mark.parametrize("fingerprint", [5, None, b"abc", ""])
+def test_a_bank_fingerprint_that_is_no_str_is_refused_at_construction(setup, fingerprint):
+    """It failed only at save (safetensors: metadata values must be str)."""
+    bank = setup[3]
+    with pytest.raises(TypeError, match="fingerprint must be a non-empty str"):
+        StyleBank(bank.k, bank.v, bank.config, fingerprint)
 
 
 def test_a_bank_on_the_meta_device_is_refused_by_save(setup, tmp_path):
