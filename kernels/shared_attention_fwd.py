@@ -39,8 +39,11 @@ def _fwd_tile(
     if MASK_N:
         b_s = tl.where(m_n[None, :], b_s, float("-inf"))
     b_max_new = tl.maximum(b_max, tl.max(b_s, 1))
-    b_alpha = tl.exp2(b_max - b_max_new)
-    b_p = tl.exp2(b_s - b_max_new[:, None])
+    # A row whose keys so far all have logit -inf (a -inf in K) has no finite max to shift by:
+    # exp2(-inf - -inf) would make it NaN for good. Shifted by 0 instead, they weigh exactly 0.
+    b_shift = tl.where(b_max_new == float("-inf"), 0.0, b_max_new)
+    b_alpha = tl.exp2(b_max - b_shift)
+    b_p = tl.exp2(b_s - b_shift[:, None])
     b_sum = b_sum * b_alpha + tl.sum(b_p, 1)
     b_acc = tl.dot(gpu_rounded(b_p, p_v, UPCAST).to(b_v.dtype), b_v, b_acc * b_alpha[:, None], input_precision=DOT)
     return b_max_new, b_sum, b_acc
@@ -69,7 +72,6 @@ def _fwd_rows(
     b_sum = tl.zeros([ROWS], dtype=tl.float32)
     # [ROWS, BLOCK_D]
     b_acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
-    # Whichever tile comes first holds at least one key, so every row's running max is finite after it.
     if TAIL_N == BLOCK_N:
         # A last tile as wide as the others: one masked loop. A loop and a separate last tile of its
         # width spilled in exact fp32 on sm_90 (up to 728 bytes at Tk = 49 and 81, d = 64).

@@ -535,6 +535,21 @@ def test_negative_logits(device, backward):
     assert_matches(run_kernels(q, k, v, kv_index, do, scale), expected, TOLERANCE[torch.float32])
 
 
+def test_keys_at_minus_infinity(device, backward):
+    """Keys whose logit is -inf (a -inf in k against a positive q) get no weight; the row is finite
+    while any key is. Every key of the first tiles is such a key: the online softmax then has no
+    finite running max to rescale by, and exp2(-inf - -inf) made the whole row NaN. dq is left out:
+    the formula's own dq is NaN there (0 * -inf)."""
+    q, k, v, kv_index, do = make_inputs(3, 2, 20, 90, 1, 32, [0, 1, 1], torch.float32, device)
+    q = q.abs() + 0.1
+    k[:, :-3, :, 0] = float("-inf")  # 3 finite keys per sequence, in the last tile whatever its width
+    out, lse, _, dk, dv = run_kernels(q, k, v, kv_index, do, 32**-0.5)
+    expected = reference(q, k, v, kv_index, do, 32**-0.5)
+    assert_matches((out, lse), expected[:2], TOLERANCE[torch.float32])
+    assert_matches((dk[:, -3:], dv), (expected[3][:, -3:], expected[4]), TOLERANCE[torch.float32])
+    assert (dk[:, :-3] == 0).all()
+
+
 def test_backward_deterministic(device, backward):
     q, k, v, kv_index, do = make_inputs(6, 2, 40, 40, 2, 64, [0, 1, 1, 0, 1, 1], torch.bfloat16, device)
     first, second = run_kernels(q, k, v, kv_index, do, 0.125), run_kernels(q, k, v, kv_index, do, 0.125)
