@@ -1102,7 +1102,8 @@ def test_cli_tta(folders, monkeypatch):
             "toyclf:make", "--out", str(tmp / "all.csv"), "--save-stylized", str(tmp / "all_views")]  # fmt: skip
     assert cli_main(no_k) == 0 and len(pngs(tmp / "all_views")) == 2 * 3
     assert (tmp / "views" / ".fastvit-style-outputs").is_file()
-    # A write that fails midway (a full disk) leaves the earlier CSV as it was, and no temporary.
+    # A write that fails midway (a full disk) leaves the earlier CSV as it was, and no temporary: at the
+    # first rows, no partial file either (it would hold none); in the final copy, the partial file.
     before = out.read_bytes()
     real_writer = csv.writer
 
@@ -1111,14 +1112,164 @@ def test_cli_tta(folders, monkeypatch):
             self.writer = real_writer(f, **kwargs)
 
         def writerow(self, row):
+            if row[0] != "path":
+                raise OSError(28, "No space left on device")
             self.writer.writerow(row)
-
-        def writerows(self, rows):
-            raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(csv, "writer", FullDisk)
     assert cli_main([*no_k[:-2], "--out", str(out)]) == 1
     assert out.read_bytes() == before and os.listdir(out.parent) == ["p.csv"]
+    monkeypatch.undo()
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfileobj", full_disk)
+    assert cli_main([*no_k[:-2], "--out", str(out)]) == 1
+    assert out.read_bytes() == before and sorted(os.listdir(out.parent)) == ["p.csv", "p.csv.partial"]
+    assert len((out.parent / "p.csv.partial").read_text().splitlines()) == 3
+
+
+# A toy classifier whose 2nd call (the 2nd batch, with --batch-size 1) fails as the factory says.
+FLAKY = """
+import torch
+from torch import nn
+
+
+class Flaky(nn.Module):
+    def __init__(self, error=None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2))
+        self.error, self.calls = error, 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == 2 and self.error == "nan":
+            return torch.full((x.shape[0], 2), float("nan"))
+        if self.calls == 2 and self.error is not None:
+            raise self.error
+        return self.net(x)
+
+
+def ok():
+    return Flaky()
+
+
+def fails():
+    return Flaky(RuntimeError("boom"))
+
+
+def interrupted():
+    return Flaky(KeyboardInterrupt())
+
+
+def nan():
+    return Flaky("nan")
+"""
+
+
+def flaky_tta(tmp, base, monkeypatch) -> list[str]:
+    """tta argv (in tmp, one image per batch, --out p.csv) up to --classifier, whose value is left to add."""
+    (tmp / "flakyclf.py").write_text(FLAKY)
+    monkeypatch.chdir(tmp)
+    return ["tta", *base, "--refs", "styles", "--images", "content", "--k", "1", "--batch-size", "1",
+            "--out", "p.csv", "--classifier"]  # fmt: skip
+
+
+@needs_pil
+@pytest.mark.parametrize(
+    "factory, status, said",
+    [
+        ("fails", 1, "error: --classifier 'flakyclf:fails' failed on 2 images"),
+        ("nan", 1, "error: --classifier 'flakyclf:nan' gave NaN or infinite logits for 1 images"),
+        ("interrupted", 130, "interrupted"),
+    ],
+)
+def test_cli_tta_keeps_the_predictions_of_a_run_that_stops(
+    folders, monkeypatch, capsys, factory, status, said
+):
+    """Rows are written batch by batch to <out>.partial: a run that stops at its 2nd batch (a classifier's
+    error, its NaN logits, Ctrl-C) keeps the 1st batch's rows there and says where and how many, and
+    leaves the earlier --out as it was; a run that finishes renames the complete file, leaving none."""
+    tmp, base = folders
+    argv = flaky_tta(tmp, base, monkeypatch)
+    assert cli_main([*argv, "flakyclf:ok"]) == 0
+    finished = (tmp / "p.csv").read_bytes()
+    assert sorted(os.listdir(tmp)) == ["content", "flakyclf.py", "p.csv", "styles", "w.safetensors"]
+    capsys.readouterr()
+    assert cli_main([*argv, f"flakyclf:{factory}"]) == status
+    err = capsys.readouterr().err
+    assert (tmp / "p.csv").read_bytes() == finished
+    header, first, _ = finished.splitlines(keepends=True)
+    assert first.startswith(b"img0.png,") and (tmp / "p.csv.partial").read_bytes() == header + first
+    assert said in err
+    assert "the predictions for 1 image classified before the run stopped are kept in 'p.csv.partial'" in err
+    assert cli_main([*argv, "flakyclf:ok"]) == 0  # a new run replaces it, saying what it held
+    assert "replacing 'p.csv.partial', which held the predictions for 1 image" in capsys.readouterr().err
+    assert (tmp / "p.csv").read_bytes() == finished and not (tmp / "p.csv.partial").exists()
+
+
+@needs_pil
+def test_cli_tta_partial_file_holds_whole_batches(folders, monkeypatch, capsys):
+    """A write of the partial file that fails (an I/O error at the 2nd batch's fsync) cuts it back to
+    the batches before, and the error names it (Python's write errors name no file)."""
+    tmp, base = folders
+    argv = [*flaky_tta(tmp, base, monkeypatch), "flakyclf:ok"]
+    real_fsync, calls = os.fsync, []
+
+    def failing_fsync(fd):
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    assert cli_main(argv) == 1
+    err = capsys.readouterr().err
+    assert "error: [Errno 5] Input/output error: 'p.csv.partial'" in err and "for 1 image class" in err
+    assert [r[0] for r in csv.reader((tmp / "p.csv.partial").read_text().splitlines())] == [
+        "path",
+        "img0.png",
+    ]
+    assert not (tmp / "p.csv").exists()
+
+
+@needs_pil
+def test_cli_tta_replaces_a_partial_file_it_wrote_and_no_other(folders, monkeypatch, capsys):
+    """A partial file an earlier run left (killed: SIGKILL writes no note) is replaced, never appended to,
+    with a note when it held rows; a file or folder there that tta did not write is refused before any
+    work, as --out's own checks refuse one."""
+    tmp, base = folders
+    argv = [*flaky_tta(tmp, base, monkeypatch), "flakyclf:ok"]
+    partial = tmp / "p.csv.partial"
+    partial.write_text("path,pred,p0,p1\nold.png,0,0.5,0.5\nolder.png,1,0.25,0.75\n")
+    assert cli_main(argv) == 0
+    assert (
+        "note: replacing 'p.csv.partial', which held the predictions for 2 images" in capsys.readouterr().err
+    )
+    assert [r[0] for r in csv.reader((tmp / "p.csv").read_text().splitlines())] == [
+        "path",
+        "img0.png",
+        "img1.png",
+    ]
+    assert not partial.exists()
+    partial.write_bytes(b"")  # killed just after creating it
+    assert cli_main(argv) == 0 and "replacing" not in capsys.readouterr().err and not partial.exists()
+    monkeypatch.setattr("fastvit_style.apps.tta.load_stylizer", lambda *a: pytest.fail("loaded the model"))
+    partial.write_text("path,pred,label\nmine.png,0,1\n")
+    with pytest.raises(SystemExit, match=r"--out 'p.csv.partial' exists and is not a partial CSV tta wrote"):
+        cli_main(argv)
+    assert partial.read_text() == "path,pred,label\nmine.png,0,1\n"
+    partial.unlink()
+    partial.mkdir()
+    with pytest.raises(SystemExit, match=r"--out 'p.csv.partial' is a folder"):
+        cli_main(argv)
+    partial.rmdir()
+    with pytest.raises(
+        SystemExit, match=r"\.csv\.partial': the name 'p+'\.\.\. is 256 bytes, longer than the 255"
+    ):
+        cli_main([*argv[:-4], "--out", "p" * 244 + ".csv", *argv[-2:]])  # --out itself is 248 bytes
 
 
 @needs_pil

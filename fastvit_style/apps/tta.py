@@ -5,7 +5,8 @@ TorchScript file (torch.jit.load), a torch.export archive (.pt2), or `module:cal
 nn.Module (the current folder is importable). N is --batch-size times the views per image, fewer in
 the last batch: an archive must be exported with a dynamic batch dimension. Writes a CSV with one
 row per image: path (below --images), predicted class, and the averaged probability of each class
-(vote fractions with --reduce vote).
+(vote fractions with --reduce vote). The rows are written batch by batch to `<out>.partial`, which
+replaces --out (atomically) once every image is classified: a run that stops keeps its rows there.
 Every form of classifier is code that runs here (torch.export.load unpickles): trust it as a program.
 """
 
@@ -13,14 +14,17 @@ import contextlib
 import csv
 import importlib
 import inspect
+import io
 import logging
 import os
+import shutil
+import sys
 
 import sympy
 import torch
 from torch import nn
 
-from ..atomic import atomic_path, check_replaceable
+from ..atomic import _plain_write_errors, atomic_path, check_replaceable
 from ..cli import importable_cwd
 from ..imageio import denormalize, load_batch
 from ..style_bank import StyleBank, describe_value
@@ -53,7 +57,12 @@ def add_arguments(parser) -> None:
         help="TorchScript file, .pt2 export, or module:callable returning an nn.Module (each runs as code: "
         "give only files you trust)",
     )
-    parser.add_argument("--out", required=True, help="CSV file of predictions")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="CSV file of predictions, written when every image is classified; until then the rows are "
+        "written batch by batch to OUT.partial, which a run that stops keeps (a new run replaces it)",
+    )
     parser.add_argument(
         "--k",
         type=int,
@@ -227,7 +236,28 @@ def check_csv_path(path: str) -> None:
     check_replaceable(
         path, "--out", "CSV file", _is_predictions_csv, "is not a predictions CSV of this command"
     )
+    # Named as --out's own checks name it: it is the user's --out that makes the name.
+    check_replaceable(
+        partial_path(path),
+        "--out",
+        "partial CSV file",
+        _is_partial_csv,
+        "is not a partial CSV tta wrote (its rows so far, next to --out)",
+    )
     check_file_folder(path, "--out")
+
+
+def partial_path(out: str) -> str:
+    """Where the rows of --out are written as the run goes: next to it, under a name no CSV glob takes
+    for a result, and not an atomic_path temporary, which a later write of --out would remove unsaid as
+    a killed write's leftover."""
+    return out + ".partial"
+
+
+def _is_partial_csv(path: str) -> bool:
+    """A partial CSV of this command: its header (written with the first rows), or empty (a run killed
+    between creating it and writing them)."""
+    return os.path.getsize(path) == 0 or _is_predictions_csv(path)
 
 
 def _header(num_classes: int) -> list[str]:
@@ -243,6 +273,90 @@ def _is_predictions_csv(path: str) -> bool:
         except csv.Error:  # not CSV as this command writes it (a first line over the field size limit)
             return False
     return len(header) > 2 and header == _header(len(header) - 2)
+
+
+def _rows_in(path: str) -> int:
+    """The rows below the header of a partial CSV, 0 where it cannot be read."""
+    try:
+        with open(path, newline="", encoding="utf-8", errors="replace") as f:
+            return max(sum(1 for _ in csv.reader(f)) - 1, 0)
+    except (OSError, csv.Error):
+        return 0
+
+
+def _n_images(n: int) -> str:
+    """`n` images in words: 1 image, 2 images."""
+    return f"{n} image{'s' * (n != 1)}"
+
+
+class _PartialCSV:
+    """The predictions CSV, written as the run goes: rows batch by batch to `partial_path(out)` (flushed
+    and fsynced: a run that stops, even by SIGKILL, keeps them), copied onto `out` atomically by
+    `finish` once every image is classified. A Python exception leaves the partial file (unless it
+    holds no rows) and a note saying where it is and how many images it holds."""
+
+    def __init__(self, out: str):
+        self.out, self.path, self.rows, self.size = out, partial_path(out), 0, 0
+
+    def __enter__(self):
+        # An earlier run's (check_csv_path let only tta's through) is replaced: appending would mix runs.
+        if os.path.lexists(self.path):
+            if held := _rows_in(self.path):
+                print(f"note: replacing {self.path!r}, which held the predictions for {_n_images(held)} that "
+                      "an earlier run kept when it stopped", file=sys.stderr)  # fmt: skip
+            os.remove(self.path)
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        # Exclusive: a concurrent run's file is never written into. Unbuffered: `write` alone decides what
+        # reaches the file, whole batches.
+        self.file = open(self.path, "xb+", buffering=0)
+        return self
+
+    def write(self, paths: list[str], probs: torch.Tensor) -> None:
+        """One batch: paths, B str as written in the CSV, probs (B, num_classes) float on the CPU."""
+        text = io.StringIO()
+        writer = csv.writer(text)
+        if not self.rows:
+            writer.writerow(_header(probs.shape[1]))
+        for path, p in zip(paths, probs):
+            writer.writerow([path, int(p.argmax())] + [f"{v:.6g}" for v in p.tolist()])
+        # UTF-8 whatever the locale; a file name that is not (undecodable bytes) is written as its bytes.
+        data = text.getvalue().encode("utf-8", "surrogateescape")
+        try:
+            with _plain_write_errors(self.path):  # Python's write errors name no file
+                view = memoryview(data)
+                while view:  # a raw write may take only part of the bytes
+                    view = view[self.file.write(view) :]
+                os.fsync(self.file.fileno())
+        except BaseException:  # whole batches only: the file ends at the last one written
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.file.fileno(), self.size)
+            raise
+        self.rows, self.size = self.rows + len(paths), self.size + len(data)
+
+    def finish(self) -> None:
+        """Copy the complete file onto --out atomically (an earlier --out stays intact until then)."""
+        self.file.seek(0)  # this run's file, also if another run has replaced the one at self.path since
+        with atomic_path(self.out, remove_leftovers=True) as tmp, open(tmp, "wb") as f:
+            shutil.copyfileobj(self.file, f)
+        self._remove()
+
+    def _remove(self) -> None:
+        """Remove self.path if it is still this run's file, then close it."""
+        with contextlib.suppress(OSError):
+            if os.path.samestat(os.fstat(self.file.fileno()), os.stat(self.path)):
+                os.remove(self.path)
+        self.file.close()
+
+    def __exit__(self, kind, error, tb):
+        if self.file.closed:  # finished
+            return
+        if not self.rows:
+            self._remove()
+            return
+        self.file.close()
+        print(f"note: the predictions for {_n_images(self.rows)} classified before the run stopped are kept in "
+              f"{self.path!r} (--out {self.out!r} is written only once every image is; a new run replaces "
+              "the partial file)", file=sys.stderr, flush=True)  # fmt: skip
 
 
 def _classify(tta: TTAClassifier, views: torch.Tensor, spec: str) -> torch.Tensor:
@@ -266,6 +380,11 @@ def run(args) -> int:
         check_output_folder(args.save_stylized, "--save-stylized")
         if os.path.realpath(args.save_stylized) == os.path.realpath(args.out):
             raise SystemExit("error: --save-stylized and --out name the same path: one folder, one CSV file")
+        if os.path.realpath(args.save_stylized) == os.path.realpath(partial_path(args.out)):
+            raise SystemExit(
+                f"error: --save-stylized names {partial_path(args.out)!r}, where tta writes the rows of --out "
+                "as it goes: choose another folder"
+            )
     images, refs = find_images(
         ("input", args.images),
         ("reference", args.refs),
@@ -292,8 +411,7 @@ def run(args) -> int:
     model = load_stylizer(args, note)
     size, dev = model.config.input_size, model.encoder.pos_embed.device
     generator = torch.Generator().manual_seed(args.seed)
-    rows = []
-    with torch.no_grad():
+    with torch.no_grad(), _PartialCSV(args.out) as out:
         bank = StyleBank.from_images(
             model, load_batch(refs, size, mean, std).to(dev), batch_size=args.batch_size
         )
@@ -320,23 +438,13 @@ def run(args) -> int:
                     f"--classifier {args.classifier!r} gave NaN or infinite logits for {len(bad)} images "
                     f"(views of {bad[:3]}{', ...' if len(bad) > 3 else ''}): no class can be predicted"
                 )
-            for b, path in enumerate(paths):
-                rows.append([os.path.relpath(path, args.images), int(probs[b].argmax())] + probs[b].tolist())
+            out.write([os.path.relpath(path, args.images) for path in paths], probs)
             if saving:
                 stylized = denormalize(views[:, int(tta.include_original) :], mean, std)
                 for b, name in enumerate(names[start : start + len(paths)]):
                     for j, ref in enumerate(used[b].tolist()):
                         name_j = f"{name}__{ref_names[ref]}.png"
                         save_output_png(stylized[b, j], args.save_stylized, name_j, leftovers)
-    num_classes = len(rows[0]) - 2
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    # UTF-8 whatever the locale; a file name that is not (undecodable bytes) is written as its bytes.
-    with (
-        atomic_path(args.out, remove_leftovers=True) as tmp,
-        open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f,
-    ):
-        writer = csv.writer(f)
-        writer.writerow(_header(num_classes))
-        writer.writerows([r[:2] + [f"{p:.6g}" for p in r[2:]] for r in rows])
-    print(f"wrote predictions for {len(rows)} image{'s' * (len(rows) != 1)} to {args.out}")
+        out.finish()
+    print(f"wrote predictions for {_n_images(out.rows)} to {args.out}")
     return 0
