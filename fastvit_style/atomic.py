@@ -26,7 +26,7 @@ def atomic_path(path, remove_leftovers: bool = False):
     outside `path`'s folder, where a run's checks and `temporaries` look. remove_leftovers: first remove
     what killed earlier writes of `path` left (one listing of the folder: for a single file; writers of
     many files in one folder use `temporaries` once). An error of the write is raised as
-    `_plain_write_errors` says: an OSError names `path`, not the temporary."""
+    `plain_write_errors` says: an OSError names `path`, not the temporary."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     if remove_leftovers:
@@ -37,7 +37,7 @@ def atomic_path(path, remove_leftovers: bool = False):
     owner = f"{_HOST}-{os.getpid()}"  # the pid asked each time: a forked child is another writer
     tmp = os.path.join(directory, f".{_stem(os.path.basename(path))}.{owner}.{uuid.uuid4().hex[:6]}.tmp")
     try:
-        with _plain_write_errors(path):
+        with plain_write_errors(path):
             yield tmp
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
@@ -56,7 +56,7 @@ def atomic_path(path, remove_leftovers: bool = False):
 
 
 @contextlib.contextmanager
-def _plain_write_errors(path):
+def plain_write_errors(path):
     """Re-raise what writing `path` failed with as Python raises it. An OSError (a full disk, a read-only
     file system) names `path`: Python's write errors name no file, the OS's open names the temporary.
     torch's zip writer turns what the file object it writes to raises into a RuntimeError of its own

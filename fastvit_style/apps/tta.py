@@ -24,7 +24,7 @@ import sympy
 import torch
 from torch import nn
 
-from ..atomic import _plain_write_errors, atomic_path, check_replaceable
+from ..atomic import atomic_path, check_replaceable, plain_write_errors
 from ..cli import importable_cwd
 from ..imageio import denormalize, load_batch
 from ..style_bank import StyleBank, describe_value
@@ -302,8 +302,11 @@ class _PartialCSV:
         # An earlier run's (check_csv_path let only tta's through) is replaced: appending would mix runs.
         if os.path.lexists(self.path):
             if held := _rows_in(self.path):
-                print(f"note: replacing {self.path!r}, which held the predictions for {_n_images(held)} that "
-                      "an earlier run kept when it stopped", file=sys.stderr)  # fmt: skip
+                print(
+                    f"note: replacing {self.path!r}, which held the predictions for {_n_images(held)} that "
+                    "an earlier run kept when it stopped",
+                    file=sys.stderr,
+                )
             os.remove(self.path)
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         # Exclusive: a concurrent run's file is never written into. Unbuffered: `write` alone decides what
@@ -322,7 +325,7 @@ class _PartialCSV:
         # UTF-8 whatever the locale; a file name that is not (undecodable bytes) is written as its bytes.
         data = text.getvalue().encode("utf-8", "surrogateescape")
         try:
-            with _plain_write_errors(self.path):  # Python's write errors name no file
+            with plain_write_errors(self.path):  # Python's write errors name no file
                 view = memoryview(data)
                 while view:  # a raw write may take only part of the bytes
                     view = view[self.file.write(view) :]
@@ -354,9 +357,13 @@ class _PartialCSV:
             self._remove()
             return
         self.file.close()
-        print(f"note: the predictions for {_n_images(self.rows)} classified before the run stopped are kept in "
-              f"{self.path!r} (--out {self.out!r} is written only once every image is; a new run replaces "
-              "the partial file)", file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"note: the predictions for {_n_images(self.rows)} classified before the run stopped are kept in "
+            f"{self.path!r} (--out {self.out!r} is written only once every image is; a new run replaces "
+            "the partial file)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _classify(tta: TTAClassifier, views: torch.Tensor, spec: str) -> torch.Tensor:
