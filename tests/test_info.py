@@ -3,8 +3,10 @@
 import importlib
 import os
 import platform
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -60,6 +62,31 @@ def test_a_broken_pipe_that_is_not_stdouts_is_an_error(capsys, monkeypatch):
     monkeypatch.setattr("fastvit_style.info.run", broken)
     assert main(["info"]) == 1
     assert capsys.readouterr().err == "error: [Errno 32] Broken pipe\n"
+
+
+def test_sigterm_unwinds_a_command_and_leaves_the_handler_as_it_was(capsys, monkeypatch):
+    """SIGTERM during a command raises `Terminated` there (status 143, one line); after the command,
+    and for a program that set its own handler, the handler is what it was."""
+    seen = []
+
+    def sigterm_self(args):
+        seen.append(signal.getsignal(signal.SIGTERM))
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler raises at the next bytecode
+        time.sleep(60)
+
+    monkeypatch.setattr("fastvit_style.info.run", sigterm_self)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert main(["info"]) == 143
+    assert capsys.readouterr().err == "terminated\n"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and seen[0] is not signal.SIG_DFL
+
+    def own(signum, frame):
+        raise RuntimeError("the embedding program's handler")
+
+    monkeypatch.setattr(signal, "getsignal", lambda signum: own)  # its handler set: left alone
+    monkeypatch.setattr(signal, "signal", lambda *args: pytest.fail("the handler was replaced"))
+    monkeypatch.setattr("fastvit_style.info.run", lambda args: 0)
+    assert main(["info"]) == 0
 
 
 def test_python_m_fastvit_style_is_the_command():

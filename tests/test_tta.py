@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import struct
+import subprocess
 import sys
 import warnings
 import zlib
@@ -1132,6 +1133,9 @@ def test_cli_tta(folders, monkeypatch):
 
 # A toy classifier whose 2nd call (the 2nd batch, with --batch-size 1) fails as the factory says.
 FLAKY = """
+import os
+import signal
+
 import torch
 from torch import nn
 
@@ -1147,6 +1151,8 @@ class Flaky(nn.Module):
         self.calls += 1
         if self.calls == 2 and self.error == "nan":
             return torch.full((x.shape[0], 2), float("nan"))
+        if self.calls == 2 and self.error == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
         if self.calls == 2 and self.error is not None:
             raise self.error
         return self.net(x)
@@ -1166,6 +1172,10 @@ def interrupted():
 
 def nan():
     return Flaky("nan")
+
+
+def sigterm():
+    return Flaky("sigterm")
 """
 
 
@@ -1208,6 +1218,29 @@ def test_cli_tta_keeps_the_predictions_of_a_run_that_stops(
     assert cli_main([*argv, "flakyclf:ok"]) == 0  # a new run replaces it, saying what it held
     assert "replacing 'p.csv.partial', which held the predictions for 1 image" in capsys.readouterr().err
     assert (tmp / "p.csv").read_bytes() == finished and not (tmp / "p.csv.partial").exists()
+
+
+@needs_pil
+def test_cli_tta_stopped_by_sigterm_keeps_its_predictions(folders, monkeypatch):
+    """A scheduler's stop (SIGTERM) unwinds as Ctrl-C does: the note, `terminated`, status 143 (the
+    shells' for SIGTERM). By default the process died on the spot, status -15, saying nothing."""
+    tmp, base = folders
+    argv = flaky_tta(tmp, base, monkeypatch)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-m", "fastvit_style", *argv, "flakyclf:sigterm"],
+        env=env,
+        capture_output=True,
+        check=False,
+        text=True,
+    )
+    assert done.returncode == 143, done.stderr
+    assert done.stderr.endswith("\nterminated\n"), done.stderr
+    assert (
+        "the predictions for 1 image classified before the run stopped are kept in 'p.csv.partial'"
+        in done.stderr
+    )
+    assert len((tmp / "p.csv.partial").read_text().splitlines()) == 2 and not (tmp / "p.csv").exists()
 
 
 @needs_pil
