@@ -14,6 +14,7 @@ import errno
 import functools
 import hashlib
 import os
+import sys
 import warnings
 
 import numpy as np
@@ -48,9 +49,16 @@ def _unreadable(e: Exception) -> bool:
     return not isinstance(e, OSError) or e.errno is None or e.errno in _PERMANENT_ERRNOS
 
 
+_TORCH_DATA = os.path.dirname(torch.utils.data.__file__) + os.sep
+
+
 def _warn_skipped(path: str, e: Exception) -> None:
-    # stacklevel 3: the warning names whoever called the function that met the file.
-    warnings.warn(f"skipping unreadable image {path!r} ({type(e).__name__}: {e})", stacklevel=3)
+    # The warning names the line that asked for the image (stacklevel 3: whoever called the function
+    # that met the file), unless that is a DataLoader's fetch, which would read as torch's own warning:
+    # then the line here that met it.
+    asker = sys._getframe(2).f_code.co_filename
+    level = 2 if asker.startswith(_TORCH_DATA) else 3
+    warnings.warn(f"skipping unreadable image {path!r} ({type(e).__name__}: {e})", stacklevel=level)
 
 
 class ImageFolderDataset(Dataset):

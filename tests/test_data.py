@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+import fastvit_style
 from fastvit_style.configs import NORMALIZATION
 from fastvit_style.data import ImageFolderDataset, collate_images, compute_normalization, micro_batches
 
@@ -48,6 +49,10 @@ def test_corrupt_files_are_skipped_counted_and_reported(folder_with_corrupt_file
         with pytest.warns(UserWarning, match="skipping unreadable image") as record:
             (batch,) = list(loader)
         assert sum("trunc.png" in str(w.message) for w in record) == 1
+        # Not torch's fetch.py, the DataLoader's caller of __getitem__: the line in data.py that met it.
+        assert {os.path.relpath(w.filename, os.path.dirname(fastvit_style.__file__)) for w in record} == {
+            "data.py"
+        }
         assert not any("garbage.tif" in str(w.message) for w in record)  # never read again
     assert batch.shape == (3, 3, 32, 32) and batch.dtype == torch.float32
     assert ds.skipped == 3  # counted in the main process, also when a worker found them
