@@ -1,13 +1,12 @@
 """`fastvit-style <command>`: each command lives in its own module with add_arguments(parser) and run(args)."""
 
 import argparse
-import contextlib
 import importlib
 import os
-import signal
 import stat
 import sys
-import threading
+
+from .stopping import Terminated, sigterm_raises
 
 DESCRIPTION = (
     "Stylizing ViT, fast: train it, stylize folders of images, classify with test-time augmentation, "
@@ -47,32 +46,6 @@ def importable_cwd() -> None:
         sys.path.insert(0, os.getcwd())
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler stopping or preempting a job, `kill`), raised where the program is so that it
-    unwinds as after Ctrl-C: temporaries removed, `train` naming the checkpoint that resumes it, `tta`
-    where its rows so far are. By default SIGTERM ends the process on the spot, saying nothing."""
-
-
-def _raise_terminated(signum, frame):
-    raise Terminated
-
-
-@contextlib.contextmanager
-def _sigterm_unwinds():
-    # Only the main thread may set a handler, and one that is already set (a program that embeds the
-    # commands, a launcher) is its owner's to keep.
-    if threading.current_thread() is not threading.main_thread() or (
-        signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
-    ):
-        yield
-        return
-    signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
 def _stdout_is_a_pipe() -> bool:
     try:
         return stat.S_ISFIFO(os.fstat(sys.stdout.fileno()).st_mode)
@@ -84,7 +57,7 @@ def main(argv=None) -> int:
     """Run a command; its status: 0, 1 for a user's error (one `error:` line), 2 for a usage error,
     130 after Ctrl-C, 143 after SIGTERM, 141 when the reader of a piped stdout left (`| head`)."""
     try:
-        with _sigterm_unwinds():
+        with sigterm_raises():
             status = _run_command(argv)
         sys.stdout.flush()  # here, where a reader that left can still be told from a bug
         return status

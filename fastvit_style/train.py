@@ -34,8 +34,8 @@ checkpoints, so a resumed run skips them too and `skipped_images` in metrics.jso
 Every optimized parameter gets a gradient, `attn.k_proj.bias` an exact zero one (`block.project_kv`):
 AdamW decays it as officially, and DDP needs no search for unused parameters.
 
-Outputs in --out: `last.pt` (the full training state, every --checkpoint-every steps and at each epoch
-end; `--resume last.pt` continues with the very next step: on CPU it reproduces an uninterrupted run
+Outputs in --out: `last.pt` (the full training state, every --checkpoint-every steps, at each epoch
+end, and, in one process, at the end of the step during which a SIGTERM came (`stopping`); `--resume last.pt` continues with the very next step: on CPU it reproduces an uninterrupted run
 bit for bit; on CUDA up to non-deterministic kernels), `last.safetensors` and `best.safetensors`
 (official-format weights, VGG keys included as in the official files, the run's normalization
 constants in their metadata, which the commands read; best = lowest validation loss),
@@ -76,6 +76,7 @@ from .data import ImageFolderDataset, collate_images, micro_batches
 from .devices import dist_env, resolve_device, to_device_async
 from .imageio import denormalize, normalization
 from .model import StylizingViT
+from .stopping import StopRequest, Terminated
 from .train_config import (
     CHECKPOINT_KEYS,
     RUN_FILES,
@@ -231,6 +232,7 @@ class Trainer:
         self.validated_on = {k: (saved or {}).get(k) for k in VALIDATED_ON}
         # Named when --max-steps stops the run: a resumed run that took no step has written no checkpoint.
         self.saved_to = cfg.resume
+        self.sigterm = StopRequest()  # a scheduler's stop: finish the step, save it, then stop
         if saved:
             model.load_state_dict(saved["model"])
             self.optimizer.load_state_dict(saved["optimizer"])
@@ -379,9 +381,15 @@ class Trainer:
         if self.epoch < cfg.epochs and self.batch >= n_batches:  # saved when validation failed: end it now
             self._end_epoch()
         first_step = self.step
-        while self.epoch < cfg.epochs and not self._reached_max_steps():
-            if self._train_epoch(on_step):
-                self._end_epoch()
+        # One process only: under DDP every rank would have to agree on the step to stop at (a host wait
+        # per step); there a SIGTERM unwinds at once (the command's handler) and --resume takes the last
+        # periodic checkpoint.
+        with self.sigterm.watch() if self.world == 1 else contextlib.nullcontext():
+            while self.epoch < cfg.epochs and not self._reached_max_steps() and not self.sigterm.requested:
+                if self._train_epoch(on_step):
+                    self._end_epoch()
+        if self.sigterm.requested:  # saved at the step's end (or the epoch's)
+            raise Terminated
         if self.epoch < cfg.epochs and self._reached_max_steps() and self.rank == 0:
             if self.step == first_step:  # resumed at or past --max-steps
                 print(f"the run is at step {self.step}, --max-steps {cfg.max_steps}: nothing to train",
@@ -442,7 +450,7 @@ class Trainer:
                 self.optimizer.zero_grad()
                 self.step, self.batch = self.step + 1, group_end
                 # A stop at the epoch's last step ends the epoch as usual (validation, metrics, checkpoint).
-                stop = self._reached_max_steps() and group_end < n
+                stop = (self._reached_max_steps() or self.sigterm.requested) and group_end < n
                 show = not bar.disable and (
                     stop or group_end == n or time.perf_counter() - shown >= BAR_SECONDS
                 )

@@ -9,6 +9,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import warnings
@@ -610,6 +611,74 @@ def test_a_ctrl_c_mid_epoch_ends_the_progress_bar_before_its_lines(tmp_path, cap
     resume = f"--resume {str(out / 'last.pt')!r} continues from its last checkpoint"
     assert lines[-3:] == [resume, "interrupted", ""]
     assert "epoch 1/50:  50%" in lines[-4]
+
+
+def test_sigterm_stops_at_the_step_end_with_a_checkpoint(tmp_path, capsys, monkeypatch):
+    """A scheduler's stop (SIGTERM) mid-epoch: the step under way finishes, a checkpoint is written at its
+    end (the same state as a run stopped there by --max-steps), and the command ends as after Ctrl-C,
+    saying how to resume, with `terminated` and status 143. Before, the run died where the signal found
+    it and lost every step since its last checkpoint (here none: --checkpoint-every 0)."""
+    data = write_images(tmp_path / "data", 4)
+    base = ["train", "--data", str(data), *TINY_ARGS, "--batch-size", "1", "--accumulate", "2",
+            "--checkpoint-every", "0", "--epochs", "3"]  # fmt: skip
+    assert cli.main([*base, "--out", str(tmp_path / "two"), "--max-steps", "1"]) == 0
+    calls = 0
+    micro_step = Trainer._micro_step
+
+    def sigterm_in_micro_step_1(self, *args):  # the first of step 1's two micro-steps
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return micro_step(self, *args)
+
+    monkeypatch.setattr(Trainer, "_micro_step", sigterm_in_micro_step_1)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert cli.main([*base, "--out", str(out)]) == 143
+    assert calls == 2  # the step finished, the next one never started
+    lines = capsys.readouterr().err.split("\n")
+    assert lines[-3:] == [
+        f"--resume {str(out / 'last.pt')!r} continues from its last checkpoint",
+        "terminated",
+        "",
+    ]
+    assert any("SIGTERM: stopping at the end of this step" in line for line in lines)
+    stopped, wanted = load_checkpoint(out / "last.pt"), load_checkpoint(tmp_path / "two" / "last.pt")
+    assert (stopped["step"], stopped["batch"], stopped["epoch"]) == (1, 2, 0)
+    for key, value in wanted["model"].items():
+        assert torch.equal(stopped["model"][key], value), key
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_second_sigterm_stops_at_once_and_one_at_the_last_step_ends_the_epoch(
+    tmp_path, capsys, monkeypatch
+):
+    """A second SIGTERM does not wait for the step's end (nothing saved: no checkpoint yet); one during an
+    epoch's last step lets the epoch end as usual (metrics line, checkpoint) and stops before the next."""
+    data = write_images(tmp_path / "data", 2)
+    base = ["train", "--data", str(data), *TINY_ARGS, "--batch-size", "1", "--accumulate", "1",
+            "--checkpoint-every", "0", "--epochs", "3"]  # fmt: skip
+    calls, when = 0, {}
+    micro_step = Trainer._micro_step
+
+    def sigterms(self, *args):
+        nonlocal calls
+        calls += 1
+        for _ in range(when.get(calls, 0)):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return micro_step(self, *args)
+
+    monkeypatch.setattr(Trainer, "_micro_step", sigterms)
+    when = {1: 2}
+    assert cli.main([*base, "--out", str(tmp_path / "twice")]) == 143
+    assert calls == 1 and not (tmp_path / "twice" / "last.pt").exists()
+    err = capsys.readouterr().err
+    assert "(a second SIGTERM stops at once)\n" in err and err.endswith("\nterminated\n")  # no --resume line
+    calls, when = 0, {2: 1}  # the epoch's 2nd and last step
+    assert cli.main([*base, "--out", str(tmp_path / "last")]) == 143
+    assert calls == 2 and load_checkpoint(tmp_path / "last" / "last.pt")["epoch"] == 1
+    assert len((tmp_path / "last" / "metrics.jsonl").read_text().splitlines()) == 1
 
 
 def test_run_file_names_without_a_runs_config_json_are_never_replaced(tmp_path):
