@@ -56,3 +56,11 @@ class StopRequest:
 
     def watch(self):
         return _sigterm_handled_by(self._handle)
+
+
+def ignore_sigterm(worker_id: int) -> None:
+    """DataLoader `worker_init_fn` for a loader of a `StopRequest` loop: a worker keeps serving the step
+    under way at a SIGTERM to the whole job, and its parent ends it afterwards as usual. Torch's own
+    handler ends a worker by the signal when the SIGTERM is not its parent's, and the parent then raises
+    "DataLoader worker ... is killed by signal" mid-step, wherever it is, with nothing saved."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -76,7 +76,7 @@ from .data import ImageFolderDataset, collate_images, micro_batches
 from .devices import dist_env, resolve_device, to_device_async
 from .imageio import denormalize, normalization
 from .model import StylizingViT
-from .stopping import StopRequest, Terminated
+from .stopping import StopRequest, Terminated, ignore_sigterm
 from .train_config import (
     CHECKPOINT_KEYS,
     RUN_FILES,
@@ -408,6 +408,7 @@ class Trainer:
             dataset, batch_sampler=batches, collate_fn=collate_images, num_workers=self.cfg.workers,
             pin_memory=self.device.type == "cuda",
             generator=torch.Generator().manual_seed(seed),  # worker seeds: never draw from the global RNG
+            worker_init_fn=ignore_sigterm if self.world == 1 else None,  # as `fit` watches for it
         )  # fmt: skip
 
     def _train_epoch(self, on_step) -> bool:

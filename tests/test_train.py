@@ -681,6 +681,40 @@ def test_a_second_sigterm_stops_at_once_and_one_at_the_last_step_ends_the_epoch(
     assert len((tmp_path / "last" / "metrics.jsonl").read_text().splitlines()) == 1
 
 
+GROUP_SIGTERM = """
+import os, signal, subprocess, sys
+from fastvit_style import cli
+from fastvit_style.train import Trainer
+
+# As a scheduler does: from outside, to every process of the job, the DataLoader workers included (a
+# worker stops quietly at a SIGTERM from its parent only).
+SCHEDULER = "import os, signal; signal.signal(signal.SIGTERM, signal.SIG_IGN); os.killpg(0, signal.SIGTERM)"
+micro_step = Trainer._micro_step
+def group_sigterm(self, *args):
+    if self.step == 0:
+        subprocess.run([sys.executable, "-c", SCHEDULER], check=True)
+    return micro_step(self, *args)
+Trainer._micro_step = group_sigterm
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_sigterm_to_the_whole_job_stops_it_once_with_dataloader_workers(tmp_path):
+    """DataLoader workers ignore SIGTERM (the main process stops them). Torch's own handler in a worker
+    ends it by the signal when the SIGTERM is not its parent's, and the main process then raises
+    "DataLoader worker exited unexpectedly" mid-step, at whichever line it is, with no checkpoint."""
+    data, out = write_images(tmp_path / "data", 4), tmp_path / "out"
+    argv = ["train", "--data", str(data), "--out", str(out), *TINY_ARGS[:-3], "--random-vgg", "--workers", "2",
+            "--batch-size", "1", "--accumulate", "1", "--checkpoint-every", "0"]  # fmt: skip
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", GROUP_SIGTERM, *argv], env=env, capture_output=True, text=True,
+                          start_new_session=True, check=False, timeout=300)  # fmt: skip
+    assert done.returncode == 143, done.stderr
+    assert done.stderr.count("SIGTERM: stopping at the end of this step") == 1, done.stderr
+    assert load_checkpoint(out / "last.pt")["step"] == 1
+
+
 def test_run_file_names_without_a_runs_config_json_are_never_replaced(tmp_path):
     """Files named as a run's (metrics.jsonl, best.safetensors, ...) in an --out without a run's
     config.json, which every run writes first, are a user's: refused, --overwrite or not."""
