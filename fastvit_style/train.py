@@ -166,6 +166,9 @@ def train(cfg: TrainConfig, on_step=None, given=None) -> StylizingViT:
     on_step(info) runs on every rank after each optimizer step (after that step's checkpoint, if any);
     info: step, epoch, lr, and this rank's mean losses of the step (total, identity, consistency,
     anatomical, style) as floats. For logging, or for tests that interrupt a run.
+
+    A SIGTERM in one process (where no handler of the caller's is set) finishes the step, writes its
+    checkpoint and raises `stopping.Terminated`, a KeyboardInterrupt.
     """
     rank, world, local_rank = dist_env()
     device = resolve_device(cfg.device, local_rank)
