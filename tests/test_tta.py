@@ -25,6 +25,7 @@ from torch import nn
 from fastvit_style import StyleBank, StylizingViT, TTAClassifier, reference
 from fastvit_style import style_bank as style_bank_mod
 from fastvit_style import tta as tta_mod
+from fastvit_style.apps.common import OUTPUTS_MARKER
 from fastvit_style.cli import main as cli_main
 from fastvit_style.imageio import (
     denormalize,
@@ -1019,9 +1020,42 @@ def test_cli_refuses_a_folder_at_an_output_name_before_any_work(folders, monkeyp
     monkeypatch.undo()
     (out / "img1__img2.png" / "mine.txt").unlink()
     (out / "img1__img2.png").rmdir()
+    (out / OUTPUTS_MARKER).write_text("")  # an earlier run's output folder
     (out / "img0__img0.png").write_bytes(b"an earlier output")
     assert run_stylize(tmp, base, "out") == 0
     assert len(pngs(out)) == 7 and (out / "img1__img9.png").is_dir()
+
+
+@needs_pil
+def test_cli_refuses_a_users_file_at_an_output_name_before_any_work(folders, monkeypatch):
+    """A file at an output name in a folder no run wrote to (no OUTPUTS_MARKER) is the user's, not an
+    earlier output: stylize and tta --save-stylized refuse to replace it, before the model loads."""
+    tmp, base = folders
+    out = tmp / "mine"
+    out.mkdir()
+    (out / "img1__img2.png").write_bytes(b"the user's photo")
+    (out / "holiday.png").write_bytes(b"another")
+    monkeypatch.setattr(
+        "fastvit_style.apps.stylize.load_stylizer", lambda *a: pytest.fail("loaded the model")
+    )
+    message = (
+        f"--out {str(out)!r} holds a file 'img1__img2.png' that no earlier run marked as its output (the folder "
+        f"has no {OUTPUTS_MARKER}), the name of the output of content {str(tmp / 'content' / 'img1.png')!r} with "
+        f"style {str(tmp / 'styles' / 'img2.png')!r}: move or rename that file, or choose another --out (or "
+        f"create {OUTPUTS_MARKER} there, if its images are outputs)"
+    )
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        run_stylize(tmp, base, "mine")
+    tta = ["tta", *base, "--refs", str(tmp / "styles"), "--images", str(tmp / "content"),
+           "--out", str(tmp / "p.csv"), "--classifier", "x:y", "--save-stylized", str(out)]  # fmt: skip
+    with pytest.raises(
+        SystemExit, match="--save-stylized .* holds a file 'img1__img2.png' that no earlier run"
+    ):
+        cli_main(tta)
+    assert (out / "img1__img2.png").read_bytes() == b"the user's photo" and pngs(out) == [
+        "holiday.png",
+        "img1__img2.png",
+    ]
 
 
 @needs_pil

@@ -330,29 +330,36 @@ def pair_names(
                         f"written to {content_of[longer][0]}__{style_of[style][0]}.png"
                         f"{_CASE_NOTE if fold_case else ''}: rename one"
                     )
-    _check_no_folder_at_outputs(output, content_of, style_of, key)
+    _check_outputs_replaceable(output, content_of, style_of, key)
     return content_names, style_names
 
 
-def _check_no_folder_at_outputs(output: tuple[str, str], content_of: dict, style_of: dict, key) -> None:
+def _check_outputs_replaceable(output: tuple[str, str], content_of: dict, style_of: dict, key) -> None:
     """SystemExit where a folder in the output folder has the name of an output `<content>__<style>.png`
-    (content_of, style_of: keyed by key(stem)), which a run would meet at that write, after its work; a
-    file there is replaced, as an earlier run's output is. Reads the folder once, not once per pair."""
+    (content_of, style_of: keyed by key(stem)), which a run would meet at that write, after its work; or
+    a file has, in a folder without OUTPUTS_MARKER: no run wrote it, it is the user's. A file in a marked
+    folder is replaced, as an earlier run's output is. Reads the folder once, not once per pair."""
     flag, folder = output
     if not os.path.isdir(folder):
         return
+    marked = os.path.isfile(os.path.join(folder, OUTPUTS_MARKER))
     with os.scandir(folder) as entries:
         for entry in entries:
             stem, suffix = os.path.splitext(entry.name)
-            if key(suffix) != key(".png") or not entry.is_dir(follow_symlinks=False):
+            is_dir = entry.is_dir(follow_symlinks=False)
+            if key(suffix) != key(".png") or (marked and not is_dir):
                 continue
             stem = key(stem)
+            kind, why, other = ("folder", "", "") if is_dir else (
+                "file", f" that no earlier run marked as its output (the folder has no {OUTPUTS_MARKER})",
+                f", or choose another {flag} (or create {OUTPUTS_MARKER} there, if its images are outputs)",
+            )  # fmt: skip
             for cut in range(1, len(stem) - 2):
                 if stem[cut : cut + 2] == "__" and stem[:cut] in content_of and stem[cut + 2 :] in style_of:
                     raise SystemExit(
-                        f"error: {flag} {folder!r} holds a folder {entry.name!r}, the name of the output of "
-                        f"content {content_of[stem[:cut]][1]!r} with style {style_of[stem[cut + 2 :]][1]!r}: "
-                        "move or rename that folder"
+                        f"error: {flag} {folder!r} holds a {kind} {entry.name!r}{why}, the name of the output of "
+                        f"content {content_of[stem[:cut]][1]!r} with style {style_of[stem[cut + 2 :]][1]!r}: move "
+                        f"or rename that {kind}{other}"
                     )
 
 

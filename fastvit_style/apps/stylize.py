@@ -2,9 +2,9 @@
 
 Outputs OUT/<content>__<style>.png, denormalized and clamped to [0, 1]; a run whose pairs would
 share a name (or names that differ only in case, where OUT's file system ignores case), or whose
-output name a folder in OUT holds, is refused before any work, and the images a run writes (the files
-directly in OUT, all of OUT when it lies inside an input folder) are never read as inputs; OUT itself
-cannot be an input folder. The style
+output name a folder in OUT holds (or a file, in an OUT no run wrote to: the user's), is refused
+before any work, and the images a run writes (the files directly in OUT, all of OUT when it lies
+inside an input folder) are never read as inputs; OUT itself cannot be an input folder. The style
 references are encoded once into a StyleBank (about 2 * depth * 197 * width * 4 bytes each: 3.5 MiB
 for tiny, 13.9 MiB for base), and each content image's stream is shared by its references.
 """
