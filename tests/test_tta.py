@@ -1731,15 +1731,25 @@ def test_cli_outputs_never_overwrite_each_other_nor_become_inputs(folders, capsy
     assert not (tmp / "o").exists()
 
     expected = [f"img{c}__img{s}.png" for c in range(2) for s in range(3)]
+    capsys.readouterr()
     for _ in range(2):
         assert run_stylize(tmp, base, "content/stylized") == 0
     assert pngs(tmp / "content" / "stylized") == expected
+    assert "left out" not in capsys.readouterr().err  # the earlier run's outputs: skipped without a note
     with pytest.raises(SystemExit, match="--out .* is the content folder"):
         run_stylize(tmp, base, "content")
     with pytest.raises(SystemExit, match="--save-stylized .* is the input folder"):
         cli_main(["tta", *base, "--images", str(tmp / "content"), "--refs", str(tmp / "styles"), "--classifier",
                   "x:y", "--out", str(tmp / "p.csv"), "--save-stylized", str(tmp / "content")])  # fmt: skip
     shutil.rmtree(tmp / "content" / "stylized")
+    # A user's image already in an output folder inside an input folder is left out too, with a note.
+    save_png(torch.rand(3, 8, 8, generator=gen), tmp / "styles" / "more" / "mine.png")
+    capsys.readouterr()
+    assert cli_main([*argv[:-6], "--content", str(tmp / "content"), "--styles", str(tmp / "styles"),
+                     "--out", str(tmp / "styles" / "more")]) == 0  # fmt: skip
+    note = f"note: left out 1 style images in {str(tmp / 'styles' / 'more')!r}, the --out folder"
+    assert note in capsys.readouterr().err and len(pngs(tmp / "styles" / "more")) == 2 * 3 + 1
+    shutil.rmtree(tmp / "styles" / "more")
     os.symlink(tmp / "linked_out", tmp / "content" / "more")  # the output folder, reached through a link
     for _ in range(2):
         assert run_stylize(tmp, base, "linked_out") == 0

@@ -162,9 +162,9 @@ def load_stylizer(args, note: str | None = None):
 def find_images(*named_folders: tuple[str, str], output: tuple[str, str] | None = None) -> list[list[str]]:
     """The images under each (what, folder) pair; exits with a message when Pillow is missing or a folder
     holds no image. `output` (flag, folder): where the run writes images, flat. What an input folder
-    reaches of it (as a subfolder, or through a linked folder) is left out of that folder's images, else
-    the next run would read this one's outputs as inputs; the input folder itself is refused as the
-    output folder, for the same reason."""
+    reaches of it (as a subfolder, or through a linked folder) is left out of that folder's images (a note
+    says how many), else the next run would read this one's outputs as inputs; the input folder itself
+    is refused as the output folder, for the same reason."""
     try:
         require_pil()
     except ImportError as e:
@@ -189,7 +189,15 @@ def find_images(*named_folders: tuple[str, str], output: tuple[str, str] | None 
                 p = os.path.realpath(p)
                 return os.path.dirname(p) == out or (not below_out and p.startswith(os.path.join(out, "")))
 
-            found[i] = [p for p in found[i] if not is_output(p)]
+            kept = [p for p in found[i] if not is_output(p)]
+            # Said where no earlier run marked the folder: those are the user's own images, not outputs.
+            if len(kept) < len(found[i]) and not os.path.isfile(os.path.join(out, OUTPUTS_MARKER)):
+                print(
+                    f"note: left out {len(found[i]) - len(kept)} {what} images in {output[1]!r}, the {flag} "
+                    "folder: a run never reads the images where it writes (move them out to use them)",
+                    file=sys.stderr,
+                )
+            found[i] = kept
     found = [_without_earlier_outputs(paths, folder) for (_, folder), paths in zip(named_folders, found)]
     for (what, folder), paths in zip(named_folders, found):
         if not paths:
