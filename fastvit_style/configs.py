@@ -242,7 +242,9 @@ def unknown_backbone(backbone, kwargs: dict) -> str | None:
 
 def check_backbone(backbone, kwargs: dict) -> None:
     """ValueError for a backbone name that `unknown_backbone` finds misspelt: the commands' --backbone
-    (the API warns)."""
+    (the API warns); an empty one, which the API takes for a custom ViT's name."""
+    if backbone == "":  # an unset shell variable: base, or a custom ViT named '' with encoder_* keywords
+        raise ValueError("--backbone is empty: name tiny, small, base, large or huge (or vit_tiny, ...)")
     if (message := unknown_backbone(backbone, kwargs)) is not None:
         raise ValueError(message)
 

@@ -67,6 +67,12 @@ class TrainConfig:
             if getattr(self, name) is not None:
                 setattr(self, name, tuple(getattr(self, name)))
         _check_numbers(self)
+        # None leaves one out; an empty one (an unset shell variable) would be taken for none, silently.
+        # (val_data '' is meant: a resumed run stops validating.)
+        for name, what in (("vgg_weights", "a VGG19 weight file"), ("init_weights", "a weight file"),
+                           ("resume", "a last.pt")):  # fmt: skip
+            if getattr(self, name) == "":
+                raise ValueError(f"--{name.replace('_', '-')} is empty: name {what}, or leave the option out")
         # Epoch e seeds torch generators with seed + e (data order, loader workers): all in torch's range.
         seed, hi = self.seed, 2**64 - self.epochs
         if not is_int(seed) or not -(2**63) <= seed <= hi:

@@ -488,7 +488,12 @@ def test_the_extreme_seeds_run_and_bad_ones_stop_the_cli_before_any_file(tmp_pat
                          (["--mean", "0", "0", "0", "--std", "1", "0", "1"], "error: --std must be 3"),
                          # A folder by its flag, and which is wrong: missing, or a file.
                          (["--data", str(nope)], f"error: --data: image folder {str(nope)!r} does not exist"),
-                         (["--val-data", str(png)], f"error: --val-data: image folder {str(png)!r} is a file")]:  # fmt: skip
+                         (["--val-data", str(png)], f"error: --val-data: image folder {str(png)!r} is a file"),
+                         # An empty value (an unset shell variable) was taken as none: a new run from scratch.
+                         (["--resume", ""], "error: --resume is empty: name a last.pt, or leave the option out"),
+                         (["--init-weights", ""], "error: --init-weights is empty"),
+                         (["--vgg-weights", ""], "error: --vgg-weights is empty"),
+                         (["--backbone", ""], "error: --backbone is empty")]:  # fmt: skip
         assert cli.main([*argv, *extra]) == 1
         assert match in capsys.readouterr().err and not (tmp_path / "out").exists()
     if os.path.isdir("/proc/self"):  # a place nobody can create files in, not even root

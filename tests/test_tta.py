@@ -1497,6 +1497,13 @@ def test_cli_user_errors_are_one_line(folders, capsys, monkeypatch):
         fails_with([*on_cuda, "--out", str(tmp / "o")], "device 'cuda'")
     on_meta = [a if a != "cpu" else "meta" for a in stylize_args]
     fails_with([*on_meta, "--out", str(tmp / "o")], "device 'meta' holds no data")
+    # An empty value (an unset shell variable) is refused, not taken as none: --weights "" ran on random weights.
+    empty_weights = [a if a != base[1] else "" for a in stylize_args]
+    fails_with(
+        [*empty_weights, "--out", str(tmp / "o")], "argument --weights: is empty: name a weight file", 2
+    )
+    empty_backbone = [a if a != "tiny" else "" for a in stylize_args]
+    fails_with([*empty_backbone, "--out", str(tmp / "o")], "error: --backbone is empty")
     kwargs_at = stylize_args.index("--model-kwargs") + 1
     for kwargs, message in [("[1]", "must be a JSON object"), ('{"colour": 1}', "unexpected keyword argument"),
                             ('{"encoder_depth": "x"}', "depth must be an integer"),

@@ -39,7 +39,10 @@ BACKBONE_HELP = (
 
 def add_model_arguments(parser) -> None:
     parser.add_argument(
-        "--weights", required=True, help="weight file (.safetensors/.pth) or official dataset id"
+        "--weights",
+        required=True,
+        type=non_empty("name a weight file (.safetensors/.pth), an official dataset id or a hub repo id"),
+        help="weight file (.safetensors/.pth) or official dataset id",
     )
     parser.add_argument("--backbone", default="base", help=BACKBONE_HELP + " (default: base)")
     parser.add_argument(
@@ -69,6 +72,18 @@ def add_model_arguments(parser) -> None:
 
 def device(args) -> torch.device:
     return resolve_device(args.device)
+
+
+def non_empty(what: str):
+    """An argparse type: the text, unless empty (an unset shell variable), which the API takes for none
+    (weights="" loads none, officially: a run on random weights)."""
+
+    def check(text: str) -> str:
+        if not text:
+            raise argparse.ArgumentTypeError(f"is empty: {what}")
+        return text
+
+    return check
 
 
 def positive_int(text: str) -> int:
