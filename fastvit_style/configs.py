@@ -110,7 +110,7 @@ class ModelConfig:
         size = self.input_size
         if not is_int(size) or size < P or size % P:
             raise ValueError(
-                f"input_size must be a positive multiple of patch_size {P}, got {self.input_size}"
+                f"input_size must be a positive multiple of patch_size {P}, got {self.input_size!r}"
             )
         k, p = self.post_process_conv_kernel_size, self.post_process_conv_padding
         if k > size + 2 * p:

@@ -32,7 +32,7 @@ def test_bad_constructor_arguments():
     with pytest.raises(TypeError, match="unexpected keyword argument 'colour'"):
         StylizingViT("tiny", colour=3)
     for size in (40, 0, -16, "224"):
-        with pytest.raises(ValueError, match=f"positive multiple of patch_size 16, got {size}"):
+        with pytest.raises(ValueError, match=f"positive multiple of patch_size 16, got {size!r}"):
             StylizingViT("tiny", input_size=size)
     # What the official code would fail on deep inside construction or forward (a ZeroDivisionError, an
     # UnboundLocalError), refused by name.

@@ -1507,7 +1507,8 @@ def test_cli_user_errors_are_one_line(folders, capsys, monkeypatch):
     kwargs_at = stylize_args.index("--model-kwargs") + 1
     for kwargs, message in [("[1]", "must be a JSON object"), ('{"colour": 1}', "unexpected keyword argument"),
                             ('{"encoder_depth": "x"}', "depth must be an integer"),
-                            ('{"in_channel": 1}', "the commands read images as RGB")]:  # fmt: skip
+                            ('{"in_channel": 1}', "the commands read images as RGB"),
+                            ('{"input_size": "32"}', "multiple of patch_size 16, got '32'")]:  # fmt: skip
         bad_kwargs = [*stylize_args[:kwargs_at], kwargs, *stylize_args[kwargs_at + 1 :]]
         fails_with([*bad_kwargs, "--out", str(tmp / "o")], message)
     tta_args = ["tta", *base, "--refs", str(tmp / "styles"), "--images", str(tmp / "content"), "--k", "2"]
