@@ -175,7 +175,13 @@ def out_problem(cfg: TrainConfig) -> str | None:
     if problem := folder_problem(cfg.out, "--out") or writable_problem(cfg.out, "--out"):
         return problem
     if cfg.resume and not os.path.isfile(cfg.resume):
-        return f"--resume {cfg.resume!r} does not exist or is not a file"
+        if not os.path.isdir(cfg.resume):
+            exists = os.path.exists(cfg.resume)  # a pipe or a device
+            return f"--resume {cfg.resume!r} {'is not a regular file' if exists else 'does not exist'}"
+        last = os.path.join(cfg.resume, "last.pt")  # a run's --out given for its checkpoint
+        if os.path.isfile(last):
+            return f"--resume {cfg.resume!r} is a folder: pass its checkpoint, {last!r}"
+        return f"--resume {cfg.resume!r} is a folder, not a last.pt checkpoint"
     config = os.path.join(cfg.out, "config.json")
     # --overwrite replaces runs, nothing else: a run's config.json is a JSON object with RUN_CONFIG_KEYS.
     if os.path.lexists(config) and not holds_json_keys(config, RUN_CONFIG_KEYS):

@@ -465,7 +465,15 @@ def test_resume_in_place_is_the_same_file_by_any_name(tmp_path):
     assert resumes_in_place(config) and out_problem(config) is None
     config = dataclasses.replace(config, resume=str(tmp_path / "run"))
     assert not resumes_in_place(config)
-    assert "does not exist or is not a file" in out_problem(config)
+    last = str(tmp_path / "run" / "last.pt")
+    assert (
+        out_problem(config)
+        == f"--resume {str(tmp_path / 'run')!r} is a folder: pass its checkpoint, {last!r}"
+    )
+    config = dataclasses.replace(config, resume=str(tmp_path))
+    assert out_problem(config) == f"--resume {str(tmp_path)!r} is a folder, not a last.pt checkpoint"
+    config = dataclasses.replace(config, resume=str(tmp_path / "nope.pt"))
+    assert out_problem(config) == f"--resume {str(tmp_path / 'nope.pt')!r} does not exist"
 
 
 def test_the_extreme_seeds_run_and_bad_ones_stop_the_cli_before_any_file(tmp_path, capsys):
