@@ -262,8 +262,9 @@ def test_plan():
         (["--model-kwargs", '{"colour": 1}'], "unexpected keyword argument 'colour'"),
         (["--device", "tpu"], "device 'tpu' is not a device name"),
         (["--device", "mps"], "only cpu and cuda devices are supported"),
-        (["--backbones", ","], "--backbones names no backbone"),
-        (["--backends", ","], "--backends names no backend"),
+        (["--backbones", ","], "--backbones names none, got ','"),
+        (["--backends", ","], "--backends names none, got ','"),
+        (["--backends", ""], "--backends names none, got ''"),  # was the default backends, silently
         (["--backends", "reference,foo"], "unknown backend 'foo'"),
         (["--batch-sizes", "2,x"], "--batch-sizes must all be at least 1"),
         (["--model-kwargs", "{bad"], "--model-kwargs is not valid JSON"),

@@ -630,6 +630,18 @@ def test_a_faulted_cuda_context_does_not_end_the_benchmark(monkeypatch):
     case._cleanup()
 
 
+@pytest.mark.parametrize(
+    "flag",
+    ["--backbones", "--dtypes", "--backends", "--batch-sizes", "--compile-backends", "--compile-dtypes"],
+)
+@pytest.mark.parametrize("value", ["", ","])
+def test_a_comma_list_naming_nothing_is_refused(flag, value):
+    """An empty list (an unset shell variable) was taken for the default, where ',' was refused; with
+    --compile, an empty --compile-backends compiled nothing."""
+    with pytest.raises(ValueError, match=f"{flag} names none, got {value!r}"):
+        cli.config_from_args(_args("--device", "cpu", "--compile", flag, value))
+
+
 def test_batch_sizes_per_workload():
     """Plain sizes go to every workload without sizes of its own; W=N to W alone (repeated for several);
     workloads given none keep the device's table."""

@@ -30,6 +30,16 @@ def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _listed(flag: str, value: str | None, default: str) -> list[str]:
+    """The names of the comma list option `flag`, `default`'s when it is left out (None); ValueError when
+    it names none: an empty value (an unset shell variable) asks for nothing, not for the default."""
+    if value is None:
+        return _csv(default)
+    if not (names := _csv(value)):
+        raise ValueError(f"{flag} names none, got {value!r}")
+    return names
+
+
 def parse_batch_sizes(text: str, workloads: list[str]) -> dict[str, list[int]]:
     """--batch-sizes: a comma list of N (for every workload without sizes of its own) and W=N (for
     workload W; repeat W=N for several). Returns the sizes of the workloads it gives any to, in order.
@@ -131,24 +141,21 @@ def config_from_args(args) -> BenchConfig:
         raise ValueError(
             f"--workloads: unknown or none {sorted(unknown)}: choose from {', '.join(WORKLOADS)}"
         )
-    dtypes = _csv(args.dtypes or ("fp32,bf16" if cuda else "fp32"))
-    if not dtypes or not set(dtypes) <= set(DTYPES):
+    dtypes = _listed("--dtypes", args.dtypes, "fp32,bf16" if cuda else "fp32")
+    if not set(dtypes) <= set(DTYPES):
         raise ValueError(f"--dtypes must be a comma list of {', '.join(DTYPES)}, got {args.dtypes!r}")
-    backbones = _csv(args.backbones or ("base" if cuda else "tiny"))
+    backbones = _listed("--backbones", args.backbones, "base" if cuda else "tiny")
     model_kwargs = parse_model_kwargs("--model-kwargs", args.model_kwargs)
-    if not backbones:
-        raise ValueError(f"--backbones names no backbone: {args.backbones!r}")
     for backbone in backbones:
         check_backbone(backbone, model_kwargs)  # make_config would take 'Tiny' or a typo for a custom ViT
         check_model_kwargs("--model-kwargs", backbone, model_kwargs)
     table = QUICK_BATCHES if args.quick else DEFAULT_BATCHES[device.type]
     batches = {w: table[w] for w in workloads}
-    if args.batch_sizes:
+    if args.batch_sizes is not None:
+        _listed("--batch-sizes", args.batch_sizes, "")
         batches.update(parse_batch_sizes(args.batch_sizes, workloads))
-    if args.backends:
-        backends = _csv(args.backends)
-        if not backends:
-            raise ValueError(f"--backends names no backend: {args.backends!r}")
+    if args.backends is not None:
+        backends = _listed("--backends", args.backends, "")
         importable_cwd()  # a module:factory in the current folder
         for name in backends:
             get_backend(name)  # ValueError for an unknown name, before any file is made
@@ -163,7 +170,7 @@ def config_from_args(args) -> BenchConfig:
             ("--compile-dtypes", args.compile_dtypes),
             ("--compile-every-size", args.compile_every_size),
         )
-        if value
+        if value not in (None, False)
     ]
     if compile_only and not compile_:  # they would be dropped, silently
         raise ValueError(
@@ -171,8 +178,12 @@ def config_from_args(args) -> BenchConfig:
             "which are off "
             f"({'--no-compile' if args.compile is False else 'the default on CPU and with --quick'}): add --compile"
         )
-    compile_backends = _csv(args.compile_backends or ",".join(backends)) if compile_ else []
-    compile_dtypes = _csv(args.compile_dtypes or ("bf16" if "bf16" in dtypes else ",".join(dtypes)))
+    compile_backends = (
+        _listed("--compile-backends", args.compile_backends, ",".join(backends)) if compile_ else []
+    )
+    compile_dtypes = _listed(
+        "--compile-dtypes", args.compile_dtypes, "bf16" if "bf16" in dtypes else ",".join(dtypes)
+    )
     # Names outside the timed sets would compile nothing, silently.
     for flag, names, timed in (
         ("--compile-backends", compile_backends, backends),
