@@ -5,6 +5,8 @@ and saves it (`StopRequest`). A handler that someone else set (a program embeddi
 is left alone, and so is every thread but the main one, which alone may set handlers."""
 
 import contextlib
+import multiprocessing
+import os
 import signal
 import sys
 import threading
@@ -62,5 +64,24 @@ def ignore_sigterm(worker_id: int) -> None:
     """DataLoader `worker_init_fn` for a loader of a `StopRequest` loop: a worker keeps serving the step
     under way at a SIGTERM to the whole job, and its parent ends it afterwards as usual. Torch's own
     handler ends a worker by the signal when the SIGTERM is not its parent's, and the parent then raises
-    "DataLoader worker ... is killed by signal" mid-step, wherever it is, with nothing saved."""
+    "DataLoader worker ... is killed by signal" mid-step, wherever it is, with nothing saved.
+
+    A SIGTERM from the parent still ends the worker quietly, as torch's handler does: at interpreter exit
+    with an iterator still alive (an uncaught Ctrl-C's traceback keeps it), multiprocessing terminates
+    the workers with one and then waits for them, forever if they ignored it."""
+    # Ignored process-wide: a thread that does not block it (one started before this, as in spawned
+    # workers) drops it rather than dying by torch's handler.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    parent = multiprocessing.parent_process()
+    if not hasattr(signal, "sigwaitinfo") or parent is None:  # macOS, Windows: ignored, as best we can
+        return
+    # Blocked in this thread and every thread it starts: the waiter below takes it (a blocked signal is
+    # queued, not dropped, though ignored).
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_exit_at_sigterm_from, args=(parent.pid,), daemon=True).start()
+
+
+def _exit_at_sigterm_from(parent: int) -> None:
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+        pass
+    os._exit(0)

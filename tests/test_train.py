@@ -728,6 +728,41 @@ def test_a_sigterm_to_the_whole_job_stops_it_once_with_dataloader_workers(tmp_pa
     assert load_checkpoint(out / "last.pt")["step"] == 1
 
 
+UNCAUGHT_CTRL_C = """
+import sys
+from fastvit_style.train import Trainer, train
+from fastvit_style.train_config import TrainConfig
+
+micro_step = Trainer._micro_step
+def ctrl_c(self, *args):
+    if self.step == 1:
+        raise KeyboardInterrupt
+    return micro_step(self, *args)
+Trainer._micro_step = ctrl_c
+train(TrainConfig(**eval(sys.argv[1])))
+"""
+
+
+def test_a_script_that_leaves_ctrl_c_uncaught_mid_epoch_exits_with_dataloader_workers(tmp_path):
+    """The traceback of an uncaught Ctrl-C keeps the epoch's DataLoader iterator alive until interpreter
+    exit, where multiprocessing stops the workers with a SIGTERM and waits for them: workers that ignored
+    every SIGTERM kept the process waiting forever. A SIGTERM from their parent still ends them."""
+    data = write_images(tmp_path / "data", 4)
+    config = dict(TINY, workers=2, data=str(data), out=str(tmp_path / "out"), epochs=1, batch_size=1,
+                  accumulate=1, checkpoint_every=0)  # fmt: skip
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.Popen([sys.executable, "-c", UNCAUGHT_CTRL_C, repr(config)], env=env, text=True,
+                           stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+    try:
+        err = run.communicate(timeout=60)[1]
+    except subprocess.TimeoutExpired:
+        os.killpg(run.pid, signal.SIGKILL)
+        run.communicate()
+        pytest.fail("the process still waited for its DataLoader workers after 60 s")
+    assert run.returncode == -signal.SIGINT and err.endswith("KeyboardInterrupt\n"), err[-3000:]
+
+
 def test_run_file_names_without_a_runs_config_json_are_never_replaced(tmp_path):
     """Files named as a run's (metrics.jsonl, best.safetensors, ...) in an --out without a run's
     config.json, which every run writes first, are a user's: refused, --overwrite or not."""
