@@ -168,7 +168,7 @@ def train(cfg: TrainConfig, on_step=None, given=None) -> StylizingViT:
     anatomical, style) as floats. For logging, or for tests that interrupt a run.
 
     A SIGTERM in one process (where no handler of the caller's is set) finishes the step, writes its
-    checkpoint and raises `stopping.Terminated`, a KeyboardInterrupt.
+    checkpoint and raises `stopping.Terminated`, a KeyboardInterrupt (unless that step ended the run).
     """
     rank, world, local_rank = dist_env()
     device = resolve_device(cfg.device, local_rank)
@@ -391,7 +391,8 @@ class Trainer:
             while self.epoch < cfg.epochs and not self._reached_max_steps() and not self.sigterm.requested:
                 if self._train_epoch(on_step):
                     self._end_epoch()
-        if self.sigterm.requested:  # saved at the step's end (or the epoch's)
+        # Saved at the step's end (or the epoch's). A run that has just finished has nothing left to stop.
+        if self.sigterm.requested and self.epoch < cfg.epochs and not self._reached_max_steps():
             raise Terminated
         if self.epoch < cfg.epochs and self._reached_max_steps() and self.rank == 0:
             if self.step == first_step:  # resumed at or past --max-steps

@@ -694,6 +694,28 @@ def test_a_second_sigterm_stops_at_once_and_one_at_the_last_step_ends_the_epoch(
     assert len((tmp_path / "last" / "metrics.jsonl").read_text().splitlines()) == 1
 
 
+def test_a_sigterm_in_the_runs_last_step_lets_it_finish_with_status_0(tmp_path, capsys, monkeypatch):
+    """The last step of the last epoch (or the one reaching --max-steps): nothing is left to stop, so the
+    run ends as it would have, status 0, with no `terminated` and no --resume line naming a finished run."""
+    data = write_images(tmp_path / "data", 2)
+    base = ["train", "--data", str(data), *TINY_ARGS, "--batch-size", "1", "--accumulate", "1",
+            "--checkpoint-every", "0"]  # fmt: skip
+    micro_step = Trainer._micro_step
+
+    def sigterm_at_step_2(self, *args):
+        if self.step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return micro_step(self, *args)
+
+    monkeypatch.setattr(Trainer, "_micro_step", sigterm_at_step_2)
+    for out, more in (("epochs", ["--epochs", "1"]), ("max", ["--epochs", "3", "--max-steps", "2"])):
+        assert cli.main([*base, *more, "--out", str(tmp_path / out)]) == 0, out
+        err = capsys.readouterr().err
+        assert "SIGTERM: stopping" in err and "terminated" not in err and "continues from its last" not in err
+        assert load_checkpoint(tmp_path / out / "last.pt")["step"] == 2
+    assert "stopped at step 2 (--max-steps 2)" in err
+
+
 GROUP_SIGTERM = """
 import os, signal, subprocess, sys
 from fastvit_style import cli
