@@ -1255,6 +1255,27 @@ def test_cli_tta_keeps_the_predictions_of_a_run_that_stops(
 
 
 @needs_pil
+def test_cli_tta_stopped_right_after_writing_out_says_no_partial_file(folders, monkeypatch, capsys):
+    """A stop (SIGTERM, Ctrl-C) that lands after --out's rename, in the directory's fsync, still stops the
+    command, but --out holds every row: the partial file goes, and no note sends the user to it."""
+    import fastvit_style.atomic as atomic_mod
+
+    tmp, base = folders
+    argv = flaky_tta(tmp, base, monkeypatch)
+    replace = os.replace
+
+    def replace_then_stop(src, dst):
+        replace(src, dst)
+        if str(dst).endswith("p.csv"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic_mod.os, "replace", replace_then_stop)
+    assert cli_main([*argv, "flakyclf:ok"]) == 130
+    assert "kept in" not in capsys.readouterr().err
+    assert len((tmp / "p.csv").read_text().splitlines()) == 3 and not (tmp / "p.csv.partial").exists()
+
+
+@needs_pil
 def test_cli_tta_stopped_by_sigterm_keeps_its_predictions(folders, monkeypatch):
     """A scheduler's stop (SIGTERM) unwinds as Ctrl-C does: the note, `terminated`, status 143 (the
     shells' for SIGTERM). By default the process died on the spot, status -15, saying nothing."""

@@ -297,6 +297,7 @@ class _PartialCSV:
 
     def __init__(self, out: str):
         self.out, self.path, self.rows, self.size = out, partial_path(out), 0, 0
+        self.finishing = False
 
     def __enter__(self):
         # An earlier run's (check_csv_path let only tta's through) is replaced: appending would mix runs.
@@ -339,6 +340,7 @@ class _PartialCSV:
     def finish(self) -> None:
         """Copy the complete file onto --out atomically (an earlier --out stays intact until then)."""
         self.file.seek(0)  # this run's file, also if another run has replaced the one at self.path since
+        self.finishing = True
         with atomic_path(self.out, remove_leftovers=True) as tmp, open(tmp, "wb") as f:
             shutil.copyfileobj(self.file, f)
         self._remove()
@@ -350,10 +352,20 @@ class _PartialCSV:
                 os.remove(self.path)
         self.file.close()
 
+    def _out_holds_the_rows(self) -> bool:
+        """Whether --out holds exactly this run's rows."""
+        with contextlib.suppress(OSError):
+            if os.path.getsize(self.out) == self.size:
+                self.file.seek(0)
+                with open(self.out, "rb") as f:
+                    return f.read() == self.file.read()
+        return False
+
     def __exit__(self, kind, error, tb):
         if self.file.closed:  # finished
             return
-        if not self.rows:
+        # A stop after --out's rename (in atomic_path's directory fsync, or before _remove): --out is whole.
+        if not self.rows or self.finishing and self._out_holds_the_rows():
             self._remove()
             return
         self.file.close()
