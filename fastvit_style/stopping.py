@@ -61,10 +61,11 @@ class StopRequest:
 
 
 def ignore_sigterm(worker_id: int) -> None:
-    """DataLoader `worker_init_fn` for a loader of a `StopRequest` loop: a worker keeps serving the step
-    under way at a SIGTERM to the whole job, and its parent ends it afterwards as usual. Torch's own
-    handler ends a worker by the signal when the SIGTERM is not its parent's, and the parent then raises
-    "DataLoader worker ... is killed by signal" mid-step, wherever it is, with nothing saved.
+    """DataLoader `worker_init_fn`: a worker keeps serving at a SIGTERM to the whole job, and its parent,
+    which finishes its step (`StopRequest`) or unwinds (`sigterm_raises`), ends it afterwards as usual.
+    Torch's own handler ends a worker by the signal when the SIGTERM is not its parent's, and the parent
+    then raises "DataLoader worker ... is killed by signal" wherever it is: mid-step, with nothing saved,
+    or in the unwinding, a traceback instead of `terminated`.
 
     A SIGTERM from the parent still ends the worker quietly, as torch's handler does: at interpreter exit
     with an iterator still alive (an uncaught Ctrl-C's traceback keeps it), multiprocessing terminates

@@ -412,7 +412,7 @@ class Trainer:
             dataset, batch_sampler=batches, collate_fn=collate_images, num_workers=self.cfg.workers,
             pin_memory=self.device.type == "cuda",
             generator=torch.Generator().manual_seed(seed),  # worker seeds: never draw from the global RNG
-            worker_init_fn=ignore_sigterm if self.world == 1 else None,  # as `fit` watches for it
+            worker_init_fn=ignore_sigterm,  # a scheduler's SIGTERM is the main process's to act on
         )  # fmt: skip
 
     def _train_epoch(self, on_step) -> bool:
