@@ -37,6 +37,20 @@ def _sigterm_handled_by(handler):
         signal.signal(signal.SIGTERM, previous)
 
 
+def _say(line: str) -> None:
+    """One line on stderr from a signal handler. Not through sys.stderr's buffer where it has a file
+    descriptor: the handler may run inside a write to it (the progress bar's), and a buffered stream
+    refuses a reentrant call with a RuntimeError."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced by an object with no descriptor (captured)
+        print(line, file=sys.stderr, flush=True)
+        return
+    # No flush first: that is a call into the buffer too. Lines before are out already (stderr is line
+    # buffered, the progress bar flushes its own).
+    os.write(fd, (line + "\n").encode(errors="replace"))
+
+
 def sigterm_raises():
     """Context: a SIGTERM within raises `Terminated` where the program is."""
     return _sigterm_handled_by(_raise_terminated)
@@ -53,8 +67,7 @@ class StopRequest:
         if self.requested:
             raise Terminated
         self.requested = True
-        print("SIGTERM: stopping at the end of this step, with a checkpoint (a second SIGTERM stops at once)",
-              file=sys.stderr, flush=True)  # fmt: skip
+        _say("SIGTERM: stopping at the end of this step, with a checkpoint (a second SIGTERM stops at once)")
 
     def watch(self):
         return _sigterm_handled_by(self._handle)
