@@ -331,11 +331,13 @@ class _PartialCSV:
                 while view:  # a raw write may take only part of the bytes
                     view = view[self.file.write(view) :]
                 os.fsync(self.file.fileno())
-        except BaseException:  # whole batches only: the file ends at the last one written
+            # In the try: a stop (SIGTERM, Ctrl-C) landing before the count is taken also removes the batch,
+            # so that the note never counts fewer rows than the file holds, nor removes a file with some.
+            self.rows, self.size = self.rows + len(paths), self.size + len(data)
+        except BaseException:  # whole batches only: the file ends at the last one counted
             with contextlib.suppress(OSError):
                 os.ftruncate(self.file.fileno(), self.size)
             raise
-        self.rows, self.size = self.rows + len(paths), self.size + len(data)
 
     def finish(self) -> None:
         """Copy the complete file onto --out atomically (an earlier --out stays intact until then)."""
