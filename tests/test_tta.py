@@ -25,6 +25,7 @@ from torch import nn
 from fastvit_style import StyleBank, StylizingViT, TTAClassifier, reference
 from fastvit_style import style_bank as style_bank_mod
 from fastvit_style import tta as tta_mod
+from fastvit_style.apps import stylize as stylize_app
 from fastvit_style.apps.common import OUTPUTS_MARKER
 from fastvit_style.cli import main as cli_main
 from fastvit_style.imageio import (
@@ -981,6 +982,107 @@ def test_cli_stylize_refuses_non_finite_outputs(setup, folders, capsys):
     assert repr(str(tmp / "content" / "img0.png")) in err and pngs(tmp / "out") == []
 
 
+def folder_bytes(folder) -> dict[str, bytes]:
+    """{name: bytes} of the images a command wrote to `folder`."""
+    return {name: (folder / name).read_bytes() for name in pngs(folder)}
+
+
+def counting(monkeypatch, name: str) -> list:
+    """The arguments of every call of fastvit_style.apps.stylize's `name`, which still runs."""
+    calls, real = [], getattr(stylize_app, name)
+    monkeypatch.setattr(stylize_app, name, lambda *a, **kw: calls.append(a) or real(*a, **kw))
+    return calls
+
+
+@needs_pil
+@pytest.mark.parametrize("options", [[], ["--k", "2", "--seed", "1"]], ids=["all", "k"])
+def test_cli_stylize_skip_existing_resumes_a_stopped_run(folders, monkeypatch, capsys, options):
+    """A run stopped at an unreadable content image keeps what it wrote; rerun with --skip-existing it
+    reads and stylizes only the images whose outputs are missing, writes just those, and the folder is
+    then byte for byte an uninterrupted run's, also with --k (the skipped batch's draw is still drawn)."""
+    tmp, base = folders
+    opts = [*options, "--batch-size", "1"]
+    if options:  # batch 1 draws other styles than batch 0: a resume that drew only its own would differ
+        gen = torch.Generator().manual_seed(1)
+        assert set(select_refs(3, 1, k=2, generator=gen).tolist()[0]) != set(
+            select_refs(3, 1, k=2, generator=gen).tolist()[0]
+        )
+    assert run_stylize(tmp, base, "full", *opts) == 0
+    full = folder_bytes(tmp / "full")
+    img1 = tmp / "content" / "img1.png"
+    png = img1.read_bytes()
+    img1.write_bytes(png[: len(png) // 2])
+    capsys.readouterr()
+    assert run_stylize(tmp, base, "out", *opts) == 1
+    err = capsys.readouterr().err
+    half = len(full) // 2
+    assert f"note: {half} of {len(full)} images are in {str(tmp / 'out')!r}: --skip-existing" in err, err
+    assert "\nerror: cannot decode image" in err and sorted(folder_bytes(tmp / "out")) == sorted(full)[:half]
+    img1.write_bytes(png)
+    loaded, stylized, saved = (counting(monkeypatch, n) for n in ("load_batch", "stylize", "save_output_png"))
+    assert run_stylize(tmp, base, "out", *opts, "--skip-existing") == 0
+    assert [paths for paths, *_ in loaded[1:]] == [[str(img1)]] and len(stylized) == 1  # [0]: the styles
+    assert len(saved) == half and folder_bytes(tmp / "out") == full
+    assert f"wrote {half} images to {tmp / 'out'} (skipped {half} that exist: --skip-existing)" in (
+        capsys.readouterr().out
+    )
+    del loaded[:], stylized[:], saved[:]
+    assert run_stylize(tmp, base, "out", *opts) == 0  # without the flag: every pair again, as before
+    assert len(loaded) == 3 and len(stylized) == 2 and len(saved) == len(full)
+    assert folder_bytes(tmp / "out") == full
+
+
+@needs_pil
+def test_cli_stylize_skip_existing_reruns_a_partly_written_batch_whole(folders, monkeypatch, capsys):
+    """A batch with one missing output (a stop amid its writes) is stylized whole, as the stopped run
+    stylized it (a smaller batch's floats can differ in the last bits, and so a PNG's pixels), and only
+    the missing image is written; a complete folder is not read at all; links are not outputs; what a
+    killed write of a skipped image left is removed, as its write would."""
+    tmp, base = folders
+    assert run_stylize(tmp, base, "out") == 0  # both content images in one batch
+    full = folder_bytes(tmp / "out")
+    (tmp / "out" / "img1__img2.png").unlink()
+    (tmp / "out" / "img0__img1.png").unlink()
+    (tmp / "out" / "img0__img1.png").symlink_to(tmp / "styles" / "img1.png")  # a run writes no links
+    stale = tmp / "out" / leftover_name("img1__img0.png")  # a killed rewrite's, of a file that exists
+    stale.write_bytes(b"partial")
+    loaded, stylized, saved = (counting(monkeypatch, n) for n in ("load_batch", "stylize", "save_output_png"))
+    assert run_stylize(tmp, base, "out", "--skip-existing") == 0
+    assert len(loaded[1]) and len(loaded[1][0]) == 2 and len(stylized) == 1
+    assert sorted(name for _, _, name, _ in saved) == ["img0__img1.png", "img1__img2.png"]
+    assert folder_bytes(tmp / "out") == full and not (tmp / "out" / "img0__img1.png").is_symlink()
+    assert not stale.exists()
+    del loaded[:], stylized[:], saved[:]
+    capsys.readouterr()
+    assert run_stylize(tmp, base, "out", "--skip-existing") == 0
+    assert len(loaded) == 1 and stylized == [] and saved == []  # [0]: the styles, for the bank
+    assert "wrote 0 images" in capsys.readouterr().out
+
+
+@needs_pil
+def test_cli_stylize_interrupted_amid_a_batchs_writes_says_how_to_resume(folders, monkeypatch, capsys):
+    """Ctrl-C (or SIGTERM, which unwinds alike) between two writes of a batch: status 130, a note of how
+    many images are in --out and that --skip-existing continues, which writes the rest."""
+    tmp, base = folders
+    assert run_stylize(tmp, base, "full") == 0
+    full = folder_bytes(tmp / "full")
+    real = stylize_app.save_output_png
+
+    def stopped_at_the_third(*args):
+        if len(pngs(tmp / "out")) == 2:
+            raise KeyboardInterrupt
+        real(*args)
+
+    monkeypatch.setattr(stylize_app, "save_output_png", stopped_at_the_third)
+    capsys.readouterr()
+    assert run_stylize(tmp, base, "out") == 130
+    err = capsys.readouterr().err
+    assert f"note: 2 of 6 images are in {str(tmp / 'out')!r}: --skip-existing (with the same" in err, err
+    assert err.endswith("\ninterrupted\n") and len(pngs(tmp / "out")) == 2
+    monkeypatch.undo()
+    assert run_stylize(tmp, base, "out", "--skip-existing") == 0 and folder_bytes(tmp / "out") == full
+
+
 @needs_pil
 def test_cli_refuses_a_folder_at_an_output_name_before_any_work(folders, monkeypatch):
     """A folder in the output folder named as an output image (`<content>__<style>.png`) would fail that
@@ -1046,6 +1148,8 @@ def test_cli_refuses_a_users_file_at_an_output_name_before_any_work(folders, mon
     )
     with pytest.raises(SystemExit, match=re.escape(message)):
         run_stylize(tmp, base, "mine")
+    with pytest.raises(SystemExit, match=re.escape(message)):  # not taken for an earlier output
+        run_stylize(tmp, base, "mine", "--skip-existing")
     tta = ["tta", *base, "--refs", str(tmp / "styles"), "--images", str(tmp / "content"),
            "--out", str(tmp / "p.csv"), "--classifier", "x:y", "--save-stylized", str(out)]  # fmt: skip
     with pytest.raises(

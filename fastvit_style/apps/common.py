@@ -145,6 +145,19 @@ def save_output_png(image: torch.Tensor, folder: str, name: str, leftovers: dict
     save_png(image, os.path.join(folder, name))
 
 
+def existing_outputs(folder: str):
+    """Whether an earlier run wrote the image `name` to the output folder `folder`, as of this call: a
+    regular file of that name (a run writes no links) in a folder marked as a run's (OUTPUTS_MARKER;
+    `pair_names` refuses a user's file at an output name elsewhere). Its existence proves it whole:
+    writes are atomic. One listing of the folder; names compared as its file system does (`folds_case`)."""
+    if not os.path.isfile(os.path.join(folder, OUTPUTS_MARKER)):
+        return lambda name: False
+    key = _fold if folds_case(folder) else str
+    with os.scandir(folder) as entries:
+        found = {key(entry.name) for entry in entries if entry.is_file(follow_symlinks=False)}
+    return lambda name: key(name) in found
+
+
 def stylizer_config(args) -> tuple[ModelConfig, dict]:
     """The config of the model --backbone and --model-kwargs describe, and those kwargs; no weights read."""
     try:
