@@ -39,7 +39,9 @@ end, and, in one process, at the end of the step during which a SIGTERM came (`s
 bit for bit; on CUDA up to non-deterministic kernels), `last.safetensors` and `best.safetensors`
 (official-format weights, VGG keys included as in the official files, the run's normalization
 constants in their metadata, which the commands read; best = lowest validation loss),
-`metrics.jsonl` (one line per epoch). A run whose weights turn NaN or inf (diverged) stops with an error
+`metrics.jsonl` (one line per epoch), and config.json, written with the run's first file (`--overwrite`
+removes the replaced run's files then: a run that stops before it saved anything leaves that run whole).
+A run whose weights turn NaN or inf (diverged) stops with an error
 at its next checkpoint or epoch end, before any of these files would hold them. A run whose VGG19 is
 random (--random-vgg) exports no VGG keys: they would pass for the ImageNet VGG19 (`--init-weights` of
 such a file asks for VGG weights, as a train=False export does). The training state holds model, AdamW
@@ -266,17 +268,15 @@ class Trainer:
                 self.net, device_ids=[device.index] if device.type == "cuda" else None,
                 find_unused_parameters=False,
             )  # fmt: skip
+        # --out is claimed when this run first writes there (`_out_path`), not before: a run that dies
+        # before it saved anything leaves the run it would replace (--overwrite) whole.
+        self.replaces, self.claimed = cfg.overwrite and not resumes_in_place(cfg), False
         if rank == 0:
-            os.makedirs(cfg.out, exist_ok=True)
-            if cfg.overwrite and not resumes_in_place(cfg):  # nothing of the old run may pass for this one's
-                for name in RUN_FILES:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.remove(os.path.join(cfg.out, name))
-            remove_temporaries(cfg.out, (*RUN_FILES, "config.json"))  # of a run killed mid-write
-            write_json(os.path.join(cfg.out, "config.json"), dataclasses.asdict(cfg))
-            if self.best_val is not None and not os.path.exists(os.path.join(cfg.out, "best.safetensors")):
-                # Resumed into another --out, or rolled back with --overwrite: a later epoch must write
-                # best.safetensors even if it does not beat the weights no longer here.
+            best = os.path.join(cfg.out, "best.safetensors")
+            if self.best_val is not None and (self.replaces or not os.path.exists(best)):
+                # Resumed into another --out, or rolled back with --overwrite (the old best.safetensors goes
+                # at the claim): a later epoch must write best.safetensors even if it does not beat the
+                # weights no longer here.
                 warnings.warn(
                     f"--out {cfg.out!r} holds no best.safetensors of the resumed run (its best validation loss "
                     f"was {self.best_val:.5g}): the best weights are tracked afresh from this run's epochs"
@@ -556,7 +556,7 @@ class Trainer:
             self._export("best.safetensors")
         # The epoch's line goes out before the checkpoint that marks the epoch done: a crash in between
         # leaves the line, which the resumed run writes again in its place, rather than losing it.
-        write_metrics(os.path.join(cfg.out, "metrics.jsonl"), metrics)
+        write_metrics(self._out_path("metrics.jsonl"), metrics)
         self._save_checkpoint()
         # metrics.jsonl counts epochs from 0 (epoch 0 is the first); the line says which one ended.
         shown = " ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
@@ -578,13 +578,29 @@ class Trainer:
             "readable images (that folder fixed, or another), to validate that epoch and go on"
         )
 
+    def _out_path(self, name: str) -> str:
+        """The path of the file `name` this run writes in --out (rank 0). The first call claims --out, once:
+        the files of the run this one replaces (--overwrite) and what killed writes left go, and this
+        run's config.json is written, before any other file of its own (a run's files come with one)."""
+        cfg = self.cfg
+        if not self.claimed:
+            os.makedirs(cfg.out, exist_ok=True)
+            if self.replaces:  # nothing of the old run may pass for this one's
+                for old in RUN_FILES:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(os.path.join(cfg.out, old))
+            remove_temporaries(cfg.out, (*RUN_FILES, "config.json"))  # of a run killed mid-write
+            write_json(os.path.join(cfg.out, "config.json"), dataclasses.asdict(cfg))
+            self.claimed = True
+        return os.path.join(cfg.out, name)
+
     def _export(self, name: str) -> None:
         """Official-format weights to --out/name, with the run's normalization constants in their metadata
         (the commands read them); without the VGG19 when it is random (module docstring)."""
         sd = self.model.state_dict()
         if self.cfg.random_vgg:
             sd = without_vgg(sd)
-        save_state_dict(sd, os.path.join(self.cfg.out, name), normalization=(self.cfg.mean, self.cfg.std))
+        save_state_dict(sd, self._out_path(name), normalization=(self.cfg.mean, self.cfg.std))
 
     def _share_unreadable(self, dataset: ImageFolderDataset) -> torch.Tensor:
         """Give every rank's `dataset` the files any rank found corrupt (a collective: all ranks call it);
@@ -647,8 +663,9 @@ class Trainer:
             "rng": rng_state(self.device),
             "config": dataclasses.asdict(self.cfg),
         }
-        save_checkpoint(state, os.path.join(self.cfg.out, "last.pt"))
-        self.saved_to = os.path.join(self.cfg.out, "last.pt")
+        path = self._out_path("last.pt")
+        save_checkpoint(state, path)
+        self.saved_to = path
 
 
 def main(argv=None) -> int:

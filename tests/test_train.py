@@ -3,6 +3,7 @@ against one accumulating process, kill-and-resume, interrupted checkpoint writes
 
 import dataclasses
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -526,15 +527,74 @@ def test_a_new_run_never_replaces_another_runs_files(tmp_path):
         train(dataclasses.replace(config, out=str(tmp_path / "file")))
 
     def dies_at_first_step(info):
-        assert set(os.listdir(out)) == {"config.json"}  # the old run's files went before any work
         raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt):  # before its first save: the old run stays whole
         train(dataclasses.replace(config, seed=5, overwrite=True, max_steps=2), on_step=dies_at_first_step)
+    assert before == {name: (out / name).read_bytes() for name in before}
     # What a run that died before its first checkpoint leaves is no run to protect.
-    train(dataclasses.replace(config, seed=6))
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
-    assert load_checkpoint(out / "last.pt")["config"]["seed"] == 6
+    fresh = dataclasses.replace(config, out=str(tmp_path / "fresh"))
+    with pytest.raises(KeyboardInterrupt):
+        train(dataclasses.replace(fresh, seed=5, max_steps=2), on_step=dies_at_first_step)
+    train(dataclasses.replace(fresh, seed=6))
+    assert len((tmp_path / "fresh" / "metrics.jsonl").read_text().splitlines()) == 1
+    assert load_checkpoint(tmp_path / "fresh" / "last.pt")["config"]["seed"] == 6
+
+
+def test_overwrite_replaces_the_old_run_only_once_the_new_one_saves(tmp_path, capsys, monkeypatch):
+    """--overwrite removes the old run's files when the new run writes its first file, not at its start: a
+    run that dies before that (Ctrl-C or a second SIGTERM in its first micro-step, every image unreadable)
+    leaves --out byte for byte as it was and names no --resume of the old last.pt; one that reaches its
+    first checkpoint has replaced every file (no old best.safetensors or metrics line passes for its own)."""
+    data, bad = write_images(tmp_path / "data", 2), tmp_path / "bad"
+    bad.mkdir()
+    for i in range(2):
+        (bad / f"{i}.png").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    base = ["train", "--out", str(out), *TINY_ARGS, "--batch-size", "1", "--accumulate", "1",
+            "--checkpoint-every", "0", "--epochs", "2"]  # fmt: skip
+    assert cli.main([*base, "--data", str(data), "--val-data", str(data), "--max-steps", "3"]) == 0
+    (out / leftover_name("last.pt")).write_bytes(b"a killed write's")
+    os.utime(out / "last.pt")  # written now: its time alone would pass it for the new run's
+
+    def files():  # each file's bytes, by their digest (a short diff)
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir()}
+
+    old = files()
+    assert {"best.safetensors", "metrics.jsonl", "last.pt", "config.json"} <= set(old)
+    capsys.readouterr()
+    micro_step, sigterms = Trainer._micro_step, 0
+
+    def ctrl_c(self, *args):
+        raise KeyboardInterrupt
+
+    def sigterm(self, *args):
+        for _ in range(sigterms):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return micro_step(self, *args)
+
+    new = [*base, "--data", str(data), "--seed", "5", "--overwrite"]
+    monkeypatch.setattr(Trainer, "_micro_step", ctrl_c)
+    assert cli.main(new) == 130
+    err = capsys.readouterr().err
+    assert err.endswith("\ninterrupted\n") and "--resume" not in err, err
+    assert files() == old
+    monkeypatch.setattr(Trainer, "_micro_step", sigterm)
+    sigterms = 2  # the second stops at once
+    assert cli.main(new) == 143
+    err = capsys.readouterr().err
+    assert err.endswith("\nterminated\n") and "--resume" not in err, err
+    assert files() == old
+    sigterms = 0
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        assert cli.main([*base, "--data", str(bad), "--overwrite"]) == 1
+    assert "every image under --data" in capsys.readouterr().err
+    assert files() == old
+    sigterms = 1  # the step finishes and is checkpointed: the new run's first file
+    assert cli.main(new) == 143
+    assert set(os.listdir(out)) == {"config.json", "last.pt", "last.safetensors"}
+    assert json.loads((out / "config.json").read_text())["seed"] == 5
+    assert load_checkpoint(out / "last.pt")["step"] == 1
 
 
 def test_a_config_json_no_run_wrote_is_never_replaced(tmp_path):
@@ -560,7 +620,9 @@ def test_a_config_json_no_run_wrote_is_never_replaced(tmp_path):
                     "seed", "workers", "max_steps", "checkpoint_every")  # fmt: skip
     old = {**dict.fromkeys(first_fields), "out": str(out), "epochs": 3, "a_later_field": 0}
     (out / "config.json").write_text(json.dumps(old))
-    Trainer(config, 0, 1, torch.device("cpu"))
+    Trainer(config, 0, 1, torch.device("cpu"))  # replaced with the run's first file, not before
+    assert json.loads((out / "config.json").read_text()) == old
+    train(dataclasses.replace(config, max_steps=1))
     assert json.loads((out / "config.json").read_text())["epochs"] == config.epochs
 
 
@@ -1419,13 +1481,15 @@ def test_a_run_whose_weights_diverge_stops_before_saving_them(tmp_path):
     assert state["step"] == 1 and all(v.isfinite().all() for v in state["model"].values())
     assert all(v.isfinite().all() for v in load_file(out / "last.safetensors").values())
     assert not (out / "best.safetensors").exists() and not (out / "metrics.jsonl").exists()
-    # At an epoch's end: before validation, whose NaN loss would become the best one.
+    # At an epoch's end: before validation, whose NaN loss would become the best one. Nothing saved, so
+    # the run --overwrite would replace stays whole.
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
     trainer = Trainer(
         dataclasses.replace(config, overwrite=True, checkpoint_every=0), 0, 1, torch.device("cpu")
     )
     with pytest.raises(ValueError, match="after step 4"):
         trainer.fit(diverge_after_step_1)
-    assert set(os.listdir(out)) == {"config.json"}
+    assert files == {p.name: p.read_bytes() for p in out.iterdir()}
 
 
 def test_every_checkpoint_exports_last_safetensors(tmp_path):

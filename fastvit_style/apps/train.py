@@ -88,7 +88,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace the run already in --out (its checkpoints, weights and metrics are deleted)",
+        help="replace the run already in --out: its checkpoints, weights and metrics are deleted when this "
+        "run saves its first file (one that stops before leaves them)",
     )
 
 
@@ -107,20 +108,36 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def run(args: argparse.Namespace) -> int:
     check_backbone(args.backbone, args.model_kwargs)  # here, not in TrainConfig: old runs' names resume
     cfg = config_from_args(args)
-    started = time.time()
+    started, found = time.time(), _identity(os.path.join(cfg.out, "last.pt"))
     try:
         training.train(cfg, given=args._given)
     except KeyboardInterrupt:
-        if (resume := _resume_after_interrupt(cfg, started)) and dist_env()[0] == 0:
+        if (resume := _resume_after_interrupt(cfg, started, found)) and dist_env()[0] == 0:
             print(f"--resume {resume!r} continues from its last checkpoint", file=sys.stderr)
         raise
     return 0
 
 
-def _resume_after_interrupt(cfg: TrainConfig, started: float) -> str | None:
+def _identity(path: str) -> tuple | None:
+    """What tells a file at `path` from one written in its place since (an atomic write is a new file);
+    None when there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _resume_after_interrupt(cfg: TrainConfig, started: float, found: tuple | None) -> str | None:
     """The checkpoint that continues a run interrupted now: the one it wrote (atomically: whole), else
-    the one it resumed from; None when there is none (an --out's older last.pt may be a replaced run's)."""
+    the one it resumed from; None when there is none. An --out's last.pt that is still the file `found`
+    (`_identity`) at the start is not this run's: a run that --overwrite made replaces the old run's files
+    only at its first save, and the old last.pt may be seconds old."""
     last = os.path.join(cfg.out, "last.pt")
-    if os.path.isfile(last) and os.path.getmtime(last) >= started - 2:  # FAT keeps 2-second times
+    if (
+        os.path.isfile(last)
+        and os.path.getmtime(last) >= started - 2  # FAT keeps 2-second times
+        and _identity(last) != found
+    ):
         return last
     return cfg.resume
