@@ -39,8 +39,9 @@ end, and, in one process, at the end of the step during which a SIGTERM came (`s
 bit for bit; on CUDA up to non-deterministic kernels), `last.safetensors` and `best.safetensors`
 (official-format weights, VGG keys included as in the official files, the run's normalization
 constants in their metadata, which the commands read; best = lowest validation loss),
-`metrics.jsonl` (one line per epoch), and config.json, written with the run's first file (`--overwrite`
-removes the replaced run's files then: a run that stops before it saved anything leaves that run whole).
+`metrics.jsonl` (one line per epoch), and config.json, written at the start, except where --overwrite
+replaces a run: then with the run's first file, when the replaced run's files go (a run that stops
+before it saved anything leaves that run whole).
 A run whose weights turn NaN or inf (diverged) stops with an error
 at its next checkpoint or epoch end, before any of these files would hold them. A run whose VGG19 is
 random (--random-vgg) exports no VGG keys: they would pass for the ImageNet VGG19 (`--init-weights` of
@@ -268,10 +269,13 @@ class Trainer:
                 self.net, device_ids=[device.index] if device.type == "cuda" else None,
                 find_unused_parameters=False,
             )  # fmt: skip
-        # --out is claimed when this run first writes there (`_out_path`), not before: a run that dies
-        # before it saved anything leaves the run it would replace (--overwrite) whole.
+        # --out is claimed (`_claim_out`: config.json written) at the start, so that the run's settings are
+        # there to read while it trains; but a run that --overwrite replaces is left whole until this run
+        # first writes there (`_out_path`): a run that dies before it saved anything loses nothing.
         self.replaces, self.claimed = cfg.overwrite and not resumes_in_place(cfg), False
         if rank == 0:
+            if not (self.replaces and os.path.lexists(os.path.join(cfg.out, "config.json"))):
+                self._claim_out()
             best = os.path.join(cfg.out, "best.safetensors")
             if self.best_val is not None and (self.replaces or not os.path.exists(best)):
                 # Resumed into another --out, or rolled back with --overwrite (the old best.safetensors goes
@@ -579,20 +583,24 @@ class Trainer:
         )
 
     def _out_path(self, name: str) -> str:
-        """The path of the file `name` this run writes in --out (rank 0). The first call claims --out, once:
-        the files of the run this one replaces (--overwrite) and what killed writes left go, and this
-        run's config.json is written, before any other file of its own (a run's files come with one)."""
+        """The path of the file `name` this run writes in --out (rank 0), --out claimed first."""
+        self._claim_out()
+        return os.path.join(self.cfg.out, name)
+
+    def _claim_out(self) -> None:
+        """Once (rank 0): the files of the run this one replaces (--overwrite) and what killed writes left
+        go, and this run's config.json is written, before any other file of its own."""
+        if self.claimed:
+            return
         cfg = self.cfg
-        if not self.claimed:
-            os.makedirs(cfg.out, exist_ok=True)
-            if self.replaces:  # nothing of the old run may pass for this one's
-                for old in RUN_FILES:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.remove(os.path.join(cfg.out, old))
-            remove_temporaries(cfg.out, (*RUN_FILES, "config.json"))  # of a run killed mid-write
-            write_json(os.path.join(cfg.out, "config.json"), dataclasses.asdict(cfg))
-            self.claimed = True
-        return os.path.join(cfg.out, name)
+        os.makedirs(cfg.out, exist_ok=True)
+        if self.replaces:  # nothing of the old run may pass for this one's
+            for old in RUN_FILES:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(cfg.out, old))
+        remove_temporaries(cfg.out, (*RUN_FILES, "config.json"))  # of a run killed mid-write
+        write_json(os.path.join(cfg.out, "config.json"), dataclasses.asdict(cfg))
+        self.claimed = True
 
     def _export(self, name: str) -> None:
         """Official-format weights to --out/name, with the run's normalization constants in their metadata

@@ -154,8 +154,9 @@ def _check_numbers(cfg: TrainConfig) -> None:
 # run's: a run that validated goes on validating; given, it names the folder's new place.
 RUNTIME_FIELDS = ("data", "val_data", "out", "resume", "max_steps", "workers", "compile", "backend",
                   "device", "checkpoint_every", "overwrite")  # fmt: skip
-# What a run leaves in `out` besides config.json, which it writes with the first of them (a run that dies
-# before it saved anything leaves `out` as it was; --overwrite removes these then).
+# What a run leaves in `out` besides config.json (written at its start; where --overwrite replaces a run,
+# with the first of these, when the replaced run's go: a run that dies before it saved anything leaves
+# that run whole).
 RUN_FILES = ("last.pt", "last.safetensors", "best.safetensors", "metrics.jsonl")
 # Keys every version's config.json has held (the fields of the first TrainConfig): a JSON object with them
 # all is a run's, which a new run may replace. A few generic ones (data, out, epochs, batch_size, seed) would
