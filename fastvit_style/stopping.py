@@ -82,7 +82,9 @@ def ignore_sigterm(worker_id: int) -> None:
 
     A SIGTERM from the parent still ends the worker quietly, as torch's handler does: at interpreter exit
     with an iterator still alive (an uncaught Ctrl-C's traceback keeps it), multiprocessing terminates
-    the workers with one and then waits for them, forever if they ignored it."""
+    the workers with one and then waits for them, forever if they ignored it. Not in a spawned worker
+    (macOS, or forkserver: Python 3.14's default), where a thread `import torch` started may take and
+    drop it: there the loop's own end stops the workers (`train._iterating`)."""
     # Ignored process-wide: a thread that does not block it (one started before this, as in spawned
     # workers) drops it rather than dying by torch's handler.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

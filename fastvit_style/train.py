@@ -109,6 +109,20 @@ BAR_SECONDS = 1.0
 
 
 @contextlib.contextmanager
+def _iterating(loader: DataLoader):
+    """iter(loader), whose workers end when the block does, however: the traceback of an exception left
+    uncaught keeps the iterator alive until interpreter exit, where multiprocessing would SIGTERM the
+    workers and wait for them, and a worker whose SIGTERM a thread drops (`ignore_sigterm`: spawned
+    ones) would keep it waiting forever."""
+    batches = iter(loader)
+    try:
+        yield batches
+    finally:
+        if (shutdown := getattr(batches, "_shutdown_workers", None)) is not None:  # none without workers
+            shutdown()
+
+
+@contextlib.contextmanager
 def _naming(flag: str, note: str = ""):
     """A missing, unreadable or unfitting file's or folder's error, prefixed with the option that named
     it (and followed by `note`); the same exception class."""
@@ -430,9 +444,9 @@ class Trainer:
         # Closed however the epoch ends: the line of a Ctrl-C or an error starts a line of its own, and no
         # bar is drawn again after it.
         with tqdm(total=n, initial=self.batch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
-                  disable=self.rank != 0, dynamic_ncols=True) as bar:  # fmt: skip
+                  disable=self.rank != 0, dynamic_ncols=True) as bar, \
+             _iterating(self._loader(self.train_set, batches[self.batch :], cfg.seed + epoch)) as loader:  # fmt: skip
             terms, images, t0, shown = [], 0, time.perf_counter(), -math.inf
-            loader = iter(self._loader(self.train_set, batches[self.batch :], cfg.seed + epoch))
             for group_start in range(self.batch, n, A):  # a run stops and resumes at step ends only
                 group_end = min(group_start + A, n)
                 # The step's micro-batches are all loaded first (A of them in host memory) for their image count.
@@ -522,14 +536,17 @@ class Trainer:
             len(self.val_set), cfg.batch_size, 0, cfg.seed, self.rank, self.world, shuffle=False, pad=False
         )
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, psnr, micro-batches
-        for x in self._loader(self.val_set, batches, cfg.seed):
-            if x.shape[0] == 0:
-                continue
-            x = x.to(self.device, non_blocking=True)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                loss, x_recon = self.net(x)
-            images = [denormalize(t.float(), cfg.mean, cfg.std) for t in (x, x_recon)]
-            sums += torch.stack([loss.total(cfg.loss_weights).double(), psnr(*images), sums.new_tensor(1.0)])
+        with _iterating(self._loader(self.val_set, batches, cfg.seed)) as loader:
+            for x in loader:
+                if x.shape[0] == 0:
+                    continue
+                x = x.to(self.device, non_blocking=True)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                    loss, x_recon = self.net(x)
+                images = [denormalize(t.float(), cfg.mean, cfg.std) for t in (x, x_recon)]
+                sums += torch.stack(
+                    [loss.total(cfg.loss_weights).double(), psnr(*images), sums.new_tensor(1.0)]
+                )
         if self.world > 1:
             dist.all_reduce(sums)
         loss, value, count = sums.tolist()

@@ -811,7 +811,7 @@ def test_a_sigterm_to_the_whole_job_stops_it_once_with_dataloader_workers(tmp_pa
 
 
 UNCAUGHT_CTRL_C = """
-import sys
+import sys, torch.multiprocessing
 from fastvit_style.train import Trainer, train
 from fastvit_style.train_config import TrainConfig
 
@@ -821,20 +821,23 @@ def ctrl_c(self, *args):
         raise KeyboardInterrupt
     return micro_step(self, *args)
 Trainer._micro_step = ctrl_c
+torch.multiprocessing.set_start_method(sys.argv[2])
 train(TrainConfig(**eval(sys.argv[1])))
 """
 
 
-def test_a_script_that_leaves_ctrl_c_uncaught_mid_epoch_exits_with_dataloader_workers(tmp_path):
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_a_script_that_leaves_ctrl_c_uncaught_mid_epoch_exits_with_dataloader_workers(tmp_path, start):
     """The traceback of an uncaught Ctrl-C keeps the epoch's DataLoader iterator alive until interpreter
     exit, where multiprocessing stops the workers with a SIGTERM and waits for them: workers that ignored
-    every SIGTERM kept the process waiting forever. A SIGTERM from their parent still ends them."""
+    every SIGTERM kept the process waiting forever. The epoch ends its workers as it unwinds; spawned ones
+    (macOS's and Python 3.14's default: forkserver) would drop that SIGTERM, in a thread torch started."""
     data = write_images(tmp_path / "data", 4)
     config = dict(TINY, workers=2, data=str(data), out=str(tmp_path / "out"), epochs=1, batch_size=1,
                   accumulate=1, checkpoint_every=0)  # fmt: skip
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    run = subprocess.Popen([sys.executable, "-c", UNCAUGHT_CTRL_C, repr(config)], env=env, text=True,
+    run = subprocess.Popen([sys.executable, "-c", UNCAUGHT_CTRL_C, repr(config), start], env=env, text=True,
                            stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
     try:
         err = run.communicate(timeout=60)[1]
