@@ -35,15 +35,15 @@ Every optimized parameter gets a gradient, `attn.k_proj.bias` an exact zero one 
 AdamW decays it as officially, and DDP needs no search for unused parameters.
 
 Outputs in --out: `last.pt` (the full training state, every --checkpoint-every steps, at each epoch
-end, and, in one process, at the end of the step during which a SIGTERM came (`stopping`); `--resume last.pt` continues with the very next step: on CPU it reproduces an uninterrupted run
-bit for bit; on CUDA up to non-deterministic kernels), `last.safetensors` and `best.safetensors`
-(official-format weights, VGG keys included as in the official files, the run's normalization
-constants in their metadata, which the commands read; best = lowest validation loss),
-`metrics.jsonl` (one line per epoch), and config.json, written at the start, except where --overwrite
-replaces a run: then with the run's first file, when the replaced run's files go (a run that stops
-before it saved anything leaves that run whole).
-A run whose weights turn NaN or inf (diverged) stops with an error
-at its next checkpoint or epoch end, before any of these files would hold them. A run whose VGG19 is
+end, and, in one process, at the end of the step during which a SIGTERM came (`stopping`); `--resume
+last.pt` continues with the very next step: on CPU it reproduces an uninterrupted run bit for bit; on
+CUDA up to non-deterministic kernels), `last.safetensors` and `best.safetensors` (official-format
+weights, VGG keys included as in the official files, the run's normalization constants in their
+metadata, which the commands read; best = lowest validation loss), `metrics.jsonl` (one line per
+epoch), and config.json, written at the start, except where --overwrite replaces a run: then with the
+run's first file, when the replaced run's files go (a run that stops before it saved anything leaves
+that run whole). A run whose weights turn NaN or inf (diverged) stops with an error at its next
+checkpoint or epoch end, before any of these files would hold them. A run whose VGG19 is
 random (--random-vgg) exports no VGG keys: they would pass for the ImageNet VGG19 (`--init-weights` of
 such a file asks for VGG weights, as a train=False export does). The training state holds model, AdamW
 state, position (epoch, micro-batch, step), best val loss, RNG states, the corrupt files found and the
@@ -443,9 +443,17 @@ class Trainer:
         n, A = len(batches), cfg.accumulate
         # Closed however the epoch ends: the line of a Ctrl-C or an error starts a line of its own, and no
         # bar is drawn again after it.
-        with tqdm(total=n, initial=self.batch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
-                  disable=self.rank != 0, dynamic_ncols=True) as bar, \
-             _iterating(self._loader(self.train_set, batches[self.batch :], cfg.seed + epoch)) as loader:  # fmt: skip
+        with (
+            tqdm(
+                total=n,
+                initial=self.batch,
+                desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                unit="batch",
+                disable=self.rank != 0,
+                dynamic_ncols=True,
+            ) as bar,
+            _iterating(self._loader(self.train_set, batches[self.batch :], cfg.seed + epoch)) as loader,
+        ):
             terms, images, t0, shown = [], 0, time.perf_counter(), -math.inf
             for group_start in range(self.batch, n, A):  # a run stops and resumes at step ends only
                 group_end = min(group_start + A, n)
