@@ -826,7 +826,7 @@ train(TrainConfig(**eval(sys.argv[1])))
 """
 
 
-@pytest.mark.parametrize("start", ["fork", "spawn"])
+@pytest.mark.parametrize("start", ["fork", "spawn", "forkserver"])
 def test_a_script_that_leaves_ctrl_c_uncaught_mid_epoch_exits_with_dataloader_workers(tmp_path, start):
     """The traceback of an uncaught Ctrl-C keeps the epoch's DataLoader iterator alive until interpreter
     exit, where multiprocessing stops the workers with a SIGTERM and waits for them: workers that ignored
