@@ -18,7 +18,7 @@ from .tracing import traced
 
 
 def check_loss_images(x, x_style, x_stylized, x_recon, x_style_recon) -> None:
-    """TypeError/ValueError unless the images are floating-point (B, 3, H, W) tensors of one shape,
+    """TypeError/ValueError unless the images are floating-point (B, 3, H, W) tensors of one shape, B >= 1,
     x_style and x_style_recon both tensors or both None (the rolled style). Mismatched batches would
     broadcast in the MSEs: wrong numbers with only a warning."""
     if (x_style is None) != (x_style_recon is None):
@@ -30,6 +30,8 @@ def check_loss_images(x, x_style, x_stylized, x_recon, x_style_recon) -> None:
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
     if x.dim() != 4 or x.shape[1] != 3:
         raise ValueError(f"x must be a (B, 3, H, W) image batch, got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:  # the MSEs would average no element: four NaN losses
+        raise ValueError("x is an empty batch: at least one image is needed")
     _check_floating("x", x)
     images = {
         "x_style": x_style,

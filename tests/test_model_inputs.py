@@ -442,6 +442,16 @@ def test_compute_loss_refuses_images_that_are_not_floating_point(dtype):
 
 
 @pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_compute_loss_refuses_an_empty_batch(backend):
+    """Five (0, 3, H, W) batches gave four NaN losses (a mean over no element) without a word; the
+    forward refuses an empty batch."""
+    model = StylizingViT("tiny", train=True, backend=backend, **SMALL)
+    x = torch.randn(0, 3, 32, 32)
+    with pytest.raises(ValueError, match="x is an empty batch: at least one image is needed"):
+        model.compute_loss(x, None, x, x, None)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
 @pytest.mark.parametrize("hw", [(31, 31), (48, 16)])
 def test_compute_loss_refuses_images_too_small_for_the_vgg19(backend, hw):
     """They failed inside VGG19's last pooling: "Given input size: (512x1x1). Calculated output size:
