@@ -1,6 +1,6 @@
 """Devices: the one place where a device named by the user (`--device`, `TrainConfig.device`) is
-checked, where small host tensors reach a GPU without making the host wait for it, and where a
-torch.Generator is pickled."""
+checked, what dtypes autocast lets layers take, where small host tensors reach a GPU without making the
+host wait for it, and where a torch.Generator is pickled."""
 
 import os
 
@@ -48,6 +48,22 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
         if available and torch.is_autocast_enabled(device_type)
         else None
     )
+
+
+def check_input_dtype(name: str, t: torch.Tensor, param: torch.Tensor, layers: str) -> None:
+    """ValueError naming `name` unless the floating-point tensor t may meet parameters like `param` in a
+    convolution: their dtype, or under autocast float32 and the autocast dtype where the parameters
+    are either (autocast leaves float64 alone). `layers` names their owner ("the model")."""
+    dtypes = {param.dtype}
+    amp = autocast_dtype(param.device.type)
+    if amp is not None and param.dtype in (torch.float32, amp):
+        dtypes |= {torch.float32, amp}
+    if t.dtype not in dtypes:
+        others = "".join(f" (or {d} under autocast)" for d in dtypes - {param.dtype})
+        raise ValueError(
+            f"{name} has dtype {t.dtype} but {layers}'s parameters are {param.dtype}{others}: convert "
+            "one of them (for mixed precision keep the model in float32 and use torch.autocast)"
+        )
 
 
 def to_device_async(t: torch.Tensor, device) -> torch.Tensor:

@@ -8,6 +8,7 @@ from torch import nn
 from . import reference, schedule
 from .backends import attention_for, check_backend
 from .configs import DEFAULT_DATASET, VGG_MIN_SIZE, check_flag, config_property, make_config, untrainable
+from .devices import check_input_dtype
 from .layers import Mlp, VGG19Features, ViTEncoder
 from .layers.unmodified import check_unmodified
 from .losses import check_loss_images, compute_loss
@@ -126,12 +127,19 @@ class StylizingViT(nn.Module):
         if not self.training_mode:
             raise ValueError("compute_loss needs the VGG19 of a model built with train=True")
         check_loss_images(x, x_style, x_stylized, x_recon, x_style_recon)
-        # A forward's images have input_size, which the config check covers; these are the caller's.
-        if isinstance(self.vgg_encoder, VGG19Features) and min(x.shape[2:]) < VGG_MIN_SIZE:
-            raise ValueError(
-                f"the images are {x.shape[2]}x{x.shape[3]} px, but the VGG19 loss network halves them five "
-                f"times and needs at least {VGG_MIN_SIZE} px per side"
-            )
+        # A forward's images have input_size and the model's dtype, which the input checks cover; these are
+        # the caller's. A replaced loss network takes what it takes.
+        if isinstance(self.vgg_encoder, VGG19Features):
+            if min(x.shape[2:]) < VGG_MIN_SIZE:
+                raise ValueError(
+                    f"the images are {x.shape[2]}x{x.shape[3]} px, but the VGG19 loss network halves them "
+                    f"five times and needs at least {VGG_MIN_SIZE} px per side"
+                )
+            weight = next(self.vgg_encoder.parameters())
+            names = ("x", "x_style", "x_stylized", "x_recon", "x_style_recon")
+            for name, t in zip(names, (x, x_style, x_stylized, x_recon, x_style_recon)):
+                if t is not None:
+                    check_input_dtype(name, t, weight, "the VGG19 loss network")
         _check_loss_targets(x, x_style)
         self._warn_if_random_vgg(stacklevel=2)
         if self.backend == "reference":  # the official ops (higher-order gradients too)

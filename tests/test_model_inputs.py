@@ -442,6 +442,31 @@ def test_compute_loss_refuses_images_that_are_not_floating_point(dtype):
 
 
 @pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_compute_loss_refuses_images_of_another_dtype_than_its_vgg19(backend):
+    """A float16 x_stylized beside a float32 VGG19, or float64 images, failed inside VGG19 with "Input
+    type (c10::Half) and bias type (float) should be the same", which names no argument. Under
+    autocast the VGG19 takes float32 and the autocast dtype, as the forward does."""
+    model = StylizingViT("tiny", train=True, backend=backend, **SMALL)
+    model.vgg_encoder.warn_if_random = False
+    x = torch.randn(2, 3, 32, 32)
+    expected = (
+        r"x_stylized has dtype torch\.float16 but the VGG19 loss network's parameters are torch\.float32: "
+    )
+    with pytest.raises(ValueError, match=expected + "convert one of them"):
+        model.compute_loss(x, None, x.half(), x, None)
+    with pytest.raises(ValueError, match=r"^x has dtype torch\.float64 but the VGG19"):
+        model.compute_loss(*(x.double(),) * 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(model.compute_loss(x, None, x.bfloat16(), x, None).total())
+        with pytest.raises(
+            ValueError, match=r"x_recon has dtype torch\.float64 .* \(or torch\.bfloat16 under autocast\)"
+        ):
+            model.compute_loss(x, None, x, x.double(), None)
+    half = copy.deepcopy(model).half()
+    assert torch.isfinite(half.compute_loss(*(x.half(),) * 5).total())
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
 def test_compute_loss_refuses_an_empty_batch(backend):
     """Five (0, 3, H, W) batches gave four NaN losses (a mean over no element) without a word; the
     forward refuses an empty batch."""

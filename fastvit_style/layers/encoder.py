@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from ..configs import ModelConfig, config_property
-from ..devices import autocast_dtype
+from ..devices import autocast_dtype, check_input_dtype
 from ..reference.model import encode
 from .attention_block import CrossAttentionBlock
 from .patch_embed import PatchEmbed
@@ -84,8 +84,7 @@ class ViTEncoder(nn.Module):
         C, S = cfg.in_channel, cfg.input_size
         param = self.pos_embed
         # Under autocast its convolutions cast the images to the autocast dtype, as officially: a float32
-        # model, or one in that dtype, takes images in either. Autocast leaves float64 parameters alone.
-        dtypes = {param.dtype}
+        # model, or one in that dtype, takes images in either (check_input_dtype).
         amp = autocast_dtype(param.device.type)
         if amp is not None and param.dtype in (torch.float16, torch.bfloat16) and param.dtype != amp:
             # Autocast casts the weights of its GEMMs and convolutions, not the class token and position
@@ -96,8 +95,6 @@ class ViTEncoder(nn.Module):
                 f"only some of them to {amp}): run the model outside autocast, or keep it in float32 "
                 "under autocast"
             )
-        if amp is not None and param.dtype in (torch.float32, amp):
-            dtypes |= {torch.float32, amp}
         for name, t in zip(names, (x,) if x_style is None and style_optional else (x, x_style)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -113,12 +110,7 @@ class ViTEncoder(nn.Module):
                     f"{name} has dtype {t.dtype}, but the model takes floating-point images normalized as in "
                     f"training, {param.dtype} (e.g. image.to({param.dtype}) / 255, then the dataset's mean and std)"
                 )
-            if t.dtype not in dtypes:
-                others = "".join(f" (or {d} under autocast)" for d in dtypes - {param.dtype})
-                raise ValueError(
-                    f"{name} has dtype {t.dtype} but the model's parameters are {param.dtype}{others}: convert "
-                    "one of them (for mixed precision keep the model in float32 and use torch.autocast)"
-                )
+            check_input_dtype(name, t, param, "the model")
             if t.device != param.device:
                 raise ValueError(f"{name} is on {t.device} but the model is on {param.device}")
         if x_style is not None and x_style.shape != x.shape:
