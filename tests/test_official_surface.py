@@ -149,6 +149,18 @@ def test_loss_weights_are_the_official_ones():
     assert tuple(TrainConfig.loss_weights) == (70.0, 1.0, 7.0, 10.0)
 
 
+@pytest.mark.parametrize("weights", [(70, 1, 7), (70, 1, 7, 10, 5), 70.0, torch.tensor(70.0)])
+def test_loss_total_refuses_weights_that_are_not_one_per_term(weights):
+    """zip stopped at the shorter: three weights dropped the style term from the total without a word,
+    a fifth was ignored; a single number failed with "'float' object is not iterable"."""
+    terms = reference.Loss(*(torch.tensor(10.0**i) for i in range(4)))
+    with pytest.raises(
+        ValueError, match=r"weights must be 4 numbers, one per term \(identity, consistency, "
+    ):
+        terms.total(weights)
+    assert terms.total(torch.tensor([1.0, 0, 0, 1])).item() == 1001
+
+
 def test_resize_image_rounds_and_thresholds_what_it_returns_as_given():
     """Integer pixels are rounded back (not truncated), a mask keeps its edge (threshold 1/2), float64
     is resized in float64; an image of fewer than 3 dims, or patches of no square grid, are refused."""

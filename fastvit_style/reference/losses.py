@@ -17,7 +17,19 @@ class Loss(NamedTuple):
     style: torch.Tensor
 
     def total(self, weights: tuple[float, float, float, float] = LOSS_WEIGHTS) -> torch.Tensor:
-        """lambda_id * identity + lambda_cons * consistency + lambda_anat * anatomical + lambda_style * style."""
+        """lambda_id * identity + lambda_cons * consistency + lambda_anat * anatomical + lambda_style * style.
+
+        weights: 4 numbers (or a tensor of 4), one per term in that order."""
+        # zip would stop at the shorter: three weights would drop the style term silently.
+        try:
+            count = len(weights)
+        except TypeError:  # a number, a 0-d tensor
+            count = None
+        if count != len(self):
+            raise ValueError(
+                f"weights must be {len(self)} numbers, one per term ({', '.join(self._fields)}), "
+                f"got {weights!r:.80}"
+            )
         return sum(w * term for w, term in zip(weights, self))
 
 
