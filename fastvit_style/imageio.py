@@ -214,9 +214,11 @@ def normalization(dataset: str | None = None, mean=None, std=None) -> tuple[tupl
         ):
             raise ValueError(f"mean and std need 3 finite values each (std > 0), got {mean} and {std}")
         if not (all(0 <= m <= 1 for m in mean) and all(_MIN_STD <= s <= 1 for s in std)):
+            # Only values above 1 look like 0-255 ones: dividing a tiny std or a negative mean helps nothing.
+            hint = " (constants on the 0-255 scale: divide them by 255)" if max(*mean, *std) > 1 else ""
             raise ValueError(
                 f"mean and std are for images in [0, 1]: each mean in [0, 1] and each std in "
-                f"[{_MIN_STD:g}, 1], got {mean} and {std} (constants on the 0-255 scale: divide them by 255)"
+                f"[{_MIN_STD:g}, 1], got {mean} and {std}{hint}"
             )
         return tuple(mean), tuple(std)
     if dataset == "":

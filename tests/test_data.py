@@ -438,6 +438,18 @@ def test_negative_greys_are_refused(tmp_path):
         read_rgb(tmp_path / "negf.tif")
 
 
+def test_the_divide_by_255_hint_is_given_only_for_constants_above_1():
+    from fastvit_style.imageio import normalization
+
+    with pytest.raises(ValueError, match=r"on the 0-255 scale: divide them by 255"):
+        normalization(mean=[123.7, 116.3, 103.5], std=[58.4, 57.1, 57.4])
+    # A tiny std or a negative mean is no 0-255 constant: dividing it by 255 would not help.
+    for mean, std in (([0.5] * 3, [1e-5, 0.2, 0.2]), ([-0.1] * 3, [0.2] * 3)):
+        with pytest.raises(ValueError, match=r"for images in \[0, 1\]") as refused:
+            normalization(mean=mean, std=std)
+        assert "255" not in str(refused.value)
+
+
 def test_normalization_takes_both_constants_in_the_closed_unit_range():
     from fastvit_style.imageio import normalization
 
