@@ -146,7 +146,8 @@ class StyleBank:
             raise ValueError(
                 f"bank k and v must share dtype and device, got {k.dtype}/{k.device} and {v.dtype}/{v.device}"
             )
-        self.k, self.v, self.config, self.fingerprint = k, v, cfg.to_dict(), fingerprint
+        # Detached: the docstring's constants also where a caller made k and v from tensors that require grad.
+        self.k, self.v, self.config, self.fingerprint = k.detach(), v.detach(), cfg.to_dict(), fingerprint
         # Models already verified against this bank: (dtype, weak references to its parameters, their
         # `_version` then). An in-place .double() or optimizer step after the check may change the
         # fingerprint: checked again.

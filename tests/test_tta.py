@@ -105,6 +105,18 @@ def test_a_reference_backend_model_stylizes_through_the_torch_op(setup):
     assert_close_rel(out, expected, TOLERANCE[torch.float64], "backend='reference'")
 
 
+def test_a_bank_built_from_kv_that_require_grad_stays_a_constant(setup):
+    """A bank's K/V are constants to autograd, as its docstring says, also where its tensors were made by
+    hand from ones that require grad: a stylization's gradient reaches the content, not them."""
+    _, model, _, bank = setup
+    k, v = bank.k.clone().requires_grad_(), bank.v.clone().requires_grad_()
+    own = StyleBank(k, v, bank.config, bank.fingerprint)
+    x = images(2, SIZE, seed=12).requires_grad_()
+    stylize(model, x, own, refs=[[0], [1]]).sum().backward()
+    assert k.grad is None and v.grad is None and not own.k.requires_grad
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
 def test_model_method_and_default_chunks(setup):
     truth, model, refs, bank = setup
     x = images(2, SIZE, seed=3)
