@@ -84,7 +84,7 @@ def select_refs(num_refs: int, batch: int, refs=None, k: int | None = None, gene
         torch._check(hi < num_refs, lambda: "refs must lie in [0, len(bank))")
         return refs.long()
     if k is None:
-        return torch.arange(num_refs).expand(batch, num_refs)
+        return torch.arange(num_refs).repeat(batch, 1)
     _check_generator(generator)
     _check_k(k, num_refs)
     # generator=None is left out, not passed: torch.compile (2.13) cannot run torch.rand(..., generator=None)

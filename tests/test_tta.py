@@ -484,6 +484,15 @@ def test_bad_arguments(setup, kwargs, match):
         stylize(model, images(1, SIZE), bank, **kwargs)
 
 
+def test_select_refs_by_default_gives_every_image_its_own_row():
+    """The default (every reference) is a tensor of its own, not a (B, R) view of one row, which an
+    in-place edit by the caller (of make_views' refs, say) could not write."""
+    refs = select_refs(4, 3)
+    assert refs.tolist() == [[0, 1, 2, 3]] * 3 and refs.dtype == torch.int64
+    refs[0, 0] = 2
+    assert refs[1, 0] == 0
+
+
 def test_select_refs_names_a_bad_bank_size_or_batch():
     """select_refs(0, 2) returned (2, 0) indices, a float batch failed in Tensor.expand."""
     for args, match in (((0, 2), "num_refs must be a positive int"), ((R, 2.0), "batch must be an int >= 0")):
